@@ -1,0 +1,3 @@
+"""aenet_dist: distributed trainer for aenet-compatible neural-network interatomic potentials."""
+
+__version__ = "0.1.0"

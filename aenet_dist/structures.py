@@ -1,0 +1,271 @@
+"""Atomic structures in: aenet XSF files (strict hand parser) and any ASE-readable format.
+
+A :class:`Structure` holds one configuration with its DFT total energy and forces.
+Units: positions and cell in Å, energy in eV, forces in eV/Å.
+
+The XSF parser is ours rather than ASE's because aenet puts the total energy in a
+comment line (``# total energy = E eV``) that ASE does not read, and because we want
+errors that name the file and line. ``tests/test_structures.py`` checks it against ASE.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_ENERGY_RE = re.compile(r"#\s*total\s+energy\s*=\s*(\S+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One atomic configuration.
+
+    Attributes:
+        species: (A,) chemical symbols.
+        pos: (A, 3) float64 Cartesian positions, Å.
+        cell: (3, 3) float64 lattice vectors as rows, Å; all zeros if not periodic.
+        pbc: True for a periodic crystal (XSF ``CRYSTAL``), False for an isolated cluster.
+        energy: DFT total energy, eV (None if the source has none).
+        forces: (A, 3) float64 DFT forces, eV/Å (None if the source has none).
+        name: where it came from (file path, or ``path@index`` for multi-frame files).
+    """
+
+    species: tuple[str, ...]
+    pos: np.ndarray
+    cell: np.ndarray
+    pbc: bool
+    energy: float | None
+    forces: np.ndarray | None
+    name: str
+
+    @property
+    def num_atoms(self) -> int:
+        return len(self.species)
+
+
+def _parse_floats(tokens: list[str], path: Path, line_no: int, what: str) -> list[float]:
+    try:
+        return [float(t.lower().replace("d", "e")) for t in tokens]
+    except ValueError:
+        raise ValueError(f"{path}:{line_no}: cannot read {what} from {' '.join(tokens)!r}") from None
+
+
+def read_xsf(path: str | os.PathLike) -> Structure:
+    """Read one aenet XSF file (periodic ``CRYSTAL``/``PRIMVEC``/``PRIMCOORD`` or isolated ``ATOMS``).
+
+    The total energy comes from the ``# total energy = E eV`` comment, forces from
+    columns 5-7 of the coordinate lines.
+
+    Raises:
+        ValueError: naming the file and line for any malformed or missing content.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read file: {err}") from None
+    lines = text.splitlines()
+    energy = None
+    cell = None
+    pbc = None
+    species: list[str] = []
+    coords: list[list[float]] = []
+    i = 0
+    num_lines = len(lines)
+
+    def next_content(start: int) -> int:
+        while start < num_lines and (not lines[start].strip() or lines[start].lstrip().startswith("#")):
+            start += 1
+        return start
+
+    while i < num_lines:
+        raw = lines[i]
+        stripped = raw.strip()
+        if not stripped:
+            i += 1
+            continue
+        if stripped.startswith("#"):
+            match = _ENERGY_RE.search(stripped)
+            if match:
+                energy = _parse_floats([match.group(1)], path, i + 1, "the total energy")[0]
+            i += 1
+            continue
+        keyword = stripped.split()[0].upper()
+        if keyword == "CRYSTAL":
+            pbc = True
+            i += 1
+        elif keyword == "PRIMVEC":
+            rows = []
+            for _ in range(3):
+                i = next_content(i + 1)
+                if i >= num_lines:
+                    raise ValueError(f"{path}: PRIMVEC needs 3 lattice vectors, file ended")
+                tokens = lines[i].split()
+                if len(tokens) != 3:
+                    raise ValueError(f"{path}:{i + 1}: lattice vector needs 3 numbers, got {lines[i].strip()!r}")
+                rows.append(_parse_floats(tokens, path, i + 1, "a lattice vector"))
+            cell = np.array(rows, dtype=np.float64)
+            i += 1
+        elif keyword in ("CONVVEC",):
+            i += 4  # conventional cell: not used by aenet
+        elif keyword == "PRIMCOORD":
+            i = next_content(i + 1)
+            if i >= num_lines:
+                raise ValueError(f"{path}: PRIMCOORD without an atom count line")
+            tokens = lines[i].split()
+            try:
+                count = int(tokens[0])
+            except (ValueError, IndexError):
+                raise ValueError(f"{path}:{i + 1}: expected the atom count after PRIMCOORD, got {lines[i].strip()!r}") from None
+            i = _read_atom_lines(lines, i + 1, count, path, species, coords)
+        elif keyword == "ATOMS":
+            pbc = False if pbc is None else pbc
+            i = _read_atom_lines(lines, i + 1, None, path, species, coords)
+        else:
+            raise ValueError(f"{path}:{i + 1}: unexpected line {stripped!r}")
+
+    if not species:
+        raise ValueError(f"{path}: no atoms (expected a PRIMCOORD or ATOMS section)")
+    if pbc is None:
+        pbc = cell is not None
+    if pbc and cell is None:
+        raise ValueError(f"{path}: CRYSTAL without PRIMVEC lattice vectors")
+    if energy is None:
+        raise ValueError(f"{path}: missing energy line '# total energy = <E> eV'")
+    data = np.array(coords, dtype=np.float64)
+    if pbc and abs(np.linalg.det(cell)) < 1e-10:
+        raise ValueError(f"{path}: PRIMVEC lattice vectors are linearly dependent (cell volume 0)")
+    forces = data[:, 3:6] if data.shape[1] == 6 else None
+    return Structure(
+        species=tuple(species),
+        pos=np.ascontiguousarray(data[:, :3]),
+        cell=cell if pbc else np.zeros((3, 3)),
+        pbc=bool(pbc),
+        energy=energy,
+        forces=None if forces is None else np.ascontiguousarray(forces),
+        name=str(path),
+    )
+
+
+def _read_atom_lines(lines, start, count, path, species, coords) -> int:
+    """Read atom lines ``symbol x y z [fx fy fz]``; ``count`` None reads until a non-atom line."""
+    i = start
+    width = None
+    read = 0
+    while i < len(lines) and (count is None or read < count):
+        stripped = lines[i].strip()
+        if not stripped or stripped.startswith("#"):
+            i += 1
+            continue
+        tokens = stripped.split()
+        if count is None and not tokens[0][0].isalpha():
+            break
+        if count is None and tokens[0].upper() in ("CRYSTAL", "PRIMVEC", "PRIMCOORD", "CONVVEC", "ATOMS"):
+            break
+        if len(tokens) not in (4, 7):
+            raise ValueError(
+                f"{path}:{i + 1}: atom line needs 'species x y z' or 'species x y z fx fy fz', "
+                f"got {len(tokens)} fields: {stripped!r}"
+            )
+        if width is None:
+            width = len(tokens)
+        elif len(tokens) != width:
+            raise ValueError(f"{path}:{i + 1}: atom line has {len(tokens)} fields, earlier lines had {width}")
+        symbol = tokens[0]
+        if symbol.isdigit():
+            from ase.data import chemical_symbols
+
+            symbol = chemical_symbols[int(symbol)]
+        species.append(symbol)
+        coords.append(_parse_floats(tokens[1:], path, i + 1, "coordinates/forces"))
+        read += 1
+        i += 1
+    if count is not None and read != count:
+        raise ValueError(f"{path}: PRIMCOORD announces {count} atoms but {read} atom lines follow")
+    return i
+
+
+def write_xsf(path: str | os.PathLike, structure: Structure) -> None:
+    """Write ``structure`` as an aenet XSF file (energy comment, forces in columns 5-7), atomically."""
+    path = Path(path)
+    out = [f"# total energy = {structure.energy:.10f} eV", ""]
+    if structure.pbc:
+        out += ["CRYSTAL", "PRIMVEC"]
+        out += ["  " + "  ".join(f"{x:16.10f}" for x in row) for row in structure.cell]
+        out += ["PRIMCOORD", f"{structure.num_atoms} 1"]
+    else:
+        out += ["ATOMS"]
+    forces = structure.forces if structure.forces is not None else np.zeros_like(structure.pos)
+    for symbol, p, f in zip(structure.species, structure.pos, forces):
+        out.append(f"{symbol:<3s}" + "".join(f"{x:16.10f}" for x in p) + "".join(f"{x:16.10f}" for x in f))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(out) + "\n")
+    os.replace(tmp, path)
+
+
+def read_structures(path: str | os.PathLike) -> list[Structure]:
+    """Read all structures from a file: XSF through :func:`read_xsf`, anything else through ASE.
+
+    Non-XSF files must carry energies and forces (e.g. extended XYZ written with a
+    calculator attached, or with ``energy=`` in the comment line and a ``forces`` column).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".xsf":
+        return [read_xsf(path)]
+    return [from_ase(atoms, f"{path}@{k}") for k, atoms in enumerate(_ase_read_all(path))]
+
+
+def _ase_read_all(path: Path):
+    import ase.io
+
+    try:
+        return ase.io.read(path, index=":")
+    except Exception as err:  # ASE raises many exception types for bad files
+        raise ValueError(f"{path}: ASE cannot read this file: {err}") from None
+
+
+def from_ase(atoms, name: str) -> Structure:
+    """Convert an ``ase.Atoms`` with a calculator or info carrying energy and forces."""
+    try:
+        energy = float(atoms.get_potential_energy())
+    except Exception:
+        energy = atoms.info.get("energy")
+        if energy is None:
+            raise ValueError(f"{name}: no energy (need a calculator result or info['energy'])") from None
+    try:
+        forces = np.asarray(atoms.get_forces(), dtype=np.float64)
+    except Exception:
+        forces = atoms.arrays.get("forces")
+        forces = None if forces is None else np.asarray(forces, dtype=np.float64)
+    pbc = bool(np.all(atoms.pbc))
+    if np.any(atoms.pbc) and not pbc:
+        raise ValueError(f"{name}: partial periodicity {atoms.pbc.tolist()} is not supported by aenet (all or none)")
+    return Structure(
+        species=tuple(atoms.get_chemical_symbols()),
+        pos=np.array(atoms.positions, dtype=np.float64),
+        cell=np.array(atoms.cell[:], dtype=np.float64) if pbc else np.zeros((3, 3)),
+        pbc=pbc,
+        energy=float(energy),
+        forces=forces,
+        name=name,
+    )
+
+
+def to_ase(structure: Structure):
+    """Build an ``ase.Atoms`` (with a single-point calculator holding energy and forces)."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    atoms = Atoms(
+        symbols=list(structure.species),
+        positions=structure.pos,
+        cell=structure.cell if structure.pbc else None,
+        pbc=structure.pbc,
+    )
+    if structure.energy is not None:
+        atoms.calc = SinglePointCalculator(atoms, energy=structure.energy, forces=structure.forces)
+    return atoms
