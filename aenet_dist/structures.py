@@ -162,7 +162,7 @@ def _read_atom_lines(lines, start, count, path, species, coords) -> int:
             i += 1
             continue
         tokens = stripped.split()
-        if count is None and not tokens[0][0].isalpha():
+        if count is None and not (tokens[0][0].isalpha() or tokens[0].isdigit()):
             break
         if count is None and tokens[0].upper() in ("CRYSTAL", "PRIMVEC", "PRIMCOORD", "CONVVEC", "ATOMS"):
             break
@@ -179,19 +179,23 @@ def _read_atom_lines(lines, start, count, path, species, coords) -> int:
         if symbol.isdigit():
             from ase.data import chemical_symbols
 
+            if not 0 < int(symbol) < len(chemical_symbols):
+                raise ValueError(f"{path}:{i + 1}: atomic number {symbol} out of range")
             symbol = chemical_symbols[int(symbol)]
         species.append(symbol)
         coords.append(_parse_floats(tokens[1:], path, i + 1, "coordinates/forces"))
         read += 1
         i += 1
     if count is not None and read != count:
-        raise ValueError(f"{path}: PRIMCOORD announces {count} atoms but {read} atom lines follow")
+        raise ValueError(f"{path}:{start}: PRIMCOORD announces {count} atoms but {read} atom lines follow")
     return i
 
 
 def write_xsf(path: str | os.PathLike, structure: Structure) -> None:
-    """Write ``structure`` as an aenet XSF file (energy comment, forces in columns 5-7), atomically."""
+    """Write ``structure`` as an aenet XSF file (energy comment; forces in columns 5-7 if it has any), atomically."""
     path = Path(path)
+    if structure.energy is None:
+        raise ValueError(f"{path}: cannot write {structure.name} as XSF: it has no energy")
     out = [f"# total energy = {structure.energy:.10f} eV", ""]
     if structure.pbc:
         out += ["CRYSTAL", "PRIMVEC"]
@@ -199,7 +203,7 @@ def write_xsf(path: str | os.PathLike, structure: Structure) -> None:
         out += ["PRIMCOORD", f"{structure.num_atoms} 1"]
     else:
         out += ["ATOMS"]
-    forces = structure.forces if structure.forces is not None else np.zeros_like(structure.pos)
+    forces = structure.forces if structure.forces is not None else np.zeros((structure.num_atoms, 0))
     for symbol, p, f in zip(structure.species, structure.pos, forces):
         out.append(f"{symbol:<3s}" + "".join(f"{x:16.10f}" for x in p) + "".join(f"{x:16.10f}" for x in f))
     tmp = path.with_name(path.name + ".tmp")

@@ -1,0 +1,552 @@
+"""Read and write aenet's text inputs: descriptor setups (``.stp``) and ``generate.in``.
+
+The formats follow aenet's Fortran readers (``sfsetup.f90``: ``read_Setup_parameters``;
+``input.f90``: ``read_InpGenerate`` of aenet-PyTorch's ``aenet_modified``, which adds
+``FORCES``/``FORCESPERCENT``). Keywords are case-insensitive; ``!`` and ``#`` start
+comments. Every error is a :class:`ValueError` that names the file and, where there is
+one, the line (``path:line: message``).
+
+``.stp`` example::
+
+    DESCR
+     Descriptor for Ti
+    END DESCR
+    ATOM Ti
+    ENV 2
+    Ti
+    O
+    RMIN 0.35d0
+    BASIS type=Chebyshev
+    radial_Rc = 6.5  radial_N = 20 angular_Rc = 5.  angular_N = 6
+
+``generate.in`` example::
+
+    OUTPUT TiO.train
+    TYPES
+    2
+    O   -432.503149303  ! eV
+    Ti -1604.604515075  ! eV
+    SETUPS
+    Ti  Ti.fingerprint.stp
+    O    O.fingerprint.stp
+    FORCES
+    FORCESPERCENT 25
+    FILES
+    2
+    xsf/structure0001.xsf
+    xsf/structure0002.xsf
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from aenet_dist.config import ChebyshevBasis, DescriptorSetup, FeaturizeConfig
+from aenet_dist.log import get_logger
+
+_log = get_logger(__name__)
+
+_STP_KEYWORDS = ("descr", "atom", "env", "rmin", "basis", "symmfunc", "functions")
+_CHEBYSHEV_KEYS = {"radial_rc": "radial_Rc", "radial_n": "radial_N", "angular_rc": "angular_Rc", "angular_n": "angular_N"}
+_PAIRS_RE = re.compile(r"\s*(?:[A-Za-z_]\w*\s*=\s*[^\s=]+\s*)+")
+_PAIR_RE = re.compile(r"([A-Za-z_]\w*)\s*=\s*([^\s=]+)")
+_END_DESCR_RE = re.compile(r"^\s*end\s+descr", re.IGNORECASE)
+
+_GEN_KEYWORDS = ("output", "types", "setups", "files", "forces", "forcespercent", "timing", "debug", "verbosity")
+_DEFAULT_FORCE_PERCENT = 1.0  # aenet-PyTorch's pyo_forces_percent default
+_DEFAULT_RMIN = 1.0  # aenet's Rc_min when RMIN is not given
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read {what}: {err}") from None
+
+
+def _strip_comment(line: str) -> str:
+    """Drop everything from the first ``!`` or ``#`` on; strip whitespace."""
+    cut = len(line)
+    for mark in ("!", "#"):
+        pos = line.find(mark)
+        if pos >= 0:
+            cut = min(cut, pos)
+    return line[:cut].strip()
+
+
+def _content_lines(lines: list[str], start: int = 0):
+    """Yield ``(index, text)`` of non-empty lines from ``start`` on, comments removed (index 0-based)."""
+    for i in range(start, len(lines)):
+        text = _strip_comment(lines[i])
+        if text:
+            yield i, text
+
+
+def _to_float(token: str, path: Path, line_no: int, what: str) -> float:
+    """Parse a Fortran real (``0.35d0``, ``5.``, ``1e-3``)."""
+    try:
+        return float(token.replace("d", "e").replace("D", "e"))
+    except ValueError:
+        raise ValueError(f"{path}:{line_no}: cannot read {what} from {token!r}") from None
+
+
+def _to_int(token: str, path: Path, line_no: int, what: str) -> int:
+    try:
+        return int(token)
+    except ValueError:
+        raise ValueError(f"{path}:{line_no}: {what} must be an integer, got {token!r}") from None
+
+
+def _fmt_float(x: float) -> str:
+    """Shortest text that reads back as exactly ``x`` (Python and Fortran list-directed input)."""
+    return repr(float(x))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory, fsync, then ``os.replace``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- .stp
+
+
+def read_setup(path: str | os.PathLike) -> DescriptorSetup:
+    """Parse one aenet descriptor setup (``.stp``) file.
+
+    Only ``BASIS type=Chebyshev`` is supported; ``SYMMFUNC``/``FUNCTIONS`` (Behler symmetry
+    functions) raise. The Chebyshev parameters ``radial_Rc radial_N angular_Rc angular_N``
+    are ``key = value`` pairs in any order on the BASIS line itself and/or the lines that
+    follow it. Without ``RMIN`` aenet's default of 1.0 Å is used (with a warning).
+
+    Args:
+        path: the ``.stp`` file.
+
+    Returns:
+        The setup, with ``source`` set to ``str(path)``.
+
+    Raises:
+        ValueError: naming the file (and line) for unreadable files, unknown keywords, bad
+            numbers, unsupported descriptor types, or missing ATOM/ENV/BASIS/parameters.
+    """
+    path = Path(path)
+    lines = _read_lines(path, "setup file")
+    element = None
+    env: list[str] | None = None
+    rmin = None
+    description = ""
+    basis: ChebyshevBasis | None = None
+    seen: dict[str, int] = {}
+    i = 0
+    while i < len(lines):
+        text = _strip_comment(lines[i])
+        line_no = i + 1
+        if not text:
+            i += 1
+            continue
+        tokens = text.split()
+        keyword = tokens[0].lower()
+        if keyword not in _STP_KEYWORDS:
+            raise ValueError(f"{path}:{line_no}: unknown keyword {tokens[0]!r} (expected one of {', '.join(k.upper() for k in _STP_KEYWORDS)})")
+        if keyword in ("symmfunc", "functions"):
+            raise ValueError(
+                f"{path}:{line_no}: Behler symmetry functions ({text!r}) are not supported yet; "
+                f"only 'BASIS type=Chebyshev' descriptors are implemented"
+            )
+        if keyword in seen:
+            raise ValueError(f"{path}:{line_no}: {keyword.upper()} given twice (first on line {seen[keyword]})")
+        seen[keyword] = line_no
+        if keyword == "descr":
+            body = []
+            i += 1
+            while i < len(lines) and not _END_DESCR_RE.match(lines[i]):
+                body.append(lines[i].strip())
+                i += 1
+            if i >= len(lines):
+                raise ValueError(f"{path}:{line_no}: DESCR without a closing 'END DESCR'")
+            description = "\n".join(body).strip()
+            i += 1
+        elif keyword == "atom":
+            if len(tokens) != 2:
+                raise ValueError(f"{path}:{line_no}: expected 'ATOM <symbol>', got {text!r}")
+            element = tokens[1]
+            i += 1
+        elif keyword == "env":
+            if len(tokens) != 2:
+                raise ValueError(f"{path}:{line_no}: expected 'ENV <number of species>', got {text!r}")
+            num_env = _to_int(tokens[1], path, line_no, "the ENV species count")
+            if num_env < 1:
+                raise ValueError(f"{path}:{line_no}: ENV needs at least one species, got {num_env}")
+            env = []
+            i += 1
+            while len(env) < num_env:
+                while i < len(lines) and not _strip_comment(lines[i]):
+                    i += 1
+                if i >= len(lines) or _strip_comment(lines[i]).split()[0].lower() in _STP_KEYWORDS:
+                    where = f"line {i + 1}" if i < len(lines) else "the end of the file"
+                    raise ValueError(f"{path}:{line_no}: ENV announces {num_env} species but only {len(env)} follow before {where}")
+                species_tokens = _strip_comment(lines[i]).split()
+                if len(species_tokens) != 1:
+                    raise ValueError(f"{path}:{i + 1}: expected one ENV species symbol, got {lines[i].strip()!r}")
+                if species_tokens[0] in env:
+                    raise ValueError(f"{path}:{i + 1}: ENV species {species_tokens[0]!r} listed twice")
+                env.append(species_tokens[0])
+                i += 1
+        elif keyword == "rmin":
+            if len(tokens) != 2:
+                raise ValueError(f"{path}:{line_no}: expected 'RMIN <distance>', got {text!r}")
+            rmin = _to_float(tokens[1], path, line_no, "RMIN")
+            if rmin < 0:
+                raise ValueError(f"{path}:{line_no}: RMIN must be >= 0, got {rmin}")
+            i += 1
+        else:  # basis
+            basis, i = _read_chebyshev(path, lines, i)
+
+    if element is None:
+        raise ValueError(f"{path}: missing 'ATOM <symbol>' (the central species)")
+    if env is None:
+        raise ValueError(f"{path}: missing 'ENV <n>' and its species lines")
+    if basis is None:
+        raise ValueError(f"{path}: missing 'BASIS type=Chebyshev' and its parameters")
+    if rmin is None:
+        _log.warning("%s: RMIN not set, using aenet's default %.1f", path, _DEFAULT_RMIN)
+        rmin = _DEFAULT_RMIN
+    return DescriptorSetup(
+        element=element,
+        env_species=tuple(env),
+        basis_type="chebyshev",
+        basis=basis,
+        rmin=rmin,
+        description=description,
+        source=str(path),
+    )
+
+
+def _read_chebyshev(path: Path, lines: list[str], i: int) -> tuple[ChebyshevBasis, int]:
+    """Read ``BASIS type=...`` at line index ``i`` and its parameter lines; return the basis and next index."""
+    line_no = i + 1
+    rest = _strip_comment(lines[i]).split(None, 1)
+    rest = rest[1] if len(rest) > 1 else ""
+    pair_lines = [(line_no, rest)] if rest else []
+    j = i + 1
+    while True:
+        while j < len(lines) and not _strip_comment(lines[j]):
+            j += 1
+        if j >= len(lines):
+            break
+        text = _strip_comment(lines[j])
+        if text.split()[0].lower() in _STP_KEYWORDS or "=" not in text:
+            break
+        pair_lines.append((j + 1, text))
+        j += 1
+
+    values: dict[str, tuple[str, int]] = {}
+    basis_type = None
+    for pl_no, text in pair_lines:
+        if not _PAIRS_RE.fullmatch(text):
+            raise ValueError(f"{path}:{pl_no}: expected 'key = value' pairs, got {text!r}")
+        for key, value in _PAIR_RE.findall(text):
+            low = key.lower()
+            if low == "type":
+                basis_type = value
+                continue
+            if low not in _CHEBYSHEV_KEYS:
+                raise ValueError(
+                    f"{path}:{pl_no}: unknown basis parameter {key!r} (expected {', '.join(_CHEBYSHEV_KEYS.values())})"
+                )
+            if low in values:
+                raise ValueError(f"{path}:{pl_no}: basis parameter {key!r} given twice")
+            values[low] = (value, pl_no)
+    if basis_type is None:
+        raise ValueError(f"{path}:{line_no}: BASIS needs 'type=Chebyshev'")
+    if basis_type.lower() != "chebyshev":
+        raise ValueError(f"{path}:{line_no}: descriptor basis type {basis_type!r} is not supported (only 'Chebyshev')")
+    missing = [name for low, name in _CHEBYSHEV_KEYS.items() if low not in values]
+    if missing:
+        raise ValueError(f"{path}:{line_no}: BASIS type=Chebyshev is missing parameter(s) {', '.join(missing)}")
+    r_rc = _to_float(values["radial_rc"][0], path, values["radial_rc"][1], "radial_Rc")
+    r_n = _to_int(values["radial_n"][0], path, values["radial_n"][1], "radial_N")
+    a_rc = _to_float(values["angular_rc"][0], path, values["angular_rc"][1], "angular_Rc")
+    a_n = _to_int(values["angular_n"][0], path, values["angular_n"][1], "angular_N")
+    try:
+        basis = ChebyshevBasis(radial_cutoff=r_rc, radial_order=r_n, angular_cutoff=a_rc, angular_order=a_n)
+    except ValueError as err:
+        raise ValueError(f"{path}:{line_no}: {err}") from None
+    return basis, j
+
+
+def write_setup(path: str | os.PathLike, setup: DescriptorSetup) -> None:
+    """Write ``setup`` as an aenet ``.stp`` file (atomically) that :func:`read_setup` reads back equal.
+
+    Args:
+        path: destination file.
+        setup: a Chebyshev descriptor setup.
+    """
+    path = Path(path)
+    b = setup.basis
+    out = []
+    if setup.description:
+        out += ["DESCR"] + [" " + line for line in setup.description.splitlines()] + ["END DESCR", ""]
+    out += [f"ATOM {setup.element}", "", f"ENV {len(setup.env_species)}"]
+    out += list(setup.env_species)
+    out += ["", f"RMIN {_fmt_float(setup.rmin)}", "", "BASIS type=Chebyshev"]
+    out += [
+        f"radial_Rc = {_fmt_float(b.radial_cutoff)}  radial_N = {b.radial_order}  "
+        f"angular_Rc = {_fmt_float(b.angular_cutoff)}  angular_N = {b.angular_order}"
+    ]
+    _atomic_write_text(path, "\n".join(out) + "\n")
+
+
+# --------------------------------------------------------------------------- generate.in
+
+
+def _parse_flag(tokens: list[str], path: Path, line_no: int) -> bool:
+    """aenet flags: ``KEYWORD`` or ``KEYWORD .true.`` mean true, ``KEYWORD .false.`` false."""
+    if len(tokens) == 1:
+        return True
+    if len(tokens) == 2:
+        value = tokens[1].lower().strip(".")
+        if value in ("true", "t"):
+            return True
+        if value in ("false", "f"):
+            return False
+    raise ValueError(f"{path}:{line_no}: expected '{tokens[0]}' or '{tokens[0]} .true./.false.', got {' '.join(tokens)!r}")
+
+
+def _block(lines: list[str], start: int) -> list[tuple[int, str]]:
+    """Content lines from index ``start`` up to (excluding) the next generate.in keyword line."""
+    block = []
+    for i, text in _content_lines(lines, start):
+        if text.split()[0].lower() in _GEN_KEYWORDS:
+            break
+        block.append((i, text))
+    return block
+
+
+def _counted_block(lines: list[str], i: int, path: Path, keyword: str, what: str) -> tuple[list[tuple[int, str]], int]:
+    """Read the count line after ``keyword`` (at line index ``i``) and the entries that follow it."""
+    line_no = i + 1
+    block = _block(lines, i + 1)
+    if not block:
+        raise ValueError(f"{path}:{line_no}: {keyword} must be followed by the number of {what}")
+    count_idx, count_text = block[0]
+    if len(count_text.split()) != 1:
+        raise ValueError(f"{path}:{count_idx + 1}: expected the number of {what} after {keyword}, got {count_text!r}")
+    count = _to_int(count_text, path, count_idx + 1, f"the number of {what}")
+    entries = block[1:]
+    if len(entries) != count:
+        last = f" (lines {entries[0][0] + 1}-{entries[-1][0] + 1})" if entries else ""
+        raise ValueError(f"{path}:{count_idx + 1}: {keyword} announces {count} {what} but {len(entries)} follow{last}")
+    end = (entries[-1][0] if entries else count_idx) + 1
+    return entries, end
+
+
+def read_generate_input(
+    path: str | os.PathLike,
+    force_seed: int = 0,
+    force_structures: list[str] | tuple[str, ...] | None = None,
+) -> FeaturizeConfig:
+    """Parse aenet's ``generate.in`` (and the ``.stp`` files it names) into a :class:`FeaturizeConfig`.
+
+    Paths of setups and structure files are relative to the directory of ``path``;
+    structure paths are stored absolute. The structure files are checked to exist but not
+    read. ``FORCES`` without ``FORCESPERCENT`` means aenet's default of 1 percent.
+    ``TIMING``, ``DEBUG`` and ``VERBOSITY`` are accepted and ignored; unknown keywords are
+    logged as warnings.
+
+    Args:
+        path: the generate.in file.
+        force_seed: seed of the deterministic choice of force structures (not part of aenet's format).
+        force_structures: explicit structure files that get derivatives (overrides the percentage).
+
+    Returns:
+        The frozen featurization config, ``source`` = ``str(path)``.
+
+    Raises:
+        ValueError: naming the file and line for malformed or inconsistent input, missing
+            setup or structure files, and errors in the setups.
+    """
+    path = Path(path)
+    base = Path(os.path.abspath(path.parent))
+    lines = _read_lines(path, "generate.in")
+    seen: dict[str, int] = {}
+    output = ""
+    species: list[str] = []
+    energies: dict[str, float] = {}
+    setup_entries: list[tuple[int, str, str]] = []
+    file_entries: list[tuple[int, str]] = []
+    forces = None
+    force_percent = None
+    forces_percent_line = 0
+
+    i = 0
+    while i < len(lines):
+        text = _strip_comment(lines[i])
+        line_no = i + 1
+        if not text:
+            i += 1
+            continue
+        tokens = text.split()
+        keyword = tokens[0].lower()
+        if keyword not in _GEN_KEYWORDS:
+            _log.warning("%s:%d: unknown keyword %r ignored", path, line_no, tokens[0])
+            i += 1
+            continue
+        if keyword in seen:
+            raise ValueError(f"{path}:{line_no}: {keyword.upper()} given twice (first on line {seen[keyword]})")
+        seen[keyword] = line_no
+        if keyword in ("timing", "debug", "verbosity"):
+            _log.warning("%s:%d: %s has no effect here, ignored", path, line_no, tokens[0].upper())
+            i += 1
+        elif keyword == "output":
+            if len(tokens) != 2:
+                raise ValueError(f"{path}:{line_no}: expected 'OUTPUT <file name>', got {text!r}")
+            output = tokens[1]
+            i += 1
+        elif keyword == "forces":
+            forces = _parse_flag(tokens, path, line_no)
+            i += 1
+        elif keyword == "forcespercent":
+            if len(tokens) != 2:
+                raise ValueError(f"{path}:{line_no}: expected 'FORCESPERCENT <percent>', got {text!r}")
+            force_percent = _to_float(tokens[1], path, line_no, "FORCESPERCENT")
+            if not 0.0 <= force_percent <= 100.0:
+                raise ValueError(f"{path}:{line_no}: FORCESPERCENT must be within [0, 100], got {force_percent}")
+            forces_percent_line = line_no
+            i += 1
+        elif keyword == "types":
+            entries, i = _counted_block(lines, i, path, "TYPES", "species")
+            for idx, entry in entries:
+                parts = entry.split()
+                if len(parts) != 2:
+                    raise ValueError(f"{path}:{idx + 1}: expected '<symbol> <atomic energy in eV>', got {entry!r}")
+                symbol = parts[0]
+                if symbol in energies:
+                    raise ValueError(f"{path}:{idx + 1}: species {symbol!r} listed twice in TYPES")
+                energies[symbol] = _to_float(parts[1], path, idx + 1, f"the atomic energy of {symbol}")
+                species.append(symbol)
+        elif keyword == "setups":
+            entries = _block(lines, i + 1)
+            if not entries:
+                raise ValueError(f"{path}:{line_no}: SETUPS must be followed by '<symbol> <setup file>' lines")
+            for idx, entry in entries:
+                parts = entry.split()
+                if len(parts) != 2:
+                    raise ValueError(f"{path}:{idx + 1}: expected '<symbol> <setup file>', got {entry!r}")
+                setup_entries.append((idx + 1, parts[0], parts[1]))
+            i = entries[-1][0] + 1
+        else:  # files
+            entries, i = _counted_block(lines, i, path, "FILES", "files")
+            file_entries = [(idx + 1, entry) for idx, entry in entries]
+
+    for keyword in ("types", "setups", "files"):
+        if keyword not in seen:
+            raise ValueError(f"{path}: missing {keyword.upper()} section")
+
+    # setups: one per TYPES species, ATOM and ENV consistent with TYPES
+    setups: dict[str, DescriptorSetup] = {}
+    for line_no, symbol, name in setup_entries:
+        if symbol not in energies:
+            raise ValueError(f"{path}:{line_no}: SETUPS species {symbol!r} is not in TYPES {species}")
+        if symbol in setups:
+            raise ValueError(f"{path}:{line_no}: SETUPS lists species {symbol!r} twice")
+        stp_path = base / name
+        if not stp_path.is_file():
+            raise ValueError(f"{path}:{line_no}: setup file for {symbol!r} not found: {stp_path}")
+        try:
+            setup = read_setup(stp_path)
+        except ValueError as err:
+            raise ValueError(f"{path}:{line_no}: {err}") from None
+        if setup.element != symbol:
+            raise ValueError(f"{path}:{line_no}: SETUPS lists {stp_path} for {symbol!r} but its ATOM is {setup.element!r}")
+        unknown = [e for e in setup.env_species if e not in energies]
+        if unknown:
+            raise ValueError(f"{path}:{line_no}: {stp_path}: ENV species {unknown} not in TYPES {species}")
+        setups[symbol] = setup
+    missing = [s for s in species if s not in setups]
+    if missing:
+        raise ValueError(f"{path}:{seen['setups']}: SETUPS has no entry for species {missing}")
+    setups = {s: setups[s] for s in species}  # TYPES order
+
+    files = []
+    for line_no, name in file_entries:
+        file_path = os.path.normpath(os.path.join(base, name))
+        if not os.path.isfile(file_path):
+            raise ValueError(f"{path}:{line_no}: structure file not found: {file_path}")
+        files.append(file_path)
+    if not files:
+        raise ValueError(f"{path}:{seen['files']}: FILES lists no structures")
+
+    if force_percent is None:
+        force_percent = _DEFAULT_FORCE_PERCENT
+    elif forces is None:
+        _log.warning("%s:%d: FORCESPERCENT without FORCES: no structure gets derivatives", path, forces_percent_line)
+    return FeaturizeConfig(
+        species=tuple(species),
+        atomic_energies=energies,
+        setups=setups,
+        files=tuple(files),
+        output=output,
+        forces=bool(forces),
+        force_percent=force_percent,
+        force_seed=force_seed,
+        force_structures=None if force_structures is None else tuple(str(s) for s in force_structures),
+        source=str(path),
+    )
+
+
+def write_generate_input(
+    path: str | os.PathLike,
+    config: FeaturizeConfig,
+    stp_names: dict[str, str],
+    write_setups: bool = True,
+) -> None:
+    """Write ``config`` as aenet's ``generate.in`` (atomically), plus its ``.stp`` files.
+
+    :func:`read_generate_input` reads the result back equal to ``config`` (give it the same
+    ``force_seed``/``force_structures``, which the format does not hold). Structure files
+    under the directory of ``path`` are written relative to it, others absolute.
+
+    Args:
+        path: destination generate.in.
+        config: the featurization config.
+        stp_names: setup file name per species, relative to the directory of ``path``.
+        write_setups: also write each setup to ``path.parent / stp_names[species]``.
+
+    Raises:
+        ValueError: when ``stp_names`` lacks a species of ``config``.
+    """
+    path = Path(path)
+    missing = [s for s in config.species if s not in stp_names]
+    if missing:
+        raise ValueError(f"{path}: stp_names has no setup file name for species {missing}")
+    base = os.path.abspath(path.parent)
+    out = ["! written by aenet_dist"]
+    if config.output:
+        out += [f"OUTPUT {config.output}"]
+    out += ["", "TYPES", str(len(config.species))]
+    out += [f"{s} {_fmt_float(config.atomic_energies[s])}  ! eV" for s in config.species]
+    out += ["", "SETUPS"] + [f"{s} {stp_names[s]}" for s in config.species]
+    out += [""]
+    if config.forces:
+        out += ["FORCES", f"FORCESPERCENT {_fmt_float(config.force_percent)}"]
+    elif config.force_percent != _DEFAULT_FORCE_PERCENT:
+        out += ["FORCES .false.", f"FORCESPERCENT {_fmt_float(config.force_percent)}"]
+    out += ["", "FILES", str(len(config.files))]
+    for f in config.files:
+        absolute = os.path.abspath(f)
+        rel = os.path.relpath(absolute, base)
+        out.append(absolute if rel == ".." or rel.startswith(".." + os.sep) else rel)
+    if write_setups:
+        for s in config.species:
+            write_setup(path.parent / stp_names[s], config.setups[s])
+    _atomic_write_text(path, "\n".join(out) + "\n")

@@ -1,0 +1,81 @@
+"""Command line for featurization: ``python -m aenet_dist.featurize generate.in --out store.zarr``.
+
+Runs as one process or under ``mpiexec -n N``; a rerun of the same command after a
+crash skips the completed blocks and finishes the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .aenet_inputs import read_generate_input
+from .config import StoreOptions
+from .log import setup_logging
+from .store import StoreReader, featurize_to_store, torch_default_threads, world_comm
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="aenet-dist featurize", description=__doc__)
+    parser.add_argument("generate_in", help="aenet generate.in (TYPES, SETUPS, FILES, FORCES, FORCESPERCENT)")
+    parser.add_argument("--out", required=True, help="output Zarr store (directory)")
+    parser.add_argument("--force-seed", type=int, default=0, help="seed of the FORCESPERCENT choice (default 0)")
+    parser.add_argument("--force-list", help="text file naming the structures (one per line) that get derivatives; overrides FORCESPERCENT")
+    parser.add_argument("--chunk-mb", type=float, default=32.0, help="target uncompressed MiB per block of structures (default 32)")
+    parser.add_argument("--deriv-dtype", choices=("float64", "float32"), default="float64", help="storage dtype of dG/dR (default float64)")
+    parser.add_argument("--device", default="cpu", help="torch device for the descriptor math (cpu, cuda)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    comm = world_comm()
+    setup_logging(comm.rank)
+    torch_default_threads()
+    force_structures = None
+    if args.force_list:
+        lines = Path(args.force_list).read_text().split()
+        force_structures = tuple(line for line in lines if line and not line.startswith("#"))
+    try:
+        config = read_generate_input(args.generate_in, force_seed=args.force_seed, force_structures=force_structures)
+        options = StoreOptions(chunk_bytes=int(args.chunk_mb * 2**20), deriv_dtype=args.deriv_dtype)
+        start = time.perf_counter()
+        featurize_to_store(config, args.out, options, device=args.device, progress=not args.no_progress)
+        elapsed = time.perf_counter() - start
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if comm.rank == 0:
+        print(summary(args.out, elapsed, comm.size))
+    return 0
+
+
+def summary(path, elapsed: float, ranks: int) -> str:
+    """Human-readable description of a finished store."""
+    reader = StoreReader(path)
+    attrs = reader.attrs
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    lines = [
+        f"store            {path}",
+        f"structures       {reader.num_structures} ({attrs['num_force_structures']} with derivatives)",
+        f"atoms            {attrs['num_atoms']}",
+        "species          " + ", ".join(f"{e} ({attrs['stats'][e]['count']} atoms, {attrs['num_features'][e]} features)" for e in reader.species),
+        f"derivative rows  {sum(attrs['num_deriv_rows'].values())}",
+        f"blocks           {len(reader.block_first) - 1}",
+        f"size on disk     {size / 2**20:.1f} MiB",
+        f"energy/atom      min {attrs['energy_per_atom']['min']:.4f}  mean {attrs['energy_per_atom']['mean']:.4f}  max {attrs['energy_per_atom']['max']:.4f} eV (cohesive)",
+        f"wall time        {elapsed:.2f} s on {ranks} rank(s), {reader.num_structures / max(elapsed, 1e-9):.0f} structures/s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

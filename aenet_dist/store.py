@@ -1,0 +1,670 @@
+"""The Zarr v3 feature store: schema, parallel resumable writer (mpi4py), and reader.
+
+Schema (``schema_version`` 1)
+-----------------------------
+Structures are cut, in file order, into *blocks* of consecutive structures whose
+estimated uncompressed size is about ``chunk_bytes``. A block is the unit of work,
+of completion and of reading: every array inside it is one Zarr chunk.
+
+``<store>/zarr.json`` root group attributes:
+    format="aenet_dist.store", schema_version, species (TYPES order), atomic_energies
+    (eV), setups (per element: the .stp content), num_features (per element),
+    fingerprint (sha256 of every input that changes the content), block_first
+    (first structure of each block, plus the total at the end), num_structures,
+    num_atoms, deriv_dtype, complete (False until consolidation), and once complete:
+    stats = {element: {count, min, max, mean, mean_sq, std} per feature},
+    energy_per_atom = {min, max, mean} of the cohesive energy per atom (eV/atom),
+    num_force_structures, num_deriv_rows {element: rows}.
+
+``<store>/blocks/bNNNNNN/`` one group per block (written by one rank into a temporary
+directory, then renamed: a block directory that exists is complete). Attributes:
+first_structure, num_structures, num_atoms, partial feature sums for the statistics.
+    num_atoms (n,) int32          atoms per structure
+    energy (n,) float64            DFT total energy, eV
+    cohesive_energy (n,) float64   energy − Σ atomic reference energies, eV
+    pbc (n,) bool, cell (n,3,3) float64 (rows = lattice vectors, Å; zeros if isolated)
+    has_derivs (n,) bool           structure selected for force training
+    species (a,) int8              type index of each atom (TYPES order), atoms in file order
+    pos (a,3) float64, forces (a,3) float64 (Å, eV/Å)
+    <El>/atom (a_El,) int32        block-local atom index of each row of <El>/G
+    <El>/G (a_El, F_El) float64    raw (unnormalized) descriptors, aenet's feature order
+    <El>/deriv_center (p,) int32   row of <El>/G (center atom i) of each derivative row
+    <El>/deriv_neighbor (p,) int32 block-local index of the atom a that moves G_i
+    <El>/dG (p, F_El, 3)           ∂G_i/∂R_a, periodic images summed; rows sorted by (i, a);
+                                   only for structures with has_derivs; no padding
+
+``<store>/structures/`` (written by consolidation, last): num_atoms, atom_offset (S+1),
+energy, cohesive_energy, has_derivs, block (block of each structure), num_deriv_rows,
+name_bytes + name_offset (UTF-8 source names, e.g. the XSF path relative to generate.in).
+
+mpi4py is imported here only; every other module is free of MPI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from .config import FeaturizeConfig, StoreOptions
+from .descriptors import featurize
+from .log import get_logger
+from .structures import Structure, read_structures
+
+SCHEMA_VERSION = 1
+FORMAT = "aenet_dist.store"
+log = get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------- MPI
+
+
+class _SerialComm:
+    """Stand-in with the few mpi4py calls we use, for runs without MPI."""
+
+    rank = 0
+    size = 1
+
+    def allgather(self, obj):
+        return [obj]
+
+    def bcast(self, obj, root=0):
+        return obj
+
+    def Barrier(self):
+        pass
+
+    def allreduce(self, obj):
+        return obj
+
+
+def world_comm():
+    """mpi4py's COMM_WORLD when launched by mpiexec with more than one rank, else a serial stand-in."""
+    if not any(k in os.environ for k in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
+        return _SerialComm()
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    return comm if comm.size > 1 else _SerialComm()
+
+
+# ------------------------------------------------------------------ planning
+
+
+@dataclass(frozen=True)
+class StructureInfo:
+    """What the planner needs to know of one structure before featurizing it."""
+
+    file: str  # absolute path
+    frame: int  # index inside multi-frame files, 0 for XSF
+    num_atoms: int
+    volume: float  # Å^3, 0 for isolated structures
+
+
+def _info(structures: list[Structure], path: str) -> list[StructureInfo]:
+    return [
+        StructureInfo(path, k, s.num_atoms, float(abs(np.linalg.det(s.cell))) if s.pbc else 0.0) for k, s in enumerate(structures)
+    ]
+
+
+def estimate_rows_per_atom(info: StructureInfo, cutoff: float) -> float:
+    """Expected number of atoms moving one atom's descriptor (itself included)."""
+    if info.volume <= 0:
+        return float(info.num_atoms)
+    in_sphere = info.num_atoms / info.volume * 4.0 / 3.0 * math.pi * cutoff**3
+    return float(min(info.num_atoms, 1.0 + in_sphere))
+
+
+def estimate_bytes(info: StructureInfo, with_derivs: bool, num_features: int, cutoff: float, deriv_itemsize: int) -> float:
+    """Uncompressed bytes this structure adds to the store (descriptors, positions, derivative rows)."""
+    per_atom = num_features * 8 + 3 * 8 * 2 + 8
+    rows = info.num_atoms * estimate_rows_per_atom(info, cutoff) if with_derivs else 0.0
+    return info.num_atoms * per_atom + rows * (num_features * 3 * deriv_itemsize + 8)
+
+
+def choose_force_structures(config: FeaturizeConfig, names: list[str]) -> np.ndarray:
+    """Boolean mask of the structures that get derivatives.
+
+    An explicit list (``force_structures``: names or basenames) wins; otherwise a
+    deterministic ``force_percent`` share chosen by a permutation seeded with ``force_seed``.
+    """
+    num = len(names)
+    if not config.forces:
+        return np.zeros(num, dtype=bool)
+    if config.force_structures is not None:
+        wanted = {Path(n).name for n in config.force_structures}
+        mask = np.array([Path(n).name in wanted for n in names], dtype=bool)
+        unknown = wanted - {Path(n).name for n in names}
+        if unknown:
+            raise ValueError(f"force structure list names {len(unknown)} structures not in FILES, e.g. {sorted(unknown)[:3]}")
+        return mask
+    count = int(round(num * config.force_percent / 100.0))
+    chosen = np.random.default_rng(config.force_seed).permutation(num)[:count]
+    mask = np.zeros(num, dtype=bool)
+    mask[chosen] = True
+    return mask
+
+
+def plan_blocks(costs: np.ndarray, chunk_bytes: int) -> np.ndarray:
+    """First structure of each block (plus the total at the end): consecutive runs of ~chunk_bytes."""
+    bounds = [0]
+    acc = 0.0
+    for s, c in enumerate(costs):  # a loop over structures, but only over floats: cheap planning
+        if acc > 0 and acc + c > chunk_bytes:
+            bounds.append(s)
+            acc = 0.0
+        acc += c
+    bounds.append(len(costs))
+    return np.array(bounds, dtype=np.int64)
+
+
+def assign_blocks(block_costs: np.ndarray, num_ranks: int) -> list[list[int]]:
+    """Greedy longest-processing-time assignment of blocks to ranks (deterministic)."""
+    loads = np.zeros(num_ranks)
+    owned: list[list[int]] = [[] for _ in range(num_ranks)]
+    for b in np.argsort(-block_costs, kind="stable"):
+        r = int(np.argmin(loads))
+        owned[r].append(int(b))
+        loads[r] += block_costs[b]
+    return [sorted(o) for o in owned]
+
+
+def fingerprint(config: FeaturizeConfig, names: list[str], sizes: list[int], force_mask: np.ndarray, options: StoreOptions) -> str:
+    """sha256 of every input that changes the store's content."""
+    payload = {
+        "schema": SCHEMA_VERSION,
+        "species": list(config.species),
+        "atomic_energies": {k: float(v) for k, v in config.atomic_energies.items()},
+        "setups": {k: v.to_dict() for k, v in config.setups.items()},
+        "files": names,
+        "sizes": sizes,
+        "force_mask": np.flatnonzero(force_mask).tolist(),
+        "deriv_dtype": options.deriv_dtype,
+        "chunk_bytes": options.chunk_bytes,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _zstd(level: int):
+    return zarr.codecs.ZstdCodec(level=level)
+
+
+def _write_array(group, name: str, data: np.ndarray, level: int) -> None:
+    data = np.ascontiguousarray(data)
+    chunks = tuple(max(1, n) for n in data.shape)
+    array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=_zstd(level), fill_value=0)
+    if data.size:
+        array[...] = data
+
+
+def _block_dir(root: Path, b: int) -> Path:
+    return root / "blocks" / f"b{b:06d}"
+
+
+def write_block(
+    root: Path,
+    b: int,
+    structures: list[Structure],
+    first: int,
+    with_derivs: np.ndarray,
+    config: FeaturizeConfig,
+    options: StoreOptions,
+    device: str = "cpu",
+) -> int:
+    """Featurize one block and write it atomically (temporary directory, then rename). Returns its atom count."""
+    species_index, features = featurize(structures, config.setups, config.species, with_derivs, device=device)
+    species_index = species_index.cpu().numpy()
+    num_atoms = np.array([s.num_atoms for s in structures], dtype=np.int32)
+    for s in structures:
+        if s.forces is None and config.forces:
+            raise ValueError(f"{s.name}: no forces, but FORCES is set in {config.source}")
+        if s.forces is not None and s.forces.shape != s.pos.shape:
+            raise ValueError(f"{s.name}: {len(s.forces)} force rows for {s.num_atoms} atoms")
+    energy = np.array([s.energy for s in structures], dtype=np.float64)
+    e_atom = np.array([config.atomic_energies[e] for e in config.species])
+    cohesive = energy - np.add.reduceat(e_atom[species_index], np.r_[0, np.cumsum(num_atoms)[:-1]])
+    final = _block_dir(root, b)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+    level = options.compressor_level
+    zeros = np.zeros((0, 3))
+    arrays = {
+        "num_atoms": num_atoms,
+        "energy": energy,
+        "cohesive_energy": cohesive,
+        "pbc": np.array([s.pbc for s in structures], dtype=bool),
+        "cell": np.stack([s.cell for s in structures]).astype(np.float64),
+        "has_derivs": np.asarray(with_derivs, dtype=bool),
+        "species": species_index.astype(np.int8),
+        "pos": np.concatenate([s.pos for s in structures]),
+        "forces": np.concatenate([s.forces if s.forces is not None else np.zeros_like(s.pos) for s in structures] or [zeros]),
+    }
+    for name, data in arrays.items():
+        _write_array(group, name, data, level)
+    partial = {}
+    deriv_dtype = np.dtype(options.deriv_dtype)
+    for element, f in features.items():
+        sub = group.create_group(element)
+        G = f.G.cpu().numpy()
+        rows_of_atom = np.full(len(species_index), -1, dtype=np.int64)
+        rows_of_atom[f.atom_index.cpu().numpy()] = np.arange(len(G))
+        _write_array(sub, "atom", f.atom_index.cpu().numpy().astype(np.int32), level)
+        _write_array(sub, "G", G, level)
+        _write_array(sub, "deriv_center", rows_of_atom[f.deriv_center.cpu().numpy()].astype(np.int32), level)
+        _write_array(sub, "deriv_neighbor", f.deriv_neighbor.cpu().numpy().astype(np.int32), level)
+        _write_array(sub, "dG", f.dG.cpu().numpy().astype(deriv_dtype), level)
+        partial[element] = {
+            "count": int(len(G)),
+            "sum": G.sum(axis=0).tolist(),
+            "sum_sq": (G * G).sum(axis=0).tolist(),
+            "min": (G.min(axis=0) if len(G) else np.full(G.shape[1], np.inf)).tolist(),
+            "max": (G.max(axis=0) if len(G) else np.full(G.shape[1], -np.inf)).tolist(),
+            "deriv_rows": int(f.dG.shape[0]),
+        }
+    group.attrs.update(
+        {"first_structure": int(first), "num_structures": len(structures), "num_atoms": int(num_atoms.sum()), "partial_stats": partial}
+    )
+    # The rename is the completion marker: a block directory either is complete or absent.
+    os.replace(tmp, final)
+    return int(num_atoms.sum())
+
+
+def _scan(paths: list[str]) -> list[StructureInfo]:
+    infos = []
+    for p in paths:
+        infos.extend(_info(read_structures(p), p))
+    return infos
+
+
+def _read_range(infos: list[StructureInfo], start: int, stop: int) -> list[Structure]:
+    """Structures start..stop-1, reading each file once."""
+    out: list[Structure] = []
+    cache: dict[str, list[Structure]] = {}
+    for info in infos[start:stop]:
+        if info.file not in cache:
+            cache.clear()
+            cache[info.file] = read_structures(info.file)
+        out.append(cache[info.file][info.frame])
+    return out
+
+
+def featurize_to_store(
+    config: FeaturizeConfig, out: str | os.PathLike, options: StoreOptions = StoreOptions(), device: str = "cpu", progress: bool = True
+) -> Path:
+    """Featurize every structure of ``config`` into the Zarr store ``out`` (MPI-parallel when launched so).
+
+    Resumable: blocks already present are skipped; the root metadata is completed last.
+    Raises ValueError if ``out`` holds a store made from different inputs.
+    """
+    comm = world_comm()
+    rank, size = comm.rank, comm.size
+    root = Path(out)
+    start_time = time.perf_counter()
+
+    # 1. Scan structure files (strided over ranks) for atom counts and volumes.
+    files = list(config.files)
+    mine = _scan(files[rank::size])
+    gathered = comm.allgather(mine)
+    per_file: dict[str, list[StructureInfo]] = {}
+    for part in gathered:
+        for info in part:
+            per_file.setdefault(info.file, []).append(info)
+    infos = [info for f in files for info in per_file[f]]
+    base = Path(config.source).parent if config.source else Path(".")
+    names = [os.path.relpath(i.file, base) + (f"@{i.frame}" if len(per_file[i.file]) > 1 else "") for i in infos]
+    sizes = [os.path.getsize(f) for f in files]
+    force_mask = choose_force_structures(config, names)
+
+    # 2. Plan blocks from estimated bytes; assign them to ranks by cost.
+    num_features = max(s.num_features for s in config.setups.values())
+    cutoff = max(s.basis.max_cutoff for s in config.setups.values())
+    itemsize = np.dtype(options.deriv_dtype).itemsize
+    costs = np.array([estimate_bytes(i, m, num_features, cutoff, itemsize) for i, m in zip(infos, force_mask)])
+    bounds = plan_blocks(costs, options.chunk_bytes)
+    num_blocks = len(bounds) - 1
+    block_costs = np.add.reduceat(costs, bounds[:-1]) if num_blocks else np.zeros(0)
+    owned = assign_blocks(block_costs, size)[rank]
+    fp = fingerprint(config, names, sizes, force_mask, options)
+
+    # 3. Create (or validate) the root group; rank 0 only, then everyone waits.
+    error = None
+    if rank == 0:
+        try:
+            _init_root(root, config, fp, bounds, options, len(infos))
+        except ValueError as err:
+            error = str(err)
+    error = comm.bcast(error)
+    if error:
+        raise ValueError(error)
+    comm.Barrier()
+
+    # 4. Featurize the blocks this rank owns that are not yet complete.
+    todo = [b for b in owned if not _block_dir(root, b).exists()]
+    skipped = len(owned) - len(todo)
+    if skipped and rank == 0:
+        log.info("resuming: %d of this rank's %d blocks already complete", skipped, len(owned))
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        total = int(sum(bounds[b + 1] - bounds[b] for b in todo))
+        bar = tqdm(total=total, unit="struct", desc=f"featurize (rank 0 of {size})", smoothing=0.1)
+    for b in todo:
+        first, stop = int(bounds[b]), int(bounds[b + 1])
+        structures = _read_range(infos, first, stop)
+        write_block(root, b, structures, first, force_mask[first:stop], config, options, device=device)
+        if bar is not None:
+            bar.update(stop - first)
+    if bar is not None:
+        bar.close()
+    comm.Barrier()
+
+    # 5. Consolidate on rank 0: structure table, statistics, complete=True last.
+    if rank == 0:
+        consolidate(root, names)
+    comm.Barrier()
+    if rank == 0:
+        log.info("featurized %d structures into %s in %.1f s", len(infos), root, time.perf_counter() - start_time)
+    return root
+
+
+def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray, options: StoreOptions, num_structures: int) -> None:
+    if (root / "zarr.json").exists():
+        attrs = dict(zarr.open_group(zarr.storage.LocalStore(root), mode="r").attrs)
+        if attrs.get("format") != FORMAT:
+            raise ValueError(f"{root}: exists and is not an aenet_dist store; choose another --out")
+        if attrs.get("fingerprint") != fp:
+            raise ValueError(
+                f"{root}: exists but was made from different inputs (fingerprint {attrs.get('fingerprint', '?')[:12]} "
+                f"!= {fp[:12]}); remove it or choose another --out"
+            )
+        return
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"{root}: exists, is not empty and is not a Zarr store; choose another --out")
+    group = zarr.open_group(zarr.storage.LocalStore(root), mode="w", zarr_format=3)
+    group.attrs.update(
+        {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "species": list(config.species),
+            "atomic_energies": {k: float(config.atomic_energies[k]) for k in config.species},
+            "setups": {k: config.setups[k].to_dict() for k in config.species},
+            "num_features": {k: config.setups[k].num_features for k in config.species},
+            "fingerprint": fp,
+            "block_first": bounds.tolist(),
+            "num_structures": num_structures,
+            "deriv_dtype": options.deriv_dtype,
+            "complete": False,
+        }
+    )
+    (root / "blocks").mkdir(exist_ok=True)
+    for stale in (root / "blocks").glob(".*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def consolidate(root: Path, names: list[str]) -> None:
+    """Merge per-block tables and statistics into the root; sets ``complete`` last."""
+    group = zarr.open_group(zarr.storage.LocalStore(root), mode="r+")
+    attrs = dict(group.attrs)
+    bounds = np.array(attrs["block_first"])
+    species = attrs["species"]
+    parts: dict[str, list] = {k: [] for k in ("num_atoms", "energy", "cohesive_energy", "has_derivs")}
+    rows_per_structure = []
+    sums = {e: None for e in species}
+    for b in range(len(bounds) - 1):
+        block_dir = _block_dir(root, b)
+        if not block_dir.exists():
+            raise ValueError(f"{root}: block {b} is missing; rerun featurize to finish the store")
+        block = zarr.open_group(zarr.storage.LocalStore(block_dir), mode="r")
+        for key in parts:
+            parts[key].append(block[key][...])
+        num_atoms = block["num_atoms"][...]
+        atom_structure = np.repeat(np.arange(len(num_atoms)), num_atoms)
+        rows = np.zeros(len(num_atoms), dtype=np.int64)
+        battrs = dict(block.attrs)
+        for e in species:
+            center_atom = block[e]["atom"][...][block[e]["deriv_center"][...]] if battrs["partial_stats"][e]["deriv_rows"] else np.zeros(0, dtype=np.int64)
+            rows += np.bincount(atom_structure[center_atom], minlength=len(num_atoms))
+            p = battrs["partial_stats"][e]
+            if sums[e] is None:
+                sums[e] = {k: np.array(p[k], dtype=np.float64) for k in ("sum", "sum_sq", "min", "max")} | {"count": 0, "deriv_rows": 0}
+            else:
+                sums[e]["sum"] += np.array(p["sum"])
+                sums[e]["sum_sq"] += np.array(p["sum_sq"])
+                sums[e]["min"] = np.minimum(sums[e]["min"], p["min"])
+                sums[e]["max"] = np.maximum(sums[e]["max"], p["max"])
+            sums[e]["count"] += p["count"]
+            sums[e]["deriv_rows"] += p["deriv_rows"]
+        rows_per_structure.append(rows)
+    table = {k: np.concatenate(v) for k, v in parts.items()}
+    num_atoms = table["num_atoms"].astype(np.int64)
+    stats = {}
+    for e in species:
+        s = sums[e]
+        count = max(s["count"], 1)
+        mean = s["sum"] / count
+        mean_sq = s["sum_sq"] / count
+        stats[e] = {
+            "count": int(s["count"]),
+            "min": s["min"].tolist(),
+            "max": s["max"].tolist(),
+            "mean": mean.tolist(),
+            "mean_sq": mean_sq.tolist(),
+            "std": np.sqrt(np.maximum(mean_sq - mean * mean, 0.0)).tolist(),
+        }
+    per_atom = table["cohesive_energy"] / np.maximum(num_atoms, 1)
+    name_bytes = [n.encode() for n in names]
+    sgroup = group.require_group("structures")
+    level = 3
+    for key, data in {
+        "num_atoms": num_atoms,
+        "atom_offset": np.r_[0, np.cumsum(num_atoms)],
+        "energy": table["energy"],
+        "cohesive_energy": table["cohesive_energy"],
+        "has_derivs": table["has_derivs"],
+        "block": np.repeat(np.arange(len(bounds) - 1), np.diff(bounds)).astype(np.int32),
+        "num_deriv_rows": np.concatenate(rows_per_structure) if rows_per_structure else np.zeros(0, dtype=np.int64),
+        "name_bytes": np.frombuffer(b"".join(name_bytes), dtype=np.uint8),
+        "name_offset": np.r_[0, np.cumsum([len(n) for n in name_bytes])].astype(np.int64),
+    }.items():
+        if key in sgroup:
+            del sgroup[key]
+        _write_array(sgroup, key, data, level)
+    group.attrs.update(
+        {
+            "num_atoms": int(num_atoms.sum()),
+            "num_force_structures": int(table["has_derivs"].sum()),
+            "num_deriv_rows": {e: int(sums[e]["deriv_rows"]) for e in species},
+            "stats": stats,
+            "energy_per_atom": {"min": float(per_atom.min()), "max": float(per_atom.max()), "mean": float(per_atom.mean())},
+            "complete": True,
+        }
+    )
+
+
+# ------------------------------------------------------------------ reading
+
+
+@dataclass
+class ElementRows:
+    """One element's data within a range of structures (indices local to the range)."""
+
+    atom: np.ndarray  # (a_El,) int64 range-local atom index of each descriptor row
+    G: np.ndarray  # (a_El, F) float64 raw descriptors
+    deriv_center: np.ndarray  # (p,) int64 row of G
+    deriv_neighbor: np.ndarray  # (p,) int64 range-local atom index
+    dG: np.ndarray  # (p, F, 3)
+
+
+@dataclass
+class StructureRange:
+    """Everything stored for structures [start, stop), with range-local indices."""
+
+    start: int
+    stop: int
+    num_atoms: np.ndarray  # (n,) int64
+    energy: np.ndarray  # (n,) float64 total energy, eV
+    cohesive_energy: np.ndarray  # (n,) float64, eV
+    has_derivs: np.ndarray  # (n,) bool
+    species: np.ndarray  # (a,) int64 type index
+    pos: np.ndarray  # (a, 3)
+    forces: np.ndarray  # (a, 3)
+    elements: dict[str, ElementRows]
+
+
+class StoreReader:
+    """Read-only access to a complete store; reads only the blocks a range touches."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise ValueError(f"{self.path}: no Zarr store here (run `aenet-dist featurize` first)")
+        self.group = zarr.open_group(zarr.storage.LocalStore(self.path), mode="r")
+        self.attrs = dict(self.group.attrs)
+        if self.attrs.get("format") != FORMAT:
+            raise ValueError(f"{self.path}: not an aenet_dist store")
+        if self.attrs.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{self.path}: store schema {self.attrs.get('schema_version')} but this version reads {SCHEMA_VERSION}")
+        if not self.attrs.get("complete"):
+            raise ValueError(f"{self.path}: store is incomplete (featurize was interrupted); rerun the same featurize command to finish it")
+        self.species: list[str] = list(self.attrs["species"])
+        self.block_first = np.array(self.attrs["block_first"], dtype=np.int64)
+        s = self.group["structures"]
+        self.num_atoms = s["num_atoms"][...].astype(np.int64)
+        self.atom_offset = s["atom_offset"][...].astype(np.int64)
+        self.has_derivs = s["has_derivs"][...]
+        self.num_deriv_rows = s["num_deriv_rows"][...].astype(np.int64)
+        self.cohesive_energy = s["cohesive_energy"][...]
+        self.energy = s["energy"][...]
+
+    @property
+    def num_structures(self) -> int:
+        return int(self.attrs["num_structures"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs["fingerprint"])
+
+    def names(self) -> list[str]:
+        s = self.group["structures"]
+        raw = s["name_bytes"][...].tobytes()
+        off = s["name_offset"][...]
+        return [raw[a:b].decode() for a, b in zip(off[:-1], off[1:])]
+
+    def read_block(self, b: int) -> StructureRange:
+        """One whole block."""
+        block = zarr.open_group(zarr.storage.LocalStore(_block_dir(self.path, b)), mode="r")
+        elements = {}
+        for e in self.species:
+            g = block[e]
+            elements[e] = ElementRows(
+                atom=g["atom"][...].astype(np.int64),
+                G=g["G"][...],
+                deriv_center=g["deriv_center"][...].astype(np.int64),
+                deriv_neighbor=g["deriv_neighbor"][...].astype(np.int64),
+                dG=g["dG"][...],
+            )
+        first = int(self.block_first[b])
+        return StructureRange(
+            start=first,
+            stop=int(self.block_first[b + 1]),
+            num_atoms=block["num_atoms"][...].astype(np.int64),
+            energy=block["energy"][...],
+            cohesive_energy=block["cohesive_energy"][...],
+            has_derivs=block["has_derivs"][...],
+            species=block["species"][...].astype(np.int64),
+            pos=block["pos"][...],
+            forces=block["forces"][...],
+            elements=elements,
+        )
+
+    def read_range(self, start: int, stop: int) -> StructureRange:
+        """Structures [start, stop): reads the blocks that overlap, then trims and re-indexes."""
+        if not 0 <= start <= stop <= self.num_structures:
+            raise ValueError(f"{self.path}: structure range [{start}, {stop}) outside [0, {self.num_structures})")
+        first_block = int(np.searchsorted(self.block_first, start, side="right") - 1)
+        last_block = int(np.searchsorted(self.block_first, stop, side="left"))
+        blocks = [self.read_block(b) for b in range(max(first_block, 0), max(last_block, first_block + 1))]
+        return _trim(concat_ranges(blocks, self.species), start, stop, self.species)
+
+
+def concat_ranges(parts: list[StructureRange], species: list[str]) -> StructureRange:
+    """Concatenate consecutive ranges, shifting their local indices."""
+    atom_shift = np.cumsum([0] + [len(p.species) for p in parts])
+    elements = {}
+    for e in species:
+        row_shift = np.cumsum([0] + [len(p.elements[e].G) for p in parts])
+        elements[e] = ElementRows(
+            atom=np.concatenate([p.elements[e].atom + atom_shift[k] for k, p in enumerate(parts)]),
+            G=np.concatenate([p.elements[e].G for p in parts]),
+            deriv_center=np.concatenate([p.elements[e].deriv_center + row_shift[k] for k, p in enumerate(parts)]),
+            deriv_neighbor=np.concatenate([p.elements[e].deriv_neighbor + atom_shift[k] for k, p in enumerate(parts)]),
+            dG=np.concatenate([p.elements[e].dG for p in parts]),
+        )
+    cat = lambda key: np.concatenate([getattr(p, key) for p in parts])  # noqa: E731
+    return StructureRange(
+        start=parts[0].start,
+        stop=parts[-1].stop,
+        num_atoms=cat("num_atoms"),
+        energy=cat("energy"),
+        cohesive_energy=cat("cohesive_energy"),
+        has_derivs=cat("has_derivs"),
+        species=cat("species"),
+        pos=cat("pos"),
+        forces=cat("forces"),
+        elements=elements,
+    )
+
+
+def _trim(r: StructureRange, start: int, stop: int, species: list[str]) -> StructureRange:
+    """Keep structures [start, stop) of a range that covers them."""
+    if r.start == start and r.stop == stop:
+        return r
+    offsets = np.r_[0, np.cumsum(r.num_atoms)]
+    s0, s1 = start - r.start, stop - r.start
+    a0, a1 = offsets[s0], offsets[s1]
+    elements = {}
+    for e in species:
+        el = r.elements[e]
+        keep_rows = (el.atom >= a0) & (el.atom < a1)
+        new_row = np.cumsum(keep_rows) - 1
+        keep_deriv = keep_rows[el.deriv_center] if len(el.deriv_center) else np.zeros(0, dtype=bool)
+        elements[e] = ElementRows(
+            atom=el.atom[keep_rows] - a0,
+            G=el.G[keep_rows],
+            deriv_center=new_row[el.deriv_center[keep_deriv]],
+            deriv_neighbor=el.deriv_neighbor[keep_deriv] - a0,
+            dG=el.dG[keep_deriv],
+        )
+    return StructureRange(
+        start=start,
+        stop=stop,
+        num_atoms=r.num_atoms[s0:s1],
+        energy=r.energy[s0:s1],
+        cohesive_energy=r.cohesive_energy[s0:s1],
+        has_derivs=r.has_derivs[s0:s1],
+        species=r.species[a0:a1],
+        pos=r.pos[a0:a1],
+        forces=r.forces[a0:a1],
+        elements=elements,
+    )
+
+
+def torch_default_threads() -> None:
+    """Featurize ranks share the cores: one intra-op thread per MPI rank when there are several."""
+    comm = world_comm()
+    if comm.size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.size))
