@@ -149,8 +149,8 @@ class StoreOptions:
     """Target uncompressed bytes per block of structures (descriptors + derivatives)."""
     deriv_dtype: str = "float64"
     """Storage dtype of dG/dR rows: float64 (exact) or float32 (half the disk)."""
-    compressor_level: int = 3
-    """zstd level for all arrays."""
+    compressor_level: int = 1
+    """zstd level for all arrays (1: twice the speed of 3 for 5% more disk on float64 derivatives)."""
 
     def __post_init__(self):
         if self.chunk_bytes < 2**16:

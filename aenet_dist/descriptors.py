@@ -65,26 +65,44 @@ def cutoff_fn(r: torch.Tensor, rc: float) -> tuple[torch.Tensor, torch.Tensor]:
     return fc, dfc
 
 
-def chebyshev(x: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """T_0..T_order at x and their derivatives dT_n/dx = n U_{n-1}(x). Shapes (P, order+1)."""
-    t = [torch.ones_like(x), x]
-    u = [torch.ones_like(x), 2 * x]  # Chebyshev polynomials of the second kind
-    for _ in range(2, order + 1):
-        t.append(2 * x * t[-1] - t[-2])
-        u.append(2 * x * u[-1] - u[-2])
-    dt = [torch.zeros_like(x)] + [n * u[n - 1] for n in range(1, order + 1)]
-    return torch.stack(t[: order + 1], dim=1), torch.stack(dt[: order + 1], dim=1)
+def chebyshev(x: torch.Tensor, order: int, with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """T_0..T_order at x (P, order+1) and, if asked, dT_n/dx = n U_{n-1}(x) (P, order+1).
+
+    Filled row by row in an (order+1, P) buffer (contiguous, no stacking copies), returned transposed.
+    """
+    t = torch.empty((order + 1, x.numel()), dtype=x.dtype, device=x.device)
+    t[0] = 1.0
+    if order >= 1:
+        t[1] = x
+    two_x = 2 * x
+    for n in range(2, order + 1):
+        torch.addcmul(-t[n - 2], two_x, t[n - 1], out=t[n])
+    if not with_grad:
+        return t.T, None
+    u = torch.empty((max(order, 1), x.numel()), dtype=x.dtype, device=x.device)  # second kind U_0..U_{order-1}
+    u[0] = 1.0
+    if order >= 2:
+        u[1] = two_x
+    for n in range(2, order):
+        torch.addcmul(-u[n - 2], two_x, u[n - 1], out=u[n])
+    dt = torch.empty_like(t)
+    dt[0] = 0.0
+    if order >= 1:
+        torch.mul(u[:order], torch.arange(1, order + 1, dtype=x.dtype, device=x.device)[:, None], out=dt[1:])
+    return t.T, dt.T
 
 
 @lru_cache(maxsize=None)
 def _moment_tables(order: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exponents α (K, 3) with |α| <= order and coefficients C (order+1, K) of the moment identity."""
+    """Exponents α (K, 3) with |α| <= order, in :func:`monomials` order, and C (order+1, K).
+
+    C[n, α] = a_n|α| · |α|!/α! where a_nm are the power-series coefficients of T_n.
+    """
     exps = np.array(
         [(a, b, m - a - b) for m in range(order + 1) for a in range(m, -1, -1) for b in range(m - a, -1, -1)],
         dtype=np.int64,
     )
-    # Power-series coefficients a[n, m] of T_n via the recurrence T_n = 2x T_{n-1} - T_{n-2}.
-    cheb = np.zeros((order + 1, order + 1))
+    cheb = np.zeros((order + 1, order + 1))  # T_n = 2x T_{n-1} - T_{n-2}
     cheb[0, 0] = 1.0
     if order >= 1:
         cheb[1, 1] = 1.0
@@ -93,24 +111,37 @@ def _moment_tables(order: int) -> tuple[np.ndarray, np.ndarray]:
         cheb[n] -= cheb[n - 2]
     degree = exps.sum(axis=1)
     multinomial = np.array([math.factorial(m) // (math.factorial(a) * math.factorial(b) * math.factorial(c)) for (a, b, c), m in zip(exps, degree)])
-    coeff = cheb[:, degree] * multinomial[None, :]
-    return exps, coeff
+    return exps, cheb[:, degree] * multinomial[None, :]
 
 
-def _monomials(u: torch.Tensor, exps: torch.Tensor, order: int, with_grad: bool):
-    """u^α for all α (P, K) and, if asked, ∂u^α/∂u (P, K, 3) for unit vectors u (P, 3)."""
-    powers = [torch.ones_like(u)]
-    for _ in range(order):
-        powers.append(powers[-1] * u)
-    pw = torch.stack(powers, dim=2)  # shape (P, 3, order+1): pw[p, d, k] = u_d^k
-    px, py, pz = pw[:, 0, exps[:, 0]], pw[:, 1, exps[:, 1]], pw[:, 2, exps[:, 2]]  # (P, K) each
-    mono = px * py * pz
-    if not with_grad:
-        return mono, None
-    # d(u_d^k)/du_d = k u_d^(k-1); exponent 0 gives 0.
-    dpw = torch.cat([torch.zeros_like(pw[:, :, :1]), pw[:, :, :-1] * torch.arange(1, order + 1, dtype=u.dtype, device=u.device)], dim=2)
-    dx, dy, dz = dpw[:, 0, exps[:, 0]], dpw[:, 1, exps[:, 1]], dpw[:, 2, exps[:, 2]]
-    dmono = torch.stack([dx * py * pz, px * dy * pz, px * py * dz], dim=2)  # shape (P, K, 3)
+def monomials(u: torch.Tensor, order: int, with_grad: bool):
+    """u^α for all |α| <= order (P, K) and, if asked, ∂u^α/∂u (P, K, 3).
+
+    Built degree by degree into one preallocated buffer: degree m = [x · (all of degree
+    m-1), y · (those without x), z · z^(m-1)], the order of :func:`_moment_tables`.
+    """
+    num = u.shape[0]
+    sizes = [(m + 1) * (m + 2) // 2 for m in range(order + 1)]
+    starts = np.r_[0, np.cumsum(sizes)]
+    mono = torch.empty((num, int(starts[-1])), dtype=u.dtype, device=u.device)
+    mono[:, 0] = 1.0
+    dmono = None
+    if with_grad:
+        dmono = torch.empty((num, int(starts[-1]), 3), dtype=u.dtype, device=u.device)
+        dmono[:, 0] = 0.0
+    x, y, z = u[:, 0:1], u[:, 1:2], u[:, 2:3]
+    for m in range(1, order + 1):
+        p0, p1, c0 = int(starts[m - 1]), int(starts[m]), int(starts[m])
+        prev = mono[:, p0:p1]
+        # Target slices of degree m: x·prev (m(m+1)/2), y·prev[-m:] (m), z·prev[-1:] (1).
+        nx = p1 - p0
+        segments = ((x, 0, p0, p1, c0), (y, 1, p1 - m, p1, c0 + nx), (z, 2, p1 - 1, p1, c0 + nx + m))
+        for factor, d, s0, s1, t0 in segments:
+            torch.mul(factor, mono[:, s0:s1], out=mono[:, t0 : t0 + s1 - s0])
+            if with_grad:
+                target = dmono[:, t0 : t0 + s1 - s0]
+                torch.mul(factor[:, :, None], dmono[:, s0:s1], out=target)
+                target[:, :, d] += mono[:, s0:s1]
     return mono, dmono
 
 
@@ -129,7 +160,7 @@ def species_features(
         species_index: (A,) int64 type index (into ``type_names``) of every batch atom.
         type_names: element symbols, the order ``species_index`` refers to.
         nbr: neighbour pairs of the batch with a cutoff >= the setup's cutoffs.
-        center_atoms: (A_s,) ascending batch-global indices of the atoms to describe.
+        center_atoms: (A_s,) ascending batch-local indices of the atoms to describe.
         deriv_atoms: (A,) bool, True for atoms whose derivative rows are wanted.
 
     Returns:
@@ -139,98 +170,116 @@ def species_features(
     dtype, device = nbr.vec.dtype, nbr.vec.device
     num_atoms = species_index.numel()
     num_centers = center_atoms.numel()
-    # Map batch atom -> row of this species (-1 for other species).
     row_of_atom = torch.full((num_atoms,), -1, dtype=torch.int64, device=device)
     row_of_atom[center_atoms] = torch.arange(num_centers, device=device)
 
-    spin_by_type = torch.zeros(len(type_names), dtype=dtype, device=device)
-    in_env = torch.zeros(len(type_names), dtype=torch.bool, device=device)
-    for element, spin in setup.typespin().items():
-        spin_by_type[type_names.index(element)] = spin
-        in_env[type_names.index(element)] = True
-    multi = len(setup.env_species) > 1
+    # Neighbour species -> position in ENV (-1 if not in ENV) and its typespin.
+    spins = setup.typespin()
+    num_env = len(setup.env_species)
+    env_of_type = torch.full((len(type_names),), -1, dtype=torch.int64, device=device)
+    for k, element in enumerate(setup.env_species):
+        env_of_type[type_names.index(element)] = k
+    spin_of_env = torch.tensor([float(spins[e]) for e in setup.env_species], dtype=dtype, device=device)
+    multi = num_env > 1
 
-    # Pairs whose center is one of ours and whose neighbour species is in ENV, within cutoff.
-    neighbor_type = species_index[nbr.neighbor]
-    keep = (row_of_atom[nbr.center] >= 0) & in_env[neighbor_type] & (nbr.dist < basis.max_cutoff)
+    env = env_of_type[species_index[nbr.neighbor]]
+    keep = (row_of_atom[nbr.center] >= 0) & (env >= 0) & (nbr.dist < basis.max_cutoff)
     pair_row = row_of_atom[nbr.center[keep]]  # shape (P,)
+    env = env[keep]
     r = nbr.dist[keep]
-    vec = nbr.vec[keep]
-    u = vec / r[:, None]
-    spin = spin_by_type[neighbor_type[keep]]
-    want = deriv_atoms[nbr.center[keep]]  # pairs that need derivatives
+    u = nbr.vec[keep] / r[:, None]
+    key = pair_row * num_env + env  # (center row, neighbour ENV species): one sum serves both channels
 
     nr, na = basis.radial_order + 1, basis.angular_order + 1
     block = nr + na
-    num_features = setup.num_features
-    G = torch.zeros((num_centers, num_features), dtype=dtype, device=device)
+    G = torch.empty((num_centers, setup.num_features), dtype=dtype, device=device)
 
-    # Radial block.
-    fc_r, dfc_r = cutoff_fn(r, basis.radial_cutoff)
-    t, dt = chebyshev(2.0 * r / basis.radial_cutoff - 1.0, basis.radial_order)
-    radial = fc_r[:, None] * t  # shape (P, nr)
-    G[:, :nr].index_add_(0, pair_row, radial)
-    if multi:
-        G[:, block : block + nr].index_add_(0, pair_row, spin[:, None] * radial)
+    def combine(per_env: torch.Tensor, start: int, width: int, weight: torch.Tensor | None = None) -> None:
+        """per_env (C, num_env, width) -> plain sum into G[:, start:], typespin sum into the second channel."""
+        G[:, start : start + width] = per_env.sum(1)
+        if multi:
+            G[:, block + start : block + start + width] = (per_env * spin_of_env[None, :, None]).sum(1)
 
-    # Angular block through moments; only pairs inside the angular cutoff.
+    fc, dfc = cutoff_fn(r, basis.radial_cutoff)
+    x = 2.0 * r / basis.radial_cutoff - 1.0
+    t, _ = chebyshev(x, basis.radial_order, with_grad=False)
+    radial = torch.zeros((num_centers * num_env, nr), dtype=dtype, device=device).index_add_(0, key, fc[:, None] * t)
+    combine(radial.view(num_centers, num_env, nr), 0, nr)
+
     ang = r < basis.angular_cutoff
-    a_row, a_r, a_u, a_spin = pair_row[ang], r[ang], u[ang], spin[ang]
+    w, dw = cutoff_fn(r[ang], basis.angular_cutoff)
+    mono, _ = monomials(u[ang], basis.angular_order, with_grad=False)
     exps_np, coeff_np = _moment_tables(basis.angular_order)
-    exps = torch.from_numpy(exps_np).to(device)
     coeff = torch.from_numpy(coeff_np).to(device=device, dtype=dtype)  # shape (na, K)
-    w, dw = cutoff_fn(a_r, basis.angular_cutoff)
-    mono, _ = _monomials(a_u, exps, basis.angular_order, with_grad=False)  # shape (Pa, K)
-    channels = [(0, torch.ones_like(w))] + ([(block, a_spin)] if multi else [])
-    moments = []
-    for start, weight in channels:
-        ww = weight * w
-        m = torch.zeros((num_centers, exps.shape[0]), dtype=dtype, device=device).index_add_(0, a_row, ww[:, None] * mono)
-        self_sum = torch.zeros(num_centers, dtype=dtype, device=device).index_add_(0, a_row, ww * ww)
-        G[:, start + nr : start + block] = 0.5 * ((m * m) @ coeff.T - self_sum[:, None])
-        moments.append(m)
+    num_mono = coeff.shape[1]
+    key_a = key[ang]
+    moments = torch.zeros((num_centers * num_env, num_mono), dtype=dtype, device=device).index_add_(0, key_a, w[:, None] * mono)
+    moments = moments.view(num_centers, num_env, num_mono)
+    self_sum = torch.zeros(num_centers * num_env, dtype=dtype, device=device).index_add_(0, key_a, w * w).view(num_centers, num_env)
+    m_plain = moments.sum(1)
+    G[:, nr:block] = 0.5 * ((m_plain * m_plain) @ coeff.T - self_sum.sum(1)[:, None])
+    m_spin = (moments * spin_of_env[None, :, None]).sum(1) if multi else None
+    if multi:
+        G[:, block + nr : 2 * block] = 0.5 * ((m_spin * m_spin) @ coeff.T - (self_sum * spin_of_env**2).sum(1)[:, None])
 
     empty = torch.zeros(0, dtype=torch.int64, device=device)
+    want = deriv_atoms[nbr.center[keep]]
     if not bool(want.any()):
-        return SpeciesFeatures(center_atoms, G, empty, empty, torch.zeros((0, num_features, 3), dtype=dtype, device=device))
+        return SpeciesFeatures(center_atoms, G, empty, empty, torch.zeros((0, setup.num_features, 3), dtype=dtype, device=device))
 
-    # Per-pair derivatives ∂G_i/∂R_ij, shape (Pd, F, 3), for pairs of wanted centers.
-    d_pair = torch.zeros((int(want.sum()), num_features, 3), dtype=dtype, device=device)
-    wp = want
-    radial_d = (dfc_r[wp, None] * t[wp] + fc_r[wp, None] * dt[wp] * (2.0 / basis.radial_cutoff))[:, :, None] * u[wp, None, :]
-    d_pair[:, :nr] = radial_d
+    # Per-pair derivatives ∂G_i/∂R_ij for the pairs of wanted centers, shape (Pw, F, 3).
+    spin = spin_of_env[env[want]]
+    uw, rw, roww = u[want], r[want], pair_row[want]
+    _, dt = chebyshev(x[want], basis.radial_order, with_grad=True)
+    t_w = t[want]
+    g = dfc[want, None] * t_w + fc[want, None] * dt * (2.0 / basis.radial_cutoff)  # d(fc T_n)/dr, shape (Pw, nr)
+    d_pair = torch.zeros((rw.numel(), setup.num_features, 3), dtype=dtype, device=device)
+    d_pair[:, :nr] = g[:, :, None] * uw[:, None, :]
     if multi:
-        d_pair[:, block : block + nr] = spin[wp, None, None] * radial_d
-    # Angular pairs among the wanted pairs.
-    want_ang = want[ang]
-    slot = torch.cumsum(want.to(torch.int64), 0)[ang][want_ang] - 1  # row in d_pair of each angular pair
-    if bool(want_ang.any()):
-        wa, dwa, ua, ra, rowa, spa = w[want_ang], dw[want_ang], a_u[want_ang], a_r[want_ang], a_row[want_ang], a_spin[want_ang]
-        mono_d, dmono = _monomials(ua, exps, basis.angular_order, with_grad=True)
-        degree = exps.sum(dim=1).to(dtype)
-        # ∂(u^α)/∂R = (∂u^α/∂u − |α| u^α u)/r  (projection onto the sphere, Euler's identity)
-        dmono_dvec = (dmono - (degree[None, :] * mono_d)[:, :, None] * ua[:, None, :]) / ra[:, None, None]
-        # ∂(w u^α)/∂R = w' u^α u + w ∂(u^α)/∂R
-        dphi = dwa[:, None, None] * mono_d[:, :, None] * ua[:, None, :] + wa[:, None, None] * dmono_dvec  # (Pa, K, 3)
-        for (start, weight), m in zip(channels, moments):
-            sw = weight[want_ang]
-            b = coeff[None, :, :] * m[rowa][:, None, :]  # shape (Pa, na, K): C_nα M_α(i)
-            d_ang = torch.bmm(b, sw[:, None, None] * dphi)  # shape (Pa, na, 3)
+        d_pair[:, block : block + nr] = (spin[:, None] * g)[:, :, None] * uw[:, None, :]
+    ang_w = ang[want]
+    if bool(ang_w.any()):
+        wa, dwa = cutoff_fn(rw[ang_w], basis.angular_cutoff)
+        ua, ra, rowa = uw[ang_w], rw[ang_w], roww[ang_w]
+        mono_d, dmono = monomials(ua, basis.angular_order, with_grad=True)
+        degree = torch.from_numpy(exps_np.sum(axis=1)).to(device=device, dtype=dtype)
+        # ∂(w u^α)/∂R = w' u^α u + w (∂u^α/∂u − |α| u^α u)/r   (projection onto the sphere)
+        radial_part = (dwa[:, None] - wa[:, None] * degree[None, :] / ra[:, None]) * mono_d  # shape (Pa, K)
+        dphi = radial_part[:, :, None] * ua[:, None, :] + (wa / ra)[:, None, None] * dmono  # shape (Pa, K, 3)
+        channels = [(0, m_plain, torch.ones_like(wa))] + ([(block, m_spin, spin[ang_w])] if multi else [])
+        for start, m, sw in channels:
+            # Σ_α C_nα M_α(i) ∂φ_α/∂R as one GEMM: (Pa*3, K) @ (K, na)
+            z = (m[rowa] * sw[:, None])[:, :, None] * dphi  # shape (Pa, K, 3)
+            d_ang = (z.transpose(1, 2).reshape(-1, num_mono) @ coeff.T).view(-1, 3, na).transpose(1, 2)
             d_ang = d_ang - (sw * sw * wa * dwa)[:, None, None] * ua[:, None, :]
-            d_pair[slot, start + nr : start + block] = d_ang
+            d_pair[ang_w.nonzero().squeeze(1), start + nr : start + block] = d_ang
 
     # Sum pair derivatives into (center, atom) rows: + on the image's atom, − on the center.
     centers = nbr.center[keep][want]
     atoms_moved = nbr.neighbor[keep][want]
     wanted_centers = center_atoms[deriv_atoms[center_atoms]]
     key_pair = centers * num_atoms + atoms_moved
-    key_self = wanted_centers * num_atoms + wanted_centers
-    keys, inverse = torch.unique(torch.cat([key_pair, key_self]), return_inverse=True)
-    self_slot_of_pair = torch.searchsorted(keys, centers * num_atoms + centers)
-    dG = torch.zeros((keys.numel(), num_features, 3), dtype=dtype, device=device)
+    keys, inverse = torch.unique(torch.cat([key_pair, wanted_centers * num_atoms + wanted_centers]), return_inverse=True)
+    dG = torch.zeros((keys.numel(), setup.num_features, 3), dtype=dtype, device=device)
     dG.index_add_(0, inverse[: key_pair.numel()], d_pair)
-    dG.index_add_(0, self_slot_of_pair, -d_pair)
-    return SpeciesFeatures(center_atoms, G, keys // num_atoms, keys % num_atoms, dG)
+    # The center's own row gets −Σ of all its pair terms: sum rows per center (fewer than pairs).
+    row_center = keys // num_atoms
+    total = torch.zeros((num_atoms, setup.num_features, 3), dtype=dtype, device=device).index_add_(0, row_center, dG)
+    self_rows = torch.searchsorted(keys, wanted_centers * num_atoms + wanted_centers)
+    dG[self_rows] -= total[wanted_centers]
+    return SpeciesFeatures(center_atoms, G, row_center, keys % num_atoms, dG)
+
+
+def _sub_batches(pair_count: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Consecutive structure ranges with about ``budget`` pairs each (at least one structure)."""
+    bounds, acc = [0], 0
+    for s, c in enumerate(pair_count.tolist()):
+        if acc and acc + c > budget:
+            bounds.append(s)
+            acc = 0
+        acc += c
+    bounds.append(len(pair_count))
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def featurize(
@@ -240,6 +289,7 @@ def featurize(
     with_derivatives,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
+    pair_budget: int = 24_000,
 ) -> tuple[torch.Tensor, dict[str, SpeciesFeatures]]:
     """Descriptors (and derivative rows where asked) of a batch of structures.
 
@@ -248,27 +298,40 @@ def featurize(
         setups: descriptor setup per element.
         type_names: element order that the returned species indices refer to.
         with_derivatives: per structure, whether to compute dG/dR rows.
+        pair_budget: pairs per vectorized sub-batch. On CPU, temporaries of ~1-10 MB stay
+            in cache and avoid page-faulting fresh memory (4-5x faster than one huge batch);
+            on GPU use a large budget.
 
     Returns:
-        (species_index (A,) int64 over the concatenated atoms, features per element).
-        Elements with no atoms in the batch get empty tensors.
+        (species_index (A,) int64 over the concatenated atoms, features per element,
+        with batch-global atom indices). Elements absent from the batch get empty tensors.
     """
     type_of = {name: k for k, name in enumerate(type_names)}
-    species_parts, deriv_parts = [], []
-    for s, structure in enumerate(structures):
+    species_parts = []
+    for structure in structures:
         try:
             species_parts.append(np.fromiter((type_of[e] for e in structure.species), dtype=np.int64, count=structure.num_atoms))
         except KeyError as err:
             raise ValueError(f"{structure.name}: species {err.args[0]!r} not in TYPES {list(type_names)}") from None
-        deriv_parts.append(np.full(structure.num_atoms, bool(with_derivatives[s])))
+    num_atoms = np.array([s.num_atoms for s in structures], dtype=np.int64)
+    atom_offset = np.r_[0, np.cumsum(num_atoms)]
     species_index = torch.from_numpy(np.concatenate(species_parts)).to(device)
-    deriv_atoms = torch.from_numpy(np.concatenate(deriv_parts)).to(device)
+    deriv_atoms = torch.from_numpy(np.repeat(np.asarray(with_derivatives, dtype=bool), num_atoms)).to(device)
     cutoff = max(setup.basis.max_cutoff for setup in setups.values())
-    nbr = neighbor_list(
-        [s.pos for s in structures], [s.cell for s in structures], [s.pbc for s in structures], cutoff, dtype=dtype, device=device
-    )
-    features = {}
-    for k, element in enumerate(type_names):
-        center_atoms = torch.nonzero(species_index == k).flatten()
-        features[element] = species_features(setups[element], species_index, type_names, nbr, center_atoms, deriv_atoms)
+    nbr = neighbor_list([s.pos for s in structures], [s.cell for s in structures], [s.pbc for s in structures], cutoff, dtype, device)
+    pair_offset = np.r_[0, np.cumsum(nbr.pair_count.numpy())]
+
+    parts: dict[str, list[SpeciesFeatures]] = {e: [] for e in type_names}
+    for s0, s1 in _sub_batches(nbr.pair_count.numpy(), pair_budget):
+        a0, a1, p0, p1 = int(atom_offset[s0]), int(atom_offset[s1]), int(pair_offset[s0]), int(pair_offset[s1])
+        sub = Neighbors(nbr.center[p0:p1] - a0, nbr.neighbor[p0:p1] - a0, nbr.vec[p0:p1], nbr.dist[p0:p1], nbr.pair_count[s0:s1])
+        sub_species = species_index[a0:a1]
+        for k, element in enumerate(type_names):
+            center_atoms = torch.nonzero(sub_species == k).flatten()
+            f = species_features(setups[element], sub_species, type_names, sub, center_atoms, deriv_atoms[a0:a1])
+            parts[element].append(SpeciesFeatures(f.atom_index + a0, f.G, f.deriv_center + a0, f.deriv_neighbor + a0, f.dG))
+    features = {
+        e: SpeciesFeatures(*(torch.cat([getattr(f, name) for f in fs]) for name in ("atom_index", "G", "deriv_center", "deriv_neighbor", "dG")))
+        for e, fs in parts.items()
+    }
     return species_index, features
