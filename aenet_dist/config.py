@@ -6,7 +6,26 @@ aenet's ``generate.in``. Parsers for those formats live in :mod:`aenet_dist.aene
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import difflib
+import functools
+import logging
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli, imported where needed
+    tomllib = None
+
+if typing.TYPE_CHECKING:
+    from aenet_dist.model import NetworkConfig
 
 
 @dataclass(frozen=True)

@@ -371,6 +371,7 @@ def featurize_to_store(
     # On a GPU, compute block b+1 while a CPU thread compresses and writes block b. On the
     # CPU both compete for the same cores (measured: slower), so write in line there.
     overlap = torch.device(device).type != "cpu"
+    delay = float(os.environ.get("AENET_DIST_TEST_BLOCK_DELAY", "0"))  # lets tests kill a run mid-way
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
         for b in todo:
@@ -382,6 +383,7 @@ def featurize_to_store(
             pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level)
             if not overlap:
                 pending.result()
+            time.sleep(delay)
             if bar is not None:
                 bar.update(stop - first)
         if pending is not None:

@@ -1,0 +1,190 @@
+"""The Zarr store: content equals direct featurization, MPI and resume give identical
+stores, statistics, range reads across blocks, and bad-input errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from aenet_dist.aenet_inputs import read_generate_input
+from aenet_dist.config import StoreOptions
+from aenet_dist.datasets import generate_emt_dataset
+from aenet_dist.descriptors import featurize
+from aenet_dist.store import StoreReader, featurize_to_store
+from aenet_dist.structures import read_structures
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+SMALL_CHUNKS = StoreOptions(chunk_bytes=2**16)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return generate_emt_dataset(tmp_path_factory.mktemp("emt"), num_structures=24, seed=3, force_percent=50.0)
+
+
+@pytest.fixture(scope="module")
+def store(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "emt.zarr"
+    featurize_to_store(read_generate_input(dataset), out, SMALL_CHUNKS, progress=False)
+    return out
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def featurize_cli(args, ranks=1, **kwargs):
+    cmd = [sys.executable, "-m", "aenet_dist.featurize", *map(str, args), "--no-progress"]
+    if ranks > 1:
+        cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, **kwargs)
+
+
+def test_content_equals_direct_featurization(dataset, store):
+    config = read_generate_input(dataset)
+    reader = StoreReader(store)
+    assert len(reader.block_first) > 3, "the test wants several blocks"
+    structures = [s for f in config.files for s in read_structures(f)]
+    data = reader.read_range(0, reader.num_structures)
+    species_index, feats = featurize(structures, config.setups, config.species, data.has_derivs)
+    assert data.has_derivs.sum() == round(0.5 * len(structures))
+    np.testing.assert_array_equal(data.species, species_index.numpy())
+    np.testing.assert_array_equal(data.energy, [s.energy for s in structures])
+    np.testing.assert_array_equal(data.forces, np.concatenate([s.forces for s in structures]))
+    for element, f in feats.items():
+        rows = data.elements[element]
+        np.testing.assert_array_equal(rows.atom, f.atom_index.numpy())
+        np.testing.assert_array_equal(rows.G, f.G.numpy())
+        # Derivative rows: center row -> atom, then the same (center atom, moved atom) pairs and values.
+        np.testing.assert_array_equal(rows.atom[rows.deriv_center], f.deriv_center.numpy())
+        np.testing.assert_array_equal(rows.deriv_neighbor, f.deriv_neighbor.numpy())
+        np.testing.assert_array_equal(rows.dG, f.dG.numpy())
+    assert reader.names()[0] == "xsf/" + Path(config.files[0]).name
+
+
+def test_statistics_and_tables(store):
+    reader = StoreReader(store)
+    data = reader.read_range(0, reader.num_structures)
+    for element in reader.species:
+        G = data.elements[element].G
+        stats = reader.attrs["stats"][element]
+        assert stats["count"] == len(G)
+        np.testing.assert_allclose(stats["mean"], G.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(stats["mean_sq"], (G * G).mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(stats["std"], G.std(0), rtol=1e-7, atol=1e-9)
+        np.testing.assert_array_equal(stats["min"], G.min(0))
+        np.testing.assert_array_equal(stats["max"], G.max(0))
+    per_atom = data.cohesive_energy / data.num_atoms
+    assert reader.attrs["energy_per_atom"]["min"] == pytest.approx(per_atom.min())
+    assert reader.attrs["energy_per_atom"]["max"] == pytest.approx(per_atom.max())
+    np.testing.assert_array_equal(reader.atom_offset, np.r_[0, np.cumsum(data.num_atoms)])
+    rows = np.zeros(reader.num_structures, dtype=np.int64)
+    structure_of_atom = np.repeat(np.arange(reader.num_structures), data.num_atoms)
+    for element in reader.species:
+        el = data.elements[element]
+        rows += np.bincount(structure_of_atom[el.atom[el.deriv_center]], minlength=reader.num_structures)
+    np.testing.assert_array_equal(reader.num_deriv_rows, rows)
+    assert (rows[~reader.has_derivs] == 0).all() and (rows[reader.has_derivs] > 0).all()
+
+
+@pytest.mark.parametrize("start,stop", [(0, 1), (3, 11), (5, 24), (7, 7)])
+def test_range_reads_across_blocks(store, start, stop):
+    reader = StoreReader(store)
+    whole = reader.read_range(0, reader.num_structures)
+    part = reader.read_range(start, stop)
+    a0, a1 = reader.atom_offset[start], reader.atom_offset[stop]
+    np.testing.assert_array_equal(part.pos, whole.pos[a0:a1])
+    np.testing.assert_array_equal(part.energy, whole.energy[start:stop])
+    for element in reader.species:
+        w, p = whole.elements[element], part.elements[element]
+        keep = (w.atom >= a0) & (w.atom < a1)
+        np.testing.assert_array_equal(p.G, w.G[keep])
+        np.testing.assert_array_equal(p.atom, w.atom[keep] - a0)
+        rows = keep[w.deriv_center]
+        np.testing.assert_array_equal(p.dG, w.dG[rows])
+        np.testing.assert_array_equal(p.deriv_neighbor, w.deriv_neighbor[rows] - a0)
+        np.testing.assert_array_equal(p.atom[p.deriv_center], w.atom[w.deriv_center[rows]] - a0)
+
+
+@pytest.mark.mpi
+def test_two_mpi_ranks_give_identical_store(dataset, store, tmp_path):
+    out = tmp_path / "mpi.zarr"
+    result = featurize_cli([dataset, "--out", out, "--chunk-mb", 2**16 / 2**20], ranks=2)
+    assert result.returncode == 0, result.stderr
+    assert "structures" in result.stdout
+    assert tree_bytes(out) == tree_bytes(store)
+
+
+def test_killed_run_resumes_to_identical_store(dataset, store, tmp_path):
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "aenet_dist.featurize", str(dataset), "--out", str(out), "--chunk-mb", str(2**16 / 2**20), "--no-progress"]
+    # Slow each block down so that the kill lands mid-run (the test checks that it did).
+    env = dict(os.environ, AENET_DIST_TEST_BLOCK_DELAY="0.3")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((out / "blocks").glob("b*")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list((out / "blocks").glob("b*"))
+    assert 0 < len(done) < len(StoreReader(store).block_first) - 1, "kill did not land mid-run"
+    with pytest.raises(ValueError, match="incomplete"):
+        StoreReader(out)
+    result = featurize_cli([dataset, "--out", out, "--chunk-mb", 2**16 / 2**20])
+    assert result.returncode == 0, result.stderr
+    assert not list((out / "blocks").glob(".*tmp*"))
+    assert tree_bytes(out) == tree_bytes(store)
+
+
+def test_rerun_on_complete_store_is_a_no_op(dataset, store, tmp_path):
+    out = tmp_path / "again.zarr"
+    for _ in range(2):
+        result = featurize_cli([dataset, "--out", out, "--chunk-mb", 2**16 / 2**20])
+        assert result.returncode == 0, result.stderr
+    assert tree_bytes(out) == tree_bytes(store)
+
+
+def test_existing_store_from_different_inputs_is_refused(dataset, store, tmp_path):
+    result = featurize_cli([dataset, "--out", store, "--chunk-mb", 1.0])
+    assert result.returncode == 2
+    assert "made from different inputs" in result.stderr and str(store) in result.stderr
+
+
+def test_output_path_that_is_not_a_store_is_refused(dataset, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    result = featurize_cli([dataset, "--out", tmp_path / "x"])
+    assert result.returncode == 2 and "not a Zarr store" in result.stderr
+
+
+def test_bad_structure_file_is_named(dataset, tmp_path):
+    config = read_generate_input(dataset)
+    bad = Path(config.files[2])
+    original = bad.read_text()
+    try:
+        lines = original.splitlines()
+        lines[-1] = lines[-1] + " 1.0"  # 8 fields on an atom line
+        bad.write_text("\n".join(lines) + "\n")
+        result = featurize_cli([dataset, "--out", tmp_path / "bad.zarr"])
+        assert result.returncode == 2
+        assert bad.name in result.stderr and "fields" in result.stderr
+    finally:
+        bad.write_text(original)
+
+
+def test_reader_rejects_missing_store(tmp_path):
+    with pytest.raises(ValueError, match="no Zarr store"):
+        StoreReader(tmp_path / "nothing.zarr")
+
+
+def test_reader_rejects_other_zarr(tmp_path):
+    zarr.open_group(zarr.storage.LocalStore(tmp_path / "other.zarr"), mode="w", zarr_format=3)
+    with pytest.raises(ValueError, match="not an aenet_dist store"):
+        StoreReader(tmp_path / "other.zarr")
