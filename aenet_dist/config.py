@@ -176,3 +176,857 @@ class StoreOptions:
             raise ValueError(f"chunk_bytes must be at least 65536, got {self.chunk_bytes}")
         if self.deriv_dtype not in ("float32", "float64"):
             raise ValueError(f"deriv_dtype must be 'float32' or 'float64', got {self.deriv_dtype!r}")
+
+
+# =========================================================================== training
+#
+# train.toml has one table per section below ([data] [model] [optim] [schedule] [loss]
+# [run], plus [model.networks.<element>] tables). Every dataclass checks and normalizes its
+# own fields in __post_init__ (ints given for floats become floats, lists become tuples),
+# so a config built in Python is as safe as one read from a file.
+
+_log = logging.getLogger("aenet_dist.config")  # = log.get_logger("config"); log.py sits below config.py
+
+CACHE_MODES = ("auto", "memory", "gpu", "pinned", "stream")
+OPTIM_METHODS = ("adam", "adamw", "sgd")
+SCHEDULE_KINDS = ("none", "cosine", "step", "plateau")
+DTYPES = ("float32", "float64")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(value) -> str:
+    """``value`` with its type, for error messages; flags quoted numbers."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return f"string {value!r}"
+        return f"string {value!r} (a quoted number: drop the quotes)"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _coerce(value, hint, key: str):
+    """Check ``value`` against the type ``hint`` and return it normalized; ValueError names ``key``.
+
+    int -> float for float fields, integral float -> int for int fields, list -> tuple.
+    bool is never accepted as a number, nor a string as a number.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {_describe(value)}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {_describe(value)}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {_describe(value)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {_describe(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{key} must be a list of {len(args)} values, got {len(value)}: {list(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    raise TypeError(f"internal: no coercion for {hint!r} ({key})")
+
+
+def _coerce_fields(obj, section: str, skip: tuple[str, ...] = ()) -> None:
+    """Coerce every field of the frozen dataclass ``obj`` in place (named ``section.field`` in errors)."""
+    hints = _hints(type(obj))
+    for f in fields(obj):
+        if f.name not in skip:
+            object.__setattr__(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}"))
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    candidates = list(candidates)
+    same_case = [c for c in candidates if c.lower() == word.lower()]
+    close = same_case or difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}{_did_you_mean(value, choices)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the featurized data lives, how it is split and where it is cached ([data])."""
+
+    store: str
+    """Path of the Zarr store written by ``aenet-dist featurize``. In a TOML file a relative path
+    is resolved against the file's directory (aenet ``TRAININGSET``)."""
+    test_percent: float = 10.0
+    """Percentage of structures held out as the test set, 0 <= x < 100 (aenet ``TESTPERCENT``)."""
+    split_seed: int = 0
+    """Seed of the deterministic train/test split."""
+    cache: str = "auto"
+    """Where training data is kept: ``memory`` (host RAM), ``gpu`` (device memory), ``pinned``
+    (page-locked host RAM, asynchronous copies), ``stream`` (blocks read from the store each epoch)
+    or ``auto`` (the fastest that fits)."""
+    num_shards: int | None = None
+    """Number of data shards; None = the world size. Set it to an earlier run's world size to
+    reproduce that run on fewer ranks (each rank then takes several virtual shards)."""
+
+    def __post_init__(self):
+        _coerce_fields(self, "data")
+        if not self.store:
+            raise ValueError("data.store must name the Zarr store, got an empty string")
+        if not 0.0 <= self.test_percent < 100.0:
+            raise ValueError(f"data.test_percent must be in [0, 100), got {self.test_percent}")
+        if self.split_seed < 0:
+            raise ValueError(f"data.split_seed must be >= 0, got {self.split_seed}")
+        _check_choice(self.cache, CACHE_MODES, "data.cache")
+        if self.num_shards is not None and self.num_shards < 1:
+            raise ValueError(f"data.num_shards must be >= 1 (or unset = world size), got {self.num_shards}")
+
+
+_NETWORK_KEYS = ("hidden", "activations")
+
+
+def _network_config(hidden: tuple[int, ...], activations: tuple[str, ...], key: str) -> NetworkConfig:
+    """:class:`~aenet_dist.model.NetworkConfig` of one architecture; errors name ``key.hidden``/``key.activations``."""
+    from aenet_dist.model import NetworkConfig  # lazy: keeps torch out of the featurize-side import
+
+    if len(hidden) != len(activations):
+        raise ValueError(f"{key}.activations has {len(activations)} entries but {key}.hidden has {len(hidden)} layers; "
+                         f"give one activation per hidden layer (hidden={list(hidden)}, activations={list(activations)})")
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"{key}.hidden layer sizes must be >= 1, got {list(hidden)}")
+    try:
+        return NetworkConfig(hidden=hidden, activations=activations)
+    except ValueError as e:  # unknown activation name (model.activation_code)
+        raise ValueError(f"{key}.activations: {e}") from None
+
+
+def _check_network_keys(element, spec: Mapping) -> None:
+    for k in spec:
+        if k not in _NETWORK_KEYS:
+            key = f"model.networks.{element}"
+            raise ValueError(f"unknown key '{key}.{k}'{_did_you_mean(f'{key}.{k}', [f'{key}.{n}' for n in _NETWORK_KEYS])}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the per-element networks ([model], [model.networks.<element>])."""
+
+    hidden: tuple[int, ...] = (5, 5)
+    """Nodes of each hidden layer, for every element without its own entry in ``networks``."""
+    activations: tuple[str, ...] = ("tanh", "tanh")
+    """Activation of each hidden layer, one per entry of ``hidden``: linear, tanh, sigmoid, mtanh
+    or twist (aenet's names; see :data:`aenet_dist.model.ACTIVATIONS`)."""
+    networks: dict[str, dict] = field(default_factory=dict)
+    """Per-element overrides, element -> {"hidden": [...], "activations": [...]} (aenet ``NETWORKS``).
+    A missing key falls back to the model-wide value. Normalized to tuples."""
+
+    def __post_init__(self):
+        _coerce_fields(self, "model", skip=("networks",))
+        net = _network_config(self.hidden, self.activations, "model")
+        object.__setattr__(self, "activations", net.activations)  # aliases ('t') -> names
+        if not isinstance(self.networks, Mapping):
+            raise ValueError(f"model.networks must be a table element -> {{hidden, activations}}, got {_describe(self.networks)}")
+        networks = {}
+        for element, spec in self.networks.items():
+            key = f"model.networks.{element}"
+            if not isinstance(element, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", element):
+                raise ValueError(f"model.networks keys must be element symbols, got {element!r}")
+            if hasattr(spec, "hidden") and hasattr(spec, "activations"):  # a model.NetworkConfig
+                spec = {"hidden": spec.hidden, "activations": spec.activations}
+            if not isinstance(spec, Mapping):
+                raise ValueError(f"{key} must be a table with 'hidden' and 'activations', got {_describe(spec)}")
+            _check_network_keys(element, spec)
+            hidden = _coerce(spec.get("hidden", self.hidden), tuple[int, ...], f"{key}.hidden")
+            activations = _coerce(spec.get("activations", self.activations), tuple[str, ...], f"{key}.activations")
+            net = _network_config(hidden, activations, key)
+            networks[element] = {"hidden": net.hidden, "activations": net.activations}
+        object.__setattr__(self, "networks", networks)
+
+    def network_for(self, element: str) -> NetworkConfig:
+        """Architecture of ``element``'s network: its ``networks`` entry, else the model-wide one."""
+        spec = self.networks.get(element, {"hidden": self.hidden, "activations": self.activations})
+        return _network_config(spec["hidden"], spec["activations"], f"model.networks.{element}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer ([optim]; aenet ``METHOD`` and ``REGULARIZATION``)."""
+
+    method: str = "adamw"
+    """``adam``, ``adamw`` or ``sgd`` (torch.optim.Adam / AdamW / SGD)."""
+    lr: float = 1e-4
+    """Learning rate (aenet-PyTorch ``lr=``)."""
+    weight_decay: float = 0.0
+    """As torch applies it: decoupled for adamw, an L2 term added to the gradient for adam and sgd
+    (aenet ``REGULARIZATION``). For an explicit L2 penalty in the loss see ``loss.l2``."""
+    momentum: float = 0.9
+    """SGD momentum (sgd only)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam(W) coefficients of the running averages of the gradient and its square."""
+    clip_grad_norm: float | None = None
+    """Clip the global gradient norm to this value before each step; None = no clipping."""
+
+    def __post_init__(self):
+        _coerce_fields(self, "optim")
+        _check_choice(self.method, OPTIM_METHODS, "optim.method")
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"optim.clip_grad_norm must be > 0 (or unset = no clipping), got {self.clip_grad_norm}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule, stepped once per epoch ([schedule])."""
+
+    kind: str = "none"
+    """``none`` (constant), ``cosine`` (CosineAnnealingLR over run.epochs down to min_lr), ``step``
+    (StepLR: times gamma every step_size epochs) or ``plateau`` (ReduceLROnPlateau on the test loss)."""
+    step_size: int = 100
+    """Epochs between decays (step)."""
+    gamma: float = 0.5
+    """Decay factor, 0 < gamma <= 1 (step)."""
+    patience: int = 10
+    """Epochs without improvement before a decay (plateau)."""
+    factor: float = 0.5
+    """Decay factor, 0 < factor < 1 (plateau)."""
+    min_lr: float = 0.0
+    """Lower bound of the learning rate (cosine, plateau)."""
+
+    def __post_init__(self):
+        _coerce_fields(self, "schedule")
+        _check_choice(self.kind, SCHEDULE_KINDS, "schedule.kind")
+        if self.step_size < 1:
+            raise ValueError(f"schedule.step_size must be >= 1, got {self.step_size}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"schedule.gamma must be in (0, 1], got {self.gamma}")
+        if self.patience < 0:
+            raise ValueError(f"schedule.patience must be >= 0, got {self.patience}")
+        if not 0.0 < self.factor < 1.0:
+            raise ValueError(f"schedule.factor must be in (0, 1), got {self.factor}")
+        if not self.min_lr >= 0:
+            raise ValueError(f"schedule.min_lr must be >= 0, got {self.min_lr}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Energy + force loss ([loss])."""
+
+    force_weight: float = 0.1
+    """alpha in [0, 1]: loss = (1 - alpha) * energy term + alpha * force term (aenet-PyTorch
+    ``FORCES`` / ``alpha=``); 0 trains energies only."""
+    l2: float = 0.0
+    """lambda >= 0 of an explicit penalty lambda * sum(weights**2) added to the loss (biases excluded)."""
+
+    def __post_init__(self):
+        _coerce_fields(self, "loss")
+        if not 0.0 <= self.force_weight <= 1.0:
+            raise ValueError(f"loss.force_weight must be in [0, 1], got {self.force_weight}")
+        if not self.l2 >= 0:
+            raise ValueError(f"loss.l2 must be >= 0, got {self.l2}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Length, precision, device, seeds and output of a run ([run])."""
+
+    epochs: int = 100
+    """Passes over the training set (aenet ``ITERATIONS``)."""
+    batch_size: int = 128
+    """Global batch, in structures, summed over all ranks (aenet ``BATCHSIZE``)."""
+    dtype: str = "float32"
+    """Parameter and compute dtype: ``float32`` or ``float64``."""
+    device: str = "auto"
+    """``auto`` (cuda if available), ``cpu``, ``cuda`` or ``cuda:N``; under torchrun each rank uses
+    its LOCAL_RANK device."""
+    seed: int = 0
+    """Seed of weight initialization and batch shuffling."""
+    run_dir: str = "runs/default"
+    """Output directory (checkpoints, logs, resolved config.toml). In a TOML file a relative path is
+    resolved against the file's directory."""
+    checkpoint_every: int = 1
+    """Save a checkpoint every this many epochs (and at the end)."""
+    keep_last: int = 2
+    """Number of most recent checkpoints kept on disk, >= 1."""
+    early_stop_patience: int | None = None
+    """Stop after this many epochs without test-loss improvement; None = never."""
+    log_every: int = 0
+    """Log the training loss every this many steps; 0 = once per epoch only."""
+
+    def __post_init__(self):
+        _coerce_fields(self, "run")
+        if self.epochs < 1:
+            raise ValueError(f"run.epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"run.batch_size must be > 0, got {self.batch_size}")
+        _check_choice(self.dtype, DTYPES, "run.dtype")
+        if not _DEVICE_RE.fullmatch(self.device):
+            raise ValueError(f"run.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.seed < 0:
+            raise ValueError(f"run.seed must be >= 0, got {self.seed}")
+        if not self.run_dir:
+            raise ValueError("run.run_dir must not be empty")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"run.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.keep_last < 1:
+            raise ValueError(f"run.keep_last must be >= 1, got {self.keep_last}")
+        if self.early_stop_patience is not None and self.early_stop_patience < 1:
+            raise ValueError(f"run.early_stop_patience must be >= 1 (or unset = never), got {self.early_stop_patience}")
+        if self.log_every < 0:
+            raise ValueError(f"run.log_every must be >= 0 (0 = per epoch only), got {self.log_every}")
+
+
+_TRAIN_SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+    "schedule": ScheduleConfig, "loss": LossConfig, "run": RunConfig,
+}
+
+
+@functools.cache
+def _known_keys() -> tuple[str, ...]:
+    """Every valid key of train.toml: section names and dotted ``section.field`` names."""
+    return (*_TRAIN_SECTIONS, *(f"{s}.{f.name}" for s, cls in _TRAIN_SECTIONS.items() for f in fields(cls)))
+
+
+def _unknown_key(dotted: str) -> str:
+    """'unknown key ...' message with a suggestion: the same field in another section, else the closest key."""
+    leaf = dotted.rsplit(".", 1)[-1]
+    same_leaf = [k for k in _known_keys() if "." in k and k.rsplit(".", 1)[-1] == leaf]
+    hint = f" (did you mean {same_leaf[0]!r}?)" if same_leaf else _did_you_mean(dotted, _known_keys())
+    return f"unknown key {dotted!r}{hint}"
+
+
+def _check_keys(raw: Mapping) -> None:
+    """Raise ValueError naming the first key of the nested dict ``raw`` that TrainConfig does not know."""
+    for name, section in raw.items():
+        if name not in _TRAIN_SECTIONS:
+            raise ValueError(_unknown_key(str(name)))
+        if not isinstance(section, Mapping):
+            continue  # reported with its type when the section is built
+        known = {f.name for f in fields(_TRAIN_SECTIONS[name])}
+        for key, value in section.items():
+            if key not in known:
+                raise ValueError(_unknown_key(f"{name}.{key}"))
+            if (name, key) == ("model", "networks") and isinstance(value, Mapping):
+                for element, spec in value.items():
+                    if isinstance(spec, Mapping):
+                        _check_network_keys(element, spec)
+
+
+def _plain(value):
+    """Nested plain Python data (dict, list, scalars) of a config value."""
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``aenet-dist train`` needs: one frozen tree, written to run_dir/config.toml."""
+
+    data: DataConfig
+    """[data] store, split and cache."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """[model] network architectures."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """[optim] optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """[schedule] learning-rate schedule."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """[loss] force weight and L2 penalty."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """[run] epochs, batch size, dtype, device, seeds, checkpoints."""
+
+    def __post_init__(self):
+        for name, cls in _TRAIN_SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.data.cache == "gpu" and self.run.device == "cpu":
+            raise ValueError("data.cache = 'gpu' needs a CUDA device, but run.device = 'cpu'")
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (tuples as lists, unset options as None); :meth:`from_dict` inverts it."""
+        return {name: _plain(getattr(self, name)) for name in _TRAIN_SECTIONS}
+
+    @classmethod
+    def from_dict(cls, d: Mapping, source: str = "") -> "TrainConfig":
+        """Build from a nested dict such as parsed TOML; missing sections and keys take their defaults.
+
+        Unknown keys at any level, values of the wrong type and invalid values raise ValueError
+        naming the dotted key, prefixed with ``source`` (the file) when given.
+        """
+        try:
+            if not isinstance(d, Mapping):
+                raise ValueError(f"config must be a table of sections {list(_TRAIN_SECTIONS)}, got {_describe(d)}")
+            _check_keys(d)
+            sections = {}
+            for name, section_cls in _TRAIN_SECTIONS.items():
+                section = d.get(name, {})
+                if isinstance(section, section_cls):
+                    sections[name] = section
+                    continue
+                if not isinstance(section, Mapping):
+                    raise ValueError(f"{name} must be a table, got {_describe(section)}")
+                for f in fields(section_cls):
+                    if f.default is MISSING and f.default_factory is MISSING and f.name not in section:
+                        raise ValueError(f"missing required key '{name}.{f.name}'")
+                sections[name] = section_cls(**section)
+            return cls(**sections)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}" if source else str(e)) from None
+
+
+# --------------------------------------------------------------------------- TOML load / dump
+
+
+def _toml_module():
+    if tomllib is not None:
+        return tomllib
+    try:
+        import tomli
+    except ModuleNotFoundError as e:
+        raise ImportError("reading TOML on Python 3.10 needs the 'tomli' package") from e
+    return tomli
+
+
+_PATH_KEYS = (("data", "store"), ("run", "run_dir"))
+
+
+def _resolve_path(value, base: str):
+    """``value`` made absolute against ``base`` (``~`` expanded); URLs and non-strings unchanged."""
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    value = os.path.expanduser(value)
+    return value if os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
+
+
+def _override_hint(parts: list[str], key: str):
+    """Type of the value that the dotted override key ``parts`` sets; ValueError if the key is unknown."""
+    section = parts[0]
+    if section not in _TRAIN_SECTIONS:
+        raise ValueError(_unknown_key(key))
+    if len(parts) == 1:
+        raise ValueError(f"{key!r} is a whole section; override one key, e.g. '{section}.{fields(_TRAIN_SECTIONS[section])[0].name}=...'")
+    hints = _hints(_TRAIN_SECTIONS[section])
+    if parts[1] not in {f.name for f in fields(_TRAIN_SECTIONS[section])}:
+        raise ValueError(_unknown_key(".".join(parts[:2])))
+    if len(parts) == 2:
+        return None if parts[:2] == ["model", "networks"] else hints[parts[1]]
+    if parts[:2] != ["model", "networks"] or len(parts) > 4:
+        raise ValueError(_unknown_key(key))
+    if len(parts) == 3:
+        return None  # a whole network table, checked by ModelConfig
+    _check_network_keys(parts[2], {parts[3]: None})
+    return tuple[int, ...] if parts[3] == "hidden" else tuple[str, ...]
+
+
+def _parse_scalar(text: str):
+    """A TOML value if ``text`` is one, else an int or float in Python syntax, else the bare string."""
+    toml = _toml_module()
+    try:
+        return toml.loads(f"v = {text}")["v"]
+    except toml.TOMLDecodeError:
+        pass
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_override_value(text: str, hint):
+    """Value of an override: TOML if possible, else a bare string; ``[a, b]`` of bare words is a list."""
+    value = _parse_scalar(text)
+    if isinstance(value, str) and value == text and text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1].strip()
+        value = [_parse_scalar(t.strip()) for t in inner.split(",")] if inner else []
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional and isinstance(value, str) and value.lower() in ("none", "null"):
+        return None
+    if hint is str and not isinstance(value, str):
+        return text  # run.run_dir=2024 is the string '2024'
+    return value
+
+
+def _apply_overrides(raw: dict, overrides: Iterable[str], origins: dict[str, str]) -> dict:
+    """Copy of ``raw`` with each ``section.key=value`` applied; records each key's origin in ``origins``."""
+    raw = _plain(raw)
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for text in overrides:
+        where = f"override {text!r}"
+        key, sep, value_text = text.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not sep or not key or any(not p.strip() for p in parts):
+            raise ValueError(f"{where}: expected section.key=value, e.g. optim.lr=1e-3")
+        parts = [p.strip() for p in parts]
+        try:
+            hint = _override_hint(parts, key)
+            value = _parse_override_value(value_text.strip(), hint)
+            if hint is not None:
+                value = _plain(_coerce(value, hint, key))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if tuple(parts) in _PATH_KEYS:
+            value = _resolve_path(value, os.getcwd())  # typed on the command line: relative to the cwd
+        node = raw
+        for depth, p in enumerate(parts[:-1], 1):
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"{where}: {'.'.join(parts[:depth])} is not a table in the file")
+            node = child
+        node[parts[-1]] = value
+        origins[key] = where
+    return raw
+
+
+def _build(raw: Mapping, origins: Mapping[str, str], default_source: str) -> TrainConfig:
+    """TrainConfig.from_dict(raw); a value error is attributed to the origin of the key it names."""
+    try:
+        return TrainConfig.from_dict(raw)
+    except ValueError as e:
+        msg = str(e)
+        found = []
+        for key, where in origins.items():
+            m = re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", msg)
+            if m:
+                found.append((m.start(), -len(key), where))
+        raise ValueError(f"{min(found)[2] if found else default_source}: {msg}") from None
+
+
+def load_train_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Read a train.toml and apply command-line overrides.
+
+    Args:
+        path: TOML file with tables [data] [model] [optim] [schedule] [loss] [run] (and
+            [model.networks.<element>]). Relative ``data.store`` and ``run.run_dir`` (also the
+            default ``runs/default``) are resolved against the file's directory.
+        overrides: ``section.key=value`` strings, e.g. ``optim.lr=1e-3``, ``model.hidden=[10,10]``,
+            ``run.dtype=float64``, ``model.networks.Ti.hidden=[8,8]``, ``run.early_stop_patience=none``.
+            The value is read as a TOML value if it is one, else as a bare string. Relative paths
+            given here are resolved against the current directory.
+
+    Returns:
+        The validated, frozen :class:`TrainConfig`.
+
+    Raises:
+        ValueError: naming the file (or the override) and the dotted key, with a did-you-mean for
+            unknown keys.
+    """
+    path = Path(path)
+    toml = _toml_module()
+    try:
+        raw = toml.loads(path.read_text())
+    except toml.TOMLDecodeError as e:
+        raise ValueError(f"{path}: invalid TOML: {e}") from None
+    try:
+        _check_keys(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    base = str(path.resolve().parent)
+    if isinstance(raw.get("run", {}), dict):  # the default run_dir, too, sits next to the file
+        raw.setdefault("run", {}).setdefault("run_dir", RunConfig.run_dir)
+    for section, key in _PATH_KEYS:
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw[section][key] = _resolve_path(raw[section][key], base)
+    origins: dict[str, str] = {}
+    raw = _apply_overrides(raw, overrides, origins)
+    return _build(raw, origins, str(path))
+
+
+def _toml_string(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # '0.0001', '1e-05', 'inf', 'nan' are all TOML floats
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as a TOML value")
+
+
+def dump_toml(config: TrainConfig) -> str:
+    """TOML text of ``config`` that :func:`load_train_config` reads back to an equal config.
+
+    Unset (None) options are written as comments, since TOML has no null.
+    """
+    lines = ["# aenet_dist training configuration"]
+    for section, values in config.to_dict().items():
+        lines += ["", f"[{section}]"]
+        tables = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                tables[key] = value
+            elif value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        for key, table in tables.items():
+            for name, sub in table.items():
+                lines += ["", f"[{section}.{key}.{_toml_key(name)}]"]
+                lines += [f"{k} = {_toml_value(v)}" for k, v in sub.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_resolved_config(config: TrainConfig, run_dir: str | os.PathLike) -> Path:
+    """Write ``dump_toml(config)`` to ``run_dir/config.toml`` atomically (temp file, fsync, os.replace).
+
+    Call it on rank 0 only. Returns the path written.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.toml"
+    fd, tmp = tempfile.mkstemp(prefix=".config.toml.", suffix=".tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(dump_toml(config))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+# --------------------------------------------------------------------------- aenet-PyTorch train.in
+#
+# Format of atomisticnet/aenet-PyTorch (src/read_input.py, doc/aenet-PyTorch-doc.md,
+# example/02-train/train.in): one keyword per line, case-insensitive, '!' or '#' comments.
+# Values on the same line, except METHOD and FORCES (key=value parameters on the next line)
+# and NETWORKS (one line per element: symbol, .nn file, number of hidden layers, nodes:activation...).
+
+_TIN_MAPPED = ("trainingset", "testpercent", "iterations", "batchsize", "npseed", "phseed",
+               "regularization", "memory_mode", "forces", "method", "networks")
+_TIN_IGNORED = {  # known keyword -> why it does not change our config
+    "iterwrite": "errors are logged every epoch",
+    "mode": "only MODE train exists here",
+    "maxenergy": "all structures of the store are used",
+    "maxforces": "all structures of the store are used",
+    "save_energies": "predictions are written by 'aenet-dist predict'",
+    "save_energy": "predictions are written by 'aenet-dist predict'",
+    "save_forces": "predictions are written by 'aenet-dist predict'",
+    "verbose": "logging is set up by the CLI",
+    "save_batches": "batches come from the Zarr store",
+    "load_batches": "batches come from the Zarr store",
+    "timing": "not implemented",
+    "debug": "not implemented",
+}
+_TIN_KEYWORDS = (*_TIN_MAPPED, *_TIN_IGNORED)
+_TIN_MEMORY_MODES = {"cpu": "memory", "gpu": "gpu", "disk": "stream"}
+_TIN_METHOD_PARAMS = ("method", "lr", "mu", "momentum", "b1", "b2")
+
+
+def _tin_number(text: str, convert, label: str, where: str):
+    """``text`` as int or float (Fortran ``1.0d-3`` accepted); ValueError names ``label`` and the line."""
+    try:
+        return convert(text.replace("d", "e").replace("D", "e") if convert is float else text)
+    except ValueError:
+        kind = "an integer" if convert is int else "a number"
+        raise ValueError(f"{where}: {label} expects {kind}, got {text!r}") from None
+
+
+def _tin_one(args: list[str], kw: str, where: str) -> str:
+    if len(args) != 1:
+        raise ValueError(f"{where}: {kw.upper()} expects one value, got {len(args)}: {' '.join(args) or '(none)'}")
+    return args[0]
+
+
+def _tin_params(args: list[str], kw: str, where: str, known: tuple[str, ...]) -> dict[str, str]:
+    """``key=value`` parameters (a leading bare word is the ``method``) of METHOD or FORCES."""
+    params = {}
+    for i, token in enumerate(args):
+        key, sep, value = token.partition("=")
+        if not sep:
+            if i == 0 and kw == "method":
+                key, value = "method", token
+            else:
+                raise ValueError(f"{where}: {kw.upper()}: expected key=value, got {token!r}")
+        key = key.lower()
+        if key not in known:
+            raise ValueError(f"{where}: {kw.upper()}: unknown parameter {key!r}{_did_you_mean(key, known)} (known: {', '.join(known)})")
+        params[key] = value
+    return params
+
+
+def read_train_in(path: str | os.PathLike) -> TrainConfig:
+    """Translate aenet-PyTorch's ``train.in`` into a :class:`TrainConfig`.
+
+    Mapping: TRAININGSET -> data.store (kept as written: pass the Zarr store there), TESTPERCENT ->
+    data.test_percent, ITERATIONS -> run.epochs, BATCHSIZE -> run.batch_size, NPSEED (the split's
+    numpy seed) -> data.split_seed, PHSEED (torch seed) -> run.seed, METHOD ``method=X lr=Y`` ->
+    optim.method / optim.lr, REGULARIZATION -> optim.weight_decay, FORCES ``alpha=A`` ->
+    loss.force_weight (0 when FORCES is absent: energies only, as aenet-PyTorch), MEMORY_MODE
+    cpu/gpu/disk -> data.cache memory/gpu/stream, NETWORKS -> model.networks. Other aenet-PyTorch
+    keywords (ITERWRITE, MAXENERGY, SAVE_ENERGIES, ...) are logged as warnings and ignored.
+
+    Raises:
+        ValueError: ``"{path}:{line}: ..."`` for unknown keywords, bad numbers and invalid values.
+    """
+    path = Path(path)
+    entries = []  # (line number, tokens) of non-blank lines, comments removed
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        tokens = re.split(r"[!#]", line, maxsplit=1)[0].split()
+        if tokens:
+            entries.append((n, tokens))
+
+    raw: dict[str, dict] = {name: {} for name in _TRAIN_SECTIONS}
+    origins: dict[str, str] = {}
+    seen: dict[str, int] = {}
+
+    def put(dotted: str, value, where: str):
+        section, key = dotted.split(".", 1)
+        raw[section][key] = value
+        origins[dotted] = where
+
+    i = 0
+    while i < len(entries):
+        n, tokens = entries[i]
+        i += 1
+        kw, args, where = tokens[0].lower(), tokens[1:], f"{path}:{n}"
+        if kw not in _TIN_KEYWORDS:
+            close = difflib.get_close_matches(kw, _TIN_KEYWORDS, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0].upper()}?)" if close else ""
+            raise ValueError(f"{where}: unknown keyword {tokens[0]!r}{hint}")
+        if kw in seen:
+            raise ValueError(f"{where}: {kw.upper()} given twice (first on line {seen[kw]})")
+        seen[kw] = n
+        if kw in ("method", "forces") and not args and i < len(entries) and entries[i][1][0].lower() not in _TIN_KEYWORDS:
+            n, args = entries[i]  # parameters on the next line
+            i += 1
+            where = f"{path}:{n}"
+
+        if kw == "trainingset":
+            put("data.store", _tin_one(args, kw, where), where)
+        elif kw == "testpercent":
+            put("data.test_percent", _tin_number(_tin_one(args, kw, where), float, kw.upper(), where), where)
+        elif kw == "iterations":
+            put("run.epochs", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
+        elif kw == "batchsize":
+            put("run.batch_size", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
+        elif kw == "npseed":
+            put("data.split_seed", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
+        elif kw == "phseed":
+            put("run.seed", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
+        elif kw == "regularization":
+            put("optim.weight_decay", _tin_number(_tin_one(args, kw, where), float, kw.upper(), where), where)
+        elif kw == "memory_mode":
+            mode = _tin_one(args, kw, where).lower()
+            if mode not in _TIN_MEMORY_MODES:
+                raise ValueError(f"{where}: MEMORY_MODE must be cpu, gpu or disk, got {args[0]!r}")
+            put("data.cache", _TIN_MEMORY_MODES[mode], where)
+        elif kw == "forces":
+            params = _tin_params(args, kw, where, ("alpha",))
+            if "alpha" not in params:
+                raise ValueError(f"{where}: FORCES needs alpha=<force weight> (on the line after FORCES)")
+            put("loss.force_weight", _tin_number(params["alpha"], float, "FORCES alpha", where), where)
+        elif kw == "method":
+            params = _tin_params(args, kw, where, _TIN_METHOD_PARAMS)
+            method = params.get("method", "").lower()
+            if not method:
+                raise ValueError(f"{where}: METHOD needs a method name, e.g. 'method=adamw lr=0.0001'")
+            if method not in OPTIM_METHODS:
+                raise ValueError(f"{where}: METHOD {method!r} is not supported; use one of {', '.join(OPTIM_METHODS)}")
+            put("optim.method", method, where)
+            if "lr" in params and "mu" in params:
+                raise ValueError(f"{where}: METHOD: give lr or mu (aenet's name), not both")
+            for name, dotted in (("lr", "optim.lr"), ("mu", "optim.lr"), ("momentum", "optim.momentum")):
+                if name in params:
+                    put(dotted, _tin_number(params[name], float, f"METHOD {name}", where), where)
+            if "b1" in params or "b2" in params:
+                betas = OptimConfig().betas
+                put("optim.betas", [_tin_number(params.get("b1", str(betas[0])), float, "METHOD b1", where),
+                                    _tin_number(params.get("b2", str(betas[1])), float, "METHOD b2", where)], where)
+        elif kw == "networks":
+            if args:
+                raise ValueError(f"{where}: NETWORKS takes no value on its line; one line per element follows")
+            count = None
+            if i < len(entries) and len(entries[i][1]) == 1 and entries[i][1][0].isdigit():
+                count = int(entries[i][1][0])  # optional count line
+                i += 1
+            networks: dict[str, dict] = {}
+            while i < len(entries) and entries[i][1][0].lower() not in _TIN_KEYWORDS:
+                n, t = entries[i]
+                i += 1
+                w = f"{path}:{n}"
+                if len(t) < 3:
+                    raise ValueError(f"{w}: NETWORKS line must read '<element> <file.nn> <layers> <nodes:activation>...', got {' '.join(t)!r}")
+                element, num_layers = t[0], _tin_number(t[2], int, f"NETWORKS: {t[0]} number of hidden layers", w)
+                if len(t) - 3 != num_layers:
+                    raise ValueError(f"{w}: NETWORKS: {element} declares {num_layers} hidden layers but lists {len(t) - 3}")
+                if element in networks:
+                    raise ValueError(f"{w}: NETWORKS: {element} given twice")
+                hidden, activations = [], []
+                for layer in t[3:]:
+                    nodes, sep, act = layer.partition(":")
+                    if not sep or not act:
+                        raise ValueError(f"{w}: NETWORKS: expected nodes:activation, got {layer!r}")
+                    hidden.append(_tin_number(nodes, int, f"NETWORKS: {element} number of nodes", w))
+                    activations.append(act.lower())
+                networks[element] = {"hidden": hidden, "activations": activations}
+                origins[f"model.networks.{element}"] = w
+                _log.debug("%s: network file %s of %s is not used (see 'aenet-dist export')", w, t[1], element)
+            if not networks:
+                raise ValueError(f"{where}: NETWORKS lists no element")
+            if count is not None and count != len(networks):
+                raise ValueError(f"{where}: NETWORKS announces {count} elements but lists {len(networks)}")
+            raw["model"]["networks"] = networks
+        else:
+            value = " ".join(args).lower()
+            if (kw, value) not in (("iterwrite", "1"), ("mode", "train")):  # these match what we do
+                _log.warning("%s: %s is not supported by aenet_dist and is ignored (%s)", where, kw.upper(), _TIN_IGNORED[kw])
+
+    if "trainingset" not in seen:
+        raise ValueError(f"{path}: TRAININGSET is missing (give the Zarr store written by 'aenet-dist featurize')")
+    if "forces" not in seen:
+        raw["loss"]["force_weight"] = 0.0  # aenet-PyTorch fits energies only without FORCES
+    return _build(raw, origins, str(path))

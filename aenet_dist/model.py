@@ -168,11 +168,16 @@ class ElementNet(nn.Module):
             h = activate(layer(h), act)
         return h.squeeze(-1)
 
-    def forward(self, G: Tensor) -> Tensor:
-        """Atomic energies E_i in eV from raw descriptors G (N, F) -> (N,)."""
+    def forward(self, G: Tensor, cohesive: bool = False) -> Tensor:
+        """Atomic energies E_i in eV from raw descriptors G (N, F) -> (N,).
+
+        With ``cohesive`` the atomic reference energy is left out (E_i − E_atom): training
+        compares cohesive energies, which float32 resolves far better than totals.
+        """
         if G.shape[-1] != self.num_features:
             raise ValueError(f"{self.element}: descriptors have {G.shape[-1]} features, network expects {self.num_features}")
-        return self.network(self.normalize(G)) / self.scale + self.shift + self.e_atom
+        energy = self.network(self.normalize(G)) / self.scale + self.shift
+        return energy if cohesive else energy + self.e_atom
 
     def extra_repr(self) -> str:
         return f"element={self.element!r}, num_features={self.num_features}, activations={self._act}"
@@ -199,18 +204,19 @@ class AtomicModel(nn.Module):
         cfg = (lambda el: config) if isinstance(config, NetworkConfig) else (lambda el: config[el])
         return cls({el: ElementNet(num_features[el], cfg(el), el, dtype=dtype, device=device) for el in species}, species)
 
-    def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, features: Mapping[str, Tensor], cohesive: bool = False) -> dict[str, Tensor]:
         """Atomic energies (eV).
 
         Args:
             features: element -> raw descriptors G, (N_s, F_s). Elements may be absent.
+            cohesive: leave out the atomic reference energies.
         Returns:
             element -> atomic energies E_i, (N_s,), same keys as ``features``.
         """
         unknown = [el for el in features if el not in self.nets]
         if unknown:
             raise ValueError(f"features for species {unknown} but the model only has {list(self.species)}")
-        return {el: self.nets[el](G) for el, G in features.items()}
+        return {el: self.nets[el](G, cohesive=cohesive) for el, G in features.items()}
 
 
 class _SparseForceContraction(torch.autograd.Function):

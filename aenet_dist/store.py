@@ -354,6 +354,11 @@ def featurize_to_store(
         raise ValueError(error)
     comm.Barrier()
 
+    if _is_complete(root):
+        if rank == 0:
+            log.info("%s is already complete (same inputs); nothing to do", root)
+        return root
+
     # 4. Featurize the blocks this rank owns that are not yet complete.
     todo = [b for b in owned if not _block_dir(root, b).exists()]
     keep_files = {info.file for b in todo for info in infos[bounds[b] : bounds[b + 1]]}
@@ -433,6 +438,10 @@ def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray,
     (root / "blocks").mkdir(exist_ok=True)
     for stale in (root / "blocks").glob(".*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _is_complete(root: Path) -> bool:
+    return bool(zarr.open_group(zarr.storage.LocalStore(root), mode="r").attrs.get("complete"))
 
 
 def consolidate(root: Path, names: list[str]) -> None:

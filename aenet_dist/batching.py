@@ -1,0 +1,179 @@
+"""Species-grouped batches: gather any set of structures of a shard into one :class:`Batch`.
+
+A shard is a contiguous range of the store held as tensors (:class:`ShardData`). Within it
+every per-structure quantity is addressed through offsets (CSR style), so building a batch
+from a list of structure indices is a handful of vectorized gathers:
+
+* per element, the descriptor rows of all batch atoms of that element are one contiguous
+  tensor, so each element's network is called once per batch;
+* the sparse derivative rows keep their (center row, moved atom) indices, remapped to
+  batch-local numbering, so forces are one sparse contraction per element.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .store import StructureRange
+
+
+def ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenation of arange(start, start + length) for each pair, without a Python loop.
+
+    Example: starts [5, 0], lengths [2, 3] -> [5, 6, 0, 1, 2].
+    """
+    total = int(lengths.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.int64, device=starts.device)
+    group_start = torch.cumsum(lengths, 0) - lengths  # position of each range in the output
+    shift = torch.repeat_interleave(starts - group_start, lengths, output_size=total)
+    return torch.arange(total, device=starts.device) + shift
+
+
+@dataclass
+class ElementShard:
+    """One element's rows in a shard (indices local to the shard)."""
+
+    G: torch.Tensor  # (A_el, F) raw descriptors
+    row_offset: torch.Tensor  # (S+1,) int64 first G row of each structure
+    deriv_center: torch.Tensor  # (P,) int64 row of G
+    deriv_neighbor: torch.Tensor  # (P,) int64 shard atom index
+    dG: torch.Tensor  # (P, F, 3)
+    deriv_offset: torch.Tensor  # (S+1,) int64 first derivative row of each structure
+
+
+@dataclass
+class ShardData:
+    """A contiguous range of structures as tensors, ready for batch gathering."""
+
+    first_structure: int  # store index of structure 0 of the shard
+    num_atoms: torch.Tensor  # (S,) int64
+    atom_offset: torch.Tensor  # (S+1,) int64
+    energy: torch.Tensor  # (S,) cohesive energy, eV
+    has_derivs: torch.Tensor  # (S,) bool
+    forces: torch.Tensor  # (A, 3) eV/Å
+    elements: dict[str, ElementShard]
+
+    @property
+    def num_structures(self) -> int:
+        return int(self.num_atoms.numel())
+
+    def to(self, device, non_blocking: bool = False) -> "ShardData":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return ShardData(
+            self.first_structure,
+            move(self.num_atoms),
+            move(self.atom_offset),
+            move(self.energy),
+            move(self.has_derivs),
+            move(self.forces),
+            {e: ElementShard(*(move(getattr(el, f)) for f in ElementShard.__dataclass_fields__)) for e, el in self.elements.items()},
+        )
+
+
+def shard_from_range(data: StructureRange, dtype: torch.dtype) -> ShardData:
+    """Tensors of a :class:`~aenet_dist.store.StructureRange`; floats converted to ``dtype``."""
+    num_atoms = torch.from_numpy(data.num_atoms.astype(np.int64))
+    num_structures = len(data.num_atoms)
+    atom_offset = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(num_atoms, 0)])
+    structure_of_atom = np.repeat(np.arange(num_structures), data.num_atoms)
+    elements = {}
+    for element, rows in data.elements.items():
+        row_structure = structure_of_atom[rows.atom]
+        deriv_structure = row_structure[rows.deriv_center]
+        # Rows are in atom order and derivative rows in center order, so both are grouped by structure.
+        assert np.all(np.diff(row_structure) >= 0) and np.all(np.diff(deriv_structure) >= 0)
+        elements[element] = ElementShard(
+            G=torch.from_numpy(rows.G).to(dtype),
+            row_offset=torch.from_numpy(np.r_[0, np.cumsum(np.bincount(row_structure, minlength=num_structures))]),
+            deriv_center=torch.from_numpy(rows.deriv_center.astype(np.int64)),
+            deriv_neighbor=torch.from_numpy(rows.deriv_neighbor.astype(np.int64)),
+            dG=torch.from_numpy(rows.dG).to(dtype),
+            deriv_offset=torch.from_numpy(np.r_[0, np.cumsum(np.bincount(deriv_structure, minlength=num_structures))]),
+        )
+    return ShardData(
+        first_structure=data.start,
+        num_atoms=num_atoms,
+        atom_offset=atom_offset,
+        energy=torch.from_numpy(data.cohesive_energy).to(dtype),
+        has_derivs=torch.from_numpy(data.has_derivs.astype(bool)),
+        forces=torch.from_numpy(data.forces).to(dtype),
+        elements=elements,
+    )
+
+
+@dataclass
+class Batch:
+    """Structures gathered for one step; all indices are batch-local.
+
+    ``deriv`` holds, per element, (center row in ``G[element]``, moved batch atom, dG rows);
+    only structures with derivatives contribute rows.
+    """
+
+    structure_index: torch.Tensor  # (B,) int64 store indices (for error messages)
+    num_atoms: torch.Tensor  # (B,) atoms per structure
+    energy: torch.Tensor  # (B,) reference cohesive energy, eV
+    G: dict[str, torch.Tensor]  # element -> (A_el, F)
+    atom_structure: dict[str, torch.Tensor]  # element -> (A_el,) batch structure of each row
+    deriv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    forces: torch.Tensor | None = None  # (A, 3) reference forces
+    force_atoms: torch.Tensor | None = None  # (A,) bool: atom belongs to a structure with derivatives
+
+    @property
+    def total_atoms(self) -> int:
+        return int(self.forces.shape[0]) if self.forces is not None else int(self.num_atoms.sum())
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(
+            move(self.structure_index),
+            move(self.num_atoms),
+            move(self.energy),
+            {e: move(t) for e, t in self.G.items()},
+            {e: move(t) for e, t in self.atom_structure.items()},
+            {e: tuple(move(t) for t in rows) for e, rows in self.deriv.items()},
+            None if self.forces is None else move(self.forces),
+            None if self.force_atoms is None else move(self.force_atoms),
+        )
+
+
+def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True) -> Batch:
+    """The batch of shard structures ``index`` (any order, no repeats), species-grouped.
+
+    Args:
+        shard: the rank's shard.
+        index: (B,) int64 shard-local structure indices, on the shard's device.
+        with_forces: gather derivative rows and reference forces.
+    """
+    device = shard.num_atoms.device
+    index = index.to(device)
+    num_atoms = shard.num_atoms[index]
+    batch_atom_start = torch.cumsum(num_atoms, 0) - num_atoms
+    atoms = ranges(shard.atom_offset[index], num_atoms)  # shard atom index of each batch atom
+    G, atom_structure, deriv = {}, {}, {}
+    positions = torch.arange(index.numel(), device=device)
+    for element, el in shard.elements.items():
+        counts = el.row_offset[index + 1] - el.row_offset[index]
+        rows = ranges(el.row_offset[index], counts)
+        G[element] = el.G[rows]
+        atom_structure[element] = torch.repeat_interleave(positions, counts, output_size=rows.numel())
+        if not with_forces:
+            continue
+        deriv_counts = el.deriv_offset[index + 1] - el.deriv_offset[index]
+        if int(deriv_counts.sum()) == 0:
+            continue
+        deriv_rows = ranges(el.deriv_offset[index], deriv_counts)
+        owner = torch.repeat_interleave(positions, deriv_counts, output_size=deriv_rows.numel())
+        # Shard-local -> batch-local: shift by where each structure starts in the batch.
+        batch_row_start = torch.cumsum(counts, 0) - counts
+        center = el.deriv_center[deriv_rows] - el.row_offset[index][owner] + batch_row_start[owner]
+        neighbor = el.deriv_neighbor[deriv_rows] - shard.atom_offset[index][owner] + batch_atom_start[owner]
+        deriv[element] = (center, neighbor, el.dG[deriv_rows])
+    batch = Batch(index + shard.first_structure, num_atoms, shard.energy[index], G, atom_structure, deriv)
+    if with_forces:
+        batch.forces = shard.forces[atoms]
+        batch.force_atoms = torch.repeat_interleave(shard.has_derivs[index], num_atoms, output_size=atoms.numel())
+    return batch

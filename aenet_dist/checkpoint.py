@@ -1,0 +1,80 @@
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), keep-last-k, best.
+
+A checkpoint is one dict: model, optimizer and scheduler state, epoch, step, RNG states,
+the resolved configuration, the store's fingerprint, the train/test split and the trainer's
+bookkeeping (best loss, epochs without improvement). Everything in it is a tensor, number,
+string, list or dict, so ``torch.load(..., weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .log import get_logger
+
+log = get_logger(__name__)
+_NAME = re.compile(r"^checkpoint_(\d{6})\.pt$")
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint safely (no arbitrary unpickling)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable aenet_dist checkpoint: {err}") from None
+
+
+class Checkpointer:
+    """Saves ``checkpoint_EEEEEE.pt`` per epoch (keeping the newest ``keep_last``) and ``best.pt``."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 2):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def save(self, state: dict, epoch: int, is_best: bool) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"checkpoint_{epoch:06d}.pt"
+        atomic_save(state, path)
+        if is_best:
+            atomic_save(state, self.dir / "best.pt")
+        for old in self.all()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def all(self) -> list[Path]:
+        if not self.dir.exists():
+            return []
+        return sorted(p for p in self.dir.iterdir() if _NAME.match(p.name))
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    """Torch CPU (and CUDA) generator states."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

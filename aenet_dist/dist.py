@@ -1,0 +1,93 @@
+"""torch.distributed plumbing: process group from torchrun's environment, global sums.
+
+One code path serves a plain process (world size 1, no process group) and torchrun
+(``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set): gloo on CPU, nccl on CUDA. Collectives get
+a timeout so a dead rank makes the others fail with a message instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, world size, local rank, device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def choose_device(requested: str, local_rank: int) -> torch.device:
+    """'auto' -> this rank's GPU if there is one, else CPU; 'cuda' -> cuda:local_rank."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device={requested!r} but no CUDA device is available")
+    return device
+
+
+def init_distributed(device_request: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group if launched by torchrun; otherwise a world of one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = choose_device(device_request, local_rank)
+    if world_size > 1 and not tdist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """In-place global sum (no-op on one rank)."""
+    if info.distributed:
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` (pickled), in rank order."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    if not info.distributed:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        tdist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and tdist.is_initialized():
+        tdist.destroy_process_group()

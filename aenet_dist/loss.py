@@ -1,0 +1,89 @@
+"""Energy + force loss of the aenet-PyTorch paper, built from global sums.
+
+L = (1 − α)·RMSE_E + α·RMSE_F (+ λ·Σ w² over weights, biases excluded), where RMSE_E is
+over structures of (E_pred − E_ref)/N_atoms (eV/atom) and RMSE_F over the Cartesian force
+components of the structures that have derivatives (eV/Å).
+
+With several ranks the RMSEs are those of the **global** batch: each rank contributes its
+sums of squared errors and counts, which are summed over ranks (``reduce``). The rank's
+differentiable *surrogate* is chosen so that the sum over ranks of its gradients equals the
+gradient of the global L: d sqrt(S/N) = dS / (2 N sqrt(S/N)) with S = Σ_ranks S_r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .batching import Batch
+
+
+@dataclass
+class ErrorSums:
+    """Sums of squared errors and their counts for one batch on one rank (differentiable)."""
+
+    sse_energy: torch.Tensor  # Σ ((E_pred − E_ref)/N)^2, (eV/atom)^2
+    count_energy: torch.Tensor  # number of structures
+    sse_forces: torch.Tensor  # Σ over force components, (eV/Å)^2
+    count_forces: torch.Tensor  # number of force components
+
+    def detached(self) -> torch.Tensor:
+        """(4,) tensor of the sums, for all-reducing."""
+        return torch.stack([self.sse_energy.detach(), self.count_energy, self.sse_forces.detach(), self.count_forces])
+
+
+def error_sums(batch: Batch, energy: torch.Tensor, forces: torch.Tensor | None) -> ErrorSums:
+    """Squared errors of predicted structure energies (B,) and forces (A, 3) against the batch."""
+    per_atom = (energy - batch.energy) / batch.num_atoms.to(energy.dtype)
+    zero = torch.zeros((), dtype=energy.dtype, device=energy.device)
+    if forces is None or batch.force_atoms is None or not bool(batch.force_atoms.any()):
+        sse_f, count_f = zero, zero
+    else:
+        diff = (forces - batch.forces)[batch.force_atoms]
+        sse_f, count_f = (diff * diff).sum(), torch.tensor(float(diff.numel()), dtype=energy.dtype, device=energy.device)
+    return ErrorSums((per_atom * per_atom).sum(), torch.tensor(float(per_atom.numel()), dtype=energy.dtype, device=energy.device), sse_f, count_f)
+
+
+@dataclass
+class LossValue:
+    """Global loss and RMSEs of a step (floats only after ``.item()``, at log time)."""
+
+    loss: torch.Tensor
+    rmse_energy: torch.Tensor  # eV/atom
+    rmse_forces: torch.Tensor  # eV/Å
+
+
+def global_loss(
+    sums: ErrorSums,
+    force_weight: float,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+    l2_penalty: torch.Tensor | None = None,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, LossValue]:
+    """(surrogate to backpropagate on this rank, global loss value).
+
+    Args:
+        sums: this rank's error sums for the step.
+        force_weight: α in [0, 1].
+        reduce: in-place sum over ranks of a (4,) tensor (identity on one rank).
+        l2_penalty: λ·Σ w², identical on every rank (each rank adds 1/world_size of its gradient).
+    """
+    totals = reduce(sums.detached().clone())
+    sse_e, n_e, sse_f, n_f = totals
+    tiny = torch.finfo(totals.dtype).tiny
+    rmse_e = torch.sqrt(sse_e / n_e.clamp(min=1))
+    rmse_f = torch.sqrt(sse_f / n_f.clamp(min=1))
+    alpha = float(force_weight)
+    # No Python branches on tensor values: they would be a device sync every step.
+    surrogate = torch.zeros((), dtype=totals.dtype, device=totals.device)
+    if alpha < 1.0:
+        surrogate = surrogate + (1 - alpha) * sums.sse_energy / (2 * n_e.clamp(min=1) * rmse_e.clamp(min=tiny))
+    if alpha > 0.0:
+        surrogate = surrogate + alpha * sums.sse_forces / (2 * n_f.clamp(min=1) * rmse_f.clamp(min=tiny))
+    loss = (1 - alpha) * rmse_e + alpha * rmse_f
+    if l2_penalty is not None:
+        surrogate = surrogate + l2_penalty / world_size
+        loss = loss + l2_penalty.detach()
+    return surrogate, LossValue(loss, rmse_e, rmse_f)

@@ -1,0 +1,472 @@
+"""Training: ``python -m aenet_dist.train train.toml`` or ``torchrun ... -m aenet_dist.train train.toml``.
+
+One code path for one process and for torchrun. Each rank reads its contiguous shard of
+the store (:mod:`aenet_dist.loader`), builds species-grouped batches, computes energies and
+forces (forces = −dE/dG · dG/dR over the stored sparse rows), and the loss of the global
+batch (:mod:`aenet_dist.loss`). Gradients are summed over ranks with one all-reduce of a
+flat buffer per step — what DDP does, done by hand because the force loss needs a double
+backward through ``autograd.grad(create_graph=True)`` that DDP's hooks do not support, and
+because an element absent from a rank's batch would leave DDP waiting for its gradients.
+
+Rank 0 prints one line per epoch, appends metrics to ``run_dir/metrics.jsonl``, writes
+checkpoints (latest k and best) and a summary table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from . import checkpoint as ckpt
+from .batching import Batch, gather_batch
+from .config import TrainConfig, load_train_config, read_train_in, save_resolved_config
+from .dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .loader import epoch_plan, eval_chunks, load_rank_data, steps_per_epoch
+from .log import get_logger, setup_logging
+from .loss import error_sums, global_loss
+from .model import AtomicModel, ElementNet, forces_from_dEdG
+from .store import StoreReader
+
+log = get_logger(__name__)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss and the like); the message says where."""
+
+
+def build_model(reader: StoreReader, config: TrainConfig, dtype: torch.dtype) -> AtomicModel:
+    """Fresh per-element networks with aenet's normalization taken from the store's statistics.
+
+    Inputs: x = (G − mean)/std per feature. Energies: E_i = NN/scale + shift + E_atom with
+    shift = (E_max + E_min)/2 and scale = 2/(E_max − E_min) over the cohesive energies per
+    atom, as aenet's training-set normalization does, so NN targets lie in [−1, 1].
+    """
+    energy = reader.attrs["energy_per_atom"]
+    spread = energy["max"] - energy["min"]
+    scale = 2.0 / spread if spread > 1e-12 else 1.0
+    shift = 0.5 * (energy["max"] + energy["min"])
+    nets = {}
+    for element in reader.species:
+        stats = reader.attrs["stats"][element]
+        net = ElementNet(reader.attrs["num_features"][element], config.model.network_for(element), element, dtype=dtype)
+        net.set_feature_stats(stats["min"], stats["max"], stats["mean"], stats["mean_sq"], stats["count"])
+        net.set_energy_scaling(scale, shift, reader.attrs["atomic_energies"][element])
+        nets[element] = net
+    return AtomicModel(nets, reader.species)
+
+
+def predict(model: AtomicModel, batch: Batch, with_forces: bool, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cohesive structure energies (B,) and, if asked, forces (A, 3) of a batch.
+
+    One network call per element; forces from autograd's dE/dG and the sparse contraction.
+    """
+    with_forces = with_forces and bool(batch.deriv)
+    G = {el: g.requires_grad_(with_forces) for el, g in batch.G.items()}
+    atomic = model(G, cohesive=True)
+    energy = torch.zeros(batch.num_atoms.numel(), dtype=next(iter(atomic.values())).dtype, device=batch.num_atoms.device)
+    for el, e in atomic.items():
+        energy = energy.index_add(0, batch.atom_structure[el], e)
+    if not with_forces:
+        return energy, None
+    elements = list(batch.deriv)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(energy.sum(), [G[el] for el in elements], create_graph=create_graph, allow_unused=True)
+    dE_dG = {el: (g if g is not None else torch.zeros_like(G[el])) for el, g in zip(elements, grads)}
+    return energy, forces_from_dEdG(dE_dG, batch.deriv, batch.total_atoms)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.method == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    if o.method == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def make_scheduler(optimizer, config: TrainConfig):
+    s = config.schedule
+    if s.kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.run.epochs, eta_min=s.min_lr)
+    if s.kind == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
+    if s.kind == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=s.factor, patience=s.patience, min_lr=s.min_lr)
+    return None
+
+
+def _format_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Trainer:
+    """Owns the data, model, optimizer and checkpoints of one run on one rank."""
+
+    def __init__(self, config: TrainConfig, info: DistInfo, resume: bool = False, finetune: str | None = None):
+        self.config = config
+        self.info = info
+        self.dtype = DTYPES[config.run.dtype]
+        self.reader = StoreReader(config.data.store)
+        unknown = sorted(set(config.model.networks) - set(self.reader.species))
+        if unknown:
+            raise ValueError(f"model.networks names {unknown}, which the store {config.data.store} does not have (it has {self.reader.species})")
+        if config.data.cache in ("pinned", "stream"):
+            raise ValueError(f"data.cache={config.data.cache!r} arrives with the scale-out work; use 'memory', 'gpu' or 'auto'")
+        self.run_dir = Path(config.run.run_dir)
+        self.checkpointer = ckpt.Checkpointer(self.run_dir, config.run.keep_last)
+
+        t0 = time.perf_counter()
+        self.data = load_rank_data(
+            self.reader, info.rank, info.world_size, config.data.num_shards, config.data.test_percent, config.data.split_seed, self.dtype
+        )
+        # 'memory' keeps the shard in host RAM and moves each batch; 'gpu'/'auto' keep it on the device.
+        self.batch_device = info.device
+        self.shard = self.data.shard if config.data.cache == "memory" else self.data.shard.to(info.device)
+        self.load_seconds = time.perf_counter() - t0
+
+        torch.manual_seed(config.run.seed)  # same initial weights on every rank
+        self.model = build_model(self.reader, config, self.dtype).to(info.device)
+        self.optimizer = make_optimizer(self.model, config)
+        self.scheduler = make_scheduler(self.optimizer, config)
+        self.steps = steps_per_epoch(self.data.num_train_global, config.run.batch_size)
+        self.epoch = 0
+        self.step = 0
+        self.best_loss = math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        if resume:
+            self._resume()
+        elif finetune:
+            self._load_weights(finetune)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "rng": ckpt.rng_state(),
+            "config": self.config.to_dict(),
+            "store_fingerprint": self.reader.fingerprint,
+            "world_size": self.info.world_size,
+        }
+
+    def _check_compatible(self, state: dict, path: Path) -> None:
+        if state.get("store_fingerprint") != self.reader.fingerprint:
+            raise ValueError(
+                f"{path}: checkpoint was trained on a different store (fingerprint {str(state.get('store_fingerprint'))[:12]} "
+                f"!= {self.reader.fingerprint[:12]} of {self.config.data.store}); use --finetune to start from its weights"
+            )
+        old, new = state.get("config", {}), self.config.to_dict()
+        # A resumed run may be given more epochs; everything else must match.
+        differ = [
+            f"{section}.{key}"
+            for section in new
+            for key in new[section]
+            if (section, key) != ("run", "epochs") and old.get(section, {}).get(key) != new[section][key]
+        ]
+        if differ:
+            raise ValueError(f"{path}: configuration differs from the checkpoint's in {differ}; use --finetune to start from its weights")
+
+    def _resume(self) -> None:
+        path = self.checkpointer.latest()
+        if path is None:
+            log.info("--resume: no checkpoint in %s, starting from scratch", self.checkpointer.dir)
+            return
+        state = ckpt.load(path)
+        self._check_compatible(state, path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.best_loss, self.best_epoch, self.bad_epochs = float(state["best_loss"]), int(state["best_epoch"]), int(state["bad_epochs"])
+        ckpt.set_rng_state(state["rng"])
+        log.info("resumed from %s (epoch %d)", path, self.epoch)
+
+    def _load_weights(self, path: str) -> None:
+        state = ckpt.load(Path(path))
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit this model (missing {missing}, unexpected {unexpected})")
+        log.info("fine-tuning from the weights of %s", path)
+
+    # ------------------------------------------------------------------ steps
+
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(tensor, self.info)
+
+    def _batch(self, local_index: np.ndarray, with_forces: bool) -> Batch:
+        index = torch.from_numpy(local_index).to(self.shard.num_atoms.device)
+        batch = gather_batch(self.shard, index, with_forces=with_forces)
+        return batch.to(self.batch_device, non_blocking=True) if batch.num_atoms.device != self.batch_device else batch
+
+    def _l2(self) -> torch.Tensor | None:
+        if self.config.loss.l2 <= 0:
+            return None
+        weights = [p for name, p in self.model.named_parameters() if name.endswith("weight")]
+        return self.config.loss.l2 * sum((w * w).sum() for w in weights)
+
+    def _all_reduce_gradients(self) -> None:
+        """Sum gradients over ranks: one collective on a flat buffer."""
+        if not self.info.distributed:
+            return
+        params = list(self.model.parameters())
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def train_step(self, local_index: np.ndarray) -> tuple[torch.Tensor, float]:
+        """One optimizer step on this rank's part of the global batch. Returns (global sums (4,), data seconds)."""
+        alpha = self.config.loss.force_weight
+        t0 = time.perf_counter()
+        batch = self._batch(local_index, with_forces=alpha > 0)
+        data_seconds = time.perf_counter() - t0
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        energy, forces = predict(self.model, batch, with_forces=alpha > 0, create_graph=True)
+        sums = error_sums(batch, energy, forces)
+        surrogate, value = global_loss(sums, alpha, self._reduce, self._l2(), self.info.world_size)
+        if not bool(torch.isfinite(value.loss)):  # one scalar sync per step: never step on NaN
+            names = self.reader.names()
+            involved = [names[i] for i in batch.structure_index.tolist()[:10]]
+            raise TrainingError(
+                f"loss is {float(value.loss)} at epoch {self.epoch + 1}, step {self.step + 1}; "
+                f"structures on rank {self.info.rank} include {involved}. No checkpoint was written for this epoch."
+            )
+        surrogate.backward()
+        self._all_reduce_gradients()
+        if self.config.optim.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        totals = self._reduce(sums.detached().clone())
+        return totals, data_seconds
+
+    @torch.no_grad()
+    def evaluate(self, local_indices: np.ndarray) -> torch.Tensor:
+        """Global (sse_E, n_E, sse_F, n_F) over the given structures of every rank."""
+        self.model.eval()
+        totals = torch.zeros(4, dtype=self.dtype, device=self.info.device)
+        with_forces = self.config.loss.force_weight > 0 or True
+        for chunk in eval_chunks(local_indices, self.config.run.batch_size):
+            batch = self._batch(chunk, with_forces=with_forces)
+            with torch.enable_grad():
+                energy, forces = predict(self.model, batch, with_forces=with_forces, create_graph=False)
+            totals += error_sums(batch, energy.detach(), None if forces is None else forces.detach()).detached()
+        return self._reduce(totals)
+
+    # ------------------------------------------------------------------ loop
+
+    def _metrics(self, totals: torch.Tensor) -> tuple[float, float]:
+        sse_e, n_e, sse_f, n_f = totals.tolist()
+        return math.sqrt(sse_e / max(n_e, 1)), (math.sqrt(sse_f / n_f) if n_f else float("nan"))
+
+    def _loss_of(self, rmse_e: float, rmse_f: float) -> float:
+        alpha = self.config.loss.force_weight
+        return (1 - alpha) * rmse_e + (alpha * rmse_f if not math.isnan(rmse_f) else 0.0)
+
+    def fit(self) -> dict:
+        config, info = self.config, self.info
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved_config(config, self.run_dir)
+            _truncate_metrics(metrics_path, self.epoch)
+            log.info(
+                "training %d structures (%d test) on %d rank(s), %s, %s; %d steps/epoch; data loaded in %.1f s",
+                self.data.num_train_global,
+                self.data.num_test_global,
+                info.world_size,
+                info.device,
+                config.run.dtype,
+                self.steps,
+                self.load_seconds,
+            )
+        start_epoch = self.epoch
+        run_start = time.perf_counter()
+        last = {}
+        while self.epoch < config.run.epochs:
+            epoch_start = time.perf_counter()
+            plan = epoch_plan(self.data, config.run.seed, self.epoch, self.steps)
+            totals = torch.zeros(4, dtype=self.dtype, device=info.device)
+            data_seconds = 0.0
+            for local_index in plan:
+                step_totals, seconds = self.train_step(local_index)
+                totals += step_totals
+                data_seconds += seconds
+            train_seconds = time.perf_counter() - epoch_start
+            test_totals = self.evaluate(self.data.test_local) if self.data.num_test_global else None
+            self.epoch += 1
+            train_e, train_f = self._metrics(totals)
+            test_e, test_f = self._metrics(test_totals) if test_totals is not None else (float("nan"), float("nan"))
+            monitored = self._loss_of(test_e, test_f) if test_totals is not None else self._loss_of(train_e, train_f)
+            improved = monitored < self.best_loss
+            if improved:
+                self.best_loss, self.best_epoch, self.bad_epochs = monitored, self.epoch, 0
+            else:
+                self.bad_epochs += 1
+            if self.scheduler is not None:
+                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.scheduler.step(monitored)
+                else:
+                    self.scheduler.step()
+            elapsed = time.perf_counter() - epoch_start
+            last = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "train_rmse_energy_meV_atom": 1000 * train_e,
+                "train_rmse_forces_eV_A": train_f,
+                "test_rmse_energy_meV_atom": 1000 * test_e,
+                "test_rmse_forces_eV_A": test_f,
+                "loss": monitored,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "epoch_seconds": elapsed,
+                "train_seconds": train_seconds,
+                "data_seconds": data_seconds,
+                "structures_per_second": self.data.num_train_global / max(train_seconds, 1e-9),
+                "wall_seconds": time.perf_counter() - run_start,
+            }
+            stop_early = config.run.early_stop_patience is not None and self.bad_epochs >= config.run.early_stop_patience
+            if info.is_main:
+                _append_jsonl(metrics_path, last)
+                done = self.epoch - start_epoch
+                eta = (time.perf_counter() - run_start) / done * (config.run.epochs - self.epoch)
+                log.info(
+                    "epoch %d/%d | train E %.2f meV/atom F %.4f eV/Å | test E %.2f meV/atom F %.4f eV/Å | lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
+                    self.epoch,
+                    config.run.epochs,
+                    1000 * train_e,
+                    train_f,
+                    1000 * test_e,
+                    test_f,
+                    last["lr"],
+                    last["structures_per_second"],
+                    data_seconds,
+                    train_seconds,
+                    _format_time(eta),
+                )
+                if self.epoch % config.run.checkpoint_every == 0 or self.epoch == config.run.epochs or stop_early:
+                    self.checkpointer.save(self.state_dict(), self.epoch, improved)
+            barrier(info)
+            if stop_early:
+                if info.is_main:
+                    log.info("early stop: test loss has not improved for %d epochs", self.bad_epochs)
+                break
+        return last
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, epoch: int) -> None:
+    """Drop metric lines after ``epoch`` (a resumed run rewrites them), atomically."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def summary_table(last: dict, trainer: Trainer, wall: float) -> str:
+    rows = [
+        ("epochs", f"{last.get('epoch', trainer.epoch)}"),
+        ("best epoch (test loss)", f"{trainer.best_epoch}"),
+        ("train RMSE energy", f"{last.get('train_rmse_energy_meV_atom', float('nan')):.2f} meV/atom"),
+        ("train RMSE forces", f"{last.get('train_rmse_forces_eV_A', float('nan')):.4f} eV/Å"),
+        ("test RMSE energy", f"{last.get('test_rmse_energy_meV_atom', float('nan')):.2f} meV/atom"),
+        ("test RMSE forces", f"{last.get('test_rmse_forces_eV_A', float('nan')):.4f} eV/Å"),
+        ("ranks", f"{trainer.info.world_size} ({trainer.info.device}, {trainer.config.run.dtype})"),
+        ("wall time", f"{wall:.1f} s"),
+        ("run directory", str(trainer.run_dir)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aenet-dist train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="train.toml (or aenet-PyTorch's train.in)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-3 run.epochs=50")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE", help="same as a positional override")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
+    parser.add_argument("--finetune", metavar="CHECKPOINT", help="start from the weights of a checkpoint (new optimizer, epoch 0)")
+    return parser
+
+
+def load_config(path: str, overrides: list[str]) -> TrainConfig:
+    if path.endswith(".in"):
+        config = read_train_in(path)
+        if overrides:
+            config = TrainConfig.from_dict(_apply(config.to_dict(), overrides), source=path)
+        return config
+    return load_train_config(path, overrides)
+
+
+def _apply(d: dict, overrides: list[str]) -> dict:
+    import tomllib
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        d.setdefault(section, {})[name] = parsed
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    try:
+        config = load_config(args.config, list(args.overrides) + list(args.set_overrides))
+        info = init_distributed(config.run.device)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if info.device.type == "cpu" and info.distributed:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+    start = time.perf_counter()
+    try:
+        trainer = Trainer(config, info, resume=args.resume, finetune=args.finetune)
+        last = trainer.fit()
+        if info.is_main:
+            print(summary_table(last, trainer, time.perf_counter() - start))
+        return 0
+    except (ValueError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup(info)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

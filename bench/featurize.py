@@ -1,0 +1,401 @@
+"""Benchmark of ``aenet_dist.featurize`` on the TiO2 reference data set, against aenet's generate.x.
+
+    .venv/bin/python bench/featurize.py [--ranks 1 2] [--keep DIR]
+
+Runs the featurize command line as a subprocess (``mpiexec -n N python -m
+aenet_dist.featurize shared/data/tio2/generate.in ...``, float64 derivatives) with the
+250 force structures that generate.x chose (``shared/refdata/full1000_force_structures_gfortran.txt``),
+so both programs write the same derivatives. Measures, per rank count: end-to-end wall time
+(Python and torch start-up included), the in-process time the command prints, structures/s,
+atoms/s, store size on disk and peak resident memory. Also: the fixed cost of ``import torch``,
+vesin vs ASE neighbour lists on all 1000 structures, derivative bytes per force structure vs
+its atom count, and a check of the stored descriptors against aenet's (refdata, 20 structures).
+
+Prints a markdown table, appends it to bench/RESULTS.md and one JSON line per
+measurement to bench/results.jsonl. Not collected by pytest (testpaths = tests/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+VENV = Path(os.environ.get("AENET_DIST_VENV", ROOT / ".venv"))
+PY = VENV / "bin" / "python"
+MPIEXEC = VENV / "bin" / "mpiexec"
+GENERATE_IN = SHARED / "data" / "tio2" / "generate.in"
+FORCE_LIST = SHARED / "refdata" / "full1000_force_structures_gfortran.txt"
+REF_DESCRIPTORS = SHARED / "refdata" / "tio2_20_descriptors.npz"
+RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+RESULTS_JSONL = ROOT / "bench" / "results.jsonl"
+HEADING = "## featurize (TiO2, 1000 structures, 25 % forces)"
+
+# aenet generate.x, serial, same data and machine kind (shared/refdata/README.md, "Performance anchor").
+AENET = {"wall_s": 10.0, "peak_rss_mb": 58.0, "forces_mb": 665.266180, "train_mb": 11.663332}
+NUM_FEATURES = 56
+CUTOFF = 6.5
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def machine() -> dict:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    import zarr
+
+    return {
+        "host_cpus": os.cpu_count(),
+        "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+        "device": "cpu",
+    }
+
+
+def dir_bytes(path: Path) -> tuple[int, int]:
+    """Total size of the files below ``path`` (apparent size) and their number."""
+    files = [f for f in path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files), len(files)
+
+
+class TreeMemory:
+    """Polls the RSS of a process and all its descendants (psutil) until stopped.
+
+    Keeps the peak of the *sum* over the tree's Python processes (shared library pages
+    are counted once per process, so the sum overstates what the ranks take together)
+    and the peak of the largest single process.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.02):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak_sum = 0
+        self.peak_max = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.root] + self.root.children(recursive=True)
+            except psutil.Error:
+                break
+            rss = []
+            for p in procs:
+                try:
+                    if "python" in p.name():
+                        rss.append(p.memory_info().rss)
+                except psutil.Error:
+                    pass
+            if rss:
+                self.peak_sum = max(self.peak_sum, sum(rss))
+                self.peak_max = max(self.peak_max, max(rss))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def time_command(cmd: list[str], repeats: int = 3) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def write_force_list(tmp: Path) -> tuple[Path, int]:
+    """The refdata force list (``xsf/structureNNNN.xsf`` per line) as basenames, one per line."""
+    names = [line.strip() for line in FORCE_LIST.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    path = tmp / "force_structures.txt"
+    path.write_text("".join(Path(n).name + "\n" for n in names))
+    return path, len(names)
+
+
+def run_featurize(ranks: int, out: Path, force_list: Path) -> dict:
+    """One featurize run under mpiexec; returns its timings, memory and store size."""
+    cmd = [str(MPIEXEC), "-n", str(ranks), str(PY), "-m", "aenet_dist.featurize", str(GENERATE_IN),
+           "--out", str(out), "--force-list", str(force_list), "--deriv-dtype", "float64", "--no-progress"]
+    timed = ["/usr/bin/time", "-v"] + cmd if Path("/usr/bin/time").exists() else cmd
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(timed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with TreeMemory(proc.pid) as mem:
+        stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"featurize with {ranks} rank(s) failed (exit {proc.returncode}):\n{stdout}\n{stderr}")
+    m = re.search(r"wall time\s+([0-9.]+) s", stdout)
+    if not m:
+        sys.exit(f"no 'wall time' line in the featurize output:\n{stdout}")
+    # GNU time reports the largest single process of the tree (getrusage RUSAGE_CHILDREN semantics).
+    t = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    size, files = dir_bytes(out)
+    return {
+        "ranks": ranks,
+        "wall_s": wall,
+        "inprocess_s": float(m.group(1)),
+        "store_bytes": size,
+        "store_files": files,
+        "peak_rss_max_rank_mb": (int(t.group(1)) / 1024 if t else mem.peak_max / 2**20),
+        "peak_rss_sum_mb": mem.peak_sum / 2**20,
+        "summary": stdout.strip(),
+    }
+
+
+def neighbor_comparison() -> dict:
+    """vesin (aenet_dist.neighbors) vs ASE's primitive_neighbor_list, all 1000 structures, cutoff 6.5 Å."""
+    import torch
+    from ase.neighborlist import primitive_neighbor_list
+
+    from aenet_dist.aenet_inputs import read_generate_input
+    from aenet_dist.neighbors import neighbor_list
+    from aenet_dist.structures import read_structures
+
+    torch.set_num_threads(1)
+    config = read_generate_input(GENERATE_IN)
+    structures = [s for f in config.files for s in read_structures(f)]
+    pos = [s.pos for s in structures]
+    cells = [s.cell for s in structures]
+    pbcs = [s.pbc for s in structures]
+    vesin_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        nb = neighbor_list(pos, cells, pbcs, CUTOFF)
+        vesin_times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    ase_pairs = 0
+    for s in structures:
+        cell = s.cell if s.pbc else np.eye(3) * (np.ptp(s.pos, axis=0).max() + 2 * CUTOFF + 1.0)
+        i, _ = primitive_neighbor_list("ij", [s.pbc] * 3, cell, s.pos, CUTOFF, self_interaction=False)
+        ase_pairs += len(i)
+    ase_time = time.perf_counter() - t0
+    return {
+        "structures": len(structures),
+        "atoms": int(sum(s.num_atoms for s in structures)),
+        "vesin_s": min(vesin_times),
+        "ase_s": ase_time,
+        "vesin_pairs": int(nb.center.numel()),
+        "ase_pairs": int(ase_pairs),
+    }
+
+
+def derivative_storage(store: Path) -> dict:
+    """Bytes of float64 derivative rows per force structure vs its atom count; fit bytes ~ atoms^k."""
+    from aenet_dist.store import StoreReader
+
+    r = StoreReader(store)
+    sel = r.has_derivs.astype(bool)
+    atoms = r.num_atoms[sel].astype(np.float64)
+    rows = r.num_deriv_rows[sel].astype(np.float64)
+    nbytes = rows * (NUM_FEATURES * 3 * 8 + 8)
+    k, logc = np.polyfit(np.log(atoms), np.log(nbytes), 1)
+    by_size = {}
+    for n in (6, 23, 24, 46, 47, 95):
+        hit = atoms == n
+        if hit.any():
+            by_size[int(n)] = float(nbytes[hit].mean())
+    return {
+        "force_structures": int(sel.sum()),
+        "force_atoms": int(atoms.sum()),
+        "deriv_rows": int(rows.sum()),
+        "rows_per_atom": float(rows.sum() / atoms.sum()),
+        "deriv_bytes_total": float(nbytes.sum()),
+        "bytes_min": float(nbytes.min()),
+        "bytes_max": float(nbytes.max()),
+        "atoms_min": int(atoms.min()),
+        "atoms_max": int(atoms.max()),
+        "fit_k": float(k),
+        "fit_c": float(np.exp(logc)),
+        "mean_bytes_by_atoms": by_size,
+    }
+
+
+def check_descriptors(store: Path) -> dict:
+    """Stored G of the 20 refdata structures vs aenet's generate.x (max abs difference)."""
+    from aenet_dist.store import StoreReader
+
+    ref = np.load(REF_DESCRIPTORS)
+    r = StoreReader(store)
+    index = {Path(n).name: s for s, n in enumerate(r.names())}
+    worst = 0.0
+    for k, name in enumerate(ref["file_names"]):
+        s = index[str(name)]
+        part = r.read_range(s, s + 1)
+        num = int(part.num_atoms.sum())
+        G = np.full((num, NUM_FEATURES), np.nan)
+        for rows in part.elements.values():
+            G[rows.atom] = rows.G
+        a0, n = int(ref["atom_offset"][k]), int(ref["natoms"][k])
+        if num != n:
+            raise SystemExit(f"{name}: {num} atoms in the store, {n} in refdata")
+        worst = max(worst, float(np.abs(G - ref["G"][a0 : a0 + n]).max()))
+    return {"structures": len(ref["file_names"]), "max_abs_diff": worst, "ok": bool(worst <= 1e-10)}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(info: dict, runs: list[dict], torch_import: dict, nbl: dict, deriv: dict, check: dict, num_atoms: int) -> str:
+    num_structures = nbl["structures"]
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines = [
+        HEADING,
+        "",
+        f"{stamp}; {info['nproc']} CPU(s) ({info['cpu_model']}), no GPU; torch {info['torch']}, numpy {info['numpy']}, "
+        f"zarr {info['zarr']}, Python {info['python']}. `bench/featurize.py`: `mpiexec -n N python -m aenet_dist.featurize "
+        f"shared/data/tio2/generate.in --deriv-dtype float64 --force-list` (the 250 structures generate.x chose), "
+        f"{num_structures} structures, {num_atoms} atoms.",
+        "",
+        "| program | ranks | wall, end to end (s) | in-process (s) | structures/s | atoms/s | output on disk (MB) | peak RSS, largest process (MB) | peak RSS, sum of ranks (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        t = r["inprocess_s"]
+        lines.append(
+            f"| aenet_dist | {r['ranks']} | {r['wall_s']:.1f} | {t:.1f} | {num_structures / t:.0f} | {num_atoms / t:.0f} | "
+            f"{r['store_bytes'] / 1e6:.0f} | {r['peak_rss_max_rank_mb']:.0f} | {r['peak_rss_sum_mb']:.0f} |"
+        )
+    lines.append(
+        f"| aenet generate.x | 1 | {AENET['wall_s']:.1f} | – | {num_structures / AENET['wall_s']:.0f} | "
+        f"{num_atoms / AENET['wall_s']:.0f} | {AENET['forces_mb'] + AENET['train_mb']:.0f} (.forces {AENET['forces_mb']:.0f} + .train {AENET['train_mb']:.0f}) | "
+        f"{AENET['peak_rss_mb']:.0f} | – |"
+    )
+    lines += [
+        "",
+        "structures/s and atoms/s use the in-process time (aenet: its wall time). End-to-end includes interpreter, "
+        f"torch and MPI start-up; `python -c 'import torch'` alone takes {torch_import['import_torch_s']:.2f} s "
+        f"(`python -c pass`: {torch_import['python_s']:.2f} s; medians of 3). Largest process: GNU time's maximum RSS "
+        "(the largest single process of the tree); sum of ranks: psutil, polled every 20 ms, RSS of all Python "
+        "processes added up (shared library pages counted once per rank).",
+        "",
+        f"- **Neighbour lists** (cutoff {CUTOFF} Å, all {num_structures} structures, in-process, one thread): vesin via "
+        f"`aenet_dist.neighbors.neighbor_list` {nbl['vesin_s']:.2f} s (best of 3), ASE `primitive_neighbor_list` "
+        f"{nbl['ase_s']:.1f} s ({nbl['ase_s'] / nbl['vesin_s']:.0f}x); pairs {nbl['vesin_pairs']} vs {nbl['ase_pairs']}.",
+        f"- **Derivative storage** (float64, {deriv['force_structures']} force structures, {deriv['force_atoms']} atoms): "
+        f"{deriv['deriv_rows']} rows (i, a) = {deriv['rows_per_atom']:.1f} per atom (periodic images summed; aenet keeps "
+        f"94.1 image entries per atom), {deriv['deriv_bytes_total'] / 1e6:.0f} MB uncompressed at "
+        f"{NUM_FEATURES}·3·8+8 B per row, against aenet's 665 MB `.forces`. Per structure "
+        f"{deriv['bytes_min'] / 1e3:.0f} kB ({deriv['atoms_min']} atoms) to {deriv['bytes_max'] / 1e6:.2f} MB "
+        f"({deriv['atoms_max']} atoms); fit bytes ≈ {deriv['fit_c']:.0f}·atoms^{deriv['fit_k']:.2f} "
+        "(k = 2 while every atom sees every other atom's images, → 1 once the cell outgrows the cutoff).",
+        f"- **Descriptors vs aenet** ({check['structures']} refdata structures): max |G − G_aenet| = "
+        f"{check['max_abs_diff']:.1e} ({'within' if check['ok'] else 'OUTSIDE'} 1e-10).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def append_results(text: str, records: list[dict]) -> None:
+    RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
+    if not RESULTS_MD.exists():
+        RESULTS_MD.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
+    with open(RESULTS_MD, "a") as fh:
+        fh.write(text + "\n")
+    with open(RESULTS_JSONL, "a") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="MPI rank counts (default 1 2)")
+    parser.add_argument("--keep", type=Path, help="keep the stores in this directory (default: a temporary one, removed)")
+    parser.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md / results.jsonl")
+    args = parser.parse_args()
+    if not GENERATE_IN.exists() or not FORCE_LIST.exists():
+        sys.exit(f"shared data not found at {SHARED} (expected {GENERATE_IN} and {FORCE_LIST}); "
+                 "it must sit beside the repository as ../shared")
+    if not MPIEXEC.exists():
+        sys.exit(f"{MPIEXEC} not found: run `bash scripts/setup_env.sh` first")
+
+    info = machine()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_featurize_"))
+    work = args.keep or tmp
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        force_list, num_forces = write_force_list(tmp)
+        print(f"force list: {num_forces} structures from {FORCE_LIST.name}", file=sys.stderr)
+        python_s = statistics.median(time_command([str(PY), "-c", "pass"]))
+        torch_s = statistics.median(time_command([str(PY), "-c", "import torch"]))
+        torch_import = {"python_s": python_s, "import_torch_s": torch_s}
+        print(f"python start-up {python_s:.2f} s, import torch {torch_s:.2f} s", file=sys.stderr)
+        runs = []
+        for ranks in args.ranks:
+            out = work / f"tio2_{ranks}ranks.zarr"
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"featurize, {ranks} rank(s) ...", file=sys.stderr)
+            runs.append(run_featurize(ranks, out, force_list))
+            print(runs[-1]["summary"], file=sys.stderr)
+        store = work / f"tio2_{args.ranks[0]}ranks.zarr"
+        from aenet_dist.store import StoreReader
+
+        num_atoms = int(StoreReader(store).num_atoms.sum())
+        print("neighbour lists: vesin vs ASE ...", file=sys.stderr)
+        nbl = neighbor_comparison()
+        deriv = derivative_storage(store)
+        check = check_descriptors(store)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    text = report(info, runs, torch_import, nbl, deriv, check, num_atoms)
+    print(text)
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    base = {"bench": "featurize", "dataset": "tio2", "time": stamp, **info, "force_structures": num_forces, "deriv_dtype": "float64"}
+    records = [{**base, "what": "featurize", **{k: v for k, v in r.items() if k != "summary"},
+                "structures_per_s": nbl["structures"] / r["inprocess_s"], "atoms_per_s": num_atoms / r["inprocess_s"]} for r in runs]
+    records += [
+        {**base, "what": "aenet_generate_x", "ranks": 1, "wall_s": AENET["wall_s"], "peak_rss_max_rank_mb": AENET["peak_rss_mb"],
+         "store_bytes": int((AENET["forces_mb"] + AENET["train_mb"]) * 1e6), "source": "shared/refdata/README.md"},
+        {**base, "what": "startup", **torch_import},
+        {**base, "what": "neighbor_list", "cutoff": CUTOFF, **nbl},
+        {**base, "what": "deriv_storage", **deriv},
+        {**base, "what": "descriptor_check", **check},
+    ]
+    if not args.no_save:
+        append_results(text, records)
+        print(f"appended to {RESULTS_MD.relative_to(ROOT)} and {RESULTS_JSONL.relative_to(ROOT)}", file=sys.stderr)
+    return 0 if check["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
