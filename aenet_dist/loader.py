@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .batching import ShardData, shard_from_range
-from .store import StoreReader
+from .store import StoreReader, StructureRange
 
 
 def split_test(num_structures: int, test_percent: float, seed: int) -> np.ndarray:
@@ -90,7 +90,9 @@ def load_rank_data(
     shard_ids = list(range(rank * per_rank, (rank + 1) * per_rank))
     start, stop = int(bounds[shard_ids[0]]), int(bounds[shard_ids[-1] + 1])
     test = split_test(reader.num_structures, test_percent, split_seed)
-    shard = shard_from_range(reader.read_range(start, stop), dtype)
+    data = reader.read_range(start, stop)
+    check_finite(data, reader)
+    shard = shard_from_range(data, dtype)
     local = np.arange(start, stop)
     train_local, ranges = [], []
     for s in shard_ids:
@@ -98,6 +100,18 @@ def load_rank_data(
         ranges.append((a, b))
         train_local.append(np.flatnonzero(~test[local[a:b]]) + a)
     return RankData(shard, shard_ids, ranges, train_local, np.flatnonzero(test[local]), int((~test).sum()), int(test.sum()))
+
+
+def check_finite(data: StructureRange, reader: StoreReader) -> None:
+    """Reference energies and forces must be finite; name the first offending structures."""
+    bad = ~np.isfinite(data.energy)
+    atom_bad = ~np.isfinite(data.forces).all(axis=1)
+    if atom_bad.any():
+        bad |= np.add.reduceat(atom_bad.astype(np.int64), np.r_[0, np.cumsum(data.num_atoms)[:-1]]) > 0
+    if bad.any():
+        names = reader.names()
+        which = [names[data.start + k] for k in np.flatnonzero(bad)[:5]]
+        raise ValueError(f"{reader.path}: reference energy or forces not finite in {int(bad.sum())} structure(s): {which}")
 
 
 def steps_per_epoch(num_train_global: int, batch_size: int) -> int:

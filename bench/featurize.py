@@ -76,6 +76,7 @@ def machine() -> dict:
         "numpy": np.__version__,
         "zarr": zarr.__version__,
         "device": "cpu",
+        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
     }
 
 
@@ -282,7 +283,8 @@ def report(info: dict, runs: list[dict], torch_import: dict, nbl: dict, deriv: d
         HEADING,
         "",
         f"{stamp}; {info['nproc']} CPU(s) ({info['cpu_model']}), no GPU; torch {info['torch']}, numpy {info['numpy']}, "
-        f"zarr {info['zarr']}, Python {info['python']}. `bench/featurize.py`: `mpiexec -n N python -m aenet_dist.featurize "
+        f"zarr {info['zarr']}, Python {info['python']}; load average at start {info['loadavg_1min_at_start']:.2f} "
+        f"(other work on the machine slows every number). `bench/featurize.py`: `mpiexec -n N python -m aenet_dist.featurize "
         f"shared/data/tio2/generate.in --deriv-dtype float64 --force-list` (the 250 structures generate.x chose), "
         f"{num_structures} structures, {num_atoms} atoms.",
         "",

@@ -1,0 +1,308 @@
+"""Training: model forces are −dE/dR, batching, loss definitions, 1 vs 2 ranks (gloo),
+exact resume, and the bad-input messages."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aenet_dist.aenet_inputs import read_generate_input
+from aenet_dist.batching import gather_batch, shard_from_range
+from aenet_dist.checkpoint import load as load_checkpoint
+from aenet_dist.config import StoreOptions, TrainConfig
+from aenet_dist.datasets import generate_emt_dataset
+from aenet_dist.descriptors import featurize
+from aenet_dist.loss import ErrorSums, error_sums, global_loss
+from aenet_dist.store import StoreReader, StructureRange, ElementRows, featurize_to_store
+from aenet_dist.structures import Structure, read_structures, write_xsf
+from aenet_dist.dist import DistInfo
+from aenet_dist.train import Trainer, TrainingError, build_model, predict
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def emt(tmp_path_factory):
+    """A small EMT dataset and its store (periodic and isolated structures, half with forces)."""
+    base = tmp_path_factory.mktemp("emt")
+    generate_in = generate_emt_dataset(base / "data", num_structures=30, seed=5, force_percent=50.0)
+    store = base / "emt.zarr"
+    featurize_to_store(read_generate_input(generate_in), store, StoreOptions(chunk_bytes=2**18), progress=False)
+    return generate_in, store
+
+
+def config_for(store, run_dir, **sections) -> TrainConfig:
+    d = {
+        "data": {"store": str(store), "test_percent": 20.0, "cache": "memory"},
+        "model": {"hidden": [6, 6], "activations": ["tanh", "tanh"]},
+        "optim": {"method": "adam", "lr": 1e-2},
+        "loss": {"force_weight": 0.3},
+        "run": {"epochs": 3, "batch_size": 8, "dtype": "float64", "device": "cpu", "run_dir": str(run_dir)},
+    }
+    for section, values in sections.items():
+        d.setdefault(section, {}).update(values)
+    return TrainConfig.from_dict(d)
+
+
+def range_from_features(structures, config, with_derivs) -> StructureRange:
+    """A StructureRange built directly from featurize (no store)."""
+    species_index, feats = featurize(structures, config.setups, config.species, with_derivs)
+    num_atoms = np.array([s.num_atoms for s in structures])
+    energy = np.array([s.energy for s in structures])
+    e_atom = np.array([config.atomic_energies[e] for e in config.species])[species_index.numpy()]
+    cohesive = energy - np.add.reduceat(e_atom, np.r_[0, np.cumsum(num_atoms)[:-1]])
+    elements = {}
+    for element, f in feats.items():
+        row_of_atom = np.full(len(species_index), -1)
+        row_of_atom[f.atom_index.numpy()] = np.arange(len(f.atom_index))
+        elements[element] = ElementRows(
+            f.atom_index.numpy(), f.G.numpy(), row_of_atom[f.deriv_center.numpy()], f.deriv_neighbor.numpy(), f.dG.numpy()
+        )
+    return StructureRange(
+        0, len(structures), num_atoms, energy, cohesive, np.asarray(with_derivs), species_index.numpy(),
+        np.concatenate([s.pos for s in structures]), np.concatenate([s.forces for s in structures]), elements,
+    )
+
+
+def model_energy_and_forces(model, structures, gen_config):
+    data = range_from_features(structures, gen_config, [True] * len(structures))
+    batch = gather_batch(shard_from_range(data, torch.float64), torch.arange(len(structures)))
+    energy, forces = predict(model, batch, with_forces=True, create_graph=False)
+    return energy.detach().numpy(), forces.detach().numpy()
+
+
+def moved(s: Structure, pos) -> Structure:
+    return Structure(s.species, pos, s.cell, s.pbc, s.energy, s.forces, s.name)
+
+
+def test_model_forces_are_minus_dE_dR(emt, tmp_path):
+    generate_in, store = emt
+    gen = read_generate_input(generate_in)
+    torch.manual_seed(0)
+    model = build_model(StoreReader(store), config_for(store, tmp_path), torch.float64)
+    structures = [s for f in gen.files for s in read_structures(f)]
+    periodic = next(s for s in structures if s.pbc and s.num_atoms <= 8)
+    isolated = next(s for s in structures if not s.pbc)
+    h = 1e-5
+    for structure in (periodic, isolated):
+        _, forces = model_energy_and_forces(model, [structure], gen)
+        numeric = np.zeros_like(forces)
+        for a in range(structure.num_atoms):
+            for d in range(3):
+                plus, minus = structure.pos.copy(), structure.pos.copy()
+                plus[a, d] += h
+                minus[a, d] -= h
+                e_plus, _ = model_energy_and_forces(model, [moved(structure, plus)], gen)
+                e_minus, _ = model_energy_and_forces(model, [moved(structure, minus)], gen)
+                numeric[a, d] = -(e_plus[0] - e_minus[0]) / (2 * h)
+        assert np.abs(forces).max() > 1e-3
+        np.testing.assert_allclose(forces, numeric, rtol=0, atol=1e-6)
+
+
+def test_species_grouped_batch_equals_structure_by_structure(emt, tmp_path):
+    _, store = emt
+    reader = StoreReader(store)
+    torch.manual_seed(1)
+    model = build_model(reader, config_for(store, tmp_path), torch.float64)
+    shard = shard_from_range(reader.read_range(0, reader.num_structures), torch.float64)
+    order = torch.tensor([7, 2, 19, 3, 11, 0, 25])
+    energy, forces = predict(model, gather_batch(shard, order), with_forces=True, create_graph=False)
+    offsets = torch.cumsum(shard.num_atoms[order], 0) - shard.num_atoms[order]
+    for k, s in enumerate(order.tolist()):
+        e_alone, f_alone = predict(model, gather_batch(shard, torch.tensor([s])), with_forces=True, create_graph=False)
+        assert torch.allclose(energy[k], e_alone[0], rtol=0, atol=1e-10)
+        a0 = int(offsets[k])
+        block = forces[a0 : a0 + int(shard.num_atoms[s])]
+        if bool(shard.has_derivs[s]):
+            assert torch.allclose(block, f_alone, rtol=0, atol=1e-10)
+    # Energies equal the store's per-structure totals evaluated with the atomic energies added back.
+    assert energy.shape == (len(order),)
+
+
+def _sums(batch_energy, ref, num_atoms, forces, ref_forces, mask):
+    class B:  # the fields error_sums reads
+        pass
+
+    b = B()
+    b.energy, b.num_atoms, b.forces, b.force_atoms = ref, num_atoms, ref_forces, mask
+    return error_sums(b, batch_energy, forces)
+
+
+def test_loss_weights_and_missing_derivatives():
+    torch.manual_seed(0)
+    ref = torch.randn(4, dtype=torch.float64)
+    num_atoms = torch.tensor([2, 3, 1, 2])
+    ref_forces = torch.randn(8, 3, dtype=torch.float64)
+    mask = torch.tensor([True] * 5 + [False] * 3)  # structures 3 and 4 have no derivatives
+    energy = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    forces = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    identity = lambda t: t  # noqa: E731
+
+    sums = _sums(energy, ref, num_atoms, forces, ref_forces, mask)
+    rmse_e = torch.sqrt((((energy - ref) / num_atoms) ** 2).mean())
+    rmse_f = torch.sqrt(((forces - ref_forces)[:5] ** 2).mean())
+    for alpha in (0.0, 0.3, 1.0):
+        surrogate, value = global_loss(sums, alpha, identity)
+        expected = (1 - alpha) * rmse_e + alpha * rmse_f
+        assert torch.allclose(value.loss, expected.detach())
+        g_sur = torch.autograd.grad(surrogate, [energy, forces], retain_graph=True, allow_unused=True)
+        g_ref = torch.autograd.grad(expected, [energy, forces], retain_graph=True, allow_unused=True)
+        for a, b in zip(g_sur, g_ref):
+            a = torch.zeros(1, dtype=torch.float64) if a is None else a
+            b = torch.zeros(1, dtype=torch.float64) if b is None else b
+            assert torch.allclose(a, b, atol=1e-12)
+    # α = 0: forces have no gradient; α = 1: energies have none.
+    s0, _ = global_loss(sums, 0.0, identity)
+    assert torch.autograd.grad(s0, forces, retain_graph=True, allow_unused=True)[0] is None
+    s1, _ = global_loss(sums, 1.0, identity)
+    assert torch.autograd.grad(s1, energy, retain_graph=True, allow_unused=True)[0] is None
+    # Atoms of structures without derivatives never enter the force error.
+    g = torch.autograd.grad(s1, forces, retain_graph=True)[0]
+    assert torch.all(g[5:] == 0) and torch.any(g[:5] != 0)
+    assert float(sums.count_forces) == 15
+
+
+def test_global_loss_sums_over_ranks_not_averages():
+    """Two 'ranks' with unequal sizes: the reduced RMSE is that of the union."""
+    a = ErrorSums(torch.tensor(4.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.0))
+    b = ErrorSums(torch.tensor(0.0), torch.tensor(3.0), torch.tensor(0.0), torch.tensor(0.0))
+    reduce = lambda t: t + b.detached() if t.data_ptr() else t  # noqa: E731
+    _, value = global_loss(a, 0.0, lambda t: t + b.detached())
+    assert float(value.rmse_energy) == pytest.approx(1.0)  # sqrt(4/4), not mean(sqrt(4/1), 0)
+    assert reduce is not None
+
+
+def run_train(args, ranks=1, check=True):
+    if ranks > 1:
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}", "-m", "aenet_dist.train", *map(str, args)]
+    else:
+        cmd = [sys.executable, "-m", "aenet_dist.train", *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def write_toml(path: Path, store, run_dir, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+[data]
+store = "{store}"
+test_percent = 20
+cache = "memory"
+[model]
+hidden = [6, 6]
+[optim]
+method = "adam"
+lr = 0.01
+[loss]
+force_weight = 0.3
+[run]
+epochs = 3
+batch_size = 8
+dtype = "float64"
+device = "cpu"
+run_dir = "{run_dir}"
+{extra}
+"""
+    )
+    return path
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+KEYS = ("train_rmse_energy_meV_atom", "train_rmse_forces_eV_A", "test_rmse_energy_meV_atom", "test_rmse_forces_eV_A", "loss")
+
+
+@pytest.mark.dist
+def test_two_gloo_ranks_follow_the_one_rank_trajectory(emt, tmp_path):
+    _, store = emt
+    one = write_toml(tmp_path / "one.toml", store, tmp_path / "one")
+    two = write_toml(tmp_path / "two.toml", store, tmp_path / "two")
+    run_train([one, "data.num_shards=2"])
+    result = run_train([two], ranks=2)
+    assert "test RMSE energy" in result.stdout
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(m1) == len(m2) == 3
+    for a, b in zip(m1, m2):
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-8, abs=1e-10), key
+    w1 = load_checkpoint(tmp_path / "one" / "checkpoints" / "checkpoint_000003.pt")["model"]
+    w2 = load_checkpoint(tmp_path / "two" / "checkpoints" / "checkpoint_000003.pt")["model"]
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], rtol=0, atol=1e-8), name
+    assert m1[0]["loss"] != m1[-1]["loss"]
+
+
+def test_resume_continues_exactly(emt, tmp_path):
+    _, store = emt
+    full = write_toml(tmp_path / "full.toml", store, tmp_path / "full", "checkpoint_every = 1")
+    part = write_toml(tmp_path / "part.toml", store, tmp_path / "part", "checkpoint_every = 1")
+    run_train([full, "run.epochs=4"])
+    run_train([part, "run.epochs=2"])  # a job that stopped after epoch 2
+    run_train([part, "run.epochs=4", "--resume"])
+    m_full, m_part = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [m["epoch"] for m in m_part] == [1, 2, 3, 4]
+    for a, b in zip(m_full, m_part):
+        for key in KEYS:
+            assert a[key] == b[key], (a["epoch"], key)
+    assert (tmp_path / "part" / "config.toml").exists()
+    assert (tmp_path / "part" / "checkpoints" / "best.pt").exists()
+    assert len(list((tmp_path / "part" / "checkpoints").glob("checkpoint_*.pt"))) == 2  # keep_last
+
+
+def test_resume_with_other_config_is_refused(emt, tmp_path):
+    _, store = emt
+    cfg = write_toml(tmp_path / "c.toml", store, tmp_path / "c")
+    run_train([cfg, "run.epochs=1"])
+    result = run_train([cfg, "run.epochs=2", "optim.lr=0.5", "--resume"], check=False)
+    assert result.returncode == 2 and "optim.lr" in result.stderr and "--finetune" in result.stderr
+
+
+def test_bad_inputs_have_clear_messages(emt, tmp_path):
+    _, store = emt
+    missing = run_train([write_toml(tmp_path / "m.toml", tmp_path / "nowhere.zarr", tmp_path / "m")], check=False)
+    assert missing.returncode == 2 and "no Zarr store" in missing.stderr
+    typo = run_train([write_toml(tmp_path / "t.toml", store, tmp_path / "t"), "optim.lrr=1"], check=False)
+    assert typo.returncode == 2 and "did you mean 'optim.lr'" in typo.stderr
+    species = run_train([write_toml(tmp_path / "s.toml", store, tmp_path / "s", "[model.networks.Xx]\nhidden = [3]")], check=False)
+    assert species.returncode == 2 and "Xx" in species.stderr
+
+
+def test_nan_reference_energy_is_named_at_load(emt, tmp_path):
+    generate_in, _ = emt
+    gen = read_generate_input(generate_in)
+    structures = [s for f in gen.files for s in read_structures(f)]
+    data_dir = tmp_path / "data"
+    (data_dir / "xsf").mkdir(parents=True)
+    names = []
+    for k, s in enumerate(structures[:12]):
+        energy = float("nan") if k == 4 else s.energy
+        write_xsf(data_dir / "xsf" / f"s{k:02d}.xsf", Structure(s.species, s.pos, s.cell, s.pbc, energy, s.forces, s.name))
+        names.append(f"xsf/s{k:02d}.xsf")
+    text = Path(generate_in).read_text()
+    for stp in Path(generate_in).parent.glob("*.stp"):
+        (data_dir / stp.name).write_text(stp.read_text())
+    (data_dir / "generate.in").write_text(text[: text.upper().index("FILES")] + f"FILES\n{len(names)}\n" + "\n".join(names) + "\n")
+    store = tmp_path / "nan.zarr"
+    featurize_to_store(read_generate_input(data_dir / "generate.in"), store, progress=False)
+    result = run_train([write_toml(tmp_path / "n.toml", store, tmp_path / "n", "")], check=False)
+    assert result.returncode == 2
+    assert "s04.xsf" in result.stderr and "not finite" in result.stderr
+
+
+def test_nan_loss_stops_with_epoch_step_and_structures(emt, tmp_path):
+    _, store = emt
+    trainer = Trainer(config_for(store, tmp_path / "run"), DistInfo(0, 1, 0, torch.device("cpu")))
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 1, step 1; structures on rank 0 include \['xsf/"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "checkpoints").exists()
