@@ -1,6 +1,8 @@
 """The Zarr store: content equals direct featurization, MPI and resume give identical
 stores, statistics, range reads across blocks, and bad-input errors."""
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ from aenet_dist.aenet_inputs import read_generate_input
 from aenet_dist.config import StoreOptions
 from aenet_dist.datasets import generate_emt_dataset
 from aenet_dist.descriptors import featurize
+from aenet_dist.featurize import main as featurize_main
 from aenet_dist.store import StoreReader, featurize_to_store
 from aenet_dist.structures import read_structures
 
@@ -40,11 +43,16 @@ def tree_bytes(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def featurize_cli(args, ranks=1, **kwargs):
-    cmd = [sys.executable, "-m", "aenet_dist.featurize", *map(str, args), "--no-progress"]
+def featurize_cli(args, ranks=1):
+    """The featurize CLI: in this process for one rank (no interpreter start-up), mpiexec for more."""
+    args = [str(a) for a in args] + ["--no-progress"]
     if ranks > 1:
-        cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, **kwargs)
+        cmd = [str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "aenet_dist.featurize", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = featurize_main(args)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_content_equals_direct_featurization(dataset, store):

@@ -1,6 +1,8 @@
 """Training: model forces are −dE/dR, batching, loss definitions, 1 vs 2 ranks (gloo),
 exact resume, and the bad-input messages."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from aenet_dist.store import StoreReader, StructureRange, ElementRows, featurize
 from aenet_dist.structures import Structure, read_structures, write_xsf
 from aenet_dist.dist import DistInfo
 from aenet_dist.train import Trainer, TrainingError, build_model, predict
+from aenet_dist.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -86,13 +89,15 @@ def test_model_forces_are_minus_dE_dR(emt, tmp_path):
     torch.manual_seed(0)
     model = build_model(StoreReader(store), config_for(store, tmp_path), torch.float64)
     structures = [s for f in gen.files for s in read_structures(f)]
-    periodic = next(s for s in structures if s.pbc and s.num_atoms <= 8)
-    isolated = next(s for s in structures if not s.pbc)
+    # The smallest structures that are not symmetric enough to have zero forces.
+    asymmetric = [s for s in structures if np.abs(s.forces).max() > 0.05]
+    periodic = min((s for s in asymmetric if s.pbc), key=lambda s: s.num_atoms)
+    isolated = min((s for s in asymmetric if not s.pbc), key=lambda s: s.num_atoms)
     h = 1e-5
     for structure in (periodic, isolated):
         _, forces = model_energy_and_forces(model, [structure], gen)
         numeric = np.zeros_like(forces)
-        for a in range(structure.num_atoms):
+        for a in range(min(structure.num_atoms, 4)):
             for d in range(3):
                 plus, minus = structure.pos.copy(), structure.pos.copy()
                 plus[a, d] += h
@@ -101,7 +106,7 @@ def test_model_forces_are_minus_dE_dR(emt, tmp_path):
                 e_minus, _ = model_energy_and_forces(model, [moved(structure, minus)], gen)
                 numeric[a, d] = -(e_plus[0] - e_minus[0]) / (2 * h)
         assert np.abs(forces).max() > 1e-3
-        np.testing.assert_allclose(forces, numeric, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(forces[:4], numeric[:4], rtol=0, atol=1e-6)
 
 
 def test_species_grouped_batch_equals_structure_by_structure(emt, tmp_path):
@@ -178,11 +183,16 @@ def test_global_loss_sums_over_ranks_not_averages():
 
 
 def run_train(args, ranks=1, check=True):
+    """The train CLI: in this process for one rank (no interpreter start-up), torchrun for more."""
+    args = [str(a) for a in args]
     if ranks > 1:
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}", "-m", "aenet_dist.train", *map(str, args)]
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}", "-m", "aenet_dist.train", *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     else:
-        cmd = [sys.executable, "-m", "aenet_dist.train", *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train_main(args)
+        result = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -256,14 +266,8 @@ def test_resume_continues_exactly(emt, tmp_path):
     assert (tmp_path / "part" / "config.toml").exists()
     assert (tmp_path / "part" / "checkpoints" / "best.pt").exists()
     assert len(list((tmp_path / "part" / "checkpoints").glob("checkpoint_*.pt"))) == 2  # keep_last
-
-
-def test_resume_with_other_config_is_refused(emt, tmp_path):
-    _, store = emt
-    cfg = write_toml(tmp_path / "c.toml", store, tmp_path / "c")
-    run_train([cfg, "run.epochs=1"])
-    result = run_train([cfg, "run.epochs=2", "optim.lr=0.5", "--resume"], check=False)
-    assert result.returncode == 2 and "optim.lr" in result.stderr and "--finetune" in result.stderr
+    refused = run_train([part, "run.epochs=5", "optim.lr=0.5", "--resume"], check=False)
+    assert refused.returncode == 2 and "optim.lr" in refused.stderr and "--finetune" in refused.stderr
 
 
 def test_bad_inputs_have_clear_messages(emt, tmp_path):
