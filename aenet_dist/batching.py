@@ -41,7 +41,7 @@ class ElementShard:
     row_offset: torch.Tensor  # (S+1,) int64 first G row of each structure
     deriv_center: torch.Tensor  # (P,) int64 row of G
     deriv_neighbor: torch.Tensor  # (P,) int64 shard atom index
-    dG: torch.Tensor  # (P, F, 3)
+    dG: torch.Tensor  # (P, 3, F) x-major (the store's (P, F, 3) transposed once at load)
     deriv_offset: torch.Tensor  # (S+1,) int64 first derivative row of each structure
 
 
@@ -91,7 +91,7 @@ def shard_from_range(data: StructureRange, dtype: torch.dtype) -> ShardData:
             row_offset=torch.from_numpy(np.r_[0, np.cumsum(np.bincount(row_structure, minlength=num_structures))]),
             deriv_center=torch.from_numpy(rows.deriv_center.astype(np.int64)),
             deriv_neighbor=torch.from_numpy(rows.deriv_neighbor.astype(np.int64)),
-            dG=torch.from_numpy(rows.dG).to(dtype),
+            dG=torch.from_numpy(rows.dG).to(dtype).transpose(1, 2).contiguous(),
             deriv_offset=torch.from_numpy(np.r_[0, np.cumsum(np.bincount(deriv_structure, minlength=num_structures))]),
         )
     return ShardData(

@@ -24,7 +24,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("generate_in", help="aenet generate.in (TYPES, SETUPS, FILES, FORCES, FORCESPERCENT)")
     parser.add_argument("--out", required=True, help="output Zarr store (directory)")
     parser.add_argument("--force-seed", type=int, default=0, help="seed of the FORCESPERCENT choice (default 0)")
-    parser.add_argument("--force-list", help="text file naming the structures (one per line) that get derivatives; overrides FORCESPERCENT")
+    parser.add_argument("--force-list", help="text file naming the structures (one per line, '#' comments) that get derivatives; overrides FORCESPERCENT")
     parser.add_argument("--chunk-mb", type=float, default=32.0, help="target uncompressed MiB per block of structures (default 32)")
     parser.add_argument("--deriv-dtype", choices=("float64", "float32"), default="float64", help="storage dtype of dG/dR (default float64)")
     parser.add_argument("--device", default="cpu", help="torch device for the descriptor math (cpu, cuda)")
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     torch_default_threads()
     force_structures = None
     if args.force_list:
-        lines = Path(args.force_list).read_text().split()
-        force_structures = tuple(line for line in lines if line and not line.startswith("#"))
+        lines = (line.split("#", 1)[0].strip() for line in Path(args.force_list).read_text().splitlines())
+        force_structures = tuple(line for line in lines if line)
     try:
         config = read_generate_input(args.generate_in, force_seed=args.force_seed, force_structures=force_structures)
         options = StoreOptions(chunk_bytes=int(args.chunk_mb * 2**20), deriv_dtype=args.deriv_dtype)

@@ -4,7 +4,8 @@ Schema (``schema_version`` 1)
 -----------------------------
 Structures are cut, in file order, into *blocks* of consecutive structures whose
 estimated uncompressed size is about ``chunk_bytes``. A block is the unit of work,
-of completion and of reading: every array inside it is one Zarr chunk.
+of completion and of reading; its arrays are cut into Zarr chunks of ~4 MiB along the
+first axis (compressed concurrently).
 
 ``<store>/zarr.json`` root group attributes:
     format="aenet_dist.store", schema_version, species (TYPES order), atomic_energies

@@ -109,7 +109,7 @@ def _random_rows(N=5, P=23, F=4, A=7, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     center = torch.randint(0, N, (P,), generator=g)
     neighbor = torch.randint(0, A, (P,), generator=g)
-    dG = torch.randn(P, F, 3, generator=g, dtype=dtype)
+    dG = torch.randn(P, 3, F, generator=g, dtype=dtype)  # x-major rows
     dE_dG = torch.randn(N, F, generator=g, dtype=dtype)
     return dE_dG, center, neighbor, dG
 
@@ -122,7 +122,7 @@ def test_forces_from_dEdG_matches_dense_contraction():
     ref = torch.zeros(A, 3, dtype=torch.float64)
     for c, n, d, g in ((center, neighbor, dG, dE_dG), (center2, neighbor2, dG2, dE_dG2)):
         for p in range(len(c)):
-            ref[n[p]] -= g[c[p]] @ d[p]
+            ref[n[p]] -= d[p] @ g[c[p]]
     torch.testing.assert_close(forces, ref, atol=1e-13, rtol=0)
     assert forces_from_dEdG({"a": dE_dG}, {}, 4).shape == (4, 3)
 
@@ -153,7 +153,7 @@ def test_force_training_gradients_through_dEdG():
         if custom:
             forces = forces_from_dEdG({"X": dE_dG}, {"X": (center, neighbor, dG)}, 7)
         else:
-            contrib = torch.einsum("pf,pfx->px", dE_dG[center], dG)
+            contrib = torch.einsum("pf,pxf->px", dE_dG[center], dG)
             forces = torch.zeros(7, 3, dtype=torch.float64).index_add(0, neighbor, -contrib)
         return ((forces - F_ref) ** 2).sum() + E.sum()
 
@@ -167,7 +167,7 @@ def test_force_training_gradients_through_dEdG():
 def test_forces_from_dEdG_rejects_inconsistent_inputs():
     dE_dG, center, neighbor, dG = _random_rows()
     with pytest.raises(ValueError, match="shapes"):
-        forces_from_dEdG({"a": dE_dG}, {"a": (center, neighbor, dG[:, :3])}, 7)
+        forces_from_dEdG({"a": dE_dG}, {"a": (center, neighbor, dG[:, :, :3])}, 7)
     with pytest.raises(ValueError, match="float32"):
         forces_from_dEdG({"a": dE_dG}, {"a": (center, neighbor, dG.float())}, 7)
     with pytest.raises(ValueError, match="'b'"):
@@ -197,7 +197,7 @@ def test_predictions_match_aenet(reference):
     center_g = offset[d["dG_struct"]] + d["dG_center"]  # global atom index, shape (P,)
     neighbor_g = offset[d["dG_struct"]] + d["dG_neighbor"]  # shape (P,)
     G_all = torch.from_numpy(d["G"])
-    dG_all = torch.from_numpy(d["dG"])
+    dG_all = torch.from_numpy(d["dG"]).transpose(1, 2).contiguous()  # x-major rows, (P, 3, F)
 
     feats, rows, atom_idx = {}, {}, {}
     for el in model.species:
