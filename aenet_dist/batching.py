@@ -7,7 +7,11 @@ from a list of structure indices is a handful of vectorized gathers:
 * per element, the descriptor rows of all batch atoms of that element are one contiguous
   tensor, so each element's network is called once per batch;
 * the sparse derivative rows keep their (center row, moved atom) indices, remapped to
-  batch-local numbering, so forces are one sparse contraction per element.
+  batch-local numbering, so forces are one sparse contraction per element;
+* structures whose rows for an element form the complete (centers x atoms) grid — every
+  structure whose cell is smaller than about twice the cutoff, i.e. most DFT data — are held
+  as dense blocks D (3n, n_el·F) grouped by size, so their forces are one batched matmul
+  per size group with no row gathers or scatters (:class:`DenseGroup`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,23 @@ class ElementShard:
     deriv_center: torch.Tensor  # (P,) int64 row of G
     deriv_neighbor: torch.Tensor  # (P,) int64 shard atom index
     dG: torch.Tensor  # (P, 3, F) x-major (the store's (P, F, 3) transposed once at load)
-    deriv_offset: torch.Tensor  # (S+1,) int64 first derivative row of each structure
+    deriv_offset: torch.Tensor  # (S+1,) int64 first derivative row of each structure (sparse rows only)
+    dense_group: torch.Tensor  # (S,) int64 dense group of each structure, -1 if its rows are sparse
+    dense_slot: torch.Tensor  # (S,) int64 position of the structure inside its dense group
+    dense: list["DenseGroup"] = field(default_factory=list)
+
+
+@dataclass
+class DenseGroup:
+    """Structures with the same (n_el centers, n atoms) whose derivative rows are complete.
+
+    ``D[s, 3a + x, F i + f] = ∂G_i,f/∂R_a,x``, so the force contribution of this element is
+    F_s = −D_s · vec(dE/dG_s): one batched matrix-vector product for the whole group.
+    """
+
+    num_centers: int  # n_el
+    num_atoms: int  # n
+    D: torch.Tensor  # (S_g, 3 n, n_el F)
 
 
 @dataclass
@@ -63,6 +83,11 @@ class ShardData:
 
     def to(self, device, non_blocking: bool = False) -> "ShardData":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        elements = {}
+        for e, el in self.elements.items():
+            tensors = {f: move(getattr(el, f)) for f in ElementShard.__dataclass_fields__ if f != "dense"}
+            groups = [DenseGroup(g.num_centers, g.num_atoms, move(g.D)) for g in el.dense]
+            elements[e] = ElementShard(**tensors, dense=groups)
         return ShardData(
             self.first_structure,
             move(self.num_atoms),
@@ -70,12 +95,15 @@ class ShardData:
             move(self.energy),
             move(self.has_derivs),
             move(self.forces),
-            {e: ElementShard(*(move(getattr(el, f)) for f in ElementShard.__dataclass_fields__)) for e, el in self.elements.items()},
+            elements,
         )
 
 
-def shard_from_range(data: StructureRange, dtype: torch.dtype) -> ShardData:
-    """Tensors of a :class:`~aenet_dist.store.StructureRange`; floats converted to ``dtype``."""
+def shard_from_range(data: StructureRange, dtype: torch.dtype, dense_blocks: bool = True) -> ShardData:
+    """Tensors of a :class:`~aenet_dist.store.StructureRange`; floats converted to ``dtype``.
+
+    ``dense_blocks=False`` keeps every structure's rows sparse (for testing both paths).
+    """
     num_atoms = torch.from_numpy(data.num_atoms.astype(np.int64))
     num_structures = len(data.num_atoms)
     atom_offset = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(num_atoms, 0)])
@@ -84,15 +112,37 @@ def shard_from_range(data: StructureRange, dtype: torch.dtype) -> ShardData:
     for element, rows in data.elements.items():
         row_structure = structure_of_atom[rows.atom]
         deriv_structure = row_structure[rows.deriv_center]
-        # Rows are in atom order and derivative rows in center order, so both are grouped by structure.
+        # Rows are in atom order and derivative rows in (center, atom) order, so both are grouped by structure.
         assert np.all(np.diff(row_structure) >= 0) and np.all(np.diff(deriv_structure) >= 0)
+        centers = np.bincount(row_structure, minlength=num_structures)
+        deriv_rows = np.bincount(deriv_structure, minlength=num_structures)
+        dense = (centers > 0) & (deriv_rows == centers * data.num_atoms) & dense_blocks
+        dG = torch.from_numpy(rows.dG).to(dtype).transpose(1, 2)  # (P, 3, F) view, x-major
+        deriv_start = np.r_[0, np.cumsum(deriv_rows)]
+        group_of = np.full(num_structures, -1, dtype=np.int64)
+        slot_of = np.zeros(num_structures, dtype=np.int64)
+        groups = []
+        keys = np.stack([centers, data.num_atoms], axis=1)[dense]
+        for n_el, n in sorted({tuple(k) for k in keys.tolist()}):  # loop over size classes
+            members = np.flatnonzero(dense & (centers == n_el) & (data.num_atoms == n))
+            take = ranges(torch.from_numpy(deriv_start[members]), torch.full((len(members),), n_el * n, dtype=torch.int64))
+            # rows (s, i, a) -> D[s, (a, x), (i, f)]
+            block = dG[take].view(len(members), n_el, n, 3, -1).permute(0, 2, 3, 1, 4)
+            groups.append(DenseGroup(n_el, n, block.reshape(len(members), 3 * n, -1).contiguous()))
+            group_of[members] = len(groups) - 1
+            slot_of[members] = np.arange(len(members))
+        sparse_rows = ~dense[deriv_structure]
+        sparse_counts = np.where(dense, 0, deriv_rows)
         elements[element] = ElementShard(
             G=torch.from_numpy(rows.G).to(dtype),
-            row_offset=torch.from_numpy(np.r_[0, np.cumsum(np.bincount(row_structure, minlength=num_structures))]),
-            deriv_center=torch.from_numpy(rows.deriv_center.astype(np.int64)),
-            deriv_neighbor=torch.from_numpy(rows.deriv_neighbor.astype(np.int64)),
-            dG=torch.from_numpy(rows.dG).to(dtype).transpose(1, 2).contiguous(),
-            deriv_offset=torch.from_numpy(np.r_[0, np.cumsum(np.bincount(deriv_structure, minlength=num_structures))]),
+            row_offset=torch.from_numpy(np.r_[0, np.cumsum(centers)]),
+            deriv_center=torch.from_numpy(rows.deriv_center[sparse_rows].astype(np.int64)),
+            deriv_neighbor=torch.from_numpy(rows.deriv_neighbor[sparse_rows].astype(np.int64)),
+            dG=dG[torch.from_numpy(sparse_rows)].contiguous(),
+            deriv_offset=torch.from_numpy(np.r_[0, np.cumsum(sparse_counts)]),
+            dense_group=torch.from_numpy(group_of),
+            dense_slot=torch.from_numpy(slot_of),
+            dense=groups,
         )
     return ShardData(
         first_structure=data.start,
@@ -109,8 +159,9 @@ def shard_from_range(data: StructureRange, dtype: torch.dtype) -> ShardData:
 class Batch:
     """Structures gathered for one step; all indices are batch-local.
 
-    ``deriv`` holds, per element, (center row in ``G[element]``, moved batch atom, dG rows);
-    only structures with derivatives contribute rows.
+    ``deriv`` holds, per element, (center row in ``G[element]``, moved batch atom, dG rows
+    (P, 3, F)) for structures with sparse rows; ``dense`` holds, per element, one
+    :class:`DenseBlock` per size group present in the batch.
     """
 
     structure_index: torch.Tensor  # (B,) int64 store indices (for error messages)
@@ -119,6 +170,7 @@ class Batch:
     G: dict[str, torch.Tensor]  # element -> (A_el, F)
     atom_structure: dict[str, torch.Tensor]  # element -> (A_el,) batch structure of each row
     deriv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    dense: dict[str, list["DenseBlock"]] = field(default_factory=dict)
     forces: torch.Tensor | None = None  # (A, 3) reference forces
     force_atoms: torch.Tensor | None = None  # (A,) bool: atom belongs to a structure with derivatives
 
@@ -135,9 +187,23 @@ class Batch:
             {e: move(t) for e, t in self.G.items()},
             {e: move(t) for e, t in self.atom_structure.items()},
             {e: tuple(move(t) for t in rows) for e, rows in self.deriv.items()},
+            {e: [DenseBlock(move(b.rows), move(b.atoms), move(b.D)) for b in blocks] for e, blocks in self.dense.items()},
             None if self.forces is None else move(self.forces),
             None if self.force_atoms is None else move(self.force_atoms),
         )
+
+
+@dataclass
+class DenseBlock:
+    """Batch structures of one dense size group: F[atoms] −= D @ dE/dG[rows]."""
+
+    rows: torch.Tensor  # (B_g, n_el) batch rows of G[element] (centers of each structure)
+    atoms: torch.Tensor  # (B_g, n) batch atom indices of each structure
+    D: torch.Tensor  # (B_g, 3 n, n_el F)
+
+    @property
+    def has_rows(self) -> bool:
+        return self.D.numel() > 0
 
 
 def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True) -> Batch:
@@ -153,7 +219,7 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
     num_atoms = shard.num_atoms[index]
     batch_atom_start = torch.cumsum(num_atoms, 0) - num_atoms
     atoms = ranges(shard.atom_offset[index], num_atoms)  # shard atom index of each batch atom
-    G, atom_structure, deriv = {}, {}, {}
+    G, atom_structure, deriv, dense = {}, {}, {}, {}
     positions = torch.arange(index.numel(), device=device)
     for element, el in shard.elements.items():
         counts = el.row_offset[index + 1] - el.row_offset[index]
@@ -162,18 +228,33 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
         atom_structure[element] = torch.repeat_interleave(positions, counts, output_size=rows.numel())
         if not with_forces:
             continue
+        batch_row_start = torch.cumsum(counts, 0) - counts
+        if el.dense:
+            dense[element] = _dense_blocks(el, index, batch_row_start, batch_atom_start)
         deriv_counts = el.deriv_offset[index + 1] - el.deriv_offset[index]
         if int(deriv_counts.sum()) == 0:
             continue
         deriv_rows = ranges(el.deriv_offset[index], deriv_counts)
         owner = torch.repeat_interleave(positions, deriv_counts, output_size=deriv_rows.numel())
         # Shard-local -> batch-local: shift by where each structure starts in the batch.
-        batch_row_start = torch.cumsum(counts, 0) - counts
         center = el.deriv_center[deriv_rows] - el.row_offset[index][owner] + batch_row_start[owner]
         neighbor = el.deriv_neighbor[deriv_rows] - shard.atom_offset[index][owner] + batch_atom_start[owner]
         deriv[element] = (center, neighbor, el.dG[deriv_rows])
-    batch = Batch(index + shard.first_structure, num_atoms, shard.energy[index], G, atom_structure, deriv)
+    batch = Batch(index + shard.first_structure, num_atoms, shard.energy[index], G, atom_structure, deriv, dense)
     if with_forces:
         batch.forces = shard.forces[atoms]
         batch.force_atoms = torch.repeat_interleave(shard.has_derivs[index], num_atoms, output_size=atoms.numel())
     return batch
+
+
+def _dense_blocks(el: ElementShard, index: torch.Tensor, batch_row_start: torch.Tensor, batch_atom_start: torch.Tensor) -> list[DenseBlock]:
+    """The dense size groups present among batch structures ``index`` (a loop over size classes)."""
+    group = el.dense_group[index]
+    blocks = []
+    for g in torch.unique(group[group >= 0]).tolist():
+        members = torch.nonzero(group == g).flatten()  # batch positions
+        dense = el.dense[g]
+        rows = batch_row_start[members, None] + torch.arange(dense.num_centers, device=index.device)
+        atoms = batch_atom_start[members, None] + torch.arange(dense.num_atoms, device=index.device)
+        blocks.append(DenseBlock(rows, atoms, dense.D[el.dense_slot[index[members]]]))
+    return blocks

@@ -129,6 +129,23 @@ def test_species_grouped_batch_equals_structure_by_structure(emt, tmp_path):
     assert energy.shape == (len(order),)
 
 
+def test_dense_blocks_equal_sparse_rows(emt, tmp_path):
+    _, store = emt
+    reader = StoreReader(store)
+    torch.manual_seed(2)
+    model = build_model(reader, config_for(store, tmp_path), torch.float64)
+    data = reader.read_range(0, reader.num_structures)
+    dense = shard_from_range(data, torch.float64)
+    sparse = shard_from_range(data, torch.float64, dense_blocks=False)
+    assert any(el.dense for el in dense.elements.values()), "the EMT set has small cells: some blocks must be dense"
+    assert all(el.deriv_center.numel() < s.deriv_center.numel() for el, s in zip(dense.elements.values(), sparse.elements.values()))
+    index = torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 29])
+    e1, f1 = predict(model, gather_batch(dense, index), with_forces=True, create_graph=False)
+    e2, f2 = predict(model, gather_batch(sparse, index), with_forces=True, create_graph=False)
+    assert torch.equal(e1, e2)
+    assert torch.allclose(f1, f2, rtol=0, atol=1e-12) and f1.abs().max() > 1e-3
+
+
 def _sums(batch_energy, ref, num_atoms, forces, ref_forces, mask):
     class B:  # the fields error_sums reads
         pass
