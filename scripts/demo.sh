@@ -22,4 +22,8 @@ fi
 echo "== 2. featurize: work/emt.zarr ($NP MPI ranks)"
 "$VENV/bin/mpiexec" -n "$NP" "$PY" -m aenet_dist.featurize work/emt/generate.in --out work/emt.zarr
 
-# train / export / predict steps are added by later issues
+echo "== 3. train: work/runs/emt (torchrun, $NP CPU ranks, gloo)"
+# --resume continues from the last checkpoint if a previous demo run was interrupted.
+OMP_NUM_THREADS=1 "$VENV/bin/torchrun" --standalone --nproc_per_node="$NP" -m aenet_dist.train launch/emt_demo.toml run.device=cpu --resume
+
+# export / predict steps are added by later issues
