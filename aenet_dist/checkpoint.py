@@ -17,7 +17,7 @@ import torch
 from .log import get_logger
 
 log = get_logger(__name__)
-_NAME = re.compile(r"^checkpoint_(\d{6})\.pt$")
+_NAME = re.compile(r"^checkpoint_(\d{6})(?:\.(\d{6}))?\.pt$")  # epoch, and step within the next epoch
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -40,15 +40,17 @@ def load(path: Path, map_location="cpu") -> dict:
 
 
 class Checkpointer:
-    """Saves ``checkpoint_EEEEEE.pt`` per epoch (keeping the newest ``keep_last``) and ``best.pt``."""
+    """Saves ``checkpoint_EEEEEE.pt`` after epoch E, ``checkpoint_EEEEEE.SSSSSS.pt`` after step S of
+    epoch E+1 (an interrupted epoch), keeping the newest ``keep_last``, and ``best.pt``."""
 
     def __init__(self, run_dir: str | os.PathLike, keep_last: int = 2):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
 
-    def save(self, state: dict, epoch: int, is_best: bool) -> Path:
+    def save(self, state: dict, epoch: int, is_best: bool, step_in_epoch: int = 0) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"checkpoint_{epoch:06d}.pt"
+        name = f"checkpoint_{epoch:06d}.{step_in_epoch:06d}.pt" if step_in_epoch else f"checkpoint_{epoch:06d}.pt"
+        path = self.dir / name
         atomic_save(state, path)
         if is_best:
             atomic_save(state, self.dir / "best.pt")
@@ -59,7 +61,8 @@ class Checkpointer:
     def all(self) -> list[Path]:
         if not self.dir.exists():
             return []
-        return sorted(p for p in self.dir.iterdir() if _NAME.match(p.name))
+        found = [(m, p) for p in self.dir.iterdir() if (m := _NAME.match(p.name))]
+        return [p for m, p in sorted(found, key=lambda mp: (int(mp[0].group(1)), int(mp[0].group(2) or 0)))]
 
     def latest(self) -> Path | None:
         found = self.all()

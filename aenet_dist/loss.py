@@ -53,6 +53,7 @@ class LossValue:
     loss: torch.Tensor
     rmse_energy: torch.Tensor  # eV/atom
     rmse_forces: torch.Tensor  # eV/Å
+    totals: torch.Tensor  # (4,) the global sums (sse_E, n_E, sse_F, n_F)
 
 
 def global_loss(
@@ -86,4 +87,4 @@ def global_loss(
     if l2_penalty is not None:
         surrogate = surrogate + l2_penalty / world_size
         loss = loss + l2_penalty.detach()
-    return surrogate, LossValue(loss, rmse_e, rmse_f)
+    return surrogate, LossValue(loss, rmse_e, rmse_f, totals)

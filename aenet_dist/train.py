@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,8 +42,15 @@ log = get_logger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun with --resume
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss and the like); the message says where."""
+
+
+class Interrupted(Exception):
+    """A signal asked the run to stop; a checkpoint of the exact position has been written."""
 
 
 def build_model(reader: StoreReader, config: TrainConfig, dtype: torch.dtype) -> AtomicModel:
@@ -148,8 +156,12 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.steps = steps_per_epoch(self.data.num_train_global, config.run.batch_size)
-        self.epoch = 0
-        self.step = 0
+        self.epoch = 0  # completed epochs
+        self.step = 0  # optimizer steps in total
+        self.step_in_epoch = 0  # steps of epoch self.epoch + 1 already taken (mid-epoch resume)
+        self.partial_totals = torch.zeros(4, dtype=self.dtype)  # their summed errors
+        self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
+        self.stop_agreed = False  # some rank asked to stop (known to all after each step)
         self.best_loss = math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
@@ -167,6 +179,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "epoch": self.epoch,
             "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "partial_totals": self.partial_totals.detach().cpu(),
             "best_loss": self.best_loss,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
@@ -205,9 +219,12 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        self.partial_totals = state.get("partial_totals", torch.zeros(4)).to(self.dtype)
         self.best_loss, self.best_epoch, self.bad_epochs = float(state["best_loss"]), int(state["best_epoch"]), int(state["bad_epochs"])
         ckpt.set_rng_state(state["rng"])
-        log.info("resumed from %s (epoch %d)", path, self.epoch)
+        where = f"epoch {self.epoch + 1}, after step {self.step_in_epoch}" if self.step_in_epoch else f"after epoch {self.epoch}"
+        log.info("resumed from %s (%s)", path, where)
 
     def _load_weights(self, path: str) -> None:
         state = ckpt.load(Path(path))
@@ -245,6 +262,13 @@ class Trainer:
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
 
+    def _reduce_with_stop_flag(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, carrying this rank's stop request along in the same collective."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], dtype=tensor.dtype, device=tensor.device)
+        packed = all_reduce_sum(torch.cat([tensor, flag]), self.info)
+        self.stop_agreed = bool(packed[-1] > 0)  # every rank sees the same sum, so all stop together
+        return packed[:-1]
+
     def train_step(self, local_index: np.ndarray) -> tuple[torch.Tensor, float]:
         """One optimizer step on this rank's part of the global batch. Returns (global sums (4,), data seconds)."""
         alpha = self.config.loss.force_weight
@@ -255,12 +279,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         energy, forces = predict(self.model, batch, with_forces=alpha > 0, create_graph=True)
         sums = error_sums(batch, energy, forces)
-        surrogate, value = global_loss(sums, alpha, self._reduce, self._l2(), self.info.world_size)
+        surrogate, value = global_loss(sums, alpha, self._reduce_with_stop_flag, self._l2(), self.info.world_size)
         if not bool(torch.isfinite(value.loss)):  # one scalar sync per step: never step on NaN
             names = self.reader.names()
             involved = [names[i] for i in batch.structure_index.tolist()[:10]]
             raise TrainingError(
-                f"loss is {float(value.loss)} at epoch {self.epoch + 1}, step {self.step + 1}; "
+                f"loss is {float(value.loss)} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}; "
                 f"structures on rank {self.info.rank} include {involved}. No checkpoint was written for this epoch."
             )
         surrogate.backward()
@@ -269,8 +293,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
         self.optimizer.step()
         self.step += 1
-        totals = self._reduce(sums.detached().clone())
-        return totals, data_seconds
+        return value.totals, data_seconds
 
     @torch.no_grad()
     def evaluate(self, local_indices: np.ndarray) -> torch.Tensor:
@@ -315,15 +338,23 @@ class Trainer:
         start_epoch = self.epoch
         run_start = time.perf_counter()
         last = {}
+        step_delay = float(os.environ.get("AENET_DIST_TEST_STEP_DELAY", "0"))  # lets tests signal mid-epoch
         while self.epoch < config.run.epochs:
             epoch_start = time.perf_counter()
             plan = epoch_plan(self.data, config.run.seed, self.epoch, self.steps)
-            totals = torch.zeros(4, dtype=self.dtype, device=info.device)
+            totals = self.partial_totals.to(info.device).clone()
             data_seconds = 0.0
-            for local_index in plan:
-                step_totals, seconds = self.train_step(local_index)
+            for k in range(self.step_in_epoch, len(plan)):
+                step_totals, seconds = self.train_step(plan[k])
                 totals += step_totals
                 data_seconds += seconds
+                self.step_in_epoch = k + 1
+                time.sleep(step_delay)
+                if self.stop_agreed and self.step_in_epoch < len(plan):
+                    self.partial_totals = totals.detach().cpu()
+                    self._save_interrupted()
+            self.step_in_epoch = 0
+            self.partial_totals = torch.zeros(4, dtype=self.dtype)
             train_seconds = time.perf_counter() - epoch_start
             test_totals = self.evaluate(self.data.test_local) if self.data.num_test_global else None
             self.epoch += 1
@@ -375,14 +406,28 @@ class Trainer:
                     train_seconds,
                     _format_time(eta),
                 )
-                if self.epoch % config.run.checkpoint_every == 0 or self.epoch == config.run.epochs or stop_early:
+                if self.epoch % config.run.checkpoint_every == 0 or self.epoch == config.run.epochs or stop_early or self.stop_agreed:
                     self.checkpointer.save(self.state_dict(), self.epoch, improved)
             barrier(info)
+            if self.stop_agreed and self.epoch < config.run.epochs:
+                raise Interrupted(f"stopped by a signal after epoch {self.epoch}; checkpoint written, rerun with --resume")
             if stop_early:
                 if info.is_main:
                     log.info("early stop: test loss has not improved for %d epochs", self.bad_epochs)
                 break
         return last
+
+    def _save_interrupted(self) -> None:
+        """Checkpoint the exact position inside the epoch (rank 0), then stop every rank."""
+        if self.info.is_main:
+            path = self.checkpointer.save(self.state_dict(), self.epoch, False, self.step_in_epoch)
+            log.warning("signal received: stopped at epoch %d, step %d; checkpoint %s", self.epoch + 1, self.step_in_epoch, path)
+        barrier(self.info)
+        raise Interrupted(f"stopped by a signal at epoch {self.epoch + 1}, step {self.step_in_epoch}; checkpoint written, rerun with --resume")
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        """Signal handler: finish the current step everywhere, checkpoint, exit for requeue."""
+        self.stop_requested = True
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -464,10 +509,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         trainer = Trainer(config, info, resume=args.resume, finetune=args.finetune)
+        # SLURM sends SIGUSR1 (sbatch --signal) or SIGTERM (preemption, scancel) before killing.
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, trainer.request_stop)
         last = trainer.fit()
         if info.is_main:
             print(summary_table(last, trainer, time.perf_counter() - start))
         return 0
+    except Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -327,3 +327,62 @@ def test_nan_loss_stops_with_epoch_step_and_structures(emt, tmp_path):
     with pytest.raises(TrainingError, match=r"loss is nan at epoch 1, step 1; structures on rank 0 include \['xsf/"):
         trainer.fit()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _wait_for_epoch(run_dir: Path, epoch: int, proc, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    path = Path(run_dir) / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= epoch:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"run did not reach epoch {epoch}")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_signal_mid_epoch_then_resume_equals_uninterrupted(emt, tmp_path, ranks):
+    """SIGUSR1 to one rank: all ranks finish the step, rank 0 checkpoints the position inside
+    the epoch, the job exits 75, and --resume ends with the uninterrupted run's metrics and weights."""
+    import os
+    import signal
+
+    import psutil
+
+    _, store = emt
+    extra = "checkpoint_every = 1"
+    full = write_toml(tmp_path / "full.toml", store, tmp_path / "full", extra)
+    part = write_toml(tmp_path / "part.toml", store, tmp_path / "part", extra)
+    common = ["run.batch_size=4", "run.epochs=3"]
+    if ranks == 1:
+        run_train([full, *common])
+        cmd = [sys.executable, "-m", "aenet_dist.train", str(part), *common]
+    else:
+        run_train([full, *common], ranks=2)
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "aenet_dist.train", str(part), *common]
+    env = dict(os.environ, AENET_DIST_TEST_STEP_DELAY="0.25")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_epoch(tmp_path / "part", 1, proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "aenet_dist.train" in " ".join(p.cmdline())]
+    target = workers[-1] if workers else psutil.Process(proc.pid)  # the last rank, not rank 0
+    target.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    if ranks == 1:
+        assert proc.returncode == 75, err
+    else:
+        assert proc.returncode != 0  # torchrun reports the workers' exit status 75 as a failure
+    assert "interrupted" in err
+    mid = [p.name for p in (tmp_path / "part" / "checkpoints").glob("checkpoint_000001.*.pt")]
+    assert mid, f"no mid-epoch checkpoint: {sorted(p.name for p in (tmp_path / 'part' / 'checkpoints').iterdir())}"
+    run_train([part, *common, "--resume"], ranks=ranks)
+    m_full, m_part = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [m["epoch"] for m in m_part] == [1, 2, 3]
+    for a, b in zip(m_full, m_part):
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-12, abs=1e-14), (a["epoch"], key)
+    w_full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_000003.pt")["model"]
+    w_part = load_checkpoint(tmp_path / "part" / "checkpoints" / "checkpoint_000003.pt")["model"]
+    for name in w_full:
+        assert torch.equal(w_full[name], w_part[name]), name
