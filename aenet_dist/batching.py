@@ -69,7 +69,7 @@ class DenseGroup:
 class ShardData:
     """A contiguous range of structures as tensors, ready for batch gathering."""
 
-    first_structure: int  # store index of structure 0 of the shard
+    store_index: torch.Tensor  # (S,) int64 store index of each structure (for messages)
     num_atoms: torch.Tensor  # (S,) int64
     atom_offset: torch.Tensor  # (S+1,) int64
     energy: torch.Tensor  # (S,) cohesive energy, eV
@@ -89,7 +89,7 @@ class ShardData:
             groups = [DenseGroup(g.num_centers, g.num_atoms, move(g.D)) for g in el.dense]
             elements[e] = ElementShard(**tensors, dense=groups)
         return ShardData(
-            self.first_structure,
+            move(self.store_index),
             move(self.num_atoms),
             move(self.atom_offset),
             move(self.energy),
@@ -99,10 +99,13 @@ class ShardData:
         )
 
 
-def shard_from_range(data: StructureRange, dtype: torch.dtype, dense_blocks: bool = True) -> ShardData:
+def shard_from_range(
+    data: StructureRange, dtype: torch.dtype, dense_blocks: bool = True, store_index: torch.Tensor | None = None
+) -> ShardData:
     """Tensors of a :class:`~aenet_dist.store.StructureRange`; floats converted to ``dtype``.
 
-    ``dense_blocks=False`` keeps every structure's rows sparse (for testing both paths).
+    ``dense_blocks=False`` keeps every structure's rows sparse (for testing both paths);
+    ``store_index`` names the structures when the range was put together from separate blocks.
     """
     num_atoms = torch.from_numpy(data.num_atoms.astype(np.int64))
     num_structures = len(data.num_atoms)
@@ -145,7 +148,7 @@ def shard_from_range(data: StructureRange, dtype: torch.dtype, dense_blocks: boo
             dense=groups,
         )
     return ShardData(
-        first_structure=data.start,
+        store_index=torch.arange(data.start, data.stop, dtype=torch.int64) if store_index is None else store_index,
         num_atoms=num_atoms,
         atom_offset=atom_offset,
         energy=torch.from_numpy(data.cohesive_energy).to(dtype),
@@ -178,8 +181,14 @@ class Batch:
     def total_atoms(self) -> int:
         return int(self.forces.shape[0]) if self.forces is not None else int(self.num_atoms.sum())
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, so that ``to(cuda, non_blocking=True)`` overlaps with compute."""
+        return self.to_fn(lambda t: t.pin_memory())
+
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return self.to_fn(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def to_fn(self, move) -> "Batch":
         return Batch(
             move(self.structure_index),
             move(self.num_atoms),
@@ -240,7 +249,7 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
         center = el.deriv_center[deriv_rows] - el.row_offset[index][owner] + batch_row_start[owner]
         neighbor = el.deriv_neighbor[deriv_rows] - shard.atom_offset[index][owner] + batch_atom_start[owner]
         deriv[element] = (center, neighbor, el.dG[deriv_rows])
-    batch = Batch(index + shard.first_structure, num_atoms, shard.energy[index], G, atom_structure, deriv, dense)
+    batch = Batch(shard.store_index[index], num_atoms, shard.energy[index], G, atom_structure, deriv, dense)
     if with_forces:
         batch.forces = shard.forces[atoms]
         batch.force_atoms = torch.repeat_interleave(shard.has_derivs[index], num_atoms, output_size=atoms.numel())

@@ -285,6 +285,9 @@ class DataConfig:
     num_shards: int | None = None
     """Number of data shards; None = the world size. Set it to an earlier run's world size to
     reproduce that run on fewer ranks (each rank then takes several virtual shards)."""
+    shuffle_window_blocks: int = 8
+    """Store blocks shuffled together: each epoch permutes a shard's blocks, then the structures
+    within each window of this many blocks. The ``stream`` cache holds two windows in memory."""
 
     def __post_init__(self):
         _coerce_fields(self, "data")
@@ -297,6 +300,8 @@ class DataConfig:
         _check_choice(self.cache, CACHE_MODES, "data.cache")
         if self.num_shards is not None and self.num_shards < 1:
             raise ValueError(f"data.num_shards must be >= 1 (or unset = world size), got {self.num_shards}")
+        if self.shuffle_window_blocks < 1:
+            raise ValueError(f"data.shuffle_window_blocks must be >= 1, got {self.shuffle_window_blocks}")
 
 
 _NETWORK_KEYS = ("hidden", "activations")

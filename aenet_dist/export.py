@@ -693,3 +693,147 @@ def load_potential(paths: Mapping[str, str | os.PathLike], dtype: torch.dtype = 
         raise ValueError(f"{first_path}: ENV species {no_file} have no .nn potential file (have {list(species)})")
     nets = {el: element_net_from_nn(files[el], dtype=dtype, source=str(paths[el])) for el in species}
     return AtomicModel(nets, species)
+
+
+# --------------------------------------------------------------------------------------------
+# export of a training run
+# --------------------------------------------------------------------------------------------
+# The store, checkpoint and training modules are imported inside the functions, so that
+# ``import aenet_dist.export`` (which predict needs for reading .nn files) stays light.
+
+
+def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str = "best") -> Path:
+    """``best`` -> run_dir/checkpoints/best.pt, ``latest`` -> the newest checkpoint_NNNNNN.pt, else a path."""
+    from .checkpoint import Checkpointer
+
+    run_dir = Path(run_dir)
+    if checkpoint == "best":
+        path = run_dir / "checkpoints" / "best.pt"
+    elif checkpoint == "latest":
+        path = Checkpointer(run_dir).latest()
+        if path is None:
+            raise ValueError(f"{run_dir}: no checkpoint_NNNNNN.pt in {run_dir / 'checkpoints'} (was the run trained?)")
+    else:
+        path = Path(checkpoint)
+    if not path.exists():
+        raise ValueError(f"{path}: checkpoint not found (run directory {run_dir})")
+    return path
+
+
+def load_run_model(checkpoint_path: str | os.PathLike, store: str | os.PathLike | None = None):
+    """The trained model of a checkpoint in float64, with its store reader and config.
+
+    The networks' normalization and energy scaling are the store's float64 statistics whenever
+    the checkpoint's buffers agree with them to float32 precision (so a float32 run exports
+    the exact statistics, not float32-rounded ones); otherwise (weights fine-tuned with another
+    store's normalization) the checkpoint's own buffers are kept.
+
+    Args:
+        checkpoint_path: a checkpoint written by ``aenet-dist train``.
+        store: the feature store it was trained on (default: the path in the checkpoint's config).
+    Returns:
+        (model (AtomicModel, float64, eval mode), StoreReader, TrainConfig).
+    Raises:
+        ValueError: unreadable checkpoint, store gone (with the path it was looked for at), or a
+            store whose fingerprint differs from the checkpoint's.
+    """
+    from . import checkpoint as ckpt
+    from .config import TrainConfig
+    from .store import StoreReader
+    from .train import build_model
+
+    checkpoint_path = Path(checkpoint_path)
+    state = ckpt.load(checkpoint_path)
+    if "config" not in state or "model" not in state:
+        raise ValueError(f"{checkpoint_path}: not an aenet_dist training checkpoint (no 'config'/'model')")
+    config = TrainConfig.from_dict(state["config"], source=str(checkpoint_path))
+    store_path = Path(store) if store is not None else Path(config.data.store)
+    if not (store_path / "zarr.json").exists():
+        raise ValueError(
+            f"{checkpoint_path}: the feature store it was trained on, {store_path}, is gone; its descriptor setups and "
+            f"training-set records are needed for the .nn files. Pass the store's current path with --store")
+    reader = StoreReader(store_path)
+    if state.get("store_fingerprint") not in (None, reader.fingerprint):
+        raise ValueError(f"{checkpoint_path}: trained on a store with fingerprint {str(state['store_fingerprint'])[:12]}, "
+                         f"but {store_path} has {reader.fingerprint[:12]} (a different store)")
+    model = build_model(reader, config, torch.float64)
+    exact = {k: v.clone() for k, v in model.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint_path}: weights do not fit the model of its config (missing {missing}, unexpected {unexpected})")
+    with torch.no_grad():
+        for el, net in model.nets.items():
+            names = ("sfval_min", "sfval_max", "sfval_avg", "sfval_cov", "scale", "shift", "e_atom")
+            same = all(torch.allclose(getattr(net, n), exact[f"nets.{el}.{n}"], rtol=1e-6, atol=1e-30) for n in names)
+            if same:
+                net.set_feature_stats(*(exact[f"nets.{el}.{n}"] for n in names[:4]), int(net.neval))
+                net.set_energy_scaling(*(float(exact[f"nets.{el}.{n}"]) for n in names[4:]))
+    return model.eval(), reader, config
+
+
+def train_set_info(reader) -> TrainSetInfo:
+    """The ``.nn`` training-set records of a store: types, E_atom, sizes, cohesive energy per atom range."""
+    energy = reader.attrs["energy_per_atom"]
+    return TrainSetInfo(
+        type_names=tuple(reader.species),
+        atomic_energies=tuple(float(reader.attrs["atomic_energies"][el]) for el in reader.species),
+        train_file=str(reader.path)[:PATH_LEN],
+        normalized=True,
+        num_atoms_total=int(reader.attrs["num_atoms"]),
+        num_structures=int(reader.num_structures),
+        e_min=float(energy["min"]), e_max=float(energy["max"]), e_avg=float(energy["mean"]),
+    )
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoint: str = "best", ascii: bool = False,
+               store: str | os.PathLike | None = None) -> list[Path]:
+    """Write one aenet ``<El>.nn`` per element (and ``<El>.nn.ascii`` with ``ascii``) from a training run.
+
+    Args:
+        run_dir: the run directory of ``aenet-dist train``.
+        out_dir: where to write (created if needed).
+        checkpoint: ``best``, ``latest`` or a checkpoint path.
+        ascii: also write the ASCII form (aenet-PyTorch's ``nnASCII2bin`` input).
+        store: the feature store, if it moved since training.
+    Returns:
+        The written paths, binary files first.
+    """
+    from .config import DescriptorSetup as _Setup
+
+    path = resolve_checkpoint(run_dir, checkpoint)
+    model, reader, _ = load_run_model(path, store)
+    info = train_set_info(reader)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {el: nn_from_element_net(model.nets[el], _Setup.from_dict(reader.attrs["setups"][el]), info) for el in reader.species}
+    written = []
+    for el, nn in files.items():
+        write_nn(out_dir / f"{el}.nn", nn)
+        written.append(out_dir / f"{el}.nn")
+    if ascii:
+        for el, nn in files.items():
+            write_nn_ascii(out_dir / f"{el}.nn.ascii", nn)
+            written.append(out_dir / f"{el}.nn.ascii")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``aenet-dist export RUN_DIR --out DIR [--checkpoint best|latest|PATH] [--ascii] [--store PATH]``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="aenet-dist export",
+                                     description="Write aenet .nn potential files (one per element) from a training run.")
+    parser.add_argument("run_dir", help="run directory of aenet-dist train (holds checkpoints/)")
+    parser.add_argument("--out", required=True, help="output directory for <El>.nn")
+    parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a checkpoint file")
+    parser.add_argument("--ascii", action="store_true", help="also write <El>.nn.ascii (aenet-PyTorch's ASCII form)")
+    parser.add_argument("--store", help="the feature store, if it is no longer where the run's config says")
+    args = parser.parse_args(argv)
+    try:
+        for path in export_run(args.run_dir, args.out, args.checkpoint, args.ascii, args.store):
+            print(path)
+        return 0
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

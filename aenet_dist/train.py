@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from .batching import Batch, gather_batch
 from .config import TrainConfig, load_train_config, read_train_in, save_resolved_config
 from .dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from .loader import epoch_plan, eval_chunks, load_rank_data, steps_per_epoch
+from .loader import Prefetcher, choose_cache, epoch_plan, eval_chunks, make_source, rank_data, steps_per_epoch, structure_bytes
 from .log import get_logger, setup_logging
 from .loss import error_sums, global_loss
 from .model import AtomicModel, ElementNet, forces_from_dEdG
@@ -137,18 +137,16 @@ class Trainer:
         unknown = sorted(set(config.model.networks) - set(self.reader.species))
         if unknown:
             raise ValueError(f"model.networks names {unknown}, which the store {config.data.store} does not have (it has {self.reader.species})")
-        if config.data.cache in ("pinned", "stream"):
-            raise ValueError(f"data.cache={config.data.cache!r} arrives with the scale-out work; use 'memory', 'gpu' or 'auto'")
         self.run_dir = Path(config.run.run_dir)
         self.checkpointer = ckpt.Checkpointer(self.run_dir, config.run.keep_last)
 
         t0 = time.perf_counter()
-        self.data = load_rank_data(
-            self.reader, info.rank, info.world_size, config.data.num_shards, config.data.test_percent, config.data.split_seed, self.dtype
-        )
-        # 'memory' keeps the shard in host RAM and moves each batch; 'gpu'/'auto' keep it on the device.
-        self.batch_device = info.device
-        self.shard = self.data.shard if config.data.cache == "memory" else self.data.shard.to(info.device)
+        self.data = rank_data(self.reader, info.rank, info.world_size, config.data.num_shards, config.data.test_percent, config.data.split_seed)
+        shard_bytes = float(structure_bytes(self.reader, self.dtype.itemsize)[self.data.start : self.data.stop].sum())
+        self.cache_mode, reason = choose_cache(config.data.cache, shard_bytes, info.device)
+        if info.is_main:
+            log.info("data.cache=%s -> %s (%s)", config.data.cache, self.cache_mode, reason)
+        self.source = make_source(self.reader, self.data, self.cache_mode, self.dtype, info.device, config.data.shuffle_window_blocks)
         self.load_seconds = time.perf_counter() - t0
 
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
@@ -238,10 +236,12 @@ class Trainer:
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.info)
 
-    def _batch(self, local_index: np.ndarray, with_forces: bool) -> Batch:
-        index = torch.from_numpy(local_index).to(self.shard.num_atoms.device)
-        batch = gather_batch(self.shard, index, with_forces=with_forces)
-        return batch.to(self.batch_device, non_blocking=True) if batch.num_atoms.device != self.batch_device else batch
+    def _batches(self, plan: list[np.ndarray], with_forces: bool):
+        """Batches of ``plan`` on the training device; gathered ahead in a thread unless on-device."""
+        if self.cache_mode == "gpu":
+            return (self.source.batch(local_index, with_forces) for local_index in plan)
+        prefetcher = Prefetcher(self.source, plan, with_forces)
+        return _closing((b.to(self.info.device, non_blocking=True) for b in prefetcher), prefetcher)
 
     def _l2(self) -> torch.Tensor | None:
         if self.config.loss.l2 <= 0:
@@ -269,12 +269,9 @@ class Trainer:
         self.stop_agreed = bool(packed[-1] > 0)  # every rank sees the same sum, so all stop together
         return packed[:-1]
 
-    def train_step(self, local_index: np.ndarray) -> tuple[torch.Tensor, float]:
-        """One optimizer step on this rank's part of the global batch. Returns (global sums (4,), data seconds)."""
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """One optimizer step on this rank's part of the global batch. Returns the global sums (4,)."""
         alpha = self.config.loss.force_weight
-        t0 = time.perf_counter()
-        batch = self._batch(local_index, with_forces=alpha > 0)
-        data_seconds = time.perf_counter() - t0
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         energy, forces = predict(self.model, batch, with_forces=alpha > 0, create_graph=True)
@@ -293,16 +290,15 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
         self.optimizer.step()
         self.step += 1
-        return value.totals, data_seconds
+        return value.totals
 
     @torch.no_grad()
     def evaluate(self, local_indices: np.ndarray) -> torch.Tensor:
         """Global (sse_E, n_E, sse_F, n_F) over the given structures of every rank."""
         self.model.eval()
         totals = torch.zeros(4, dtype=self.dtype, device=self.info.device)
-        with_forces = self.config.loss.force_weight > 0 or True
-        for chunk in eval_chunks(local_indices, self.config.run.batch_size):
-            batch = self._batch(chunk, with_forces=with_forces)
+        with_forces = True  # test force errors are reported whatever α is
+        for batch in self._batches(eval_chunks(local_indices, self.config.run.batch_size), with_forces):
             with torch.enable_grad():
                 energy, forces = predict(self.model, batch, with_forces=with_forces, create_graph=False)
             totals += error_sums(batch, energy.detach(), None if forces is None else forces.detach()).detached()
@@ -341,18 +337,23 @@ class Trainer:
         step_delay = float(os.environ.get("AENET_DIST_TEST_STEP_DELAY", "0"))  # lets tests signal mid-epoch
         while self.epoch < config.run.epochs:
             epoch_start = time.perf_counter()
-            plan = epoch_plan(self.data, config.run.seed, self.epoch, self.steps)
+            plan = epoch_plan(self.data, config.run.seed, self.epoch, self.steps, config.data.shuffle_window_blocks)
             totals = self.partial_totals.to(info.device).clone()
             data_seconds = 0.0
-            for k in range(self.step_in_epoch, len(plan)):
-                step_totals, seconds = self.train_step(plan[k])
-                totals += step_totals
-                data_seconds += seconds
-                self.step_in_epoch = k + 1
-                time.sleep(step_delay)
-                if self.stop_agreed and self.step_in_epoch < len(plan):
-                    self.partial_totals = totals.detach().cpu()
-                    self._save_interrupted()
+            batches = self._batches(plan[self.step_in_epoch :], with_forces=config.loss.force_weight > 0)
+            try:
+                for k in range(self.step_in_epoch, len(plan)):
+                    t0 = time.perf_counter()
+                    batch = next(batches)  # waits only if the prefetch thread is behind
+                    data_seconds += time.perf_counter() - t0
+                    totals += self.train_step(batch)
+                    self.step_in_epoch = k + 1
+                    time.sleep(step_delay)
+                    if self.stop_agreed and self.step_in_epoch < len(plan):
+                        self.partial_totals = totals.detach().cpu()
+                        self._save_interrupted()
+            finally:
+                batches.close()
             self.step_in_epoch = 0
             self.partial_totals = torch.zeros(4, dtype=self.dtype)
             train_seconds = time.perf_counter() - epoch_start
@@ -428,6 +429,14 @@ class Trainer:
     def request_stop(self, signum=None, frame=None) -> None:
         """Signal handler: finish the current step everywhere, checkpoint, exit for requeue."""
         self.stop_requested = True
+
+
+def _closing(generator, prefetcher: Prefetcher):
+    """Yield from ``generator``; stop the prefetch thread when done or abandoned."""
+    try:
+        yield from generator
+    finally:
+        prefetcher.close()
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -1,7 +1,8 @@
 """Benchmark of ``aenet_dist.train`` on the aenet-PyTorch paper's TiO2 example, against aenet-PyTorch.
 
     .venv/bin/python bench/train_tio2.py [--epochs 12] [--ranks 1 2] [--dtypes float32 float64]
-                                         [--skip-tta] [--tta-max-epochs N] [--tta-max-seconds S] [--no-save]
+                                         [--no-one-thread] [--skip-tta] [--tta-max-epochs N] [--tta-max-seconds S]
+                                         [--tta-threads N] [--keep DIR] [--no-save]
 
 1. Featurizes ``shared/data/tio2/generate.in`` once into ``bench/.cache/tio2.zarr`` (float64
    derivatives) with the 250 force structures that aenet's generate.x chose
@@ -13,11 +14,17 @@
    the median ``epoch_seconds`` of run_dir/metrics.jsonl over epochs 3..end (warm-up skipped),
    training structures per second, and peak resident memory (psutil, every 0.1 s: the largest
    single rank, from its VmHWM, and the sum over ranks), as ratios to aenet-PyTorch's figures.
-3. Time to accuracy: one rank, float32, the settings in ``TTA`` below (our own optimizer
+   Each 1-rank run is repeated with OMP_NUM_THREADS=1 (``--no-one-thread``: not): torch's
+   default of one intra-op thread per core collapses when other processes share the cores.
+3. Time to accuracy: one rank, float32, OMP_NUM_THREADS=1, the settings in ``TTA`` below (our own optimizer
    settings, same 2 x 5 tanh networks), until both test RMSEs reach the paper's 7.8 meV/atom
    and 0.388 eV/Å; the run is stopped at the first such epoch. Reports that epoch's
    ``wall_seconds`` (training loop, from metrics.jsonl) and the end-to-end time from process
    start, or the best epoch reached within ``--tta-max-epochs`` / ``--tta-max-seconds``.
+
+The runs import ``aenet_dist`` as this interpreter does: the checkout (editable install), or a
+PYTHONPATH directory, e.g. an exported commit (``git archive HEAD aenet_dist | tar -x -C DIR``,
+then ``PYTHONPATH=DIR``); the report names which.
 
 Prints a markdown table, appends it to bench/RESULTS.md and one JSON line per measurement to
 bench/results.jsonl. Timings on a shared machine are noisy: every row carries the 1-minute load
@@ -36,6 +43,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,7 +57,7 @@ GENERATE_IN = SHARED / "data" / "tio2" / "generate.in"
 FORCE_LIST = SHARED / "refdata" / "full1000_force_structures_gfortran.txt"
 CACHE = ROOT / "bench" / ".cache"
 STORE = CACHE / "tio2.zarr"
-RUNS = CACHE / "train_runs"
+RUNS = CACHE / "train_runs"  # set in main(): a temporary directory (removed at the end) or --keep DIR
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 RESULTS_JSONL = ROOT / "bench" / "results.jsonl"
 HEADING = "## train (TiO2, aenet-PyTorch example settings)"
@@ -71,14 +79,20 @@ PAPER_SETTINGS = {
     "run": {"batch_size": 128, "device": "cpu"},
 }
 # Time-to-accuracy settings (1 rank, float32): found with short exploratory runs; same
-# networks and data as the paper, other optimizer, batch size, schedule and force weight.
+# networks, data, split and force weight as the paper, other optimizer, batch size and schedule.
+# Explored (epochs to both targets, seed 0 unless said): Adam 1e-2, batch 32, plateau patience 10,
+# factor 0.5, min 1e-5: 148 (seeds 1, 2: 177, 150; ~45-60 s); the same with cosine over 250
+# epochs: 214; cosine over 150: best 8.0 meV/atom; plateau patience 5: 144 (min lr 1e-4), not
+# within 400 epochs with batch 16 or 64 or with lr 5e-3 (the lr decays too early); forces reach
+# 0.388 eV/Å within ~20 epochs, the energy target binds.
 TTA = [
     "optim.method=adam", "optim.lr=1e-2", "optim.weight_decay=0",
     "run.batch_size=32", "loss.force_weight=0.1",
-    "schedule.kind=plateau", "schedule.patience=5", "schedule.factor=0.5", "schedule.min_lr=1e-4",
+    "schedule.kind=plateau", "schedule.patience=10", "schedule.factor=0.5", "schedule.min_lr=1e-5",
     "run.dtype=float32",
 ]
 TTA_MAX_EPOCHS = 400
+STALL_S = 300.0  # a run with no new epoch for this long is killed and reported
 TTA_MAX_SECONDS = 900.0
 
 
@@ -100,11 +114,17 @@ def machine() -> dict:
 
     def git(*args: str) -> str:  # read-only queries
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", "aenet_dist").splitlines()]
+    import aenet_dist
+
+    package = Path(aenet_dist.__file__).resolve().parent
+    if package.is_relative_to(ROOT):
+        dirty = [line[3:] for line in git("status", "--porcelain", "--", "aenet_dist").splitlines()]
+    else:  # e.g. PYTHONPATH pointing at an exported commit; the subprocesses import the same
+        dirty = [f"(aenet_dist imported from {package}, not this checkout)"]
     return {
         "host_cpus": os.cpu_count(),
         "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0),
@@ -115,7 +135,7 @@ def machine() -> dict:
         "numpy": np.__version__,
         "zarr": zarr.__version__,
         "device": "cpu",
-        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_commit": git("rev-parse", "--short", "HEAD").strip(),
         "git_dirty_aenet_dist": dirty,
         "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
     }
@@ -244,7 +264,7 @@ def ensure_store() -> dict:
     cmd = [str(PY), "-m", "aenet_dist.featurize", str(GENERATE_IN), "--out", str(STORE), "--force-list", str(force_list), "--no-progress"]
     print(f"featurize ({len(names)} force structures) -> {STORE.relative_to(ROOT)} ...", file=sys.stderr)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=CACHE, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"featurize failed (exit {proc.returncode}); if the store in {STORE} is from other inputs, remove it:\n"
@@ -258,7 +278,7 @@ def ensure_store() -> dict:
             "with_derivs": int(r.has_derivs.astype(bool).sum()), "reused": reused, "featurize_wall_s": wall}
 
 
-def write_base_config() -> Path:
+def write_base_config(where: Path) -> Path:
     """train.toml with the store and the paper settings; every run adds overrides."""
     lines = ["[data]", f'store = "{STORE}"']
     for section, values in PAPER_SETTINGS.items():
@@ -266,13 +286,21 @@ def write_base_config() -> Path:
             lines.append(f"[{section}]")
         for key, value in values.items():
             lines.append(f"{key} = {json.dumps(value)}")
-    path = CACHE / "train_tio2.toml"
+    path = where / "train_tio2.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def launch(config: Path, ranks: int, overrides: list[str], name: str, stop=None, max_seconds: float | None = None) -> dict:
-    """One training run; returns its metrics, memory, timings. ``stop(metrics)`` -> True ends it early."""
+def launch(config: Path, ranks: int, overrides: list[str], name: str, stop=None, max_seconds: float | None = None,
+           threads: int | None = None) -> dict:
+    """One training run; returns its metrics, memory, timings. ``stop(metrics)`` -> True ends it early.
+
+    ``threads``: OMP_NUM_THREADS for the run (torch's intra-op threads); None leaves torch's default
+    (all cores for one process; train.py sets cores / ranks under torchrun).
+    """
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     run_dir = RUNS / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -286,8 +314,10 @@ def launch(config: Path, ranks: int, overrides: list[str], name: str, stop=None,
     metrics_path = run_dir / "metrics.jsonl"
     stopped, hit_seen_at, seen = None, {}, 0
     t0 = time.perf_counter()
+    progress = t0  # time of the last new epoch (or the start)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        # cwd outside the checkout: ``-m`` puts the cwd first on sys.path, which would shadow a PYTHONPATH.
+        proc = subprocess.Popen(cmd, cwd=RUNS, env=env, stdout=log, stderr=subprocess.STDOUT)
         with TreeMemory(proc.pid, launcher=ranks > 1) as mem:
             while proc.poll() is None:
                 time.sleep(0.1)
@@ -295,21 +325,27 @@ def launch(config: Path, ranks: int, overrides: list[str], name: str, stop=None,
                 now = time.perf_counter() - t0
                 for m in metrics[seen:]:
                     hit_seen_at[m["epoch"]] = now  # end to end: process start to the line on disk (±0.1 s)
+                if len(metrics) > seen:
+                    progress = time.perf_counter()
                 seen = len(metrics)
                 if stop is not None and metrics and stop(metrics):
                     stopped = "target reached"
                 elif max_seconds is not None and now > max_seconds:
                     stopped = f"time cap {max_seconds:.0f} s"
+                elif time.perf_counter() - progress > STALL_S:
+                    stopped = f"stalled: no new epoch in {STALL_S:.0f} s"
                 if stopped:
-                    proc.terminate()  # torchrun forwards it to its ranks
+                    proc.terminate()  # the trainer stops after the current step; torchrun forwards it to its ranks
                     try:
-                        proc.wait(timeout=60)
+                        proc.wait(timeout=30)
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
                     break
     wall = time.perf_counter() - t0
     text = log_path.read_text()
+    if stopped and stopped.startswith("stalled"):
+        sys.exit(f"training run {name} {stopped} (killed):\n{text[-4000:]}")
     if proc.returncode != 0 and not stopped:
         sys.exit(f"training run {name} failed (exit {proc.returncode}):\n{text[-4000:]}")
     metrics = read_metrics(metrics_path)
@@ -324,24 +360,26 @@ def launch(config: Path, ranks: int, overrides: list[str], name: str, stop=None,
                 pass
     return {
         "name": name, "ranks": ranks, "overrides": overrides, "metrics": metrics, "wall_s": wall,
-        "stopped": stopped, "epoch_seen_at_s": hit_seen_at, "num_train": num_train,
-        "peak_rss_max_rank_bytes": mem.peak_max, "peak_rss_sum_bytes": mem.peak_sum,
+        "stopped": stopped, "exit_code": proc.returncode, "epoch_seen_at_s": hit_seen_at, "num_train": num_train,
+        # The sum over ranks is at least the largest rank's (VmHWM) peak, which polling can miss.
+        "peak_rss_max_rank_bytes": mem.peak_max, "peak_rss_sum_bytes": max(mem.peak_sum, mem.peak_max),
         "peak_hwm_sum_bytes": sum(mem.hwm.values()), "launcher_rss_bytes": mem.launcher_peak,
-        "loadavg_start": load_start, "loadavg_end": load1(), "log": str(log_path.relative_to(ROOT)),
+        "loadavg_start": load_start, "loadavg_end": load1(), "log": str(log_path),
     }
 
 
-def throughput(config: Path, dtype: str, ranks: int, epochs: int, num_train_fallback: int) -> dict:
-    name = f"throughput_{dtype}_{ranks}r"
-    print(f"throughput: {dtype}, {ranks} rank(s), {epochs} epochs ...", file=sys.stderr)
-    r = launch(config, ranks, [f"run.dtype={dtype}", f"run.epochs={epochs}", f"run.checkpoint_every={epochs}"], name)
+def throughput(config: Path, dtype: str, ranks: int, epochs: int, num_train_fallback: int, threads: int | None = None) -> dict:
+    name = f"throughput_{dtype}_{ranks}r" + (f"_{threads}t" if threads else "")
+    label = f"{ranks} rank(s)" + (f", OMP_NUM_THREADS={threads}" if threads else "")
+    print(f"throughput: {dtype}, {label}, {epochs} epochs ...", file=sys.stderr)
+    r = launch(config, ranks, [f"run.dtype={dtype}", f"run.epochs={epochs}", f"run.checkpoint_every={epochs}"], name, threads=threads)
     ms = r["metrics"]
     timed = ms[2:] if len(ms) >= 3 else ms
     epoch_s = statistics.median(m["epoch_seconds"] for m in timed)
     train_s = statistics.median(m["train_seconds"] for m in timed)
     num_train = r["num_train"] or num_train_fallback
     out = {
-        "what": "throughput", "dtype": dtype, "ranks": ranks, "epochs": len(ms),
+        "what": "throughput", "dtype": dtype, "ranks": ranks, "omp_num_threads": threads, "epochs": len(ms),
         "epochs_timed": f"{timed[0]['epoch']}..{timed[-1]['epoch']}",
         "epoch_s_median": epoch_s, "epoch_s_min": min(m["epoch_seconds"] for m in timed),
         "epoch_s_max": max(m["epoch_seconds"] for m in timed), "train_s_median": train_s,
@@ -374,17 +412,17 @@ def _badness(m: dict) -> float:
     return max(e / PAPER["test_rmse_energy_meV_atom"], f / PAPER["test_rmse_forces_eV_A"])
 
 
-def time_to_accuracy(config: Path, max_epochs: int, max_seconds: float) -> dict:
-    print(f"time to accuracy: up to {max_epochs} epochs / {max_seconds:.0f} s ...", file=sys.stderr)
+def time_to_accuracy(config: Path, max_epochs: int, max_seconds: float, threads: int | None) -> dict:
+    print(f"time to accuracy: up to {max_epochs} epochs / {max_seconds:.0f} s, OMP_NUM_THREADS={threads or 'default'} ...", file=sys.stderr)
     overrides = [*TTA, f"run.epochs={max_epochs}", f"run.checkpoint_every={max_epochs}"]
-    r = launch(config, 1, overrides, "tta", stop=lambda ms: any(_meets(m) for m in ms), max_seconds=max_seconds)
+    r = launch(config, 1, overrides, "tta", stop=lambda ms: any(_meets(m) for m in ms), max_seconds=max_seconds, threads=threads)
     ms = r["metrics"]
     if not ms:
-        sys.exit(f"time-to-accuracy run wrote no metrics; see {r['log']}")
+        sys.exit(f"time-to-accuracy run wrote no metrics:\n{Path(r['log']).read_text()[-4000:]}")
     hits = [m for m in ms if _meets(m)]
     chosen = hits[0] if hits else min(ms, key=_badness)
     out = {
-        "what": "time_to_accuracy", "dtype": "float32", "ranks": 1, "settings": TTA, "max_epochs": max_epochs,
+        "what": "time_to_accuracy", "dtype": "float32", "ranks": 1, "omp_num_threads": threads, "settings": TTA, "max_epochs": max_epochs,
         "max_seconds": max_seconds, "reached": bool(hits), "epoch": chosen["epoch"], "epochs_run": len(ms),
         "wall_seconds": chosen["wall_seconds"], "end_to_end_s": r["epoch_seen_at_s"].get(chosen["epoch"]),
         "test_rmse_energy_meV_atom": chosen["test_rmse_energy_meV_atom"], "test_rmse_forces_eV_A": chosen["test_rmse_forces_eV_A"],
@@ -405,7 +443,10 @@ def time_to_accuracy(config: Path, max_epochs: int, max_seconds: float) -> dict:
 def report(info: dict, data: dict, runs: list[dict], tta: dict | None, epochs: int) -> str:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     dirty = info["git_dirty_aenet_dist"]
-    tree = f"commit {info['git_commit']}" + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
+    if dirty and dirty[0].startswith("(aenet_dist imported from"):
+        tree = f"{dirty[0][1:-1]} (checkout at commit {info['git_commit']})"
+    else:
+        tree = f"commit {info['git_commit']}" + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
     lines = [
         HEADING,
         "",
@@ -424,7 +465,7 @@ def report(info: dict, data: dict, runs: list[dict], tta: dict | None, epochs: i
     ]
     for r in runs:
         lines.append(
-            f"| aenet_dist | {r['dtype']} | {r['ranks']} | {r['epoch_s_median']:.3f} | {r['epoch_s_min']:.2f}–{r['epoch_s_max']:.2f} | "
+            f"| aenet_dist | {r['dtype']} | {r['ranks']}{' (1 thread)' if r['omp_num_threads'] == 1 else ''} | {r['epoch_s_median']:.3f} | {r['epoch_s_min']:.2f}–{r['epoch_s_max']:.2f} | "
             f"{r['structures_per_s']:.0f} | {r['speedup_vs_aenet_pytorch']:.2f}x | {r['peak_rss_max_rank_mb']:.0f} | "
             f"{r['peak_rss_sum_mb']:.0f} | {r['memory_fraction_of_aenet_pytorch']:.2f} | {r['loadavg_end']:.2f} |"
         )
@@ -440,7 +481,8 @@ def report(info: dict, data: dict, runs: list[dict], tta: dict | None, epochs: i
         "aenet-PyTorch: `shared/refdata/README.md` (40 epochs of its example, 21.9 s loop, 2.65 GB peak RSS, same machine "
         "kind, torch 2.13 CPU; not rerun here). Memory: psutil every 0.1 s; largest rank from the kernel's VmHWM, sum of "
         "ranks = peak of the summed RSS (shared library pages counted once per rank; the torchrun launcher left out); "
-        "fraction = sum of ranks / 2.65e9 B.",
+        "fraction = sum of ranks / 2.65e9 B. Threads: one process uses torch's default (one intra-op thread per core) "
+        "unless the row says 1 thread (OMP_NUM_THREADS=1); under torchrun train.py sets cores / ranks = 1 thread per rank.",
         "",
     ]
     if tta is not None:
@@ -453,7 +495,7 @@ def report(info: dict, data: dict, runs: list[dict], tta: dict | None, epochs: i
                    f"**not reached** within {tta['epochs_run']} epochs ({tta['stopped'] or 'epoch cap'}); best epoch {tta['epoch']} "
                    f"at {tta['wall_seconds']:.1f} s")
         lines += [
-            f"- **Time to accuracy** (1 rank, float32, same 2 x 5 tanh networks and split; paper: test RMSE ≤ "
+            f"- **Time to accuracy** (1 rank, float32, OMP_NUM_THREADS={tta['omp_num_threads'] or 'default'}, same 2 x 5 tanh networks and split; paper: test RMSE ≤ "
             f"{PAPER['test_rmse_energy_meV_atom']} meV/atom and ≤ {PAPER['test_rmse_forces_eV_A']} eV/Å after "
             f"{PAPER['epochs']} epochs, {PAPER['wall_s']:.0f} s on one CPU). Settings `{settings}`: {verdict}; test "
             f"{tta['test_rmse_energy_meV_atom']:.2f} meV/atom, {tta['test_rmse_forces_eV_A']:.4f} eV/Å (train "
@@ -483,6 +525,11 @@ def main() -> int:
     parser.add_argument("--skip-tta", action="store_true", help="no time-to-accuracy run")
     parser.add_argument("--tta-max-epochs", type=int, default=TTA_MAX_EPOCHS, help=f"epoch cap of the time-to-accuracy run (default {TTA_MAX_EPOCHS})")
     parser.add_argument("--tta-max-seconds", type=float, default=TTA_MAX_SECONDS, help=f"wall cap of it (default {TTA_MAX_SECONDS:.0f})")
+    parser.add_argument("--no-one-thread", action="store_true",
+                        help="no extra 1-rank rows with OMP_NUM_THREADS=1 (by default each 1-rank run is repeated so)")
+    parser.add_argument("--tta-threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of the time-to-accuracy run (default 1; 0 = torch's default)")
+    parser.add_argument("--keep", type=Path, help="keep run directories and logs here (default: a temporary directory, removed)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md / results.jsonl")
     args = parser.parse_args()
     if not GENERATE_IN.exists() or not FORCE_LIST.exists():
@@ -496,12 +543,25 @@ def main() -> int:
     if note:
         print(note, file=sys.stderr)
 
+    global RUNS
     info = machine()
     data = ensure_store()
-    config = write_base_config()
-    num_train = data["structures"] - int(round(data["structures"] * PAPER_SETTINGS["data"]["test_percent"] / 100))
-    runs = [throughput(config, dtype, ranks, args.epochs, num_train) for dtype in args.dtypes for ranks in args.ranks]
-    tta = None if args.skip_tta else time_to_accuracy(config, args.tta_max_epochs, args.tta_max_seconds)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train_tio2_"))
+    RUNS = args.keep.resolve() if args.keep else tmp
+    RUNS.mkdir(parents=True, exist_ok=True)
+    try:
+        config = write_base_config(RUNS)
+        num_train = data["structures"] - int(round(data["structures"] * PAPER_SETTINGS["data"]["test_percent"] / 100))
+        runs = []
+        for dtype in args.dtypes:
+            for ranks in args.ranks:
+                runs.append(throughput(config, dtype, ranks, args.epochs, num_train))
+                if ranks == 1 and not args.no_one_thread:
+                    runs.append(throughput(config, dtype, ranks, args.epochs, num_train, threads=1))
+        tta_threads = None if args.tta_threads == 0 else args.tta_threads
+        tta = None if args.skip_tta else time_to_accuracy(config, args.tta_max_epochs, args.tta_max_seconds, tta_threads)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     text = report(info, data, runs, tta, args.epochs)
     print(text)

@@ -1,0 +1,187 @@
+"""Plots of a training run: ``aenet-dist plot RUN_DIR`` -> learning_curves.png, parity.png.
+
+* ``learning_curves.png``: train and test RMSE of energies (meV/atom) and forces (eV/Å) per
+  epoch from ``run_dir/metrics.jsonl``, log y axis.
+* ``parity.png``: reference (DFT) vs predicted cohesive energy per atom, and reference vs
+  predicted force components, train and test structures apart (the run's split:
+  :func:`aenet_dist.loader.split_test` with its ``data.test_percent``/``data.split_seed``),
+  evaluated with a checkpoint (default ``best``) on the run's store.
+
+matplotlib runs with the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .batching import gather_batch, shard_from_range
+from .export import load_run_model, resolve_checkpoint
+from .loader import split_test
+from .train import predict
+
+FIGSIZE = {"learning_curves": (9.0, 4.0), "parity": (10.0, 4.5)}
+DPI = 100
+"""Images are FIGSIZE * DPI pixels: learning_curves.png 900x400, parity.png 1000x450."""
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The epoch records of ``run_dir/metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise ValueError(f"{path}: no metrics (has the run finished an epoch?)")
+    records = []
+    for k, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{k}: not JSON: {err}") from None
+    if not records:
+        raise ValueError(f"{path}: empty")
+    return records
+
+
+def plot_learning_curves(metrics: list[dict], out: str | os.PathLike) -> Path:
+    """Train/test energy and force RMSE vs epoch (log y) -> PNG."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE["learning_curves"], dpi=DPI)
+    epochs = [m["epoch"] for m in metrics]
+    panels = (("energy", "meV_atom", "RMSE energy (meV/atom)"), ("forces", "eV_A", "RMSE forces (eV/Å)"))
+    for ax, (what, unit, label) in zip(axes, panels):
+        for split, style in (("train", "-"), ("test", "--")):
+            values = [m.get(f"{split}_rmse_{what}_{unit}", float("nan")) for m in metrics]
+            values = [v if v is not None and math.isfinite(v) and v > 0 else float("nan") for v in values]
+            if any(math.isfinite(v) for v in values):
+                ax.plot(epochs, values, style, marker="o" if len(epochs) < 30 else None, markersize=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        if ax.lines:
+            ax.set_yscale("log")
+            ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def evaluate_run(run_dir: str | os.PathLike, checkpoint: str = "best", store: str | None = None,
+                 device: str = "cpu") -> dict[str, np.ndarray]:
+    """Predictions of a checkpoint on every structure of the run's store.
+
+    Returns:
+        dict: ``energy_ref``/``energy_pred`` (S,) cohesive eV/atom, ``test`` (S,) bool,
+        ``force_ref``/``force_pred`` (A_f, 3) eV/Å for the structures with derivatives,
+        ``force_test`` (A_f,) bool.
+    """
+    model, reader, config = load_run_model(resolve_checkpoint(run_dir, checkpoint), store)
+    model = model.to(device)
+    test = split_test(reader.num_structures, config.data.test_percent, config.data.split_seed)
+    e_ref, e_pred, f_ref, f_pred, f_test = [], [], [], [], []
+    for b in range(len(reader.block_first) - 1):  # one store block at a time bounds the memory
+        data = reader.read_block(b)
+        shard = shard_from_range(data, torch.float64).to(device)
+        batch = gather_batch(shard, torch.arange(shard.num_structures, device=device), with_forces=True)
+        with torch.enable_grad():
+            energy, forces = predict(model, batch, with_forces=True, create_graph=False)
+        num_atoms = batch.num_atoms.double()
+        e_ref.append((batch.energy / num_atoms).cpu().numpy())
+        e_pred.append((energy.detach() / num_atoms).cpu().numpy())
+        if forces is not None:
+            mask = batch.force_atoms
+            f_ref.append(batch.forces[mask].cpu().numpy())
+            f_pred.append(forces.detach()[mask].cpu().numpy())
+            structure_test = torch.from_numpy(test[data.start : data.stop]).to(device)
+            f_test.append(torch.repeat_interleave(structure_test, batch.num_atoms)[mask].cpu().numpy())
+    cat = lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape)  # noqa: E731
+    return {
+        "energy_ref": np.concatenate(e_ref), "energy_pred": np.concatenate(e_pred), "test": test,
+        "force_ref": cat(f_ref, (0, 3)), "force_pred": cat(f_pred, (0, 3)), "force_test": cat(f_test, (0,)).astype(bool),
+    }
+
+
+def plot_parity(results: dict[str, np.ndarray], out: str | os.PathLike) -> Path:
+    """Reference vs predicted energy per atom and force components, train and test -> PNG."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE["parity"], dpi=DPI)
+    panels = (
+        (axes[0], results["energy_ref"], results["energy_pred"], results["test"], 1000.0, "meV/atom",
+         "cohesive energy per atom (eV/atom)"),
+        (axes[1], results["force_ref"].reshape(-1), results["force_pred"].reshape(-1),
+         np.repeat(results["force_test"], 3), 1.0, "eV/Å", "force components (eV/Å)"),
+    )
+    for ax, ref, pred, test, factor, unit, label in panels:
+        for name, mask, color in (("train", ~test, "tab:blue"), ("test", test, "tab:orange")):
+            if mask.any():
+                rmse = math.sqrt(float(np.mean((pred[mask] - ref[mask]) ** 2))) * factor
+                ax.scatter(ref[mask], pred[mask], s=6, alpha=0.6, color=color, label=f"{name} (RMSE {rmse:.3g} {unit})")
+        if ref.size:
+            lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
+            pad = 0.05 * (hi - lo or 1.0)
+            ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k-", lw=0.8)
+            ax.legend(loc="upper left", fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no structures with forces", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(f"reference {label}")
+        ax.set_ylabel(f"predicted {label}")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig, out) -> Path:
+    """Save atomically (temp file in the same directory, then rename) and close the figure."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    fig.savefig(tmp, dpi=DPI, format="png")
+    _pyplot().close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, checkpoint: str = "best",
+             store: str | None = None, device: str = "cpu", parity: bool = True) -> list[Path]:
+    """learning_curves.png and (with ``parity``) parity.png of a run, in ``out_dir`` (default: the run directory)."""
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [plot_learning_curves(read_metrics(run_dir), out_dir / "learning_curves.png")]
+    if parity:
+        written.append(plot_parity(evaluate_run(run_dir, checkpoint, store, device), out_dir / "parity.png"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aenet-dist plot", description="Learning curves and parity plots of a training run.")
+    parser.add_argument("run_dir", help="run directory of aenet-dist train")
+    parser.add_argument("--out", help="output directory (default: the run directory)")
+    parser.add_argument("--checkpoint", default="best", help="checkpoint for the parity plot: best (default), latest or a path")
+    parser.add_argument("--store", help="the feature store, if it is no longer where the run's config says")
+    parser.add_argument("--device", default="cpu", help="device of the parity evaluation (default cpu)")
+    parser.add_argument("--no-parity", action="store_true", help="only the learning curves")
+    args = parser.parse_args(argv)
+    try:
+        for path in plot_run(args.run_dir, args.out, args.checkpoint, args.store, args.device, not args.no_parity):
+            print(path)
+        return 0
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Benchmark of ``aenet-dist predict`` on all 1000 TiO2 structures, against aenet's predict.x.
+
+    .venv/bin/python bench/predict.py [--device cpu|cuda] [--repeats 3] [--no-save] [--save-to DIR]
+
+``AENET_DIST_SHARED`` overrides the location of ``shared/`` (default: beside the repository).
+
+Potentials: ``shared/refdata/{Ti,O}.pytorch.nn``; structures: the 1000 XSF files of
+``shared/data/tio2/xsf`` (21,285 atoms), listed in a predict.in. Measures, energies only and with
+forces, from the XSF files to the results:
+
+* end to end: the command line as a subprocess (``aenet-dist predict predict.in --out report.txt``,
+  or ``python -m aenet_dist.predict`` where the dispatcher has no ``predict`` yet), interpreter and
+  torch start-up included, text report written like predict.x's;
+* in-process: Predictor.from_potentials + reading the XSF files + predict, after one warm-up run;
+* the ``rows`` engine (featurize's sparse dG/dR rows + model.forces_from_dEdG) with forces, once;
+* the agreement with predict.x on the 20 refdata structures.
+
+predict.x (serial Fortran, one core, same machine kind): 13.5 s with forces, 3.5 s energies only
+(shared/refdata/README.md). Prints a markdown table, appends it to bench/RESULTS.md under
+"## predict (TiO2, 1000 structures)" and one JSON line per measurement to bench/results.jsonl.
+Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AENET_DIST_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+VENV = Path(os.environ.get("AENET_DIST_VENV", ROOT / ".venv"))
+PY = Path(sys.executable)  # the interpreter running this script (the venv's, as documented above)
+XSF_DIR = SHARED / "data" / "tio2" / "xsf"
+REFDATA = SHARED / "refdata"
+POTENTIALS = {"Ti": REFDATA / "Ti.pytorch.nn", "O": REFDATA / "O.pytorch.nn"}
+RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+RESULTS_JSONL = ROOT / "bench" / "results.jsonl"
+HEADING = "## predict (TiO2, 1000 structures)"
+PREDICT_X = {True: 13.5, False: 3.5}  # wall s, with / without forces (refdata README)
+THREADS: int | None = None  # --threads: torch intra-op threads, in-process and in the subprocess
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "host_cpus": os.cpu_count(),
+        "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def command_prefix() -> list[str]:
+    """``aenet-dist predict`` if the dispatcher knows it, else ``python -m aenet_dist.predict`` (same start-up)."""
+    cli = VENV / "bin" / "aenet-dist"
+    if cli.exists() and subprocess.run([str(cli), "predict", "--help"], capture_output=True).returncode == 0:
+        return [str(cli), "predict"]
+    return [str(PY), "-m", "aenet_dist.predict"]
+
+
+def write_predict_in(tmp: Path, files: list[Path], forces: bool) -> Path:
+    path = tmp / f"predict_{'forces' if forces else 'energies'}.in"
+    lines = ["TYPES", "2", "Ti", "O", "", "NETWORKS"] + [f"{el}  {p}" for el, p in POTENTIALS.items()] + [""]
+    lines += (["FORCES", ""] if forces else []) + ["FILES", str(len(files))] + [str(f) for f in files]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def end_to_end(prefix: list[str], predict_in: Path, out: Path, device: str, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        proc = subprocess.run(prefix + [str(predict_in), "--out", str(out), "--device", device]
+                              + ([f"--threads={THREADS}"] if THREADS else []), capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+        if proc.returncode != 0:
+            sys.exit(f"predict failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return times
+
+
+def in_process(files: list[Path], forces: bool, device: str, repeats: int, engine: str = "pairs") -> tuple[list[float], dict]:
+    """Wall of potentials + reading + predict, after a warm-up; also the split of the last run."""
+    import torch
+
+    from aenet_dist.predict import Predictor
+    from aenet_dist.structures import read_xsf
+
+    def once():
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        t0 = time.perf_counter()
+        predictor = Predictor.from_potentials(POTENTIALS, device=device)
+        t1 = time.perf_counter()
+        structures = [read_xsf(f) for f in files]
+        t2 = time.perf_counter()
+        results = predictor.predict(structures, forces=forces, engine=engine)
+        sync()
+        t3 = time.perf_counter()
+        assert len(results) == len(files)
+        return t3 - t0, {"load_potentials_s": t1 - t0, "read_xsf_s": t2 - t1, "predict_s": t3 - t2}
+
+    once()  # warm-up: allocator, caches, CUDA context and kernels
+    runs = [once() for _ in range(repeats)]
+    return [r[0] for r in runs], runs[-1][1]
+
+
+def check_reference(device: str) -> dict:
+    from aenet_dist.predict import Predictor
+    from aenet_dist.structures import read_xsf
+
+    ref = np.load(REFDATA / "tio2_20_predict.npz")
+    structures = [read_xsf(XSF_DIR / n) for n in ref["file_names"]]
+    results = Predictor.from_potentials(POTENTIALS, device=device).predict(structures, forces=True)
+    de = np.abs(np.array([r.energy for r in results]) - ref["energy_total"]) / ref["natoms"]
+    df = np.abs(np.concatenate([r.forces for r in results]) - ref["forces"])
+    return {"structures": 20, "max_abs_energy_eV_atom": float(de.max()), "max_abs_force_eV_A": float(df.max())}
+
+
+def torch_import_seconds(repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([str(PY), "-c", "import torch"], check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def report(info: dict, rows: list[dict], check: dict, torch_s: float, num_atoms: int, num_structures: int, prefix: list[str]) -> str:
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    gpu = f", {info['gpu']}" if "gpu" in info else ", no GPU"
+    command = " ".join(Path(prefix[0]).name if k == 0 else a for k, a in enumerate(prefix))
+    lines = [
+        HEADING, "",
+        f"{stamp}; {info['nproc']} CPU(s) ({info['cpu_model']}){gpu}; device {info['device']}; torch {info['torch']} "
+        f"({info['torch_threads']} threads), numpy {info['numpy']}, Python {info['python']}; load average at start "
+        f"{info['loadavg_1min_at_start']} (other work on the machine slows every number). `bench/predict.py`: "
+        f"{num_structures} XSF files, {num_atoms} atoms, `shared/refdata/{{Ti,O}}.pytorch.nn`; end to end = `{command} "
+        f"predict.in --out report.txt` as a subprocess; in-process = potentials + XSF reading + predict (median of the "
+        f"repeats after a warm-up).", "",
+        "| program | measure | forces | wall (s) | structures/s | atoms/s | vs predict.x |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speed = f"{PREDICT_X[r['forces']] / r['wall_s']:.1f}x faster" if r["program"] != "aenet predict.x" else "–"
+        lines.append(f"| {r['program']} | {r['measure']} | {'yes' if r['forces'] else 'no'} | {r['wall_s']:.2f} | "
+                     f"{num_structures / r['wall_s']:.0f} | {num_atoms / r['wall_s']:.0f} | {speed} |")
+    lines += ["", f"- `python -c 'import torch'` alone takes {torch_s:.2f} s (median of 3): most of the end-to-end overhead.",
+              f"- In-process split (last run): " + "; ".join(
+                  f"{r['measure']} {'forces' if r['forces'] else 'energies'}: potentials {r['split']['load_potentials_s']:.2f} s, "
+                  f"XSF {r['split']['read_xsf_s']:.2f} s, predict {r['split']['predict_s']:.2f} s" for r in rows if "split" in r),
+              f"- Agreement with predict.x on the 20 refdata structures: max |ΔE| {check['max_abs_energy_eV_atom']:.1e} eV/atom, "
+              f"max |ΔF| {check['max_abs_force_eV_A']:.1e} eV/Å.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median; default 3)")
+    parser.add_argument("--no-rows", action="store_true", help="skip the rows-engine measurement")
+    parser.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md / results.jsonl")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--save-to", type=Path, help="append to RESULTS.md / results.jsonl in this directory instead of bench/")
+    args = parser.parse_args()
+    global THREADS
+    if args.threads:
+        import torch
+
+        THREADS = args.threads
+        torch.set_num_threads(args.threads)
+    files = sorted(XSF_DIR.glob("*.xsf"))
+    if len(files) != 1000 or not all(p.exists() for p in POTENTIALS.values()):
+        sys.exit(f"need the 1000 TiO2 XSF files in {XSF_DIR} and {list(POTENTIALS.values())}")
+    from aenet_dist.structures import read_xsf
+
+    num_atoms = sum(read_xsf(f).num_atoms for f in files)
+    info = machine(args.device)
+    prefix = command_prefix()
+    rows = [{"program": "aenet predict.x", "measure": "end to end (refdata README)", "forces": f, "wall_s": PREDICT_X[f]}
+            for f in (False, True)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for forces in (False, True):
+            times = end_to_end(prefix, write_predict_in(tmp, files, forces), tmp / "report.txt", args.device, args.repeats)
+            rows.append({"program": "aenet_dist", "measure": "end to end", "forces": forces, "wall_s": statistics.median(times), "runs_s": times})
+            print(f"end to end, forces={forces}: {times}", file=sys.stderr)
+            report_bytes = (tmp / "report.txt").stat().st_size
+        for forces in (False, True):
+            times, split = in_process(files, forces, args.device, args.repeats)
+            rows.append({"program": "aenet_dist", "measure": "in-process", "forces": forces, "wall_s": statistics.median(times),
+                         "runs_s": times, "split": split})
+            print(f"in-process, forces={forces}: {times}", file=sys.stderr)
+        if not args.no_rows:
+            times, split = in_process(files, True, args.device, 1, engine="rows")
+            rows.append({"program": "aenet_dist (rows engine)", "measure": "in-process", "forces": True, "wall_s": times[0],
+                         "runs_s": times, "split": split})
+    check = check_reference(args.device)
+    torch_s = torch_import_seconds()
+    text = report(info, rows, check, torch_s, num_atoms, len(files), prefix)
+    print(text)
+    if not args.no_save:
+        results_md, results_jsonl = (RESULTS_MD, RESULTS_JSONL) if args.save_to is None else \
+            (args.save_to / "RESULTS.md", args.save_to / "results.jsonl")
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        base = {"bench": "predict", "dataset": "tio2", "time": stamp, **info, "structures": len(files), "atoms": num_atoms}
+        records = [{**base, "what": "throughput", **r, "structures_per_s": len(files) / r["wall_s"],
+                    "atoms_per_s": num_atoms / r["wall_s"]} for r in rows]
+        records.append({**base, "what": "reference_check", **check})
+        records.append({**base, "what": "torch_import", "seconds": torch_s, "report_bytes": report_bytes})
+        if not results_md.exists():
+            results_md.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
+        with open(results_md, "a") as fh:
+            fh.write(text + "\n")
+        with open(results_jsonl, "a") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec) + "\n")
+        print(f"appended to {results_md} and {results_jsonl}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Shards, epoch plans and cache modes: chunk-aligned cost balance, deterministic plans,
+and bitwise-identical training whatever the cache."""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aenet_dist.aenet_inputs import read_generate_input
+from aenet_dist.config import StoreOptions
+from aenet_dist.datasets import generate_emt_dataset
+from aenet_dist.loader import choose_cache, epoch_plan, rank_data, structure_costs
+from aenet_dist.store import StoreReader, featurize_to_store
+from aenet_dist.train import main as train_main
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A skewed store: structures of 1 to ~30 atoms, half of them with derivative rows, many small blocks."""
+    base = tmp_path_factory.mktemp("loader")
+    generate_in = generate_emt_dataset(base / "data", num_structures=120, seed=11, force_percent=50.0)
+    out = base / "emt.zarr"
+    featurize_to_store(read_generate_input(generate_in), out, StoreOptions(chunk_bytes=2**16), progress=False)
+    return out
+
+
+def test_shards_are_chunk_aligned_and_cost_balanced(store):
+    reader = StoreReader(store)
+    costs = structure_costs(reader)
+    assert costs.max() > 20 * costs.min(), "the data set should be skewed"
+    blocks = set(reader.block_first.tolist())
+    for shards in (2, 3, 4):
+        parts = [rank_data(reader, r, shards, None, 10.0, 0) for r in range(shards)]
+        assert parts[0].start == 0 and parts[-1].stop == reader.num_structures
+        assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+        assert all(p.start in blocks and p.stop in blocks for p in parts), "shard bounds must be block bounds"
+        load = np.array([costs[p.start : p.stop].sum() for p in parts])
+        assert load.max() / load.mean() - 1 < 0.05, (shards, load)
+        # ... and a structure count split would have been far worse on this skewed set
+        even = np.array_split(costs, shards)
+        assert max(e.sum() for e in even) / load.mean() > load.max() / load.mean()
+
+
+def test_plan_is_deterministic_and_covers_the_training_set(store):
+    reader = StoreReader(store)
+    data = rank_data(reader, 0, 1, 2, 10.0, 0)
+    plan = epoch_plan(data, seed=3, epoch=5, steps=7, window_blocks=2)
+    again = epoch_plan(data, seed=3, epoch=5, steps=7, window_blocks=2)
+    assert all(np.array_equal(a, b) for a, b in zip(plan, again))
+    everything = np.sort(np.concatenate(plan))
+    np.testing.assert_array_equal(everything, np.flatnonzero(data.train_local))
+    other = epoch_plan(data, seed=3, epoch=6, steps=7, window_blocks=2)
+    assert not all(np.array_equal(a, b) for a, b in zip(plan, other))
+
+
+def test_choose_cache():
+    cpu = torch.device("cpu")
+    assert choose_cache("auto", 1e6, cpu)[0] == "memory"
+    assert choose_cache("auto", 1e15, cpu)[0] == "stream"
+    assert choose_cache("stream", 1e6, cpu) == ("stream", "requested")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        choose_cache("gpu", 1e6, cpu)
+
+
+def run(config: Path, overrides: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = train_main([str(config), *overrides])
+    return code, err.getvalue()
+
+
+def test_cache_modes_train_identically(store, tmp_path):
+    config = tmp_path / "train.toml"
+    config.write_text(
+        f"""
+[data]
+store = "{store}"
+test_percent = 20
+shuffle_window_blocks = 3
+[model]
+hidden = [6, 6]
+[optim]
+method = "adam"
+lr = 0.01
+[loss]
+force_weight = 0.3
+[run]
+epochs = 2
+batch_size = 16
+dtype = "float64"
+device = "cpu"
+"""
+    )
+    results = {}
+    for mode in ("memory", "stream", "pinned"):
+        run_dir = tmp_path / mode
+        code, err = run(config, [f"data.cache={mode}", f"run.run_dir={run_dir}"])
+        assert code == 0, err
+        assert f"data.cache={mode} -> {mode}" in err
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        weights = torch.load(run_dir / "checkpoints" / "checkpoint_000002.pt", weights_only=True)["model"]
+        results[mode] = (lines, weights)
+    keys = ("train_rmse_energy_meV_atom", "train_rmse_forces_eV_A", "test_rmse_energy_meV_atom", "test_rmse_forces_eV_A")
+    for mode in ("stream", "pinned"):
+        for a, b in zip(results["memory"][0], results[mode][0]):
+            assert all(a[k] == b[k] for k in keys), (mode, a, b)
+        for name, w in results["memory"][1].items():
+            assert torch.equal(w, results[mode][1][name]), (mode, name)
