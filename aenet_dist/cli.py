@@ -9,6 +9,7 @@ USAGE = """usage: aenet-dist <command> [args]
 commands:
   featurize   aenet generate.in -> Zarr store (descriptors and derivatives); MPI-parallel
   train       train per-element networks from a store (torchrun for several ranks)
+  plan        memory per rank and cache mode for a store, before a job is queued
   datasets    generate the embedded EMT datasets (emt, synth)
 
 Run `aenet-dist <command> --help` for a command's options."""
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         from .featurize import main as run
     elif command == "train":
         from .train import main as run
+    elif command == "plan":
+        from .plan import main as run
     elif command == "datasets":
         from .datasets import main as run
     else:

@@ -163,12 +163,12 @@ def report(info: dict, rows: list[dict], check: dict, torch_s: float, num_atoms:
         f"{info['loadavg_1min_at_start']} (other work on the machine slows every number). `bench/predict.py`: "
         f"{num_structures} XSF files, {num_atoms} atoms, `shared/refdata/{{Ti,O}}.pytorch.nn`; end to end = `{command} "
         f"predict.in --out report.txt` as a subprocess; in-process = potentials + XSF reading + predict (median of the "
-        f"repeats after a warm-up).", "",
-        "| program | measure | forces | wall (s) | structures/s | atoms/s | vs predict.x |",
+        f"repeats after a warm-up). Speed-up = predict.x wall (same kind of 2-vCPU machine) / this wall.", "",
+        "| program | measure | forces | wall (s) | structures/s | atoms/s | speed-up vs predict.x |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        speed = f"{PREDICT_X[r['forces']] / r['wall_s']:.1f}x faster" if r["program"] != "aenet predict.x" else "–"
+        speed = f"{PREDICT_X[r['forces']] / r['wall_s']:.2f}x" if r["program"] != "aenet predict.x" else "1"
         lines.append(f"| {r['program']} | {r['measure']} | {'yes' if r['forces'] else 'no'} | {r['wall_s']:.2f} | "
                      f"{num_structures / r['wall_s']:.0f} | {num_atoms / r['wall_s']:.0f} | {speed} |")
     lines += ["", f"- `python -c 'import torch'` alone takes {torch_s:.2f} s (median of 3): most of the end-to-end overhead.",

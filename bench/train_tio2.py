@@ -175,6 +175,7 @@ class TreeMemory:
         self.interval = interval
         self.peak_sum = 0
         self.peak_max = 0
+        self.last_sum = 0  # summed RSS at the last poll: the steady state of training
         self.hwm: dict[int, int] = {}
         self.launcher_peak = 0
         self._stop = threading.Event()
@@ -225,6 +226,7 @@ class TreeMemory:
                 except psutil.Error:
                     pass
             if rss:
+                self.last_sum = sum(rss)
                 self.peak_sum = max(self.peak_sum, sum(rss))
                 self.peak_max = max(self.peak_max, max(rss), max(self.hwm.values(), default=0))
             self._stop.wait(self.interval)
@@ -363,7 +365,7 @@ def launch(config: Path, ranks: int, overrides: list[str], name: str, stop=None,
         "stopped": stopped, "exit_code": proc.returncode, "epoch_seen_at_s": hit_seen_at, "num_train": num_train,
         # The sum over ranks is at least the largest rank's (VmHWM) peak, which polling can miss.
         "peak_rss_max_rank_bytes": mem.peak_max, "peak_rss_sum_bytes": max(mem.peak_sum, mem.peak_max),
-        "peak_hwm_sum_bytes": sum(mem.hwm.values()), "launcher_rss_bytes": mem.launcher_peak,
+        "peak_hwm_sum_bytes": sum(mem.hwm.values()), "launcher_rss_bytes": mem.launcher_peak, "last_rss_sum_bytes": mem.last_sum,
         "loadavg_start": load_start, "loadavg_end": load1(), "log": str(log_path),
     }
 
@@ -387,14 +389,15 @@ def throughput(config: Path, dtype: str, ranks: int, epochs: int, num_train_fall
         "num_train": num_train, "structures_per_s": num_train / epoch_s,
         "speedup_vs_aenet_pytorch": AENET_PYTORCH["epoch_s"] / epoch_s,
         "peak_rss_max_rank_mb": r["peak_rss_max_rank_bytes"] / 2**20, "peak_rss_sum_mb": r["peak_rss_sum_bytes"] / 2**20,
-        "launcher_rss_mb": r["launcher_rss_bytes"] / 2**20,
+        "launcher_rss_mb": r["launcher_rss_bytes"] / 2**20, "rss_sum_at_end_mb": r["last_rss_sum_bytes"] / 2**20,
         "memory_fraction_of_aenet_pytorch": r["peak_rss_sum_bytes"] / AENET_PYTORCH["peak_rss_bytes"],
         "wall_s": r["wall_s"], "loadavg_start": r["loadavg_start"], "loadavg_end": r["loadavg_end"],
         "last_test_rmse_energy_meV_atom": ms[-1]["test_rmse_energy_meV_atom"], "last_test_rmse_forces_eV_A": ms[-1]["test_rmse_forces_eV_A"],
         "log": r["log"],
     }
     print(f"  median epoch {epoch_s:.3f} s ({out['structures_per_s']:.0f} structures/s), peak RSS "
-          f"{out['peak_rss_max_rank_mb']:.0f} MB largest rank, {out['peak_rss_sum_mb']:.0f} MB sum; load {r['loadavg_end']:.2f}",
+          f"{out['peak_rss_max_rank_mb']:.0f} MB largest rank, {out['peak_rss_sum_mb']:.0f} MB sum "
+          f"({out['rss_sum_at_end_mb']:.0f} MB at the end); load {r['loadavg_end']:.2f}",
           file=sys.stderr)
     return out
 
@@ -481,7 +484,9 @@ def report(info: dict, data: dict, runs: list[dict], tta: dict | None, epochs: i
         "aenet-PyTorch: `shared/refdata/README.md` (40 epochs of its example, 21.9 s loop, 2.65 GB peak RSS, same machine "
         "kind, torch 2.13 CPU; not rerun here). Memory: psutil every 0.1 s; largest rank from the kernel's VmHWM, sum of "
         "ranks = peak of the summed RSS (shared library pages counted once per rank; the torchrun launcher left out); "
-        "fraction = sum of ranks / 2.65e9 B. Threads: one process uses torch's default (one intra-op thread per core) "
+        "fraction = sum of ranks / 2.65e9 B. The peak comes from loading the store (RSS at the end of the 1-rank runs: "
+        + ", ".join(f"{r['dtype']} {r['rss_sum_at_end_mb']:.0f} MB" for r in runs if r["ranks"] == 1 and not r["omp_num_threads"])
+        + "). Threads: one process uses torch's default (one intra-op thread per core) "
         "unless the row says 1 thread (OMP_NUM_THREADS=1); under torchrun train.py sets cores / ranks = 1 thread per rank.",
         "",
     ]

@@ -39,7 +39,7 @@ usable() {
 
 have_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 stop_all() {
     if have_systemd; then
@@ -112,7 +112,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-if command -v sinfo >/dev/null && usable && [ "$(cat "$CONF" 2>/dev/null)" = "$(desired_conf)" ]; then
+# (The pid file test spares a sinfo that would wait for a controller which is not there.)
+if command -v sinfo >/dev/null && { pid_alive /run/slurm/slurmctld.pid || have_systemd; } &&
+    usable && [ "$(cat "$CONF" 2>/dev/null)" = "$(desired_conf)" ]; then
     say "already running: node localhost is $(node_state) ($(sinfo --version))"
     exit 0
 fi
