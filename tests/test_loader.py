@@ -110,3 +110,18 @@ device = "cpu"
             assert all(a[k] == b[k] for k in keys), (mode, a, b)
         for name, w in results["memory"][1].items():
             assert torch.equal(w, results[mode][1][name]), (mode, name)
+
+
+def test_plan_command_covers_the_store(store, capsys):
+    from aenet_dist.plan import main as plan_main, plan_rows
+
+    reader = StoreReader(store)
+    rows = plan_rows(reader, ranks=3, itemsize=4, window_blocks=2, batch_size=16)
+    assert sum(r["structures"] for r in rows) == reader.num_structures
+    assert sum(r["deriv_rows"] for r in rows) == int(reader.num_deriv_rows.sum())
+    assert all(r["host_stream"] < r["host_memory"] for r in rows), "stream must need less host memory than a full cache here"
+    assert plan_main([str(store), "--ranks", "3", "--cache", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("memory (shard") == 3
+    assert plan_main([str(store), "--cache", "gpu"]) == 0
+    assert "needs a CUDA device" in capsys.readouterr().out
