@@ -12,10 +12,12 @@ the pairs. The backward pass contracts dE/dG with the descriptor derivative pair
     F_j −= g_p,  F_i += g_p,   virial W = Σ_p g_p ⊗ R_ij,   stress = W_sym / V
 
 so the (pairs, F, 3) derivative rows that training stores are never built: with forces it
-costs about twice the energy-only pass. Radial part (fc T_n)' = fc' T_n + fc T_n' · 2/Rr; angular
-part through the moments M_α(i) = Σ_j w_j u_j^α: ∂E/∂M_α(i) = Σ_n ∂E/∂A_n(i) C_nα M_α(i), and
-∂(w u^α)/∂R = w' u^α u + w (∇_u u^α − |α| u^α u)/r, where Σ_α λ_α ∇_u u^α comes from a reverse
-pass through the monomial recursion. Agrees with aenet's predict.x to 1e-11 eV and 1e-13 eV/Å on the TiO2 reference.
+costs 1.5-2 times the energy-only pass. Radial part (fc T_n)' = fc' T_n + fc T_n' · 2/Rr; angular
+part through the moments M_α(i) = Σ_j w_j u_j^α: λ_α(i) = ∂E/∂M_α(i) = Σ_n ∂E/∂A_n(i) C_nα M_α(i),
+and ∂(w u^α)/∂R = w' u^α u + w (∇_u u^α − |α| u^α u)/r, where Σ_α λ_α ∇_u u^α = Σ_α λ_α α_d u^(α−e_d)
+is a product of per-center coefficients λ D_d with the pair's monomials. Stress comes from the
+same g_p. Agrees with aenet's predict.x to 1e-11 eV and 1e-13 eV/Å on the TiO2 reference
+(tests/test_predict.py); benchmarks in bench/RESULTS.md.
 
 ``engine="rows"`` instead featurizes with :func:`aenet_dist.descriptors.featurize` (sparse
 dG/dR rows, as stored for training) and contracts with :func:`aenet_dist.model.forces_from_dEdG`;
@@ -229,31 +231,6 @@ def _element_pass(t: _ElementTables, net, row, env, r, u, num_centers: int, with
     radial_a = dw * dots[:, 0] - (w / ra) * along + 2.0 * sig_p * w * dw
     grad.index_add_(0, ang, radial_a[:, None] * ua + (w / ra)[:, None] * tangential)
     return energy, grad
-
-
-def _monomial_gradient(coef: torch.Tensor, mono: torch.Tensor, u: torch.Tensor, order: int) -> torch.Tensor:
-    """∇_u Σ_α coef_α u^α (P, 3) for per-pair coefficients coef (P, K) and monomials (P, K) of u (P, 3).
-
-    Reverse-mode through :func:`~aenet_dist.descriptors.monomials`' recursion, degree m from
-    m-1: [x·(all of m-1), y·(last m of m-1), z·(last of m-1)]; only contiguous slices, no gathers.
-    """
-    adj = coef.clone()
-    grad = torch.zeros_like(u)
-    x, y, z = u[:, 0:1], u[:, 1:2], u[:, 2:3]
-    starts = [m * (m + 1) * (m + 2) // 6 for m in range(order + 2)]  # first column of each degree
-    for m in range(order, 0, -1):
-        p0, c0 = starts[m - 1], starts[m]
-        n_prev = c0 - p0
-        prev = mono[:, p0:c0]
-        a_x, a_y, a_z = adj[:, c0 : c0 + n_prev], adj[:, c0 + n_prev : c0 + n_prev + m], adj[:, c0 + n_prev + m : c0 + n_prev + m + 1]
-        grad[:, 0] += (a_x * prev).sum(1)
-        grad[:, 1] += (a_y * prev[:, -m:]).sum(1)
-        grad[:, 2] += (a_z * prev[:, -1:]).sum(1)
-        if m > 1:  # degree-0 adjoint is not needed
-            adj[:, p0:c0].addcmul_(x, a_x)
-            adj[:, c0 - m : c0].addcmul_(y, a_y)
-            adj[:, c0 - 1 : c0].addcmul_(z, a_z)
-    return grad
 
 
 @contextlib.contextmanager

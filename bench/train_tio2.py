@@ -225,7 +225,7 @@ class TreeMemory:
                     self.launcher_peak = max(self.launcher_peak, self.root.memory_info().rss)
                 except psutil.Error:
                     pass
-            if rss:
+            if rss and all(rss):  # an exited (zombie) rank reads 0
                 self.last_sum = sum(rss)
                 self.peak_sum = max(self.peak_sum, sum(rss))
                 self.peak_max = max(self.peak_max, max(rss), max(self.hwm.values(), default=0))
@@ -484,8 +484,8 @@ def report(info: dict, data: dict, runs: list[dict], tta: dict | None, epochs: i
         "aenet-PyTorch: `shared/refdata/README.md` (40 epochs of its example, 21.9 s loop, 2.65 GB peak RSS, same machine "
         "kind, torch 2.13 CPU; not rerun here). Memory: psutil every 0.1 s; largest rank from the kernel's VmHWM, sum of "
         "ranks = peak of the summed RSS (shared library pages counted once per rank; the torchrun launcher left out); "
-        "fraction = sum of ranks / 2.65e9 B. The peak comes from loading the store (RSS at the end of the 1-rank runs: "
-        + ", ".join(f"{r['dtype']} {r['rss_sum_at_end_mb']:.0f} MB" for r in runs if r["ranks"] == 1 and not r["omp_num_threads"])
+        "fraction = sum of ranks / 2.65e9 B. The peak comes from loading the store (sum of ranks' RSS at the last poll "
+        "before exit: " + ", ".join(f"{r['dtype']} {r['ranks']} rank(s) {r['rss_sum_at_end_mb']:.0f} MB" for r in runs if not r["omp_num_threads"])
         + "). Threads: one process uses torch's default (one intra-op thread per core) "
         "unless the row says 1 thread (OMP_NUM_THREADS=1); under torchrun train.py sets cores / ranks = 1 thread per rank.",
         "",

@@ -42,11 +42,9 @@ fi
 
 # ---------------------------------------------------------------- signals
 SIGNALLED=""
-SIGNAL_AT=0
 on_signal() {
     if [ -z "$SIGNALLED" ]; then
         SIGNALLED="$1"
-        SIGNAL_AT=$SECONDS
         say "SIG$1 received: asking the workers to checkpoint and stop"
     fi
 }

@@ -85,13 +85,15 @@ def test_forces_and_stress_are_derivatives_of_the_energy(potentials):
 
 
 def test_nve_md_conserves_energy(potentials):
-    """VelocityVerlet, 1 fs, 200 steps from 300 K: |E_tot(t) − E_tot(0)| < 5 meV/atom throughout."""
+    """VelocityVerlet, 1 fs, 200 steps from 300 K: |E_tot(t) − E_tot(0)| < 1 meV/atom throughout
+    (measured: 0.001 meV/atom; the kinetic energy is ~39 meV/atom)."""
     atoms = alloy(2)
     atoms.calc = AenetCalculator(potentials)
     # Maxwell-Boltzmann momenta at 300 K, centre-of-mass motion removed
     masses = atoms.get_masses()[:, None]
     momenta = np.random.default_rng(0).normal(size=(len(atoms), 3)) * np.sqrt(masses * units.kB * 300.0)
     atoms.set_momenta(momenta - masses * momenta.sum(0) / masses.sum())
+    start = atoms.positions.copy()
     totals = []
     dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
     dyn.attach(lambda: totals.append(atoms.get_potential_energy() + atoms.get_kinetic_energy()), interval=1)
@@ -99,6 +101,6 @@ def test_nve_md_conserves_energy(potentials):
     totals = np.array(totals)
     drift = np.abs(totals - totals[0]).max() / len(atoms)
     assert len(totals) == 201
-    assert drift < 5e-3, f"total energy drifted by {1000 * drift:.2f} meV/atom"
-    assert abs(totals[-1] - totals[0]) / len(atoms) < 5e-3
-    assert atoms.get_kinetic_energy() > 0  # the atoms moved
+    assert drift < 1e-3, f"total energy drifted by {1000 * drift:.3f} meV/atom"
+    assert abs(totals[-1] - totals[0]) / len(atoms) < 1e-3
+    assert np.abs(atoms.positions - start).max() > 0.05  # the atoms moved (Å)
