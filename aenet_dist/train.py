@@ -346,8 +346,12 @@ class Trainer:
                     t0 = time.perf_counter()
                     batch = next(batches)  # waits only if the prefetch thread is behind
                     data_seconds += time.perf_counter() - t0
-                    totals += self.train_step(batch)
+                    step_totals = self.train_step(batch)
+                    totals += step_totals
                     self.step_in_epoch = k + 1
+                    if config.run.log_every and self.step % config.run.log_every == 0 and info.is_main:
+                        e, f = self._metrics(step_totals)
+                        log.info("epoch %d step %d/%d | batch E %.2f meV/atom F %.4f eV/Å", self.epoch + 1, k + 1, len(plan), 1000 * e, f)
                     time.sleep(step_delay)
                     if self.stop_agreed and self.step_in_epoch < len(plan):
                         self.partial_totals = totals.detach().cpu()
@@ -513,8 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if info.device.type == "cpu" and info.distributed:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+    if info.device.type == "cpu":
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(config.run.cpu_threads or max(1, cores // max(local_ranks, 1)))
     start = time.perf_counter()
     try:
         trainer = Trainer(config, info, resume=args.resume, finetune=args.finetune)
