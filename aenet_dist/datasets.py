@@ -345,7 +345,9 @@ def _generate(mode: str, out_dir, num_structures: int, seed: int, workers: int |
             bar.update()
     else:
         chunksize = max(1, min(64, num_structures // (workers * 8)))
-        with multiprocessing.get_context().Pool(workers) as pool:
+        # spawn, not fork: forking a process that already runs threads (torch, zarr's event
+        # loop, a test runner's) can deadlock the children on a lock held by a dead thread.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
             for summary in pool.imap_unordered(work, range(num_structures), chunksize=chunksize):
                 summaries.append(summary)
                 bar.update()

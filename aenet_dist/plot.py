@@ -61,6 +61,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 def plot_learning_curves(metrics: list[dict], out: str | os.PathLike) -> Path:
     """Train/test energy and force RMSE vs epoch (log y) -> PNG."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=FIGSIZE["learning_curves"], dpi=DPI)
     epochs = [m["epoch"] for m in metrics]
     panels = (("energy", "meV_atom", "RMSE energy (meV/atom)"), ("forces", "eV_A", "RMSE forces (eV/Å)"))
@@ -71,6 +73,7 @@ def plot_learning_curves(metrics: list[dict], out: str | os.PathLike) -> Path:
             if any(math.isfinite(v) for v in values):
                 ax.plot(epochs, values, style, marker="o" if len(epochs) < 30 else None, markersize=3, label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         if ax.lines:
             ax.set_yscale("log")

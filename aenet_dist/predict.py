@@ -387,8 +387,10 @@ class Predictor:
         return out
 
     def _species_index(self, structures: Sequence[Structure]) -> np.ndarray:
-        type_of = {el: k for k, el in enumerate(self.species)}
-        return np.concatenate([np.fromiter((type_of[e] for e in s.species), dtype=np.int64, count=s.num_atoms) for s in structures])
+        """(A,) int64 index into ``self.species`` of every atom (species already checked)."""
+        symbols = np.concatenate([np.asarray(s.species, dtype=str) for s in structures])
+        names = np.array(sorted(self.species))
+        return np.array([self.species.index(n) for n in names], dtype=np.int64)[np.searchsorted(names, symbols)]
 
     def _evaluate_pairs(self, structures, with_forces: bool, with_stress: bool, budget: int):
         """Atomic energies (A,), forces (A, 3) or None, per-structure virial Σ g⊗R (S, 3, 3) or None; CPU float64."""
@@ -498,7 +500,11 @@ def potential_paths(potentials) -> dict[str, Path]:
     Files given without an element are keyed by their atomtype record (read from the file).
     """
     if isinstance(potentials, Mapping):
-        return {str(el): Path(p) for el, p in potentials.items()}
+        paths = {str(el): Path(p) for el, p in potentials.items()}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise ValueError(f"{missing[0]}: no such potential file" + (f" (nor {missing[1:]})" if missing[1:] else ""))
+        return paths
     items = [potentials] if isinstance(potentials, (str, os.PathLike)) else list(potentials)
     files: list[Path] = []
     for item in items:
