@@ -9,6 +9,9 @@ USAGE = """usage: aenet-dist <command> [args]
 commands:
   featurize   aenet generate.in -> Zarr store (descriptors and derivatives); MPI-parallel
   train       train per-element networks from a store (torchrun for several ranks)
+  export      write aenet .nn potentials (one per element) from a training run
+  predict     energies/forces of structures with .nn potentials (predict.in or --potentials)
+  plot        learning curves and parity plots of a training run
   plan        memory per rank and cache mode for a store, before a job is queued
   datasets    generate the embedded EMT datasets (emt, synth)
 
@@ -25,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         from .featurize import main as run
     elif command == "train":
         from .train import main as run
+    elif command == "export":
+        from .export import main as run
+    elif command == "predict":
+        from .predict import main as run
+    elif command == "plot":
+        from .plot import main as run
     elif command == "plan":
         from .plan import main as run
     elif command == "datasets":

@@ -1,0 +1,498 @@
+"""Scale-out benchmark: featurize + train on synthetic EMT alloy sets of growing size.
+
+    .venv/bin/python bench/scale.py [--sizes 1000,5000] [--epochs 3] [--allow-large] [--keep DIR] [--no-save]
+
+Per size N (``--sizes``, default 1000,5000):
+
+1. Generates ``python -m aenet_dist.datasets synth --structures N --force-percent 20`` (Cu/Au/Ni,
+   32-128 atoms, EMT energies and forces) into ``bench/.cache/synth_N`` once (skipped when its
+   ``generate.in`` exists; bench/.cache is git-ignored).
+2. Featurizes it with ``mpiexec -n 2 python -m aenet_dist.featurize ... --chunk-mb 8`` into
+   ``bench/.cache/synth_N.zarr`` (float64 derivatives); a complete store is reused and the wall
+   time of the run that made it is read from ``bench/.cache/synth_N.featurize.json``. Records
+   featurize wall time, store size on disk, atoms, derivative rows, and the in-memory shard
+   size that ``aenet-dist plan`` computes; prints ``aenet-dist plan <store> --ranks 2``.
+3. Trains ``--epochs`` epochs (float32, 2 x 10 tanh per element, batch 128, Adam lr 1e-3,
+   force weight 0.1, CPU, 10 % test) with: ``data.cache=memory`` 1 rank, ``stream`` 1 rank,
+   ``stream`` 1 rank with ``data.shuffle_window_blocks=2``, and ``memory`` 2 ranks (``torchrun
+   --standalone --nproc_per_node=2``). Reads run_dir/metrics.jsonl and reports the median of
+   epochs 2..end of epoch_seconds, train_seconds, data_seconds, structures_per_second; peak RSS
+   by polling the process tree with psutil every 0.1 s (largest rank, also from VmHWM, and the
+   sum over ranks). The RSS of a bare ``import torch, aenet_dist.train`` is measured once so the
+   part of the peak that the data adds can be compared with the store's size.
+
+Reports cost per 1000 structures (s/epoch per 1000 structures of the data set, test
+evaluation included) against N, and a linear fit epoch_s = a + b N. Sizes above 20000 (the
+issue's 45000) are skipped unless ``--allow-large``: on a 2-core machine they take hours; their
+epoch time is extrapolated from the fit instead.
+
+Prints a markdown table, appends it to bench/RESULTS.md and one JSON line per measurement to
+bench/results.jsonl. Not collected by pytest (testpaths = tests/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("AENET_DIST_VENV", ROOT / ".venv"))
+PY = VENV / "bin" / "python"
+TORCHRUN = VENV / "bin" / "torchrun"
+MPIEXEC = VENV / "bin" / "mpiexec"
+CACHE = ROOT / "bench" / ".cache"
+RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+RESULTS_JSONL = ROOT / "bench" / "results.jsonl"
+HEADING = "## scale (synthetic EMT alloys, 32-128 atoms, 20 % forces)"
+LARGE = 20000  # sizes above this need --allow-large
+STALL_S = 600.0
+MiB = 2**20
+
+SETTINGS = {
+    "data": {"test_percent": 10},
+    "model": {"hidden": [10, 10], "activations": ["tanh", "tanh"]},
+    "optim": {"method": "adam", "lr": 1e-3},
+    "schedule": {"kind": "none"},
+    "loss": {"force_weight": 0.1},
+    "run": {"batch_size": 128, "device": "cpu", "dtype": "float32"},
+}
+# (label, ranks, overrides)
+RUNS = [
+    ("memory", 1, ["data.cache=memory"]),
+    ("stream", 1, ["data.cache=stream"]),
+    ("stream w=2", 1, ["data.cache=stream", "data.shuffle_window_blocks=2"]),
+    ("memory", 2, ["data.cache=memory"]),
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def machine() -> dict:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numpy as np
+    import psutil
+    import torch
+    import zarr
+
+    def git(*args: str) -> str:  # read-only queries
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "host_cpus": os.cpu_count(),
+        "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0),
+        "cpu_model": model,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+        "device": "cpu",
+        "git_commit": git("rev-parse", "--short", "HEAD").strip(),
+        "git_dirty_aenet_dist": [line[3:] for line in git("status", "--porcelain", "--", "aenet_dist").splitlines()],
+        "loadavg_1min_at_start": load1(),
+    }
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class TreeMemory:
+    """Polls the RSS of the training ranks below a launched process every ``interval`` s (psutil).
+
+    Ranks: the process itself (one rank) or its descendants running ``aenet_dist.train`` (torchrun;
+    the launcher is left out). Keeps the peak of the sum over ranks and the largest single
+    rank's peak (polled RSS or the kernel's VmHWM, whichever is larger).
+    """
+
+    def __init__(self, pid: int, launcher: bool, interval: float = 0.1):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.launcher = launcher
+        self.interval = interval
+        self.peak_sum = 0
+        self.peak_max = 0
+        self.hwm: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _vmhwm(pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def _ranks(self):
+        import psutil
+
+        if not self.launcher:
+            return [self.root]
+        out = []
+        for p in self.root.children(recursive=True):
+            try:
+                if any("aenet_dist.train" in a for a in p.cmdline()):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = self._ranks()
+            except psutil.Error:
+                break
+            rss = []
+            for p in procs:
+                try:
+                    rss.append(p.memory_info().rss)
+                    self.hwm[p.pid] = max(self.hwm.get(p.pid, 0), self._vmhwm(p.pid))
+                except psutil.Error:
+                    pass
+            if rss and all(rss):
+                self.peak_sum = max(self.peak_sum, sum(rss))
+                self.peak_max = max(self.peak_max, max(rss), max(self.hwm.values(), default=0))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def base_rss() -> int:
+    """Peak RSS of a process that only imports torch and aenet_dist.train (the fixed part of a rank)."""
+    code = "import aenet_dist.train, resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    out = subprocess.run([str(PY), "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir())
+    try:
+        return int(out.stdout.strip().splitlines()[-1]) * 1024
+    except (ValueError, IndexError):
+        return 0
+
+
+def ensure_dataset(n: int) -> dict:
+    out = CACHE / f"synth_{n}"
+    if (out / "generate.in").exists():
+        log(f"[{n}] data set {out.relative_to(ROOT)} exists; reused")
+        return {"generate_in": out / "generate.in", "generate_wall_s": None}
+    cmd = [str(PY), "-m", "aenet_dist.datasets", "synth", "--structures", str(n), "--out", str(out),
+           "--workers", str(os.cpu_count() or 1), "--force-percent", "20", "--no-progress"]
+    log(f"[{n}] generating {out.relative_to(ROOT)} ...")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"data set generation failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    log(f"[{n}]   generated in {wall:.1f} s")
+    return {"generate_in": out / "generate.in", "generate_wall_s": wall}
+
+
+def ensure_store(n: int, generate_in: Path) -> dict:
+    store = CACHE / f"synth_{n}.zarr"
+    sidecar = CACHE / f"synth_{n}.featurize.json"
+    cmd = [str(MPIEXEC), "-n", "2", str(PY), "-m", "aenet_dist.featurize", str(generate_in), "--out", str(store),
+           "--chunk-mb", "8", "--no-progress"]
+    log(f"[{n}] featurize (2 ranks) -> {store.relative_to(ROOT)} ...")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"featurize failed (exit {proc.returncode}); if {store} is from other inputs, remove it:\n{proc.stdout}\n{proc.stderr}")
+    text = proc.stdout + proc.stderr
+    reused = "already complete" in text
+    inprocess = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("wall time"):
+            try:
+                inprocess = float(line.split()[2])
+            except (IndexError, ValueError):
+                pass
+    if reused and sidecar.exists():
+        prev = json.loads(sidecar.read_text())
+        wall, inprocess = prev.get("featurize_wall_s"), prev.get("featurize_inprocess_s")
+        log(f"[{n}]   reused the complete store (featurized earlier in {wall if wall is None else f'{wall:.1f}'} s)")
+    elif reused:
+        wall = inprocess = None
+        log(f"[{n}]   reused the complete store (its featurize time is unknown)")
+    else:
+        sidecar.write_text(json.dumps({"featurize_wall_s": wall, "featurize_inprocess_s": inprocess}) + "\n")
+        log(f"[{n}]   featurized in {wall:.1f} s")
+    from aenet_dist.plan import plan_rows
+    from aenet_dist.store import StoreReader
+
+    r = StoreReader(store)
+    shard = plan_rows(r, 1, 4, 8, 128)[0]
+    plan = subprocess.run([str(PY), "-m", "aenet_dist.plan", str(store), "--ranks", "2"], capture_output=True, text=True)
+    plan_text = (plan.stdout + plan.stderr).strip()
+    log(f"[{n}] aenet-dist plan {store.relative_to(ROOT)} --ranks 2:\n{plan_text}")
+    return {
+        "size": n, "store": str(store), "reused": reused, "featurize_wall_s": wall, "featurize_inprocess_s": inprocess,
+        "structures": int(r.num_structures), "atoms": int(r.num_atoms.sum()),
+        "force_structures": int(r.has_derivs.astype(bool).sum()), "deriv_rows": int(r.num_deriv_rows.sum()),
+        "blocks": len(r.block_first) - 1, "store_bytes": dir_bytes(store),
+        "shard_bytes_float32": float(shard["shard_bytes"]), "plan_ranks2": plan_text,
+    }
+
+
+def write_config(where: Path, store: str) -> Path:
+    lines = ["[data]", f'store = "{store}"']
+    for section, values in SETTINGS.items():
+        if section != "data":
+            lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    path = where / "scale.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train(config: Path, runs_dir: Path, n: int, label: str, ranks: int, overrides: list[str], epochs: int, data: dict, base: int) -> dict:
+    name = f"synth{n}_{label.replace(' ', '').replace('=', '')}_{ranks}r"
+    run_dir = runs_dir / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    args = [str(config), f"run.run_dir={run_dir}", f"run.epochs={epochs}", f"run.checkpoint_every={epochs}", *overrides]
+    if ranks == 1:
+        cmd = [str(PY), "-m", "aenet_dist.train", *args]
+    else:
+        cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}", "-m", "aenet_dist.train", *args]
+    log(f"[{n}] train {label}, {ranks} rank(s), {epochs} epochs ...")
+    log_path = runs_dir / f"{name}.log"
+    load_start = load1()
+    metrics_path = run_dir / "metrics.jsonl"
+    seen, progress = 0, time.perf_counter()
+    t0 = time.perf_counter()
+    with open(log_path, "w") as fh:
+        # cwd outside the checkout: ``-m`` puts the cwd first on sys.path.
+        proc = subprocess.Popen(cmd, cwd=runs_dir, stdout=fh, stderr=subprocess.STDOUT)
+        with TreeMemory(proc.pid, launcher=ranks > 1) as mem:
+            while proc.poll() is None:
+                time.sleep(0.2)
+                k = len(read_metrics(metrics_path))
+                if k > seen:
+                    seen, progress = k, time.perf_counter()
+                elif time.perf_counter() - progress > STALL_S:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                    sys.exit(f"training run {name} stalled (no new epoch in {STALL_S:.0f} s):\n{log_path.read_text()[-4000:]}")
+    wall = time.perf_counter() - t0
+    text = log_path.read_text()
+    if proc.returncode != 0:
+        sys.exit(f"training run {name} failed (exit {proc.returncode}):\n{text[-4000:]}")
+    ms = read_metrics(metrics_path)
+    timed = ms[1:] if len(ms) >= 2 else ms
+    med = {k: statistics.median(m[k] for m in timed) for k in ("epoch_seconds", "train_seconds", "data_seconds", "structures_per_second")}
+    peak_max, peak_sum = mem.peak_max, max(mem.peak_sum, mem.peak_max)
+    out = {
+        "what": "train", "size": n, "cache": label.split()[0], "label": label, "ranks": ranks, "overrides": overrides,
+        "epochs": len(ms), "epochs_timed": f"{timed[0]['epoch']}..{timed[-1]['epoch']}",
+        "epoch_s_median": med["epoch_seconds"], "train_s_median": med["train_seconds"],
+        "data_s_median": med["data_seconds"], "structures_per_s_median": med["structures_per_second"],
+        "epoch_s_per_1000_structures": med["epoch_seconds"] / (data["structures"] / 1000),
+        "peak_rss_max_rank_mb": peak_max / MiB, "peak_rss_sum_mb": peak_sum / MiB,
+        "peak_rss_max_rank_over_store": peak_max / data["store_bytes"],
+        "data_rss_max_rank_mb": max(peak_max - base, 0) / MiB,
+        "data_rss_max_rank_over_store": max(peak_max - base, 0) / data["store_bytes"],
+        "wall_s": wall, "loadavg_start": load_start, "loadavg_end": load1(),
+        "last_test_rmse_energy_meV_atom": ms[-1]["test_rmse_energy_meV_atom"],
+        "last_test_rmse_forces_eV_A": ms[-1]["test_rmse_forces_eV_A"],
+    }
+    log(f"[{n}]   median epoch {out['epoch_s_median']:.2f} s (data {out['data_s_median']:.2f} s), "
+        f"{out['structures_per_s_median']:.0f} structures/s; peak RSS {out['peak_rss_max_rank_mb']:.0f} MB largest rank, "
+        f"{out['peak_rss_sum_mb']:.0f} MB sum; wall {wall:.0f} s; load {out['loadavg_end']:.2f}")
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    if len(xs) < 2 or len(set(xs)) < 2:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def report(info: dict, stores: list[dict], runs: list[dict], skipped: list[int], base: int, epochs: int) -> tuple[str, dict]:
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines = [HEADING, "",
+             f"{stamp}; {info['nproc']} CPU(s) usable of {info['host_cpus']} ({info['cpu_model']}), {info['memory_gib']} GiB, no GPU; "
+             f"torch {info['torch']} ({info['torch_threads']} threads), numpy {info['numpy']}, zarr {info['zarr']}, Python {info['python']}; "
+             f"commit {info['git_commit']}{' + local changes in aenet_dist' if info['git_dirty_aenet_dist'] else ''}; "
+             f"load average at start {info['loadavg_1min_at_start']:.2f} (the machine is shared: other work slows every number). "
+             f"`bench/scale.py`: `datasets synth` (Cu/Au/Ni, FORCESPERCENT 20), featurized with `mpiexec -n 2 ... --chunk-mb 8` "
+             f"(float64 dG/dR); training {epochs} epochs, float32, 2 x 10 tanh, batch 128, Adam 1e-3, force weight 0.1, 10 % test, CPU; "
+             f"median of epochs 2..{epochs}. s/epoch per 1000 = epoch time (test evaluation included) per 1000 structures of the set. "
+             f"Peak RSS: psutil every 0.1 s + VmHWM; 'data part' = largest rank's peak minus a bare `import aenet_dist.train` "
+             f"({base / MiB:.0f} MB).", "",
+             "| structures | atoms | dG rows | featurize (s) | store MiB | cache | ranks | epoch (s) | train (s) | data wait (s) | structures/s | s/epoch per 1000 | peak RSS max rank (MB) | peak RSS sum (MB) | data part / store | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_size = {d["size"]: d for d in stores}
+    for r in runs:
+        d = by_size[r["size"]]
+        feat = "-" if d["featurize_wall_s"] is None else f"{d['featurize_wall_s']:.1f}"
+        lines.append(
+            f"| {d['structures']} | {d['atoms']} | {d['deriv_rows']} | {feat} | {d['store_bytes'] / MiB:.0f} | {r['label']} | {r['ranks']} | "
+            f"{r['epoch_s_median']:.2f} | {r['train_s_median']:.2f} | {r['data_s_median']:.2f} | {r['structures_per_s_median']:.0f} | "
+            f"{r['epoch_s_per_1000_structures']:.2f} | {r['peak_rss_max_rank_mb']:.0f} | {r['peak_rss_sum_mb']:.0f} | "
+            f"{r['data_rss_max_rank_over_store']:.2f} | {r['loadavg_start']:.2f} |")
+    lines.append("")
+    summary = {}
+    mem1 = [r for r in runs if r["label"] == "memory" and r["ranks"] == 1]
+    fit = linear_fit([r["size"] for r in mem1], [r["epoch_s_median"] for r in mem1])
+    if mem1:
+        per = ", ".join(f"{r['size']}: {r['epoch_s_per_1000_structures']:.2f}" for r in mem1)
+        lines.append(f"- **Cost per structure** (memory, 1 rank; s/epoch per 1000 structures): {per}"
+                     + (f"; fit epoch_s = {fit[0]:.2f} + {1000 * fit[1]:.2f} s x N/1000." if fit else "."))
+        summary["fit_epoch_s_intercept"], summary["fit_epoch_s_per_1000"] = (fit[0], 1000 * fit[1]) if fit else (None, None)
+    for d in stores:
+        lines.append(f"- {d['structures']} structures: {d['force_structures']} with derivatives, {d['blocks']} blocks, store "
+                     f"{d['store_bytes'] / MiB:.0f} MiB on disk, {d['shard_bytes_float32'] / MiB:.0f} MiB as a float32 cache (plan).")
+    for r in runs:
+        if r["cache"] == "stream":
+            d = by_size[r["size"]]
+            mem = next((m for m in mem1 if m["size"] == r["size"]), None)
+            lines.append(f"- stream ({r['label']}), {r['size']}: peak RSS {r['peak_rss_max_rank_mb']:.0f} MB = "
+                         f"{r['peak_rss_max_rank_over_store']:.2f} x the store ({d['store_bytes'] / MiB:.0f} MiB); data part "
+                         f"{r['data_rss_max_rank_mb']:.0f} MB = {r['data_rss_max_rank_over_store']:.2f} x"
+                         + (f" (memory: {mem['data_rss_max_rank_mb']:.0f} MB = {mem['data_rss_max_rank_over_store']:.2f} x)" if mem else "")
+                         + f"; epoch {r['epoch_s_median']:.2f} s" + (f" vs {mem['epoch_s_median']:.2f} s in memory." if mem else "."))
+    for r in runs:
+        if r["ranks"] > 1:
+            mem = next((m for m in mem1 if m["size"] == r["size"]), None)
+            if mem:
+                lines.append(f"- {r['size']}: 2 ranks {r['epoch_s_median']:.2f} s/epoch vs 1 rank {mem['epoch_s_median']:.2f} s "
+                             f"(speed-up {mem['epoch_s_median'] / r['epoch_s_median']:.2f}x on 2 shared cores); peak RSS sum "
+                             f"{r['peak_rss_sum_mb']:.0f} MB vs {mem['peak_rss_sum_mb']:.0f} MB.")
+    for n in skipped:
+        est = f"; by the fit about {fit[0] + fit[1] * n:.0f} s per epoch for training alone (1 rank)" if fit else ""
+        lines.append(f"- {n} structures: **not run** (needs --allow-large): generating and featurizing it on this 2-core machine would take "
+                     f"hours{est}.")
+        summary.setdefault("skipped", []).append(n)
+    if stores:
+        last = stores[-1]
+        lines += ["", f"`aenet-dist plan` for the largest store ({last['structures']} structures), 2 ranks:", "", "```",
+                  last["plan_ranks2"], "```"]
+    lines.append("")
+    return "\n".join(lines), summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1000,5000", help="comma-separated data set sizes (default 1000,5000; 45000 needs --allow-large)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per training run (default 3; median over 2..end)")
+    parser.add_argument("--allow-large", action="store_true", help=f"run sizes above {LARGE} (hours on 2 cores)")
+    parser.add_argument("--keep", type=Path, help="keep run directories and logs here (default: a temporary directory, removed)")
+    parser.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md / results.jsonl")
+    args = parser.parse_args()
+    sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    if not sizes or min(sizes) < 20 or args.epochs < 2:
+        sys.exit("--sizes must be >= 20 each and --epochs >= 2")
+    for exe in (PY, TORCHRUN, MPIEXEC):
+        if not exe.exists():
+            sys.exit(f"{exe} not found: run `bash scripts/setup_env.sh` first")
+    skipped = [n for n in sizes if n > LARGE and not args.allow_large]
+    sizes = [n for n in sizes if n not in skipped]
+    for n in skipped:
+        log(f"[{n}] skipped: far too slow for this {os.cpu_count()}-core machine (pass --allow-large to run it anyway)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    base = base_rss()
+    log(f"bare `import aenet_dist.train`: {base / MiB:.0f} MB RSS")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))
+    runs_dir = args.keep.resolve() if args.keep else tmp
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    stores, runs = [], []
+    try:
+        for n in sizes:
+            gen = ensure_dataset(n)
+            data = ensure_store(n, gen["generate_in"])
+            data["generate_wall_s"] = gen["generate_wall_s"]
+            stores.append(data)
+            config = write_config(runs_dir, data["store"])
+            for label, ranks, overrides in RUNS:
+                runs.append(train(config, runs_dir, n, label, ranks, overrides, args.epochs, data, base))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    text, summary = report(info, stores, runs, skipped, base, args.epochs)
+    print(text)
+    if not args.no_save:
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        head = {"bench": "scale", "dataset": "synth", "time": stamp, **info, "base_rss_mb": base / MiB}
+        by_size = {d["size"]: d for d in stores}
+        records = [{**head, "what": "store", **{k: v for k, v in d.items() if k != "plan_ranks2"}} for d in stores]
+        records += [{**head, **r, **{f"data_{k}": v for k, v in by_size[r["size"]].items() if k in ("structures", "atoms", "deriv_rows", "store_bytes", "featurize_wall_s")},
+                     "settings": SETTINGS} for r in runs]
+        records.append({**head, "what": "summary", **summary})
+        if not RESULTS_MD.exists():
+            RESULTS_MD.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
+        with open(RESULTS_MD, "a") as fh:
+            fh.write(text + "\n")
+        with open(RESULTS_JSONL, "a") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec) + "\n")
+        log(f"appended to {RESULTS_MD.relative_to(ROOT)} and {RESULTS_JSONL.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
