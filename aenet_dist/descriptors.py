@@ -132,8 +132,7 @@ def monomials(u: torch.Tensor, order: int, with_grad: bool):
     x, y, z = u[:, 0:1], u[:, 1:2], u[:, 2:3]
     for m in range(1, order + 1):
         p0, p1, c0 = int(starts[m - 1]), int(starts[m]), int(starts[m])
-        prev = mono[:, p0:p1]
-        # Target slices of degree m: x·prev (m(m+1)/2), y·prev[-m:] (m), z·prev[-1:] (1).
+        # Degree m from degree m-1 (columns p0:p1): x·all (m(m+1)/2), y·the last m (no x), z·the last one (z^(m-1)).
         nx = p1 - p0
         segments = ((x, 0, p0, p1, c0), (y, 1, p1 - m, p1, c0 + nx), (z, 2, p1 - 1, p1, c0 + nx + m))
         for factor, d, s0, s1, t0 in segments:
@@ -143,6 +142,76 @@ def monomials(u: torch.Tensor, order: int, with_grad: bool):
                 torch.mul(factor[:, :, None], dmono[:, s0:s1], out=target)
                 target[:, :, d] += mono[:, s0:s1]
     return mono, dmono
+
+
+@dataclass
+class PairTerms:
+    """G of a set of centers from their pairs, and the per-pair pieces derivatives need.
+
+    Shapes: P pairs, Pa of them inside the angular cutoff, C centers, K monomials.
+    """
+
+    G: torch.Tensor  # (C, F) raw descriptors
+    fc: torch.Tensor  # (P,) radial cutoff function and its derivative
+    dfc: torch.Tensor
+    x: torch.Tensor  # (P,) 2r/Rr − 1, the Chebyshev argument
+    T: torch.Tensor  # (P, Nr+1)
+    ang: torch.Tensor  # (P,) bool: inside the angular cutoff
+    w: torch.Tensor  # (Pa,) angular cutoff function and its derivative
+    dw: torch.Tensor
+    mono: torch.Tensor  # (Pa, K) u^α
+    coeff: torch.Tensor  # (Na+1, K) C_nα
+    m_plain: torch.Tensor  # (C, K) moments Σ_j w_j u_j^α
+    m_spin: torch.Tensor | None  # (C, K) typespin-weighted moments (None with one ENV species)
+
+
+def env_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ENV position of each type, -1 if not in ENV) and the typespin of each ENV species."""
+    env_of_type = torch.full((len(type_names),), -1, dtype=torch.int64, device=device)
+    for k, element in enumerate(setup.env_species):
+        env_of_type[type_names.index(element)] = k
+    spins = setup.typespin()
+    return env_of_type, torch.tensor([float(spins[e]) for e in setup.env_species], dtype=dtype, device=device)
+
+
+def pair_terms(setup: DescriptorSetup, spin_of_env: torch.Tensor, row: torch.Tensor, env: torch.Tensor, r: torch.Tensor, u: torch.Tensor, num_centers: int) -> PairTerms:
+    """aenet's G for ``num_centers`` centers from their pairs (center row, ENV position, r, unit vector u)."""
+    basis = setup.basis
+    dtype, device = r.dtype, r.device
+    num_env = spin_of_env.numel()
+    multi = num_env > 1
+    key = row * num_env + env  # (center row, neighbour ENV species): one sum serves both channels
+    nr, na = basis.radial_order + 1, basis.angular_order + 1
+    block = nr + na
+    G = torch.empty((num_centers, setup.num_features), dtype=dtype, device=device)
+    spin = spin_of_env[None, :, None]
+
+    fc, dfc = cutoff_fn(r, basis.radial_cutoff)
+    x = 2.0 * r / basis.radial_cutoff - 1.0
+    t, _ = chebyshev(x, basis.radial_order, with_grad=False)
+    radial = torch.zeros((num_centers * num_env, nr), dtype=dtype, device=device).index_add_(0, key, fc[:, None] * t)
+    radial = radial.view(num_centers, num_env, nr)
+    G[:, :nr] = radial.sum(1)
+    if multi:
+        G[:, block : block + nr] = (radial * spin).sum(1)
+
+    ang = r < basis.angular_cutoff
+    w, dw = cutoff_fn(r[ang], basis.angular_cutoff)
+    mono, _ = monomials(u[ang], basis.angular_order, with_grad=False)
+    _, coeff_np = _moment_tables(basis.angular_order)
+    coeff = torch.from_numpy(coeff_np).to(device=device, dtype=dtype)  # shape (na, K)
+    num_mono = coeff.shape[1]
+    key_a = key[ang]
+    moments = torch.zeros((num_centers * num_env, num_mono), dtype=dtype, device=device).index_add_(0, key_a, w[:, None] * mono)
+    moments = moments.view(num_centers, num_env, num_mono)
+    self_sum = torch.zeros(num_centers * num_env, dtype=dtype, device=device).index_add_(0, key_a, w * w).view(num_centers, num_env)
+    m_plain = moments.sum(1)
+    G[:, nr:block] = 0.5 * ((m_plain * m_plain) @ coeff.T - self_sum.sum(1)[:, None])
+    m_spin = None
+    if multi:
+        m_spin = (moments * spin).sum(1)
+        G[:, block + nr : 2 * block] = 0.5 * ((m_spin * m_spin) @ coeff.T - (self_sum * spin_of_env**2).sum(1)[:, None])
+    return PairTerms(G, fc, dfc, x, t, ang, w, dw, mono, coeff, m_plain, m_spin)
 
 
 def species_features(
@@ -172,15 +241,8 @@ def species_features(
     num_centers = center_atoms.numel()
     row_of_atom = torch.full((num_atoms,), -1, dtype=torch.int64, device=device)
     row_of_atom[center_atoms] = torch.arange(num_centers, device=device)
-
-    # Neighbour species -> position in ENV (-1 if not in ENV) and its typespin.
-    spins = setup.typespin()
-    num_env = len(setup.env_species)
-    env_of_type = torch.full((len(type_names),), -1, dtype=torch.int64, device=device)
-    for k, element in enumerate(setup.env_species):
-        env_of_type[type_names.index(element)] = k
-    spin_of_env = torch.tensor([float(spins[e]) for e in setup.env_species], dtype=dtype, device=device)
-    multi = num_env > 1
+    env_of_type, spin_of_env = env_tables(setup, type_names, dtype, device)
+    multi = len(setup.env_species) > 1
 
     env = env_of_type[species_index[nbr.neighbor]]
     keep = (row_of_atom[nbr.center] >= 0) & (env >= 0) & (nbr.dist < basis.max_cutoff)
@@ -188,39 +250,13 @@ def species_features(
     env = env[keep]
     r = nbr.dist[keep]
     u = nbr.vec[keep] / r[:, None]
-    key = pair_row * num_env + env  # (center row, neighbour ENV species): one sum serves both channels
-
+    terms = pair_terms(setup, spin_of_env, pair_row, env, r, u, num_centers)
+    G, fc, dfc, x, t, ang = terms.G, terms.fc, terms.dfc, terms.x, terms.T, terms.ang
+    coeff, m_plain, m_spin = terms.coeff, terms.m_plain, terms.m_spin
+    exps_np, _ = _moment_tables(basis.angular_order)
+    num_mono = coeff.shape[1]
     nr, na = basis.radial_order + 1, basis.angular_order + 1
     block = nr + na
-    G = torch.empty((num_centers, setup.num_features), dtype=dtype, device=device)
-
-    def combine(per_env: torch.Tensor, start: int, width: int, weight: torch.Tensor | None = None) -> None:
-        """per_env (C, num_env, width) -> plain sum into G[:, start:], typespin sum into the second channel."""
-        G[:, start : start + width] = per_env.sum(1)
-        if multi:
-            G[:, block + start : block + start + width] = (per_env * spin_of_env[None, :, None]).sum(1)
-
-    fc, dfc = cutoff_fn(r, basis.radial_cutoff)
-    x = 2.0 * r / basis.radial_cutoff - 1.0
-    t, _ = chebyshev(x, basis.radial_order, with_grad=False)
-    radial = torch.zeros((num_centers * num_env, nr), dtype=dtype, device=device).index_add_(0, key, fc[:, None] * t)
-    combine(radial.view(num_centers, num_env, nr), 0, nr)
-
-    ang = r < basis.angular_cutoff
-    w, dw = cutoff_fn(r[ang], basis.angular_cutoff)
-    mono, _ = monomials(u[ang], basis.angular_order, with_grad=False)
-    exps_np, coeff_np = _moment_tables(basis.angular_order)
-    coeff = torch.from_numpy(coeff_np).to(device=device, dtype=dtype)  # shape (na, K)
-    num_mono = coeff.shape[1]
-    key_a = key[ang]
-    moments = torch.zeros((num_centers * num_env, num_mono), dtype=dtype, device=device).index_add_(0, key_a, w[:, None] * mono)
-    moments = moments.view(num_centers, num_env, num_mono)
-    self_sum = torch.zeros(num_centers * num_env, dtype=dtype, device=device).index_add_(0, key_a, w * w).view(num_centers, num_env)
-    m_plain = moments.sum(1)
-    G[:, nr:block] = 0.5 * ((m_plain * m_plain) @ coeff.T - self_sum.sum(1)[:, None])
-    m_spin = (moments * spin_of_env[None, :, None]).sum(1) if multi else None
-    if multi:
-        G[:, block + nr : 2 * block] = 0.5 * ((m_spin * m_spin) @ coeff.T - (self_sum * spin_of_env**2).sum(1)[:, None])
 
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     want = deriv_atoms[nbr.center[keep]]
@@ -270,7 +306,7 @@ def species_features(
     return SpeciesFeatures(center_atoms, G, row_center, keys % num_atoms, dG)
 
 
-def _sub_batches(pair_count: np.ndarray, budget: int) -> list[tuple[int, int]]:
+def sub_batches(pair_count: np.ndarray, budget: int) -> list[tuple[int, int]]:
     """Consecutive structure ranges with about ``budget`` pairs each (at least one structure)."""
     bounds, acc = [0], 0
     for s, c in enumerate(pair_count.tolist()):
@@ -322,7 +358,7 @@ def featurize(
     pair_offset = np.r_[0, np.cumsum(nbr.pair_count.numpy())]
 
     parts: dict[str, list[SpeciesFeatures]] = {e: [] for e in type_names}
-    for s0, s1 in _sub_batches(nbr.pair_count.numpy(), pair_budget):
+    for s0, s1 in sub_batches(nbr.pair_count.numpy(), pair_budget):
         a0, a1, p0, p1 = int(atom_offset[s0]), int(atom_offset[s1]), int(pair_offset[s0]), int(pair_offset[s1])
         sub = Neighbors(nbr.center[p0:p1] - a0, nbr.neighbor[p0:p1] - a0, nbr.vec[p0:p1], nbr.dist[p0:p1], nbr.pair_count[s0:s1])
         sub_species = species_index[a0:a1]

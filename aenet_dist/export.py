@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import ChebyshevBasis, DescriptorSetup
-from .model import AtomicModel, ElementNet, NetworkConfig, activation_code, activation_name
+from .model import AtomicModel, ElementNet, NetworkConfig, activation_name
 
 DESCRIPTION_LEN = 1024  # character(len=1024) :: description
 TYPE_LEN = 2            # character(len=2) :: atomtype, envtypes, type names

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .aenet_inputs import read_generate_input
 from .config import StoreOptions

@@ -44,7 +44,7 @@ import torch
 
 from .aenet_inputs import _parse_flag, _read_lines, _strip_comment, _to_int
 from .config import DescriptorSetup
-from .descriptors import _moment_tables, chebyshev, cutoff_fn, featurize, monomials
+from .descriptors import _moment_tables, chebyshev, env_tables, featurize, pair_terms, sub_batches
 from .export import element_net_from_nn, read_nn, setup_from_nn
 from .log import get_logger, setup_logging
 from .model import AtomicModel, forces_from_dEdG
@@ -128,10 +128,7 @@ class _ElementTables:
 
 
 def _element_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype, device) -> _ElementTables:
-    env_of_type = torch.full((len(type_names),), -1, dtype=torch.int64)
-    for k, element in enumerate(setup.env_species):
-        env_of_type[type_names.index(element)] = k
-    spins = setup.typespin()
+    env_of_type, spin_of_env = env_tables(setup, type_names, dtype, device)
     exps, coeff = _moment_tables(setup.basis.angular_order)
     index = {tuple(e): k for k, e in enumerate(exps.tolist())}
     num_mono = len(exps)
@@ -146,8 +143,8 @@ def _element_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype, 
     kw = {"device": device}
     return _ElementTables(
         setup=setup,
-        env_of_type=env_of_type.to(device),
-        spin_of_env=torch.tensor([float(spins[e]) for e in setup.env_species], dtype=dtype, **kw),
+        env_of_type=env_of_type,
+        spin_of_env=spin_of_env,
         coeff=torch.from_numpy(coeff).to(dtype=dtype, **kw),
         lift=torch.from_numpy(lift).to(dtype=dtype, **kw),
     )
@@ -163,38 +160,17 @@ def _element_pass(t: _ElementTables, net, row, env, r, u, num_centers: int, with
         (energies (C,), pair gradient (P, 3) or None).
     """
     basis = t.setup.basis
-    dtype, device = r.dtype, r.device
     num_env = len(t.setup.env_species)
     multi = num_env > 1
     nr, na = basis.radial_order + 1, basis.angular_order + 1
     block = nr + na
     key = row * num_env + env
-    spin = t.spin_of_env[None, :, None]  # shape (1, num_env, 1)
 
-    G = torch.empty((num_centers, t.setup.num_features), dtype=dtype, device=device)
-    fc, dfc = cutoff_fn(r, basis.radial_cutoff)
-    T, dT = chebyshev(2.0 * r / basis.radial_cutoff - 1.0, basis.radial_order, with_grad=with_grad)  # shape (P, nr)
-    radial = torch.zeros((num_centers * num_env, nr), dtype=dtype, device=device).index_add_(0, key, fc[:, None] * T)
-    radial = radial.view(num_centers, num_env, nr)
-    G[:, :nr] = radial.sum(1)
-    if multi:
-        G[:, block : block + nr] = (radial * spin).sum(1)
-
-    ang = torch.nonzero(r < basis.angular_cutoff).squeeze(1)
-    ra, ua, key_a = r[ang], u[ang], key[ang]
-    w, dw = cutoff_fn(ra, basis.angular_cutoff)
-    mono, _ = monomials(ua, basis.angular_order, with_grad=False)  # shape (Pa, K)
+    terms = pair_terms(t.setup, t.spin_of_env, row, env, r, u, num_centers)
+    G, fc, dfc, T, mono, m_plain, m_spin = terms.G, terms.fc, terms.dfc, terms.T, terms.mono, terms.m_plain, terms.m_spin
+    ang = torch.nonzero(terms.ang).squeeze(1)
+    ra, ua, key_a, w, dw = r[ang], u[ang], key[ang], terms.w, terms.dw
     num_mono = mono.shape[1]
-    moments = torch.zeros((num_centers * num_env, num_mono), dtype=dtype, device=device).index_add_(0, key_a, w[:, None] * mono)
-    moments = moments.view(num_centers, num_env, num_mono)
-    self_sum = torch.zeros(num_centers * num_env, dtype=dtype, device=device).index_add_(0, key_a, w * w).view(num_centers, num_env)
-    m_plain = moments.sum(1)
-    G[:, nr:block] = 0.5 * ((m_plain * m_plain) @ t.coeff.T - self_sum.sum(1)[:, None])
-    m_spin = None
-    if multi:
-        m_spin = (moments * spin).sum(1)
-        G[:, block + nr :] = 0.5 * ((m_spin * m_spin) @ t.coeff.T - (self_sum * t.spin_of_env**2).sum(1)[:, None])
-
     if not with_grad:
         return net(G), None
     with torch.enable_grad():
@@ -212,6 +188,7 @@ def _element_pass(t: _ElementTables, net, row, env, r, u, num_centers: int, with
 
     spin_env = t.spin_of_env
     g_rad = per_key(dE_dG[:, :nr], dE_dG[:, block : block + nr] if multi else None, spin_env).index_select(0, key)
+    _, dT = chebyshev(terms.x, basis.radial_order, with_grad=True)
     scalar = dfc * (g_rad * T).sum(1) + (fc * (2.0 / basis.radial_cutoff)) * (g_rad * dT).sum(1)  # shape (P,)
     grad = scalar[:, None] * u
 
@@ -244,18 +221,6 @@ def _intra_op_threads(num: int | None):
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
-
-
-def _sub_batches(pair_count: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Consecutive structure ranges with about ``budget`` pairs each (at least one structure)."""
-    bounds, acc = [0], 0
-    for s, c in enumerate(pair_count.tolist()):
-        if acc and acc + c > budget:
-            bounds.append(s)
-            acc = 0
-        acc += c
-    bounds.append(len(pair_count))
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -414,7 +379,7 @@ class Predictor:
         energy = torch.zeros(total, dtype=dtype, device=device)
         forces = torch.zeros((total, 3), dtype=dtype, device=device) if with_forces else None
         virial = torch.zeros((len(structures), 9), dtype=dtype, device=device) if with_stress else None
-        for s0, s1 in _sub_batches(pair_count, budget):
+        for s0, s1 in sub_batches(pair_count, budget):
             a0, a1, p0, p1 = (int(v) for v in (atom_offset[s0], atom_offset[s1], pair_offset[s0], pair_offset[s1]))
             center, neighbor = nbr.center[p0:p1], nbr.neighbor[p0:p1]
             vec, dist = nbr.vec[p0:p1], nbr.dist[p0:p1]

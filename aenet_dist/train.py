@@ -15,7 +15,6 @@ checkpoints (latest k and best) and a summary table at the end.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as tdist
 
 from . import checkpoint as ckpt
-from .batching import Batch, gather_batch
+from .batching import Batch
 from .config import TrainConfig, load_train_config, read_train_in, save_resolved_config
 from .dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from .loader import Prefetcher, choose_cache, epoch_plan, eval_chunks, make_source, rank_data, steps_per_epoch, structure_bytes
