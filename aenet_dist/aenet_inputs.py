@@ -107,7 +107,7 @@ def _fmt_float(x: float) -> str:
     return repr(float(x))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same directory, fsync, then ``os.replace``."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
@@ -303,7 +303,7 @@ def write_setup(path: str | os.PathLike, setup: DescriptorSetup) -> None:
         f"radial_Rc = {_fmt_float(b.radial_cutoff)}  radial_N = {b.radial_order}  "
         f"angular_Rc = {_fmt_float(b.angular_cutoff)}  angular_N = {b.angular_order}"
     ]
-    _atomic_write_text(path, "\n".join(out) + "\n")
+    atomic_write_text(path, "\n".join(out) + "\n")
 
 
 # --------------------------------------------------------------------------- generate.in
@@ -549,4 +549,4 @@ def write_generate_input(
     if write_setups:
         for s in config.species:
             write_setup(path.parent / stp_names[s], config.setups[s])
-    _atomic_write_text(path, "\n".join(out) + "\n")
+    atomic_write_text(path, "\n".join(out) + "\n")

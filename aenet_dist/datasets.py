@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .aenet_inputs import atomic_write_text
 from .config import ChebyshevBasis, DescriptorSetup
 from .log import get_logger, setup_logging
 from .structures import from_ase, write_xsf
@@ -245,16 +246,6 @@ def isolated_atom_energies(elements: tuple[str, ...]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- aenet inputs
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory, fsync and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _fortran_real(x: float) -> str:
     """Double-precision Fortran literal: 0.75 -> '0.75d0', 1e-5 -> '1.0000000000d-05'."""
     if x == 0.0 or 1e-4 <= abs(x) < 1e6:
@@ -357,11 +348,11 @@ def _generate(mode: str, out_dir, num_structures: int, seed: int, workers: int |
     for element in elements:
         setup = DescriptorSetup(element=element, env_species=elements, basis_type="chebyshev", basis=basis,
                                 rmin=rmin, description=f"Descriptor for {element} ({mode} EMT data set)")
-        _write_atomic(out_dir / f"{element}.fingerprint.stp", _setup_text(setup))
+        atomic_write_text(out_dir / f"{element}.fingerprint.stp", _setup_text(setup))
     files = [f"xsf/{_structure_name(i, spec.name_width)}" for i in range(num_structures)]
     text = _generate_in_text(f"{mode}.train", isolated_atom_energies(elements),
                              {e: f"{e}.fingerprint.stp" for e in elements}, force_percent, files)
-    _write_atomic(generate_in, text)
+    atomic_write_text(generate_in, text)
 
     num_atoms = np.array([s.num_atoms for s in summaries])
     counts = np.sum([s.elem_counts for s in summaries], axis=0)

@@ -49,7 +49,7 @@ from .export import element_net_from_nn, read_nn, setup_from_nn
 from .log import get_logger, setup_logging
 from .model import AtomicModel, forces_from_dEdG
 from .neighbors import neighbor_list
-from .structures import Structure, read_xsf
+from .structures import Structure, from_ase, read_xsf
 
 log = get_logger(__name__)
 
@@ -611,15 +611,7 @@ def read_predict_input(path: str | os.PathLike) -> PredictInput:
 
 def structure_from_atoms(atoms, name: str) -> Structure:
     """An ``ase.Atoms`` as a :class:`Structure` for prediction (reference energy and forces not needed)."""
-    pbc = bool(np.all(atoms.pbc))
-    if np.any(atoms.pbc) and not pbc:
-        raise ValueError(f"{name}: partial periodicity {atoms.pbc.tolist()} is not supported by aenet (all or none)")
-    return Structure(
-        species=tuple(atoms.get_chemical_symbols()),
-        pos=np.array(atoms.positions, dtype=np.float64),
-        cell=np.array(atoms.cell[:], dtype=np.float64) if pbc else np.zeros((3, 3)),
-        pbc=pbc, energy=None, forces=None, name=name,
-    )
+    return from_ase(atoms, name, require_energy=False)
 
 
 def read_for_prediction(path: str | os.PathLike, name: str | None = None) -> list[Structure]:

@@ -232,13 +232,16 @@ def _ase_read_all(path: Path):
         raise ValueError(f"{path}: ASE cannot read this file: {err}") from None
 
 
-def from_ase(atoms, name: str) -> Structure:
-    """Convert an ``ase.Atoms`` with a calculator or info carrying energy and forces."""
+def from_ase(atoms, name: str, require_energy: bool = True) -> Structure:
+    """Convert an ``ase.Atoms`` with a calculator or info carrying energy and forces.
+
+    ``require_energy=False`` accepts bare geometries (for prediction): energy and forces None.
+    """
     try:
         energy = float(atoms.get_potential_energy())
     except Exception:
         energy = atoms.info.get("energy")
-        if energy is None:
+        if energy is None and require_energy:
             raise ValueError(f"{name}: no energy (need a calculator result or info['energy'])") from None
     try:
         forces = np.asarray(atoms.get_forces(), dtype=np.float64)
@@ -253,7 +256,7 @@ def from_ase(atoms, name: str) -> Structure:
         pos=np.array(atoms.positions, dtype=np.float64),
         cell=np.array(atoms.cell[:], dtype=np.float64) if pbc else np.zeros((3, 3)),
         pbc=pbc,
-        energy=float(energy),
+        energy=None if energy is None else float(energy),
         forces=forces,
         name=name,
     )
