@@ -7,14 +7,13 @@ test_ase.py and test_plot.py; they only read it.
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import run_in_process, write_train_toml
 from aenet_dist.aenet_inputs import read_generate_input
 from aenet_dist.batching import gather_batch, shard_from_range
 from aenet_dist.config import StoreOptions
@@ -39,29 +38,9 @@ def make_emt_run(base: Path, epochs: int = 3) -> dict:
     featurize_to_store(read_generate_input(generate_in), store, StoreOptions(chunk_bytes=2**18), progress=False)
     run_dir = base / "run"
     toml = base / "train.toml"
-    toml.write_text(f"""
-[data]
-store = "{store}"
-test_percent = 20
-cache = "memory"
-[model]
-hidden = [6, 6]
-[optim]
-method = "adam"
-lr = 0.01
-[loss]
-force_weight = 0.3
-[run]
-epochs = {epochs}
-batch_size = 8
-dtype = "float64"
-device = "cpu"
-run_dir = "{run_dir}"
-""")
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = train_main([str(toml)])
-    assert code == 0, out.getvalue() + err.getvalue()
+    write_train_toml(toml, store, run_dir, epochs=epochs)
+    result = run_in_process(train_main, [toml])
+    assert result.returncode == 0, result.stdout + result.stderr
     return {"generate_in": generate_in, "store": store, "run_dir": run_dir, "toml": toml}
 
 

@@ -1,10 +1,8 @@
 """Shards, epoch plans and cache modes: chunk-aligned cost balance, deterministic plans,
 and bitwise-identical training whatever the cache."""
 
-import contextlib
-import io
 import json
-from pathlib import Path
+
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from aenet_dist.datasets import generate_emt_dataset
 from aenet_dist.loader import choose_cache, epoch_plan, rank_data, structure_costs
 from aenet_dist.store import StoreReader, featurize_to_store
 from aenet_dist.train import main as train_main
+from helpers import run_in_process, write_train_toml
 
 
 @pytest.fixture(scope="module")
@@ -66,41 +65,14 @@ def test_choose_cache():
         choose_cache("gpu", 1e6, cpu)
 
 
-def run(config: Path, overrides: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = train_main([str(config), *overrides])
-    return code, err.getvalue()
-
-
 def test_cache_modes_train_identically(store, tmp_path):
-    config = tmp_path / "train.toml"
-    config.write_text(
-        f"""
-[data]
-store = "{store}"
-test_percent = 20
-shuffle_window_blocks = 3
-[model]
-hidden = [6, 6]
-[optim]
-method = "adam"
-lr = 0.01
-[loss]
-force_weight = 0.3
-[run]
-epochs = 2
-batch_size = 16
-dtype = "float64"
-device = "cpu"
-"""
-    )
+    config = write_train_toml(tmp_path / "train.toml", store, tmp_path / "unused", epochs=2, batch_size=16, data_extra="shuffle_window_blocks = 3")
     results = {}
     for mode in ("memory", "stream", "pinned"):
         run_dir = tmp_path / mode
-        code, err = run(config, [f"data.cache={mode}", f"run.run_dir={run_dir}"])
-        assert code == 0, err
-        assert f"data.cache={mode} -> {mode}" in err
+        result = run_in_process(train_main, [config, f"data.cache={mode}", f"run.run_dir={run_dir}"])
+        assert result.returncode == 0, result.stderr
+        assert f"data.cache={mode} -> {mode}" in result.stderr
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         weights = torch.load(run_dir / "checkpoints" / "checkpoint_000002.pt", weights_only=True)["model"]
         results[mode] = (lines, weights)

@@ -9,7 +9,6 @@ the venv of this interpreter and write into pytest's tmp_path, or into AENET_DIS
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import read_metrics, write_train_toml
 from aenet_dist.aenet_inputs import read_generate_input
 from aenet_dist.checkpoint import load as load_checkpoint
 from aenet_dist.config import StoreOptions
@@ -124,34 +124,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+_metrics = read_metrics
 
 
 def _write_toml(path: Path, store: Path, run_dir: Path) -> Path:
-    path.write_text(
-        f"""
-[data]
-store = "{store}"
-test_percent = 20
-cache = "memory"
-[model]
-hidden = [6, 6]
-[optim]
-method = "adam"
-lr = 0.01
-[loss]
-force_weight = 0.3
-[run]
-epochs = 4
-batch_size = 4
-dtype = "float64"
-device = "cpu"
-run_dir = "{run_dir}"
-checkpoint_every = 1
-"""
-    )
-    return path
+    return write_train_toml(path, store, run_dir, epochs=4, batch_size=4, extra="checkpoint_every = 1")
 
 
 # ------------------------------------------------------------------ fixtures

@@ -1,9 +1,6 @@
 """Training: model forces are −dE/dR, batching, loss definitions, 1 vs 2 ranks (gloo),
 exact resume, and the bad-input messages."""
 
-import contextlib
-import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +21,7 @@ from aenet_dist.structures import Structure, read_structures, write_xsf
 from aenet_dist.dist import DistInfo
 from aenet_dist.train import Trainer, TrainingError, build_model, predict
 from aenet_dist.train import main as train_main
+from helpers import read_metrics, run_in_process, write_train_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -206,43 +204,17 @@ def run_train(args, ranks=1, check=True):
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}", "-m", "aenet_dist.train", *args]
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     else:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = train_main(args)
-        result = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+        result = run_in_process(train_main, args)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
 
 
 def write_toml(path: Path, store, run_dir, extra: str = "") -> Path:
-    path.write_text(
-        f"""
-[data]
-store = "{store}"
-test_percent = 20
-cache = "memory"
-[model]
-hidden = [6, 6]
-[optim]
-method = "adam"
-lr = 0.01
-[loss]
-force_weight = 0.3
-[run]
-epochs = 3
-batch_size = 8
-dtype = "float64"
-device = "cpu"
-run_dir = "{run_dir}"
-{extra}
-"""
-    )
-    return path
+    return write_train_toml(path, store, run_dir, extra=extra)
 
 
-def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 KEYS = ("train_rmse_energy_meV_atom", "train_rmse_forces_eV_A", "test_rmse_energy_meV_atom", "test_rmse_forces_eV_A", "loss")
