@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on the small embedded EMT data set (Cu/Au/Ni, 200 structures):
+# generate -> featurize (MPI) -> train (torchrun) -> export .nn -> predict -> plots.
 #   bash scripts/demo.sh
 # Rerunnable: the data set is generated once, and featurize resumes an interrupted store
 # or reuses a complete one made from the same inputs. Outputs go to work/ (git-ignored).
@@ -26,4 +27,14 @@ echo "== 3. train: work/runs/emt (torchrun, $NP CPU ranks, gloo)"
 # --resume continues from the last checkpoint if a previous demo run was interrupted.
 OMP_NUM_THREADS=1 "$VENV/bin/torchrun" --standalone --nproc_per_node="$NP" -m aenet_dist.train launch/emt_demo.toml run.device=cpu --resume
 
-# export / predict steps are added by later issues
+echo "== 4. export: work/potentials (aenet binary .nn files, one per element)"
+"$VENV/bin/aenet-dist" export work/runs/emt --out work/potentials
+
+echo "== 5. predict: energies and forces of three structures with the exported potentials"
+"$VENV/bin/aenet-dist" predict --potentials work/potentials --forces --json work/predictions.json \
+    work/emt/xsf/structure0001.xsf work/emt/xsf/structure0002.xsf work/emt/xsf/structure0003.xsf > work/predictions.txt
+head -n 40 work/predictions.txt
+echo "... (all of it in work/predictions.txt and work/predictions.json)"
+
+echo "== 6. plots: work/runs/emt/*.png"
+"$VENV/bin/aenet-dist" plot work/runs/emt
