@@ -333,6 +333,9 @@ class Trainer:
         start_epoch = self.epoch
         run_start = time.perf_counter()
         last = {}
+        if self.epoch >= config.run.epochs and metrics_path.exists():  # resumed a finished run: report it
+            lines = metrics_path.read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else {}
         step_delay = float(os.environ.get("AENET_DIST_TEST_STEP_DELAY", "0"))  # lets tests signal mid-epoch
         while self.epoch < config.run.epochs:
             epoch_start = time.perf_counter()
