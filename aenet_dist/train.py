@@ -524,11 +524,12 @@ def main(argv: list[str] | None = None) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(config.run.cpu_threads or max(1, cores // max(local_ranks, 1)))
     start = time.perf_counter()
+    previous_handlers = {}
     try:
         trainer = Trainer(config, info, resume=args.resume, finetune=args.finetune)
         # SLURM sends SIGUSR1 (sbatch --signal) or SIGTERM (preemption, scancel) before killing.
         for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, trainer.request_stop)
+            previous_handlers[signum] = signal.signal(signum, trainer.request_stop)
         last = trainer.fit()
         if info.is_main:
             print(summary_table(last, trainer, time.perf_counter() - start))
@@ -540,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         cleanup(info)
 
 
