@@ -257,7 +257,7 @@ class StreamSource:
                 self.cache.move_to_end(k)
                 return self.cache[k]
         a, b = self.blocks[k]
-        part = self.reader.read_range(self.data.start + a, self.data.start + b)
+        part = self.reader.read_range(self.data.start + a, self.data.start + b, _numpy_dtype(self.dtype))
         check_finite(part, self.reader)
         with self.lock:
             self.cache[k] = part
@@ -329,13 +329,18 @@ class Prefetcher:
                 self.thread.join(timeout=0.05)
 
 
+def _numpy_dtype(dtype: torch.dtype):
+    return np.float32 if dtype == torch.float32 else np.float64
+
+
 def make_source(reader: StoreReader, data: RankData, mode: str, dtype: torch.dtype, device: torch.device, window_blocks: int):
     """The batch source of a cache mode (reads the rank's shard now unless streaming)."""
     if mode == "stream":
         return StreamSource(reader, data, dtype, capacity=2 * window_blocks)
-    part = reader.read_range(data.start, data.stop)
+    part = reader.read_range(data.start, data.stop, _numpy_dtype(dtype))
     check_finite(part, reader)
     shard = shard_from_range(part, dtype)
+    del part  # the shard holds its own copies; free the numpy range before moving to a device
     if mode == "gpu":
         return ShardSource(shard.to(device), device, pin=False)
     return ShardSource(shard, device, pin=(mode == "pinned" and device.type == "cuda"))

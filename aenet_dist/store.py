@@ -596,18 +596,19 @@ class StoreReader:
         off = s["name_offset"][...]
         return [raw[a:b].decode() for a, b in zip(off[:-1], off[1:])]
 
-    def read_block(self, b: int) -> StructureRange:
-        """One whole block."""
+    def read_block(self, b: int, feature_dtype=None) -> StructureRange:
+        """One whole block; G and dG cast to ``feature_dtype`` (a numpy dtype) if given."""
+        cast = (lambda a: a.astype(feature_dtype, copy=False)) if feature_dtype is not None else (lambda a: a)  # noqa: E731
         block = zarr.open_group(zarr.storage.LocalStore(_block_dir(self.path, b)), mode="r")
         elements = {}
         for e in self.species:
             g = block[e]
             elements[e] = ElementRows(
                 atom=g["atom"][...].astype(np.int64),
-                G=g["G"][...],
+                G=cast(g["G"][...]),
                 deriv_center=g["deriv_center"][...].astype(np.int64),
                 deriv_neighbor=g["deriv_neighbor"][...].astype(np.int64),
-                dG=g["dG"][...],
+                dG=cast(g["dG"][...]),
             )
         first = int(self.block_first[b])
         return StructureRange(
@@ -623,13 +624,17 @@ class StoreReader:
             elements=elements,
         )
 
-    def read_range(self, start: int, stop: int) -> StructureRange:
-        """Structures [start, stop): reads the blocks that overlap, then trims and re-indexes."""
+    def read_range(self, start: int, stop: int, feature_dtype=None) -> StructureRange:
+        """Structures [start, stop): reads the blocks that overlap, then trims and re-indexes.
+
+        ``feature_dtype`` casts G and dG block by block as they are read, so a float32
+        training shard never holds the whole range in float64 (half the peak memory).
+        """
         if not 0 <= start <= stop <= self.num_structures:
             raise ValueError(f"{self.path}: structure range [{start}, {stop}) outside [0, {self.num_structures})")
         first_block = int(np.searchsorted(self.block_first, start, side="right") - 1)
         last_block = int(np.searchsorted(self.block_first, stop, side="left"))
-        blocks = [self.read_block(b) for b in range(max(first_block, 0), max(last_block, first_block + 1))]
+        blocks = [self.read_block(b, feature_dtype) for b in range(max(first_block, 0), max(last_block, first_block + 1))]
         return _trim(concat_ranges(blocks, self.species), start, stop, self.species)
 
 
