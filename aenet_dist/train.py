@@ -30,7 +30,7 @@ import torch.distributed as tdist
 from . import checkpoint as ckpt
 from .batching import Batch
 from .config import TrainConfig, load_train_config, read_train_in, save_resolved_config
-from .dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .loader import Prefetcher, choose_cache, epoch_plan, eval_chunks, make_source, rank_data, steps_per_epoch, structure_bytes
 from .log import get_logger, setup_logging
 from .loss import error_sums, global_loss
@@ -160,6 +160,7 @@ class Trainer:
         self.partial_totals = torch.zeros(4, dtype=self.dtype)  # their summed errors
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
         self.stop_agreed = False  # some rank asked to stop (known to all after each step)
+        self.local_seconds = 0.0  # forward time this epoch, before any collective (straggler check)
         self.best_loss = math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
@@ -274,8 +275,10 @@ class Trainer:
         alpha = self.config.loss.force_weight
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
         energy, forces = predict(self.model, batch, with_forces=alpha > 0, create_graph=True)
         sums = error_sums(batch, energy, forces)
+        self.local_seconds += time.perf_counter() - t0  # this rank's own work before the first collective
         surrogate, value = global_loss(sums, alpha, self._reduce_with_stop_flag, self._l2(), self.info.world_size)
         if not bool(torch.isfinite(value.loss)):  # one scalar sync per step: never step on NaN
             names = self.reader.names()
@@ -341,6 +344,7 @@ class Trainer:
         while self.epoch < config.run.epochs:
             epoch_start = time.perf_counter()
             plan = epoch_plan(self.data, config.run.seed, self.epoch, self.steps, config.data.shuffle_window_blocks)
+            self.local_seconds = 0.0
             totals = self.partial_totals.to(info.device).clone()
             data_seconds = 0.0
             batches = self._batches(plan[self.step_in_epoch :], with_forces=config.loss.force_weight > 0)
@@ -396,6 +400,7 @@ class Trainer:
                 "wall_seconds": time.perf_counter() - run_start,
             }
             stop_early = config.run.early_stop_patience is not None and self.bad_epochs >= config.run.early_stop_patience
+            self._warn_about_waiting(data_seconds, train_seconds)
             if info.is_main:
                 _append_jsonl(metrics_path, last)
                 done = self.epoch - start_epoch
@@ -424,6 +429,27 @@ class Trainer:
                     log.info("early stop: test loss has not improved for %d epochs", self.bad_epochs)
                 break
         return last
+
+    def _warn_about_waiting(self, data_seconds: float, train_seconds: float) -> None:
+        """Rank 0 warns when ranks wait on data, or on a slower rank (a straggler)."""
+        timings = all_gather_objects((data_seconds, self.local_seconds), self.info)
+        if not self.info.is_main:
+            return
+        waits = [d for d, _ in timings]
+        work = [w for _, w in timings]
+        worst = int(np.argmax(waits))
+        if waits[worst] > 0.2 * train_seconds:
+            log.warning(
+                "rank %d waited %.2f s of %.2f s for data this epoch: use a faster cache (data.cache) or fewer ranks per node",
+                worst, waits[worst], train_seconds,
+            )
+        slowest = int(np.argmax(work))
+        if len(work) > 1 and work[slowest] > 1.25 * float(np.median(work)) and work[slowest] > 0.05 * train_seconds:
+            log.warning(
+                "straggler: rank %d computed for %.2f s against a median of %.2f s; the others waited for it "
+                "(shards are balanced by stored rows; check that rank's device and its neighbours' load)",
+                slowest, work[slowest], float(np.median(work)),
+            )
 
     def _save_interrupted(self) -> None:
         """Checkpoint the exact position inside the epoch (rank 0), then stop every rank."""

@@ -358,3 +358,47 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(emt, tmp_path, ranks)
     w_part = load_checkpoint(tmp_path / "part" / "checkpoints" / "checkpoint_000003.pt")["model"]
     for name in w_full:
         assert torch.equal(w_full[name], w_part[name]), name
+
+
+@pytest.mark.dist
+def test_killed_rank_stops_the_others_and_resume_recovers(emt, tmp_path):
+    """kill -9 of one worker: the job ends (no hang) and --resume finishes from the last checkpoint."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    _, store = emt
+    cfg = write_toml(tmp_path / "k.toml", store, tmp_path / "k", "checkpoint_every = 1")
+    common = ["run.batch_size=4", "run.epochs=3"]
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "aenet_dist.train", str(cfg), *common]
+    env = dict(os.environ, AENET_DIST_TEST_STEP_DELAY="0.25")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_epoch(tmp_path / "k", 1, proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "aenet_dist.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGKILL)
+    start = time.time()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - start < 120, "the surviving rank must not hang"
+    run_train([cfg, *common, "--resume"], ranks=2)
+    assert [m["epoch"] for m in metrics(tmp_path / "k")] == [1, 2, 3]
+
+
+def test_epoch_log_warns_when_a_rank_waits_for_data(emt, tmp_path, caplog):
+    import logging
+
+    _, store = emt
+    trainer = Trainer(config_for(store, tmp_path / "w"), DistInfo(0, 1, 0, torch.device("cpu")))
+    logger = logging.getLogger("aenet_dist")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="aenet_dist"):
+            trainer._warn_about_waiting(data_seconds=0.05, train_seconds=1.0)
+            assert not caplog.records
+            trainer._warn_about_waiting(data_seconds=0.6, train_seconds=1.0)
+        assert "rank 0 waited 0.60 s of 1.00 s for data" in caplog.text
+    finally:
+        logger.removeHandler(caplog.handler)
