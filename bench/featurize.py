@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from common import TreeMemory, append_results, dir_bytes, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -53,84 +51,6 @@ CUTOFF = 6.5
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def machine() -> dict:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    import zarr
-
-    return {
-        "host_cpus": os.cpu_count(),
-        "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-        "device": "cpu",
-        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
-    }
-
-
-def dir_bytes(path: Path) -> tuple[int, int]:
-    """Total size of the files below ``path`` (apparent size) and their number."""
-    files = [f for f in path.rglob("*") if f.is_file()]
-    return sum(f.stat().st_size for f in files), len(files)
-
-
-class TreeMemory:
-    """Polls the RSS of a process and all its descendants (psutil) until stopped.
-
-    Keeps the peak of the *sum* over the tree's Python processes (shared library pages
-    are counted once per process, so the sum overstates what the ranks take together)
-    and the peak of the largest single process.
-    """
-
-    def __init__(self, pid: int, interval: float = 0.02):
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.peak_sum = 0
-        self.peak_max = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        import psutil
-
-        while not self._stop.is_set():
-            try:
-                procs = [self.root] + self.root.children(recursive=True)
-            except psutil.Error:
-                break
-            rss = []
-            for p in procs:
-                try:
-                    if "python" in p.name():
-                        rss.append(p.memory_info().rss)
-                except psutil.Error:
-                    pass
-            if rss:
-                self.peak_sum = max(self.peak_sum, sum(rss))
-                self.peak_max = max(self.peak_max, max(rss))
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def time_command(cmd: list[str], repeats: int = 3) -> list[float]:
@@ -160,7 +80,7 @@ def run_featurize(ranks: int, out: Path, force_list: Path) -> dict:
     timed = ["/usr/bin/time", "-v"] + cmd if Path("/usr/bin/time").exists() else cmd
     t0 = time.perf_counter()
     proc = subprocess.Popen(timed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with TreeMemory(proc.pid) as mem:
+    with TreeMemory(proc.pid, match="aenet_dist.featurize") as mem:
         stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -325,17 +245,6 @@ def report(info: dict, runs: list[dict], torch_import: dict, nbl: dict, deriv: d
         "",
     ]
     return "\n".join(lines)
-
-
-def append_results(text: str, records: list[dict]) -> None:
-    RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
-    if not RESULTS_MD.exists():
-        RESULTS_MD.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
-    with open(RESULTS_MD, "a") as fh:
-        fh.write(text + "\n")
-    with open(RESULTS_JSONL, "a") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
 
 
 def main() -> int:

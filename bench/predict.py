@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AENET_DIST_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -49,33 +49,6 @@ RESULTS_JSONL = ROOT / "bench" / "results.jsonl"
 HEADING = "## predict (TiO2, 1000 structures)"
 PREDICT_X = {True: 13.5, False: 3.5}  # wall s, with / without forces (refdata README)
 THREADS: int | None = None  # --threads: torch intra-op threads, in-process and in the subprocess
-
-
-def machine(device: str) -> dict:
-    import torch
-
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "host_cpus": os.cpu_count(),
-        "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def command_prefix() -> list[str]:
@@ -172,7 +145,7 @@ def report(info: dict, rows: list[dict], check: dict, torch_s: float, num_atoms:
         lines.append(f"| {r['program']} | {r['measure']} | {'yes' if r['forces'] else 'no'} | {r['wall_s']:.2f} | "
                      f"{num_structures / r['wall_s']:.0f} | {num_atoms / r['wall_s']:.0f} | {speed} |")
     lines += ["", f"- `python -c 'import torch'` alone takes {torch_s:.2f} s (median of 3): most of the end-to-end overhead.",
-              f"- In-process split (last run): " + "; ".join(
+              "- In-process split (last run): " + "; ".join(
                   f"{r['measure']} {'forces' if r['forces'] else 'energies'}: potentials {r['split']['load_potentials_s']:.2f} s, "
                   f"XSF {r['split']['read_xsf_s']:.2f} s, predict {r['split']['predict_s']:.2f} s" for r in rows if "split" in r),
               f"- Agreement with predict.x on the 20 refdata structures: max |ΔE| {check['max_abs_energy_eV_atom']:.1e} eV/atom, "

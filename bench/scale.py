@@ -36,15 +36,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from common import TreeMemory, dir_bytes, load1, machine, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("AENET_DIST_VENV", ROOT / ".venv"))
@@ -82,135 +81,6 @@ RUNS = [
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def load1() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def machine() -> dict:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import numpy as np
-    import psutil
-    import torch
-    import zarr
-
-    def git(*args: str) -> str:  # read-only queries
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {
-        "host_cpus": os.cpu_count(),
-        "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0),
-        "cpu_model": model,
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-        "device": "cpu",
-        "git_commit": git("rev-parse", "--short", "HEAD").strip(),
-        "git_dirty_aenet_dist": [line[3:] for line in git("status", "--porcelain", "--", "aenet_dist").splitlines()],
-        "loadavg_1min_at_start": load1(),
-    }
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-class TreeMemory:
-    """Polls the RSS of the training ranks below a launched process every ``interval`` s (psutil).
-
-    Ranks: the process itself (one rank) or its descendants running ``aenet_dist.train`` (torchrun;
-    the launcher is left out). Keeps the peak of the sum over ranks and the largest single
-    rank's peak (polled RSS or the kernel's VmHWM, whichever is larger).
-    """
-
-    def __init__(self, pid: int, launcher: bool, interval: float = 0.1):
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.launcher = launcher
-        self.interval = interval
-        self.peak_sum = 0
-        self.peak_max = 0
-        self.hwm: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _vmhwm(pid: int) -> int:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            pass
-        return 0
-
-    def _ranks(self):
-        import psutil
-
-        if not self.launcher:
-            return [self.root]
-        out = []
-        for p in self.root.children(recursive=True):
-            try:
-                if any("aenet_dist.train" in a for a in p.cmdline()):
-                    out.append(p)
-            except psutil.Error:
-                pass
-        return out
-
-    def _run(self):
-        import psutil
-
-        while not self._stop.is_set():
-            try:
-                procs = self._ranks()
-            except psutil.Error:
-                break
-            rss = []
-            for p in procs:
-                try:
-                    rss.append(p.memory_info().rss)
-                    self.hwm[p.pid] = max(self.hwm.get(p.pid, 0), self._vmhwm(p.pid))
-                except psutil.Error:
-                    pass
-            if rss and all(rss):
-                self.peak_sum = max(self.peak_sum, sum(rss))
-                self.peak_max = max(self.peak_max, max(rss), max(self.hwm.values(), default=0))
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return out
 
 
 # ----------------------------------------------------------------------------- steps
@@ -285,7 +155,7 @@ def ensure_store(n: int, generate_in: Path) -> dict:
         "size": n, "store": str(store), "reused": reused, "featurize_wall_s": wall, "featurize_inprocess_s": inprocess,
         "structures": int(r.num_structures), "atoms": int(r.num_atoms.sum()),
         "force_structures": int(r.has_derivs.astype(bool).sum()), "deriv_rows": int(r.num_deriv_rows.sum()),
-        "blocks": len(r.block_first) - 1, "store_bytes": dir_bytes(store),
+        "blocks": len(r.block_first) - 1, "store_bytes": dir_bytes(store)[0],
         "shard_bytes_float32": float(shard["shard_bytes"]), "plan_ranks2": plan_text,
     }
 
@@ -320,7 +190,7 @@ def train(config: Path, runs_dir: Path, n: int, label: str, ranks: int, override
     with open(log_path, "w") as fh:
         # cwd outside the checkout: ``-m`` puts the cwd first on sys.path.
         proc = subprocess.Popen(cmd, cwd=runs_dir, stdout=fh, stderr=subprocess.STDOUT)
-        with TreeMemory(proc.pid, launcher=ranks > 1) as mem:
+        with TreeMemory(proc.pid, match="aenet_dist.train") as mem:
             while proc.poll() is None:
                 time.sleep(0.2)
                 k = len(read_metrics(metrics_path))

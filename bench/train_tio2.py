@@ -38,15 +38,14 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from common import TreeMemory, append_results, load1, machine, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -99,52 +98,6 @@ TTA_MAX_SECONDS = 900.0
 # ----------------------------------------------------------------------------- helpers
 
 
-def machine() -> dict:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import numpy as np
-    import torch
-    import zarr
-
-    def git(*args: str) -> str:  # read-only queries
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    import aenet_dist
-
-    package = Path(aenet_dist.__file__).resolve().parent
-    if package.is_relative_to(ROOT):
-        dirty = [line[3:] for line in git("status", "--porcelain", "--", "aenet_dist").splitlines()]
-    else:  # e.g. PYTHONPATH pointing at an exported commit; the subprocesses import the same
-        dirty = [f"(aenet_dist imported from {package}, not this checkout)"]
-    return {
-        "host_cpus": os.cpu_count(),
-        "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-        "device": "cpu",
-        "git_commit": git("rev-parse", "--short", "HEAD").strip(),
-        "git_dirty_aenet_dist": dirty,
-        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
-    }
-
-
-def load1() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def check_gitignore() -> str | None:
     """A note if bench/.cache/ is not ignored by git (this script does not edit .gitignore)."""
     probe = "bench/.cache/force_structures.txt"
@@ -155,101 +108,6 @@ def check_gitignore() -> str | None:
     if ignored:
         return None
     return "note: bench/.cache/ is not in .gitignore; add the line `bench/.cache/` there (the benchmark caches its store and runs in it)"
-
-
-class TreeMemory:
-    """Polls, every ``interval`` s, the RSS of the training ranks below a launched process (psutil).
-
-    Ranks: the process itself for one rank, its descendants running ``aenet_dist.train`` under
-    torchrun (the launcher is left out). Keeps the peak of the *sum* of the ranks' RSS (shared
-    library pages counted once per rank, so it overstates what they take together) and the
-    largest single rank's peak, from the kernel's high-water mark VmHWM (exact, not sampled)
-    or the polled RSS, whichever is larger.
-    """
-
-    def __init__(self, pid: int, launcher: bool, interval: float = 0.1):
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.launcher = launcher
-        self.interval = interval
-        self.peak_sum = 0
-        self.peak_max = 0
-        self.last_sum = 0  # summed RSS at the last poll: the steady state of training
-        self.hwm: dict[int, int] = {}
-        self.launcher_peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _vmhwm(pid: int) -> int:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            pass
-        return 0
-
-    def _ranks(self):
-        import psutil
-
-        if not self.launcher:
-            return [self.root]
-        out = []
-        for p in self.root.children(recursive=True):
-            try:
-                if any("aenet_dist.train" in a for a in p.cmdline()):
-                    out.append(p)
-            except psutil.Error:
-                pass
-        return out
-
-    def _run(self):
-        import psutil
-
-        while not self._stop.is_set():
-            try:
-                procs = self._ranks()
-            except psutil.Error:
-                break
-            rss = []
-            for p in procs:
-                try:
-                    rss.append(p.memory_info().rss)
-                    self.hwm[p.pid] = max(self.hwm.get(p.pid, 0), self._vmhwm(p.pid))
-                except psutil.Error:
-                    pass
-            if self.launcher:
-                try:
-                    self.launcher_peak = max(self.launcher_peak, self.root.memory_info().rss)
-                except psutil.Error:
-                    pass
-            if rss and all(rss):  # an exited (zombie) rank reads 0
-                self.last_sum = sum(rss)
-                self.peak_sum = max(self.peak_sum, sum(rss))
-                self.peak_max = max(self.peak_max, max(rss), max(self.hwm.values(), default=0))
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            break
-    return out
 
 
 # ----------------------------------------------------------------------------- steps
@@ -320,7 +178,7 @@ def launch(config: Path, ranks: int, overrides: list[str], name: str, stop=None,
     with open(log_path, "w") as log:
         # cwd outside the checkout: ``-m`` puts the cwd first on sys.path, which would shadow a PYTHONPATH.
         proc = subprocess.Popen(cmd, cwd=RUNS, env=env, stdout=log, stderr=subprocess.STDOUT)
-        with TreeMemory(proc.pid, launcher=ranks > 1) as mem:
+        with TreeMemory(proc.pid, match="aenet_dist.train") as mem:
             while proc.poll() is None:
                 time.sleep(0.1)
                 metrics = read_metrics(metrics_path)
@@ -509,17 +367,6 @@ def report(info: dict, data: dict, runs: list[dict], tta: dict | None, epochs: i
             "",
         ]
     return "\n".join(lines)
-
-
-def append_results(text: str, records: list[dict]) -> None:
-    RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
-    if not RESULTS_MD.exists():
-        RESULTS_MD.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
-    with open(RESULTS_MD, "a") as fh:
-        fh.write(text + "\n")
-    with open(RESULTS_JSONL, "a") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
 
 
 def main() -> int:

@@ -1,0 +1,179 @@
+"""What the benchmark scripts share: paths, machine description, process-tree memory, results files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AENET_DIST_SHARED", ROOT.parent / "shared"))
+RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+RESULTS_JSONL = ROOT / "bench" / "results.jsonl"
+
+
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _git(*args: str) -> str:  # read-only queries
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine(device: str = "cpu") -> dict:
+    """CPU model, core counts, memory, versions, git state and load average, for each results table."""
+    import numpy as np
+    import psutil
+    import torch
+    import zarr
+
+    import aenet_dist
+
+    model = "?"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    package = Path(aenet_dist.__file__).resolve().parent
+    if package.is_relative_to(ROOT):
+        dirty = [line[3:] for line in _git("status", "--porcelain", "--", "aenet_dist").splitlines()]
+    else:  # e.g. PYTHONPATH pointing at an exported commit; the subprocesses import the same
+        dirty = [f"(aenet_dist imported from {package}, not this checkout)"]
+    info = {
+        "host_cpus": os.cpu_count(),
+        "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0),
+        "cpu_model": model,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+        "device": device,
+        "git_commit": _git("rev-parse", "--short", "HEAD").strip(),
+        "git_dirty_aenet_dist": dirty,
+        "loadavg_1min_at_start": load1(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def dir_bytes(path: Path) -> tuple[int, int]:
+    """Total apparent size of the files below ``path`` and their number."""
+    files = [f for f in Path(path).rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files), len(files)
+
+
+class TreeMemory:
+    """Polls the RSS of the worker processes below a launched process every ``interval`` s (psutil).
+
+    Workers: the process itself and its descendants whose command line contains ``match``,
+    launchers (torchrun, mpiexec and its proxies) left out. Keeps the peak of the sum over workers
+    and the largest single worker's peak (polled RSS or the kernel's VmHWM, whichever is larger).
+    Shared library pages count once per worker, so the sum overstates what they take together.
+    """
+
+    LAUNCHERS = ("torchrun", "mpiexec", "hydra_pmi_proxy")
+
+    def __init__(self, pid: int, match: str = "aenet_dist", interval: float = 0.05):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.match = match
+        self.interval = interval
+        self.peak_sum = 0
+        self.peak_max = 0
+        self.last_sum = 0  # summed RSS at the last poll: the steady state
+        self.launcher_peak = 0  # RSS of the root when it is a launcher (torchrun, mpiexec), not a worker
+        self.hwm: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _vmhwm(pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def _workers(self):
+        import psutil
+
+        out = []
+        for p in [self.root] + self.root.children(recursive=True):
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if self.match in cmd and not any(name in cmd for name in self.LAUNCHERS):
+                out.append(p)
+        return out
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = self._workers()
+            except psutil.Error:
+                break
+            if self.root not in procs:
+                try:
+                    self.launcher_peak = max(self.launcher_peak, self.root.memory_info().rss)
+                except psutil.Error:
+                    pass
+            rss = []
+            for p in procs:
+                try:
+                    rss.append(p.memory_info().rss)
+                    self.hwm[p.pid] = max(self.hwm.get(p.pid, 0), self._vmhwm(p.pid))
+                except psutil.Error:
+                    pass
+            if rss and all(rss):
+                self.last_sum = sum(rss)
+                self.peak_sum = max(self.peak_sum, sum(rss))
+                self.peak_max = max(self.peak_max, max(rss), max(self.hwm.values(), default=0))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The JSON lines of a run's metrics file (a line still being written is left out)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def append_results(text: str, records: list[dict]) -> None:
+    """Append a markdown section to bench/RESULTS.md and records to bench/results.jsonl."""
+    RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
+    if not RESULTS_MD.exists():
+        RESULTS_MD.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
+    with open(RESULTS_MD, "a") as fh:
+        fh.write(text + "\n")
+    with open(RESULTS_JSONL, "a") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
