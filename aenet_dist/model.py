@@ -242,7 +242,11 @@ class _SparseForceContraction(torch.autograd.Function):
         g = grad_forces.index_select(0, neighbor_idx)  # shape (P, 3)
         grad_dE_dG = grad_dG = None
         if ctx.needs_input_grad[0]:
-            rows = torch.bmm(g.unsqueeze(1), dG_xf).squeeze(1)  # shape (P, F): the transposed contraction
+            # The transposed contraction Σ_x g[p, x] dG[p, x, :] as three multiply-adds over (P, F)
+            # slices: one read of dG, measured faster than a batch of 1x3 @ 3xF products.
+            rows = dG_xf[:, 0] * g[:, 0:1]
+            rows = torch.addcmul(rows, dG_xf[:, 1], g[:, 1:2])
+            rows = torch.addcmul(rows, dG_xf[:, 2], g[:, 2:3])  # shape (P, F)
             grad_dE_dG = torch.zeros(ctx.num_rows, dG_xf.shape[2], dtype=g.dtype, device=g.device)
             grad_dE_dG = grad_dE_dG.index_add(0, center_idx, rows, alpha=-1.0)
         if ctx.needs_input_grad[1]:
