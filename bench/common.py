@@ -167,13 +167,13 @@ def read_metrics(path: Path) -> list[dict]:
     return out
 
 
-def append_results(text: str, records: list[dict]) -> None:
-    """Append a markdown section to bench/RESULTS.md and records to bench/results.jsonl."""
-    RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
-    if not RESULTS_MD.exists():
-        RESULTS_MD.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
-    with open(RESULTS_MD, "a") as fh:
+def append_results(text: str, records: list[dict], results_md: Path = RESULTS_MD, results_jsonl: Path = RESULTS_JSONL) -> None:
+    """Append a markdown section to bench/RESULTS.md and records to bench/results.jsonl (or the given files)."""
+    results_md.parent.mkdir(parents=True, exist_ok=True)
+    if not results_md.exists():
+        results_md.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
+    with open(results_md, "a") as fh:
         fh.write(text + "\n")
-    with open(RESULTS_JSONL, "a") as fh:
+    with open(results_jsonl, "a") as fh:
         for rec in records:
             fh.write(json.dumps(rec) + "\n")

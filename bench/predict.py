@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import machine
+from common import RESULTS_JSONL, RESULTS_MD, append_results, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AENET_DIST_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -44,8 +43,6 @@ PY = Path(sys.executable)  # the interpreter running this script (the venv's, as
 XSF_DIR = SHARED / "data" / "tio2" / "xsf"
 REFDATA = SHARED / "refdata"
 POTENTIALS = {"Ti": REFDATA / "Ti.pytorch.nn", "O": REFDATA / "O.pytorch.nn"}
-RESULTS_MD = ROOT / "bench" / "RESULTS.md"
-RESULTS_JSONL = ROOT / "bench" / "results.jsonl"
 HEADING = "## predict (TiO2, 1000 structures)"
 PREDICT_X = {True: 13.5, False: 3.5}  # wall s, with / without forces (refdata README)
 THREADS: int | None = None  # --threads: torch intra-op threads, in-process and in the subprocess
@@ -207,13 +204,7 @@ def main() -> int:
                     "atoms_per_s": num_atoms / r["wall_s"]} for r in rows]
         records.append({**base, "what": "reference_check", **check})
         records.append({**base, "what": "torch_import", "seconds": torch_s, "report_bytes": report_bytes})
-        if not results_md.exists():
-            results_md.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
-        with open(results_md, "a") as fh:
-            fh.write(text + "\n")
-        with open(results_jsonl, "a") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec) + "\n")
+        append_results(text, records, results_md, results_jsonl)
         print(f"appended to {results_md} and {results_jsonl}", file=sys.stderr)
     return 0
 

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from common import TreeMemory, dir_bytes, load1, machine, read_metrics
+from common import RESULTS_JSONL, RESULTS_MD, TreeMemory, append_results, dir_bytes, load1, machine, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("AENET_DIST_VENV", ROOT / ".venv"))
@@ -51,8 +51,6 @@ PY = VENV / "bin" / "python"
 TORCHRUN = VENV / "bin" / "torchrun"
 MPIEXEC = VENV / "bin" / "mpiexec"
 CACHE = ROOT / "bench" / ".cache"
-RESULTS_MD = ROOT / "bench" / "RESULTS.md"
-RESULTS_JSONL = ROOT / "bench" / "results.jsonl"
 HEADING = "## scale (synthetic EMT alloys, 32-128 atoms, 20 % forces)"
 LARGE = 20000  # sizes above this need --allow-large
 ISSUE_SIZE = 45000  # the issue's full size, noted (with an extrapolation) when not run
@@ -359,13 +357,7 @@ def main() -> int:
         records += [{**head, **r, **{f"data_{k}": v for k, v in by_size[r["size"]].items() if k in ("structures", "atoms", "deriv_rows", "store_bytes", "featurize_wall_s")},
                      "settings": SETTINGS} for r in runs]
         records.append({**head, "what": "summary", **summary})
-        if not RESULTS_MD.exists():
-            RESULTS_MD.write_text("# Benchmark results\n\nAppended by the scripts in bench/; newest last.\n\n")
-        with open(RESULTS_MD, "a") as fh:
-            fh.write(text + "\n")
-        with open(RESULTS_JSONL, "a") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec) + "\n")
+        append_results(text, records)
         log(f"appended to {RESULTS_MD.relative_to(ROOT)} and {RESULTS_JSONL.relative_to(ROOT)}")
     return 0
 
