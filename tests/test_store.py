@@ -4,6 +4,7 @@ stores, statistics, range reads across blocks, and bad-input errors."""
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from aenet_dist.config import StoreOptions
 from aenet_dist.datasets import generate_emt_dataset
 from aenet_dist.descriptors import featurize
 from aenet_dist.featurize import main as featurize_main
-from aenet_dist.store import StoreReader, featurize_to_store
+from aenet_dist.store import StoreReader, _read_plain_array, _write_array, featurize_to_store
 from aenet_dist.structures import read_structures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,3 +197,44 @@ def test_reader_rejects_other_zarr(tmp_path):
     zarr.open_group(zarr.storage.LocalStore(tmp_path / "other.zarr"), mode="w", zarr_format=3)
     with pytest.raises(ValueError, match="not an aenet_dist store"):
         StoreReader(tmp_path / "other.zarr")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.arange(1000, dtype=np.float64).reshape(125, 8),  # several chunks, a partial last one
+        np.zeros((40, 3, 2), dtype=np.float32),  # equals the fill value: zarr writes no chunk
+        np.array([True, False, True]),
+        np.arange(-5, 5, dtype=np.int8),
+        np.zeros((0, 4), dtype=np.int32),
+    ],
+)
+def test_direct_array_reads_equal_zarr(tmp_path, data):
+    group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "g"), mode="w", zarr_format=3)
+    _write_array(group, "a", data, level=1, chunk_bytes=256)
+    direct = _read_plain_array(tmp_path / "g" / "a")
+    expected = zarr.open_group(zarr.storage.LocalStore(tmp_path / "g"), mode="r")["a"][...]
+    assert direct is not None and direct.dtype == expected.dtype and direct.shape == expected.shape
+    np.testing.assert_array_equal(direct, expected)
+
+
+def test_block_reads_equal_zarr(store):
+    reader = StoreReader(store)
+    for b in range(len(reader.block_first) - 1):
+        block = reader.read_block(b)
+        group = zarr.open_group(zarr.storage.LocalStore(store / "blocks" / f"b{b:06d}"), mode="r")
+        np.testing.assert_array_equal(block.pos, group["pos"][...])
+        np.testing.assert_array_equal(block.has_derivs, group["has_derivs"][...])
+        for element in reader.species:
+            np.testing.assert_array_equal(block.elements[element].dG, group[element]["dG"][...])
+            np.testing.assert_array_equal(block.elements[element].G, group[element]["G"][...])
+
+
+def test_damaged_chunk_is_named(store, tmp_path):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    chunk = sorted(copy.glob("blocks/*/*/dG/c/0/0/0"))[0]
+    chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])
+    block = int(chunk.relative_to(copy / "blocks").parts[0][1:])
+    with pytest.raises(ValueError, match=f"{chunk}.*damaged"):
+        StoreReader(copy).read_block(block)
