@@ -238,8 +238,9 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
         if not with_forces:
             continue
         batch_row_start = torch.cumsum(counts, 0) - counts
-        if el.dense:
-            dense[element] = _dense_blocks(el, index, batch_row_start, batch_atom_start)
+        blocks = _dense_blocks(el, index, batch_row_start, batch_atom_start) if el.dense else []
+        if blocks:  # like ``deriv``: only elements with rows in this batch
+            dense[element] = blocks
         deriv_counts = el.deriv_offset[index + 1] - el.deriv_offset[index]
         if int(deriv_counts.sum()) == 0:
             continue
@@ -267,3 +268,54 @@ def _dense_blocks(el: ElementShard, index: torch.Tensor, batch_row_start: torch.
         atoms = batch_atom_start[members, None] + torch.arange(dense.num_atoms, device=index.device)
         blocks.append(DenseBlock(rows, atoms, dense.D[el.dense_slot[index[members]]]))
     return blocks
+
+
+def merge_batches(parts: list[Batch]) -> Batch:
+    """One batch of the structures of ``parts``, in order, with indices shifted.
+
+    For parts gathered from consecutive pieces of a shard with sorted indices, the result is
+    bitwise the batch :func:`gather_batch` makes from the whole shard with the same (sorted)
+    indices: rows keep their order, and dense blocks of equal size are concatenated and
+    ordered by size, as the whole shard's size groups are.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    structure_shift = np.cumsum([0] + [int(p.num_atoms.numel()) for p in parts])
+    atom_shift = np.cumsum([0] + [p.total_atoms for p in parts])
+    cat = torch.cat
+    G, atom_structure, deriv, dense = {}, {}, {}, {}
+    for element in first.G:
+        row_shift = np.cumsum([0] + [int(p.G[element].shape[0]) for p in parts])
+        G[element] = cat([p.G[element] for p in parts])
+        atom_structure[element] = cat([p.atom_structure[element] + int(structure_shift[k]) for k, p in enumerate(parts)])
+        with_rows = [(k, p.deriv[element]) for k, p in enumerate(parts) if element in p.deriv]
+        if with_rows:
+            deriv[element] = (
+                cat([center + int(row_shift[k]) for k, (center, _, _) in with_rows]),
+                cat([neighbor + int(atom_shift[k]) for k, (_, neighbor, _) in with_rows]),
+                cat([dG for _, (_, _, dG) in with_rows]),
+            )
+        groups: dict[tuple[int, int], list[DenseBlock]] = {}
+        for k, p in enumerate(parts):
+            for block in p.dense.get(element, []):
+                key = (int(block.rows.shape[1]), int(block.atoms.shape[1]))
+                groups.setdefault(key, []).append(DenseBlock(block.rows + int(row_shift[k]), block.atoms + int(atom_shift[k]), block.D))
+        if groups:
+            dense[element] = [
+                DenseBlock(cat([b.rows for b in blocks]), cat([b.atoms for b in blocks]), cat([b.D for b in blocks]))
+                for _, blocks in sorted(groups.items())
+            ]
+    batch = Batch(
+        cat([p.structure_index for p in parts]),
+        cat([p.num_atoms for p in parts]),
+        cat([p.energy for p in parts]),
+        G,
+        atom_structure,
+        deriv,
+        dense,
+    )
+    if first.forces is not None:
+        batch.forces = cat([p.forces for p in parts])
+        batch.force_atoms = cat([p.force_atoms for p in parts])
+    return batch

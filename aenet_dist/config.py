@@ -287,7 +287,15 @@ class DataConfig:
     reproduce that run on fewer ranks (each rank then takes several virtual shards)."""
     shuffle_window_blocks: int = 8
     """Store blocks shuffled together: each epoch permutes a shard's blocks, then the structures
-    within each window of this many blocks. The ``stream`` cache holds two windows in memory."""
+    within each window of this many blocks. A step draws from one or two windows, so this bounds
+    the blocks the ``stream`` cache must hold at once."""
+    memory_budget_gb: float | None = None
+    """Host memory (GiB per rank) the data may take. ``stream`` keeps its test set, queued
+    batches and blocks read ahead within it, and ``auto`` streams when the shard does not fit
+    in it. None = half of the host memory available at start, shared by the node's ranks.
+    Python, torch and the model take about 0.25 GiB more per rank."""
+    readers: int = 2
+    """Threads that read and convert store blocks (loading, and ``stream`` read-ahead)."""
 
     def __post_init__(self):
         _coerce_fields(self, "data")
@@ -302,6 +310,10 @@ class DataConfig:
             raise ValueError(f"data.num_shards must be >= 1 (or unset = world size), got {self.num_shards}")
         if self.shuffle_window_blocks < 1:
             raise ValueError(f"data.shuffle_window_blocks must be >= 1, got {self.shuffle_window_blocks}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(f"data.memory_budget_gb must be > 0 GiB (or unset), got {self.memory_budget_gb}")
+        if self.readers < 1:
+            raise ValueError(f"data.readers must be >= 1, got {self.readers}")
 
 
 _NETWORK_KEYS = ("hidden", "activations")

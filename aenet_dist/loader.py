@@ -31,22 +31,25 @@ How batches reach the model (``data.cache``):
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
-from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import psutil
 import torch
 
-from .batching import Batch, ShardData, gather_batch, shard_from_range
+from .batching import Batch, ShardData, gather_batch, merge_batches, shard_from_range
 from .log import get_logger
-from .store import StoreReader, StructureRange, concat_ranges
+from .store import StoreReader, StructureRange, select_structures
 
 log = get_logger(__name__)
 CACHE_SAFETY = 1.3  # tensors, indices and allocator slack over the raw payload
 DEVICE_MARGIN_BYTES = 2 * 2**30  # left free on a GPU for activations and the CUDA context
+PREFETCH_DEPTH = 3  # batches gathered ahead of the training step
+RESIDENT_PIECE_BYTES = 64 * 2**20  # blocks kept in memory are joined into pieces of this size
 
 
 def split_test(num_structures: int, test_percent: float, seed: int) -> np.ndarray:
@@ -186,7 +189,8 @@ def epoch_plan(data: RankData, seed: int, epoch: int, steps: int, window_blocks:
             members = np.concatenate([np.arange(*blocks[b]) for b in block_order[w : w + window_blocks]])
             order.append(rng.permutation(members[data.train_local[members]]))
         parts_per_shard.append(np.array_split(np.concatenate(order), steps))
-    return [np.concatenate([parts[k] for parts in parts_per_shard]) for k in range(steps)]
+    # A step is a set: sorted, so that every cache mode gathers its rows in the same order.
+    return [np.sort(np.concatenate([parts[k] for parts in parts_per_shard])) for k in range(steps)]
 
 
 def eval_chunks(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -197,8 +201,11 @@ def eval_chunks(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
 # ---------------------------------------------------------------------------- caches
 
 
-def choose_cache(requested: str, shard_bytes: float, device: torch.device) -> tuple[str, str]:
-    """(mode, reason). ``gpu`` that cannot fit is an error before any data is read."""
+def choose_cache(requested: str, shard_bytes: float, device: torch.device, budget_bytes: float | None = None) -> tuple[str, str]:
+    """(mode, reason). ``gpu`` that cannot fit is an error before any data is read.
+
+    ``budget_bytes`` (the user's ``data.memory_budget_gb``) caps the host memory ``auto`` may fill.
+    """
     need = shard_bytes * CACHE_SAFETY
     host = psutil.virtual_memory().available
     if device.type == "cuda":
@@ -219,65 +226,178 @@ def choose_cache(requested: str, shard_bytes: float, device: torch.device) -> tu
         return requested, "requested"
     if fits_device:
         return "gpu", f"shard ~{need / 2**30:.2f} GiB fits in {free / 2**30:.1f} GiB free on {device}"
-    if need < 0.8 * host:
+    limit, limit_text = 0.8 * host, f"80% of {host / 2**30:.1f} GiB available host memory"
+    if budget_bytes is not None and budget_bytes < limit:
+        limit, limit_text = budget_bytes, f"the budget of {budget_bytes / 2**30:.2f} GiB (data.memory_budget_gb)"
+    if need < limit:
         mode = "pinned" if device.type == "cuda" else "memory"
-        return mode, f"shard ~{need / 2**30:.2f} GiB fits in {host / 2**30:.1f} GiB available host memory"
-    return "stream", f"shard ~{need / 2**30:.2f} GiB exceeds 80% of {host / 2**30:.1f} GiB available host memory"
+        return mode, f"shard ~{need / 2**30:.2f} GiB fits in {limit_text}"
+    return "stream", f"shard ~{need / 2**30:.2f} GiB exceeds {limit_text}"
 
 
 class ShardSource:
-    """Batches from a shard held in memory (host or device)."""
+    """Batches from one shard tensor set held on the training device (``gpu`` mode)."""
 
-    def __init__(self, shard: ShardData, device: torch.device, pin: bool):
-        self.shard, self.device, self.pin = shard, device, pin
+    def __init__(self, shard: ShardData):
+        self.shard = shard
 
-    def batch(self, local_index: np.ndarray, with_forces: bool) -> Batch:
-        index = torch.from_numpy(local_index).to(self.shard.num_atoms.device)
-        batch = gather_batch(self.shard, index, with_forces=with_forces)
-        if self.pin:
-            batch = batch.pin_memory()
-        return batch
+    def check_budget(self, plan: list[np.ndarray], what: str) -> None:
+        """Nothing to check: the shard is resident."""
+
+    def iterate(self, plan: list[np.ndarray], with_forces: bool):
+        for local_index in plan:
+            yield gather_batch(self.shard, torch.from_numpy(local_index).to(self.shard.num_atoms.device), with_forces=with_forces)
 
 
-class StreamSource:
-    """Batches read from the store block by block, keeping at most ``capacity`` blocks."""
+class BlockSource:
+    """Batches gathered from the rank's store blocks, each converted to tensors once per read.
 
-    def __init__(self, reader: StoreReader, data: RankData, dtype: torch.dtype, capacity: int):
-        self.reader, self.data, self.dtype, self.capacity = reader, data, dtype, max(capacity, 2)
-        blocks = sorted({b for shard in data.shard_blocks for b in shard})
-        self.block_start = np.array([a for a, _ in blocks], dtype=np.int64)
-        self.blocks = blocks
-        self.cache: OrderedDict[int, StructureRange] = OrderedDict()
-        self.lock = threading.Lock()
+    A block holds the ``members`` (sorted rank-local structure indices) of one store block of
+    the rank: all its structures, or only its training or test structures. A step's batch is
+    one :func:`gather_batch` per block it touches, merged (bitwise what one gather from the
+    whole shard gives, since steps are sorted).
+
+    * ``resident=True`` (``memory``, ``pinned``, and the test set of ``stream`` when it fits):
+      every block is read once, by ``readers`` threads, and kept.
+    * ``resident=False`` (``stream``): for each plan, blocks are read ahead in the order the
+      plan first needs them, as far as ``budget_bytes`` allows, and dropped after the last step
+      that needs them; each block is read once per plan. A plan whose single step needs more
+      than the budget is refused before anything is read (:meth:`check_budget`).
+    """
+
+    def __init__(self, reader: StoreReader, data: RankData, members: np.ndarray, dtype: torch.dtype,
+                 resident: bool, budget_bytes: float = math.inf, readers: int = 2, pin: bool = False,
+                 piece_bytes: float = 0.0):
+        """``piece_bytes`` > 0 joins consecutive store blocks into pieces of about that many bytes
+        of members (fewer, larger gathers per step; for resident sources)."""
+        self.reader, self.data, self.dtype, self.pin = reader, data, dtype, pin
+        self.resident, self.budget_bytes, self.readers = resident, budget_bytes, max(1, readers)
+        bounds = sorted({b for shard in data.shard_blocks for b in shard})
+        members = np.asarray(members, dtype=np.int64)
+        per_structure = structure_bytes(reader, dtype.itemsize)[data.start : data.stop]
+        cut = np.searchsorted(members, [a for a, _ in bounds] + [bounds[-1][1]])
+        self.bounds, self.members, sizes = [], [], []
+        for k, (a, b) in enumerate(bounds):  # a loop over blocks, once
+            if cut[k + 1] == cut[k]:
+                continue  # no members in this block
+            size = float(per_structure[members[cut[k] : cut[k + 1]]].sum())
+            if self.bounds and self.bounds[-1][1] == a and sizes[-1] + size <= piece_bytes:
+                self.bounds[-1] = (self.bounds[-1][0], b)
+                self.members[-1] = np.r_[self.members[-1], members[cut[k] : cut[k + 1]]]
+                sizes[-1] += size
+            else:
+                self.bounds.append((a, b))
+                self.members.append(members[cut[k] : cut[k + 1]])
+                sizes.append(size)
+        self.block_start = np.array([m[0] for m in self.members], dtype=np.int64)
+        self.block_bytes = np.array(sizes)
         self.blocks_read = 0
+        self.peak_held_bytes = 0.0  # most block bytes held at once while streaming (a statistic)
+        self.blocks: list[ShardData] | None = None
+        if resident:
+            with ThreadPoolExecutor(self.readers) as pool:
+                self.blocks = list(pool.map(self._load, range(len(self.bounds))))
 
-    def _block(self, k: int) -> StructureRange:
-        with self.lock:
-            if k in self.cache:
-                self.cache.move_to_end(k)
-                return self.cache[k]
-        a, b = self.blocks[k]
+    @property
+    def resident_bytes(self) -> float:
+        return float(self.block_bytes.sum())
+
+    def _load(self, k: int) -> ShardData:
+        """Block k as tensors: read, cast block by block, checked, reduced to its members."""
+        a, b = self.bounds[k]
         part = self.reader.read_range(self.data.start + a, self.data.start + b, _numpy_dtype(self.dtype))
         check_finite(part, self.reader)
-        with self.lock:
-            self.cache[k] = part
-            self.blocks_read += 1
-            while len(self.cache) > self.capacity:
-                self.cache.popitem(last=False)
-        return part
+        inside = self.members[k] - a
+        if len(inside) < b - a:
+            part = select_structures(part, inside)
+        store_index = torch.from_numpy(self.data.start + self.members[k])
+        self.blocks_read += 1  # one reader per block at a time; only a statistic
+        return shard_from_range(part, self.dtype, store_index=store_index)
 
-    def batch(self, local_index: np.ndarray, with_forces: bool) -> Batch:
-        which = np.searchsorted(self.block_start, local_index, side="right") - 1
-        needed = sorted(set(which.tolist()))
-        parts = [self._block(k) for k in needed]
-        merged = concat_ranges(parts, self.reader.species)
-        store_index = torch.from_numpy(np.concatenate([np.arange(p.start, p.stop) for p in parts]))
-        shard = shard_from_range(merged, self.dtype, store_index=store_index)
-        # rank-local index -> index inside the merged blocks
-        offsets = np.cumsum([0] + [p.stop - p.start for p in parts])
-        slot = np.searchsorted(needed, which)
-        inside = local_index - self.block_start[which] + offsets[slot]
-        return gather_batch(shard, torch.from_numpy(inside), with_forces=with_forces)
+    def _steps(self, plan: list[np.ndarray]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """Per step: the blocks it touches and, for each, the positions inside that block."""
+        steps = []
+        for local_index in plan:
+            which = np.searchsorted(self.block_start, local_index, side="right") - 1
+            blocks, first = np.unique(which, return_index=True)
+            pieces = np.split(local_index, first[1:])
+            positions = [np.searchsorted(self.members[k], piece) for k, piece in zip(blocks, pieces)]
+            for k, piece, pos in zip(blocks, pieces, positions):
+                if k < 0 or np.any(self.members[k][np.minimum(pos, len(self.members[k]) - 1)] != piece):
+                    raise IndexError(f"structures {piece[:5].tolist()} are not held by this source")
+            steps.append((blocks, positions))
+        return steps
+
+    def live_bytes(self, plan: list[np.ndarray]) -> np.ndarray:
+        """Bytes of blocks that must be held at each step when every block is read once."""
+        steps = self._steps(plan)
+        first = np.full(len(self.bounds), len(steps))
+        last = np.full(len(self.bounds), -1)
+        for k, (blocks, _) in enumerate(steps):
+            first[blocks] = np.minimum(first[blocks], k)
+            last[blocks] = k
+        change = np.zeros(len(steps) + 1)
+        used = last >= 0
+        np.add.at(change, first[used], self.block_bytes[used])
+        np.add.at(change, last[used] + 1, -self.block_bytes[used])
+        return np.cumsum(change)[:-1]
+
+    def check_budget(self, plan: list[np.ndarray], what: str) -> None:
+        if self.resident or not len(plan):
+            return
+        live = self.live_bytes(plan)
+        k = int(np.argmax(live))
+        if live[k] > self.budget_bytes:
+            raise ValueError(
+                f"data.cache='stream': step {k + 1} of the {what} needs {live[k] / 2**30:.2f} GiB of store blocks in memory at once, "
+                f"more than this rank's budget of {self.budget_bytes / 2**30:.2f} GiB (data.memory_budget_gb); lower "
+                "data.shuffle_window_blocks or run.batch_size, raise the budget, or featurize with a smaller --chunk-mb"
+            )
+
+    def _gather(self, blocks: np.ndarray, positions: list[np.ndarray], shard_of, with_forces: bool) -> Batch:
+        parts = [gather_batch(shard_of(k), torch.from_numpy(pos), with_forces=with_forces) for k, pos in zip(blocks, positions)]
+        batch = merge_batches(parts)
+        return batch.pin_memory() if self.pin else batch
+
+    def iterate(self, plan: list[np.ndarray], with_forces: bool):
+        """The batches of ``plan`` in order."""
+        steps = self._steps(plan)
+        if self.resident:
+            for blocks, positions in steps:
+                yield self._gather(blocks, positions, self.blocks.__getitem__, with_forces)
+            return
+        last_use = {}
+        order = []  # blocks in order of first use
+        for k, (blocks, _) in enumerate(steps):
+            for b in blocks.tolist():
+                if b not in last_use:
+                    order.append(b)
+                last_use[b] = k
+        pending: dict[int, Future] = {}
+        held = 0.0
+        next_read = 0
+        with ThreadPoolExecutor(self.readers) as pool:
+            try:
+                for k, (blocks, positions) in enumerate(steps):
+                    needed = set(blocks.tolist())
+                    # Read ahead in first-use order while the budget allows; this step's blocks always.
+                    while next_read < len(order):
+                        b = order[next_read]
+                        if b not in needed and held + self.block_bytes[b] > self.budget_bytes:
+                            break
+                        pending[b] = pool.submit(self._load, b)
+                        held += self.block_bytes[b]
+                        next_read += 1
+                    self.peak_held_bytes = max(self.peak_held_bytes, held)
+                    batch = self._gather(blocks, positions, lambda b: pending[b].result(), with_forces)
+                    for b in needed:
+                        if last_use[b] == k:
+                            del pending[b]
+                            held -= self.block_bytes[b]
+                    yield batch
+            finally:
+                for future in pending.values():
+                    future.cancel()
 
 
 _END = object()  # the prefetch thread's end-of-plan marker
@@ -290,22 +410,24 @@ class Prefetcher:
     overlaps with the current step. The order of batches is the order of ``plan``.
     """
 
-    def __init__(self, source, plan: list[np.ndarray], with_forces: bool, depth: int = 3):
+    def __init__(self, source, plan: list[np.ndarray], with_forces: bool, depth: int = PREFETCH_DEPTH):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.thread = threading.Thread(target=self._run, args=(source, plan, with_forces), daemon=True)
         self.stopped = threading.Event()
         self.thread.start()
 
     def _run(self, source, plan, with_forces):
-        for local_index in plan:
-            if self.stopped.is_set():
-                return
-            try:
-                item = source.batch(local_index, with_forces)
-            except BaseException as err:  # hand the error to the consumer
-                self.queue.put(err)
-                return
-            self.queue.put(item)
+        batches = source.iterate(plan, with_forces)
+        try:
+            for item in batches:
+                if self.stopped.is_set():
+                    return
+                self.queue.put(item)
+        except BaseException as err:  # hand the error to the consumer
+            self.queue.put(err)
+            return
+        finally:
+            batches.close()
         self.queue.put(_END)
 
     def __iter__(self):
@@ -333,14 +455,53 @@ def _numpy_dtype(dtype: torch.dtype):
     return np.float32 if dtype == torch.float32 else np.float64
 
 
-def make_source(reader: StoreReader, data: RankData, mode: str, dtype: torch.dtype, device: torch.device, window_blocks: int):
-    """The batch source of a cache mode (reads the rank's shard now unless streaming)."""
-    if mode == "stream":
-        return StreamSource(reader, data, dtype, capacity=2 * window_blocks)
-    part = reader.read_range(data.start, data.stop, _numpy_dtype(dtype))
-    check_finite(part, reader)
-    shard = shard_from_range(part, dtype)
-    del part  # the shard holds its own copies; free the numpy range before moving to a device
+def default_budget_bytes() -> float:
+    """Half of the host memory available now, shared by the ranks of this node."""
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return 0.5 * psutil.virtual_memory().available / local_ranks
+
+
+def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dtype, device: torch.device,
+                 budget_bytes: float, readers: int, batch_structures: int):
+    """(training source, evaluation source) of a cache mode; reads now what the mode keeps.
+
+    ``stream`` splits ``budget_bytes`` between the test set (kept resident when it takes at most
+    half of the budget, so evaluation does not read the store a second time each epoch), the
+    batches queued ahead, the blocks being converted by the readers, and the training blocks
+    read ahead.
+    """
+    everything = np.arange(data.stop - data.start)
     if mode == "gpu":
-        return ShardSource(shard.to(device), device, pin=False)
-    return ShardSource(shard, device, pin=(mode == "pinned" and device.type == "cuda"))
+        part = reader.read_range(data.start, data.stop, _numpy_dtype(dtype))
+        check_finite(part, reader)
+        shard = shard_from_range(part, dtype)
+        del part  # the shard holds its own copies; free the numpy range before moving to the device
+        source = ShardSource(shard.to(device))
+        return source, source
+    if mode != "stream":
+        pin = mode == "pinned" and device.type == "cuda"
+        source = BlockSource(reader, data, everything, dtype, resident=True, readers=readers, pin=pin, piece_bytes=RESIDENT_PIECE_BYTES)
+        return source, source
+    per_structure = structure_bytes(reader, dtype.itemsize)[data.start : data.stop]
+    queued = PREFETCH_DEPTH * float(np.sort(per_structure)[-max(1, batch_structures) :].sum())
+    train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers)
+    converting = train.readers * 2 * float(train.block_bytes.max(initial=0.0))  # read copy + tensors, per reader
+    test_bytes = float(per_structure[data.test_local].sum())
+    test_resident = len(data.test_local) > 0 and test_bytes <= 0.5 * budget_bytes
+    left = budget_bytes - queued - converting - (test_bytes if test_resident else 0.0)
+    if left <= 0:
+        raise ValueError(
+            f"data.cache='stream': a budget of {budget_bytes / 2**30:.2f} GiB per rank (data.memory_budget_gb) does not cover "
+            f"the {PREFETCH_DEPTH} batches queued ahead ({queued / 2**30:.2f} GiB) and the blocks being converted "
+            f"({converting / 2**30:.2f} GiB); raise the budget or lower run.batch_size"
+        )
+    train.budget_bytes = left
+    if len(data.test_local) == 0:
+        return train, train
+    test = BlockSource(reader, data, data.test_local, dtype, resident=test_resident, budget_bytes=left, readers=readers,
+                       piece_bytes=RESIDENT_PIECE_BYTES if test_resident else 0.0)
+    log.info(
+        "stream: budget %.2f GiB per rank: %.2f GiB for blocks read ahead, test set (%.2f GiB) %s",
+        budget_bytes / 2**30, left / 2**30, test_bytes / 2**30, "kept in memory" if test_resident else "streamed too",
+    )
+    return train, test

@@ -794,6 +794,42 @@ def _trim(r: StructureRange, start: int, stop: int, species: list[str]) -> Struc
     )
 
 
+def select_structures(r: StructureRange, positions: np.ndarray) -> StructureRange:
+    """The structures at sorted range-local ``positions`` of ``r``, re-indexed.
+
+    The result no longer covers a contiguous store range: ``start``/``stop`` keep ``r``'s,
+    and a caller that needs store indices takes them from ``r.start + positions``.
+    """
+    keep = np.zeros(len(r.num_atoms), dtype=bool)
+    keep[positions] = True
+    keep_atom = np.repeat(keep, r.num_atoms)
+    new_atom = np.cumsum(keep_atom) - 1
+    elements = {}
+    for e, el in r.elements.items():
+        keep_rows = keep_atom[el.atom]
+        new_row = np.cumsum(keep_rows) - 1
+        keep_deriv = keep_rows[el.deriv_center] if len(el.deriv_center) else np.zeros(0, dtype=bool)
+        elements[e] = ElementRows(
+            atom=new_atom[el.atom[keep_rows]],
+            G=el.G[keep_rows],
+            deriv_center=new_row[el.deriv_center[keep_deriv]],
+            deriv_neighbor=new_atom[el.deriv_neighbor[keep_deriv]],
+            dG=el.dG[keep_deriv],
+        )
+    return StructureRange(
+        start=r.start,
+        stop=r.stop,
+        num_atoms=r.num_atoms[keep],
+        energy=r.energy[keep],
+        cohesive_energy=r.cohesive_energy[keep],
+        has_derivs=r.has_derivs[keep],
+        species=r.species[keep_atom],
+        pos=r.pos[keep_atom],
+        forces=r.forces[keep_atom],
+        elements=elements,
+    )
+
+
 def torch_default_threads() -> None:
     """Featurize ranks share the cores: one intra-op thread per MPI rank when there are several."""
     comm = world_comm()

@@ -31,7 +31,17 @@ from . import checkpoint as ckpt
 from .batching import Batch
 from .config import TrainConfig, load_train_config, read_train_in, save_resolved_config
 from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
-from .loader import Prefetcher, choose_cache, epoch_plan, eval_chunks, make_source, rank_data, steps_per_epoch, structure_bytes
+from .loader import (
+    Prefetcher,
+    choose_cache,
+    default_budget_bytes,
+    epoch_plan,
+    eval_chunks,
+    make_sources,
+    rank_data,
+    steps_per_epoch,
+    structure_bytes,
+)
 from .log import get_logger, setup_logging
 from .loss import error_sums, global_loss
 from .model import AtomicModel, ElementNet, forces_from_dEdG
@@ -143,17 +153,25 @@ class Trainer:
         t0 = time.perf_counter()
         self.data = rank_data(self.reader, info.rank, info.world_size, config.data.num_shards, config.data.test_percent, config.data.split_seed)
         shard_bytes = float(structure_bytes(self.reader, self.dtype.itemsize)[self.data.start : self.data.stop].sum())
-        self.cache_mode, reason = choose_cache(config.data.cache, shard_bytes, info.device)
+        user_budget = None if config.data.memory_budget_gb is None else config.data.memory_budget_gb * 2**30
+        self.cache_mode, reason = choose_cache(config.data.cache, shard_bytes, info.device, user_budget)
         if info.is_main:
             log.info("data.cache=%s -> %s (%s)", config.data.cache, self.cache_mode, reason)
-        self.source = make_source(self.reader, self.data, self.cache_mode, self.dtype, info.device, config.data.shuffle_window_blocks)
+        rank_batch = math.ceil(config.run.batch_size / info.world_size)
+        self.source, self.eval_source = make_sources(
+            self.reader, self.data, self.cache_mode, self.dtype, info.device,
+            user_budget or default_budget_bytes(), config.data.readers, rank_batch,
+        )
         self.load_seconds = time.perf_counter() - t0
+        self.steps = steps_per_epoch(self.data.num_train_global, config.run.batch_size)
+        # A stream budget too small for the plan stops here, before the model is even built.
+        self.source.check_budget(epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks), "first epoch")
+        self.eval_source.check_budget(eval_chunks(self.data.test_local, config.run.batch_size), "evaluation")
 
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
         self.model = build_model(self.reader, config, self.dtype).to(info.device)
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = make_scheduler(self.optimizer, config)
-        self.steps = steps_per_epoch(self.data.num_train_global, config.run.batch_size)
         self.epoch = 0  # completed epochs
         self.step = 0  # optimizer steps in total
         self.step_in_epoch = 0  # steps of epoch self.epoch + 1 already taken (mid-epoch resume)
@@ -237,11 +255,11 @@ class Trainer:
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.info)
 
-    def _batches(self, plan: list[np.ndarray], with_forces: bool):
+    def _batches(self, source, plan: list[np.ndarray], with_forces: bool):
         """Batches of ``plan`` on the training device; gathered ahead in a thread unless on-device."""
         if self.cache_mode == "gpu":
-            return (self.source.batch(local_index, with_forces) for local_index in plan)
-        prefetcher = Prefetcher(self.source, plan, with_forces)
+            return source.iterate(plan, with_forces)
+        prefetcher = Prefetcher(source, plan, with_forces)
         return _closing((b.to(self.info.device, non_blocking=True) for b in prefetcher), prefetcher)
 
     def _l2(self) -> torch.Tensor | None:
@@ -301,7 +319,9 @@ class Trainer:
         self.model.eval()
         totals = torch.zeros(4, dtype=self.dtype, device=self.info.device)
         with_forces = True  # test force errors are reported whatever α is
-        for batch in self._batches(eval_chunks(local_indices, self.config.run.batch_size), with_forces):
+        chunks = eval_chunks(local_indices, self.config.run.batch_size)
+        self.eval_source.check_budget(chunks, "evaluation")
+        for batch in self._batches(self.eval_source, chunks, with_forces):
             with torch.enable_grad():
                 energy, forces = predict(self.model, batch, with_forces=with_forces, create_graph=False)
             totals += error_sums(batch, energy.detach(), None if forces is None else forces.detach()).detached()
@@ -347,7 +367,8 @@ class Trainer:
             self.local_seconds = 0.0
             totals = self.partial_totals.to(info.device).clone()
             data_seconds = 0.0
-            batches = self._batches(plan[self.step_in_epoch :], with_forces=config.loss.force_weight > 0)
+            self.source.check_budget(plan[self.step_in_epoch :], f"epoch {self.epoch + 1}")
+            batches = self._batches(self.source, plan[self.step_in_epoch :], with_forces=config.loss.force_weight > 0)
             try:
                 for k in range(self.step_in_epoch, len(plan)):
                     t0 = time.perf_counter()

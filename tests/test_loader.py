@@ -11,7 +11,8 @@ import torch
 from aenet_dist.aenet_inputs import read_generate_input
 from aenet_dist.config import StoreOptions
 from aenet_dist.datasets import generate_emt_dataset
-from aenet_dist.loader import choose_cache, epoch_plan, rank_data, structure_costs
+from aenet_dist.batching import gather_batch, shard_from_range
+from aenet_dist.loader import BlockSource, choose_cache, epoch_plan, eval_chunks, rank_data, structure_costs
 from aenet_dist.store import StoreReader, featurize_to_store
 from aenet_dist.train import main as train_main
 from helpers import run_in_process, write_train_toml
@@ -61,6 +62,8 @@ def test_choose_cache():
     assert choose_cache("auto", 1e6, cpu)[0] == "memory"
     assert choose_cache("auto", 1e15, cpu)[0] == "stream"
     assert choose_cache("stream", 1e6, cpu) == ("stream", "requested")
+    mode, reason = choose_cache("auto", 1e9, cpu, budget_bytes=0.5e9)
+    assert mode == "stream" and "memory_budget_gb" in reason
     with pytest.raises(ValueError, match="needs a CUDA device"):
         choose_cache("gpu", 1e6, cpu)
 
@@ -97,3 +100,68 @@ def test_plan_command_covers_the_store(store, capsys):
     assert out.count("memory (shard") == 3
     assert plan_main([str(store), "--cache", "gpu"]) == 0
     assert "needs a CUDA device" in capsys.readouterr().out
+
+
+def assert_batches_equal(a, b):
+    for name in ("structure_index", "num_atoms", "energy", "forces", "force_atoms"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.G.keys() == b.G.keys() and a.deriv.keys() == b.deriv.keys() and a.dense.keys() == b.dense.keys()
+    for e in a.G:
+        assert torch.equal(a.G[e], b.G[e]) and torch.equal(a.atom_structure[e], b.atom_structure[e]), e
+    for e in a.deriv:
+        assert all(torch.equal(x, y) for x, y in zip(a.deriv[e], b.deriv[e])), e
+    for e in a.dense:
+        assert len(a.dense[e]) == len(b.dense[e]), e
+        for x, y in zip(a.dense[e], b.dense[e]):
+            assert torch.equal(x.rows, y.rows) and torch.equal(x.atoms, y.atoms) and torch.equal(x.D, y.D), e
+
+
+def test_block_gathers_equal_whole_shard_gathers(store):
+    """Per-block gathers merged == one gather from the whole shard (what the gpu cache does)."""
+    reader = StoreReader(store)
+    data = rank_data(reader, 1, 2, None, 20.0, 0)
+    whole = shard_from_range(reader.read_range(data.start, data.stop), torch.float64)
+    everything = np.arange(data.stop - data.start)
+    assert whole.elements["Cu"].dense and len(whole.elements["Cu"].deriv_center), "store must have dense and sparse rows"
+    plan = epoch_plan(data, seed=1, epoch=0, steps=3, window_blocks=2)
+    sources = {
+        "all": BlockSource(reader, data, everything, torch.float64, resident=True),
+        "test only": BlockSource(reader, data, data.test_local, torch.float64, resident=True),
+        "all, joined": BlockSource(reader, data, everything, torch.float64, resident=True, piece_bytes=3e5),
+        "train streamed": BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float64, resident=False, budget_bytes=1.0),
+    }
+    assert 1 < len(sources["all, joined"].bounds) < len(sources["all"].bounds)
+    for name, source, steps in (("all", sources["all"], plan), ("test only", sources["test only"], eval_chunks(data.test_local, 5)),
+                                ("train streamed", sources["train streamed"], plan), ("all, joined", sources["all, joined"], plan)):
+        for local_index, batch in zip(steps, source.iterate(steps, with_forces=True), strict=True):
+            assert_batches_equal(gather_batch(whole, torch.from_numpy(local_index)), batch)
+    with pytest.raises(IndexError, match="not held"):
+        next(sources["test only"].iterate(plan, with_forces=True))
+
+
+def test_stream_stays_within_its_budget_and_reads_each_block_once(store):
+    reader = StoreReader(store)
+    data = rank_data(reader, 0, 1, None, 10.0, 0)
+    plan = epoch_plan(data, seed=0, epoch=0, steps=6, window_blocks=2)
+    reference = BlockSource(reader, data, np.arange(data.stop - data.start), torch.float32, resident=True)
+    expected = list(reference.iterate(plan, with_forces=True))
+    probe = BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float32, resident=False)
+    need = float(probe.live_bytes(plan).max())
+    assert need < 0.5 * probe.block_bytes.sum(), "the plan should need far less than the shard"
+    for budget in (need, 3 * need, np.inf):
+        source = BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float32, resident=False, budget_bytes=budget)
+        source.check_budget(plan, "epoch")
+        for a, b in zip(expected, source.iterate(plan, with_forces=True), strict=True):
+            assert_batches_equal(a, b)
+        assert source.peak_held_bytes <= budget
+        assert source.blocks_read == len(source.bounds)
+    small = BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float32, resident=False, budget_bytes=0.9 * need)
+    with pytest.raises(ValueError, match="memory_budget_gb"):
+        small.check_budget(plan, "epoch 1")
+
+
+def test_stream_budget_too_small_for_queued_batches_is_refused(store, tmp_path):
+    config = write_train_toml(tmp_path / "train.toml", store, tmp_path / "run", epochs=1, batch_size=16)
+    result = run_in_process(train_main, [config, "data.cache=stream", "data.memory_budget_gb=1e-5"])
+    assert result.returncode != 0 and "data.memory_budget_gb" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
