@@ -193,9 +193,21 @@ def epoch_plan(data: RankData, seed: int, epoch: int, steps: int, window_blocks:
     return [np.sort(np.concatenate([parts[k] for parts in parts_per_shard])) for k in range(steps)]
 
 
-def eval_chunks(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Fixed-order chunks of ``indices`` for evaluation."""
-    return [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)] if len(indices) else []
+def eval_chunks(indices: np.ndarray, batch_size: int, sizes: np.ndarray | None = None, max_bytes: float = math.inf) -> list[np.ndarray]:
+    """Fixed-order chunks of ``indices`` for evaluation: at most ``batch_size`` structures and,
+    when ``sizes`` (bytes per index) is given, at most ``max_bytes`` (or one structure)."""
+    if not len(indices):
+        return []
+    if sizes is None or not math.isfinite(max_bytes):
+        return [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
+    cumulative = np.r_[0.0, np.cumsum(sizes[indices])]
+    chunks, start = [], 0
+    while start < len(indices):  # a loop over chunks
+        stop = int(np.searchsorted(cumulative, cumulative[start] + max_bytes, side="right")) - 1
+        stop = min(max(stop, start + 1), start + batch_size, len(indices))
+        chunks.append(indices[start:stop])
+        start = stop
+    return chunks
 
 
 # ---------------------------------------------------------------------------- caches
@@ -461,8 +473,14 @@ def default_budget_bytes() -> float:
     return 0.5 * psutil.virtual_memory().available / local_ranks
 
 
+def step_bytes(reader: StoreReader, data: RankData, itemsize: int, plans: list[list[np.ndarray]]) -> float:
+    """Bytes of the largest batch of ``plans`` (rank-local indices), with a 10 % margin for other epochs."""
+    local = structure_bytes(reader, itemsize)[data.start : data.stop]
+    return 1.1 * max((float(local[index].sum()) for plan in plans for index in plan), default=0.0)
+
+
 def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dtype, device: torch.device,
-                 budget_bytes: float, readers: int, batch_structures: int):
+                 budget_bytes: float, readers: int, batch_bytes: float):
     """(training source, evaluation source) of a cache mode; reads now what the mode keeps.
 
     ``stream`` splits ``budget_bytes`` between the test set (kept resident when it takes at most
@@ -483,7 +501,7 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
         source = BlockSource(reader, data, everything, dtype, resident=True, readers=readers, pin=pin, piece_bytes=RESIDENT_PIECE_BYTES)
         return source, source
     per_structure = structure_bytes(reader, dtype.itemsize)[data.start : data.stop]
-    queued = PREFETCH_DEPTH * float(np.sort(per_structure)[-max(1, batch_structures) :].sum())
+    queued = (PREFETCH_DEPTH + 1) * batch_bytes  # queued, plus the one being trained on
     train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers)
     converting = train.readers * 2 * float(train.block_bytes.max(initial=0.0))  # read copy + tensors, per reader
     test_bytes = float(per_structure[data.test_local].sum())
@@ -492,7 +510,7 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     if left <= 0:
         raise ValueError(
             f"data.cache='stream': a budget of {budget_bytes / 2**30:.2f} GiB per rank (data.memory_budget_gb) does not cover "
-            f"the {PREFETCH_DEPTH} batches queued ahead ({queued / 2**30:.2f} GiB) and the blocks being converted "
+            f"the {PREFETCH_DEPTH + 1} batches in flight ({queued / 2**30:.2f} GiB) and the blocks being converted "
             f"({converting / 2**30:.2f} GiB); raise the budget or lower run.batch_size"
         )
     train.budget_bytes = left

@@ -15,22 +15,50 @@ import numpy as np
 import psutil
 import torch
 
-from .loader import CACHE_SAFETY, DEVICE_MARGIN_BYTES, choose_cache, rank_data, structure_bytes
+from .loader import (
+    CACHE_SAFETY,
+    DEVICE_MARGIN_BYTES,
+    PREFETCH_DEPTH,
+    RESIDENT_PIECE_BYTES,
+    BlockSource,
+    choose_cache,
+    epoch_plan,
+    eval_chunks,
+    rank_data,
+    step_bytes,
+    steps_per_epoch,
+    structure_bytes,
+)
 from .store import StoreReader
 
 GiB = 2**30
 
 
-def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int, batch_size: int, num_shards: int | None = None) -> list[dict]:
-    """One dict per rank with the figures the table prints."""
+def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int, batch_size: int, num_shards: int | None = None,
+              test_percent: float = 10.0, readers: int = 2, seed: int = 0) -> list[dict]:
+    """One dict per rank with the figures the table prints.
+
+    ``host_stream`` is the smallest ``data.memory_budget_gb`` the ``stream`` cache accepts for
+    the first epoch's plan (blocks held at once, batches queued, blocks being converted; the
+    test set streamed too); with a budget of at least twice the test set's size it is kept in
+    memory instead (``test_bytes``).
+    """
+    dtype = torch.float32 if itemsize == 4 else torch.float64
     per_structure = structure_bytes(reader, itemsize)
-    block_bytes = np.add.reduceat(per_structure, reader.block_first[:-1])
     rows = []
     for rank in range(ranks):
-        data = rank_data(reader, rank, ranks, num_shards, 0.0, 0)
-        shard = float(per_structure[data.start : data.stop].sum())
-        blocks = block_bytes[(reader.block_first[:-1] >= data.start) & (reader.block_first[:-1] < data.stop)]
-        biggest_batch = float(np.sort(per_structure[data.start : data.stop])[-max(1, batch_size // ranks) :].sum())
+        data = rank_data(reader, rank, ranks, num_shards, test_percent, 0)
+        local = per_structure[data.start : data.stop]
+        shard = float(local.sum())
+        train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers)
+        plan = epoch_plan(data, seed, 0, steps_per_epoch(data.num_train_global, batch_size), window_blocks)
+        biggest_batch = step_bytes(reader, data, itemsize, [plan])
+        chunks = eval_chunks(data.test_local, batch_size, local, biggest_batch / 1.1)
+        live = float(train.live_bytes(plan).max(initial=0.0))
+        fixed = (PREFETCH_DEPTH + 1) * biggest_batch + readers * 2 * float(train.block_bytes.max(initial=0.0))
+        if len(data.test_local):
+            test = BlockSource(reader, data, data.test_local, dtype, resident=False, readers=readers)
+            live = max(live, float(test.live_bytes(chunks).max(initial=0.0)))
         rows.append(
             {
                 "rank": rank,
@@ -38,10 +66,11 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
                 "atoms": int(reader.num_atoms[data.start : data.stop].sum()),
                 "deriv_rows": int(reader.num_deriv_rows[data.start : data.stop].sum()),
                 "shard_bytes": shard,
-                "host_memory": shard * CACHE_SAFETY,
-                "host_stream": 2 * window_blocks * float(blocks.max() if len(blocks) else 0) * CACHE_SAFETY,
+                "test_bytes": float(local[data.test_local].sum()),
+                "host_memory": shard * CACHE_SAFETY + readers * 2 * RESIDENT_PIECE_BYTES,
+                "host_stream": live + fixed,
                 "device_gpu": shard * CACHE_SAFETY + DEVICE_MARGIN_BYTES,
-                "device_other": 3 * biggest_batch + DEVICE_MARGIN_BYTES,
+                "device_other": (PREFETCH_DEPTH + 1) * biggest_batch + DEVICE_MARGIN_BYTES,
                 "read_per_epoch_stream": shard,
             }
         )
@@ -57,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128, help="global batch in structures")
     parser.add_argument("--shuffle-window-blocks", type=int, default=8)
     parser.add_argument("--num-shards", type=int, default=None)
+    parser.add_argument("--test-percent", type=float, default=10.0)
+    parser.add_argument("--memory-budget-gb", type=float, default=None, help="data.memory_budget_gb: host memory per rank for data")
     args = parser.parse_args(argv)
     try:
         reader = StoreReader(args.store)
         itemsize = 4 if args.dtype == "float32" else 8
-        rows = plan_rows(reader, args.ranks, itemsize, args.shuffle_window_blocks, args.batch_size, args.num_shards)
+        rows = plan_rows(reader, args.ranks, itemsize, args.shuffle_window_blocks, args.batch_size, args.num_shards, args.test_percent)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -69,19 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     host = psutil.virtual_memory().available
     print(f"store {args.store}: {reader.num_structures} structures, {len(reader.block_first) - 1} blocks; {args.ranks} rank(s), {args.dtype}")
     print(f"this machine: {host / GiB:.1f} GiB host memory available" + (f", {torch.cuda.mem_get_info()[0] / GiB:.1f} GiB free on {device}" if device.type == "cuda" else ", no GPU"))
-    header = f"{'rank':>4} {'structs':>8} {'atoms':>9} {'dG rows':>10} {'shard GiB':>9} {'host mem/pinned':>15} {'host stream':>11} {'dev gpu':>8} {'dev other':>9} {'read/epoch stream':>17}  auto here"
+    header = f"{'rank':>4} {'structs':>8} {'atoms':>9} {'dG rows':>10} {'shard GiB':>9} {'host mem/pinned':>15} {'stream min':>10} {'dev gpu':>8} {'dev other':>9} {'read/epoch stream':>17}  auto here"
     print(header)
     for r in rows:
         try:
-            mode, reason = choose_cache(args.cache, r["shard_bytes"], device)
+            budget = None if args.memory_budget_gb is None else args.memory_budget_gb * GiB
+            mode, reason = choose_cache(args.cache, r["shard_bytes"], device, budget)
+            if mode == "stream" and budget is not None and budget < r["host_stream"]:
+                mode, reason = "ERROR", f"a budget of {args.memory_budget_gb} GiB is below the {r['host_stream'] / GiB:.3f} GiB stream needs"
         except ValueError as err:
             mode, reason = "ERROR", str(err)
         print(
             f"{r['rank']:>4} {r['structures']:>8} {r['atoms']:>9} {r['deriv_rows']:>10} {r['shard_bytes'] / GiB:>9.3f} "
-            f"{r['host_memory'] / GiB:>15.3f} {r['host_stream'] / GiB:>11.3f} {r['device_gpu'] / GiB:>8.2f} {r['device_other'] / GiB:>9.2f} "
+            f"{r['host_memory'] / GiB:>15.3f} {r['host_stream'] / GiB:>10.3f} {r['device_gpu'] / GiB:>8.2f} {r['device_other'] / GiB:>9.2f} "
             f"{r['read_per_epoch_stream'] / GiB:>17.3f}  {mode} ({reason})"
         )
-    print("GiB throughout; 'dev other' = device memory for pinned/memory/stream (a few batches in flight plus a margin).")
+    print("GiB throughout, data only (Python, torch and the model add ~0.25 GiB per rank). 'stream min' = the smallest")
+    print("data.memory_budget_gb stream accepts (a budget of 2x the test set keeps it in memory: +" + f"{max(r['test_bytes'] for r in rows) / GiB:.3f} GiB);")
+    print("'dev other' = device memory for pinned/memory/stream (a few batches in flight plus a margin).")
     return 0
 
 

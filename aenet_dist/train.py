@@ -39,6 +39,7 @@ from .loader import (
     eval_chunks,
     make_sources,
     rank_data,
+    step_bytes,
     steps_per_epoch,
     structure_bytes,
 )
@@ -157,16 +158,20 @@ class Trainer:
         self.cache_mode, reason = choose_cache(config.data.cache, shard_bytes, info.device, user_budget)
         if info.is_main:
             log.info("data.cache=%s -> %s (%s)", config.data.cache, self.cache_mode, reason)
-        rank_batch = math.ceil(config.run.batch_size / info.world_size)
-        self.source, self.eval_source = make_sources(
-            self.reader, self.data, self.cache_mode, self.dtype, info.device,
-            user_budget or default_budget_bytes(), config.data.readers, rank_batch,
-        )
-        self.load_seconds = time.perf_counter() - t0
         self.steps = steps_per_epoch(self.data.num_train_global, config.run.batch_size)
-        # A stream budget too small for the plan stops here, before the model is even built.
-        self.source.check_budget(epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks), "first epoch")
-        self.eval_source.check_budget(eval_chunks(self.data.test_local, config.run.batch_size), "evaluation")
+        first_plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
+        # Evaluation chunks are no larger than the largest training step, in structures and bytes.
+        local_bytes = structure_bytes(self.reader, self.dtype.itemsize)[self.data.start : self.data.stop]
+        self.eval_bytes = local_bytes, step_bytes(self.reader, self.data, self.dtype.itemsize, [first_plan]) / 1.1
+        eval_plan = self._eval_chunks(self.data.test_local)
+        self.source, self.eval_source = make_sources(
+            self.reader, self.data, self.cache_mode, self.dtype, info.device, user_budget or default_budget_bytes(),
+            config.data.readers, step_bytes(self.reader, self.data, self.dtype.itemsize, [first_plan, eval_plan]),
+        )
+        # A stream budget too small for the plan stops here, before any training.
+        self.source.check_budget(first_plan, "first epoch")
+        self.eval_source.check_budget(eval_plan, "evaluation")
+        self.load_seconds = time.perf_counter() - t0
 
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
         self.model = build_model(self.reader, config, self.dtype).to(info.device)
@@ -255,6 +260,9 @@ class Trainer:
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.info)
 
+    def _eval_chunks(self, local_indices: np.ndarray) -> list[np.ndarray]:
+        return eval_chunks(local_indices, self.config.run.batch_size, *self.eval_bytes)
+
     def _batches(self, source, plan: list[np.ndarray], with_forces: bool):
         """Batches of ``plan`` on the training device; gathered ahead in a thread unless on-device."""
         if self.cache_mode == "gpu":
@@ -319,7 +327,7 @@ class Trainer:
         self.model.eval()
         totals = torch.zeros(4, dtype=self.dtype, device=self.info.device)
         with_forces = True  # test force errors are reported whatever α is
-        chunks = eval_chunks(local_indices, self.config.run.batch_size)
+        chunks = self._eval_chunks(local_indices)
         self.eval_source.check_budget(chunks, "evaluation")
         for batch in self._batches(self.eval_source, chunks, with_forces):
             with torch.enable_grad():

@@ -165,3 +165,13 @@ def test_stream_budget_too_small_for_queued_batches_is_refused(store, tmp_path):
     result = run_in_process(train_main, [config, "data.cache=stream", "data.memory_budget_gb=1e-5"])
     assert result.returncode != 0 and "data.memory_budget_gb" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_eval_chunks_respect_count_and_bytes():
+    indices = np.arange(3, 40)
+    sizes = np.where(np.arange(50) % 7 == 0, 100.0, 1.0)
+    chunks = eval_chunks(indices, 8, sizes, max_bytes=110.0)
+    np.testing.assert_array_equal(np.concatenate(chunks), indices)
+    assert all(len(c) <= 8 and (sizes[c].sum() <= 110.0 or len(c) == 1) for c in chunks)
+    assert len(eval_chunks(indices, 8)) == 5 and eval_chunks(indices[:0], 8) == []
+    assert [len(c) for c in eval_chunks(indices, 8, sizes, max_bytes=50.0)].count(1) >= 5  # a big structure stands alone
