@@ -48,7 +48,15 @@ from .store import StoreReader, StructureRange, select_structures
 log = get_logger(__name__)
 CACHE_SAFETY = 1.3  # tensors, indices and allocator slack over the raw payload
 DEVICE_MARGIN_BYTES = 2 * 2**30  # left free on a GPU for activations and the CUDA context
-PREFETCH_DEPTH = 3  # batches gathered ahead of the training step
+PREFETCH_DEPTH = 3  # batches gathered ahead of the training step (stream: 1, its blocks are read ahead instead)
+STREAM_PREFETCH_DEPTH = 1
+# What a stream budget must cover besides the blocks read ahead, in units of the largest batch:
+# the queued batches, one being gathered, one being trained on, and autograd's working set
+# for the force terms (about one batch's derivative rows, twice).
+STREAM_BATCHES_IN_FLIGHT = STREAM_PREFETCH_DEPTH + 2 + 2
+# ... and per reader thread, in units of the largest block: the float64 arrays as read, their
+# float32 cast, and the gathered and permuted copies that make the dense blocks.
+CONVERT_COPIES = 5
 RESIDENT_PIECE_BYTES = 64 * 2**20  # blocks kept in memory are joined into pieces of this size
 
 
@@ -303,6 +311,7 @@ class BlockSource:
                 sizes.append(size)
         self.block_start = np.array([m[0] for m in self.members], dtype=np.int64)
         self.block_bytes = np.array(sizes)
+        self.budget_total: float | None = None  # the whole budget, of which budget_bytes is for blocks (messages)
         self.blocks_read = 0
         self.peak_held_bytes = 0.0  # most block bytes held at once while streaming (a statistic)
         self.blocks: list[ShardData] | None = None
@@ -362,7 +371,8 @@ class BlockSource:
         if live[k] > self.budget_bytes:
             raise ValueError(
                 f"data.cache='stream': step {k + 1} of the {what} needs {live[k] / 2**30:.2f} GiB of store blocks in memory at once, "
-                f"more than this rank's budget of {self.budget_bytes / 2**30:.2f} GiB (data.memory_budget_gb); lower "
+                f"more than the {self.budget_bytes / 2**30:.2f} GiB left for them of this rank's budget"
+                f"{'' if self.budget_total is None else f' of {self.budget_total / 2**30:.2f} GiB'} (data.memory_budget_gb); lower "
                 "data.shuffle_window_blocks or run.batch_size, raise the budget, or featurize with a smaller --chunk-mb"
             )
 
@@ -479,14 +489,18 @@ def step_bytes(reader: StoreReader, data: RankData, itemsize: int, plans: list[l
     return 1.1 * max((float(local[index].sum()) for plan in plans for index in plan), default=0.0)
 
 
+def stream_overheads(train: "BlockSource", batch_bytes: float) -> tuple[float, float]:
+    """(batches in flight, blocks being converted): the bytes a stream budget covers besides blocks read ahead."""
+    return STREAM_BATCHES_IN_FLIGHT * batch_bytes, train.readers * CONVERT_COPIES * float(train.block_bytes.max(initial=0.0))
+
+
 def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dtype, device: torch.device,
                  budget_bytes: float, readers: int, batch_bytes: float):
     """(training source, evaluation source) of a cache mode; reads now what the mode keeps.
 
-    ``stream`` splits ``budget_bytes`` between the test set (kept resident when it takes at most
-    half of the budget, so evaluation does not read the store a second time each epoch), the
-    batches queued ahead, the blocks being converted by the readers, and the training blocks
-    read ahead.
+    ``stream`` splits ``budget_bytes`` between the batches in flight, the blocks being converted
+    by the readers, the test set (kept resident when it takes at most half of what is left, so
+    evaluation does not read the store a second time each epoch), and the blocks read ahead.
     """
     everything = np.arange(data.stop - data.start)
     if mode == "gpu":
@@ -501,23 +515,24 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
         source = BlockSource(reader, data, everything, dtype, resident=True, readers=readers, pin=pin, piece_bytes=RESIDENT_PIECE_BYTES)
         return source, source
     per_structure = structure_bytes(reader, dtype.itemsize)[data.start : data.stop]
-    queued = (PREFETCH_DEPTH + 1) * batch_bytes  # queued, plus the one being trained on
     train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers)
-    converting = train.readers * 2 * float(train.block_bytes.max(initial=0.0))  # read copy + tensors, per reader
+    queued, converting = stream_overheads(train, batch_bytes)
     test_bytes = float(per_structure[data.test_local].sum())
-    test_resident = len(data.test_local) > 0 and test_bytes <= 0.5 * budget_bytes
-    left = budget_bytes - queued - converting - (test_bytes if test_resident else 0.0)
+    avail = budget_bytes - queued - converting
+    test_resident = len(data.test_local) > 0 and test_bytes <= 0.5 * avail
+    left = avail - (test_bytes if test_resident else 0.0)
     if left <= 0:
         raise ValueError(
             f"data.cache='stream': a budget of {budget_bytes / 2**30:.2f} GiB per rank (data.memory_budget_gb) does not cover "
-            f"the {PREFETCH_DEPTH + 1} batches in flight ({queued / 2**30:.2f} GiB) and the blocks being converted "
+            f"the batches in flight ({queued / 2**30:.2f} GiB) and the blocks being converted "
             f"({converting / 2**30:.2f} GiB); raise the budget or lower run.batch_size"
         )
-    train.budget_bytes = left
+    train.budget_bytes, train.budget_total = left, budget_bytes
     if len(data.test_local) == 0:
         return train, train
     test = BlockSource(reader, data, data.test_local, dtype, resident=test_resident, budget_bytes=left, readers=readers,
                        piece_bytes=RESIDENT_PIECE_BYTES if test_resident else 0.0)
+    test.budget_total = budget_bytes
     log.info(
         "stream: budget %.2f GiB per rank: %.2f GiB for blocks read ahead, test set (%.2f GiB) %s",
         budget_bytes / 2**30, left / 2**30, test_bytes / 2**30, "kept in memory" if test_resident else "streamed too",

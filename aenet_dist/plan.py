@@ -27,6 +27,7 @@ from .loader import (
     rank_data,
     step_bytes,
     steps_per_epoch,
+    stream_overheads,
     structure_bytes,
 )
 from .store import StoreReader
@@ -40,8 +41,8 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
 
     ``host_stream`` is the smallest ``data.memory_budget_gb`` the ``stream`` cache accepts for
     the first epoch's plan (blocks held at once, batches queued, blocks being converted; the
-    test set streamed too); with a budget of at least twice the test set's size it is kept in
-    memory instead (``test_bytes``).
+    test set streamed too); with twice the test set's size (``test_bytes``) more, the test set
+    is kept in memory instead.
     """
     dtype = torch.float32 if itemsize == 4 else torch.float64
     per_structure = structure_bytes(reader, itemsize)
@@ -55,7 +56,7 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
         biggest_batch = step_bytes(reader, data, itemsize, [plan])
         chunks = eval_chunks(data.test_local, batch_size, local, biggest_batch / 1.1)
         live = float(train.live_bytes(plan).max(initial=0.0))
-        fixed = (PREFETCH_DEPTH + 1) * biggest_batch + readers * 2 * float(train.block_bytes.max(initial=0.0))
+        fixed = sum(stream_overheads(train, biggest_batch))
         if len(data.test_local):
             test = BlockSource(reader, data, data.test_local, dtype, resident=False, readers=readers)
             live = max(live, float(test.live_bytes(chunks).max(initial=0.0)))
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['read_per_epoch_stream'] / GiB:>17.3f}  {mode} ({reason})"
         )
     print("GiB throughout, data only (Python, torch and the model add ~0.25 GiB per rank). 'stream min' = the smallest")
-    print("data.memory_budget_gb stream accepts (a budget of 2x the test set keeps it in memory: +" + f"{max(r['test_bytes'] for r in rows) / GiB:.3f} GiB);")
+    print("data.memory_budget_gb stream accepts (with 2x the test set more, the test set is kept in memory: +" + f"{2 * max(r['test_bytes'] for r in rows) / GiB:.3f} GiB);")
     print("'dev other' = device memory for pinned/memory/stream (a few batches in flight plus a margin).")
     return 0
 

@@ -32,6 +32,8 @@ from .batching import Batch
 from .config import TrainConfig, load_train_config, read_train_in, save_resolved_config
 from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .loader import (
+    PREFETCH_DEPTH,
+    STREAM_PREFETCH_DEPTH,
     Prefetcher,
     choose_cache,
     default_budget_bytes,
@@ -267,7 +269,7 @@ class Trainer:
         """Batches of ``plan`` on the training device; gathered ahead in a thread unless on-device."""
         if self.cache_mode == "gpu":
             return source.iterate(plan, with_forces)
-        prefetcher = Prefetcher(source, plan, with_forces)
+        prefetcher = Prefetcher(source, plan, with_forces, depth=STREAM_PREFETCH_DEPTH if self.cache_mode == "stream" else PREFETCH_DEPTH)
         return _closing((b.to(self.info.device, non_blocking=True) for b in prefetcher), prefetcher)
 
     def _l2(self) -> torch.Tensor | None:

@@ -13,18 +13,21 @@ Per size N (``--sizes``, default 1000,5000):
    featurize wall time, store size on disk, atoms, derivative rows, and the in-memory shard
    size that ``aenet-dist plan`` computes; prints ``aenet-dist plan <store> --ranks 2``.
 3. Trains ``--epochs`` epochs (float32, 2 x 10 tanh per element, batch 128, Adam lr 1e-3,
-   force weight 0.1, CPU, 10 % test) with: ``data.cache=memory`` 1 rank, ``stream`` 1 rank,
-   ``stream`` 1 rank with ``data.shuffle_window_blocks=2``, and ``memory`` 2 ranks (``torchrun
-   --standalone --nproc_per_node=2``). Reads run_dir/metrics.jsonl and reports the median of
-   epochs 2..end of epoch_seconds, train_seconds, data_seconds, structures_per_second; peak RSS
-   by polling the process tree with psutil every 0.1 s (largest rank, also from VmHWM, and the
-   sum over ranks). The RSS of a bare ``import torch, aenet_dist.train`` is measured once so the
-   part of the peak that the data adds can be compared with the store's size.
+   force weight 0.1, CPU, 10 % test) with: ``data.cache=memory`` and ``stream`` on 1 rank,
+   ``stream`` on 1 rank under ``data.memory_budget_gb=0.35`` (below the store's size from 5000
+   structures on), and ``memory`` and ``stream`` on 2 ranks (``torchrun --standalone
+   --nproc_per_node=2``). A memory-cache run is skipped when ``aenet-dist plan`` puts its host
+   memory above 75 % of what is available. Reads run_dir/metrics.jsonl and reports the median
+   of epochs 2..end of epoch_seconds, train_seconds, data_seconds, structures_per_second; peak
+   RSS by polling the process tree with psutil every 0.1 s (largest rank, also from VmHWM, and
+   the sum over ranks). The RSS of a bare ``import torch, aenet_dist.train`` is measured once
+   so the part of the peak that the data adds can be compared with the store's size and with
+   the stream budget.
 
 Reports cost per 1000 structures (s/epoch per 1000 structures of the data set, test
-evaluation included) against N, and a linear fit epoch_s = a + b N. Sizes above 20000 (the
-issue's 45000) are skipped unless ``--allow-large``: on a 2-core machine they take hours; their
-epoch time is extrapolated from the fit instead.
+evaluation included) against N, and a linear fit epoch_s = a + b N, for the memory and stream
+caches. Sizes above 20000 (the issue's 45000) are skipped unless ``--allow-large``: on a
+2-core machine generating and featurizing 45000 structures takes about 40 minutes.
 
 Prints a markdown table, appends it to bench/RESULTS.md and one JSON line per measurement to
 bench/results.jsonl. Not collected by pytest (testpaths = tests/).
@@ -43,6 +46,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 from common import RESULTS_JSONL, RESULTS_MD, TreeMemory, append_results, dir_bytes, load1, machine, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,12 +71,15 @@ SETTINGS = {
     "run": {"batch_size": 128, "device": "cpu", "dtype": "float32"},
 }
 # (label, ranks, overrides)
+STREAM_BUDGET_GB = 0.35  # below the store size from 5000 structures on
 RUNS = [
     ("memory", 1, ["data.cache=memory"]),
     ("stream", 1, ["data.cache=stream"]),
-    ("stream w=2", 1, ["data.cache=stream", "data.shuffle_window_blocks=2"]),
+    (f"stream {STREAM_BUDGET_GB} GiB", 1, ["data.cache=stream", f"data.memory_budget_gb={STREAM_BUDGET_GB}"]),
     ("memory", 2, ["data.cache=memory"]),
+    ("stream", 2, ["data.cache=stream"]),
 ]
+MEMORY_FRACTION = 0.75  # memory-cache runs are skipped when plan's host memory exceeds this share of what is available
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -146,6 +154,7 @@ def ensure_store(n: int, generate_in: Path) -> dict:
 
     r = StoreReader(store)
     shard = plan_rows(r, 1, 4, 8, 128)[0]
+    host_memory_ranks = {k: sum(row["host_memory"] for row in plan_rows(r, k, 4, 8, 128)) for k in (1, 2)}
     plan = subprocess.run([str(PY), "-m", "aenet_dist.plan", str(store), "--ranks", "2"], capture_output=True, text=True)
     plan_text = (plan.stdout + plan.stderr).strip()
     log(f"[{n}] aenet-dist plan {store.relative_to(ROOT)} --ranks 2:\n{plan_text}")
@@ -155,6 +164,7 @@ def ensure_store(n: int, generate_in: Path) -> dict:
         "force_structures": int(r.has_derivs.astype(bool).sum()), "deriv_rows": int(r.num_deriv_rows.sum()),
         "blocks": len(r.block_first) - 1, "store_bytes": dir_bytes(store)[0],
         "shard_bytes_float32": float(shard["shard_bytes"]), "plan_ranks2": plan_text,
+        "host_memory_ranks": host_memory_ranks, "stream_min_budget_bytes": float(shard["host_stream"]),
     }
 
 
@@ -241,7 +251,7 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
     return my - b * mx, b
 
 
-def report(info: dict, stores: list[dict], runs: list[dict], skipped: list[int], base: int, epochs: int) -> tuple[str, dict]:
+def report(info: dict, stores: list[dict], runs: list[dict], unfit: list[dict], skipped: list[int], base: int, epochs: int) -> tuple[str, dict]:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     lines = [HEADING, "",
              f"{stamp}; {info['nproc']} CPU(s) usable of {info['host_cpus']} ({info['cpu_model']}), {info['memory_gib']} GiB, no GPU; "
@@ -266,41 +276,44 @@ def report(info: dict, stores: list[dict], runs: list[dict], skipped: list[int],
             f"{r['data_rss_max_rank_over_store']:.2f} | {r['loadavg_start']:.2f} |")
     lines.append("")
     summary = {}
-    mem1 = [r for r in runs if r["label"] == "memory" and r["ranks"] == 1]
-    fit = linear_fit([r["size"] for r in mem1], [r["epoch_s_median"] for r in mem1])
-    if mem1:
-        per = ", ".join(f"{r['size']}: {r['epoch_s_per_1000_structures']:.2f}" for r in mem1)
-        lines.append(f"- **Cost per structure** (memory, 1 rank; s/epoch per 1000 structures): {per}"
-                     + (f"; fit epoch_s = {fit[0]:.2f} + {1000 * fit[1]:.2f} s x N/1000." if fit else "."))
-        summary["fit_epoch_s_intercept"], summary["fit_epoch_s_per_1000"] = (fit[0], 1000 * fit[1]) if fit else (None, None)
+    one_rank = {label: [r for r in runs if r["label"] == label and r["ranks"] == 1] for label in ("memory", "stream")}
+    for label, series in one_rank.items():
+        fit = linear_fit([r["size"] for r in series], [r["epoch_s_median"] for r in series])
+        if series:
+            per = ", ".join(f"{r['size']}: {r['epoch_s_per_1000_structures']:.2f}" for r in series)
+            lines.append(f"- **Cost per structure** ({label}, 1 rank; s/epoch per 1000 structures): {per}"
+                         + (f"; fit epoch_s = {fit[0]:.2f} + {1000 * fit[1]:.2f} s x N/1000." if fit else "."))
+            summary[f"fit_{label}_epoch_s"] = (fit[0], 1000 * fit[1]) if fit else None
     for d in stores:
         lines.append(f"- {d['structures']} structures: {d['force_structures']} with derivatives, {d['blocks']} blocks, store "
-                     f"{d['store_bytes'] / MiB:.0f} MiB on disk, {d['shard_bytes_float32'] / MiB:.0f} MiB as a float32 cache (plan).")
+                     f"{d['store_bytes'] / MiB:.0f} MiB on disk, {d['shard_bytes_float32'] / MiB:.0f} MiB as a float32 cache; "
+                     f"smallest stream budget (plan) {d['stream_min_budget_bytes'] / MiB:.0f} MiB.")
     for r in runs:
-        if r["cache"] == "stream":
+        if r["cache"] == "stream" and r["ranks"] == 1:
             d = by_size[r["size"]]
-            mem = next((m for m in mem1 if m["size"] == r["size"]), None)
+            mem = next((m for m in one_rank["memory"] if m["size"] == r["size"]), None)
+            budget = next((float(o.split("=")[1]) for o in r["overrides"] if o.startswith("data.memory_budget_gb=")), None)
+            within = ""
+            if budget is not None:
+                within = (f"; budget {budget} GiB = {budget * 2**30 / d['store_bytes']:.2f} x the store: data part "
+                          f"{'within' if r['data_rss_max_rank_mb'] * MiB <= budget * 2**30 else 'ABOVE'} the budget")
             lines.append(f"- {r['label']}, {r['size']}: peak RSS {r['peak_rss_max_rank_mb']:.0f} MB = "
                          f"{r['peak_rss_max_rank_over_store']:.2f} x the store ({d['store_bytes'] / MiB:.0f} MiB); data part "
                          f"{r['data_rss_max_rank_mb']:.0f} MB = {r['data_rss_max_rank_over_store']:.2f} x"
                          + (f" (memory: {mem['data_rss_max_rank_mb']:.0f} MB = {mem['data_rss_max_rank_over_store']:.2f} x)" if mem else "")
-                         + f"; epoch {r['epoch_s_median']:.2f} s" + (f" vs {mem['epoch_s_median']:.2f} s in memory." if mem else "."))
+                         + f"; epoch {r['epoch_s_median']:.2f} s" + (f" vs {mem['epoch_s_median']:.2f} s in memory" if mem else "") + within + ".")
     for r in runs:
         if r["ranks"] > 1:
-            mem = next((m for m in mem1 if m["size"] == r["size"]), None)
-            if mem:
-                lines.append(f"- {r['size']}: 2 ranks {r['epoch_s_median']:.2f} s/epoch vs 1 rank {mem['epoch_s_median']:.2f} s "
-                             f"(speed-up {mem['epoch_s_median'] / r['epoch_s_median']:.2f}x on 2 shared cores); peak RSS sum "
-                             f"{r['peak_rss_sum_mb']:.0f} MB vs {mem['peak_rss_sum_mb']:.0f} MB.")
+            single = next((m for m in one_rank.get(r["label"], []) if m["size"] == r["size"]), None)
+            if single:
+                lines.append(f"- {r['size']}, {r['label']}: 2 ranks {r['epoch_s_median']:.2f} s/epoch vs 1 rank {single['epoch_s_median']:.2f} s "
+                             f"(speed-up {single['epoch_s_median'] / r['epoch_s_median']:.2f}x on 2 shared cores); peak RSS sum "
+                             f"{r['peak_rss_sum_mb']:.0f} MB vs {single['peak_rss_sum_mb']:.0f} MB.")
+    for u in unfit:
+        lines.append(f"- {u['size']}, {u['label']} {u['ranks']} rank(s): not run, `plan` puts its host memory at "
+                     f"{u['need_bytes'] / 2**30:.1f} GiB, more than {MEMORY_FRACTION:.0%} of what this machine has available.")
     for n in skipped or ([ISSUE_SIZE] if ISSUE_SIZE not in by_size else []):
-        est = ""
-        if fit and mem1:
-            big = max(mem1, key=lambda r: r["size"])
-            rss = big["peak_rss_max_rank_mb"] * n / big["size"]
-            est = (f"; extrapolated linearly from these rows: memory-cache epoch ~{fit[0] + fit[1] * n:.0f} s on 1 rank, peak RSS "
-                   f"~{rss / 1024:.0f} GiB (more than this machine's {info['memory_gib']} GiB, so it would have to stream)")
-        lines.append(f"- {n} structures (the issue's full size): **not run** on this {info['nproc']}-core machine (`--sizes {n} --allow-large`): "
-                     f"generating and featurizing alone would take about an hour{est}.")
+        lines.append(f"- {n} structures (the issue's full size): **not run** this time (`--sizes {n} --allow-large`).")
         summary.setdefault("not_run", []).append(n)
     if stores:
         last = stores[-1]
@@ -335,7 +348,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))
     runs_dir = args.keep.resolve() if args.keep else tmp
     runs_dir.mkdir(parents=True, exist_ok=True)
-    stores, runs = [], []
+    stores, runs, unfit = [], [], []
     try:
         for n in sizes:
             gen = ensure_dataset(n)
@@ -344,10 +357,15 @@ def main() -> int:
             stores.append(data)
             config = write_config(runs_dir, data["store"])
             for label, ranks, overrides in RUNS:
+                need = data["host_memory_ranks"][ranks]
+                if label == "memory" and need > MEMORY_FRACTION * psutil.virtual_memory().available:
+                    log(f"[{n}] train {label}, {ranks} rank(s): skipped, plan says {need / 2**30:.1f} GiB of host memory")
+                    unfit.append({"size": n, "label": label, "ranks": ranks, "need_bytes": need})
+                    continue
                 runs.append(train(config, runs_dir, n, label, ranks, overrides, args.epochs, data, base))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    text, summary = report(info, stores, runs, skipped, base, args.epochs)
+    text, summary = report(info, stores, runs, unfit, skipped, base, args.epochs)
     print(text)
     if not args.no_save:
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
