@@ -498,6 +498,10 @@ class RunConfig:
     ranks on the node. The networks are small: one thread per rank, with more ranks, is the fast
     way (2 threads on a busy 2-core machine were measured 60x slower than 1)."""
 
+    collective_timeout_s: float = 600.0
+    """How long a rank waits in a collective for the others before it stops with an error (a
+    dead or hung rank). Raise it when the first epoch's loading takes longer on some ranks."""
+
     def __post_init__(self):
         _coerce_fields(self, "run")
         if self.epochs < 1:
@@ -521,6 +525,8 @@ class RunConfig:
             raise ValueError(f"run.log_every must be >= 0 (0 = per epoch only), got {self.log_every}")
         if self.cpu_threads < 0:
             raise ValueError(f"run.cpu_threads must be >= 0 (0 = cores / ranks), got {self.cpu_threads}")
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"run.collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
 
 
 _TRAIN_SECTIONS: dict[str, type] = {

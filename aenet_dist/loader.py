@@ -13,19 +13,25 @@ the same again, and every cache mode trains on bitwise the same batches:
   structures inside each window (generator seeded by (seed, epoch, shard)), and cuts the
   result into that many near-equal parts; global step k is the union of every shard's part k.
   The union does not depend on how shards are spread over ranks (a 2-rank run equals a
-  1-rank run with 2 shards), and a step touches at most two windows, which is what lets the
-  ``stream`` cache read the store window by window.
+  1-rank run with 2 shards), and a step draws from a few consecutive windows, which bounds
+  the blocks the ``stream`` cache must hold at once.
 
 How batches reach the model (``data.cache``):
 
-* ``gpu``: the shard lives on the device; batches are gathered there.
-* ``memory``: the shard lives in host RAM; a background thread gathers the next batches.
+* ``gpu``: the shard lives on the device as one tensor set; batches are gathered there.
+* ``memory``: the shard lives in host RAM as pieces of consecutive blocks (:class:`BlockSource`,
+  read by ``data.readers`` threads); a background thread gathers the next batches.
 * ``pinned``: as ``memory``, but batches are gathered into page-locked memory and copied with
   ``non_blocking=True``, overlapping the copy with the previous step's compute.
-* ``stream``: nothing is held; a background thread reads the blocks of the coming steps
-  from the store (a bounded cache of two shuffle windows) and gathers batches from them.
+* ``stream``: the training blocks are read ahead of the plan within ``data.memory_budget_gb``
+  and dropped after their last step; the test set is kept in memory if it fits in half of
+  what the budget leaves, else streamed too.
 * ``auto``: ``gpu`` if the shard fits in free device memory with a margin, else ``pinned``
-  (or ``memory`` on CPU) if it fits in available host memory, else ``stream``; logged.
+  (or ``memory`` on CPU) if it fits in available host memory and the budget, else ``stream``;
+  logged.
+
+Every step's indices are sorted and each source gathers block by block and merges, so all
+modes see the same rows in the same order (bitwise-identical training on CPU).
 """
 
 from __future__ import annotations

@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(rank)
     try:
         config = load_config(args.config, list(args.overrides) + list(args.set_overrides))
-        info = init_distributed(config.run.device)
+        info = init_distributed(config.run.device, timeout_s=config.run.collective_timeout_s)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -598,6 +598,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (tdist.DistError, RuntimeError) as err:
+        if not info.distributed:
+            raise
+        # A peer died, hangs, or its connection broke: say so instead of a bare backend trace.
+        print(
+            f"error: rank {info.rank}: a collective with the other ranks failed ({str(err).strip().splitlines()[0][:300]}). "
+            f"Another rank has probably died or stopped responding for run.collective_timeout_s={config.run.collective_timeout_s:g} s; "
+            f"see its log, then rerun with --resume to continue from the last checkpoint in {config.run.run_dir}/checkpoints",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)

@@ -387,6 +387,39 @@ def test_killed_rank_stops_the_others_and_resume_recovers(emt, tmp_path):
     assert [m["epoch"] for m in metrics(tmp_path / "k")] == [1, 2, 3]
 
 
+@pytest.mark.dist
+def test_hung_rank_times_out_the_others(emt, tmp_path):
+    """A rank that stops responding (SIGSTOP): the other fails its collective after
+    run.collective_timeout_s with a message, and the job ends instead of hanging."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    _, store = emt
+    cfg = write_toml(tmp_path / "h.toml", store, tmp_path / "h", "checkpoint_every = 1")
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "aenet_dist.train", str(cfg),
+           "run.batch_size=4", "run.epochs=50", "run.collective_timeout_s=5"]
+    env = dict(os.environ, AENET_DIST_TEST_STEP_DELAY="0.1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_epoch(tmp_path / "h", 1, proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "aenet_dist.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGSTOP)
+    start = time.time()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        for w in workers:
+            if w.is_running():
+                w.send_signal(signal.SIGCONT)
+                w.kill()
+    assert proc.returncode != 0
+    assert time.time() - start < 100, "the waiting rank must give up after the collective timeout"
+    assert "a collective with the other ranks failed" in err and "--resume" in err, err[-3000:]
+
+
 def test_epoch_log_warns_when_a_rank_waits_for_data(emt, tmp_path, caplog):
     import logging
 
