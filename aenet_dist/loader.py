@@ -483,6 +483,13 @@ def _numpy_dtype(dtype: torch.dtype):
     return np.float32 if dtype == torch.float32 else np.float64
 
 
+def default_readers() -> int:
+    """Reader threads per rank: the node's cores shared by its ranks, between 2 and 8."""
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, max(2, cores // local_ranks))
+
+
 def default_budget_bytes() -> float:
     """Half of the host memory available now, shared by the ranks of this node."""
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
