@@ -62,14 +62,15 @@ _DEFAULT_RMIN = 1.0  # aenet's Rc_min when RMIN is not given
 # --------------------------------------------------------------------------- helpers
 
 
-def _read_lines(path: Path, what: str) -> list[str]:
+def read_lines(path: Path, what: str) -> list[str]:
+    """Lines of an input file; a missing or unreadable file is a ValueError naming it and ``what``."""
     try:
         return path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: cannot read {what}: {err}") from None
 
 
-def _strip_comment(line: str) -> str:
+def strip_comment(line: str) -> str:
     """Drop everything from the first ``!`` or ``#`` on; strip whitespace."""
     cut = len(line)
     for mark in ("!", "#"):
@@ -82,7 +83,7 @@ def _strip_comment(line: str) -> str:
 def _content_lines(lines: list[str], start: int = 0):
     """Yield ``(index, text)`` of non-empty lines from ``start`` on, comments removed (index 0-based)."""
     for i in range(start, len(lines)):
-        text = _strip_comment(lines[i])
+        text = strip_comment(lines[i])
         if text:
             yield i, text
 
@@ -95,7 +96,8 @@ def _to_float(token: str, path: Path, line_no: int, what: str) -> float:
         raise ValueError(f"{path}:{line_no}: cannot read {what} from {token!r}") from None
 
 
-def _to_int(token: str, path: Path, line_no: int, what: str) -> int:
+def to_int(token: str, path: Path, line_no: int, what: str) -> int:
+    """``token`` as an int; otherwise a ValueError naming the file, line and ``what``."""
     try:
         return int(token)
     except ValueError:
@@ -139,7 +141,7 @@ def read_setup(path: str | os.PathLike) -> DescriptorSetup:
             numbers, unsupported descriptor types, or missing ATOM/ENV/BASIS/parameters.
     """
     path = Path(path)
-    lines = _read_lines(path, "setup file")
+    lines = read_lines(path, "setup file")
     element = None
     env: list[str] | None = None
     rmin = None
@@ -148,7 +150,7 @@ def read_setup(path: str | os.PathLike) -> DescriptorSetup:
     seen: dict[str, int] = {}
     i = 0
     while i < len(lines):
-        text = _strip_comment(lines[i])
+        text = strip_comment(lines[i])
         line_no = i + 1
         if not text:
             i += 1
@@ -183,18 +185,18 @@ def read_setup(path: str | os.PathLike) -> DescriptorSetup:
         elif keyword == "env":
             if len(tokens) != 2:
                 raise ValueError(f"{path}:{line_no}: expected 'ENV <number of species>', got {text!r}")
-            num_env = _to_int(tokens[1], path, line_no, "the ENV species count")
+            num_env = to_int(tokens[1], path, line_no, "the ENV species count")
             if num_env < 1:
                 raise ValueError(f"{path}:{line_no}: ENV needs at least one species, got {num_env}")
             env = []
             i += 1
             while len(env) < num_env:
-                while i < len(lines) and not _strip_comment(lines[i]):
+                while i < len(lines) and not strip_comment(lines[i]):
                     i += 1
-                if i >= len(lines) or _strip_comment(lines[i]).split()[0].lower() in _STP_KEYWORDS:
+                if i >= len(lines) or strip_comment(lines[i]).split()[0].lower() in _STP_KEYWORDS:
                     where = f"line {i + 1}" if i < len(lines) else "the end of the file"
                     raise ValueError(f"{path}:{line_no}: ENV announces {num_env} species but only {len(env)} follow before {where}")
-                species_tokens = _strip_comment(lines[i]).split()
+                species_tokens = strip_comment(lines[i]).split()
                 if len(species_tokens) != 1:
                     raise ValueError(f"{path}:{i + 1}: expected one ENV species symbol, got {lines[i].strip()!r}")
                 if species_tokens[0] in env:
@@ -234,16 +236,16 @@ def read_setup(path: str | os.PathLike) -> DescriptorSetup:
 def _read_chebyshev(path: Path, lines: list[str], i: int) -> tuple[ChebyshevBasis, int]:
     """Read ``BASIS type=...`` at line index ``i`` and its parameter lines; return the basis and next index."""
     line_no = i + 1
-    rest = _strip_comment(lines[i]).split(None, 1)
+    rest = strip_comment(lines[i]).split(None, 1)
     rest = rest[1] if len(rest) > 1 else ""
     pair_lines = [(line_no, rest)] if rest else []
     j = i + 1
     while True:
-        while j < len(lines) and not _strip_comment(lines[j]):
+        while j < len(lines) and not strip_comment(lines[j]):
             j += 1
         if j >= len(lines):
             break
-        text = _strip_comment(lines[j])
+        text = strip_comment(lines[j])
         if text.split()[0].lower() in _STP_KEYWORDS or "=" not in text:
             break
         pair_lines.append((j + 1, text))
@@ -274,9 +276,9 @@ def _read_chebyshev(path: Path, lines: list[str], i: int) -> tuple[ChebyshevBasi
     if missing:
         raise ValueError(f"{path}:{line_no}: BASIS type=Chebyshev is missing parameter(s) {', '.join(missing)}")
     r_rc = _to_float(values["radial_rc"][0], path, values["radial_rc"][1], "radial_Rc")
-    r_n = _to_int(values["radial_n"][0], path, values["radial_n"][1], "radial_N")
+    r_n = to_int(values["radial_n"][0], path, values["radial_n"][1], "radial_N")
     a_rc = _to_float(values["angular_rc"][0], path, values["angular_rc"][1], "angular_Rc")
-    a_n = _to_int(values["angular_n"][0], path, values["angular_n"][1], "angular_N")
+    a_n = to_int(values["angular_n"][0], path, values["angular_n"][1], "angular_N")
     try:
         basis = ChebyshevBasis(radial_cutoff=r_rc, radial_order=r_n, angular_cutoff=a_rc, angular_order=a_n)
     except ValueError as err:
@@ -309,7 +311,7 @@ def write_setup(path: str | os.PathLike, setup: DescriptorSetup) -> None:
 # --------------------------------------------------------------------------- generate.in
 
 
-def _parse_flag(tokens: list[str], path: Path, line_no: int) -> bool:
+def parse_flag(tokens: list[str], path: Path, line_no: int) -> bool:
     """aenet flags: ``KEYWORD`` or ``KEYWORD .true.`` mean true, ``KEYWORD .false.`` false."""
     if len(tokens) == 1:
         return True
@@ -341,7 +343,7 @@ def _counted_block(lines: list[str], i: int, path: Path, keyword: str, what: str
     count_idx, count_text = block[0]
     if len(count_text.split()) != 1:
         raise ValueError(f"{path}:{count_idx + 1}: expected the number of {what} after {keyword}, got {count_text!r}")
-    count = _to_int(count_text, path, count_idx + 1, f"the number of {what}")
+    count = to_int(count_text, path, count_idx + 1, f"the number of {what}")
     entries = block[1:]
     if len(entries) != count:
         last = f" (lines {entries[0][0] + 1}-{entries[-1][0] + 1})" if entries else ""
@@ -377,7 +379,7 @@ def read_generate_input(
     """
     path = Path(path)
     base = Path(os.path.abspath(path.parent))
-    lines = _read_lines(path, "generate.in")
+    lines = read_lines(path, "generate.in")
     seen: dict[str, int] = {}
     output = ""
     species: list[str] = []
@@ -390,7 +392,7 @@ def read_generate_input(
 
     i = 0
     while i < len(lines):
-        text = _strip_comment(lines[i])
+        text = strip_comment(lines[i])
         line_no = i + 1
         if not text:
             i += 1
@@ -413,7 +415,7 @@ def read_generate_input(
             output = tokens[1]
             i += 1
         elif keyword == "forces":
-            forces = _parse_flag(tokens, path, line_no)
+            forces = parse_flag(tokens, path, line_no)
             i += 1
         elif keyword == "forcespercent":
             if len(tokens) != 2:

@@ -93,7 +93,7 @@ def chebyshev(x: torch.Tensor, order: int, with_grad: bool = True) -> tuple[torc
 
 
 @lru_cache(maxsize=None)
-def _moment_tables(order: int) -> tuple[np.ndarray, np.ndarray]:
+def moment_tables(order: int) -> tuple[np.ndarray, np.ndarray]:
     """Exponents α (K, 3) with |α| <= order, in :func:`monomials` order, and C (order+1, K).
 
     C[n, α] = a_n|α| · |α|!/α! where a_nm are the power-series coefficients of T_n.
@@ -118,7 +118,7 @@ def monomials(u: torch.Tensor, order: int, with_grad: bool):
     """u^α for all |α| <= order (P, K) and, if asked, ∂u^α/∂u (P, K, 3).
 
     Built degree by degree into one preallocated buffer: degree m = [x · (all of degree
-    m-1), y · (those without x), z · z^(m-1)], the order of :func:`_moment_tables`.
+    m-1), y · (those without x), z · z^(m-1)], the order of :func:`moment_tables`.
     """
     num = u.shape[0]
     sizes = [(m + 1) * (m + 2) // 2 for m in range(order + 1)]
@@ -198,7 +198,7 @@ def pair_terms(setup: DescriptorSetup, spin_of_env: torch.Tensor, row: torch.Ten
     ang = r < basis.angular_cutoff
     w, dw = cutoff_fn(r[ang], basis.angular_cutoff)
     mono, _ = monomials(u[ang], basis.angular_order, with_grad=False)
-    _, coeff_np = _moment_tables(basis.angular_order)
+    _, coeff_np = moment_tables(basis.angular_order)
     coeff = torch.from_numpy(coeff_np).to(device=device, dtype=dtype)  # shape (na, K)
     num_mono = coeff.shape[1]
     key_a = key[ang]
@@ -253,7 +253,7 @@ def species_features(
     terms = pair_terms(setup, spin_of_env, pair_row, env, r, u, num_centers)
     G, fc, dfc, x, t, ang = terms.G, terms.fc, terms.dfc, terms.x, terms.T, terms.ang
     coeff, m_plain, m_spin = terms.coeff, terms.m_plain, terms.m_spin
-    exps_np, _ = _moment_tables(basis.angular_order)
+    exps_np, _ = moment_tables(basis.angular_order)
     num_mono = coeff.shape[1]
     nr, na = basis.radial_order + 1, basis.angular_order + 1
     block = nr + na

@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .aenet_inputs import _parse_flag, _read_lines, _strip_comment, _to_int
+from .aenet_inputs import parse_flag, read_lines, strip_comment, to_int
 from .config import DescriptorSetup
-from .descriptors import _moment_tables, chebyshev, env_tables, featurize, pair_terms, sub_batches
+from .descriptors import chebyshev, env_tables, featurize, moment_tables, pair_terms, sub_batches
 from .export import element_net_from_nn, read_nn, setup_from_nn
 from .log import get_logger, setup_logging
 from .model import AtomicModel, forces_from_dEdG
@@ -129,7 +129,7 @@ class _ElementTables:
 
 def _element_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype, device) -> _ElementTables:
     env_of_type, spin_of_env = env_tables(setup, type_names, dtype, device)
-    exps, coeff = _moment_tables(setup.basis.angular_order)
+    exps, coeff = moment_tables(setup.basis.angular_order)
     index = {tuple(e): k for k, e in enumerate(exps.tolist())}
     num_mono = len(exps)
     lift = np.zeros((num_mono, 4 * num_mono))
@@ -516,7 +516,7 @@ def _section(lines: list[str], start: int, count: int, path: Path, where: int, k
     while len(out) < count:
         if i >= len(lines):
             raise ValueError(f"{path}:{where}: {keyword} announces {count} {what} but only {len(out)} follow before the end of the file")
-        text = _strip_comment(lines[i])
+        text = strip_comment(lines[i])
         if text:
             if text.split()[0].lower() in _PREDICT_KEYWORDS:
                 raise ValueError(f"{path}:{where}: {keyword} announces {count} {what} but only {len(out)} follow "
@@ -528,7 +528,7 @@ def _section(lines: list[str], start: int, count: int, path: Path, where: int, k
 
 def _next_content(lines: list[str], start: int, path: Path, keyword: str, what: str) -> tuple[int, str]:
     for i in range(start, len(lines)):
-        text = _strip_comment(lines[i])
+        text = strip_comment(lines[i])
         if text:
             return i, text
     raise ValueError(f"{path}: {keyword} must be followed by the number of {what}")
@@ -548,7 +548,7 @@ def read_predict_input(path: str | os.PathLike) -> PredictInput:
     """
     path = Path(path)
     base = Path(os.path.abspath(path.parent))
-    lines = _read_lines(path, "predict.in")
+    lines = read_lines(path, "predict.in")
     types: list[str] = []
     networks: dict[str, Path] = {}
     network_lines: list[tuple[int, str]] = []
@@ -557,7 +557,7 @@ def read_predict_input(path: str | os.PathLike) -> PredictInput:
     seen: dict[str, int] = {}
     i = 0
     while i < len(lines):
-        text = _strip_comment(lines[i])
+        text = strip_comment(lines[i])
         if not text:
             i += 1
             continue
@@ -573,7 +573,7 @@ def read_predict_input(path: str | os.PathLike) -> PredictInput:
         if keyword in ("types", "files"):
             what = "species" if keyword == "types" else "files"
             j, count_text = _next_content(lines, i + 1, path, keyword.upper(), what)
-            count = _to_int(count_text.split()[0], path, j + 1, f"the number of {what}")
+            count = to_int(count_text.split()[0], path, j + 1, f"the number of {what}")
             entries = _section(lines, j + 1, count, path, j + 1, keyword.upper(), what)
             if keyword == "types":
                 types = [entry.split()[0] for _, entry in entries]
@@ -586,7 +586,7 @@ def read_predict_input(path: str | os.PathLike) -> PredictInput:
             network_lines = _section(lines, i + 1, len(types), path, line_no, "NETWORKS", "networks (one per TYPES species)")
             i = (network_lines[-1][0] if network_lines else i) + 1
         elif keyword in flags:
-            flags[keyword] = _parse_flag(tokens, path, line_no)
+            flags[keyword] = parse_flag(tokens, path, line_no)
             i += 1
         elif keyword == "relax":
             raise ValueError(f"{path}:{line_no}: RELAX (geometry optimization) is not supported by aenet-dist predict; "
