@@ -9,6 +9,7 @@ epoch, and the mode ``auto`` would pick on this machine.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -27,7 +28,7 @@ from .loader import (
     rank_data,
     step_bytes,
     steps_per_epoch,
-    stream_overheads,
+    smallest_stream_budget,
     structure_bytes,
 )
 from .store import StoreReader
@@ -56,7 +57,6 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
         biggest_batch = step_bytes(reader, data, itemsize, [plan])
         chunks = eval_chunks(data.test_local, batch_size, local, biggest_batch / 1.1)
         live = float(train.live_bytes(plan).max(initial=0.0))
-        fixed = sum(stream_overheads(train, biggest_batch))
         if len(data.test_local):
             test = BlockSource(reader, data, data.test_local, dtype, resident=False, readers=readers)
             live = max(live, float(test.live_bytes(chunks).max(initial=0.0)))
@@ -69,7 +69,7 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
                 "shard_bytes": shard,
                 "test_bytes": float(local[data.test_local].sum()),
                 "host_memory": shard * CACHE_SAFETY + readers * 2 * RESIDENT_PIECE_BYTES,
-                "host_stream": live + fixed,
+                "host_stream": smallest_stream_budget(live, train, biggest_batch),
                 "device_gpu": shard * CACHE_SAFETY + DEVICE_MARGIN_BYTES,
                 "device_other": (PREFETCH_DEPTH + 1) * biggest_batch + DEVICE_MARGIN_BYTES,
                 "read_per_epoch_stream": shard,
@@ -89,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-shards", type=int, default=None)
     parser.add_argument("--test-percent", type=float, default=10.0)
     parser.add_argument("--memory-budget-gb", type=float, default=None, help="data.memory_budget_gb: host memory per rank for data")
+    parser.add_argument("--readers", type=int, default=0, help="data.readers (default 0: from this machine's cores per rank)")
     args = parser.parse_args(argv)
     try:
         reader = StoreReader(args.store)
         itemsize = 4 if args.dtype == "float32" else 8
-        rows = plan_rows(reader, args.ranks, itemsize, args.shuffle_window_blocks, args.batch_size, args.num_shards, args.test_percent)
+        readers = args.readers or min(8, max(2, (os.cpu_count() or 1) // args.ranks))
+        rows = plan_rows(reader, args.ranks, itemsize, args.shuffle_window_blocks, args.batch_size, args.num_shards, args.test_percent, readers)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
