@@ -54,8 +54,8 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
         shard = float(local.sum())
         train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers)
         plan = epoch_plan(data, seed, 0, steps_per_epoch(data.num_train_global, batch_size), window_blocks)
-        biggest_batch = step_bytes(reader, data, itemsize, [plan])
-        chunks = eval_chunks(data.test_local, batch_size, local, biggest_batch / 1.1)
+        chunks = eval_chunks(data.test_local, batch_size, local, step_bytes(reader, data, itemsize, [plan]) / 1.1)
+        biggest_batch = step_bytes(reader, data, itemsize, [plan, chunks])  # as training computes it
         live = float(train.live_bytes(plan).max(initial=0.0))
         if len(data.test_local):
             test = BlockSource(reader, data, data.test_local, dtype, resident=False, readers=readers)

@@ -176,3 +176,17 @@ def test_eval_chunks_respect_count_and_bytes():
     assert all(len(c) <= 8 and (sizes[c].sum() <= 110.0 or len(c) == 1) for c in chunks)
     assert len(eval_chunks(indices, 8)) == 5 and eval_chunks(indices[:0], 8) == []
     assert [len(c) for c in eval_chunks(indices, 8, sizes, max_bytes=50.0)].count(1) >= 5  # a big structure stands alone
+
+
+def test_plan_smallest_stream_budget_is_what_training_accepts(store, tmp_path):
+    from aenet_dist.plan import plan_rows
+
+    GiB = 2**30
+    need = plan_rows(StoreReader(store), ranks=1, itemsize=8, window_blocks=3, batch_size=16, test_percent=20.0, readers=2)[0]["host_stream"]
+    config = write_train_toml(tmp_path / "train.toml", store, tmp_path / "unused", epochs=1, batch_size=16,
+                              data_extra="shuffle_window_blocks = 3\nreaders = 2")
+    config = [config, "data.cache=stream"]
+    ok = run_in_process(train_main, [*config, f"data.memory_budget_gb={1.001 * need / GiB}", f"run.run_dir={tmp_path / 'ok'}"])
+    assert ok.returncode == 0, ok.stderr
+    low = run_in_process(train_main, [*config, f"data.memory_budget_gb={0.95 * need / GiB}", f"run.run_dir={tmp_path / 'low'}"])
+    assert low.returncode == 2 and "data.memory_budget_gb" in low.stderr, low.stderr
