@@ -230,13 +230,21 @@ def eval_chunks(indices: np.ndarray, batch_size: int, sizes: np.ndarray | None =
 # ---------------------------------------------------------------------------- caches
 
 
-def choose_cache(requested: str, shard_bytes: float, device: torch.device, budget_bytes: float | None = None) -> tuple[str, str]:
+def local_ranks() -> int:
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def choose_cache(requested: str, shard_bytes: float, device: torch.device, budget_bytes: float | None = None,
+                 ranks_on_node: int | None = None) -> tuple[str, str]:
     """(mode, reason). ``gpu`` that cannot fit is an error before any data is read.
 
-    ``budget_bytes`` (the user's ``data.memory_budget_gb``) caps the host memory ``auto`` may fill.
+    ``budget_bytes`` (the user's ``data.memory_budget_gb``) caps the host memory ``auto`` may fill;
+    the node's available memory is shared by ``ranks_on_node`` ranks (default: this node's).
     """
     need = shard_bytes * CACHE_SAFETY
-    host = psutil.virtual_memory().available
+    sharing = ranks_on_node or local_ranks()
+    host = psutil.virtual_memory().available / sharing
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         fits_device = need + DEVICE_MARGIN_BYTES < free
@@ -255,7 +263,7 @@ def choose_cache(requested: str, shard_bytes: float, device: torch.device, budge
         return requested, "requested"
     if fits_device:
         return "gpu", f"shard ~{need / 2**30:.2f} GiB fits in {free / 2**30:.1f} GiB free on {device}"
-    limit, limit_text = 0.8 * host, f"80% of {host / 2**30:.1f} GiB available host memory"
+    limit, limit_text = 0.8 * host, f"80% of {host / 2**30:.1f} GiB available host memory" + (f" per rank ({sharing} on this node)" if sharing > 1 else "")
     if budget_bytes is not None and budget_bytes < limit:
         limit, limit_text = budget_bytes, f"the budget of {budget_bytes / 2**30:.2f} GiB (data.memory_budget_gb)"
     if need < limit:
@@ -496,15 +504,13 @@ def _numpy_dtype(dtype: torch.dtype):
 
 def default_readers() -> int:
     """Reader threads per rank: the node's cores shared by its ranks, between 2 and 8."""
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, max(2, cores // local_ranks))
+    return min(8, max(2, cores // local_ranks()))
 
 
 def default_budget_bytes() -> float:
     """Half of the host memory available now, shared by the ranks of this node."""
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return 0.5 * psutil.virtual_memory().available / local_ranks
+    return 0.5 * psutil.virtual_memory().available / local_ranks()
 
 
 def step_bytes(reader: StoreReader, data: RankData, itemsize: int, plans: list[list[np.ndarray]]) -> float:

@@ -90,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-percent", type=float, default=10.0)
     parser.add_argument("--memory-budget-gb", type=float, default=None, help="data.memory_budget_gb: host memory per rank for data")
     parser.add_argument("--readers", type=int, default=0, help="data.readers (default 0: from this machine's cores per rank)")
+    parser.add_argument("--ranks-per-node", type=int, default=None, help="ranks sharing one node's memory (default: --ranks)")
     args = parser.parse_args(argv)
     try:
         reader = StoreReader(args.store)
         itemsize = 4 if args.dtype == "float32" else 8
-        readers = args.readers or min(8, max(2, (os.cpu_count() or 1) // args.ranks))
+        readers = args.readers or min(8, max(2, (os.cpu_count() or 1) // (args.ranks_per_node or args.ranks)))
         rows = plan_rows(reader, args.ranks, itemsize, args.shuffle_window_blocks, args.batch_size, args.num_shards, args.test_percent, readers)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         try:
             budget = None if args.memory_budget_gb is None else args.memory_budget_gb * GiB
-            mode, reason = choose_cache(args.cache, r["shard_bytes"], device, budget)
+            mode, reason = choose_cache(args.cache, r["shard_bytes"], device, budget, args.ranks_per_node or args.ranks)
             if mode == "stream" and budget is not None and budget < r["host_stream"]:
                 mode, reason = "ERROR", f"a budget of {args.memory_budget_gb} GiB is below the {r['host_stream'] / GiB:.3f} GiB stream needs"
         except ValueError as err:

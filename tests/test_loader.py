@@ -64,6 +64,11 @@ def test_choose_cache():
     assert choose_cache("stream", 1e6, cpu) == ("stream", "requested")
     mode, reason = choose_cache("auto", 1e9, cpu, budget_bytes=0.5e9)
     assert mode == "stream" and "memory_budget_gb" in reason
+    import psutil
+    half = 0.5 * psutil.virtual_memory().available
+    assert choose_cache("auto", half, cpu, ranks_on_node=1)[0] == "memory"
+    mode, reason = choose_cache("auto", half, cpu, ranks_on_node=4)  # four ranks share the node's memory
+    assert mode == "stream" and "4 on this node" in reason
     with pytest.raises(ValueError, match="needs a CUDA device"):
         choose_cache("gpu", 1e6, cpu)
 
