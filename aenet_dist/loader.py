@@ -4,7 +4,8 @@ Everything that decides *what* is trained on is a pure function of (store, numbe
 seed, epoch), so every rank computes the same plan without communication, a restarted job
 the same again, and every cache mode trains on bitwise the same batches:
 
-* Split: ``test_percent`` of all structures, chosen by a permutation seeded with ``split_seed``.
+* Split: ``test_percent`` of the structures with derivative rows and of those without
+  (stratified), chosen by permutations seeded with ``split_seed``.
 * Shards: ``num_shards`` contiguous ranges of whole store blocks (chunk-aligned, so a rank
   reads only its own chunks) with about equal cost — descriptor rows plus derivative rows,
   not structure counts. A rank owns ``num_shards / world_size`` consecutive shards.
@@ -69,11 +70,21 @@ ALLOCATOR_RESERVE = 0.15
 RESIDENT_PIECE_BYTES = 64 * 2**20  # blocks kept in memory are joined into pieces of this size
 
 
-def split_test(num_structures: int, test_percent: float, seed: int) -> np.ndarray:
-    """Boolean mask of the test structures."""
-    count = int(round(num_structures * test_percent / 100.0))
-    mask = np.zeros(num_structures, dtype=bool)
-    mask[np.random.default_rng(seed).permutation(num_structures)[:count]] = True
+def split_test(has_derivs: np.ndarray, test_percent: float, seed: int) -> np.ndarray:
+    """Boolean mask of the test structures, stratified: ``test_percent`` of the structures with
+    derivative rows and the same share of those without.
+
+    Stratified, so that training keeps its share of force-labelled structures whatever the
+    split. The generator has its own stream, (seed, 1): featurize chooses the force structures
+    with a plain permutation of the same default seed, and an unstratified split drawn from
+    that same permutation would put the whole test set among the force structures.
+    """
+    has_derivs = np.asarray(has_derivs, dtype=bool)
+    mask = np.zeros(len(has_derivs), dtype=bool)
+    rng = np.random.default_rng([seed, 1])
+    for group in (np.flatnonzero(has_derivs), np.flatnonzero(~has_derivs)):  # two groups
+        count = int(round(len(group) * test_percent / 100.0))
+        mask[rng.permutation(group)[:count]] = True
     return mask
 
 
@@ -170,7 +181,7 @@ def rank_data(reader: StoreReader, rank: int, world_size: int, num_shards: int |
     per_rank = num_shards // world_size
     shard_ids = list(range(rank * per_rank, (rank + 1) * per_rank))
     start, stop = int(bounds[shard_ids[0]]), int(bounds[shard_ids[-1] + 1])
-    test = split_test(reader.num_structures, test_percent, split_seed)
+    test = split_test(reader.has_derivs, test_percent, split_seed)
     edges = np.unique(np.r_[reader.block_first, bounds])  # store blocks, cut at shard bounds
     shard_blocks = []
     for s in shard_ids:

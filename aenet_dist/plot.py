@@ -94,7 +94,7 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str = "best", store: st
     """
     model, reader, config = load_run_model(resolve_checkpoint(run_dir, checkpoint), store)
     model = model.to(device)
-    test = split_test(reader.num_structures, config.data.test_percent, config.data.split_seed)
+    test = split_test(reader.has_derivs, config.data.test_percent, config.data.split_seed)
     e_ref, e_pred, f_ref, f_pred, f_test = [], [], [], [], []
     for b in range(len(reader.block_first) - 1):  # one store block at a time bounds the memory
         data = reader.read_block(b)

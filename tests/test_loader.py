@@ -195,3 +195,15 @@ def test_plan_smallest_stream_budget_is_what_training_accepts(store, tmp_path):
     assert ok.returncode == 0, ok.stderr
     low = run_in_process(train_main, [*config, f"data.memory_budget_gb={0.95 * need / GiB}", f"run.run_dir={tmp_path / 'low'}"])
     assert low.returncode == 2 and "data.memory_budget_gb" in low.stderr, low.stderr
+
+
+def test_split_is_stratified_by_force_labels():
+    from aenet_dist.loader import split_test
+
+    has_derivs = np.zeros(1000, dtype=bool)
+    # featurize picks its force structures with this very permutation (FORCESPERCENT 20, seed 0)
+    has_derivs[np.random.default_rng(0).permutation(1000)[:200]] = True
+    test = split_test(has_derivs, 10.0, 0)
+    assert test.sum() == 100 and (test & has_derivs).sum() == 20, "10 % of each group"
+    assert not np.array_equal(test, split_test(has_derivs, 10.0, 1))
+    np.testing.assert_array_equal(test, split_test(has_derivs, 10.0, 0))
