@@ -71,7 +71,7 @@ SETTINGS = {
     "run": {"batch_size": 128, "device": "cpu", "dtype": "float32"},
 }
 # (label, ranks, overrides)
-STREAM_BUDGET_GB = 0.35  # below the store size from 5000 structures on
+STREAM_BUDGET_GB = 0.35  # below the store size from 5000 structures on (raised to plan's smallest + 5 % if needed)
 RUNS = [
     ("memory", 1, ["data.cache=memory"]),
     ("stream", 1, ["data.cache=stream"]),
@@ -357,6 +357,9 @@ def main() -> int:
             stores.append(data)
             config = write_config(runs_dir, data["store"])
             for label, ranks, overrides in RUNS:
+                if any(o.startswith("data.memory_budget_gb=") for o in overrides) and data["stream_min_budget_bytes"] > STREAM_BUDGET_GB * 2**30:
+                    budget = round(1.05 * data["stream_min_budget_bytes"] / 2**30, 2)  # the plan's smallest, plus 5 %
+                    label, overrides = f"stream {budget} GiB", ["data.cache=stream", f"data.memory_budget_gb={budget}"]
                 need = data["host_memory_ranks"][ranks]
                 if label == "memory" and need > MEMORY_FRACTION * psutil.virtual_memory().available:
                     log(f"[{n}] train {label}, {ranks} rank(s): skipped, plan says {need / 2**30:.1f} GiB of host memory")
