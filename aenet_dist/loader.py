@@ -315,10 +315,9 @@ class BlockSource:
 
     def __init__(self, reader: StoreReader, data: RankData, members: np.ndarray, dtype: torch.dtype,
                  resident: bool, budget_bytes: float = math.inf, readers: int = 2, pin: bool = False,
-                 piece_bytes: float = 0.0, gather_threads: int = 1):
+                 piece_bytes: float = 0.0):
         """``piece_bytes`` > 0 joins consecutive store blocks into pieces of about that many bytes
-        of members (fewer, larger gathers per step; for resident sources). ``gather_threads`` > 1
-        gathers a step's blocks in parallel (for a GPU fed from host memory)."""
+        of members (fewer, larger gathers per step; for resident sources)."""
         self.reader, self.data, self.dtype, self.pin = reader, data, dtype, pin
         self.resident, self.budget_bytes, self.readers = resident, budget_bytes, max(1, readers)
         bounds = sorted({b for shard in data.shard_blocks for b in shard})
@@ -341,7 +340,6 @@ class BlockSource:
         self.block_start = np.array([m[0] for m in self.members], dtype=np.int64)
         self.block_bytes = np.array(sizes)
         self.budget_total: float | None = None  # the whole budget, of which budget_bytes is for blocks (messages)
-        self.gather_pool = ThreadPoolExecutor(gather_threads) if gather_threads > 1 else None
         self.blocks_read = 0
         self.peak_held_bytes = 0.0  # most block bytes held at once while streaming (a statistic)
         self.blocks: list[ShardData] | None = None
@@ -407,13 +405,7 @@ class BlockSource:
             )
 
     def _gather(self, blocks: np.ndarray, positions: list[np.ndarray], shard_of, with_forces: bool) -> Batch:
-        def gather(k: int, pos: np.ndarray) -> Batch:
-            return gather_batch(shard_of(k), torch.from_numpy(pos), with_forces=with_forces)
-
-        if self.gather_pool is not None and len(blocks) > 1:  # torch's gathers release the GIL
-            parts = list(self.gather_pool.map(gather, blocks, positions))
-        else:
-            parts = [gather(k, pos) for k, pos in zip(blocks, positions)]
+        parts = [gather_batch(shard_of(k), torch.from_numpy(pos), with_forces=with_forces) for k, pos in zip(blocks, positions)]
         batch = merge_batches(parts)
         return batch.pin_memory() if self.pin else batch
 
@@ -513,12 +505,6 @@ def _numpy_dtype(dtype: torch.dtype):
     return np.float32 if dtype == torch.float32 else np.float64
 
 
-def default_readers() -> int:
-    """Reader threads per rank: the node's cores shared by its ranks, between 2 and 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, max(2, cores // local_ranks()))
-
-
 def default_budget_bytes() -> float:
     """Half of the host memory available now, shared by the ranks of this node."""
     return 0.5 * psutil.virtual_memory().available / local_ranks()
@@ -549,8 +535,6 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     evaluation does not read the store a second time each epoch), and the blocks read ahead.
     """
     everything = np.arange(data.stop - data.start)
-    # A GPU consumes batches faster than one host thread gathers them; on a CPU the cores train.
-    gather_threads = readers if device.type == "cuda" else 1
     if mode == "gpu":
         part = reader.read_range(data.start, data.stop, _numpy_dtype(dtype))
         check_finite(part, reader)
@@ -560,12 +544,10 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
         return source, source
     if mode != "stream":
         pin = mode == "pinned" and device.type == "cuda"
-        source = BlockSource(reader, data, everything, dtype, resident=True, readers=readers, pin=pin,
-                             piece_bytes=RESIDENT_PIECE_BYTES, gather_threads=gather_threads)
+        source = BlockSource(reader, data, everything, dtype, resident=True, readers=readers, pin=pin, piece_bytes=RESIDENT_PIECE_BYTES)
         return source, source
     per_structure = structure_bytes(reader, dtype.itemsize)[data.start : data.stop]
-    train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers,
-                        gather_threads=gather_threads)
+    train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers)
     queued, converting = stream_overheads(train, batch_bytes)
     test_bytes = float(per_structure[data.test_local].sum())
     avail = (1 - ALLOCATOR_RESERVE) * budget_bytes - queued - converting
@@ -581,7 +563,7 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     if len(data.test_local) == 0:
         return train, train
     test = BlockSource(reader, data, data.test_local, dtype, resident=test_resident, budget_bytes=left, readers=readers,
-                       piece_bytes=RESIDENT_PIECE_BYTES if test_resident else 0.0, gather_threads=gather_threads)
+                       piece_bytes=RESIDENT_PIECE_BYTES if test_resident else 0.0)
     test.budget_total = budget_bytes
     log.info(
         "stream: budget %.2f GiB per rank: %.2f GiB for blocks read ahead, test set (%.2f GiB) %s",

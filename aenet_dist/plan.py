@@ -9,7 +9,6 @@ epoch, and the mode ``auto`` would pick on this machine.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -89,14 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-shards", type=int, default=None)
     parser.add_argument("--test-percent", type=float, default=10.0)
     parser.add_argument("--memory-budget-gb", type=float, default=None, help="data.memory_budget_gb: host memory per rank for data")
-    parser.add_argument("--readers", type=int, default=0, help="data.readers (default 0: from this machine's cores per rank)")
+    parser.add_argument("--readers", type=int, default=2, help="data.readers (default 2)")
     parser.add_argument("--ranks-per-node", type=int, default=None, help="ranks sharing one node's memory (default: --ranks)")
     args = parser.parse_args(argv)
     try:
         reader = StoreReader(args.store)
         itemsize = 4 if args.dtype == "float32" else 8
-        readers = args.readers or min(8, max(2, (os.cpu_count() or 1) // (args.ranks_per_node or args.ranks)))
-        rows = plan_rows(reader, args.ranks, itemsize, args.shuffle_window_blocks, args.batch_size, args.num_shards, args.test_percent, readers)
+        rows = plan_rows(reader, args.ranks, itemsize, args.shuffle_window_blocks, args.batch_size, args.num_shards, args.test_percent, args.readers)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

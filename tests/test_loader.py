@@ -133,8 +133,7 @@ def test_block_gathers_equal_whole_shard_gathers(store):
         "all": BlockSource(reader, data, everything, torch.float64, resident=True),
         "test only": BlockSource(reader, data, data.test_local, torch.float64, resident=True),
         "all, joined": BlockSource(reader, data, everything, torch.float64, resident=True, piece_bytes=3e5),
-        "train streamed": BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float64, resident=False, budget_bytes=1.0,
-                                      gather_threads=3),
+        "train streamed": BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float64, resident=False, budget_bytes=1.0),
     }
     assert 1 < len(sources["all, joined"].bounds) < len(sources["all"].bounds)
     for name, source, steps in (("all", sources["all"], plan), ("test only", sources["test only"], eval_chunks(data.test_local, 5)),
