@@ -527,12 +527,13 @@ def smallest_stream_budget(live_bytes: float, train: "BlockSource", batch_bytes:
 
 
 def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dtype, device: torch.device,
-                 budget_bytes: float, readers: int, batch_bytes: float):
+                 budget_bytes: float, readers: int, batch_bytes: float, first_plan: list[np.ndarray] | None = None):
     """(training source, evaluation source) of a cache mode; reads now what the mode keeps.
 
     ``stream`` splits ``budget_bytes`` between the batches in flight, the blocks being converted
-    by the readers, the test set (kept resident when it takes at most half of what is left, so
-    evaluation does not read the store a second time each epoch), and the blocks read ahead.
+    by the readers, the test set (kept resident when it takes at most half of what is left and
+    leaves room for the blocks ``first_plan`` needs at once, so evaluation does not read the
+    store a second time each epoch), and the blocks read ahead.
     """
     everything = np.arange(data.stop - data.start)
     if mode == "gpu":
@@ -551,7 +552,10 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     queued, converting = stream_overheads(train, batch_bytes)
     test_bytes = float(per_structure[data.test_local].sum())
     avail = (1 - ALLOCATOR_RESERVE) * budget_bytes - queued - converting
-    test_resident = len(data.test_local) > 0 and test_bytes <= 0.5 * avail
+    # Keep the test set only where the blocks the first epoch needs at once (+10 % for later
+    # epochs' plans) still fit beside it.
+    blocks_needed = 1.1 * float(train.live_bytes(first_plan).max(initial=0.0)) if first_plan else 0.0
+    test_resident = len(data.test_local) > 0 and test_bytes <= 0.5 * avail and test_bytes + blocks_needed <= avail
     left = avail - (test_bytes if test_resident else 0.0)
     if left <= 0:
         raise ValueError(

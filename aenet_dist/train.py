@@ -168,7 +168,7 @@ class Trainer:
         eval_plan = self._eval_chunks(self.data.test_local)
         self.source, self.eval_source = make_sources(
             self.reader, self.data, self.cache_mode, self.dtype, info.device, user_budget or default_budget_bytes(),
-            config.data.readers, step_bytes(self.reader, self.data, self.dtype.itemsize, [first_plan, eval_plan]),
+            config.data.readers, step_bytes(self.reader, self.data, self.dtype.itemsize, [first_plan, eval_plan]), first_plan,
         )
         # A stream budget too small for the plan stops here, before any training.
         self.source.check_budget(first_plan, "first epoch")

@@ -206,3 +206,19 @@ def test_split_is_stratified_by_force_labels():
     assert test.sum() == 100 and (test & has_derivs).sum() == 20, "10 % of each group"
     assert not np.array_equal(test, split_test(has_derivs, 10.0, 1))
     np.testing.assert_array_equal(test, split_test(has_derivs, 10.0, 0))
+
+
+def test_stream_keeps_the_test_set_only_beside_the_blocks_a_step_needs(store, tmp_path):
+    """At the plan's smallest budget the test set must not crowd out the blocks (it is streamed)."""
+    from aenet_dist.plan import plan_rows
+
+    rows = plan_rows(StoreReader(store), ranks=1, itemsize=8, window_blocks=3, batch_size=16, test_percent=20.0, readers=2)[0]
+    config = write_train_toml(tmp_path / "train.toml", store, tmp_path / "unused", epochs=1, batch_size=16,
+                              data_extra="shuffle_window_blocks = 3\nreaders = 2")
+    for budget in (rows["host_stream"] * 1.001, rows["host_stream"] + 3 * rows["test_bytes"]):
+        result = run_in_process(train_main, [config, "data.cache=stream", f"data.memory_budget_gb={budget / 2**30}",
+                                             f"run.run_dir={tmp_path / str(budget)}"])
+        assert result.returncode == 0, result.stderr
+    assert "streamed too" in run_in_process(train_main, [config, "data.cache=stream", f"data.memory_budget_gb={rows['host_stream'] * 1.001 / 2**30}",
+                                                         f"run.run_dir={tmp_path / 'again'}"]).stderr
+    assert "kept in memory" in result.stderr
