@@ -139,6 +139,19 @@ def _format_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+# Settings a resumed run may change: they decide how long and on what it runs, not what it computes.
+RESUME_MAY_CHANGE = {
+    ("run", "epochs"),
+    ("data", "cache"),
+    ("data", "memory_budget_gb"),
+    ("data", "readers"),
+    ("run", "cpu_threads"),
+    ("run", "log_every"),
+    ("run", "collective_timeout_s"),
+    ("run", "keep_last"),
+}
+
+
 class Trainer:
     """Owns the data, model, optimizer and checkpoints of one run on one rank."""
 
@@ -221,12 +234,13 @@ class Trainer:
                 f"!= {self.reader.fingerprint[:12]} of {self.config.data.store}); use --finetune to start from its weights"
             )
         old, new = state.get("config", {}), self.config.to_dict()
-        # A resumed run may be given more epochs; everything else must match.
+        # A resumed run may be given more epochs and moved to other hardware (cache mode, memory,
+        # threads, timeouts: none changes the result); everything else must match.
         differ = [
             f"{section}.{key}"
             for section in new
             for key in new[section]
-            if (section, key) != ("run", "epochs") and old.get(section, {}).get(key) != new[section][key]
+            if (section, key) not in RESUME_MAY_CHANGE and old.get(section, {}).get(key) != new[section][key]
         ]
         if differ:
             raise ValueError(f"{path}: configuration differs from the checkpoint's in {differ}; use --finetune to start from its weights")
@@ -568,7 +582,7 @@ def _apply(d: dict, overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may follow --resume
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     try:
