@@ -58,6 +58,12 @@ class Checkpointer:
             old.unlink(missing_ok=True)
         return path
 
+    def save_best(self, state: dict) -> Path:
+        """Only ``best.pt`` (an epoch that improved but is not a regular checkpoint)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_save(state, self.dir / "best.pt")
+        return self.dir / "best.pt"
+
     def all(self) -> list[Path]:
         if not self.dir.exists():
             return []

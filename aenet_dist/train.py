@@ -466,6 +466,8 @@ class Trainer:
                 )
                 if self.epoch % config.run.checkpoint_every == 0 or self.epoch == config.run.epochs or stop_early or self.stop_agreed:
                     self.checkpointer.save(self.state_dict(), self.epoch, improved)
+                elif improved:  # the best model is kept whenever it improves, not only on checkpoint epochs
+                    self.checkpointer.save_best(self.state_dict())
             barrier(info)
             if self.stop_agreed and self.epoch < config.run.epochs:
                 raise Interrupted(f"stopped by a signal after epoch {self.epoch}; checkpoint written, rerun with --resume")

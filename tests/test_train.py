@@ -260,6 +260,15 @@ def test_resume_continues_exactly(emt, tmp_path):
     assert refused.returncode == 2 and "optim.lr" in refused.stderr and "--finetune" in refused.stderr
 
 
+def test_best_checkpoint_is_the_best_epoch_even_between_checkpoints(emt, tmp_path):
+    _, store = emt
+    cfg = write_toml(tmp_path / "b.toml", store, tmp_path / "b", "checkpoint_every = 5")
+    run_train([cfg, "run.epochs=7", "optim.lr=0.3"])  # a large step: the test loss goes up and down
+    losses = [m["loss"] for m in metrics(tmp_path / "b")]
+    best_epoch = 1 + int(np.argmin(losses))
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "best.pt")["epoch"] == best_epoch, losses
+
+
 def test_bad_inputs_have_clear_messages(emt, tmp_path):
     _, store = emt
     missing = run_train([write_toml(tmp_path / "m.toml", tmp_path / "nowhere.zarr", tmp_path / "m")], check=False)
