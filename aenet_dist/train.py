@@ -15,6 +15,7 @@ checkpoints (latest k and best) and a summary table at the end.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from .loader import (
     eval_chunks,
     make_sources,
     rank_data,
+    split_test,
     step_bytes,
     steps_per_epoch,
     structure_bytes,
@@ -168,6 +170,8 @@ class Trainer:
 
         t0 = time.perf_counter()
         self.data = rank_data(self.reader, info.rank, info.world_size, config.data.num_shards, config.data.test_percent, config.data.split_seed)
+        test_mask = split_test(self.reader.has_derivs, config.data.test_percent, config.data.split_seed)
+        self.split_digest = hashlib.sha256(np.packbits(test_mask).tobytes()).hexdigest()[:16]  # checked on resume
         shard_bytes = float(structure_bytes(self.reader, self.dtype.itemsize)[self.data.start : self.data.stop].sum())
         user_budget = None if config.data.memory_budget_gb is None else config.data.memory_budget_gb * 2**30
         self.cache_mode, reason = choose_cache(config.data.cache, shard_bytes, info.device, user_budget)
@@ -224,6 +228,7 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "config": self.config.to_dict(),
             "store_fingerprint": self.reader.fingerprint,
+            "split_digest": self.split_digest,
             "world_size": self.info.world_size,
         }
 
@@ -232,6 +237,11 @@ class Trainer:
             raise ValueError(
                 f"{path}: checkpoint was trained on a different store (fingerprint {str(state.get('store_fingerprint'))[:12]} "
                 f"!= {self.reader.fingerprint[:12]} of {self.config.data.store}); use --finetune to start from its weights"
+            )
+        if state.get("split_digest") != self.split_digest:
+            raise ValueError(
+                f"{path}: the train/test split differs from the one this checkpoint was trained with (or the checkpoint, "
+                "from an older version, does not record it), so test structures would be trained on; use --finetune to start from its weights"
             )
         old, new = state.get("config", {}), self.config.to_dict()
         # A resumed run may be given more epochs and moved to other hardware (cache mode, memory,
@@ -344,7 +354,6 @@ class Trainer:
         totals = torch.zeros(4, dtype=self.dtype, device=self.info.device)
         with_forces = True  # test force errors are reported whatever α is
         chunks = self._eval_chunks(local_indices)
-        self.eval_source.check_budget(chunks, "evaluation")
         for batch in self._batches(self.eval_source, chunks, with_forces):
             with torch.enable_grad():
                 energy, forces = predict(self.model, batch, with_forces=with_forces, create_graph=False)
@@ -391,7 +400,7 @@ class Trainer:
             self.local_seconds = 0.0
             totals = self.partial_totals.to(info.device).clone()
             data_seconds = 0.0
-            self.source.check_budget(plan[self.step_in_epoch :], f"epoch {self.epoch + 1}")
+            self.source.check_budget(plan[self.step_in_epoch :], f"epoch {self.epoch + 1}", first_step=self.step_in_epoch, strict=False)
             batches = self._batches(self.source, plan[self.step_in_epoch :], with_forces=config.loss.force_weight > 0)
             try:
                 for k in range(self.step_in_epoch, len(plan)):
@@ -583,6 +592,12 @@ def _apply(d: dict, overrides: list[str]) -> dict:
     return d
 
 
+def _is_peer_failure(err: RuntimeError) -> bool:
+    """A backend error that means another rank is gone or silent (not this rank's own failure)."""
+    text = str(err).lower()
+    return any(word in text for word in ("gloo", "nccl", "timed out", "timeout", "connection", "connect", "peer"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides may follow --resume
     rank = int(os.environ.get("RANK", "0"))
@@ -615,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (tdist.DistError, RuntimeError) as err:
-        if not info.distributed:
+        if not info.distributed or not (isinstance(err, tdist.DistError) or _is_peer_failure(err)):
             raise
         # A peer died, hangs, or its connection broke: say so instead of a bare backend trace.
         print(

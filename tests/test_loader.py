@@ -12,7 +12,7 @@ from aenet_dist.aenet_inputs import read_generate_input
 from aenet_dist.config import StoreOptions
 from aenet_dist.datasets import generate_emt_dataset
 from aenet_dist.batching import gather_batch, shard_from_range
-from aenet_dist.loader import BlockSource, choose_cache, epoch_plan, eval_chunks, rank_data, structure_costs
+from aenet_dist.loader import LIVE_MARGIN, BlockSource, choose_cache, epoch_plan, eval_chunks, rank_data, structure_costs
 from aenet_dist.store import StoreReader, featurize_to_store
 from aenet_dist.train import main as train_main
 from helpers import run_in_process, write_train_toml
@@ -128,7 +128,8 @@ def test_block_gathers_equal_whole_shard_gathers(store):
     whole = shard_from_range(reader.read_range(data.start, data.stop), torch.float64)
     everything = np.arange(data.stop - data.start)
     assert whole.elements["Cu"].dense and len(whole.elements["Cu"].deriv_center), "store must have dense and sparse rows"
-    plan = epoch_plan(data, seed=1, epoch=0, steps=3, window_blocks=2)
+    # the last step is empty, as a rank's is when it has fewer training structures than steps
+    plan = epoch_plan(data, seed=1, epoch=0, steps=3, window_blocks=2) + [np.zeros(0, dtype=np.int64)]
     sources = {
         "all": BlockSource(reader, data, everything, torch.float64, resident=True),
         "test only": BlockSource(reader, data, data.test_local, torch.float64, resident=True),
@@ -155,14 +156,16 @@ def test_stream_stays_within_its_budget_and_reads_each_block_once(store):
     assert need < 0.5 * probe.block_bytes.sum(), "the plan should need far less than the shard"
     for budget in (need, 3 * need, np.inf):
         source = BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float32, resident=False, budget_bytes=budget)
-        source.check_budget(plan, "epoch")
+        if budget >= LIVE_MARGIN * need:
+            source.check_budget(plan, "epoch")
         for a, b in zip(expected, source.iterate(plan, with_forces=True), strict=True):
             assert_batches_equal(a, b)
         assert source.peak_held_bytes <= budget
         assert source.blocks_read == len(source.bounds)
-    small = BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float32, resident=False, budget_bytes=0.9 * need)
-    with pytest.raises(ValueError, match="memory_budget_gb"):
+    small = BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float32, resident=False, budget_bytes=0.9 * LIVE_MARGIN * need)
+    with pytest.raises(ValueError, match=r"step \d+ of the epoch 1 needs .*memory_budget_gb"):
         small.check_budget(plan, "epoch 1")
+    small.check_budget(plan, "epoch 2", strict=False)  # later epochs warn and go on
 
 
 def test_stream_budget_too_small_for_queued_batches_is_refused(store, tmp_path):

@@ -258,6 +258,13 @@ def test_resume_continues_exactly(emt, tmp_path):
     assert len(list((tmp_path / "part" / "checkpoints").glob("checkpoint_*.pt"))) == 2  # keep_last
     refused = run_train([part, "run.epochs=5", "optim.lr=0.5", "--resume"], check=False)
     assert refused.returncode == 2 and "optim.lr" in refused.stderr and "--finetune" in refused.stderr
+    # a checkpoint whose train/test split is not this one (e.g. from a version with another split)
+    latest = sorted((tmp_path / "part" / "checkpoints").glob("checkpoint_*.pt"))[-1]
+    state = load_checkpoint(latest)
+    state["split_digest"] = "0" * 16
+    torch.save(state, latest)
+    refused = run_train([part, "run.epochs=5", "--resume"], check=False)
+    assert refused.returncode == 2 and "train/test split differs" in refused.stderr
 
 
 def test_best_checkpoint_is_the_best_epoch_even_between_checkpoints(emt, tmp_path):
