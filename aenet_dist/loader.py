@@ -487,6 +487,8 @@ class Prefetcher:
                 if self.stopped.is_set():
                     return
                 self.queue.put(item)
+                if self.stopped.is_set():  # closed while this batch waited for room: gather no more
+                    return
         except BaseException as err:  # hand the error to the consumer
             self.queue.put(err)
             return

@@ -353,11 +353,14 @@ class Trainer:
         self.model.eval()
         totals = torch.zeros(4, dtype=self.dtype, device=self.info.device)
         with_forces = True  # test force errors are reported whatever α is
-        chunks = self._eval_chunks(local_indices)
-        for batch in self._batches(self.eval_source, chunks, with_forces):
-            with torch.enable_grad():
-                energy, forces = predict(self.model, batch, with_forces=with_forces, create_graph=False)
-            totals += error_sums(batch, energy.detach(), None if forces is None else forces.detach()).detached()
+        batches = self._batches(self.eval_source, self._eval_chunks(local_indices), with_forces)
+        try:
+            for batch in batches:
+                with torch.enable_grad():
+                    energy, forces = predict(self.model, batch, with_forces=with_forces, create_graph=False)
+                totals += error_sums(batch, energy.detach(), None if forces is None else forces.detach()).detached()
+        finally:
+            batches.close()  # stops the prefetch thread at once if an error ends the loop
         return self._reduce(totals)
 
     # ------------------------------------------------------------------ loop
