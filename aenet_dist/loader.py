@@ -37,6 +37,7 @@ modes see the same rows in the same order (bitwise-identical training on CPU).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import queue
@@ -173,6 +174,7 @@ class RankData:
     test_local: np.ndarray  # rank-local indices of test structures
     num_train_global: int
     num_test_global: int
+    split_digest: str  # of the global train/test split (checkpoints record it)
 
 
 def rank_data(reader: StoreReader, rank: int, world_size: int, num_shards: int | None, test_percent: float, split_seed: int) -> RankData:
@@ -190,7 +192,8 @@ def rank_data(reader: StoreReader, rank: int, world_size: int, num_shards: int |
     for s in shard_ids:
         inside = edges[(edges >= bounds[s]) & (edges <= bounds[s + 1])]
         shard_blocks.append([(int(a) - start, int(b) - start) for a, b in zip(inside[:-1], inside[1:])])
-    return RankData(start, stop, shard_ids, shard_blocks, ~test[start:stop], np.flatnonzero(test[start:stop]), int((~test).sum()), int(test.sum()))
+    digest = hashlib.sha256(np.packbits(test).tobytes()).hexdigest()[:16]
+    return RankData(start, stop, shard_ids, shard_blocks, ~test[start:stop], np.flatnonzero(test[start:stop]), int((~test).sum()), int(test.sum()), digest)
 
 
 def check_finite(data: StructureRange, reader: StoreReader) -> None:
@@ -350,10 +353,6 @@ class BlockSource:
             with ThreadPoolExecutor(self.readers) as pool:
                 self.blocks = list(pool.map(self._load, range(len(self.bounds))))
 
-    @property
-    def resident_bytes(self) -> float:
-        return float(self.block_bytes.sum())
-
     def _load(self, k: int) -> ShardData:
         """Block k as tensors: read, cast block by block, checked, reduced to its members."""
         a, b = self.bounds[k]
@@ -380,14 +379,19 @@ class BlockSource:
             steps.append((blocks, positions))
         return steps
 
-    def live_bytes(self, plan: list[np.ndarray]) -> np.ndarray:
-        """Bytes of blocks that must be held at each step when every block is read once."""
-        steps = self._steps(plan)
+    def _use_spans(self, steps: list[tuple[np.ndarray, list[np.ndarray]]]) -> tuple[np.ndarray, np.ndarray]:
+        """(first step, last step) that uses each block; (len(steps), -1) for blocks no step uses."""
         first = np.full(len(self.bounds), len(steps))
         last = np.full(len(self.bounds), -1)
         for k, (blocks, _) in enumerate(steps):
             first[blocks] = np.minimum(first[blocks], k)
             last[blocks] = k
+        return first, last
+
+    def live_bytes(self, plan: list[np.ndarray]) -> np.ndarray:
+        """Bytes of blocks that must be held at each step when every block is read once."""
+        steps = self._steps(plan)
+        first, last = self._use_spans(steps)
         change = np.zeros(len(steps) + 1)
         used = last >= 0
         np.add.at(change, first[used], self.block_bytes[used])
@@ -430,13 +434,8 @@ class BlockSource:
             for blocks, positions in steps:
                 yield self._gather(blocks, positions, self.blocks.__getitem__, with_forces)
             return
-        last_use = {}
-        order = []  # blocks in order of first use
-        for k, (blocks, _) in enumerate(steps):
-            for b in blocks.tolist():
-                if b not in last_use:
-                    order.append(b)
-                last_use[b] = k
+        first_use, last_use = self._use_spans(steps)
+        order = [b for b in np.argsort(first_use, kind="stable").tolist() if last_use[b] >= 0]  # blocks in order of first use
         pending: dict[int, Future] = {}
         held = 0.0
         next_read = 0
@@ -537,10 +536,16 @@ def default_budget_bytes() -> float:
     return 0.5 * psutil.virtual_memory().available / local_ranks()
 
 
-def step_bytes(reader: StoreReader, data: RankData, itemsize: int, plans: list[list[np.ndarray]]) -> float:
-    """Bytes of the largest batch of ``plans`` (rank-local indices), with a 10 % margin for other epochs."""
-    local = structure_bytes(reader, itemsize)[data.start : data.stop]
-    return 1.1 * max((float(local[index].sum()) for plan in plans for index in plan), default=0.0)
+def eval_plan_and_batch_bytes(data: RankData, local_bytes: np.ndarray, first_plan: list[np.ndarray], batch_size: int) -> tuple[list[np.ndarray], float]:
+    """Evaluation chunks of the rank's test set, no larger than the largest step of ``first_plan``
+    in structures and bytes, and the bytes of the largest batch of either (+10 % for other epochs).
+
+    ``local_bytes`` is :func:`structure_bytes` of the rank's structures.
+    """
+    largest_step = max((float(local_bytes[index].sum()) for index in first_plan), default=0.0)
+    chunks = eval_chunks(data.test_local, batch_size, local_bytes, largest_step)
+    largest_chunk = max((float(local_bytes[index].sum()) for index in chunks), default=0.0)
+    return chunks, 1.1 * max(largest_step, largest_chunk)
 
 
 def stream_overheads(train: "BlockSource", batch_bytes: float) -> tuple[float, float]:

@@ -23,9 +23,8 @@ from .loader import (
     BlockSource,
     choose_cache,
     epoch_plan,
-    eval_chunks,
+    eval_plan_and_batch_bytes,
     rank_data,
-    step_bytes,
     steps_per_epoch,
     smallest_stream_budget,
     structure_bytes,
@@ -53,8 +52,7 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
         shard = float(local.sum())
         train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers)
         plan = epoch_plan(data, seed, 0, steps_per_epoch(data.num_train_global, batch_size), window_blocks)
-        chunks = eval_chunks(data.test_local, batch_size, local, step_bytes(reader, data, itemsize, [plan]) / 1.1)
-        biggest_batch = step_bytes(reader, data, itemsize, [plan, chunks])  # as training computes it
+        chunks, biggest_batch = eval_plan_and_batch_bytes(data, local, plan, batch_size)  # as training computes them
         live = float(train.live_bytes(plan).max(initial=0.0))
         if len(data.test_local):
             test = BlockSource(reader, data, data.test_local, dtype, resident=False, readers=readers)

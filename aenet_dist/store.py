@@ -44,6 +44,7 @@ mpi4py is imported here only; every other module is free of MPI.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import math
@@ -284,7 +285,7 @@ def _read_arrays(directory: Path, names: list[str]) -> dict[str, np.ndarray]:
             values[name] = array
     rest = [name for name in names if name not in values]
     if rest:
-        values.update(zarr_sync(_read_arrays_with_zarr(directory, rest)))
+        values.update(zarr.core.sync.sync(_read_arrays_with_zarr(directory, rest)))  # on zarr's own event loop
     return values
 
 
@@ -296,11 +297,6 @@ async def _read_arrays_with_zarr(directory: Path, names: list[str]) -> list[tupl
         return name, np.asarray(await array.getitem(...))
 
     return await asyncio.gather(*(read(name) for name in names))
-
-
-def zarr_sync(coroutine):
-    """Run a coroutine on zarr's own event loop (the one its synchronous API uses)."""
-    return zarr.core.sync.sync(coroutine)
 
 
 def compute_block(
@@ -729,7 +725,7 @@ class StoreReader:
         first_block = int(np.searchsorted(self.block_first, start, side="right") - 1)
         last_block = int(np.searchsorted(self.block_first, stop, side="left"))
         blocks = [self.read_block(b, feature_dtype) for b in range(max(first_block, 0), max(last_block, first_block + 1))]
-        return _trim(concat_ranges(blocks, self.species), start, stop, self.species)
+        return _trim(concat_ranges(blocks, self.species), start, stop)
 
 
 def concat_ranges(parts: list[StructureRange], species: list[str]) -> StructureRange:
@@ -760,38 +756,11 @@ def concat_ranges(parts: list[StructureRange], species: list[str]) -> StructureR
     )
 
 
-def _trim(r: StructureRange, start: int, stop: int, species: list[str]) -> StructureRange:
+def _trim(r: StructureRange, start: int, stop: int) -> StructureRange:
     """Keep structures [start, stop) of a range that covers them."""
     if r.start == start and r.stop == stop:
         return r
-    offsets = np.r_[0, np.cumsum(r.num_atoms)]
-    s0, s1 = start - r.start, stop - r.start
-    a0, a1 = offsets[s0], offsets[s1]
-    elements = {}
-    for e in species:
-        el = r.elements[e]
-        keep_rows = (el.atom >= a0) & (el.atom < a1)
-        new_row = np.cumsum(keep_rows) - 1
-        keep_deriv = keep_rows[el.deriv_center] if len(el.deriv_center) else np.zeros(0, dtype=bool)
-        elements[e] = ElementRows(
-            atom=el.atom[keep_rows] - a0,
-            G=el.G[keep_rows],
-            deriv_center=new_row[el.deriv_center[keep_deriv]],
-            deriv_neighbor=el.deriv_neighbor[keep_deriv] - a0,
-            dG=el.dG[keep_deriv],
-        )
-    return StructureRange(
-        start=start,
-        stop=stop,
-        num_atoms=r.num_atoms[s0:s1],
-        energy=r.energy[s0:s1],
-        cohesive_energy=r.cohesive_energy[s0:s1],
-        has_derivs=r.has_derivs[s0:s1],
-        species=r.species[a0:a1],
-        pos=r.pos[a0:a1],
-        forces=r.forces[a0:a1],
-        elements=elements,
-    )
+    return dataclasses.replace(select_structures(r, np.arange(start - r.start, stop - r.start)), start=start, stop=stop)
 
 
 def select_structures(r: StructureRange, positions: np.ndarray) -> StructureRange:

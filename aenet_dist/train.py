@@ -15,7 +15,6 @@ checkpoints (latest k and best) and a summary table at the end.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -39,11 +38,9 @@ from .loader import (
     choose_cache,
     default_budget_bytes,
     epoch_plan,
-    eval_chunks,
+    eval_plan_and_batch_bytes,
     make_sources,
     rank_data,
-    split_test,
-    step_bytes,
     steps_per_epoch,
     structure_bytes,
 )
@@ -170,9 +167,8 @@ class Trainer:
 
         t0 = time.perf_counter()
         self.data = rank_data(self.reader, info.rank, info.world_size, config.data.num_shards, config.data.test_percent, config.data.split_seed)
-        test_mask = split_test(self.reader.has_derivs, config.data.test_percent, config.data.split_seed)
-        self.split_digest = hashlib.sha256(np.packbits(test_mask).tobytes()).hexdigest()[:16]  # checked on resume
-        shard_bytes = float(structure_bytes(self.reader, self.dtype.itemsize)[self.data.start : self.data.stop].sum())
+        local_bytes = structure_bytes(self.reader, self.dtype.itemsize)[self.data.start : self.data.stop]
+        shard_bytes = float(local_bytes.sum())
         user_budget = None if config.data.memory_budget_gb is None else config.data.memory_budget_gb * 2**30
         self.cache_mode, reason = choose_cache(config.data.cache, shard_bytes, info.device, user_budget)
         if info.is_main:
@@ -180,16 +176,14 @@ class Trainer:
         self.steps = steps_per_epoch(self.data.num_train_global, config.run.batch_size)
         first_plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
         # Evaluation chunks are no larger than the largest training step, in structures and bytes.
-        local_bytes = structure_bytes(self.reader, self.dtype.itemsize)[self.data.start : self.data.stop]
-        self.eval_bytes = local_bytes, step_bytes(self.reader, self.data, self.dtype.itemsize, [first_plan]) / 1.1
-        eval_plan = self._eval_chunks(self.data.test_local)
+        self.eval_plan, batch_bytes = eval_plan_and_batch_bytes(self.data, local_bytes, first_plan, config.run.batch_size)
         self.source, self.eval_source = make_sources(
             self.reader, self.data, self.cache_mode, self.dtype, info.device, user_budget or default_budget_bytes(),
-            config.data.readers, step_bytes(self.reader, self.data, self.dtype.itemsize, [first_plan, eval_plan]), first_plan,
+            config.data.readers, batch_bytes, first_plan,
         )
         # A stream budget too small for the plan stops here, before any training.
         self.source.check_budget(first_plan, "first epoch")
-        self.eval_source.check_budget(eval_plan, "evaluation")
+        self.eval_source.check_budget(self.eval_plan, "evaluation")
         self.load_seconds = time.perf_counter() - t0
 
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
@@ -228,7 +222,7 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "config": self.config.to_dict(),
             "store_fingerprint": self.reader.fingerprint,
-            "split_digest": self.split_digest,
+            "split_digest": self.data.split_digest,
             "world_size": self.info.world_size,
         }
 
@@ -238,7 +232,7 @@ class Trainer:
                 f"{path}: checkpoint was trained on a different store (fingerprint {str(state.get('store_fingerprint'))[:12]} "
                 f"!= {self.reader.fingerprint[:12]} of {self.config.data.store}); use --finetune to start from its weights"
             )
-        if state.get("split_digest") != self.split_digest:
+        if state.get("split_digest") != self.data.split_digest:
             raise ValueError(
                 f"{path}: the train/test split differs from the one this checkpoint was trained with (or the checkpoint, "
                 "from an older version, does not record it), so test structures would be trained on; use --finetune to start from its weights"
@@ -285,9 +279,6 @@ class Trainer:
 
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.info)
-
-    def _eval_chunks(self, local_indices: np.ndarray) -> list[np.ndarray]:
-        return eval_chunks(local_indices, self.config.run.batch_size, *self.eval_bytes)
 
     def _batches(self, source, plan: list[np.ndarray], with_forces: bool):
         """Batches of ``plan`` on the training device; gathered ahead in a thread unless on-device."""
@@ -348,12 +339,12 @@ class Trainer:
         return value.totals
 
     @torch.no_grad()
-    def evaluate(self, local_indices: np.ndarray) -> torch.Tensor:
-        """Global (sse_E, n_E, sse_F, n_F) over the given structures of every rank."""
+    def evaluate(self) -> torch.Tensor:
+        """Global (sse_E, n_E, sse_F, n_F) over the test structures of every rank."""
         self.model.eval()
         totals = torch.zeros(4, dtype=self.dtype, device=self.info.device)
         with_forces = True  # test force errors are reported whatever α is
-        batches = self._batches(self.eval_source, self._eval_chunks(local_indices), with_forces)
+        batches = self._batches(self.eval_source, self.eval_plan, with_forces)
         try:
             for batch in batches:
                 with torch.enable_grad():
@@ -425,7 +416,7 @@ class Trainer:
             self.step_in_epoch = 0
             self.partial_totals = torch.zeros(4, dtype=self.dtype)
             train_seconds = time.perf_counter() - epoch_start
-            test_totals = self.evaluate(self.data.test_local) if self.data.num_test_global else None
+            test_totals = self.evaluate() if self.data.num_test_global else None
             self.epoch += 1
             train_e, train_f = self._metrics(totals)
             test_e, test_f = self._metrics(test_totals) if test_totals is not None else (float("nan"), float("nan"))
