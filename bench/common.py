@@ -177,3 +177,22 @@ def append_results(text: str, records: list[dict], results_md: Path = RESULTS_MD
     with open(results_jsonl, "a") as fh:
         for rec in records:
             fh.write(json.dumps(rec) + "\n")
+
+
+def write_train_toml(path: Path, store, settings: dict[str, dict]) -> Path:
+    """A train.toml with ``[data] store`` and the given sections (key -> JSON-compatible value)."""
+    lines = ["[data]", f'store = "{store}"']
+    for section, values in settings.items():
+        if section != "data":
+            lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_command(python: Path, torchrun: Path, ranks: int, args: list[str]) -> list[str]:
+    """``python -m aenet_dist.train`` for one rank, ``torchrun --standalone`` for more."""
+    if ranks == 1:
+        return [str(python), "-m", "aenet_dist.train", *args]
+    return [str(torchrun), "--standalone", f"--nproc_per_node={ranks}", "-m", "aenet_dist.train", *args]

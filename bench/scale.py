@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import RESULTS_JSONL, RESULTS_MD, TreeMemory, append_results, dir_bytes, load1, machine, read_metrics
+from common import RESULTS_JSONL, RESULTS_MD, TreeMemory, append_results, dir_bytes, load1, machine, read_metrics, train_command, write_train_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("AENET_DIST_VENV", ROOT / ".venv"))
@@ -169,15 +169,7 @@ def ensure_store(n: int, generate_in: Path) -> dict:
 
 
 def write_config(where: Path, store: str) -> Path:
-    lines = ["[data]", f'store = "{store}"']
-    for section, values in SETTINGS.items():
-        if section != "data":
-            lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value)}")
-    path = where / "scale.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_train_toml(where / "scale.toml", store, SETTINGS)
 
 
 def train(config: Path, runs_dir: Path, n: int, label: str, ranks: int, overrides: list[str], epochs: int, data: dict, base: int) -> dict:
@@ -185,10 +177,7 @@ def train(config: Path, runs_dir: Path, n: int, label: str, ranks: int, override
     run_dir = runs_dir / name
     shutil.rmtree(run_dir, ignore_errors=True)
     args = [str(config), f"run.run_dir={run_dir}", f"run.epochs={epochs}", f"run.checkpoint_every={epochs}", *overrides]
-    if ranks == 1:
-        cmd = [str(PY), "-m", "aenet_dist.train", *args]
-    else:
-        cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}", "-m", "aenet_dist.train", *args]
+    cmd = train_command(PY, TORCHRUN, ranks, args)
     log(f"[{n}] train {label}, {ranks} rank(s), {epochs} epochs ...")
     log_path = runs_dir / f"{name}.log"
     load_start = load1()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import shutil
@@ -45,7 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from common import TreeMemory, append_results, load1, machine, read_metrics
+from common import TreeMemory, append_results, load1, machine, read_metrics, train_command, write_train_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -140,15 +139,7 @@ def ensure_store() -> dict:
 
 def write_base_config(where: Path) -> Path:
     """train.toml with the store and the paper settings; every run adds overrides."""
-    lines = ["[data]", f'store = "{STORE}"']
-    for section, values in PAPER_SETTINGS.items():
-        if section != "data":
-            lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value)}")
-    path = where / "train_tio2.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_train_toml(where / "train_tio2.toml", STORE, PAPER_SETTINGS)
 
 
 def launch(config: Path, ranks: int, overrides: list[str], name: str, stop=None, max_seconds: float | None = None,
@@ -165,10 +156,7 @@ def launch(config: Path, ranks: int, overrides: list[str], name: str, stop=None,
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     args = [str(config), f"run.run_dir={run_dir}", *overrides]
-    if ranks == 1:
-        cmd = [str(PY), "-m", "aenet_dist.train", *args]
-    else:
-        cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}", "-m", "aenet_dist.train", *args]
+    cmd = train_command(PY, TORCHRUN, ranks, args)
     log_path = RUNS / f"{name}.log"
     load_start = load1()
     metrics_path = run_dir / "metrics.jsonl"
