@@ -377,24 +377,32 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(emt, tmp_path, ranks)
         assert torch.equal(w_full[name], w_part[name]), name
 
 
+def _two_ranks_past_epoch_one(cfg: Path, run_dir: Path, args: list[str], step_delay: float):
+    """torchrun with 2 CPU workers, slowed by ``step_delay`` s per step, once epoch 1 is logged:
+    (the torchrun process, its 2 worker processes)."""
+    import os
+
+    import psutil
+
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "aenet_dist.train", str(cfg), *args]
+    env = dict(os.environ, AENET_DIST_TEST_STEP_DELAY=str(step_delay))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_epoch(run_dir, 1, proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "aenet_dist.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    return proc, workers
+
+
 @pytest.mark.dist
 def test_killed_rank_stops_the_others_and_resume_recovers(emt, tmp_path):
     """kill -9 of one worker: the job ends (no hang) and --resume finishes from the last checkpoint."""
-    import os
     import signal
     import time
-
-    import psutil
 
     _, store = emt
     cfg = write_toml(tmp_path / "k.toml", store, tmp_path / "k", "checkpoint_every = 1")
     common = ["run.batch_size=4", "run.epochs=3"]
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "aenet_dist.train", str(cfg), *common]
-    env = dict(os.environ, AENET_DIST_TEST_STEP_DELAY="0.25")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_epoch(tmp_path / "k", 1, proc)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "aenet_dist.train" in " ".join(p.cmdline())]
-    assert len(workers) == 2
+    proc, workers = _two_ranks_past_epoch_one(cfg, tmp_path / "k", common, step_delay=0.25)
     workers[-1].send_signal(signal.SIGKILL)
     start = time.time()
     proc.communicate(timeout=120)
@@ -408,21 +416,13 @@ def test_killed_rank_stops_the_others_and_resume_recovers(emt, tmp_path):
 def test_hung_rank_times_out_the_others(emt, tmp_path):
     """A rank that stops responding (SIGSTOP): the other fails its collective after
     run.collective_timeout_s with a message, and the job ends instead of hanging."""
-    import os
     import signal
     import time
 
-    import psutil
-
     _, store = emt
     cfg = write_toml(tmp_path / "h.toml", store, tmp_path / "h", "checkpoint_every = 1")
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "aenet_dist.train", str(cfg),
-           "run.batch_size=4", "run.epochs=50", "run.collective_timeout_s=5"]
-    env = dict(os.environ, AENET_DIST_TEST_STEP_DELAY="0.1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_epoch(tmp_path / "h", 1, proc)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "aenet_dist.train" in " ".join(p.cmdline())]
-    assert len(workers) == 2
+    args = ["run.batch_size=4", "run.epochs=50", "run.collective_timeout_s=5"]
+    proc, workers = _two_ranks_past_epoch_one(cfg, tmp_path / "h", args, step_delay=0.1)
     workers[-1].send_signal(signal.SIGSTOP)
     start = time.time()
     try:
