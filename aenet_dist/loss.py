@@ -28,6 +28,8 @@ class ErrorSums:
     count_energy: torch.Tensor  # number of structures
     sse_forces: torch.Tensor  # Σ over force components, (eV/Å)^2
     count_forces: torch.Tensor  # number of force components
+    energy_error: torch.Tensor | None = None  # (B,) (E_pred − E_ref)/N, eV/atom
+    force_error: torch.Tensor | None = None  # (A, 3) F_pred − F_ref, 0 for atoms without derivatives
 
     def detached(self) -> torch.Tensor:
         """(4,) tensor of the sums, for all-reducing."""
@@ -35,15 +37,50 @@ class ErrorSums:
 
 
 def error_sums(batch: Batch, energy: torch.Tensor, forces: torch.Tensor | None) -> ErrorSums:
-    """Squared errors of predicted structure energies (B,) and forces (A, 3) against the batch."""
+    """Squared errors of predicted structure energies (B,) and forces (A, 3) against the batch.
+
+    No value is read back to the host (a device sync): a batch whose structures have no
+    derivatives gives zero force sums through the mask.
+    """
     per_atom = (energy - batch.energy) / batch.num_atoms.to(energy.dtype)
-    zero = torch.zeros((), dtype=energy.dtype, device=energy.device)
-    if forces is None or batch.force_atoms is None or not bool(batch.force_atoms.any()):
-        sse_f, count_f = zero, zero
-    else:
-        diff = (forces - batch.forces)[batch.force_atoms]
-        sse_f, count_f = (diff * diff).sum(), torch.tensor(float(diff.numel()), dtype=energy.dtype, device=energy.device)
-    return ErrorSums((per_atom * per_atom).sum(), torch.tensor(float(per_atom.numel()), dtype=energy.dtype, device=energy.device), sse_f, count_f)
+    kw = {"dtype": energy.dtype, "device": energy.device}
+    count_e = torch.full((), float(per_atom.numel()), **kw)
+    if forces is None or batch.force_atoms is None:
+        zero = torch.zeros((), **kw)
+        return ErrorSums((per_atom * per_atom).sum(), count_e, zero, zero, per_atom, None)
+    mask = batch.force_atoms.unsqueeze(-1)  # shape (A, 1)
+    diff = torch.where(mask, forces - batch.forces, 0.0)  # where, not a product: a non-finite reference must not leak
+    count_f = torch.sum(mask, dtype=energy.dtype) * 3
+    return ErrorSums((per_atom * per_atom).sum(), count_e, (diff * diff).sum(), count_f, per_atom, diff)
+
+
+def loss_coefficients(totals: torch.Tensor, force_weight: float | torch.Tensor) -> torch.Tensor:
+    """(2,) ∂L/∂sse_E and ∂L/∂sse_F of L = (1 − α)·sqrt(sse_E/n_E) + α·sqrt(sse_F/n_F) at the global sums.
+
+    d sqrt(S/N)/dS = 1 / (2 N sqrt(S/N)); a zero RMSE is clamped to the dtype's tiny.
+    ``force_weight`` may be the (2,) tensor (1 − α, α) on the device, which saves a host copy per step.
+    """
+    sse, counts = totals[0::2], totals[1::2].clamp(min=1)
+    weights = force_weight if isinstance(force_weight, torch.Tensor) else \
+        torch.tensor([1.0 - force_weight, force_weight], dtype=totals.dtype, device=totals.device)
+    rmse = torch.sqrt(sse / counts)
+    return weights / (2 * counts * rmse.clamp(min=torch.finfo(totals.dtype).tiny))
+
+
+def loss_of_totals(totals: torch.Tensor, force_weight: float) -> torch.Tensor:
+    """L = (1 − α)·RMSE_E + α·RMSE_F of the global sums (4,)."""
+    rmse = torch.sqrt(totals[0::2] / totals[1::2].clamp(min=1))
+    return (1 - force_weight) * rmse[0] + force_weight * rmse[1]
+
+
+def adjoints(sums: ErrorSums, num_atoms: torch.Tensor, coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """∂L/∂E_s (B,) and ∂L/∂F (A, 3) of this rank's share of the global loss.
+
+    sse_E = Σ ((E_s − E_ref)/N_s)², so ∂sse_E/∂E_s = 2 (E_s − E_ref)/N_s²; ∂sse_F/∂F = 2 (F − F_ref).
+    """
+    energy_adjoint = sums.energy_error * (2 * coefficients[0]) / num_atoms.to(sums.energy_error.dtype)
+    force_adjoint = None if sums.force_error is None else sums.force_error * (2 * coefficients[1])
+    return energy_adjoint, force_adjoint
 
 
 @dataclass

@@ -64,6 +64,34 @@ def activate(x: Tensor, name: str) -> Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
+def activate_with_derivatives(x: Tensor, name: str, second: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(σ(x), σ'(x), σ''(x)) of aenet activation ``name``, each one or two fused operators.
+
+    ``None`` stands for a constant derivative (linear: σ' = 1, σ'' = 0), so callers skip
+    the multiplication. ``second=False`` leaves σ'' out (None) when no force term needs it.
+    The forms follow from σ(x) written through t = tanh(·) or s = sigmoid(·):
+    tanh: σ' = 1 − t², σ'' = −2 t σ'; sigmoid: σ' = s(1 − s), σ'' = σ'(1 − 2s);
+    mtanh (a tanh(b x)): σ' = a b (1 − t²), σ'' = −2 b t σ'; twist adds c x to mtanh, so σ' gains c.
+    """
+    if name == "linear":
+        return x, None, None
+    if name in ("tanh", "mtanh", "twist"):
+        a, b = (1.0, 1.0) if name == "tanh" else (_MTANH_A, _MTANH_B)
+        t = torch.tanh(x if b == 1.0 else b * x)
+        y = t if name == "tanh" else (a * t if name == "mtanh" else a * t + _TWIST_C * x)  # as activate(), bitwise
+        slope = torch.addcmul(torch.full((), a * b, dtype=x.dtype, device=x.device), t, t, value=-a * b)  # a b (1 − t²)
+        curvature = torch.mul(t, slope).mul_(-2.0 * b) if second else None
+        if name == "twist":
+            slope = slope.add_(_TWIST_C)
+        return y, slope, curvature
+    if name == "sigmoid":
+        s = torch.sigmoid(x)
+        slope = torch.addcmul(s, s, s, value=-1.0)  # s (1 − s)
+        curvature = torch.addcmul(slope, slope, s, value=-2.0) if second else None  # σ'(1 − 2s)
+        return s, slope, curvature
+    raise ValueError(f"unknown activation {name!r}")
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     """Architecture of one element's network (aenet ``NETWORKS`` line, e.g. ``5:tanh 5:tanh``).

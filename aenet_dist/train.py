@@ -45,7 +45,8 @@ from .loader import (
     structure_bytes,
 )
 from .log import get_logger, setup_logging
-from .loss import error_sums, global_loss
+from . import step as lean
+from .loss import adjoints, error_sums, loss_coefficients, loss_of_totals
 from .model import AtomicModel, ElementNet, forces_from_dEdG
 from .store import StoreReader
 
@@ -114,12 +115,13 @@ def predict(model: AtomicModel, batch: Batch, with_forces: bool, create_graph: b
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     o = config.optim
-    # fused: one kernel for all parameters (5x faster than the default for these many tiny tensors).
+    # fused: one kernel for all parameters (5x faster than the default for these many tiny tensors),
+    # and it takes ``found_inf``, which skips a non-finite step on the device without a host sync.
     if o.method == "adam":
         return torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
     if o.method == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=True)
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=True)
 
 
 def make_scheduler(optimizer, config: TrainConfig):
@@ -190,6 +192,11 @@ class Trainer:
         self.model = build_model(self.reader, config, self.dtype).to(info.device)
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = make_scheduler(self.optimizer, config)
+        self._grad_buffers()
+        alpha = config.loss.force_weight
+        self.loss_weights = torch.tensor([1.0 - alpha, alpha], dtype=self.dtype, device=info.device)
+        self.step_records: list = []  # this epoch's steps: (step number in epoch, structure indices)
+        self.step_checks = torch.zeros(self.steps, 5, dtype=self.dtype, device=info.device)  # per step: 4 totals, finiteness probe
         self.epoch = 0  # completed epochs
         self.step = 0  # optimizer steps in total
         self.step_in_epoch = 0  # steps of epoch self.epoch + 1 already taken (mid-epoch resume)
@@ -287,56 +294,82 @@ class Trainer:
         prefetcher = Prefetcher(source, plan, with_forces, depth=STREAM_PREFETCH_DEPTH if self.cache_mode == "stream" else PREFETCH_DEPTH)
         return _closing((b.to(self.info.device, non_blocking=True) for b in prefetcher), prefetcher)
 
-    def _l2(self) -> torch.Tensor | None:
-        if self.config.loss.l2 <= 0:
-            return None
-        weights = [p for name, p in self.model.named_parameters() if name.endswith("weight")]
-        return self.config.loss.l2 * sum((w * w).sum() for w in weights)
+    def _grad_buffers(self) -> None:
+        """Every parameter's ``.grad`` is a view into one flat buffer that the lean step writes.
 
-    def _all_reduce_gradients(self) -> None:
-        """Sum gradients over ranks: one collective on a flat buffer."""
-        if not self.info.distributed:
-            return
+        The gradient all-reduce is then one collective on that buffer with no copies, and the
+        fused optimizer reads the views.
+        """
         params = list(self.model.parameters())
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        self.flat_grad = torch.zeros(sum(p.numel() for p in params), dtype=self.dtype, device=self.info.device)
         offset = 0
         for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
+            p.grad = self.flat_grad[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.grad_views = {el: [(layer.weight.grad, layer.bias.grad) for layer in net.layers] for el, net in self.model.nets.items()}
 
     def _reduce_with_stop_flag(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, carrying this rank's stop request along in the same collective."""
+        if not self.info.distributed:
+            self.stop_agreed = self.stop_requested  # no collective, and no read of a device value
+            return tensor
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], dtype=tensor.dtype, device=tensor.device)
         packed = all_reduce_sum(torch.cat([tensor, flag]), self.info)
         self.stop_agreed = bool(packed[-1] > 0)  # every rank sees the same sum, so all stop together
         return packed[:-1]
 
     def train_step(self, batch: Batch) -> torch.Tensor:
-        """One optimizer step on this rank's part of the global batch. Returns the global sums (4,)."""
+        """One optimizer step on this rank's part of the global batch. Returns the global sums (4,).
+
+        The lean step (:mod:`aenet_dist.step`): hand-derived forward, force contraction and
+        parameter gradients, no autograd graph and no host sync on one rank. A step whose loss
+        or gradient is not finite is skipped on the device (the fused optimizer's ``found_inf``);
+        :meth:`_check_steps` stops the run with its epoch, step and structures.
+        """
         alpha = self.config.loss.force_weight
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        energy, forces = predict(self.model, batch, with_forces=alpha > 0, create_graph=True)
-        sums = error_sums(batch, energy, forces)
+        fwd = lean.forward(self.model, batch, with_forces=alpha > 0)
+        sums = error_sums(batch, fwd.energy, fwd.forces)
         self.local_seconds += time.perf_counter() - t0  # this rank's own work before the first collective
-        surrogate, value = global_loss(sums, alpha, self._reduce_with_stop_flag, self._l2(), self.info.world_size)
-        if not bool(torch.isfinite(value.loss)):  # one scalar sync per step: never step on NaN
-            names = self.reader.names()
-            involved = [names[i] for i in batch.structure_index.tolist()[:10]]
-            raise TrainingError(
-                f"loss is {float(value.loss)} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}; "
-                f"structures on rank {self.info.rank} include {involved}. No checkpoint was written for this epoch."
-            )
-        surrogate.backward()
-        self._all_reduce_gradients()
+        totals = self._reduce_with_stop_flag(sums.detached())
+        energy_adjoint, force_adjoint = adjoints(sums, batch.num_atoms, loss_coefficients(totals, self.loss_weights))
+        decay = 2 * self.config.loss.l2 / self.info.world_size  # of λ·Σ w², which every rank adds
+        lean.backward(self.model, fwd, batch, energy_adjoint, force_adjoint if alpha > 0 else None, decay, self.grad_views)
+        if self.info.distributed:
+            tdist.all_reduce(self.flat_grad, op=tdist.ReduceOp.SUM)
         if self.config.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
+        check = torch.cat([totals, (self.flat_grad.sum() + totals.sum()).view(1)])
+        nonfinite = torch.isfinite(check[4]).logical_not_()
+        self.optimizer.found_inf = nonfinite.float()  # read by the fused optimizers: skip, on the device
         self.optimizer.step()
+        if len(self.step_records) == self.step_checks.shape[0]:  # only when steps are taken outside fit()
+            self.step_checks = torch.cat([self.step_checks, torch.zeros_like(self.step_checks)])
+        self.step_checks[len(self.step_records)].copy_(check)
+        self.step_records.append((self.step_in_epoch, batch.structure_index))
         self.step += 1
-        return value.totals
+        return totals
+
+    def _check_steps(self) -> None:
+        """Stop if a step of this epoch had a non-finite loss or gradient (one host read per call)."""
+        if not self.step_records:
+            return
+        records = self.step_records
+        checks = self.step_checks[: len(records)].cpu()
+        self.step_records = []
+        bad = torch.nonzero(~torch.isfinite(checks[:, 4])).flatten()
+        if bad.numel() == 0:
+            return
+        k = int(bad[0])
+        step_in_epoch, index = records[k]
+        names = self.reader.names()
+        involved = [names[i] for i in index.tolist()[:10]]
+        loss = float(loss_of_totals(checks[k, :4].double(), self.config.loss.force_weight))
+        what = f"loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
+        raise TrainingError(
+            f"{what} at epoch {self.epoch + 1}, step {step_in_epoch + 1}; "
+            f"structures on rank {self.info.rank} include {involved}. The step was not taken and no checkpoint was written for this epoch."
+        )
 
     @torch.no_grad()
     def evaluate(self) -> torch.Tensor:
@@ -347,9 +380,8 @@ class Trainer:
         batches = self._batches(self.eval_source, self.eval_plan, with_forces)
         try:
             for batch in batches:
-                with torch.enable_grad():
-                    energy, forces = predict(self.model, batch, with_forces=with_forces, create_graph=False)
-                totals += error_sums(batch, energy.detach(), None if forces is None else forces.detach()).detached()
+                fwd = lean.forward(self.model, batch, with_forces=with_forces, for_training=False)
+                totals += error_sums(batch, fwd.energy, fwd.forces).detached()
         finally:
             batches.close()  # stops the prefetch thread at once if an error ends the loop
         return self._reduce(totals)
@@ -404,15 +436,19 @@ class Trainer:
                     step_totals = self.train_step(batch)
                     totals += step_totals
                     self.step_in_epoch = k + 1
+                    if config.run.log_every and self.step % config.run.log_every == 0:
+                        self._check_steps()  # on every rank: the probe is global, so all stop together
                     if config.run.log_every and self.step % config.run.log_every == 0 and info.is_main:
                         e, f = self._metrics(step_totals)
                         log.info("epoch %d step %d/%d | batch E %.2f meV/atom F %.4f eV/Å", self.epoch + 1, k + 1, len(plan), 1000 * e, f)
                     time.sleep(step_delay)
                     if self.stop_agreed and self.step_in_epoch < len(plan):
+                        self._check_steps()
                         self.partial_totals = totals.detach().cpu()
                         self._save_interrupted()
             finally:
                 batches.close()
+            self._check_steps()
             self.step_in_epoch = 0
             self.partial_totals = torch.zeros(4, dtype=self.dtype)
             train_seconds = time.perf_counter() - epoch_start

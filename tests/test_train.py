@@ -453,3 +453,26 @@ def test_epoch_log_warns_when_a_rank_waits_for_data(emt, tmp_path, caplog):
         assert "rank 0 waited 0.60 s of 1.00 s for data" in caplog.text
     finally:
         logger.removeHandler(caplog.handler)
+
+
+def test_nan_in_one_structure_skips_the_step_and_names_it(emt, tmp_path):
+    """A non-finite value in one structure's descriptors: that step is not taken, and the check
+    (once per epoch or log line, not a host sync per step) names the epoch, step and structure."""
+    _, store = emt
+    trainer = Trainer(config_for(store, tmp_path / "run"), DistInfo(0, 1, 0, torch.device("cpu")))
+    reader = StoreReader(store)
+    shard = shard_from_range(reader.read_range(0, reader.num_structures), torch.float64)
+    good = gather_batch(shard, torch.tensor([0, 1, 2]))
+    trainer.train_step(good)
+    trainer._check_steps()  # a finite step passes
+    bad = gather_batch(shard, torch.tensor([4, 5, 6]))
+    element = next(el for el, g in bad.G.items() if g.shape[0])
+    bad.G[element] = bad.G[element].clone()
+    bad.G[element][0, 0] = float("nan")  # the first row belongs to structure 4
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.step_in_epoch = 1
+    trainer.train_step(bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())), "a NaN step changed the weights"
+    name = reader.names()[4]
+    with pytest.raises(TrainingError, match=rf"loss is nan at epoch 1, step 2; structures on rank 0 include \['{name}'"):
+        trainer._check_steps()
