@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as tnf
 from torch import Tensor
 
 from .batching import Batch
@@ -41,6 +42,7 @@ class NetPass:
     inputs: list[Tensor]  # h_0 .. h_{L−1}: the input of each layer, (N, n_in)
     slopes: list[Tensor | None]  # σ′(z_l), (N, n_out); None: linear (σ′ = 1)
     curvatures: list[Tensor | None]  # σ″(z_l); None: linear or not needed
+    inv_scale: Tensor  # () 1/scale of E = NN/scale + shift
 
 
 @dataclass
@@ -63,10 +65,10 @@ def _net_forward(net: ElementNet, G: Tensor, second: bool) -> tuple[Tensor, NetP
     inputs, slopes, curvatures = [], [], []
     for weight, bias, act in _layers(net):
         inputs.append(h)
-        h, slope, curvature = activate_with_derivatives(torch.addmm(bias, h, weight.t()), act, second)
+        h, slope, curvature = activate_with_derivatives(tnf.linear(h, weight, bias), act, second)
         slopes.append(slope)
         curvatures.append(curvature)
-    return h, NetPass(inputs, slopes, curvatures)
+    return h, NetPass(inputs, slopes, curvatures, net.scale.reciprocal())
 
 
 def _input_gradient(net: ElementNet, p: NetPass, num_rows: int) -> Tensor:
@@ -76,7 +78,7 @@ def _input_gradient(net: ElementNet, p: NetPass, num_rows: int) -> Tensor:
         if slope is not None:
             delta = slope if delta is None else delta * slope
         delta = weight if delta is None else delta @ weight  # (1 or N, n_in)
-    return (delta * (net.inv_std / net.scale)).expand(num_rows, -1)
+    return (delta * (net.inv_std * p.inv_scale)).expand(num_rows, -1)
 
 
 def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: bool = True) -> StepForward:
@@ -97,7 +99,7 @@ def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: b
             net = model.nets[element]
             out, p = _net_forward(net, G, second=for_training and element in elements_with_rows)
             passes[element] = p
-            atomic = torch.addcmul(net.shift, out.squeeze(-1), 1.0 / net.scale)  # E_i − E_atom, eV
+            atomic = torch.addcmul(net.shift, out.squeeze(-1), p.inv_scale)  # E_i − E_atom, eV
             if energy is None:
                 energy = torch.zeros(num_structures, dtype=atomic.dtype, device=atomic.device)
             energy.index_add_(0, batch.atom_structure[element], atomic)
@@ -156,7 +158,7 @@ def backward(model: AtomicModel, fwd: StepForward, batch: Batch, energy_adjoint:
             net = model.nets[element]
             atom_adjoint = energy_adjoint.index_select(0, batch.atom_structure[element]).unsqueeze(-1)  # shape (N, 1)
             v = U[element] * net.inv_std if element in U else None
-            _net_backward(net, p, atom_adjoint / net.scale, v, weight_decay, grads[element])
+            _net_backward(net, p, atom_adjoint * p.inv_scale, v, weight_decay, grads[element])
         for element, net in model.nets.items():  # an element absent from the batch: only the penalty
             if element not in fwd.passes:
                 for (weight, _, _), (dW, db) in zip(_layers(net), grads[element]):
@@ -174,7 +176,7 @@ def _net_backward(net: ElementNet, p: NetPass, out_adjoint: Tensor, v: Tensor | 
         tangents = []
         hdot = v
         for l, (weight, _, _) in enumerate(layers):
-            zdot = hdot @ weight.t()
+            zdot = tnf.linear(hdot, weight)
             tangents.append((hdot, zdot))
             slope = p.slopes[l]
             hdot = zdot if slope is None else zdot * slope
@@ -185,9 +187,9 @@ def _net_backward(net: ElementNet, p: NetPass, out_adjoint: Tensor, v: Tensor | 
     if slope is not None:
         a = a * slope
     if tangents is not None:
-        adot = (1.0 / net.scale).expand(out_adjoint.shape[0], 1) if slope is None else slope / net.scale
+        adot = p.inv_scale.expand(out_adjoint.shape[0], 1) if slope is None else slope * p.inv_scale
         if curvature is not None:
-            a = torch.addcmul(a, curvature * tangents[-1][1], 1.0 / net.scale)
+            a = torch.addcmul(a, curvature * tangents[-1][1], p.inv_scale)
     for l in range(num_layers - 1, -1, -1):
         weight = layers[l][0]
         dW, db = grads[l]
