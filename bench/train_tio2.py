@@ -13,7 +13,12 @@
    rank, ``torchrun --standalone --nproc_per_node=N -m aenet_dist.train`` for more). Reports
    the median ``epoch_seconds`` of run_dir/metrics.jsonl over epochs 3..end (warm-up skipped),
    training structures per second, and peak resident memory (psutil, every 0.1 s: the largest
-   single rank, from its VmHWM, and the sum over ranks), as ratios to aenet-PyTorch's figures.
+   single rank, from its VmHWM, and the sum over ranks), as ratios to aenet-PyTorch's figures
+   **measured in the same invocation**: ``--pairs`` times, aenet-PyTorch's own trainer
+   (``shared/peers/aenet_pytorch_train.sh``, built from its source) runs, then each of our
+   configurations; the table quotes medians over the pairs and every pair's ratio.
+   Operators per step: torch.profiler over one epoch of steps (in this process, one thread),
+   with the share of the step spent in the force contraction (timed separately).
    Each 1-rank run is repeated with OMP_NUM_THREADS=1 (``--no-one-thread``: not): torch's
    default of one intra-op thread per core collapses when other processes share the cores.
 3. Time to accuracy: one rank, float32, OMP_NUM_THREADS=1, the settings in ``TTA`` below (our own optimizer
@@ -60,9 +65,7 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 RESULTS_JSONL = ROOT / "bench" / "results.jsonl"
 HEADING = "## train (TiO2, aenet-PyTorch example settings)"
 
-# aenet-PyTorch on the same data and machine kind (shared/refdata/README.md, "Peer timing:
-# aenet-PyTorch"): torch 2.13 CPU, 2 vCPUs, 40 epochs of its example train.in.
-AENET_PYTORCH = {"epoch_s": 0.55, "peak_rss_bytes": 2.65e9, "loop_s_40_epochs": 21.9, "run_wall_s": 42.6}
+PEER_SCRIPT = SHARED / "peers" / "aenet_pytorch_train.sh"  # aenet-PyTorch's trainer, run beside ours
 # The paper's result (shared/data/tio2/README.md): 10,000 epochs on one CPU.
 PAPER = {"test_rmse_energy_meV_atom": 7.8, "test_rmse_forces_eV_A": 0.388, "wall_s": 3190.0, "epochs": 10000}
 TTA_TARGET_S = PAPER["wall_s"] / 20
@@ -233,10 +236,8 @@ def throughput(config: Path, dtype: str, ranks: int, epochs: int, num_train_fall
         "epoch_s_max": max(m["epoch_seconds"] for m in timed), "train_s_median": train_s,
         "data_s_median": statistics.median(m["data_seconds"] for m in timed),
         "num_train": num_train, "structures_per_s": num_train / epoch_s,
-        "speedup_vs_aenet_pytorch": AENET_PYTORCH["epoch_s"] / epoch_s,
         "peak_rss_max_rank_mb": r["peak_rss_max_rank_bytes"] / 2**20, "peak_rss_sum_mb": r["peak_rss_sum_bytes"] / 2**20,
         "launcher_rss_mb": r["launcher_rss_bytes"] / 2**20, "rss_sum_at_end_mb": r["last_rss_sum_bytes"] / 2**20,
-        "memory_fraction_of_aenet_pytorch": r["peak_rss_sum_bytes"] / AENET_PYTORCH["peak_rss_bytes"],
         "wall_s": r["wall_s"], "loadavg_start": r["loadavg_start"], "loadavg_end": r["loadavg_end"],
         "last_test_rmse_energy_meV_atom": ms[-1]["test_rmse_energy_meV_atom"], "last_test_rmse_forces_eV_A": ms[-1]["test_rmse_forces_eV_A"],
         "log": r["log"],
@@ -245,6 +246,83 @@ def throughput(config: Path, dtype: str, ranks: int, epochs: int, num_train_fall
           f"{out['peak_rss_max_rank_mb']:.0f} MB largest rank, {out['peak_rss_sum_mb']:.0f} MB sum "
           f"({out['rss_sum_at_end_mb']:.0f} MB at the end); load {r['loadavg_end']:.2f}",
           file=sys.stderr)
+    return out
+
+
+def peer_run(epochs: int) -> dict:
+    """aenet-PyTorch's own trainer on the same data, now, on this machine (its script prints s/epoch and GB)."""
+    print(f"aenet-PyTorch: {epochs} epochs ...", file=sys.stderr)
+    load_start = load1()
+    t0 = time.perf_counter()
+    proc = subprocess.run(["bash", str(PEER_SCRIPT), str(epochs), str(PY)], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"aenet-PyTorch failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    epoch_s, peak_gb = (float(x) for x in proc.stdout.split()[-2:])
+    print(f"  {epoch_s:.3f} s/epoch, peak {peak_gb:.2f} GB; load {load1():.2f}", file=sys.stderr)
+    return {"what": "aenet_pytorch", "epoch_s": epoch_s, "peak_rss_bytes": peak_gb * 1e9, "epochs": epochs, "wall_s": wall,
+            "loadavg_start": load_start, "loadavg_end": load1()}
+
+
+def op_profile(dtype: str) -> dict:
+    """Operators per training step (torch.profiler, one epoch of steps) and the force contraction's share.
+
+    Runs here, one thread, on the paper settings. Counted: every aten operator the profiler
+    records at the top level (what the step calls), and those of them that are not views
+    (view, t, expand, ... launch no kernel on a GPU).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from aenet_dist import step as lean
+    from aenet_dist.config import TrainConfig
+    from aenet_dist.dist import DistInfo
+    from aenet_dist.loader import epoch_plan
+    from aenet_dist.train import Trainer
+
+    torch.set_num_threads(1)
+    settings = {k: dict(v) for k, v in PAPER_SETTINGS.items()}
+    settings["data"]["store"] = str(STORE)
+    settings["run"].update(dtype=dtype, run_dir=str(RUNS / f"profile_{dtype}"))
+    trainer = Trainer(TrainConfig.from_dict(settings), DistInfo(0, 1, 0, torch.device("cpu")))
+    plan = epoch_plan(trainer.data, 0, 0, trainer.steps, trainer.config.data.shuffle_window_blocks)
+    batches = list(trainer.source.iterate(plan, True))
+    for batch in batches:  # warm-up
+        trainer.train_step(batch)
+    trainer._check_steps()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches:
+            trainer.train_step(batch)
+    trainer._check_steps()
+    top = [e for e in prof.events() if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    views = {"aten::view", "aten::t", "aten::transpose", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select",
+             "aten::slice", "aten::as_strided", "aten::detach", "aten::permute", "aten::reshape", "aten::alias"}
+    all_aten = sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    # Seconds: the whole step against the two contractions alone, over the same batches, repeated.
+    def timed(fn, repeats=5):
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for batch in batches:
+                fn(batch)
+            best = min(best, time.perf_counter() - t0)
+        return best / len(batches)
+
+    step_s = timed(trainer.train_step)
+    trainer._check_steps()
+    forward = [lean.forward(trainer.model, b, with_forces=True) for b in batches]
+    adjoint = {id(b): torch.ones(b.total_atoms, 3, dtype=trainer.dtype) for b in batches}
+    shapes = {id(b): {el: tuple(g.shape) for el, g in b.G.items()} for b in batches}
+    fwd_of = {id(b): f for b, f in zip(batches, forward)}
+    contract_s = timed(lambda b: (lean.contract(fwd_of[id(b)].dE_dG, b), lean.contract_transposed(adjoint[id(b)], b, shapes[id(b)])))
+    out = {"what": "operators_per_step", "dtype": dtype, "steps": len(batches), "threads": 1,
+           "aten_top_level_per_step": len(top) / len(batches),
+           "aten_kernels_per_step": sum(1 for e in top if e.name not in views) / len(batches),
+           "aten_all_events_per_step": all_aten / len(batches),
+           "step_ms": 1000 * step_s, "contraction_ms": 1000 * contract_s, "contraction_share": contract_s / step_s}
+    print(f"  operators per step ({dtype}): {out['aten_top_level_per_step']:.0f} top-level aten "
+          f"({out['aten_kernels_per_step']:.0f} not views, {out['aten_all_events_per_step']:.0f} events with nested); "
+          f"step {out['step_ms']:.2f} ms, force contraction {out['contraction_ms']:.2f} ms ({100 * out['contraction_share']:.0f} %)", file=sys.stderr)
     return out
 
 
@@ -289,7 +367,11 @@ def time_to_accuracy(config: Path, max_epochs: int, max_seconds: float, threads:
 # ----------------------------------------------------------------------------- report
 
 
-def report(info: dict, data: dict, runs: list[dict], tta: dict | None, epochs: int) -> str:
+def _join(values, digits: int = 3) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)
+
+
+def report(info: dict, data: dict, runs: list[dict], peers: list[dict], profiles: list[dict], tta: dict | None, epochs: int) -> str:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     dirty = info["git_dirty_aenet_dist"]
     if dirty and dirty[0].startswith("(aenet_dist imported from"):
@@ -300,42 +382,56 @@ def report(info: dict, data: dict, runs: list[dict], tta: dict | None, epochs: i
         HEADING,
         "",
         f"{stamp}; {info['nproc']} CPU(s) ({info['cpu_model']}), no GPU; torch {info['torch']}, numpy {info['numpy']}, "
-        f"zarr {info['zarr']}, Python {info['python']}; {tree}; load average (1 min) at start {info['loadavg_1min_at_start']:.2f} "
-        f"(other work on the machine slows every number; each row gives the load at its end). `bench/train_tio2.py`: "
-        f"store from `python -m aenet_dist.featurize shared/data/tio2/generate.in --force-list` (the {data['force_structures']} "
-        f"structures generate.x chose; {data['structures']} structures, {data['atoms']} atoms), cached in `bench/.cache/`.",
+        f"zarr {info['zarr']}, Python {info['python']}; {tree}; load average (1 min) at start {info['loadavg_1min_at_start']:.2f}. "
+        f"`bench/train_tio2.py`: store from `python -m aenet_dist.featurize shared/data/tio2/generate.in --force-list` (the "
+        f"{data['force_structures']} structures generate.x chose; {data['structures']} structures, {data['atoms']} atoms).",
         "",
         "Throughput, aenet-PyTorch's example settings: 2 x 5 tanh per element, batch 128, AdamW lr 1e-4, weight decay "
-        f"1e-3, 10 % test, force weight 0.1, `data.cache = \"memory\"`, CPU; {epochs} epochs, median over epochs 3..{epochs}.",
+        f"1e-3, 10 % test, force weight 0.1, `data.cache = \"memory\"`, CPU; {epochs} epochs, median over epochs 3..{epochs}. "
+        f"**aenet-PyTorch ran in this invocation, {len(peers)} time(s), alternating with ours** (`shared/peers/aenet_pytorch_train.sh`, "
+        "its own trainer built from its source, float64, torch's default threads); ratios are per pair, then the median.",
         "",
-        "| program | dtype | ranks | epoch (s), median | min–max (s) | structures/s | speed-up vs aenet-PyTorch | "
-        "peak RSS, largest rank (MB) | peak RSS, sum of ranks (MB) | memory / aenet-PyTorch's | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| program | dtype | ranks | epoch (s), median | per run (s) | structures/s | speed-up vs aenet-PyTorch, median (per pair) | "
+        "peak RSS, sum of ranks (MB) | memory / aenet-PyTorch's | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in runs:
-        lines.append(
-            f"| aenet_dist | {r['dtype']} | {r['ranks']}{' (1 thread)' if r['omp_num_threads'] == 1 else ''} | {r['epoch_s_median']:.3f} | {r['epoch_s_min']:.2f}–{r['epoch_s_max']:.2f} | "
-            f"{r['structures_per_s']:.0f} | {r['speedup_vs_aenet_pytorch']:.2f}x | {r['peak_rss_max_rank_mb']:.0f} | "
-            f"{r['peak_rss_sum_mb']:.0f} | {r['memory_fraction_of_aenet_pytorch']:.2f} | {r['loadavg_end']:.2f} |"
-        )
+    peer_epoch = statistics.median(p["epoch_s"] for p in peers)
+    peer_mem = statistics.median(p["peak_rss_bytes"] for p in peers)
     num_train = runs[0]["num_train"] if runs else 900
     lines.append(
-        f"| aenet-PyTorch | float64 | 1 | {AENET_PYTORCH['epoch_s']:.2f} | – | {num_train / AENET_PYTORCH['epoch_s']:.0f} | 1x | "
-        f"{AENET_PYTORCH['peak_rss_bytes'] / 2**20:.0f} | – | 1 | – |"
+        f"| aenet-PyTorch | float64 | 1 | {peer_epoch:.3f} | {_join(p['epoch_s'] for p in peers)} | {num_train / peer_epoch:.0f} | 1x | "
+        f"{peer_mem / 2**20:.0f} | 1 | {_join((p['loadavg_end'] for p in peers), 2)} |"
     )
+    configs = {}
+    for r in runs:
+        configs.setdefault((r["dtype"], r["ranks"], r["omp_num_threads"]), []).append(r)
+    for (dtype, ranks, threads), rs in configs.items():
+        ratios = [p["epoch_s"] / r["epoch_s_median"] for p, r in zip(peers, rs)]
+        epoch_s = statistics.median(r["epoch_s_median"] for r in rs)
+        mem = statistics.median(r["peak_rss_sum_mb"] for r in rs)
+        lines.append(
+            f"| aenet_dist | {dtype} | {ranks}{' (OMP_NUM_THREADS=1)' if threads == 1 else ''} | {epoch_s:.3f} | "
+            f"{_join(r['epoch_s_median'] for r in rs)} | {num_train / epoch_s:.0f} | "
+            f"**{statistics.median(ratios):.1f}x** ({_join(ratios, 1)}) | {mem:.0f} | "
+            f"{mem * 2**20 / peer_mem:.2f} | {_join((r['loadavg_end'] for r in rs), 2)} |"
+        )
     lines += [
         "",
-        f"Targets (train issue): ≥ 10x aenet-PyTorch's epoch throughput, ≤ 1/4 of its memory. structures/s = {num_train} "
+        f"Targets (issue 9): ≥ 10x aenet-PyTorch's epoch (float32), ≥ 5x (float64), ≤ 1/4 of its memory. structures/s = {num_train} "
         "training structures / median `epoch_seconds` (which includes the test-set evaluation, as aenet-PyTorch's epoch does). "
-        "aenet-PyTorch: `shared/refdata/README.md` (40 epochs of its example, 21.9 s loop, 2.65 GB peak RSS, same machine "
-        "kind, torch 2.13 CPU; not rerun here). Memory: psutil every 0.1 s; largest rank from the kernel's VmHWM, sum of "
-        "ranks = peak of the summed RSS (shared library pages counted once per rank; the torchrun launcher left out); "
-        "fraction = sum of ranks / 2.65e9 B. The peak comes from loading the store (sum of ranks' RSS at the last poll "
-        "before exit: " + ", ".join(f"{r['dtype']} {r['ranks']} rank(s) {r['rss_sum_at_end_mb']:.0f} MB" for r in runs if not r["omp_num_threads"])
-        + "). Threads: one process uses torch's default (one intra-op thread per core) "
-        "unless the row says 1 thread (OMP_NUM_THREADS=1); under torchrun train.py sets cores / ranks = 1 thread per rank.",
+        "aenet-PyTorch's figures are its own report (`Time needed for training` / epochs, `Maximum CPU memory`). Ours: psutil "
+        "every 0.1 s, sum of ranks' RSS. Threads: `run.cpu_threads` (default 1 per rank) unless the row says OMP_NUM_THREADS=1.",
         "",
     ]
+    if profiles:
+        lines += ["| dtype | operators per step (top-level aten) | of them not views (kernels) | profiler events incl. nested | "
+                  "step (ms, 1 thread) | force contraction (ms) | share |", "|---|---|---|---|---|---|---|"]
+        for pr in profiles:
+            lines.append(f"| {pr['dtype']} | {pr['aten_top_level_per_step']:.0f} | {pr['aten_kernels_per_step']:.0f} | "
+                         f"{pr['aten_all_events_per_step']:.0f} | {pr['step_ms']:.2f} | {pr['contraction_ms']:.2f} | "
+                         f"{100 * pr['contraction_share']:.0f} % |")
+        lines += ["", f"Operators: torch.profiler over the {profiles[0]['steps']} steps of one epoch (after one warm-up epoch), "
+                  "per step. Force contraction: `step.contract` and `step.contract_transposed` timed alone on the same batches.", ""]
     if tta is not None:
         settings = " ".join(s for s in tta["settings"] if not s.startswith("run.dtype"))
         e2e = f"{tta['end_to_end_s']:.0f} s" if tta["end_to_end_s"] is not None else "–"
@@ -363,6 +459,8 @@ def main() -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts (default 1 2)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
     parser.add_argument("--skip-tta", action="store_true", help="no time-to-accuracy run")
+    parser.add_argument("--pairs", type=int, default=3, help="times aenet-PyTorch and our runs alternate (default 3; medians over them)")
+    parser.add_argument("--peer-epochs", type=int, default=20, help="epochs of each aenet-PyTorch run (default 20)")
     parser.add_argument("--tta-max-epochs", type=int, default=TTA_MAX_EPOCHS, help=f"epoch cap of the time-to-accuracy run (default {TTA_MAX_EPOCHS})")
     parser.add_argument("--tta-max-seconds", type=float, default=TTA_MAX_SECONDS, help=f"wall cap of it (default {TTA_MAX_SECONDS:.0f})")
     parser.add_argument("--no-one-thread", action="store_true",
@@ -392,27 +490,29 @@ def main() -> int:
     try:
         config = write_base_config(RUNS)
         num_train = data["structures"] - int(round(data["structures"] * PAPER_SETTINGS["data"]["test_percent"] / 100))
-        runs = []
-        for dtype in args.dtypes:
-            for ranks in args.ranks:
-                runs.append(throughput(config, dtype, ranks, args.epochs, num_train))
-                if ranks == 1 and not args.no_one_thread:
-                    runs.append(throughput(config, dtype, ranks, args.epochs, num_train, threads=1))
+        runs, peers = [], []
+        for _ in range(args.pairs):  # peer, then ours, alternating: both see the same machine state
+            peers.append(peer_run(args.peer_epochs))
+            for dtype in args.dtypes:
+                for ranks in args.ranks:
+                    runs.append(throughput(config, dtype, ranks, args.epochs, num_train))
+                    if ranks == 1 and not args.no_one_thread:
+                        runs.append(throughput(config, dtype, ranks, args.epochs, num_train, threads=1))
+        profiles = [op_profile(dtype) for dtype in args.dtypes]
         tta_threads = None if args.tta_threads == 0 else args.tta_threads
         tta = None if args.skip_tta else time_to_accuracy(config, args.tta_max_epochs, args.tta_max_seconds, tta_threads)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    text = report(info, data, runs, tta, args.epochs)
+    text = report(info, data, runs, peers, profiles, tta, args.epochs)
     print(text)
     if note:
         print(note)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     base = {"bench": "train_tio2", "dataset": "tio2", "time": stamp, **info, **{f"data_{k}": v for k, v in data.items()}}
     records = [{**base, **r, "settings": PAPER_SETTINGS} for r in runs]
-    records.append({**base, "what": "aenet_pytorch", "ranks": 1, "epoch_s": AENET_PYTORCH["epoch_s"],
-                    "peak_rss_bytes": AENET_PYTORCH["peak_rss_bytes"], "settings": PAPER_SETTINGS,
-                    "source": "shared/refdata/README.md (Peer timing: aenet-PyTorch)"})
+    records += [{**base, **p, "ranks": 1, "settings": PAPER_SETTINGS, "source": "shared/peers/aenet_pytorch_train.sh, this run"} for p in peers]
+    records += [{**base, **pr} for pr in profiles]
     if tta is not None:
         records.append({**base, **tta, "paper": PAPER})
     if not args.no_save:
