@@ -18,6 +18,12 @@ term's parameter gradient without building a second graph:
     ȧ_l   = adjoint of ż_l = (ȧ_{l+1} W_{l+1}) ⊙ σ′_l
     ∂L/∂W_l = ā_lᵀ h_{l−1} + ȧ_lᵀ ḣ_{l−1} (+ 2λ W_l),   ∂L/∂b_l = Σ_i ā_l
 
+Elements whose networks have the same shape (descriptor length, layers, activations) are
+evaluated together: their rows are padded to one (n_el, N_max, F) tensor and every layer is
+one batched matrix product for all of them. Padded rows get a zero energy adjoint and a zero
+tangent, so they add exactly nothing to any gradient, and their energies go to a dummy
+structure that is dropped.
+
 Everything runs without autograd (``torch.no_grad``) and without reading a value back to
 the host, so a step is a fixed, short sequence of kernels. :func:`aenet_dist.train.predict`
 is the autograd reference this module is tested against.
@@ -30,55 +36,83 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as tnf
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from .batching import Batch
 from .model import AtomicModel, ElementNet, activate_with_derivatives
 
 
 @dataclass
-class NetPass:
-    """What one element's forward pass keeps for its backward pass."""
+class GroupPass:
+    """One network group's forward pass, kept for its backward pass. Shapes: E elements, M rows each (padded)."""
 
-    inputs: list[Tensor]  # h_0 .. h_{L−1}: the input of each layer, (N, n_in)
-    slopes: list[Tensor | None]  # σ′(z_l), (N, n_out); None: linear (σ′ = 1)
+    elements: tuple[str, ...]
+    weights: list[Tensor]  # per layer (E, n_out, n_in), stacked from the elements' parameters
+    atom_structure: Tensor  # (E, M) batch structure of each row; padded rows: the dummy structure B
+    inputs: list[Tensor]  # h_0 .. h_{L−1}: the input of each layer, (E, M, n_in)
+    slopes: list[Tensor | None]  # σ′(z_l), (E, M, n_out); None: linear (σ′ = 1)
     curvatures: list[Tensor | None]  # σ″(z_l); None: linear or not needed
-    inv_scale: Tensor  # () 1/scale of E = NN/scale + shift
+    inv_std: Tensor  # (E, 1, F)
+    inv_scale: Tensor  # (E, 1, 1) 1/scale of E = NN/scale + shift
+    dE_dG: Tensor | None  # (E, M, F) eV, when forces are asked for
 
 
 @dataclass
 class StepForward:
-    """Energies, forces and the per-element passes of one batch."""
+    """Energies, forces and the per-group passes of one batch."""
 
     energy: Tensor  # (B,) cohesive structure energies, eV
     forces: Tensor | None  # (A, 3) eV/Å, None when forces were not asked for
-    dE_dG: dict[str, Tensor]  # element -> (N, F), eV (only elements with derivative rows)
-    passes: dict[str, NetPass]
+    dE_dG: dict[str, Tensor]  # element -> (N, F) eV: views into the groups' dE_dG
+    groups: list[GroupPass]
 
 
-def _layers(net: ElementNet) -> list[tuple[Tensor, Tensor, str]]:
-    return [(layer.weight, layer.bias, act) for layer, act in zip(net.layers, net._act)]
+def network_groups(model: AtomicModel) -> list[tuple[str, ...]]:
+    """Elements whose networks have the same shape and activations, in species order."""
+    groups: dict[tuple, list[str]] = {}
+    for element in model.species:
+        net = model.nets[element]
+        groups.setdefault((net.num_features, net.config), []).append(element)
+    return [tuple(members) for members in groups.values()]
 
 
-def _net_forward(net: ElementNet, G: Tensor, second: bool) -> tuple[Tensor, NetPass]:
-    """Network outputs (N, 1) and the activations' derivatives, from raw descriptors G (N, F)."""
-    h = (G - net.avg) * net.inv_std
-    inputs, slopes, curvatures = [], [], []
-    for weight, bias, act in _layers(net):
-        inputs.append(h)
-        h, slope, curvature = activate_with_derivatives(tnf.linear(h, weight, bias), act, second)
-        slopes.append(slope)
-        curvatures.append(curvature)
-    return h, NetPass(inputs, slopes, curvatures, net.scale.reciprocal())
+class GradientBuffer:
+    """Every parameter's ``.grad`` as a view into one flat buffer, laid out by network group.
+
+    Per group and layer, dW is one (E, n_out, n_in) block and db one (E, n_out) block, so the
+    backward pass writes a whole group's gradient with one batched product, the all-reduce is
+    one collective on ``flat``, and the optimizer reads the per-parameter views.
+    """
+
+    def __init__(self, model: AtomicModel):
+        self.groups = network_groups(model)
+        nets = model.nets
+        sizes = []
+        for members in self.groups:
+            for layer in nets[members[0]].layers:
+                sizes += [len(members) * layer.weight.numel(), len(members) * layer.bias.numel()]
+        ref = next(model.parameters())
+        self.flat = torch.zeros(sum(sizes), dtype=ref.dtype, device=ref.device)
+        self.blocks: list[list[tuple[Tensor, Tensor]]] = []
+        offset = 0
+        for members in self.groups:
+            layers = []
+            for k, layer in enumerate(nets[members[0]].layers):
+                n = len(members)
+                dW = self.flat[offset : offset + n * layer.weight.numel()].view(n, *layer.weight.shape)
+                offset += dW.numel()
+                db = self.flat[offset : offset + n * layer.bias.numel()].view(n, *layer.bias.shape)
+                offset += db.numel()
+                for e, element in enumerate(members):
+                    nets[element].layers[k].weight.grad = dW[e]
+                    nets[element].layers[k].bias.grad = db[e]
+                layers.append((dW, db))
+            self.blocks.append(layers)
 
 
-def _input_gradient(net: ElementNet, p: NetPass, num_rows: int) -> Tensor:
-    """dE_i/dG_i (N, F), eV per descriptor unit: the chain of Wᵀ·diag(σ′) products."""
-    delta = None  # adjoint of the current layer's output; None: all ones
-    for (weight, _, _), slope in zip(reversed(_layers(net)), reversed(p.slopes)):
-        if slope is not None:
-            delta = slope if delta is None else delta * slope
-        delta = weight if delta is None else delta @ weight  # (1 or N, n_in)
-    return (delta * (net.inv_std * p.inv_scale)).expand(num_rows, -1)
+def _stacked(nets: list[ElementNet], name: str) -> Tensor:
+    """(E, 1, n) stack of a buffer of each net (a 0-d buffer gives (E, 1, 1))."""
+    return torch.stack([getattr(net, name) for net in nets]).view(len(nets), 1, -1)
 
 
 def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: bool = True) -> StepForward:
@@ -92,21 +126,52 @@ def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: b
     """
     with torch.no_grad():
         num_structures = batch.num_atoms.numel()
-        elements_with_rows = set(batch.deriv) | set(batch.dense) if with_forces else set()
-        energy = None
-        passes, dE_dG = {}, {}
-        for element, G in batch.G.items():
-            net = model.nets[element]
-            out, p = _net_forward(net, G, second=for_training and element in elements_with_rows)
-            passes[element] = p
-            atomic = torch.addcmul(net.shift, out.squeeze(-1), p.inv_scale)  # E_i − E_atom, eV
-            if energy is None:
-                energy = torch.zeros(num_structures, dtype=atomic.dtype, device=atomic.device)
-            energy.index_add_(0, batch.atom_structure[element], atomic)
-            if element in elements_with_rows:
-                dE_dG[element] = _input_gradient(net, p, G.shape[0])
+        ref = next(iter(batch.G.values()))
+        energy = torch.zeros(num_structures + 1, dtype=ref.dtype, device=ref.device)  # the last one: padded rows
+        with_rows = set(batch.deriv) | set(batch.dense) if with_forces else set()
+        passes, dE_dG = [], {}
+        for members in network_groups(model):
+            nets = [model.nets[el] for el in members]
+            if len(members) == 1:  # no padding: the rows as they are, with a leading axis
+                G = batch.G[members[0]].unsqueeze(0)
+                atom_structure = batch.atom_structure[members[0]].unsqueeze(0)
+            else:
+                G = pad_sequence([batch.G[el] for el in members], batch_first=True)  # shape (E, M, F)
+                atom_structure = pad_sequence([batch.atom_structure[el] for el in members], batch_first=True,
+                                              padding_value=num_structures)
+            if G.shape[1] == 0:
+                continue
+            second = for_training and any(el in with_rows for el in members)
+            weights = [torch.stack([net.layers[k].weight for net in nets]) for k in range(len(nets[0].layers))]
+            inv_std, inv_scale = _stacked(nets, "inv_std"), _stacked(nets, "scale").reciprocal()
+            h = (G - _stacked(nets, "avg")) * inv_std
+            inputs, slopes, curvatures = [], [], []
+            for k, act in enumerate(nets[0]._act):
+                inputs.append(h)
+                bias = torch.stack([net.layers[k].bias for net in nets]).unsqueeze(1)  # shape (E, 1, n_out)
+                h, slope, curvature = activate_with_derivatives(torch.baddbmm(bias, h, weights[k].transpose(1, 2)), act, second)
+                slopes.append(slope)
+                curvatures.append(curvature)
+            atomic = torch.addcmul(_stacked(nets, "shift"), h, inv_scale)  # shape (E, M, 1): E_i − E_atom, eV
+            energy.index_add_(0, atom_structure.view(-1), atomic.view(-1))
+            p = GroupPass(members, weights, atom_structure, inputs, slopes, curvatures, inv_std, inv_scale, None)
+            if any(el in with_rows for el in members):
+                p.dE_dG = _input_gradient(p, G.shape[1])
+                for e, el in enumerate(members):
+                    dE_dG[el] = p.dE_dG[e, : batch.G[el].shape[0]]
+            passes.append(p)
         forces = contract(dE_dG, batch) if with_forces else None
-        return StepForward(energy, forces, dE_dG, passes)
+        return StepForward(energy[:num_structures], forces, dE_dG, passes)
+
+
+def _input_gradient(p: GroupPass, num_rows: int) -> Tensor:
+    """dE_i/dG_i (E, M, F), eV per descriptor unit: the chain of Wᵀ·diag(σ′) products."""
+    delta = None  # adjoint of the current layer's output; None: all ones
+    for weight, slope in zip(reversed(p.weights), reversed(p.slopes)):
+        if slope is not None:
+            delta = slope if delta is None else delta * slope
+        delta = weight if delta is None else torch.bmm(delta, weight)  # shape (E, 1 or M, n_in)
+    return (delta * (p.inv_std * p.inv_scale)).expand(-1, num_rows, -1)
 
 
 def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
@@ -124,59 +189,68 @@ def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
     return forces
 
 
-def contract_transposed(force_adjoint: Tensor, batch: Batch, shapes: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
-    """U = −Cᵀ · force_adjoint: element -> (N, F), the adjoint of dE/dG given that of F (A, 3)."""
-    out = {}
+def contract_transposed(force_adjoint: Tensor, batch: Batch, out: dict[str, Tensor]) -> None:
+    """out[element] −= Cᵀ · force_adjoint: the adjoint of dE/dG (N, F) given that of F (A, 3).
+
+    ``out`` holds zeroed (N, F) tensors (views into a group's padded rows are fine).
+    """
     for element, (center, neighbor, dG) in batch.deriv.items():
-        g = force_adjoint.index_select(0, neighbor).unsqueeze(1)  # shape (P, 1, 3)
-        out[element] = torch.zeros(shapes[element], dtype=dG.dtype, device=dG.device).index_add_(
-            0, center, torch.bmm(g, dG).squeeze(1), alpha=-1.0)
+        g = force_adjoint.index_select(0, neighbor).unsqueeze(-1)  # shape (P, 3, 1)
+        # Σ_x g[p, x] dG[p, x, :] as a product and a sum over x: measured 1.8x faster on a CPU
+        # core than P batched 1x3 @ 3xF products (bmm), with the same two kernels on a GPU.
+        out[element].index_add_(0, center, (dG * g).sum(1), alpha=-1.0)
     for element, blocks in batch.dense.items():
-        u = out.get(element)
-        if u is None:
-            u = out[element] = torch.zeros(shapes[element], dtype=force_adjoint.dtype, device=force_adjoint.device)
+        u = out[element]
         for block in blocks:
             g = force_adjoint[block.atoms].view(block.D.shape[0], 1, -1)  # shape (B_g, 1, 3n)
             u.index_add_(0, block.rows.view(-1), torch.bmm(g, block.D).view(-1, u.shape[1]), alpha=-1.0)
-    return out
 
 
 def backward(model: AtomicModel, fwd: StepForward, batch: Batch, energy_adjoint: Tensor, force_adjoint: Tensor | None,
-             weight_decay: float, grads: dict[str, list[tuple[Tensor, Tensor]]]) -> None:
-    """Write ∂L/∂W and ∂L/∂b of every network into ``grads`` (element -> [(dW, db)] per layer).
+             weight_decay: float, grads: GradientBuffer) -> None:
+    """Write ∂L/∂W and ∂L/∂b of every network into ``grads`` (and so into every ``param.grad``).
 
     Args:
         energy_adjoint: (B,) ∂L/∂E_s of each structure energy.
         force_adjoint: (A, 3) ∂L/∂F, or None without a force term.
         weight_decay: c of the penalty's gradient c·W (2λ for λ·Σ w²), added to every dW.
-        grads: output tensors, overwritten (views into one flat buffer, so no copies are needed).
+        grads: the model's gradient buffer, overwritten.
     """
     with torch.no_grad():
-        shapes = {el: tuple(batch.G[el].shape) for el in fwd.dE_dG}
-        U = contract_transposed(force_adjoint, batch, shapes) if force_adjoint is not None and fwd.dE_dG else {}
-        for element, p in fwd.passes.items():
-            net = model.nets[element]
-            atom_adjoint = energy_adjoint.index_select(0, batch.atom_structure[element]).unsqueeze(-1)  # shape (N, 1)
-            v = U[element] * net.inv_std if element in U else None
-            _net_backward(net, p, atom_adjoint * p.inv_scale, v, weight_decay, grads[element])
-        for element, net in model.nets.items():  # an element absent from the batch: only the penalty
-            if element not in fwd.passes:
-                for (weight, _, _), (dW, db) in zip(_layers(net), grads[element]):
-                    torch.mul(weight, weight_decay, out=dW)
+        adjoint_of_structure = tnf.pad(energy_adjoint, (0, 1))  # the dummy structure of padded rows: 0
+        U = {}
+        if force_adjoint is not None:
+            adjoints = [None if p.dE_dG is None else p.dE_dG.new_zeros(p.dE_dG.shape) for p in fwd.groups]
+            for p, u in zip(fwd.groups, adjoints):
+                if u is not None:
+                    U.update({el: u[e, : batch.G[el].shape[0]] for e, el in enumerate(p.elements)})
+            contract_transposed(force_adjoint, batch, U)
+        done = set()
+        for p in fwd.groups:
+            g = grads.groups.index(p.elements)
+            done.add(g)
+            atom_adjoint = (adjoint_of_structure[p.atom_structure] * p.inv_scale.view(-1, 1)).unsqueeze(-1)  # shape (E, M, 1)
+            v = None
+            if force_adjoint is not None and p.dE_dG is not None:
+                v = adjoints[fwd.groups.index(p)] * p.inv_std
+            _group_backward(p, atom_adjoint, v, weight_decay, grads.blocks[g])
+        for g, members in enumerate(grads.groups):  # no rows in this batch: only the penalty
+            if g not in done:
+                for k, (dW, db) in enumerate(grads.blocks[g]):
+                    torch.mul(torch.stack([model.nets[el].layers[k].weight for el in members]), weight_decay, out=dW)
                     db.zero_()
 
 
-def _net_backward(net: ElementNet, p: NetPass, out_adjoint: Tensor, v: Tensor | None, weight_decay: float,
-                  grads: list[tuple[Tensor, Tensor]]) -> None:
-    """Reverse pass of one network for the objective Σ out_adjoint·h_L + Σ v·∂E/∂x (see module doc)."""
-    layers = _layers(net)
-    num_layers = len(layers)
+def _group_backward(p: GroupPass, out_adjoint: Tensor, v: Tensor | None, weight_decay: float,
+                    grads: list[tuple[Tensor, Tensor]]) -> None:
+    """Reverse pass of one group for the objective Σ out_adjoint·h_L + Σ v·∂E/∂x (see module doc)."""
+    num_layers = len(p.weights)
     tangents = None  # ḣ_{l−1} and ż_l of each layer, only with a force term
     if v is not None:
         tangents = []
         hdot = v
-        for l, (weight, _, _) in enumerate(layers):
-            zdot = tnf.linear(hdot, weight)
+        for l, weight in enumerate(p.weights):
+            zdot = torch.bmm(hdot, weight.transpose(1, 2))
             tangents.append((hdot, zdot))
             slope = p.slopes[l]
             hdot = zdot if slope is None else zdot * slope
@@ -187,28 +261,28 @@ def _net_backward(net: ElementNet, p: NetPass, out_adjoint: Tensor, v: Tensor | 
     if slope is not None:
         a = a * slope
     if tangents is not None:
-        adot = p.inv_scale.expand(out_adjoint.shape[0], 1) if slope is None else slope * p.inv_scale
+        adot = p.inv_scale.expand(-1, out_adjoint.shape[1], 1) if slope is None else slope * p.inv_scale
         if curvature is not None:
             a = torch.addcmul(a, curvature * tangents[-1][1], p.inv_scale)
     for l in range(num_layers - 1, -1, -1):
-        weight = layers[l][0]
+        weight = p.weights[l]
         dW, db = grads[l]
         h = p.inputs[l]
         if weight_decay:
-            torch.addmm(weight, a.t(), h, beta=weight_decay, out=dW)
+            torch.baddbmm(weight, a.transpose(1, 2), h, beta=weight_decay, out=dW)
         else:
-            torch.mm(a.t(), h, out=dW)
-        torch.sum(a, 0, out=db)
+            torch.bmm(a.transpose(1, 2), h, out=dW)
+        torch.sum(a, 1, out=db)
         if adot is not None:
-            dW.addmm_(adot.t(), tangents[l][0])
+            dW.baddbmm_(adot.transpose(1, 2), tangents[l][0])
         if l == 0:
             break
-        a_in = a @ weight  # adjoint of h_{l−1}
+        a_in = torch.bmm(a, weight)  # adjoint of h_{l−1}
         slope, curvature = p.slopes[l - 1], p.curvatures[l - 1]
         if adot is None:
             a = a_in if slope is None else a_in * slope
             continue
-        adot_in = adot @ weight
+        adot_in = torch.bmm(adot, weight)
         a = a_in if slope is None else a_in * slope
         if curvature is not None:
             a = torch.addcmul(a, adot_in, curvature * tangents[l - 1][1])

@@ -192,7 +192,9 @@ class Trainer:
         self.model = build_model(self.reader, config, self.dtype).to(info.device)
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = make_scheduler(self.optimizer, config)
-        self._grad_buffers()
+        # Every parameter's .grad is a view into one flat buffer that the lean step writes: the
+        # gradient all-reduce is one collective with no copies, and the fused optimizer reads the views.
+        self.grads = lean.GradientBuffer(self.model)
         alpha = config.loss.force_weight
         self.loss_weights = torch.tensor([1.0 - alpha, alpha], dtype=self.dtype, device=info.device)
         self.step_records: list = []  # this epoch's steps: (step number in epoch, structure indices)
@@ -294,20 +296,6 @@ class Trainer:
         prefetcher = Prefetcher(source, plan, with_forces, depth=STREAM_PREFETCH_DEPTH if self.cache_mode == "stream" else PREFETCH_DEPTH)
         return _closing((b.to(self.info.device, non_blocking=True) for b in prefetcher), prefetcher)
 
-    def _grad_buffers(self) -> None:
-        """Every parameter's ``.grad`` is a view into one flat buffer that the lean step writes.
-
-        The gradient all-reduce is then one collective on that buffer with no copies, and the
-        fused optimizer reads the views.
-        """
-        params = list(self.model.parameters())
-        self.flat_grad = torch.zeros(sum(p.numel() for p in params), dtype=self.dtype, device=self.info.device)
-        offset = 0
-        for p in params:
-            p.grad = self.flat_grad[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
-        self.grad_views = {el: [(layer.weight.grad, layer.bias.grad) for layer in net.layers] for el, net in self.model.nets.items()}
-
     def _reduce_with_stop_flag(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, carrying this rank's stop request along in the same collective."""
         if not self.info.distributed:
@@ -334,12 +322,12 @@ class Trainer:
         totals = self._reduce_with_stop_flag(sums.detached())
         energy_adjoint, force_adjoint = adjoints(sums, batch.num_atoms, loss_coefficients(totals, self.loss_weights))
         decay = 2 * self.config.loss.l2 / self.info.world_size  # of λ·Σ w², which every rank adds
-        lean.backward(self.model, fwd, batch, energy_adjoint, force_adjoint if alpha > 0 else None, decay, self.grad_views)
+        lean.backward(self.model, fwd, batch, energy_adjoint, force_adjoint if alpha > 0 else None, decay, self.grads)
         if self.info.distributed:
-            tdist.all_reduce(self.flat_grad, op=tdist.ReduceOp.SUM)
+            tdist.all_reduce(self.grads.flat, op=tdist.ReduceOp.SUM)
         if self.config.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
-        check = torch.cat([totals, (self.flat_grad.sum() + totals.sum()).view(1)])
+        check = torch.cat([totals, (self.grads.flat.sum() + totals.sum()).view(1)])
         nonfinite = torch.isfinite(check[4]).logical_not_()
         self.optimizer.found_inf = nonfinite.float()  # read by the fused optimizers: skip, on the device
         self.optimizer.step()

@@ -312,9 +312,9 @@ def op_profile(dtype: str) -> dict:
     trainer._check_steps()
     forward = [lean.forward(trainer.model, b, with_forces=True) for b in batches]
     adjoint = {id(b): torch.ones(b.total_atoms, 3, dtype=trainer.dtype) for b in batches}
-    shapes = {id(b): {el: tuple(g.shape) for el, g in b.G.items()} for b in batches}
     fwd_of = {id(b): f for b, f in zip(batches, forward)}
-    contract_s = timed(lambda b: (lean.contract(fwd_of[id(b)].dE_dG, b), lean.contract_transposed(adjoint[id(b)], b, shapes[id(b)])))
+    outputs = {id(b): {el: torch.zeros_like(g) for el, g in b.G.items()} for b in batches}
+    contract_s = timed(lambda b: (lean.contract(fwd_of[id(b)].dE_dG, b), lean.contract_transposed(adjoint[id(b)], b, outputs[id(b)])))
     out = {"what": "operators_per_step", "dtype": dtype, "steps": len(batches), "threads": 1,
            "aten_top_level_per_step": len(top) / len(batches),
            "aten_kernels_per_step": sum(1 for e in top if e.name not in views) / len(batches),

@@ -65,14 +65,10 @@ def _lean(model, batch, alpha, l2):
     sums = error_sums(batch, fwd.energy, fwd.forces)
     totals = sums.detached()
     energy_adjoint, force_adjoint = adjoints(sums, batch.num_atoms, loss_coefficients(totals, alpha))
-    grads = {el: [(torch.full_like(layer.weight, float("nan")), torch.full_like(layer.bias, float("nan"))) for layer in net.layers]
-             for el, net in model.nets.items()}
+    grads = lean.GradientBuffer(model)
+    grads.flat.fill_(float("nan"))  # every entry must be written
     lean.backward(model, fwd, batch, energy_adjoint, force_adjoint if alpha > 0 else None, 2 * l2, grads)
-    named = {}
-    for el, layers in grads.items():
-        for k, (dW, db) in enumerate(layers):
-            named[f"nets.{el}.layers.{k}.weight"] = dW
-            named[f"nets.{el}.layers.{k}.bias"] = db
+    named = {name: p.grad.clone() for name, p in model.named_parameters()}
     return fwd.energy, fwd.forces, loss_of_totals(totals, alpha), named
 
 
@@ -124,14 +120,17 @@ def test_lean_step_force_weight_limits(shards, tmp_path, alpha):
 
 
 def test_lean_step_mixed_activations_and_output(shards, tmp_path):
-    """Different activations per layer and a non-linear output node (a .nn file may have one)."""
+    """Different activations per layer, a non-linear output node (a .nn file may have one), and
+    networks of different shapes per element (groups of one: no padding)."""
     store, reader, dense, sparse = shards
     torch.manual_seed(7)
     from aenet_dist.model import AtomicModel
 
     base = build_model(reader, config_for(store, tmp_path), torch.float64)
-    config = NetworkConfig((4, 6), ("sigmoid", "mtanh"), "tanh")
-    model = AtomicModel.build(reader.species, reader.attrs["num_features"], config, dtype=torch.float64)
+    shapes = [NetworkConfig((4, 6), ("sigmoid", "mtanh"), "tanh"), NetworkConfig((3,), ("twist",), "linear")]
+    configs = {el: shapes[min(k, 1)] for k, el in enumerate(reader.species)}  # the first alone, the others packed
+    model = AtomicModel.build(reader.species, reader.attrs["num_features"], configs, dtype=torch.float64)
+    assert len(lean.network_groups(model)) == 2
     for el, net in model.nets.items():  # keep the store's normalization
         ref = base.nets[el]
         net.set_feature_stats(ref.sfval_min, ref.sfval_max, ref.sfval_avg, ref.sfval_cov, int(ref.neval))
