@@ -423,7 +423,7 @@ class BlockSource:
     def _gather(self, blocks: np.ndarray, positions: list[np.ndarray], shard_of, with_forces: bool) -> Batch:
         if not len(blocks):  # this rank has no structures in the step (few structures per rank)
             return empty_batch(self.reader, self.dtype, with_forces)
-        parts = [gather_batch(shard_of(k), torch.from_numpy(pos), with_forces=with_forces) for k, pos in zip(blocks, positions)]
+        parts = [gather_batch(shard_of(k), torch.from_numpy(pos), with_forces=with_forces, defer_dense=True) for k, pos in zip(blocks, positions)]
         batch = merge_batches(parts)
         return batch.pin_memory() if self.pin else batch
 
