@@ -91,3 +91,31 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.distributed and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def sum_gradients_hook(state, bucket):  # no annotations: DDP checks them, and this module's are strings
+    """DDP communication hook: the **sum** of each bucket (a ``GradBucket``) over ranks (DDP's default averages).
+
+    Each rank's gradients are those of its share of the global-batch loss, so their sum is the
+    gradient of that loss.
+    """
+    work = tdist.all_reduce(bucket.buffer(), op=tdist.ReduceOp.SUM, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.parallel.DistributedDataParallel:
+    """``module`` in DistributedDataParallel with summed gradients.
+
+    Every parameter takes part in every step (``static_graph``, no search for unused ones);
+    buffers (descriptor statistics, energy scaling) are equal on all ranks and never change
+    in training, so they are not re-broadcast each step.
+    """
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        module,
+        device_ids=None,  # the module and the batches are already on this rank's device
+        broadcast_buffers=False,
+        gradient_as_bucket_view=True,
+        static_graph=True,
+    )
+    ddp.register_comm_hook(None, sum_gradients_hook)
+    return ddp

@@ -31,6 +31,7 @@ is the autograd reference this module is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from .batching import Batch
+from .loss import adjoints, error_sums, loss_coefficients
 from .model import AtomicModel, ElementNet, activate_with_derivatives
 
 
@@ -80,12 +82,14 @@ class GradientBuffer:
     """Every parameter's ``.grad`` as a view into one flat buffer, laid out by network group.
 
     Per group and layer, dW is one (E, n_out, n_in) block and db one (E, n_out) block, so the
-    backward pass writes a whole group's gradient with one batched product, the all-reduce is
-    one collective on ``flat``, and the optimizer reads the per-parameter views.
+    backward pass writes a whole group's gradient with one batched product. With ``attach``
+    (one rank) every ``param.grad`` is its view and the optimizer reads them directly; without
+    (under DDP), :class:`LeanStep` hands the views to autograd and DDP all-reduces them.
     """
 
-    def __init__(self, model: AtomicModel):
+    def __init__(self, model: AtomicModel, attach: bool = True):
         self.groups = network_groups(model)
+        self.views: dict[str, Tensor] = {}  # parameter name -> its gradient's view
         nets = model.nets
         sizes = []
         for members in self.groups:
@@ -104,8 +108,11 @@ class GradientBuffer:
                 db = self.flat[offset : offset + n * layer.bias.numel()].view(n, *layer.bias.shape)
                 offset += db.numel()
                 for e, element in enumerate(members):
-                    nets[element].layers[k].weight.grad = dW[e]
-                    nets[element].layers[k].bias.grad = db[e]
+                    self.views[f"nets.{element}.layers.{k}.weight"] = dW[e]
+                    self.views[f"nets.{element}.layers.{k}.bias"] = db[e]
+                    if attach:  # one rank: the parameters' .grad are these views, nothing is copied
+                        nets[element].layers[k].weight.grad = dW[e]
+                        nets[element].layers[k].bias.grad = db[e]
                 layers.append((dW, db))
             self.blocks.append(layers)
 
@@ -287,3 +294,65 @@ def _group_backward(p: GroupPass, out_adjoint: Tensor, v: Tensor | None, weight_
         if curvature is not None:
             a = torch.addcmul(a, adot_in, curvature * tangents[l - 1][1])
         adot = adot_in if slope is None else adot_in * slope
+
+
+class _HandOverGradients(torch.autograd.Function):
+    """A zero loss whose backward returns ready gradients for every parameter.
+
+    DistributedDataParallel then sees an ordinary ``loss.backward()``: its hook on each
+    parameter fires as autograd hands the gradient over, and it all-reduces them in buckets.
+    Every parameter is an input, so every parameter takes part in every step (a static graph).
+    """
+
+    @staticmethod
+    def forward(ctx, gradients: list[Tensor], *params: Tensor) -> Tensor:
+        ctx.gradients = gradients
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        # grad_output is 1: the caller backpropagates the returned scalar itself, nothing scales it.
+        return (None, *ctx.gradients)
+
+
+class LeanStep(torch.nn.Module):
+    """The lean step as a module, so that ``DistributedDataParallel(LeanStep(model))`` wraps it.
+
+    ``forward`` computes energies, forces, the global error sums (``reduce`` sums a (4,) tensor
+    over ranks) and every parameter gradient by hand, and returns a zero scalar whose
+    ``backward()`` hands those gradients to autograd and so to DDP's all-reduce. The gradients
+    are of this rank's share of the global loss: DDP must **sum** them over ranks
+    (:func:`aenet_dist.dist.sum_gradients_hook`), not average them.
+    """
+
+    def __init__(self, model: AtomicModel):
+        super().__init__()
+        self.model = model
+        self.gradients = GradientBuffer(model, attach=False)
+        self._names = [name for name, _ in model.named_parameters()]
+
+    def forward(self, batch: Batch, force_weight: float, loss_weights: Tensor, weight_decay: float,
+                reduce: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """(zero scalar to backpropagate, global error sums (4,)) of one step on this rank."""
+        totals = compute_gradients(self.model, batch, force_weight, loss_weights, weight_decay, reduce, self.gradients)
+        params = dict(self.model.named_parameters())
+        handle = _HandOverGradients.apply([self.gradients.views[n] for n in self._names], *[params[n] for n in self._names])
+        return handle, totals
+
+
+def compute_gradients(model: AtomicModel, batch: Batch, force_weight: float, loss_weights: Tensor, weight_decay: float,
+                      reduce: Callable[[Tensor], Tensor], gradients: GradientBuffer) -> Tensor:
+    """One step's gradients into ``gradients``; returns the global error sums (4,).
+
+    Args:
+        force_weight: α of the loss (0: no forces are computed).
+        loss_weights: (2,) tensor (1 − α, α) on the device.
+        weight_decay: c of the penalty's gradient c·W (2λ / world size for λ·Σ w² on every rank).
+        reduce: sums a (4,) tensor over ranks (identity on one rank).
+    """
+    fwd = forward(model, batch, with_forces=force_weight > 0)
+    sums = error_sums(batch, fwd.energy, fwd.forces)
+    totals = reduce(sums.detached())
+    energy_adjoint, force_adjoint = adjoints(sums, batch.num_atoms, loss_coefficients(totals, loss_weights))
+    backward(model, fwd, batch, energy_adjoint, force_adjoint if force_weight > 0 else None, weight_decay, gradients)
+    return totals

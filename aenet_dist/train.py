@@ -1,12 +1,10 @@
 """Training: ``python -m aenet_dist.train train.toml`` or ``torchrun ... -m aenet_dist.train train.toml``.
 
 One code path for one process and for torchrun. Each rank reads its contiguous shard of
-the store (:mod:`aenet_dist.loader`), builds species-grouped batches, computes energies and
-forces (forces = −dE/dG · dG/dR over the stored sparse rows), and the loss of the global
-batch (:mod:`aenet_dist.loss`). Gradients are summed over ranks with one all-reduce of a
-flat buffer per step — what DDP does, done by hand because the force loss needs a double
-backward through ``autograd.grad(create_graph=True)`` that DDP's hooks do not support, and
-because an element absent from a rank's batch would leave DDP waiting for its gradients.
+the store (:mod:`aenet_dist.loader`), builds species-grouped batches, and takes the lean step
+(:mod:`aenet_dist.step`): energies, forces (−dE/dG · dG/dR over the stored rows), the loss of
+the global batch (:mod:`aenet_dist.loss`) and every parameter gradient, by hand. Under torchrun
+the step is wrapped in ``DistributedDataParallel``, which sums the gradients over ranks.
 
 Rank 0 prints one line per epoch, appends metrics to ``run_dir/metrics.jsonl``, writes
 checkpoints (latest k and best) and a summary table at the end.
@@ -30,7 +28,7 @@ import torch.distributed as tdist
 from . import checkpoint as ckpt
 from .batching import Batch
 from .config import TrainConfig, load_train_config, read_train_in, save_resolved_config
-from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed, wrap_ddp
 from .loader import (
     PREFETCH_DEPTH,
     STREAM_PREFETCH_DEPTH,
@@ -46,7 +44,7 @@ from .loader import (
 )
 from .log import get_logger, setup_logging
 from . import step as lean
-from .loss import adjoints, error_sums, loss_coefficients, loss_of_totals
+from .loss import error_sums, loss_of_totals
 from .model import AtomicModel, ElementNet, forces_from_dEdG
 from .store import StoreReader
 
@@ -192,9 +190,10 @@ class Trainer:
         self.model = build_model(self.reader, config, self.dtype).to(info.device)
         self.optimizer = make_optimizer(self.model, config)
         self.scheduler = make_scheduler(self.optimizer, config)
-        # Every parameter's .grad is a view into one flat buffer that the lean step writes: the
-        # gradient all-reduce is one collective with no copies, and the fused optimizer reads the views.
-        self.grads = lean.GradientBuffer(self.model)
+        # One rank: every parameter's .grad is a view into the buffer the lean step writes, so
+        # nothing is copied. Several: DDP wraps the lean step and all-reduces (sums) what it hands over.
+        self.grads = None if info.distributed else lean.GradientBuffer(self.model)
+        self.ddp = None
         alpha = config.loss.force_weight
         self.loss_weights = torch.tensor([1.0 - alpha, alpha], dtype=self.dtype, device=info.device)
         self.step_records: list = []  # this epoch's steps: (step number in epoch, structure indices)
@@ -213,6 +212,10 @@ class Trainer:
             self._resume()
         elif finetune:
             self._load_weights(finetune)
+        if info.distributed:
+            self.ddp = wrap_ddp(lean.LeanStep(self.model), info)
+            if info.is_main:
+                log.info("gradients: DistributedDataParallel over %d ranks (%s), summed", info.world_size, tdist.get_backend())
 
     # ------------------------------------------------------------------ state
 
@@ -315,19 +318,24 @@ class Trainer:
         :meth:`_check_steps` stops the run with its epoch, step and structures.
         """
         alpha = self.config.loss.force_weight
-        t0 = time.perf_counter()
-        fwd = lean.forward(self.model, batch, with_forces=alpha > 0)
-        sums = error_sums(batch, fwd.energy, fwd.forces)
-        self.local_seconds += time.perf_counter() - t0  # this rank's own work before the first collective
-        totals = self._reduce_with_stop_flag(sums.detached())
-        energy_adjoint, force_adjoint = adjoints(sums, batch.num_atoms, loss_coefficients(totals, self.loss_weights))
         decay = 2 * self.config.loss.l2 / self.info.world_size  # of λ·Σ w², which every rank adds
-        lean.backward(self.model, fwd, batch, energy_adjoint, force_adjoint if alpha > 0 else None, decay, self.grads)
-        if self.info.distributed:
-            tdist.all_reduce(self.grads.flat, op=tdist.ReduceOp.SUM)
+        t0 = time.perf_counter()
+
+        def reduce(sums: torch.Tensor) -> torch.Tensor:
+            self.local_seconds += time.perf_counter() - t0  # this rank's own work before the first collective
+            return self._reduce_with_stop_flag(sums)
+
+        if self.ddp is None:
+            totals = lean.compute_gradients(self.model, batch, alpha, self.loss_weights, decay, reduce, self.grads)
+            grad_probe = self.grads.flat.sum()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)  # DDP fills .grad with the summed gradients
+            handle, totals = self.ddp(batch, alpha, self.loss_weights, decay, reduce)
+            handle.backward()
+            grad_probe = torch.stack(torch._foreach_norm([p.grad for p in self.model.parameters()])).sum()
         if self.config.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
-        check = torch.cat([totals, (self.grads.flat.sum() + totals.sum()).view(1)])
+        check = torch.cat([totals, (grad_probe + totals.sum()).view(1)])
         nonfinite = torch.isfinite(check[4]).logical_not_()
         self.optimizer.found_inf = nonfinite.float()  # read by the fused optimizers: skip, on the device
         self.optimizer.step()

@@ -228,6 +228,7 @@ def test_two_gloo_ranks_follow_the_one_rank_trajectory(emt, tmp_path):
     run_train([one, "data.num_shards=2"])
     result = run_train([two], ranks=2)
     assert "test RMSE energy" in result.stdout
+    assert "DistributedDataParallel over 2 ranks (gloo), summed" in result.stdout + result.stderr  # the lean step under DDP
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(m1) == len(m2) == 3
     for a, b in zip(m1, m2):
