@@ -74,6 +74,27 @@ class Checkpointer:
         found = self.all()
         return found[-1] if found else None
 
+    def latest_readable(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads, and its state; unreadable newer ones are skipped with a warning.
+
+        A checkpoint damaged after it was written (a disk fault, a copy cut short) must not
+        block ``--resume`` while an intact older one exists.
+        """
+        for path in reversed(self.all()):
+            try:
+                return path, load(path)
+            except ValueError as err:
+                log.warning("%s; trying the previous checkpoint", err)
+        return None
+
+    def describe(self) -> str | None:
+        """'N checkpoints, newest NAME' if this run directory holds any, else None."""
+        found = self.all()
+        best = self.dir / "best.pt"
+        if not found and not best.exists():
+            return None
+        return f"{len(found)} checkpoint(s)" + (f", newest {found[-1].name}" if found else ", best.pt")
+
 
 def rng_state() -> dict:
     """Torch CPU (and CUDA) generator states."""

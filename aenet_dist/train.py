@@ -28,7 +28,8 @@ import torch.distributed as tdist
 from . import checkpoint as ckpt
 from .batching import Batch
 from .config import TrainConfig, load_train_config, read_train_in, save_resolved_config
-from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed, wrap_ddp
+from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
+from .files import lock_directory, unlock
 from .loader import (
     PREFETCH_DEPTH,
     STREAM_PREFETCH_DEPTH,
@@ -148,6 +149,7 @@ RESUME_MAY_CHANGE = {
     ("run", "log_every"),
     ("run", "collective_timeout_s"),
     ("run", "keep_last"),
+    ("run", "run_dir"),  # a run directory moved (or mounted elsewhere) resumes from its new place
 }
 
 
@@ -173,6 +175,11 @@ class Trainer:
         self.cache_mode, reason = choose_cache(config.data.cache, shard_bytes, info.device, user_budget)
         if info.is_main:
             log.info("data.cache=%s -> %s (%s)", config.data.cache, self.cache_mode, reason)
+        if self.data.num_train_global == 0:
+            raise ValueError(
+                f"no structures left to train on: {self.reader.num_structures} in {config.data.store}, "
+                f"{self.data.num_test_global} of them held out by data.test_percent={config.data.test_percent:g}; lower data.test_percent"
+            )
         self.steps = steps_per_epoch(self.data.num_train_global, config.run.batch_size)
         first_plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
         # Evaluation chunks are no larger than the largest training step, in structures and bytes.
@@ -262,11 +269,15 @@ class Trainer:
             raise ValueError(f"{path}: configuration differs from the checkpoint's in {differ}; use --finetune to start from its weights")
 
     def _resume(self) -> None:
-        path = self.checkpointer.latest()
-        if path is None:
+        found = self.checkpointer.latest_readable()
+        if found is None:
+            if self.checkpointer.all():
+                raise ValueError(f"--resume: no checkpoint in {self.checkpointer.dir} is readable (see the warnings above)")
             log.info("--resume: no checkpoint in %s, starting from scratch", self.checkpointer.dir)
             return
-        state = ckpt.load(path)
+        path, state = found
+        if path != self.checkpointer.latest():
+            log.warning("resuming from %s, the newest readable checkpoint", path.name)
         self._check_compatible(state, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -542,8 +553,15 @@ class Trainer:
         raise Interrupted(f"stopped by a signal at epoch {self.epoch + 1}, step {self.step_in_epoch}; checkpoint written, rerun with --resume")
 
     def request_stop(self, signum=None, frame=None) -> None:
-        """Signal handler: finish the current step everywhere, checkpoint, exit for requeue."""
+        """Signal handler: finish the current step everywhere, checkpoint, exit for requeue.
+
+        Ctrl-C (SIGINT) does the same; a second Ctrl-C stops at once (KeyboardInterrupt).
+        """
         self.stop_requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.info.is_main:
+                print("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
 
 
 def _closing(generator, prefetcher: Prefetcher):
@@ -618,6 +636,33 @@ def _apply(d: dict, overrides: list[str]) -> dict:
     return d
 
 
+def _claim_run_dir(run_dir: Path, resume: bool, info: DistInfo) -> tuple[str | None, int | None]:
+    """(what stops this run, the lock's descriptor): rank 0 locks ``run_dir`` and checks its history.
+
+    A new run (no ``--resume``) into a directory that holds checkpoints or metrics would prune
+    and overwrite them, so it is refused; so is a directory another training holds. Every rank
+    learns the verdict, so none goes on to wait for rank 0 in a collective.
+    """
+    problem, lock = None, None
+    if info.is_main:
+        try:
+            lock = lock_directory(run_dir, "run directory")
+            history = ckpt.Checkpointer(run_dir).describe()
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and metrics.stat().st_size:
+                history = ", ".join(filter(None, [history, "metrics.jsonl"]))
+            if history and not resume:
+                problem = (f"run directory {run_dir} already holds a run ({history}); rerun with --resume to continue it, "
+                           "or set run.run_dir to a new directory")
+        except (ValueError, OSError) as err:  # DirectoryInUse is a ValueError
+            problem = str(err)
+    problem = broadcast_object(problem, info)
+    if problem and lock is not None:
+        unlock(lock)
+        lock = None
+    return problem, lock
+
+
 def _is_peer_failure(err: RuntimeError) -> bool:
     """A backend error that means another rank is gone or silent (not this rank's own failure)."""
     text = str(err).lower()
@@ -640,10 +685,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.run.cpu_threads or max(1, cores // max(local_ranks, 1)))
     start = time.perf_counter()
     previous_handlers = {}
+    lock = None
     try:
+        problem, lock = _claim_run_dir(Path(config.run.run_dir), args.resume, info)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         trainer = Trainer(config, info, resume=args.resume, finetune=args.finetune)
-        # SLURM sends SIGUSR1 (sbatch --signal) or SIGTERM (preemption, scancel) before killing.
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        # SLURM sends SIGUSR1 (sbatch --signal) or SIGTERM (preemption, scancel) before killing; Ctrl-C is SIGINT.
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             previous_handlers[signum] = signal.signal(signum, trainer.request_stop)
         last = trainer.fit()
         if info.is_main:
@@ -652,6 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"interrupted: stopped at once by a second Ctrl-C; rerun with --resume to continue from the last checkpoint "
+              f"in {config.run.run_dir}/checkpoints", file=sys.stderr)
+        return 130
     except (ValueError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -669,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
+        unlock(lock)
         cleanup(info)
 
 

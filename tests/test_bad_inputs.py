@@ -1,0 +1,130 @@
+"""What a user gets wrong, or what goes wrong around a run: each case ends with a clear message
+(never a traceback) and leaves the user's files as they were; the recoveries work."""
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from aenet_dist.aenet_inputs import read_generate_input
+from aenet_dist.config import StoreOptions
+from aenet_dist.datasets import generate_emt_dataset
+from aenet_dist.store import featurize_to_store
+from aenet_dist.train import main as train_main
+from helpers import read_metrics, run_in_process, write_train_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad")
+    generate_in = generate_emt_dataset(base / "data", num_structures=16, seed=3, force_percent=50.0)
+    path = base / "emt.zarr"
+    featurize_to_store(read_generate_input(generate_in), path, StoreOptions(chunk_bytes=2**18), progress=False)
+    return path
+
+
+def _train(args):
+    result = run_in_process(train_main, args)
+    assert "Traceback" not in result.stdout + result.stderr
+    return result
+
+
+def _snapshot(directory: Path) -> dict:
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_new_run_into_a_run_directory_with_history_is_refused(store, tmp_path):
+    config = write_train_toml(tmp_path / "t.toml", store, tmp_path / "run", epochs=2, extra="checkpoint_every = 1")
+    assert _train([config]).returncode == 0
+    before = _snapshot(tmp_path / "run")
+    result = _train([config, "run.epochs=1"])
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr and "checkpoint_000002.pt" in result.stderr
+    assert _snapshot(tmp_path / "run") == before  # nothing pruned, overwritten or appended
+    # --resume continues the run that is there.
+    assert _train([config, "run.epochs=3", "--resume"]).returncode == 0
+    assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_a_run_directory_in_use_is_refused_with_its_holder(store, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = open(run_dir / ".lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write("PID 4242 on host elsewhere\n")
+    lock.flush()
+    try:
+        result = _train([write_train_toml(tmp_path / "t.toml", store, run_dir, epochs=1)])
+    finally:
+        lock.close()
+    assert result.returncode == 2
+    assert "in use by PID 4242 on host elsewhere" in result.stderr
+    assert not (run_dir / "metrics.jsonl").exists()
+    # Released (the holder ended): the same command now runs.
+    assert _train([tmp_path / "t.toml"]).returncode == 0
+
+
+def test_no_training_structures_is_refused_with_the_counts(store, tmp_path):
+    result = _train([write_train_toml(tmp_path / "t.toml", store, tmp_path / "run", epochs=1), "data.test_percent=99"])
+    assert result.returncode == 2
+    assert "no structures left to train on: 16 in" in result.stderr and "data.test_percent=99" in result.stderr
+
+
+def test_resume_from_a_moved_run_directory(store, tmp_path):
+    config = write_train_toml(tmp_path / "t.toml", store, tmp_path / "old", epochs=2, extra="checkpoint_every = 1")
+    assert _train([config]).returncode == 0
+    (tmp_path / "old").rename(tmp_path / "new")
+    result = _train([config, f"run.run_dir={tmp_path / 'new'}", "run.epochs=3", "--resume"])
+    assert result.returncode == 0, result.stderr
+    assert [m["epoch"] for m in read_metrics(tmp_path / "new")] == [1, 2, 3]
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(store, tmp_path):
+    config = write_train_toml(tmp_path / "t.toml", store, tmp_path / "run", epochs=3, extra="checkpoint_every = 1\nkeep_last = 3")
+    assert _train([config]).returncode == 0
+    latest = tmp_path / "run" / "checkpoints" / "checkpoint_000003.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # cut short
+    result = _train([config, "run.epochs=4", "--resume"])
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint_000003.pt" in result.stderr and "resuming from checkpoint_000002.pt" in result.stderr
+    assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    assert torch.load(latest, weights_only=True)["epoch"] == 3  # rewritten, readable again
+
+
+def test_ctrl_c_checkpoints_the_position_and_resume_continues(store, tmp_path):
+    """SIGINT is handled like SIGTERM: finish the step, checkpoint, exit 75, no traceback."""
+    config = write_train_toml(tmp_path / "t.toml", store, tmp_path / "run", epochs=3, batch_size=2)
+    env = dict(os.environ, AENET_DIST_TEST_STEP_DELAY="0.2")
+    proc = subprocess.Popen([sys.executable, "-m", "aenet_dist.train", str(config)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "run" / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "Traceback" not in out + err and "interrupted" in err
+    assert list((tmp_path / "run" / "checkpoints").glob("checkpoint_000001.*.pt")), "no mid-epoch checkpoint"
+    assert _train([config, "--resume"]).returncode == 0
+    assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_two_ranks_refused_run_directory_ends_every_rank(store, tmp_path):
+    """Rank 0 finds the run directory taken: every rank learns it and ends (no rank waits in a collective)."""
+    config = write_train_toml(tmp_path / "t.toml", store, tmp_path / "run", epochs=1)
+    assert _train([config]).returncode == 0
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "aenet_dist.train",
+           str(config), "run.collective_timeout_s=600"]
+    start = time.time()
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and time.time() - start < 60
+    assert "already holds a run" in result.stderr
+    assert "Traceback" not in result.stderr.split("torch.distributed.elastic")[0]  # our ranks' own output
