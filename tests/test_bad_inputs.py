@@ -127,4 +127,4 @@ def test_two_ranks_refused_run_directory_ends_every_rank(store, tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and time.time() - start < 60
     assert "already holds a run" in result.stderr
-    assert "Traceback" not in result.stderr.split("torch.distributed.elastic")[0]  # our ranks' own output
+    assert str(ROOT / "aenet_dist") not in result.stderr  # torchrun prints its own trace of the exit codes; none is ours
