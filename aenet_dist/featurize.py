@@ -36,17 +36,19 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(comm.rank)
     torch_default_threads()
     force_structures = None
-    if args.force_list:
-        lines = (line.split("#", 1)[0].strip() for line in Path(args.force_list).read_text().splitlines())
-        force_structures = tuple(line for line in lines if line)
     try:
+        if args.force_list:
+            lines = (line.split("#", 1)[0].strip() for line in Path(args.force_list).read_text().splitlines())
+            force_structures = tuple(line for line in lines if line)
         config = read_generate_input(args.generate_in, force_seed=args.force_seed, force_structures=force_structures)
         options = StoreOptions(chunk_bytes=int(args.chunk_mb * 2**20), deriv_dtype=args.deriv_dtype)
         start = time.perf_counter()
         featurize_to_store(config, args.out, options, device=args.device, progress=not args.no_progress)
         elapsed = time.perf_counter() - start
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        # Every rank fails together (inputs read by all, store.together); the message is the same on all: print it once.
+        if comm.rank == 0:
+            print(f"error: {err}", file=sys.stderr)
         return 2
     if comm.rank == 0:
         print(summary(args.out, elapsed, comm.size))

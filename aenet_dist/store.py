@@ -104,6 +104,34 @@ def world_comm():
     return comm if comm.size > 1 else _SerialComm()
 
 
+class RankFailed(ValueError):
+    """A phase failed on some rank; every rank raises this, so none waits in a later collective."""
+
+
+def together(comm, what: str, fn):
+    """``fn()`` on every rank, then one allgather of how it went: if it failed anywhere, fail everywhere.
+
+    A user error (ValueError, OSError) becomes :class:`RankFailed` with the first failing
+    rank's message on every rank. Anything else is a bug: the rank it happened on re-raises it
+    (a traceback), the others raise :class:`RankFailed` naming that rank.
+    """
+    result, error, own = None, None, None
+    try:
+        result = fn()
+    except (ValueError, OSError) as err:
+        error = str(err)
+    except BaseException as err:  # noqa: BLE001 - reported to the other ranks, then re-raised here
+        error, own = f"internal error ({type(err).__name__}: {err})", err
+    errors = comm.allgather(error)
+    failed = [(rank, message) for rank, message in enumerate(errors) if message]
+    if not failed:
+        return result
+    if own is not None:
+        raise own
+    rank, message = failed[0]
+    raise RankFailed(message if comm.size == 1 else f"{message} (rank {rank} of {comm.size}, {what})")
+
+
 # ------------------------------------------------------------------ planning
 
 
@@ -401,7 +429,7 @@ def featurize_to_store(
     files = list(config.files)
     # Contiguous ranges, so that the structures a rank scans are mostly those it featurizes.
     cache: dict[str, list[Structure]] = {}
-    mine = _scan(files[len(files) * rank // size : len(files) * (rank + 1) // size], cache)
+    mine = together(comm, "reading the structure files", lambda: _scan(files[len(files) * rank // size : len(files) * (rank + 1) // size], cache))
     gathered = comm.allgather(mine)
     per_file: dict[str, list[StructureInfo]] = {}
     for part in gathered:
@@ -459,30 +487,33 @@ def featurize_to_store(
     # CPU both compete for the same cores (measured: slower), so write in line there.
     overlap = torch.device(device).type != "cpu"
     delay = float(os.environ.get("AENET_DIST_TEST_BLOCK_DELAY", "0"))  # lets tests kill a run mid-way
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
-        for b in todo:
-            first, stop = int(bounds[b]), int(bounds[b + 1])
-            structures = _read_range(infos, first, stop, cache)
-            arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options, device=device)
+
+    def featurize_blocks() -> None:
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending = None
+            for b in todo:
+                first, stop = int(bounds[b]), int(bounds[b + 1])
+                structures = _read_range(infos, first, stop, cache)
+                arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options, device=device)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level)
+                if not overlap:
+                    pending.result()
+                time.sleep(delay)
+                if bar is not None:
+                    bar.update(stop - first)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level)
-            if not overlap:
-                pending.result()
-            time.sleep(delay)
-            if bar is not None:
-                bar.update(stop - first)
-        if pending is not None:
-            pending.result()
-    if bar is not None:
-        bar.close()
-    comm.Barrier()
+
+    try:
+        together(comm, "featurizing its blocks", featurize_blocks)  # also the barrier before consolidation
+    finally:
+        if bar is not None:
+            bar.close()
 
     # 5. Consolidate on rank 0: structure table, statistics, complete=True last.
-    if rank == 0:
-        consolidate(root, names)
-    comm.Barrier()
+    together(comm, "consolidating the store", lambda: consolidate(root, names) if rank == 0 else None)
     if rank == 0:
         log.info("featurized %d structures into %s in %.1f s", len(infos), root, time.perf_counter() - start_time)
     return root

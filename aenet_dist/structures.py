@@ -10,6 +10,7 @@ errors that name the file and line. ``tests/test_structures.py`` checks it again
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -47,11 +48,23 @@ class Structure:
         return len(self.species)
 
 
-def _parse_floats(tokens: list[str], path: Path, line_no: int, what: str) -> list[float]:
+# Largest |coordinate|, |lattice component| (Å) and |force| (eV/Å) accepted. Beyond it the input
+# is broken (1e300 once reached the neighbour search and ended the process with SIGFPE).
+MAX_LENGTH = 1e6
+
+
+def _parse_floats(tokens: list[str], path: Path, line_no: int, what: str, limit: float = MAX_LENGTH) -> list[float]:
+    """Numbers of one line (Fortran 'd' exponents too), each finite and within ``limit``."""
     try:
-        return [float(t.lower().replace("d", "e")) for t in tokens]
+        values = [float(t.lower().replace("d", "e")) for t in tokens]
     except ValueError:
         raise ValueError(f"{path}:{line_no}: cannot read {what} from {' '.join(tokens)!r}") from None
+    for token, value in zip(tokens, values):
+        if not math.isfinite(value):
+            raise ValueError(f"{path}:{line_no}: {what} has a value that is not finite ({token})")
+        if abs(value) > limit:
+            raise ValueError(f"{path}:{line_no}: {what} has a value out of range ({token}; |x| must be <= {limit:g})")
+    return values
 
 
 def read_xsf(path: str | os.PathLike) -> Structure:
@@ -91,7 +104,7 @@ def read_xsf(path: str | os.PathLike) -> Structure:
         if stripped.startswith("#"):
             match = _ENERGY_RE.search(stripped)
             if match:
-                energy = _parse_floats([match.group(1)], path, i + 1, "the total energy")[0]
+                energy = _parse_floats([match.group(1)], path, i + 1, "the total energy", limit=1e12)[0]
             i += 1
             continue
         keyword = stripped.split()[0].upper()
@@ -249,6 +262,12 @@ def from_ase(atoms, name: str, require_energy: bool = True) -> Structure:
         forces = atoms.arrays.get("forces")
         forces = None if forces is None else np.asarray(forces, dtype=np.float64)
     pbc = bool(np.all(atoms.pbc))
+    for what, values in (("positions", atoms.positions), ("cell", atoms.cell[:] if pbc else np.zeros(1)),
+                         ("forces", np.zeros(1) if forces is None else forces)):
+        if not np.all(np.isfinite(values)) or np.abs(values).max() > MAX_LENGTH:
+            raise ValueError(f"{name}: {what} not finite or out of range (|x| must be <= {MAX_LENGTH:g})")
+    if energy is not None and not math.isfinite(energy):
+        raise ValueError(f"{name}: energy {energy} is not finite")
     if np.any(atoms.pbc) and not pbc:
         raise ValueError(f"{name}: partial periodicity {atoms.pbc.tolist()} is not supported by aenet (all or none)")
     return Structure(

@@ -128,3 +128,52 @@ def test_two_ranks_refused_run_directory_ends_every_rank(store, tmp_path):
     assert result.returncode != 0 and time.time() - start < 60
     assert "already holds a run" in result.stderr
     assert str(ROOT / "aenet_dist") not in result.stderr  # torchrun prints its own trace of the exit codes; none is ours
+
+
+def _emt_inputs(tmp_path, structures=8):
+    generate_in = generate_emt_dataset(tmp_path / "data", num_structures=structures, seed=9, force_percent=50.0)
+    xsf = sorted((tmp_path / "data" / "xsf").glob("*.xsf"))
+    return generate_in, xsf
+
+
+def _featurize_mpi(generate_in, out, ranks=2, timeout=60):
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    cmd = [str(mpiexec), "-n", str(ranks), sys.executable, "-m", "aenet_dist.featurize", str(generate_in), "--out", str(out), "--no-progress"]
+    start = time.time()
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    return result, time.time() - start
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan_coordinate"])
+def test_mpi_featurize_with_one_bad_file_ends_every_rank(tmp_path, damage):
+    """The rank that reads the bad file fails; the other must not wait forever in a collective."""
+    generate_in, xsf = _emt_inputs(tmp_path)
+    bad = xsf[-1]  # read by the last rank
+    lines = bad.read_text().splitlines()
+    if damage == "truncated":
+        bad.write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    else:
+        atom = next(i for i, line in enumerate(lines) if line.split() and line.split()[0].isalpha() and len(line.split()) in (4, 7))
+        fields = lines[atom].split()
+        lines[atom] = " ".join([fields[0], "nan", *fields[2:]])
+        bad.write_text("\n".join(lines) + "\n")
+    result, seconds = _featurize_mpi(generate_in, tmp_path / "s.zarr")
+    assert result.returncode != 0 and seconds < 30
+    out = result.stdout + result.stderr
+    assert bad.name in out and "Traceback" not in out
+    assert out.count("error:") == 1, out  # once, not once per rank
+
+
+def test_non_finite_and_absurd_xsf_values_are_named(tmp_path):
+    from aenet_dist.structures import read_xsf
+
+    base = "CRYSTAL\nPRIMVEC\n{a} 0 0\n0 5 0\n0 0 5\nPRIMCOORD\n1 1\nCu 0 0 0\n"
+    for a, expected in (("1e300", "out of range"), ("inf", "that is not finite"), ("nan", "that is not finite")):
+        path = tmp_path / f"cell_{a}.xsf"
+        path.write_text("# total energy = -1.0 eV\n" + base.format(a=a))
+        with pytest.raises(ValueError, match=rf"{path.name}:4: a lattice vector has a value {expected}"):
+            read_xsf(path)
+    path = tmp_path / "energy.xsf"
+    path.write_text("# total energy = nan eV\n" + base.format(a=5))
+    with pytest.raises(ValueError, match=r"energy.xsf:1: the total energy has a value that is not finite"):
+        read_xsf(path)
