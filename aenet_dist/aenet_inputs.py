@@ -39,6 +39,7 @@ one, the line (``path:line: message``).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -362,8 +363,8 @@ def read_generate_input(
     Paths of setups and structure files are relative to the directory of ``path``;
     structure paths are stored absolute. The structure files are checked to exist but not
     read. ``FORCES`` without ``FORCESPERCENT`` means aenet's default of 1 percent.
-    ``TIMING``, ``DEBUG`` and ``VERBOSITY`` are accepted and ignored; unknown keywords are
-    logged as warnings.
+    ``TIMING``, ``DEBUG`` and ``VERBOSITY`` are accepted and ignored; an unknown keyword is an
+    error with a did-you-mean (a misspelled FORCESPERCENT would silently change the result).
 
     Args:
         path: the generate.in file.
@@ -400,9 +401,11 @@ def read_generate_input(
         tokens = text.split()
         keyword = tokens[0].lower()
         if keyword not in _GEN_KEYWORDS:
-            _log.warning("%s:%d: unknown keyword %r ignored", path, line_no, tokens[0])
-            i += 1
-            continue
+            # An unknown keyword may be a misspelled one that changes the result (FORCEPERCENT):
+            # aenet's own files contain none, so stop and name the likely one.
+            close = difflib.get_close_matches(keyword, _GEN_KEYWORDS, n=1)
+            hint = f"; did you mean {close[0].upper()}?" if close else f" (known: {', '.join(k.upper() for k in _GEN_KEYWORDS)})"
+            raise ValueError(f"{path}:{line_no}: unknown keyword {tokens[0]!r}{hint}")
         if keyword in seen:
             raise ValueError(f"{path}:{line_no}: {keyword.upper()} given twice (first on line {seen[keyword]})")
         seen[keyword] = line_no
@@ -480,10 +483,14 @@ def read_generate_input(
     setups = {s: setups[s] for s in species}  # TYPES order
 
     files = []
+    first_line: dict[str, int] = {}
     for line_no, name in file_entries:
         file_path = os.path.normpath(os.path.join(base, name))
         if not os.path.isfile(file_path):
             raise ValueError(f"{path}:{line_no}: structure file not found: {file_path}")
+        if file_path in first_line:  # it would be featurized (and trained on) twice
+            raise ValueError(f"{path}:{line_no}: structure file {name} is listed twice (first on line {first_line[file_path]})")
+        first_line[file_path] = line_no
         files.append(file_path)
     if not files:
         raise ValueError(f"{path}:{seen['files']}: FILES lists no structures")

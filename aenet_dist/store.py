@@ -64,6 +64,7 @@ import zarr.core.sync
 
 from .config import FeaturizeConfig, StoreOptions
 from .descriptors import featurize
+from .files import lock_file, unlock
 from .log import get_logger
 from .structures import Structure, read_structures
 
@@ -213,15 +214,15 @@ def assign_blocks(block_costs: np.ndarray, num_ranks: int) -> list[list[int]]:
     return [sorted(o) for o in owned]
 
 
-def fingerprint(config: FeaturizeConfig, names: list[str], sizes: list[int], force_mask: np.ndarray, options: StoreOptions) -> str:
-    """sha256 of every input that changes the store's content."""
+def fingerprint(config: FeaturizeConfig, names: list[str], digests: list[str], force_mask: np.ndarray, options: StoreOptions) -> str:
+    """sha256 of every input that changes the store's content (the structure files by their bytes)."""
     payload = {
         "schema": SCHEMA_VERSION,
         "species": list(config.species),
         "atomic_energies": {k: float(v) for k, v in config.atomic_energies.items()},
         "setups": {k: v.to_dict() for k, v in config.setups.items()},
         "files": names,
-        "sizes": sizes,
+        "file_digests": digests,
         "force_mask": np.flatnonzero(force_mask).tolist(),
         "deriv_dtype": options.deriv_dtype,
         "chunk_bytes": options.chunk_bytes,
@@ -391,13 +392,19 @@ def write_block(root: Path, b: int, arrays: dict[str, np.ndarray], attrs: dict, 
     os.replace(tmp, final)
 
 
-def _scan(paths: list[str], cache: dict[str, list[Structure]]) -> list[StructureInfo]:
-    """Atom counts and volumes of every structure in ``paths``; keeps what it read in ``cache``."""
-    infos = []
+def _scan(paths: list[str], cache: dict[str, list[Structure]]) -> tuple[list[StructureInfo], dict[str, str]]:
+    """Atom counts and volumes of every structure in ``paths``, and each file's content digest.
+
+    Keeps what it read in ``cache``. The digest (BLAKE2b of the bytes) goes into the store's
+    fingerprint: an input edited in place, even to the same size, makes a different store.
+    """
+    infos, digests = [], {}
     for p in paths:
+        with open(p, "rb") as fh:
+            digests[p] = hashlib.blake2b(fh.read(), digest_size=16).hexdigest()
         cache[p] = read_structures(p)
         infos.extend(_info(cache[p], p))
-    return infos
+    return infos, digests
 
 
 def _read_range(infos: list[StructureInfo], start: int, stop: int, cache: dict[str, list[Structure]]) -> list[Structure]:
@@ -432,13 +439,14 @@ def featurize_to_store(
     mine = together(comm, "reading the structure files", lambda: _scan(files[len(files) * rank // size : len(files) * (rank + 1) // size], cache))
     gathered = comm.allgather(mine)
     per_file: dict[str, list[StructureInfo]] = {}
-    for part in gathered:
+    digest_of: dict[str, str] = {}
+    for part, digests in gathered:
+        digest_of.update(digests)
         for info in part:
             per_file.setdefault(info.file, []).append(info)
     infos = [info for f in files for info in per_file[f]]
     base = Path(config.source).parent if config.source else Path(".")
     names = [os.path.relpath(i.file, base) + (f"@{i.frame}" if len(per_file[i.file]) > 1 else "") for i in infos]
-    sizes = [os.path.getsize(f) for f in files]
     force_mask = choose_force_structures(config, names)
 
     # 2. Plan blocks from estimated bytes; assign them to ranks by cost.
@@ -450,19 +458,28 @@ def featurize_to_store(
     num_blocks = len(bounds) - 1
     block_costs = np.add.reduceat(costs, bounds[:-1]) if num_blocks else np.zeros(0)
     owned = assign_blocks(block_costs, size)[rank]
-    fp = fingerprint(config, names, sizes, force_mask, options)
+    fp = fingerprint(config, names, [digest_of[f] for f in files], force_mask, options)
 
-    # 3. Create (or validate) the root group; rank 0 only, then everyone waits.
-    error = None
-    if rank == 0:
-        try:
+    # 3. Lock the store and create (or validate) the root group; rank 0 only, every rank learns how it went.
+    lock = None
+
+    def claim() -> None:
+        nonlocal lock
+        if rank == 0:
+            # Beside the store, not in it: the store's files stay exactly what featurize writes.
+            lock = lock_file(root.parent / f".{root.name}.lock", f"store {root}")
             _init_root(root, config, fp, bounds, options, len(infos))
-        except ValueError as err:
-            error = str(err)
-    error = comm.bcast(error)
-    if error:
-        raise ValueError(error)
-    comm.Barrier()
+
+    try:
+        together(comm, "opening the store", claim)
+        return _featurize_into(root, comm, infos, names, cache, bounds, owned, force_mask, config, options, device, progress, start_time)
+    finally:
+        unlock(lock)
+
+
+def _featurize_into(root, comm, infos, names, cache, bounds, owned, force_mask, config, options, device, progress, start_time) -> Path:
+    """Steps 4 and 5 of :func:`featurize_to_store`, with the store locked."""
+    rank, size = comm.rank, comm.size
 
     if _is_complete(root):
         if rank == 0:

@@ -253,7 +253,7 @@ def test_generate_defaults_and_ignored_keywords(tmp_path, caplog):
     gen = _make_inputs(
         tmp_path,
         "types\n2\nO -1.0\nTi -2.0d0\nsetups\nO O.stp\nTi Ti.stp\n"
-        "TIMING\nDEBUG\nFROBNICATE 3\nforces\nfiles\n1\na.xsf\n",
+        "TIMING\nDEBUG\nforces\nfiles\n1\na.xsf\n",
     )
     with caplog.at_level(logging.WARNING, logger="aenet_dist"):
         config = read_generate_input(gen)
@@ -263,7 +263,10 @@ def test_generate_defaults_and_ignored_keywords(tmp_path, caplog):
     assert config.output == ""
     assert config.force_structures is None
     assert "TIMING" in caplog.text and "DEBUG" in caplog.text
-    assert f"{gen}:9" in caplog.text and "FROBNICATE" in caplog.text
+    # An unknown keyword stops (it may be a misspelled one that changes the result).
+    gen.write_text(gen.read_text().replace("DEBUG\n", "DEBUG\nFROBNICATE 3\n"))
+    with pytest.raises(ValueError, match=rf"{gen}:10: unknown keyword .FROBNICATE. \(known: OUTPUT"):
+        read_generate_input(gen)
 
 
 def test_generate_forces_false_flag(tmp_path):

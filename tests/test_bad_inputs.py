@@ -177,3 +177,52 @@ def test_non_finite_and_absurd_xsf_values_are_named(tmp_path):
     path.write_text("# total energy = nan eV\n" + base.format(a=5))
     with pytest.raises(ValueError, match=r"energy.xsf:1: the total energy has a value that is not finite"):
         read_xsf(path)
+
+
+def test_generate_in_misspelled_keyword_and_duplicate_files(tmp_path):
+    from aenet_dist.aenet_inputs import read_generate_input
+
+    generate_in, xsf = _emt_inputs(tmp_path, structures=4)
+    text = generate_in.read_text()
+    misspelled = tmp_path / "data" / "misspelled.in"
+    misspelled.write_text(text.replace("FORCESPERCENT", "FORCEPERCENT"))
+    with pytest.raises(ValueError, match=r"misspelled.in:\d+: unknown keyword 'FORCEPERCENT'; did you mean FORCESPERCENT\?"):
+        read_generate_input(misspelled)
+    lines = text.splitlines()
+    files_at = next(i for i, line in enumerate(lines) if line.strip().upper() == "FILES")
+    first = lines[files_at + 2]
+    duplicated = lines[: files_at + 1] + [str(len(xsf) + 1)] + lines[files_at + 2 :] + [first]
+    (tmp_path / "data" / "dup.in").write_text("\n".join(duplicated) + "\n")
+    with pytest.raises(ValueError, match=rf"dup.in:{len(duplicated)}: structure file .* is listed twice \(first on line {files_at + 3}\)"):
+        read_generate_input(tmp_path / "data" / "dup.in")
+
+
+def test_featurize_fingerprint_sees_an_edit_that_keeps_the_size(tmp_path):
+    from aenet_dist.featurize import main as featurize_main
+
+    generate_in, xsf = _emt_inputs(tmp_path, structures=4)
+    out = tmp_path / "s.zarr"
+    assert run_in_process(featurize_main, [generate_in, "--out", out, "--no-progress"]).returncode == 0
+    text = xsf[0].read_text()
+    head, _, rest = text.partition("total energy = ")
+    digit = rest[0]
+    edited = head + "total energy = " + ("7" if digit != "7" else "8") + rest[1:]  # one digit of the energy
+    assert edited != text and len(edited) == len(text)
+    xsf[0].write_text(edited)
+    result = run_in_process(featurize_main, [generate_in, "--out", out, "--no-progress"])
+    assert result.returncode == 2 and "different inputs" in result.stderr, result.stderr + result.stdout
+
+
+def test_featurize_into_a_store_in_use_is_refused_with_its_holder(tmp_path):
+    from aenet_dist.featurize import main as featurize_main
+
+    generate_in, _ = _emt_inputs(tmp_path, structures=4)
+    out = tmp_path / "s.zarr"
+    with open(tmp_path / ".s.zarr.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("PID 777 on host node7\n")
+        lock.flush()
+        result = run_in_process(featurize_main, [generate_in, "--out", out, "--no-progress"])
+    assert result.returncode == 2 and "in use by PID 777 on host node7" in result.stderr
+    assert not out.exists()
+    assert run_in_process(featurize_main, [generate_in, "--out", out, "--no-progress"]).returncode == 0
