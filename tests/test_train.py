@@ -287,7 +287,8 @@ def test_bad_inputs_have_clear_messages(emt, tmp_path):
     assert species.returncode == 2 and "Xx" in species.stderr
 
 
-def test_nan_reference_energy_is_named_at_load(emt, tmp_path):
+def test_nan_reference_energy_is_named_by_featurize(emt, tmp_path):
+    """A NaN energy is refused where it is read (file and line), before any store is written."""
     generate_in, _ = emt
     gen = read_generate_input(generate_in)
     structures = [s for f in gen.files for s in read_structures(f)]
@@ -303,10 +304,9 @@ def test_nan_reference_energy_is_named_at_load(emt, tmp_path):
         (data_dir / stp.name).write_text(stp.read_text())
     (data_dir / "generate.in").write_text(text[: text.upper().index("FILES")] + f"FILES\n{len(names)}\n" + "\n".join(names) + "\n")
     store = tmp_path / "nan.zarr"
-    featurize_to_store(read_generate_input(data_dir / "generate.in"), store, progress=False)
-    result = run_train([write_toml(tmp_path / "n.toml", store, tmp_path / "n", "")], check=False)
-    assert result.returncode == 2
-    assert "s04.xsf" in result.stderr and "not finite" in result.stderr
+    with pytest.raises(ValueError, match=r"s04.xsf:1: the total energy has a value that is not finite"):
+        featurize_to_store(read_generate_input(data_dir / "generate.in"), store, progress=False)
+    assert not (store / "blocks").exists()
 
 
 def test_nan_loss_stops_with_epoch_step_and_structures(emt, tmp_path):
