@@ -28,6 +28,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--deriv-dtype", choices=("float64", "float32"), default="float64", help="storage dtype of dG/dR (default float64)")
     parser.add_argument("--device", default="cpu", help="torch device for the descriptor math (cpu, cuda)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verify", action="store_true",
+                        help="read back every chunk of an existing store (checksums, lengths, missing files) and redo damaged blocks")
     return parser
 
 
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         config = read_generate_input(args.generate_in, force_seed=args.force_seed, force_structures=force_structures)
         options = StoreOptions(chunk_bytes=int(args.chunk_mb * 2**20), deriv_dtype=args.deriv_dtype)
         start = time.perf_counter()
-        featurize_to_store(config, args.out, options, device=args.device, progress=not args.no_progress)
+        featurize_to_store(config, args.out, options, device=args.device, progress=not args.no_progress, verify=args.verify)
         elapsed = time.perf_counter() - start
     except (ValueError, OSError) as err:
         # Every rank fails together (inputs read by all, store.together); the message is the same on all: print it once.

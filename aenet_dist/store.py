@@ -234,7 +234,14 @@ def fingerprint(config: FeaturizeConfig, names: list[str], digests: list[str], f
 
 
 def _zstd(level: int):
-    return zarr.codecs.ZstdCodec(level=level)
+    # The frame checksum (xxhash64 of the content) makes a flipped bit an error on read instead
+    # of a wrong number (one flip once decoded to values up to 6e99).
+    return zarr.codecs.ZstdCodec(level=level, checksum=True)
+
+
+ALL_CHUNKS_WRITTEN = "aenet_dist_all_chunks_written"
+"""Array attribute: every chunk has a file (zarr skips chunks equal to the fill value), so a
+missing chunk file is damage, not zeros."""
 
 
 def _write_array(group, name: str, data: np.ndarray, level: int, chunk_bytes: int = 4 * 2**20) -> None:
@@ -243,7 +250,8 @@ def _write_array(group, name: str, data: np.ndarray, level: int, chunk_bytes: in
     row_bytes = max(1, data.itemsize * int(np.prod(data.shape[1:], dtype=np.int64)))
     rows = max(1, min(data.shape[0] if data.ndim else 1, chunk_bytes // row_bytes))
     chunks = (rows,) + tuple(max(1, n) for n in data.shape[1:])
-    array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=_zstd(level), fill_value=0)
+    array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=_zstd(level), fill_value=0,
+                               attributes={ALL_CHUNKS_WRITTEN: True}, config={"write_empty_chunks": True})
     if data.size:
         array[...] = data
 
@@ -288,14 +296,19 @@ def _read_plain_array(directory: Path) -> np.ndarray | None:
     out = np.full(shape, meta.get("fill_value") or 0, dtype=dtype)
     chunk_bytes = math.prod(chunk) * dtype.itemsize
     tail = "/0" * (len(shape) - 1)
+    every_chunk = bool(meta.get("attributes", {}).get(ALL_CHUNKS_WRITTEN))
     for k in range(-(-shape[0] // chunk[0])):
         path = directory / "c" / f"{k}{tail}"
         if not path.exists():
-            continue  # zarr leaves chunks that equal the fill value unwritten
+            if every_chunk:
+                raise ValueError(f"{path}: chunk file is missing (the store is damaged); "
+                                 "`aenet-dist featurize --verify` with the same inputs redoes the damaged blocks")
+            continue  # older stores: zarr leaves chunks that equal the fill value unwritten
         try:
             raw = _ZSTD.decode(path.read_bytes())
-        except RuntimeError as err:  # numcodecs' report of a corrupt frame
-            raise ValueError(f"{path}: chunk cannot be decompressed ({err}); the store is damaged") from err
+        except RuntimeError as err:  # numcodecs' report of a corrupt frame or a checksum mismatch
+            raise ValueError(f"{path}: chunk cannot be decompressed ({err}); the store is damaged: "
+                             "`aenet-dist featurize --verify` with the same inputs redoes the damaged blocks") from err
         if len(raw) != chunk_bytes:
             raise ValueError(f"{path}: chunk decodes to {len(raw)} bytes, expected {chunk_bytes} (damaged store)")
         first = k * chunk[0]
@@ -420,11 +433,14 @@ def _read_range(infos: list[StructureInfo], start: int, stop: int, cache: dict[s
 
 
 def featurize_to_store(
-    config: FeaturizeConfig, out: str | os.PathLike, options: StoreOptions = StoreOptions(), device: str = "cpu", progress: bool = True
+    config: FeaturizeConfig, out: str | os.PathLike, options: StoreOptions = StoreOptions(), device: str = "cpu", progress: bool = True,
+    verify: bool = False,
 ) -> Path:
     """Featurize every structure of ``config`` into the Zarr store ``out`` (MPI-parallel when launched so).
 
-    Resumable: blocks already present are skipped; the root metadata is completed last.
+    Resumable: blocks already present are skipped; the root metadata is completed last. A
+    block whose directory has gone is featurized again, also in a complete store; ``verify``
+    decodes every chunk (checksums, lengths, missing chunk files) and redoes damaged blocks.
     Raises ValueError if ``out`` holds a store made from different inputs.
     """
     comm = world_comm()
@@ -472,22 +488,34 @@ def featurize_to_store(
 
     try:
         together(comm, "opening the store", claim)
-        return _featurize_into(root, comm, infos, names, cache, bounds, owned, force_mask, config, options, device, progress, start_time)
+        return _featurize_into(root, comm, infos, names, cache, bounds, owned, force_mask, config, options, device, progress,
+                               start_time, verify)
     finally:
         unlock(lock)
 
 
-def _featurize_into(root, comm, infos, names, cache, bounds, owned, force_mask, config, options, device, progress, start_time) -> Path:
+def _featurize_into(root, comm, infos, names, cache, bounds, owned, force_mask, config, options, device, progress, start_time,
+                    verify) -> Path:
     """Steps 4 and 5 of :func:`featurize_to_store`, with the store locked."""
     rank, size = comm.rank, comm.size
 
-    if _is_complete(root):
+    num_blocks = len(bounds) - 1
+    missing = [b for b in range(num_blocks) if not (_block_dir(root, b) / "zarr.json").exists()]
+    if verify:
+        damaged = together(comm, "verifying the store", lambda: [b for b in owned if b not in missing and not _block_is_intact(root, b)])
+        for b in damaged:  # each rank removes only the blocks it owns (and will redo)
+            log.warning("%s: block %d is damaged; featurizing it again", root, b)
+            shutil.rmtree(_block_dir(root, b))
+        missing = sorted(set(missing) | {b for part in comm.allgather(damaged) for b in part})
+    if _is_complete(root) and not missing:
         if rank == 0:
-            log.info("%s is already complete (same inputs); nothing to do", root)
+            log.info("%s is already complete (same inputs)%s; nothing to do", root, ", every chunk intact" if verify else "")
         return root
+    if _is_complete(root) and rank == 0:
+        log.warning("%s: %d block(s) missing or damaged (%s); featurizing them again", root, len(missing), ", ".join(map(str, missing[:10])))
 
     # 4. Featurize the blocks this rank owns that are not yet complete.
-    todo = [b for b in owned if not _block_dir(root, b).exists()]
+    todo = [b for b in owned if b in missing]
     keep_files = {info.file for b in todo for info in infos[bounds[b] : bounds[b + 1]]}
     for f in [f for f in cache if f not in keep_files]:
         del cache[f]
@@ -568,6 +596,19 @@ def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray,
     (root / "blocks").mkdir(exist_ok=True)
     for stale in (root / "blocks").glob(".*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _block_is_intact(root: Path, b: int) -> bool:
+    """Every array of block ``b`` decodes (frame checksums, lengths, no missing chunk file)."""
+    directory = _block_dir(root, b)
+    try:
+        names = [str(p.parent.relative_to(directory)) for p in directory.rglob("zarr.json") if p.parent != directory
+                 and json.loads(p.read_text()).get("node_type") == "array"]
+        _read_arrays(directory, names)
+    except (ValueError, OSError, RuntimeError) as err:
+        log.warning("%s", err)
+        return False
+    return True
 
 
 def _is_complete(root: Path) -> bool:
@@ -733,7 +774,11 @@ class StoreReader:
         thirds of the time of reading a block.
         """
         cast = (lambda a: a.astype(feature_dtype, copy=False)) if feature_dtype is not None else (lambda a: a)  # noqa: E731
-        values = _read_arrays(_block_dir(self.path, b), self._block_array_names)
+        directory = _block_dir(self.path, b)
+        if not (directory / "zarr.json").exists():
+            raise ValueError(f"{self.path}: block {b} ({directory}) is missing (the store is damaged); rerun featurize "
+                             "with the same inputs to redo it")
+        values = _read_arrays(directory, self._block_array_names)
         elements = {}
         for e in self.species:
             elements[e] = ElementRows(

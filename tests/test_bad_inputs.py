@@ -226,3 +226,46 @@ def test_featurize_into_a_store_in_use_is_refused_with_its_holder(tmp_path):
     assert result.returncode == 2 and "in use by PID 777 on host node7" in result.stderr
     assert not out.exists()
     assert run_in_process(featurize_main, [generate_in, "--out", out, "--no-progress"]).returncode == 0
+
+
+def _tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_damaged_store_is_detected_and_featurize_repairs_it(tmp_path):
+    """A deleted chunk, a flipped bit and a deleted block are errors naming the damage (not zeros or
+    garbage); featurize (--verify for what only reading finds) redoes exactly those blocks."""
+    from aenet_dist.featurize import main as featurize_main
+    from aenet_dist.store import StoreReader
+
+    generate_in, _ = _emt_inputs(tmp_path, structures=12)
+    out = tmp_path / "s.zarr"
+    args = [generate_in, "--out", out, "--no-progress", "--chunk-mb", "0.0625"]
+    assert run_in_process(featurize_main, args).returncode == 0
+    intact = _tree(out)
+    reader = StoreReader(out)
+    assert len(reader.block_first) > 2, "the test wants several blocks"
+    chunk = next(p for p in sorted((out / "blocks" / "b000001").rglob("*")) if p.is_file() and "/dG/c/" in str(p))
+
+    chunk.unlink()  # a deleted chunk file
+    with pytest.raises(ValueError, match=r"chunk file is missing"):
+        StoreReader(out).read_block(1)
+    assert run_in_process(featurize_main, args + ["--verify"]).returncode == 0
+    assert _tree(out) == intact
+
+    data = bytearray(chunk.read_bytes())  # one flipped bit
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"cannot be decompressed .* damaged"):
+        StoreReader(out).read_block(1)
+    assert run_in_process(featurize_main, args + ["--verify"]).returncode == 0
+    assert _tree(out) == intact
+
+    import shutil
+
+    shutil.rmtree(out / "blocks" / "b000001")  # a deleted block
+    with pytest.raises(ValueError, match=r"block 1 .* is missing"):
+        StoreReader(out).read_block(1)
+    result = run_in_process(featurize_main, args)  # no --verify needed: a missing directory is seen at once
+    assert result.returncode == 0
+    assert _tree(out) == intact
