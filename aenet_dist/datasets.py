@@ -408,7 +408,8 @@ def generate_synth_dataset(out_dir, num_structures: int, seed: int = 0, workers:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: ``python -m aenet_dist.datasets {emt,synth} --out DIR ...``."""
-    parser = argparse.ArgumentParser(prog="python -m aenet_dist.datasets", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="aenet-dist datasets", description=__doc__.split("\n")[0],
+                                     epilog="example: aenet-dist datasets emt --out emt --structures 200")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, n_default, fp_default, workers_default in (
         ("emt", "small default data set, 4-32 atoms per structure", 200, 25.0, 1),
@@ -445,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
                                           **kwargs)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
+    except OSError as err:  # e.g. --out names a file, or a directory that is not writable
+        parser.exit(2, f"error: cannot write the data set to {args.out}: {err.strerror or err}\n")
     print(path)
 
 

@@ -38,7 +38,10 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
-        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        if not torch.cuda.is_available():
+            raise ValueError("run.device='cuda' but no CUDA device is available (this torch build: "
+                             f"{torch.__version__}); use run.device='cpu' or install torch's CUDA build")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"run.device={requested!r} but no CUDA device is available")

@@ -39,6 +39,13 @@ def run(args: argparse.Namespace) -> int:
     torch_default_threads()
     force_structures = None
     try:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: exists and is not a directory (a store is a directory); choose another path")
+        if args.chunk_mb * 2**20 < 2**16:
+            raise ValueError(f"--chunk-mb must be at least 0.0625 (64 KiB), got {args.chunk_mb:g}")
+        if args.force_list and not Path(args.force_list).is_file():
+            raise ValueError(f"--force-list {args.force_list}: no such file")
         if args.force_list:
             lines = (line.split("#", 1)[0].strip() for line in Path(args.force_list).read_text().splitlines())
             force_structures = tuple(line for line in lines if line)

@@ -734,6 +734,10 @@ class StoreReader:
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
             raise ValueError(f"{self.path}: no Zarr store here (run `aenet-dist featurize` first)")
+        try:
+            json.loads((self.path / "zarr.json").read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{self.path / 'zarr.json'}: damaged store metadata ({err}); featurize the store again") from None
         self.group = zarr.open_group(zarr.storage.LocalStore(self.path), mode="r")
         self.attrs = dict(self.group.attrs)
         if self.attrs.get("format") != FORMAT:

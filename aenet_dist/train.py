@@ -646,6 +646,8 @@ def _claim_run_dir(run_dir: Path, resume: bool, info: DistInfo) -> tuple[str | N
     problem, lock = None, None
     if info.is_main:
         try:
+            if run_dir.exists() and not run_dir.is_dir():
+                raise ValueError(f"run.run_dir {run_dir} exists and is not a directory; choose another run.run_dir")
             lock = lock_directory(run_dir, "run directory")
             history = ckpt.Checkpointer(run_dir).describe()
             metrics = run_dir / "metrics.jsonl"
@@ -670,7 +672,16 @@ def _is_peer_failure(err: RuntimeError) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # overrides may follow --resume
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_usage(sys.stderr)
+        print("error: give a configuration file (train.toml, or aenet-PyTorch's train.in); see --help", file=sys.stderr)
+        return 2
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --resume
+    if args.resume and args.finetune:
+        print("error: --resume continues a run and --finetune starts a new one from a checkpoint's weights; give one of them",
+              file=sys.stderr)
+        return 2
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     try:

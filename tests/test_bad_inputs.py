@@ -269,3 +269,42 @@ def test_damaged_store_is_detected_and_featurize_repairs_it(tmp_path):
     result = run_in_process(featurize_main, args)  # no --verify needed: a missing directory is seen at once
     assert result.returncode == 0
     assert _tree(out) == intact
+
+
+@pytest.fixture(scope="module")
+def cli_case(tmp_path_factory, store):
+    base = tmp_path_factory.mktemp("cli")
+    (base / "afile").write_text("x")
+    (base / "t.toml").write_text(f'[data]\nstore = "{store}"\n[run]\nepochs = 1\nrun_dir = "{base / "run"}"\n')
+    generate_in = generate_emt_dataset(base / "data", num_structures=3, seed=1)
+    (base / "trunc.zarr").mkdir()
+    (base / "trunc.zarr" / "zarr.json").write_text((Path(store) / "zarr.json").read_text()[:100])
+    return base, generate_in
+
+
+CLI_CASES = [
+    (["featurize", "{gen}", "--out", "{base}/afile"], "--out .*afile: exists and is not a directory"),
+    (["featurize", "{gen}", "--out", "{base}/s.zarr", "--force-list", "{base}/nope.txt"], "--force-list .*nope.txt: no such file"),
+    (["featurize", "{gen}", "--out", "{base}/s.zarr", "--chunk-mb", "0.01"], r"--chunk-mb must be at least 0.0625 \(64 KiB\)"),
+    (["train", "{base}/t.toml", "run.run_dir={base}/afile"], "run.run_dir .*afile exists and is not a directory"),
+    (["train"], "give a configuration file"),
+    (["train", "{base}/t.toml", "run.run_dir={base}/r2", "--resume", "--finetune", "{base}/afile"], "give one of them"),
+    (["train", "{base}/t.toml", "run.run_dir={base}/r3", "data.store={base}/trunc.zarr"], r"trunc.zarr/zarr.json: damaged store metadata"),
+    (["datasets", "emt", "--out", "{base}/afile", "--structures", "2"], "cannot write the data set to .*afile"),
+] + ([] if torch.cuda.is_available() else [
+    (["train", "{base}/t.toml", "run.run_dir={base}/r4", "run.device=cuda"], "no CUDA device is available"),
+])
+
+
+@pytest.mark.parametrize("argv,message", CLI_CASES, ids=lambda v: " ".join(v)[:50] if isinstance(v, list) else None)
+def test_command_line_user_errors_are_one_clear_message(cli_case, argv, message):
+    import re
+
+    base, generate_in = cli_case
+    argv = [a.format(base=base, gen=generate_in) for a in argv]
+    result = subprocess.run([sys.executable, "-m", "aenet_dist.cli", *argv], capture_output=True, text=True, cwd=base, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert re.search(message, output), output
+    assert "Traceback" not in output
+    assert (base / "afile").read_text() == "x"
