@@ -74,6 +74,9 @@ class DescriptorSetup:
             raise ValueError(f"{self.source or self.element}: descriptor basis {self.basis_type!r} is not supported (only Chebyshev)")
         if len(set(self.env_species)) != len(self.env_species):
             raise ValueError(f"{self.source or self.element}: ENV species repeated: {self.env_species}")
+        if self.rmin < 0 or self.rmin >= min(self.basis.radial_cutoff, self.basis.angular_cutoff):
+            raise ValueError(f"{self.source or self.element}: RMIN {self.rmin:g} Å must be >= 0 and below both cutoffs "
+                             f"(radial_Rc {self.basis.radial_cutoff:g}, angular_Rc {self.basis.angular_cutoff:g} Å)")
 
     @property
     def num_features(self) -> int:

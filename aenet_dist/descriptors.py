@@ -318,6 +318,25 @@ def sub_batches(pair_count: np.ndarray, budget: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _check_min_distance(structures, setups, type_names, species_index, nbr: Neighbors, pair_offset, atom_offset) -> None:
+    """Refuse atoms closer than their setup's RMIN (coincident or nearly so).
+
+    aenet sizes its neighbour lists from RMIN, the smallest distance a setup expects; closer
+    atoms are a broken structure (a duplicated line, wrong units) and would give descriptors
+    far outside anything trained on.
+    """
+    rmin = torch.tensor([setups[e].rmin for e in type_names], dtype=nbr.dist.dtype, device=nbr.dist.device)
+    close = torch.nonzero(nbr.dist < rmin[species_index[nbr.center]]).flatten()
+    if close.numel() == 0:
+        return
+    p = int(close[0])
+    s = int(np.searchsorted(pair_offset, p, side="right")) - 1
+    i, j = int(nbr.center[p]) - int(atom_offset[s]), int(nbr.neighbor[p]) - int(atom_offset[s])
+    element = type_names[int(species_index[nbr.center[p]])]
+    raise ValueError(f"{structures[s].name}: atoms {i + 1} and {j + 1} (counting from 1) are {float(nbr.dist[p]):.4g} Å apart, "
+                     f"closer than RMIN {setups[element].rmin:g} Å of the {element} setup; check the structure")
+
+
 def featurize(
     structures,
     setups: dict[str, DescriptorSetup],
@@ -356,6 +375,7 @@ def featurize(
     cutoff = max(setup.basis.max_cutoff for setup in setups.values())
     nbr = neighbor_list([s.pos for s in structures], [s.cell for s in structures], [s.pbc for s in structures], cutoff, dtype, device)
     pair_offset = np.r_[0, np.cumsum(nbr.pair_count.numpy())]
+    _check_min_distance(structures, setups, type_names, species_index, nbr, pair_offset, atom_offset)
 
     parts: dict[str, list[SpeciesFeatures]] = {e: [] for e in type_names}
     for s0, s1 in sub_batches(nbr.pair_count.numpy(), pair_budget):

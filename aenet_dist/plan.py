@@ -79,16 +79,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aenet-dist plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store", help="Zarr store from featurize")
     parser.add_argument("--ranks", type=int, default=1, help="training ranks (default 1)")
-    parser.add_argument("--cache", default="auto", choices=("auto", "gpu", "pinned", "memory", "stream"))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--batch-size", type=int, default=128, help="global batch in structures")
-    parser.add_argument("--shuffle-window-blocks", type=int, default=8)
-    parser.add_argument("--num-shards", type=int, default=None)
-    parser.add_argument("--test-percent", type=float, default=10.0)
+    parser.add_argument("--cache", default="auto", choices=("auto", "gpu", "pinned", "memory", "stream"),
+                        help="data.cache to plan for (default auto: what training would choose here)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="run.dtype (default float32)")
+    parser.add_argument("--batch-size", type=int, default=128, help="run.batch_size: global batch in structures (default 128)")
+    parser.add_argument("--shuffle-window-blocks", type=int, default=8, help="data.shuffle_window_blocks (default 8)")
+    parser.add_argument("--num-shards", type=int, default=None, help="data.num_shards (default: one per rank)")
+    parser.add_argument("--test-percent", type=float, default=10.0, help="data.test_percent (default 10)")
     parser.add_argument("--memory-budget-gb", type=float, default=None, help="data.memory_budget_gb: host memory per rank for data")
     parser.add_argument("--readers", type=int, default=2, help="data.readers (default 2)")
     parser.add_argument("--ranks-per-node", type=int, default=None, help="ranks sharing one node's memory (default: --ranks)")
     args = parser.parse_args(argv)
+    for name in ("ranks", "batch_size", "shuffle_window_blocks", "readers", "num_shards", "ranks_per_node"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.memory_budget_gb is not None and not args.memory_budget_gb > 0:
+        print(f"error: --memory-budget-gb must be > 0, got {args.memory_budget_gb:g}", file=sys.stderr)
+        return 2
+    if not 0 <= args.test_percent < 100:
+        print(f"error: --test-percent must be in [0, 100), got {args.test_percent:g}", file=sys.stderr)
+        return 2
     try:
         reader = StoreReader(args.store)
         itemsize = 4 if args.dtype == "float32" else 8

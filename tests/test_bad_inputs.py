@@ -291,6 +291,8 @@ CLI_CASES = [
     (["train", "{base}/t.toml", "run.run_dir={base}/r2", "--resume", "--finetune", "{base}/afile"], "give one of them"),
     (["train", "{base}/t.toml", "run.run_dir={base}/r3", "data.store={base}/trunc.zarr"], r"trunc.zarr/zarr.json: damaged store metadata"),
     (["datasets", "emt", "--out", "{base}/afile", "--structures", "2"], "cannot write the data set to .*afile"),
+    (["plan", "{base}/trunc.zarr", "--ranks", "0"], "--ranks must be >= 1, got 0"),
+    (["plan", "{base}/trunc.zarr", "--memory-budget-gb", "-1"], "--memory-budget-gb must be > 0, got -1"),
 ] + ([] if torch.cuda.is_available() else [
     (["train", "{base}/t.toml", "run.run_dir={base}/r4", "run.device=cuda"], "no CUDA device is available"),
 ])
@@ -308,3 +310,27 @@ def test_command_line_user_errors_are_one_clear_message(cli_case, argv, message)
     assert re.search(message, output), output
     assert "Traceback" not in output
     assert (base / "afile").read_text() == "x"
+
+
+def test_finetune_with_another_network_shape_names_the_shapes(store, tmp_path):
+    config = write_train_toml(tmp_path / "t.toml", store, tmp_path / "a", epochs=1)
+    assert _train([config]).returncode == 0
+    result = _train([config, f"run.run_dir={tmp_path / 'b'}", "model.hidden=[4, 4]", "--finetune",
+                     tmp_path / "a" / "checkpoints" / "checkpoint_000001.pt"])
+    assert result.returncode == 2
+    assert "do not fit this model's networks" in result.stderr and "(6, " in result.stderr and "(4, " in result.stderr
+
+
+def test_coincident_atoms_are_refused_naming_the_structure(tmp_path):
+    from aenet_dist.aenet_inputs import read_generate_input as read_gen
+    from aenet_dist.descriptors import featurize
+    from aenet_dist.structures import Structure, read_structures
+
+    generate_in, xsf = _emt_inputs(tmp_path, structures=3)
+    config = read_gen(generate_in)
+    s = read_structures(xsf[1])[0]
+    pos = s.pos.copy()
+    pos[1] = pos[0] + [0.05, 0.0, 0.0]  # a duplicated atom line, slightly off
+    bad = Structure(s.species, pos, s.cell, s.pbc, s.energy, s.forces, "bad.xsf")
+    with pytest.raises(ValueError, match=r"bad.xsf: atoms [12] and [12] \(counting from 1\) are 0.05 Å apart, closer than RMIN"):
+        featurize([read_structures(xsf[0])[0], bad], config.setups, config.species, [True, True])

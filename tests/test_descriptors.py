@@ -133,8 +133,8 @@ def test_equals_brute_force_formula_cluster():
 
 def small_cell_tio2():
     cell = np.array([[2.9, 0.0, 0.0], [0.4, 3.1, 0.0], [0.0, 0.3, 2.8]])  # well below the 6.5 Å cutoff
-    rng = np.random.default_rng(11)
-    pos = rng.random((3, 3)) @ cell
+    # Irregular fractional positions (no symmetry), all pairs and images > RMIN apart.
+    pos = np.array([[0.11, 0.23, 0.31], [0.57, 0.62, 0.44], [0.83, 0.14, 0.79]]) @ cell
     return Structure(("Ti", "O", "O"), pos, cell, True, 0.0, np.zeros((3, 3)), "small-cell")
 
 
