@@ -45,6 +45,7 @@ import re
 from pathlib import Path
 
 from aenet_dist.config import ChebyshevBasis, DescriptorSetup, FeaturizeConfig
+from aenet_dist.files import atomic_write
 from aenet_dist.log import get_logger
 
 _log = get_logger(__name__)
@@ -111,13 +112,8 @@ def _fmt_float(x: float) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory, fsync, then ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (:func:`aenet_dist.files.atomic_write`)."""
+    atomic_write(path, text)
 
 
 # --------------------------------------------------------------------------- .stp

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write
 from .log import get_logger
 
 log = get_logger(__name__)
@@ -21,14 +22,8 @@ _NAME = re.compile(r"^checkpoint_(\d{6})(?:\.(\d{6}))?\.pt$")  # epoch, and step
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """torch.save, atomically (:func:`aenet_dist.files.atomic_write`)."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def load(path: Path, map_location="cpu") -> dict:

@@ -6,18 +6,18 @@ aenet's ``generate.in``. Parsers for those formats live in :mod:`aenet_dist.aene
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import logging
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
+
+from .files import atomic_write
 
 try:
     import tomllib
@@ -860,17 +860,7 @@ def save_resolved_config(config: TrainConfig, run_dir: str | os.PathLike) -> Pat
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / "config.toml"
-    fd, tmp = tempfile.mkstemp(prefix=".config.toml.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(dump_toml(config))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(target, dump_toml(config))
     return target
 
 

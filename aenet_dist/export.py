@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write
 from .config import ChebyshevBasis, DescriptorSetup
 from .model import AtomicModel, ElementNet, NetworkConfig, activation_name
 
@@ -345,27 +345,11 @@ def nn_to_bytes(nn: NNFile, where: str = "NNFile") -> bytes:
     return bytes(out)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def write_nn(path: str | os.PathLike, nn: NNFile) -> None:
     """Write ``nn`` as an aenet binary ``.nn`` file (atomically)."""
-    _atomic_write(Path(path), nn_to_bytes(nn, str(path)))
+    atomic_write(Path(path), nn_to_bytes(nn, str(path)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +405,7 @@ def write_nn_ascii(path: str | os.PathLike, nn: NNFile) -> None:
     gfortran's list-directed output of ``nnASCII2bin --to-ascii`` has the same records but
     writes the env types one per line and strings unquoted: :func:`read_nn_ascii` reads both.
     """
-    _atomic_write(Path(path), nn_to_ascii(nn, str(path)).encode("latin-1"))
+    atomic_write(Path(path), nn_to_ascii(nn, str(path)).encode("latin-1"))
 
 
 class _ListDirectedReader:

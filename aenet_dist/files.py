@@ -1,4 +1,5 @@
-"""File-system helpers shared by the commands: exclusive locks on run directories and stores.
+"""File-system helpers shared by the commands: atomic writes, and exclusive locks on run
+directories and stores.
 
 A lock is ``fcntl.flock`` on a lock file (``.lock`` inside a run directory, ``.<name>.lock``
 beside a store), which holds the owner's PID and host. The kernel releases it when the process ends, however it ends (kill -9 included),
@@ -7,12 +8,17 @@ so a stale lock file never blocks a later run.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 LOCK_NAME = ".lock"
+TMP_SUFFIX = ".aenet-tmp"  # temporary files of atomic_write: ".<name>.<random>.aenet-tmp"
 
 
 class DirectoryInUse(ValueError):
@@ -54,3 +60,61 @@ def unlock(fd: int | None) -> None:
     """Release a lock taken with :func:`lock_directory` (None: nothing to do)."""
     if fd is not None:
         os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once: os.umask can only be read by setting it
+
+
+def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[BinaryIO], None]) -> Path:
+    """Write a file so that readers see the old content or the new, never a part.
+
+    ``content`` is bytes, text (UTF-8), or a function that writes into a binary file object.
+    The data go to a temporary file in the target's directory, are flushed to disk (fsync),
+    get the permissions a plain ``open`` would give (0666 less the umask: a potential exported
+    to a shared directory stays readable by the group's LAMMPS jobs), and replace the target.
+    A symlink is followed (its target is replaced, the link stays); a target that is not a
+    regular file (a device, a FIFO, /dev/stdout) is written directly. Nothing is left behind
+    when writing fails.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    write = content if callable(content) else (lambda fh: fh.write(content.encode() if isinstance(content, str) else content))
+    if path.exists() and not path.is_file():
+        with open(path, "wb") as fh:
+            write(fh)
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` leaves when its process is killed mid-write.
+
+    Call it only while holding the directory's lock (no live writer then). Returns what was removed.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale

@@ -25,6 +25,7 @@ import torch
 from .batching import gather_batch, shard_from_range
 from .export import load_run_model, resolve_checkpoint
 from .loader import split_test
+from .files import atomic_write
 from .train import predict
 
 FIGSIZE = {"learning_curves": (9.0, 4.0), "parity": (10.0, 4.5)}
@@ -149,12 +150,10 @@ def plot_parity(results: dict[str, np.ndarray], out: str | os.PathLike) -> Path:
 
 def _save(fig, out) -> Path:
     """Save atomically (temp file in the same directory, then rename) and close the figure."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, dpi=DPI, format="png")
-    _pyplot().close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return atomic_write(out, lambda fh: fig.savefig(fh, dpi=DPI, format="png"))
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, checkpoint: str = "best",

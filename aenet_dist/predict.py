@@ -47,6 +47,7 @@ from .config import DescriptorSetup
 from .descriptors import chebyshev, env_tables, featurize, moment_tables, pair_terms, sub_batches
 from .export import element_net_from_nn, read_nn, setup_from_nn
 from .log import get_logger, setup_logging
+from .files import atomic_write
 from .model import AtomicModel, forces_from_dEdG
 from .neighbors import neighbor_list
 from .structures import Structure, from_ase, read_xsf
@@ -699,13 +700,7 @@ def format_aenet(predictions: Sequence[Prediction], forces: bool, atomic_energie
 
 def write_json(path: str | os.PathLike, predictions: Sequence[Prediction]) -> None:
     """A JSON list with one :meth:`Prediction.to_dict` per structure (written atomically)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump([p.to_dict() for p in predictions], fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps([p.to_dict() for p in predictions]))
 
 
 # ----------------------------------------------------------------------------- command line

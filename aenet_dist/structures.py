@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write
+
 _ENERGY_RE = re.compile(r"#\s*total\s+energy\s*=\s*(\S+)", re.IGNORECASE)
 
 
@@ -219,9 +221,7 @@ def write_xsf(path: str | os.PathLike, structure: Structure) -> None:
     forces = structure.forces if structure.forces is not None else np.zeros((structure.num_atoms, 0))
     for symbol, p, f in zip(structure.species, structure.pos, forces):
         out.append(f"{symbol:<3s}" + "".join(f"{x:16.10f}" for x in p) + "".join(f"{x:16.10f}" for x in f))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(out) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "\n".join(out) + "\n")
 
 
 def read_structures(path: str | os.PathLike) -> list[Structure]:

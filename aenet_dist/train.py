@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .batching import Batch
 from .config import TrainConfig, load_train_config, read_train_in, save_resolved_config
 from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
-from .files import lock_directory, unlock
+from .files import atomic_write, lock_directory, remove_stale_temporaries, unlock
 from .loader import (
     PREFETCH_DEPTH,
     STREAM_PREFETCH_DEPTH,
@@ -594,9 +594,7 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def summary_table(last: dict, trainer: Trainer, wall: float) -> str:
@@ -661,6 +659,8 @@ def _claim_run_dir(run_dir: Path, resume: bool, info: DistInfo) -> tuple[str | N
             if run_dir.exists() and not run_dir.is_dir():
                 raise ValueError(f"run.run_dir {run_dir} exists and is not a directory; choose another run.run_dir")
             lock = lock_directory(run_dir, "run directory")
+            for stale in remove_stale_temporaries(run_dir) + remove_stale_temporaries(run_dir / "checkpoints"):
+                log.info("removed %s, left by a run that was killed while writing it", stale)
             history = ckpt.Checkpointer(run_dir).describe()
             metrics = run_dir / "metrics.jsonl"
             if metrics.exists() and metrics.stat().st_size:

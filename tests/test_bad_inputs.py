@@ -334,3 +334,31 @@ def test_coincident_atoms_are_refused_naming_the_structure(tmp_path):
     bad = Structure(s.species, pos, s.cell, s.pbc, s.energy, s.forces, "bad.xsf")
     with pytest.raises(ValueError, match=r"bad.xsf: atoms [12] and [12] \(counting from 1\) are 0.05 Å apart, closer than RMIN"):
         featurize([read_structures(xsf[0])[0], bad], config.setups, config.species, [True, True])
+
+
+def test_atomic_write_honours_umask_follows_symlinks_and_leaves_nothing_on_failure(tmp_path):
+    from aenet_dist.files import TMP_SUFFIX, atomic_write, remove_stale_temporaries
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.nn", b"data")  # a fresh file: 0644, as open() would give
+        assert (tmp_path / "a.nn").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    atomic_write(tmp_path / "link.json", "new")
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "real.json").read_text() == "new"
+    atomic_write("/dev/null", "not a regular file: written through, not replaced")
+    assert Path("/dev/null").is_char_device()
+
+    def fail(fh):
+        fh.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "a.nn", fail)
+    assert (tmp_path / "a.nn").read_bytes() == b"data"
+    assert not list(tmp_path.glob(f"*{TMP_SUFFIX}"))
+    (tmp_path / f".x.nn.abc{TMP_SUFFIX}").write_text("left by a killed run")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [f".x.nn.abc{TMP_SUFFIX}"]
