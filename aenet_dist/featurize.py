@@ -19,14 +19,20 @@ from .store import StoreReader, featurize_to_store, torch_default_threads, world
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="aenet-dist featurize", description=__doc__)
+    parser = parser or argparse.ArgumentParser(
+        prog="aenet-dist featurize",
+        description="Compute aenet's descriptors and their derivatives for the structures of a generate.in "
+                    "into a Zarr store; a rerun of the same command finishes an interrupted store.",
+        epilog="examples:\n  aenet-dist featurize generate.in --out store.zarr\n"
+               "  mpiexec -n 8 python -m aenet_dist.featurize generate.in --out store.zarr",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("generate_in", help="aenet generate.in (TYPES, SETUPS, FILES, FORCES, FORCESPERCENT)")
     parser.add_argument("--out", required=True, help="output Zarr store (directory)")
     parser.add_argument("--force-seed", type=int, default=0, help="seed of the FORCESPERCENT choice (default 0)")
     parser.add_argument("--force-list", help="text file naming the structures (one per line, '#' comments) that get derivatives; overrides FORCESPERCENT")
     parser.add_argument("--chunk-mb", type=float, default=32.0, help="target uncompressed MiB per block of structures (default 32)")
     parser.add_argument("--deriv-dtype", choices=("float64", "float32"), default="float64", help="storage dtype of dG/dR (default float64)")
-    parser.add_argument("--device", default="cpu", help="torch device for the descriptor math (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", help="torch device for the descriptor math (cpu, cuda; default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verify", action="store_true",
                         help="read back every chunk of an existing store (checksums, lengths, missing files) and redo damaged blocks")

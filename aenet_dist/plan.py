@@ -76,7 +76,12 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aenet-dist plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="aenet-dist plan",
+        description="Memory and I/O per rank of a training run on a store, before the job is queued "
+                    "(reads only the store's structure table).",
+        epilog="example: aenet-dist plan store.zarr --ranks 8 --cache stream --memory-budget-gb 4",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store", help="Zarr store from featurize")
     parser.add_argument("--ranks", type=int, default=1, help="training ranks (default 1)")
     parser.add_argument("--cache", default="auto", choices=("auto", "gpu", "pinned", "memory", "stream"),

@@ -614,7 +614,16 @@ def summary_table(last: dict, trainer: Trainer, wall: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aenet-dist train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="aenet-dist train",
+        description="Train per-element networks on a featurized store (energies and forces); "
+                    "one process, or one rank per GPU/CPU slot under torchrun.",
+        epilog="examples:\n"
+               "  aenet-dist train train.toml\n"
+               "  aenet-dist train train.toml optim.lr=1e-3 run.epochs=50\n"
+               "  torchrun --nproc_per_node=4 -m aenet_dist.train train.toml --resume\n"
+               "every configuration key is documented in aenet_dist/config.py and the README",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="train.toml (or aenet-PyTorch's train.in)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-3 run.epochs=50")
     parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE", help="same as a positional override")
@@ -732,6 +741,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, a directory that became read-only, a store on a lost mount
+        print(f"error: {err.filename or ''}{': ' if err.filename else ''}{err.strerror or err}; nothing half-written was kept. "
+              f"When it is fixed, rerun with --resume to continue from the last checkpoint in {config.run.run_dir}/checkpoints",
+              file=sys.stderr)
+        return 1
     except (tdist.DistError, RuntimeError) as err:
         if not info.distributed or not (isinstance(err, tdist.DistError) or _is_peer_failure(err)):
             raise
