@@ -91,6 +91,24 @@ class Checkpointer:
         return f"{len(found)} checkpoint(s)" + (f", newest {found[-1].name}" if found else ", best.pt")
 
 
+def weights_mismatch(ours: dict, theirs: dict) -> str | None:
+    """How a checkpoint's model weights ``theirs`` differ from a model's ``ours`` (None: they fit).
+
+    Said per element (``nets.<El>.``) and shape, a few items each, not as a dump of every key.
+    """
+    def element(key: str) -> str:
+        return key.split(".")[1] if key.startswith("nets.") else key
+
+    missing = sorted({element(k) for k in set(ours) - set(theirs)})
+    extra = sorted({element(k) for k in set(theirs) - set(ours)})
+    differ = [f"{k} {tuple(theirs[k].shape)} here {tuple(v.shape)}" for k, v in ours.items()
+              if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)]
+    parts = ([f"elements without weights in the checkpoint: {', '.join(missing)}"] if missing else []) + \
+            ([f"elements only in the checkpoint: {', '.join(extra)}"] if extra else []) + \
+            ([f"shapes differ: {', '.join(differ[:4])}{f' and {len(differ) - 4} more' if len(differ) > 4 else ''}"] if differ else [])
+    return "; ".join(parts) or None
+
+
 def rng_state() -> dict:
     """Torch CPU (and CUDA) generator states."""
     state = {"torch": torch.get_rng_state()}

@@ -742,9 +742,10 @@ def load_run_model(checkpoint_path: str | os.PathLike, store: str | os.PathLike 
                          f"but {store_path} has {reader.fingerprint[:12]} (a different store)")
     model = build_model(reader, config, torch.float64)
     exact = {k: v.clone() for k, v in model.state_dict().items()}
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{checkpoint_path}: weights do not fit the model of its config (missing {missing}, unexpected {unexpected})")
+    mismatch = ckpt.weights_mismatch(model.state_dict(), state["model"])
+    if mismatch:
+        raise ValueError(f"{checkpoint_path}: weights do not fit the model of its config and store ({mismatch})")
+    model.load_state_dict(state["model"])
     with torch.no_grad():
         for el, net in model.nets.items():
             names = ("sfval_min", "sfval_max", "sfval_avg", "sfval_cov", "scale", "shift", "e_atom")
@@ -786,6 +787,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
 
     path = resolve_checkpoint(run_dir, checkpoint)
     model, reader, _ = load_run_model(path, store)
+    untrained = [el for el in reader.species if int(reader.attrs["stats"][el]["count"]) == 0]
+    if untrained:
+        raise ValueError(f"{reader.path}: no atoms of {', '.join(untrained)} in the store, so its network was never trained "
+                         "and a .nn file for it would be random weights; featurize structures with it, or leave it out of TYPES")
     info = train_set_info(reader)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -731,6 +731,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_writable(option: str, target: str | None) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if not target:
+        return
+    path = Path(target)
+    if path.exists() and path.is_dir():
+        raise ValueError(f"{option} {target}: is a directory")
+    if path.exists() and not path.is_file():
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{option} {target}: not writable")
+        return  # a device or FIFO, written through
+    parent = Path(os.path.realpath(path)).parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {target}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{option} {target}: directory {parent} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(0)
@@ -741,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         start = time.perf_counter()
+        for option, target in (("--out", args.out), ("--json", args.json)):
+            _check_writable(option, target)  # before the computation, not after it
         forces, atomic_energies = args.forces, False
         inputs = list(args.inputs)
         if args.potentials:
@@ -767,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             text = format_aenet(results, forces, atomic_energies)
             if args.out:
-                Path(args.out).write_text(text)
+                atomic_write(args.out, text)
             else:
                 sys.stdout.write(text)
         if args.json:

@@ -295,19 +295,11 @@ class Trainer:
         state = ckpt.load(Path(path))
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             raise ValueError(f"{path}: not an aenet_dist training checkpoint (no model weights in it)")
-        ours = self.model.state_dict()
-        theirs = state["model"]
-        differ = [f"{name} {tuple(theirs[name].shape)} -> {tuple(value.shape)}" for name, value in ours.items()
-                  if name in theirs and tuple(theirs[name].shape) != tuple(value.shape)]
-        missing = sorted(set(ours) - set(theirs))
-        unexpected = sorted(set(theirs) - set(ours))
-        if differ or missing or unexpected:
-            parts = ([f"shapes differ: {', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}"] if differ else []) + \
-                    ([f"not in the checkpoint: {', '.join(missing[:6])}"] if missing else []) + \
-                    ([f"not in this model: {', '.join(unexpected[:6])}"] if unexpected else [])
-            raise ValueError(f"{path}: its weights do not fit this model's networks ({'; '.join(parts)}); "
+        mismatch = ckpt.weights_mismatch(self.model.state_dict(), state["model"])
+        if mismatch:
+            raise ValueError(f"{path}: its weights do not fit this model's networks ({mismatch}); "
                              "fine-tuning needs the same model.hidden, activations and elements")
-        self.model.load_state_dict(theirs)
+        self.model.load_state_dict(state["model"])
         log.info("fine-tuning from the weights of %s", path)
 
     # ------------------------------------------------------------------ steps

@@ -318,7 +318,7 @@ def test_finetune_with_another_network_shape_names_the_shapes(store, tmp_path):
     result = _train([config, f"run.run_dir={tmp_path / 'b'}", "model.hidden=[4, 4]", "--finetune",
                      tmp_path / "a" / "checkpoints" / "checkpoint_000001.pt"])
     assert result.returncode == 2
-    assert "do not fit this model's networks" in result.stderr and "(6, " in result.stderr and "(4, " in result.stderr
+    assert "do not fit this model's networks" in result.stderr and "shapes differ: nets." in result.stderr and "(6, " in result.stderr and "here (4, " in result.stderr
 
 
 def test_coincident_atoms_are_refused_naming_the_structure(tmp_path):
@@ -362,3 +362,22 @@ def test_atomic_write_honours_umask_follows_symlinks_and_leaves_nothing_on_failu
     assert not list(tmp_path.glob(f"*{TMP_SUFFIX}"))
     (tmp_path / f".x.nn.abc{TMP_SUFFIX}").write_text("left by a killed run")
     assert [p.name for p in remove_stale_temporaries(tmp_path)] == [f".x.nn.abc{TMP_SUFFIX}"]
+
+
+def test_predict_json_through_a_symlink_and_an_unwritable_target_refused_first(tmp_path):
+    import json
+
+    from aenet_dist.predict import main as predict_main
+
+    shared = ROOT.parent / "shared" / "refdata"
+    if not (shared / "Ti.pytorch.nn").exists():
+        pytest.skip("../shared/refdata is not available")
+    xsf = sorted((ROOT.parent / "shared" / "data" / "tio2" / "xsf").glob("*.xsf"))[:2]
+    potentials = f"{shared / 'Ti.pytorch.nn'},{shared / 'O.pytorch.nn'}"
+    (tmp_path / "real.json").write_text("[]")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    result = run_in_process(predict_main, ["--potentials", potentials, *xsf, "--json", tmp_path / "link.json", "--quiet"])
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "link.json").is_symlink() and len(json.loads((tmp_path / "real.json").read_text())) == 2
+    result = run_in_process(predict_main, ["--potentials", potentials, *xsf, "--json", tmp_path / "nodir" / "x.json"])
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
