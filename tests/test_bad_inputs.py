@@ -381,3 +381,25 @@ def test_predict_json_through_a_symlink_and_an_unwritable_target_refused_first(t
     assert (tmp_path / "link.json").is_symlink() and len(json.loads((tmp_path / "real.json").read_text())) == 2
     result = run_in_process(predict_main, ["--potentials", potentials, *xsf, "--json", tmp_path / "nodir" / "x.json"])
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_export_refuses_an_element_without_training_atoms(tmp_path):
+    from aenet_dist.export import main as export_main
+    from aenet_dist.structures import read_structures
+
+    generate_in, xsf = _emt_inputs(tmp_path, structures=30)
+    config_text = generate_in.read_text()
+    absent = "Ni"
+    without = [p for p in xsf if absent not in read_structures(p)[0].species]
+    assert len(without) >= 4, "the EMT set has structures without Ni"
+    lines = config_text.splitlines()
+    files_at = next(i for i, line in enumerate(lines) if line.strip().upper() == "FILES")
+    names = [f"xsf/{p.name}" for p in without]
+    (tmp_path / "data" / "no_ni.in").write_text("\n".join(lines[:files_at] + ["FILES", str(len(names)), *names]) + "\n")
+    store = tmp_path / "s.zarr"
+    featurize_to_store(read_generate_input(tmp_path / "data" / "no_ni.in"), store, progress=False)
+    config = write_train_toml(tmp_path / "t.toml", store, tmp_path / "run", epochs=1)
+    assert _train([config]).returncode == 0
+    result = run_in_process(export_main, [tmp_path / "run", "--out", tmp_path / "nn"])
+    assert result.returncode == 2 and f"no atoms of {absent} in the store" in result.stderr
+    assert not list((tmp_path / "nn").glob("*.nn")) if (tmp_path / "nn").exists() else True
