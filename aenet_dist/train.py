@@ -215,9 +215,10 @@ class Trainer:
         self.best_loss = math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
-        if resume:
-            self._resume()
-        elif finetune:
+        # --resume with --finetune (launch/train.sh passes --resume on every start of a job): the
+        # run's own checkpoint wins once there is one; the first start takes the --finetune weights.
+        resumed = self._resume(starting_from=finetune) if resume else False
+        if finetune and not resumed:
             self._load_weights(finetune)
         if info.distributed:
             self.ddp = wrap_ddp(lean.LeanStep(self.model), info)
@@ -268,13 +269,15 @@ class Trainer:
         if differ:
             raise ValueError(f"{path}: configuration differs from the checkpoint's in {differ}; use --finetune to start from its weights")
 
-    def _resume(self) -> None:
+    def _resume(self, starting_from: str | None = None) -> bool:
+        """Load the newest readable checkpoint of the run; False if the run has none yet."""
         found = self.checkpointer.latest_readable()
         if found is None:
             if self.checkpointer.all():
                 raise ValueError(f"--resume: no checkpoint in {self.checkpointer.dir} is readable (see the warnings above)")
-            log.info("--resume: no checkpoint in %s, starting from scratch", self.checkpointer.dir)
-            return
+            log.info("--resume: no checkpoint in %s yet, starting %s", self.checkpointer.dir,
+                     f"from the weights of {starting_from} (--finetune)" if starting_from else "from scratch")
+            return False
         path, state = found
         if path != self.checkpointer.latest():
             log.warning("resuming from %s, the newest readable checkpoint", path.name)
@@ -290,6 +293,7 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         where = f"epoch {self.epoch + 1}, after step {self.step_in_epoch}" if self.step_in_epoch else f"after epoch {self.epoch}"
         log.info("resumed from %s (%s)", path, where)
+        return True
 
     def _load_weights(self, path: str) -> None:
         state = ckpt.load(Path(path))
@@ -691,10 +695,6 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give a configuration file (train.toml, or aenet-PyTorch's train.in); see --help", file=sys.stderr)
         return 2
     args = parser.parse_intermixed_args(argv)  # overrides may follow --resume
-    if args.resume and args.finetune:
-        print("error: --resume continues a run and --finetune starts a new one from a checkpoint's weights; give one of them",
-              file=sys.stderr)
-        return 2
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     try:

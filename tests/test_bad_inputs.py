@@ -288,7 +288,6 @@ CLI_CASES = [
     (["featurize", "{gen}", "--out", "{base}/s.zarr", "--chunk-mb", "0.01"], r"--chunk-mb must be at least 0.0625 \(64 KiB\)"),
     (["train", "{base}/t.toml", "run.run_dir={base}/afile"], "run.run_dir .*afile exists and is not a directory"),
     (["train"], "give a configuration file"),
-    (["train", "{base}/t.toml", "run.run_dir={base}/r2", "--resume", "--finetune", "{base}/afile"], "give one of them"),
     (["train", "{base}/t.toml", "run.run_dir={base}/r3", "data.store={base}/trunc.zarr"], r"trunc.zarr/zarr.json: damaged store metadata"),
     (["datasets", "emt", "--out", "{base}/afile", "--structures", "2"], "cannot write the data set to .*afile"),
     (["plan", "{base}/trunc.zarr", "--ranks", "0"], "--ranks must be >= 1, got 0"),
@@ -403,3 +402,21 @@ def test_export_refuses_an_element_without_training_atoms(tmp_path):
     result = run_in_process(export_main, [tmp_path / "run", "--out", tmp_path / "nn"])
     assert result.returncode == 2 and f"no atoms of {absent} in the store" in result.stderr
     assert not list((tmp_path / "nn").glob("*.nn")) if (tmp_path / "nn").exists() else True
+
+
+def test_resume_with_finetune_starts_from_the_weights_then_resumes_the_run(store, tmp_path):
+    """launch/train.sh passes --resume on every start of a job: with --finetune, the first start
+    takes the fine-tuning weights (it used to start from scratch, silently) and a requeue resumes."""
+    config = write_train_toml(tmp_path / "t.toml", store, tmp_path / "a", epochs=1)
+    assert _train([config]).returncode == 0
+    weights = tmp_path / "a" / "checkpoints" / "checkpoint_000001.pt"
+    assert _train([config, f"run.run_dir={tmp_path / 'plain'}", "--finetune", weights]).returncode == 0
+    both = _train([config, f"run.run_dir={tmp_path / 'both'}", "--resume", "--finetune", weights])
+    assert both.returncode == 0 and "from the weights of" in both.stderr
+    assert read_metrics(tmp_path / "both") == [
+        {k: v for k, v in m.items() if not k.endswith("seconds") and k != "structures_per_second"} | {
+            k: v for k, v in b.items() if k.endswith("seconds") or k == "structures_per_second"}
+        for m, b in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "both"))]
+    again = _train([config, f"run.run_dir={tmp_path / 'both'}", "run.epochs=2", "--resume", "--finetune", weights])
+    assert again.returncode == 0 and "resumed from" in again.stderr
+    assert [m["epoch"] for m in read_metrics(tmp_path / "both")] == [1, 2]
