@@ -191,7 +191,9 @@ class StoreOptions:
 _log = logging.getLogger("aenet_dist.config")  # = log.get_logger("config"); log.py sits below config.py
 
 CACHE_MODES = ("auto", "memory", "gpu", "pinned", "stream")
-OPTIM_METHODS = ("adam", "adamw", "sgd")
+# torch.optim's first-order optimizers by their lower-case names (aenet-PyTorch takes any by name;
+# the paper's best TiO2 fits used adagrad, adamw and adamax).
+OPTIM_METHODS = ("adam", "adamw", "sgd", "adagrad", "adamax", "nadam", "radam", "rmsprop", "adadelta", "asgd", "rprop")
 SCHEDULE_KINDS = ("none", "cosine", "step", "plateau")
 DTYPES = ("float32", "float64")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -393,7 +395,9 @@ class OptimConfig:
     """Optimizer ([optim]; aenet ``METHOD`` and ``REGULARIZATION``)."""
 
     method: str = "adamw"
-    """``adam``, ``adamw`` or ``sgd`` (torch.optim.Adam / AdamW / SGD)."""
+    """A torch.optim first-order optimizer by name: adam, adamw, sgd, adagrad, adamax, nadam, radam,
+    rmsprop, adadelta, asgd or rprop. It gets lr and, where it takes them, weight_decay, betas
+    (the Adam family) and momentum (sgd only); its other parameters keep torch's defaults."""
     lr: float = 1e-4
     """Learning rate (aenet-PyTorch ``lr=``)."""
     weight_decay: float = 0.0
