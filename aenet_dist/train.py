@@ -54,6 +54,8 @@ log = get_logger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+WAIT_FLOOR_S = 0.05  # per step: waiting less than this on average is not worth a warning
+WARN_EVERY = 10  # a recurring warning is repeated every this many epochs it recurs
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun with --resume
 
 
@@ -238,6 +240,7 @@ class Trainer:
         self.partial_totals = torch.zeros(4, dtype=self.dtype)  # their summed errors
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
         self.stop_agreed = False  # some rank asked to stop (known to all after each step)
+        self.warning_counts: dict[str, int] = {}  # recurring warnings given so far (data wait, straggler)
         self.local_seconds = 0.0  # forward time this epoch, before any collective (straggler check)
         self.best_loss = math.inf
         self.best_epoch = -1
@@ -562,25 +565,34 @@ class Trainer:
         return last
 
     def _warn_about_waiting(self, data_seconds: float, train_seconds: float) -> None:
-        """Rank 0 warns when ranks wait on data, or on a slower rank (a straggler)."""
+        """Rank 0 warns when ranks wait on data, or on a slower rank (a straggler), when it matters.
+
+        Only a loss of at least ``WAIT_FLOOR_S`` per step on average counts (short steps jitter by
+        more than any imbalance), and each warning is given once, then every ``WARN_EVERY``
+        epochs it recurs, with the count, so that a long run's log stays readable.
+        """
         timings = all_gather_objects((data_seconds, self.local_seconds), self.info)
         if not self.info.is_main:
             return
+        floor = WAIT_FLOOR_S * self.steps
         waits = [d for d, _ in timings]
         work = [w for _, w in timings]
         worst = int(np.argmax(waits))
-        if waits[worst] > 0.2 * train_seconds:
-            log.warning(
-                "rank %d waited %.2f s of %.2f s for data this epoch: use a faster cache (data.cache) or fewer ranks per node",
-                worst, waits[worst], train_seconds,
-            )
+        if waits[worst] > 0.2 * train_seconds and waits[worst] > floor:
+            self._warn_now("data", "rank %d waited %.2f s of %.2f s for data this epoch: use a faster cache (data.cache) or "
+                           "fewer ranks per node", worst, waits[worst], train_seconds)
         slowest = int(np.argmax(work))
-        if len(work) > 1 and work[slowest] > 1.25 * float(np.median(work)) and work[slowest] > 0.05 * train_seconds:
-            log.warning(
-                "straggler: rank %d computed for %.2f s against a median of %.2f s; the others waited for it "
-                "(shards are balanced by stored rows; check that rank's device and its neighbours' load)",
-                slowest, work[slowest], float(np.median(work)),
-            )
+        median = float(np.median(work))
+        if len(work) > 1 and work[slowest] > 1.25 * median and work[slowest] - median > floor:
+            self._warn_now("straggler", "straggler: rank %d computed for %.2f s against a median of %.2f s; the others waited "
+                           "for it (shards are balanced by stored rows; check that rank's device and its neighbours' load)",
+                           slowest, work[slowest], median)
+
+    def _warn_now(self, kind: str, message: str, *args) -> None:
+        """Log a recurring warning the first time and every WARN_EVERY-th time after, with the count."""
+        count = self.warning_counts[kind] = self.warning_counts.get(kind, 0) + 1
+        if count == 1 or count % WARN_EVERY == 0:
+            log.warning(message + (" (%d epochs so far)" if count > 1 else ""), *args, *((count,) if count > 1 else ()))
 
     def _save_interrupted(self) -> None:
         """Checkpoint the exact position inside the epoch (rank 0), then stop every rank."""
