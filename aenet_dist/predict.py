@@ -97,15 +97,17 @@ class Prediction:
         return len(self.species)
 
     def to_dict(self) -> dict:
-        """JSON-ready dict: name, num_atoms, species, energy, cohesive_energy, energy_per_atom
-        (the atomic energies E_i, a list), and forces/stress when computed."""
+        """JSON-ready dict (the README's ``--json`` schema): name, num_atoms, species, energy,
+        cohesive_energy, energy_per_atom (energy / num_atoms), atomic_energies (the E_i, a list),
+        and forces/stress when computed."""
         d = {
             "name": self.name,
             "num_atoms": self.num_atoms,
             "species": list(self.species),
             "energy": self.energy,
             "cohesive_energy": self.cohesive_energy,
-            "energy_per_atom": self.atomic_energies.tolist(),
+            "energy_per_atom": self.energy / self.num_atoms,
+            "atomic_energies": self.atomic_energies.tolist(),
         }
         if self.forces is not None:
             d["forces"] = self.forces.tolist()

@@ -180,7 +180,10 @@ def test_cli_with_predict_in(ref, tmp_path, capsys):
     np.testing.assert_allclose([d["cohesive_energy"] for d in data], ref["energy_cohesive"][:4], rtol=0, atol=1e-8)
     n = int(ref["atom_offset"][4])
     np.testing.assert_allclose(np.concatenate([d["forces"] for d in data]), ref["forces"][:n], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(np.concatenate([d["energy_per_atom"] for d in data]), ref["atomic_energy"][:n], atol=1e-9)
+    np.testing.assert_allclose(np.concatenate([d["atomic_energies"] for d in data]), ref["atomic_energy"][:n], atol=1e-9)
+    for d in data:  # energy_per_atom is E / N, the atomic energies sum to E
+        assert d["energy_per_atom"] == pytest.approx(d["energy"] / d["num_atoms"], rel=1e-14)
+        assert sum(d["atomic_energies"]) == pytest.approx(d["energy"], rel=1e-12)
     # structure files on the command line replace FILES
     assert predict_main([str(path), str(path.parent / "xsf" / names[0]), "--quiet", "--json", str(out)]) == 0
     assert len(json.loads(out.read_text())) == 1
