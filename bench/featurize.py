@@ -5,7 +5,9 @@
 Runs the featurize command line as a subprocess (``mpiexec -n N python -m
 aenet_dist.featurize shared/data/tio2/generate.in ...``, float64 derivatives) with the
 250 force structures that generate.x chose (``shared/refdata/full1000_force_structures_gfortran.txt``),
-so both programs write the same derivatives. Measures, per rank count: end-to-end wall time
+so both programs write the same derivatives. aenet's generate.x (built by ``shared/peers/build.sh``)
+runs in the same invocation, alternating with ours (``--pairs`` times): speed-ups are per pair,
+then the median, in wall time and in CPU-seconds. Measures, per rank count: end-to-end wall time
 (Python and torch start-up included), the in-process time the command prints, structures/s,
 atoms/s, store size on disk and peak resident memory. Also: the fixed cost of ``import torch``,
 vesin vs ASE neighbour lists on all 1000 structures, derivative bytes per force structure vs
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import resource
 import re
 import shutil
 import statistics
@@ -44,8 +47,7 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 RESULTS_JSONL = ROOT / "bench" / "results.jsonl"
 HEADING = "## featurize (TiO2, 1000 structures, 25 % forces)"
 
-# aenet generate.x, serial, same data and machine kind (shared/refdata/README.md, "Performance anchor").
-AENET = {"wall_s": 10.0, "peak_rss_mb": 58.0, "forces_mb": 665.266180, "train_mb": 11.663332}
+PEERS_BUILD = SHARED / "peers" / "build.sh"
 NUM_FEATURES = 56
 CUTOFF = 6.5
 
@@ -73,16 +75,42 @@ def write_force_list(tmp: Path) -> tuple[Path, int]:
     return path, len(names)
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_generate_x(generate_x: Path, work: Path) -> dict:
+    """aenet's generate.x on the same generate.in (in a copy of its directory); wall and CPU seconds, output size."""
+    gen = work / "generate_x"
+    shutil.rmtree(gen, ignore_errors=True)
+    gen.mkdir(parents=True)
+    for f in GENERATE_IN.parent.glob("*.stp"):
+        shutil.copy(f, gen)
+    shutil.copy(GENERATE_IN, gen)
+    (gen / "xsf").symlink_to(GENERATE_IN.parent / "xsf")
+    cpu0, t0 = _children_cpu_s(), time.perf_counter()
+    proc = subprocess.run([str(generate_x), "generate.in"], cwd=gen, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0
+    if proc.returncode != 0:
+        sys.exit(f"generate.x failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    size = sum(p.stat().st_size for p in gen.iterdir() if p.is_file() and p.suffix not in (".stp", ".in"))
+    shutil.rmtree(gen, ignore_errors=True)
+    return {"wall_s": wall, "cpu_s": cpu, "output_bytes": size, "loadavg_end": round(os.getloadavg()[0], 2)}
+
+
 def run_featurize(ranks: int, out: Path, force_list: Path) -> dict:
     """One featurize run under mpiexec; returns its timings, memory and store size."""
     cmd = [str(MPIEXEC), "-n", str(ranks), str(PY), "-m", "aenet_dist.featurize", str(GENERATE_IN),
            "--out", str(out), "--force-list", str(force_list), "--deriv-dtype", "float64", "--no-progress"]
     timed = ["/usr/bin/time", "-v"] + cmd if Path("/usr/bin/time").exists() else cmd
+    cpu0 = _children_cpu_s()
     t0 = time.perf_counter()
     proc = subprocess.Popen(timed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with TreeMemory(proc.pid, match="aenet_dist.featurize") as mem:
         stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
+    cpu = _children_cpu_s() - cpu0
     if proc.returncode != 0:
         sys.exit(f"featurize with {ranks} rank(s) failed (exit {proc.returncode}):\n{stdout}\n{stderr}")
     m = re.search(r"wall time\s+([0-9.]+) s", stdout)
@@ -94,6 +122,8 @@ def run_featurize(ranks: int, out: Path, force_list: Path) -> dict:
     return {
         "ranks": ranks,
         "wall_s": wall,
+        "cpu_s": cpu,
+        "loadavg_end": round(os.getloadavg()[0], 2),
         "inprocess_s": float(m.group(1)),
         "store_bytes": size,
         "store_files": files,
@@ -196,7 +226,11 @@ def check_descriptors(store: Path) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def report(info: dict, runs: list[dict], torch_import: dict, nbl: dict, deriv: dict, check: dict, num_atoms: int) -> str:
+def _join(values) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+def report(info: dict, runs: list[dict], peers: list[dict], torch_import: dict, nbl: dict, deriv: dict, check: dict, num_atoms: int) -> str:
     num_structures = nbl["structures"]
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     lines = [
@@ -206,22 +240,29 @@ def report(info: dict, runs: list[dict], torch_import: dict, nbl: dict, deriv: d
         f"zarr {info['zarr']}, Python {info['python']}; load average at start {info['loadavg_1min_at_start']:.2f} "
         f"(other work on the machine slows every number). `bench/featurize.py`: `mpiexec -n N python -m aenet_dist.featurize "
         f"shared/data/tio2/generate.in --deriv-dtype float64 --force-list` (the 250 structures generate.x chose), "
-        f"{num_structures} structures, {num_atoms} atoms.",
+        f"{num_structures} structures, {num_atoms} atoms. **aenet's generate.x ran in this invocation, {len(peers)} time(s), "
+        "alternating with ours**; speed-ups are per pair (end-to-end wall; CPU-seconds of the whole process tree), then the median.",
         "",
-        "| program | ranks | wall, end to end (s) | in-process (s) | structures/s | atoms/s | output on disk (MB) | peak RSS, largest process (MB) | peak RSS, sum of ranks (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| program | ranks | wall, end to end (s), median (per run) | CPU-s | speed-up vs generate.x, wall (per pair) | CPU-s / generate.x's | "
+        "in-process (s) | output on disk (MB) | peak RSS, largest process (MB) | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in runs:
-        t = r["inprocess_s"]
-        lines.append(
-            f"| aenet_dist | {r['ranks']} | {r['wall_s']:.1f} | {t:.1f} | {num_structures / t:.0f} | {num_atoms / t:.0f} | "
-            f"{r['store_bytes'] / 1e6:.0f} | {r['peak_rss_max_rank_mb']:.0f} | {r['peak_rss_sum_mb']:.0f} |"
-        )
+    med = statistics.median
     lines.append(
-        f"| aenet generate.x | 1 | {AENET['wall_s']:.1f} | – | {num_structures / AENET['wall_s']:.0f} | "
-        f"{num_atoms / AENET['wall_s']:.0f} | {AENET['forces_mb'] + AENET['train_mb']:.0f} (.forces {AENET['forces_mb']:.0f} + .train {AENET['train_mb']:.0f}) | "
-        f"{AENET['peak_rss_mb']:.0f} | – |"
+        f"| aenet generate.x | 1 | {med(p['wall_s'] for p in peers):.2f} ({_join(p['wall_s'] for p in peers)}) | "
+        f"{med(p['cpu_s'] for p in peers):.2f} | 1 | 1 | – | {peers[0]['output_bytes'] / 1e6:.0f} | – | "
+        f"{_join(p['loadavg_end'] for p in peers)} |"
     )
+    for ranks in sorted({r["ranks"] for r in runs}):
+        rs = [r for r in runs if r["ranks"] == ranks]
+        ratios = [p["wall_s"] / r["wall_s"] for p, r in zip(peers, rs)]
+        cpu_ratio = med(r["cpu_s"] for r in rs) / med(p["cpu_s"] for p in peers)
+        lines.append(
+            f"| aenet_dist | {ranks} | {med(r['wall_s'] for r in rs):.2f} ({_join(r['wall_s'] for r in rs)}) | "
+            f"{med(r['cpu_s'] for r in rs):.2f} | **{med(ratios):.2f}x** ({_join(ratios)}) | {cpu_ratio:.2f} | "
+            f"{med(r['inprocess_s'] for r in rs):.2f} | {rs[0]['store_bytes'] / 1e6:.0f} | {max(r['peak_rss_max_rank_mb'] for r in rs):.0f} | "
+            f"{_join(r['loadavg_end'] for r in rs)} |"
+        )
     lines += [
         "",
         "structures/s and atoms/s use the in-process time (aenet: its wall time). End-to-end includes interpreter, "
@@ -250,6 +291,7 @@ def report(info: dict, runs: list[dict], torch_import: dict, nbl: dict, deriv: d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="MPI rank counts (default 1 2)")
+    parser.add_argument("--pairs", type=int, default=3, help="times generate.x and our runs alternate (default 3; medians)")
     parser.add_argument("--keep", type=Path, help="keep the stores in this directory (default: a temporary one, removed)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md / results.jsonl")
     args = parser.parse_args()
@@ -270,13 +312,20 @@ def main() -> int:
         torch_s = statistics.median(time_command([str(PY), "-c", "import torch"]))
         torch_import = {"python_s": python_s, "import_torch_s": torch_s}
         print(f"python start-up {python_s:.2f} s, import torch {torch_s:.2f} s", file=sys.stderr)
-        runs = []
-        for ranks in args.ranks:
-            out = work / f"tio2_{ranks}ranks.zarr"
-            shutil.rmtree(out, ignore_errors=True)
-            print(f"featurize, {ranks} rank(s) ...", file=sys.stderr)
-            runs.append(run_featurize(ranks, out, force_list))
-            print(runs[-1]["summary"], file=sys.stderr)
+        build = subprocess.run(["bash", str(PEERS_BUILD)], capture_output=True, text=True)
+        if build.returncode != 0:
+            sys.exit(f"building the peers failed:\n{build.stderr[-3000:]}")
+        generate_x = Path(build.stdout.strip().splitlines()[-1]) / "generate.x"
+        runs, peers = [], []
+        for pair in range(args.pairs):  # generate.x, then ours: both see the same machine state
+            peers.append(run_generate_x(generate_x, work))
+            print(f"generate.x: {peers[-1]['wall_s']:.2f} s wall, {peers[-1]['cpu_s']:.2f} CPU-s", file=sys.stderr)
+            for ranks in args.ranks:
+                out = work / f"tio2_{ranks}ranks.zarr"
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"featurize, {ranks} rank(s) ...", file=sys.stderr)
+                runs.append(run_featurize(ranks, out, force_list))
+                print(f"  {runs[-1]['wall_s']:.2f} s wall, {runs[-1]['cpu_s']:.2f} CPU-s", file=sys.stderr)
         store = work / f"tio2_{args.ranks[0]}ranks.zarr"
         from aenet_dist.store import StoreReader
 
@@ -288,15 +337,14 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    text = report(info, runs, torch_import, nbl, deriv, check, num_atoms)
+    text = report(info, runs, peers, torch_import, nbl, deriv, check, num_atoms)
     print(text)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     base = {"bench": "featurize", "dataset": "tio2", "time": stamp, **info, "force_structures": num_forces, "deriv_dtype": "float64"}
     records = [{**base, "what": "featurize", **{k: v for k, v in r.items() if k != "summary"},
                 "structures_per_s": nbl["structures"] / r["inprocess_s"], "atoms_per_s": num_atoms / r["inprocess_s"]} for r in runs]
     records += [
-        {**base, "what": "aenet_generate_x", "ranks": 1, "wall_s": AENET["wall_s"], "peak_rss_max_rank_mb": AENET["peak_rss_mb"],
-         "store_bytes": int((AENET["forces_mb"] + AENET["train_mb"]) * 1e6), "source": "shared/refdata/README.md"},
+        *({**base, "what": "aenet_generate_x", "ranks": 1, **p, "source": "shared/peers/build.sh, this run"} for p in peers),
         {**base, "what": "startup", **torch_import},
         {**base, "what": "neighbor_list", "cutoff": CUTOFF, **nbl},
         {**base, "what": "deriv_storage", **deriv},

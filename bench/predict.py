@@ -15,8 +15,9 @@ forces, from the XSF files to the results:
 * the ``rows`` engine (featurize's sparse dG/dR rows + model.forces_from_dEdG) with forces, once;
 * the agreement with predict.x on the 20 refdata structures.
 
-predict.x (serial Fortran, one core, same machine kind): 13.5 s with forces, 3.5 s energies only
-(shared/refdata/README.md). Prints a markdown table, appends it to bench/RESULTS.md under
+aenet's predict.x (serial Fortran, built by ``shared/peers/build.sh``) runs in the same invocation,
+alternating with our end-to-end runs on the same input: speed-ups are per pair, then the median.
+Prints a markdown table, appends it to bench/RESULTS.md under
 "## predict (TiO2, 1000 structures)" and one JSON line per measurement to bench/results.jsonl.
 Not collected by pytest.
 """
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS_JSONL, RESULTS_MD, append_results, machine
+from common import RESULTS_JSONL, RESULTS_MD, append_results, load1, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AENET_DIST_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -44,7 +45,7 @@ XSF_DIR = SHARED / "data" / "tio2" / "xsf"
 REFDATA = SHARED / "refdata"
 POTENTIALS = {"Ti": REFDATA / "Ti.pytorch.nn", "O": REFDATA / "O.pytorch.nn"}
 HEADING = "## predict (TiO2, 1000 structures)"
-PREDICT_X = {True: 13.5, False: 3.5}  # wall s, with / without forces (refdata README)
+PEERS_BUILD = SHARED / "peers" / "build.sh"
 THREADS: int | None = None  # --threads: torch intra-op threads, in-process and in the subprocess
 
 
@@ -64,16 +65,33 @@ def write_predict_in(tmp: Path, files: list[Path], forces: bool) -> Path:
     return path
 
 
-def end_to_end(prefix: list[str], predict_in: Path, out: Path, device: str, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        proc = subprocess.run(prefix + [str(predict_in), "--out", str(out), "--device", device]
-                              + ([f"--threads={THREADS}"] if THREADS else []), capture_output=True, text=True)
-        times.append(time.perf_counter() - t0)
-        if proc.returncode != 0:
-            sys.exit(f"predict failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return times
+def end_to_end(prefix: list[str], predict_in: Path, out: Path, device: str) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(prefix + [str(predict_in), "--out", str(out), "--device", device]
+                          + ([f"--threads={THREADS}"] if THREADS else []), capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"predict failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return wall
+
+
+def peer_end_to_end(predict_x: Path, tmp: Path, files: list[Path], forces: bool) -> float:
+    """aenet's predict.x on the same structures; it wants the .nn files by short names in its directory."""
+    work = tmp / "predict_x"
+    work.mkdir(exist_ok=True)
+    for el, path in POTENTIALS.items():
+        link = work / path.name
+        if not link.exists():
+            link.symlink_to(path)
+    lines = ["TYPES", "2", "Ti", "O", "", "NETWORKS"] + [f"  {el}  {p.name}" for el, p in POTENTIALS.items()] + [""]
+    lines += (["FORCES", ""] if forces else []) + ["FILES", str(len(files))] + [str(f) for f in files]
+    (work / "predict.in").write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(predict_x), "predict.in"], cwd=work, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or "Error" in proc.stdout:
+        sys.exit(f"predict.x failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+    return wall
 
 
 def in_process(files: list[Path], forces: bool, device: str, repeats: int, engine: str = "pairs") -> tuple[list[float], dict]:
@@ -133,12 +151,19 @@ def report(info: dict, rows: list[dict], check: dict, torch_s: float, num_atoms:
         f"{info['loadavg_1min_at_start']} (other work on the machine slows every number). `bench/predict.py`: "
         f"{num_structures} XSF files, {num_atoms} atoms, `shared/refdata/{{Ti,O}}.pytorch.nn`; end to end = `{command} "
         f"predict.in --out report.txt` as a subprocess; in-process = potentials + XSF reading + predict (median of the "
-        f"repeats after a warm-up). Speed-up = predict.x wall (same kind of 2-vCPU machine) / this wall.", "",
+        f"repeats after a warm-up). **aenet's predict.x ran in this invocation**, alternating with our end-to-end runs; "
+        f"speed-up = predict.x's median wall / this wall (end to end: the median of the per-pair ratios).", "",
         "| program | measure | forces | wall (s) | structures/s | atoms/s | speed-up vs predict.x |",
         "|---|---|---|---|---|---|---|",
     ]
+    peer = {r["forces"]: r for r in rows if r["program"] == "aenet predict.x"}
     for r in rows:
-        speed = f"{PREDICT_X[r['forces']] / r['wall_s']:.2f}x" if r["program"] != "aenet predict.x" else "1"
+        if r["program"] == "aenet predict.x":
+            speed = "1"
+        elif "pair_ratios" in r:
+            speed = f"**{statistics.median(r['pair_ratios']):.2f}x** ({', '.join(f'{x:.2f}' for x in r['pair_ratios'])})"
+        else:
+            speed = f"{peer[r['forces']]['wall_s'] / r['wall_s']:.2f}x"
         lines.append(f"| {r['program']} | {r['measure']} | {'yes' if r['forces'] else 'no'} | {r['wall_s']:.2f} | "
                      f"{num_structures / r['wall_s']:.0f} | {num_atoms / r['wall_s']:.0f} | {speed} |")
     lines += ["", f"- `python -c 'import torch'` alone takes {torch_s:.2f} s (median of 3): most of the end-to-end overhead.",
@@ -156,7 +181,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median; default 3)")
     parser.add_argument("--no-rows", action="store_true", help="skip the rows-engine measurement")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md / results.jsonl")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: predict's default, 1)")
     parser.add_argument("--save-to", type=Path, help="append to RESULTS.md / results.jsonl in this directory instead of bench/")
     args = parser.parse_args()
     global THREADS
@@ -173,14 +198,23 @@ def main() -> int:
     num_atoms = sum(read_xsf(f).num_atoms for f in files)
     info = machine(args.device)
     prefix = command_prefix()
-    rows = [{"program": "aenet predict.x", "measure": "end to end (refdata README)", "forces": f, "wall_s": PREDICT_X[f]}
-            for f in (False, True)]
+    build = subprocess.run(["bash", str(PEERS_BUILD)], capture_output=True, text=True)
+    if build.returncode != 0:
+        sys.exit(f"building the peers failed:\n{build.stderr[-3000:]}")
+    predict_x = Path(build.stdout.strip().splitlines()[-1]) / "predict.x"
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for forces in (False, True):
-            times = end_to_end(prefix, write_predict_in(tmp, files, forces), tmp / "report.txt", args.device, args.repeats)
-            rows.append({"program": "aenet_dist", "measure": "end to end", "forces": forces, "wall_s": statistics.median(times), "runs_s": times})
-            print(f"end to end, forces={forces}: {times}", file=sys.stderr)
+            ours, theirs = [], []
+            for _ in range(args.repeats):  # alternating: both see the same machine state
+                theirs.append(peer_end_to_end(predict_x, tmp, files, forces))
+                ours.append(end_to_end(prefix, write_predict_in(tmp, files, forces), tmp / "report.txt", args.device))
+            rows.append({"program": "aenet predict.x", "measure": "end to end, this run", "forces": forces,
+                         "wall_s": statistics.median(theirs), "runs_s": theirs, "loadavg": load1()})
+            rows.append({"program": "aenet_dist", "measure": "end to end", "forces": forces, "wall_s": statistics.median(ours),
+                         "runs_s": ours, "pair_ratios": [t / o for t, o in zip(theirs, ours)], "loadavg": load1()})
+            print(f"end to end, forces={forces}: predict.x {theirs}, ours {ours}", file=sys.stderr)
             report_bytes = (tmp / "report.txt").stat().st_size
         for forces in (False, True):
             times, split = in_process(files, forces, args.device, args.repeats)
