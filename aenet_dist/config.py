@@ -283,6 +283,12 @@ class DataConfig:
     """Percentage of structures held out as the test set, 0 <= x < 100 (aenet ``TESTPERCENT``)."""
     split_seed: int = 0
     """Seed of the deterministic train/test split."""
+    force_percent: float = 100.0
+    """Percentage of the training set's force structures (those the store has derivatives for)
+    whose forces enter the loss: a seeded subset, nested (the 10 % subset lies inside the 20 % one),
+    so one store featurized with all forces serves every fraction (the aenet-PyTorch paper's
+    Figs. 3 and 5). Energies of all training structures are always used; test metrics use every
+    test structure. The other structures' forces are still computed, and masked out."""
     cache: str = "auto"
     """Where training data is kept: ``memory`` (host RAM), ``gpu`` (device memory), ``pinned``
     (page-locked host RAM, asynchronous copies), ``stream`` (blocks read from the store each epoch)
@@ -313,6 +319,8 @@ class DataConfig:
             raise ValueError(f"data.test_percent must be in [0, 100), got {self.test_percent}")
         if self.split_seed < 0:
             raise ValueError(f"data.split_seed must be >= 0, got {self.split_seed}")
+        if not 0.0 <= self.force_percent <= 100.0:
+            raise ValueError(f"data.force_percent must be in [0, 100], got {self.force_percent}")
         _check_choice(self.cache, CACHE_MODES, "data.cache")
         if self.num_shards is not None and self.num_shards < 1:
             raise ValueError(f"data.num_shards must be >= 1 (or unset = world size), got {self.num_shards}")
@@ -503,6 +511,9 @@ class RunConfig:
     log_every: int = 0
     """Log the training loss every this many steps; 0 = once per epoch only."""
 
+    angle_min_force: float = 0.1
+    """eV/Å: atoms whose reference force is at most this are left out of the force-direction
+    metric (test_force_angle_*_deg: angle between predicted and reference force)."""
     cpu_threads: int = 1
     """Intra-op threads per rank when training on the CPU; 0 = this process's cores divided by the
     ranks on the node. The networks are small: one thread per rank, with more ranks, is the fast
@@ -533,6 +544,8 @@ class RunConfig:
             raise ValueError(f"run.early_stop_patience must be >= 1 (or unset = never), got {self.early_stop_patience}")
         if self.log_every < 0:
             raise ValueError(f"run.log_every must be >= 0 (0 = per epoch only), got {self.log_every}")
+        if self.angle_min_force < 0:
+            raise ValueError(f"run.angle_min_force must be >= 0 eV/Å, got {self.angle_min_force}")
         if self.cpu_threads < 0:
             raise ValueError(f"run.cpu_threads must be >= 0 (0 = cores / ranks), got {self.cpu_threads}")
         if not self.collective_timeout_s > 0:

@@ -92,6 +92,19 @@ def split_test(has_derivs: np.ndarray, test_percent: float, seed: int) -> np.nda
     return mask
 
 
+def force_subset(has_derivs: np.ndarray, test: np.ndarray, force_percent: float, seed: int) -> np.ndarray:
+    """Boolean mask over the store: training structures whose forces enter the loss.
+
+    ``force_percent`` of the training structures with derivatives, the first ones of one seeded
+    permutation (its own stream, (seed, 2)): the subsets for different percentages are nested.
+    """
+    mask = np.zeros(len(has_derivs), dtype=bool)
+    candidates = np.flatnonzero(np.asarray(has_derivs, dtype=bool) & ~test)
+    count = int(round(len(candidates) * force_percent / 100.0))
+    mask[np.random.default_rng([seed, 2]).permutation(candidates)[:count]] = True
+    return mask
+
+
 def structure_costs(reader: StoreReader) -> np.ndarray:
     """Relative work per structure: descriptor rows plus 3x the derivative rows."""
     return reader.num_atoms.astype(np.float64) + 3.0 * reader.num_deriv_rows.astype(np.float64)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .batching import Batch
@@ -125,3 +126,34 @@ def global_loss(
         surrogate = surrogate + l2_penalty / world_size
         loss = loss + l2_penalty.detach()
     return surrogate, LossValue(loss, rmse_e, rmse_f, totals)
+
+
+ANGLE_BINS = 360  # 0.5° bins over [0°, 180°]
+
+
+def force_angle_histogram(predicted: torch.Tensor, reference: torch.Tensor, use: torch.Tensor, min_force: float) -> torch.Tensor:
+    """(ANGLE_BINS,) counts of the angle between predicted and reference force, per atom.
+
+    Atoms count where ``use`` (A,) holds and |F_ref| > ``min_force`` (eV/Å); below it the
+    reference direction is noise. No value is read back to the host.
+    """
+    ref_norm = torch.linalg.vector_norm(reference, dim=1)
+    pred_norm = torch.linalg.vector_norm(predicted, dim=1)
+    cosine = (predicted * reference).sum(1) / (ref_norm * pred_norm).clamp(min=torch.finfo(reference.dtype).tiny)
+    degrees = torch.rad2deg(torch.acos(cosine.clamp(-1.0, 1.0)))
+    bins = (degrees * (ANGLE_BINS / 180.0)).long().clamp_(0, ANGLE_BINS - 1)
+    weight = (use & (ref_norm > min_force)).to(reference.dtype)
+    return torch.zeros(ANGLE_BINS, dtype=reference.dtype, device=reference.device).index_add_(0, bins, weight)
+
+
+def histogram_quantile(histogram, q: float) -> float:
+    """The ``q`` quantile (0..1) of angles in degrees from a :func:`force_angle_histogram` (linear within a bin); NaN if empty."""
+    counts = np.asarray(histogram, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return float("nan")
+    cumulative = np.cumsum(counts)
+    k = int(np.searchsorted(cumulative, q * total))
+    below = cumulative[k - 1] if k > 0 else 0.0
+    inside = (q * total - below) / counts[k] if counts[k] > 0 else 0.0
+    return (k + inside) * 180.0 / ANGLE_BINS

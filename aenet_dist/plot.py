@@ -2,8 +2,10 @@
 
 * ``learning_curves.png``: train and test RMSE of energies (meV/atom) and forces (eV/Å) per
   epoch from ``run_dir/metrics.jsonl``, log y axis.
-* ``parity.png``: reference (DFT) vs predicted cohesive energy per atom, and reference vs
-  predicted force components, train and test structures apart (the run's split:
+* ``parity.png``: reference (DFT) vs predicted cohesive energy per atom, reference vs
+  predicted force components, and the distribution of the angle between predicted and
+  reference force per atom (|F_ref| > ``run.angle_min_force``; the aenet-PyTorch paper's
+  Figs. 6c and 7c), train and test structures apart (the run's split:
   :func:`aenet_dist.loader.split_test` with its ``data.test_percent``/``data.split_seed``),
   evaluated with a checkpoint (default ``best``) on the run's store.
 
@@ -28,9 +30,9 @@ from .loader import split_test
 from .files import atomic_write
 from .train import predict
 
-FIGSIZE = {"learning_curves": (9.0, 4.0), "parity": (10.0, 4.5)}
+FIGSIZE = {"learning_curves": (9.0, 4.0), "parity": (15.0, 4.5)}
 DPI = 100
-"""Images are FIGSIZE * DPI pixels: learning_curves.png 900x400, parity.png 1000x450."""
+"""Images are FIGSIZE * DPI pixels: learning_curves.png 900x400, parity.png 1500x450."""
 
 
 def _pyplot():
@@ -116,13 +118,14 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str = "best", store: st
     return {
         "energy_ref": np.concatenate(e_ref), "energy_pred": np.concatenate(e_pred), "test": test,
         "force_ref": cat(f_ref, (0, 3)), "force_pred": cat(f_pred, (0, 3)), "force_test": cat(f_test, (0,)).astype(bool),
+        "angle_min_force": np.float64(config.run.angle_min_force),
     }
 
 
 def plot_parity(results: dict[str, np.ndarray], out: str | os.PathLike) -> Path:
     """Reference vs predicted energy per atom and force components, train and test -> PNG."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=FIGSIZE["parity"], dpi=DPI)
+    fig, axes = plt.subplots(1, 3, figsize=FIGSIZE["parity"], dpi=DPI)
     panels = (
         (axes[0], results["energy_ref"], results["energy_pred"], results["test"], 1000.0, "meV/atom",
          "cohesive energy per atom (eV/atom)"),
@@ -144,8 +147,36 @@ def plot_parity(results: dict[str, np.ndarray], out: str | os.PathLike) -> Path:
         ax.set_xlabel(f"reference {label}")
         ax.set_ylabel(f"predicted {label}")
         ax.grid(True, alpha=0.3)
+    _angle_panel(axes[2], results)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def _angle_panel(ax, results: dict[str, np.ndarray]) -> None:
+    """Histogram of the angle between predicted and reference force (degrees), train and test."""
+    from .loss import ANGLE_BINS, force_angle_histogram, histogram_quantile
+
+    threshold = float(results.get("angle_min_force", 0.1))
+    merge = 4  # shown in 2° bins (the metric's are 0.5°)
+    edges = np.linspace(0.0, 180.0, ANGLE_BINS // merge + 1)
+    shown, widest = False, 0.0
+    for name, mask, color in (("train", ~results["force_test"], "tab:blue"), ("test", results["force_test"], "tab:orange")):
+        hist = force_angle_histogram(torch.from_numpy(results["force_pred"]), torch.from_numpy(results["force_ref"]),
+                                     torch.from_numpy(mask), threshold).numpy()
+        if hist.sum() == 0:
+            continue
+        median, p90 = histogram_quantile(hist, 0.5), histogram_quantile(hist, 0.9)
+        ax.stairs(hist.reshape(-1, merge).sum(1) / hist.sum(), edges, color=color,
+                  label=f"{name}: median {median:.1f}°, 90 % below {p90:.1f}°")
+        shown, widest = True, max(widest, p90)
+    if shown:
+        ax.set_xlim(0, 90 if widest < 60 else 180)
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no atoms with forces above the threshold", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(f"angle to the reference force (°), atoms with |F_ref| > {threshold:g} eV/Å")
+    ax.set_ylabel("fraction of atoms")
+    ax.grid(True, alpha=0.3)
 
 
 def _save(fig, out) -> Path:

@@ -39,14 +39,16 @@ from .loader import (
     default_budget_bytes,
     epoch_plan,
     eval_plan_and_batch_bytes,
+    force_subset,
     make_sources,
     rank_data,
+    split_test,
     steps_per_epoch,
     structure_bytes,
 )
 from .log import get_logger, setup_logging
 from . import step as lean
-from .loss import error_sums, loss_of_totals
+from .loss import ANGLE_BINS, error_sums, force_angle_histogram, histogram_quantile, loss_of_totals
 from .model import AtomicModel, ElementNet, forces_from_dEdG
 from .store import StoreReader
 
@@ -178,6 +180,7 @@ RESUME_MAY_CHANGE = {
     ("run", "collective_timeout_s"),
     ("run", "keep_last"),
     ("run", "run_dir"),  # a run directory moved (or mounted elsewhere) resumes from its new place
+    ("run", "angle_min_force"),  # a metric's threshold
 }
 
 
@@ -232,6 +235,16 @@ class Trainer:
         self.ddp = None
         alpha = config.loss.force_weight
         self.loss_weights = torch.tensor([1.0 - alpha, alpha], dtype=self.dtype, device=info.device)
+        # data.force_percent: which training structures' forces enter the loss (a nested, seeded subset).
+        self.train_forces = alpha > 0 and config.data.force_percent > 0
+        self.force_used = None
+        if config.data.force_percent < 100:
+            test = split_test(self.reader.has_derivs, config.data.test_percent, config.data.split_seed)
+            used = force_subset(self.reader.has_derivs, test, config.data.force_percent, config.data.split_seed)
+            self.force_used = torch.from_numpy(used).to(info.device)
+            if info.is_main:
+                log.info("data.force_percent=%g: forces of %d of the %d training structures with derivatives enter the loss",
+                         config.data.force_percent, int(used.sum()), int((self.reader.has_derivs.astype(bool) & ~test).sum()))
         self.step_records: list = []  # this epoch's steps: (step number in epoch, structure indices)
         self.step_checks = torch.zeros(self.steps, 5, dtype=self.dtype, device=info.device)  # per step: 4 totals, finiteness probe
         self.epoch = 0  # completed epochs
@@ -366,8 +379,11 @@ class Trainer:
         or gradient is not finite is skipped on the device (the fused optimizer's ``found_inf``);
         :meth:`_check_steps` stops the run with its epoch, step and structures.
         """
-        alpha = self.config.loss.force_weight
+        alpha = self.config.loss.force_weight if self.train_forces else 0.0  # (the loss weights keep 1 − α on energies)
         decay = 2 * self.config.loss.l2 / self.info.world_size  # of λ·Σ w², which every rank adds
+        if self.force_used is not None and batch.force_atoms is not None:  # data.force_percent < 100
+            used = torch.repeat_interleave(self.force_used[batch.structure_index], batch.num_atoms, output_size=batch.total_atoms)
+            batch.force_atoms = batch.force_atoms & used
         t0 = time.perf_counter()
 
         def reduce(sums: torch.Tensor) -> torch.Tensor:
@@ -420,19 +436,23 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def evaluate(self) -> torch.Tensor:
-        """Global (sse_E, n_E, sse_F, n_F) over the test structures of every rank."""
+    def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global (sse_E, n_E, sse_F, n_F) over the test structures of every rank, and the
+        histogram of the angle between predicted and reference forces (:func:`force_angle_histogram`)."""
         self.model.eval()
-        totals = torch.zeros(4, dtype=self.dtype, device=self.info.device)
+        totals = torch.zeros(4 + ANGLE_BINS, dtype=self.dtype, device=self.info.device)
         with_forces = True  # test force errors are reported whatever α is
         batches = self._batches(self.eval_source, self.eval_plan, with_forces)
         try:
             for batch in batches:
                 fwd = lean.forward(self.model, batch, with_forces=with_forces, for_training=False)
-                totals += error_sums(batch, fwd.energy, fwd.forces).detached()
+                totals[:4] += error_sums(batch, fwd.energy, fwd.forces).detached()
+                if batch.force_atoms is not None:
+                    totals[4:] += force_angle_histogram(fwd.forces, batch.forces, batch.force_atoms, self.config.run.angle_min_force)
         finally:
             batches.close()  # stops the prefetch thread at once if an error ends the loop
-        return self._reduce(totals)
+        totals = self._reduce(totals)  # one collective for the sums and the histogram
+        return totals[:4], totals[4:]
 
     # ------------------------------------------------------------------ loop
 
@@ -500,7 +520,8 @@ class Trainer:
             self.step_in_epoch = 0
             self.partial_totals = torch.zeros(4, dtype=self.dtype)
             train_seconds = time.perf_counter() - epoch_start
-            test_totals = self.evaluate() if self.data.num_test_global else None
+            test_totals, angles = self.evaluate() if self.data.num_test_global else (None, None)
+            angles = angles.cpu().numpy() if angles is not None else None
             self.epoch += 1
             train_e, train_f = self._metrics(totals)
             test_e, test_f = self._metrics(test_totals) if test_totals is not None else (float("nan"), float("nan"))
@@ -523,6 +544,8 @@ class Trainer:
                 "train_rmse_forces_eV_A": train_f,
                 "test_rmse_energy_meV_atom": 1000 * test_e,
                 "test_rmse_forces_eV_A": test_f,
+                "test_force_angle_median_deg": histogram_quantile(angles, 0.5) if angles is not None else float("nan"),
+                "test_force_angle_p90_deg": histogram_quantile(angles, 0.9) if angles is not None else float("nan"),
                 "loss": monitored,
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "epoch_seconds": elapsed,
@@ -538,13 +561,16 @@ class Trainer:
                 done = self.epoch - start_epoch
                 eta = (time.perf_counter() - run_start) / done * (config.run.epochs - self.epoch)
                 log.info(
-                    "epoch %d/%d | train E %.2f meV/atom F %.4f eV/Å | test E %.2f meV/atom F %.4f eV/Å | lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
+                    "epoch %d/%d | train E %.2f meV/atom F %.4f eV/Å | test E %.2f meV/atom F %.4f eV/Å, angle %.1f° (p90 %.1f°) "
+                    "| lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
                     self.epoch,
                     config.run.epochs,
                     1000 * train_e,
                     train_f,
                     1000 * test_e,
                     test_f,
+                    last["test_force_angle_median_deg"],
+                    last["test_force_angle_p90_deg"],
                     last["lr"],
                     last["structures_per_second"],
                     data_seconds,

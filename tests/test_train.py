@@ -520,3 +520,51 @@ def test_train_in_method_adamax(tmp_path):
     assert config.optim.method == "adamax" and config.optim.lr == 0.002
     with pytest.raises(ValueError, match="optim.method"):
         TrainConfig.from_dict({"data": {"store": "s.zarr"}, "optim": {"method": "lbfgs"}})
+
+
+def test_force_subsets_are_nested_seeded_and_exclude_the_test_set():
+    from aenet_dist.loader import force_subset, split_test
+
+    rng = np.random.default_rng(0)
+    has_derivs = rng.random(400) < 0.6
+    test = split_test(has_derivs, 10.0, 3)
+    masks = {p: force_subset(has_derivs, test, p, 3) for p in (0, 5, 10, 20, 50, 100)}
+    candidates = has_derivs & ~test
+    for p, m in masks.items():
+        assert m.sum() == round(candidates.sum() * p / 100) and not (m & ~candidates).any()
+    for small, large in ((0, 5), (5, 10), (10, 20), (20, 50), (50, 100)):
+        assert not (masks[small] & ~masks[large]).any(), f"{small} % is not inside {large} %"
+    assert (masks[100] == candidates).all()
+    assert not np.array_equal(force_subset(has_derivs, test, 20, 4), masks[20])  # another seed, another subset
+
+
+def test_force_angle_histogram_and_quantiles():
+    from aenet_dist.loss import force_angle_histogram, histogram_quantile
+
+    angles = torch.tensor([10.0, 20.0, 30.0, 40.0, 170.0], dtype=torch.float64)
+    reference = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64).repeat(6, 1) * 2.0
+    rad = torch.deg2rad(torch.cat([angles, torch.tensor([90.0], dtype=torch.float64)]))
+    predicted = torch.stack([torch.cos(rad), torch.sin(rad), torch.zeros_like(rad)], 1) * 3.0
+    use = torch.tensor([True] * 5 + [False])  # the 90° atom belongs to a structure without forces
+    hist = force_angle_histogram(predicted, reference, use, min_force=0.1).numpy()
+    assert hist.sum() == 5
+    assert histogram_quantile(hist, 0.5) == pytest.approx(30.0, abs=0.5)
+    assert histogram_quantile(hist, 0.9) == pytest.approx(170.0, abs=0.5)
+    small = force_angle_histogram(predicted, reference * 0.01, use, min_force=0.1)  # |F_ref| below the threshold
+    assert small.sum() == 0 and np.isnan(histogram_quantile(small.numpy(), 0.5))
+
+
+@pytest.mark.parametrize("percent", [0, 50])
+def test_force_percent_trains_on_a_subset_of_the_forces(emt, tmp_path, percent):
+    _, store = emt
+    run = tmp_path / "run"
+    trainer = Trainer(config_for(store, run, data={"force_percent": float(percent)}, run={"epochs": 2}),
+                      DistInfo(0, 1, 0, torch.device("cpu")))
+    last = trainer.fit()
+    m = read_metrics(run)
+    assert len(m) == 2 and np.isfinite(m[-1]["test_rmse_forces_eV_A"])  # test forces: every test structure
+    assert 0 <= m[-1]["test_force_angle_median_deg"] <= m[-1]["test_force_angle_p90_deg"] <= 180
+    if percent == 0:
+        assert np.isnan(m[-1]["train_rmse_forces_eV_A"])  # no training force enters the loss
+    else:
+        assert np.isfinite(m[-1]["train_rmse_forces_eV_A"]) and last["epoch"] == 2
