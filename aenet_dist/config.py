@@ -283,12 +283,6 @@ class DataConfig:
     """Percentage of structures held out as the test set, 0 <= x < 100 (aenet ``TESTPERCENT``)."""
     split_seed: int = 0
     """Seed of the deterministic train/test split."""
-    force_percent: float = 100.0
-    """Percentage of the training set's force structures (those the store has derivatives for)
-    whose forces enter the loss: a seeded subset, nested (the 10 % subset lies inside the 20 % one),
-    so one store featurized with all forces serves every fraction (the aenet-PyTorch paper's
-    Figs. 3 and 5). Energies of all training structures are always used; test metrics use every
-    test structure. The other structures' forces are still computed, and masked out."""
     cache: str = "auto"
     """Where training data is kept: ``memory`` (host RAM), ``gpu`` (device memory), ``pinned``
     (page-locked host RAM, asynchronous copies), ``stream`` (blocks read from the store each epoch)
@@ -310,6 +304,12 @@ class DataConfig:
     Decoding releases the GIL, converting partly does not: on an H100 node 8 readers (and
     parallel gathers) slowed the training thread's kernel launches more than they sped up
     reading, so the default stays at 2."""
+    force_percent: float = 100.0
+    """Percentage of the training set's force structures (those the store has derivatives for)
+    whose forces enter the loss: a seeded subset, nested (the 10 % subset lies inside the 20 % one),
+    so one store featurized with all forces serves every fraction (the aenet-PyTorch paper's
+    Figs. 3 and 5). Energies of all training structures are always used; test metrics use every
+    test structure. The other structures' forces are still computed, and masked out."""
 
     def __post_init__(self):
         _coerce_fields(self, "data")
@@ -511,9 +511,6 @@ class RunConfig:
     log_every: int = 0
     """Log the training loss every this many steps; 0 = once per epoch only."""
 
-    angle_min_force: float = 0.1
-    """eV/Å: atoms whose reference force is at most this are left out of the force-direction
-    metric (test_force_angle_*_deg: angle between predicted and reference force)."""
     cpu_threads: int = 1
     """Intra-op threads per rank when training on the CPU; 0 = this process's cores divided by the
     ranks on the node. The networks are small: one thread per rank, with more ranks, is the fast
@@ -522,6 +519,10 @@ class RunConfig:
     collective_timeout_s: float = 600.0
     """How long a rank waits in a collective for the others before it stops with an error (a
     dead or hung rank). Raise it when the first epoch's loading takes longer on some ranks."""
+
+    angle_min_force: float = 0.1
+    """eV/Å: atoms whose reference force is at most this are left out of the force-direction
+    metric (test_force_angle_*_deg: angle between predicted and reference force)."""
 
     def __post_init__(self):
         _coerce_fields(self, "run")

@@ -377,7 +377,7 @@ def test_read_train_in_variants(tmp_path, config_warnings):
     ("TRAININGSET x\nTESTPERCENT 150\n", 2, r"data.test_percent must be in \[0, 100\), got 150.0"),
     ("TRAININGSET x\nBATCHSIZE 0\n", 2, "run.batch_size must be > 0"),
     ("TRAININGSET x\nBATCHSIZE 2\nBATCHSIZE 4\n", 3, r"BATCHSIZE given twice \(first on line 2\)"),
-    ("TRAININGSET x\nMETHOD\nmethod=adagrad lr=0.1\n", 3, "METHOD 'adagrad' is not supported"),
+    ("TRAININGSET x\nMETHOD\nmethod=lbfgs lr=0.1\n", 3, "METHOD 'lbfgs' is not supported"),
     ("TRAININGSET x\nMETHOD\nmethod=adam lr=fast\n", 3, "METHOD lr expects a number, got 'fast'"),
     ("TRAININGSET x\nMETHOD\nmethod=adam lr=-1\n", 3, "optim.lr must be > 0"),
     ("TRAININGSET x\nMETHOD\nmethod=adam rate=0.1\n", 3, "METHOD: unknown parameter 'rate'"),
