@@ -520,6 +520,9 @@ class RunConfig:
     """How long a rank waits in a collective for the others before it stops with an error (a
     dead or hung rank). Raise it when the first epoch's loading takes longer on some ranks."""
 
+    print_every: int = 0
+    """Epochs between the printed metrics lines; 0 = about 25 lines per run (epochs / 25). The first
+    and last epochs always print; metrics.jsonl has every epoch."""
     angle_min_force: float = 0.1
     """eV/Å: atoms whose reference force is at most this are left out of the force-direction
     metric (test_force_angle_*_deg: angle between predicted and reference force)."""
@@ -545,6 +548,8 @@ class RunConfig:
             raise ValueError(f"run.early_stop_patience must be >= 1 (or unset = never), got {self.early_stop_patience}")
         if self.log_every < 0:
             raise ValueError(f"run.log_every must be >= 0 (0 = per epoch only), got {self.log_every}")
+        if self.print_every < 0:
+            raise ValueError(f"run.print_every must be >= 0 (0 = about 25 lines per run), got {self.print_every}")
         if self.angle_min_force < 0:
             raise ValueError(f"run.angle_min_force must be >= 0 eV/Å, got {self.angle_min_force}")
         if self.cpu_threads < 0:

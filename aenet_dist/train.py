@@ -13,8 +13,10 @@ checkpoints (latest k and best) and a summary table at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import logging
 import math
 import os
 import signal
@@ -56,6 +58,7 @@ log = get_logger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+PRINTED_LINES = 25  # epoch lines a run prints by default (run.print_every = epochs / this)
 WAIT_FLOOR_S = 0.05  # per step: waiting less than this on average is not worth a warning
 WARN_EVERY = 10  # a recurring warning is repeated every this many epochs it recurs
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun with --resume
@@ -181,6 +184,7 @@ RESUME_MAY_CHANGE = {
     ("run", "keep_last"),
     ("run", "run_dir"),  # a run directory moved (or mounted elsewhere) resumes from its new place
     ("run", "angle_min_force"),  # a metric's threshold
+    ("run", "print_every"),
 }
 
 
@@ -465,6 +469,23 @@ class Trainer:
         return (1 - alpha) * rmse_e + (alpha * rmse_f if not math.isnan(rmse_f) else 0.0)
 
     def fit(self) -> dict:
+        """Train until ``run.epochs`` (or an early stop, or a signal); returns the last epoch's metrics.
+
+        On rank 0 with a terminal, a progress bar over the epochs (ETA, test errors) sits below
+        the log; without one (a pipe, a SLURM log) only the periodic lines are written.
+        """
+        self.progress = None
+        with contextlib.ExitStack() as stack:
+            if self.info.is_main and sys.stderr.isatty():
+                from tqdm import tqdm
+                from tqdm.contrib.logging import logging_redirect_tqdm
+
+                stack.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger("aenet_dist")]))
+                self.progress = stack.enter_context(
+                    tqdm(total=self.config.run.epochs, initial=self.epoch, unit="epoch", desc="train", dynamic_ncols=True))
+            return self._fit()
+
+    def _fit(self) -> dict:
         config, info = self.config, self.info
         metrics_path = self.run_dir / "metrics.jsonl"
         if info.is_main:
@@ -560,6 +581,12 @@ class Trainer:
                 _append_jsonl(metrics_path, last)
                 done = self.epoch - start_epoch
                 eta = (time.perf_counter() - run_start) / done * (config.run.epochs - self.epoch)
+                if self.progress is not None:
+                    self.progress.set_postfix_str(f"test E {1000 * test_e:.2f} meV/atom F {test_f:.3f} eV/Å", refresh=False)
+                    self.progress.update(1)
+                every = config.run.print_every or max(1, config.run.epochs // PRINTED_LINES)
+                due = self.epoch % every == 0 or done == 1 or self.epoch == config.run.epochs or stop_early or self.stop_agreed
+            if info.is_main and due:
                 log.info(
                     "epoch %d/%d | train E %.2f meV/atom F %.4f eV/Å | test E %.2f meV/atom F %.4f eV/Å, angle %.1f° (p90 %.1f°) "
                     "| lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
@@ -577,6 +604,7 @@ class Trainer:
                     train_seconds,
                     _format_time(eta),
                 )
+            if info.is_main:
                 if self.epoch % config.run.checkpoint_every == 0 or self.epoch == config.run.epochs or stop_early or self.stop_agreed:
                     self.checkpointer.save(self.state_dict(), self.epoch, improved)
                 elif improved:  # the best model is kept whenever it improves, not only on checkpoint epochs

@@ -38,3 +38,19 @@ echo "... (all of it in work/predictions.txt and work/predictions.json)"
 
 echo "== 6. plots: work/runs/emt/*.png"
 "$VENV/bin/aenet-dist" plot work/runs/emt
+
+cat <<SUMMARY
+
+== Done. What you have:
+  work/potentials/{Au,Cu,Ni}.nn   the trained potential, in aenet's binary .nn format
+                                   (aenet's predict.x, LAMMPS with aenet, or aenet_dist's ASE calculator)
+  work/runs/emt/metrics.jsonl     train/test errors of every epoch (one JSON object per line)
+  work/runs/emt/*.png             learning curves, parity plots and force-angle distribution
+  work/runs/emt/checkpoints/      checkpoints; continue training with the same command (--resume)
+  work/predictions.txt, .json     energies and forces of three structures
+
+Use the potential from Python (ASE):
+  from aenet_dist.ase import AenetCalculator
+  atoms.calc = AenetCalculator("work/potentials")
+  atoms.get_potential_energy(), atoms.get_forces()
+SUMMARY

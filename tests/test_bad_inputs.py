@@ -420,3 +420,44 @@ def test_resume_with_finetune_starts_from_the_weights_then_resumes_the_run(store
     again = _train([config, f"run.run_dir={tmp_path / 'both'}", "run.epochs=2", "--resume", "--finetune", weights])
     assert again.returncode == 0 and "resumed from" in again.stderr
     assert [m["epoch"] for m in read_metrics(tmp_path / "both")] == [1, 2]
+
+
+def _train_output(config, tty: bool) -> str:
+    """The train command's output through a pipe, or through a pseudo-terminal (what a user sees)."""
+    cmd = [sys.executable, "-m", "aenet_dist.train", str(config)]
+    if not tty:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300).stderr
+    import pty
+
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal 160 columns wide
+    proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower, cwd=ROOT, close_fds=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=300)
+    os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_training_output_a_bar_on_a_terminal_and_25_lines_in_a_pipe(store, tmp_path):
+    piped = _train_output(write_train_toml(tmp_path / "p.toml", store, tmp_path / "p", epochs=50, batch_size=16), tty=False)
+    epoch_lines = [line for line in piped.splitlines() if " INFO epoch " in line]
+    assert 20 <= len(epoch_lines) <= 30, len(epoch_lines)  # about 25 lines, not 50
+    assert " INFO epoch 1/50 " in piped and " INFO epoch 50/50 " in piped
+    assert "\r" not in piped and "epoch/s]" not in piped and "s/epoch]" not in piped  # no bar in a pipe
+    assert "WARNING" not in piped  # a balanced tiny run warns about nothing
+    shown = _train_output(write_train_toml(tmp_path / "t.toml", store, tmp_path / "t", epochs=6, batch_size=16), tty=True)
+    assert "train:" in shown and "6/6" in shown and "\r" in shown  # tqdm's bar, redrawn in place
+    assert "test E" in shown and " INFO epoch 6/6 " in shown
+    assert len(read_metrics(tmp_path / "p")) == 50  # every epoch in metrics.jsonl
