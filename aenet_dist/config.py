@@ -227,6 +227,10 @@ def _coerce(value, hint, key: str):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {_describe(value)}")
+        return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, got {_describe(value)}")
@@ -520,6 +524,9 @@ class RunConfig:
     """How long a rank waits in a collective for the others before it stops with an error (a
     dead or hung rank). Raise it when the first epoch's loading takes longer on some ranks."""
 
+    tensorboard: bool = False
+    """Also write every epoch's metrics as TensorBoard scalars to run_dir/tensorboard (needs the
+    optional ``tensorboard`` package: ``pip install 'aenet_dist[tensorboard]'``)."""
     print_every: int = 0
     """Epochs between the printed metrics lines; 0 = about 25 lines per run (epochs / 25). The first
     and last epochs always print; metrics.jsonl has every epoch."""

@@ -185,6 +185,7 @@ RESUME_MAY_CHANGE = {
     ("run", "run_dir"),  # a run directory moved (or mounted elsewhere) resumes from its new place
     ("run", "angle_min_force"),  # a metric's threshold
     ("run", "print_every"),
+    ("run", "tensorboard"),
 }
 
 
@@ -475,7 +476,15 @@ class Trainer:
         the log; without one (a pipe, a SLURM log) only the periodic lines are written.
         """
         self.progress = None
+        self.tensorboard = None
         with contextlib.ExitStack() as stack:
+            if self.info.is_main and self.config.run.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ValueError("run.tensorboard = true needs the tensorboard package: "
+                                     "pip install 'aenet_dist[tensorboard]' (or set run.tensorboard = false)") from None
+                self.tensorboard = stack.enter_context(SummaryWriter(str(self.run_dir / "tensorboard")))
             if self.info.is_main and sys.stderr.isatty():
                 from tqdm import tqdm
                 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -579,6 +588,10 @@ class Trainer:
             self._warn_about_waiting(data_seconds, train_seconds)
             if info.is_main:
                 _append_jsonl(metrics_path, last)
+                if self.tensorboard is not None:
+                    for key, value in last.items():
+                        if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                            self.tensorboard.add_scalar(key, value, self.epoch)
                 done = self.epoch - start_epoch
                 eta = (time.perf_counter() - run_start) / done * (config.run.epochs - self.epoch)
                 if self.progress is not None:

@@ -461,3 +461,15 @@ def test_training_output_a_bar_on_a_terminal_and_25_lines_in_a_pipe(store, tmp_p
     assert "train:" in shown and "6/6" in shown and "\r" in shown  # tqdm's bar, redrawn in place
     assert "test E" in shown and " INFO epoch 6/6 " in shown
     assert len(read_metrics(tmp_path / "p")) == 50  # every epoch in metrics.jsonl
+
+
+def test_tensorboard_scalars_or_a_clear_message(store, tmp_path):
+    import importlib.util
+
+    config = write_train_toml(tmp_path / "t.toml", store, tmp_path / "run", epochs=2, extra="tensorboard = true")
+    result = _train([config])
+    if importlib.util.find_spec("tensorboard") is None:
+        assert result.returncode == 2 and "pip install 'aenet_dist[tensorboard]'" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
