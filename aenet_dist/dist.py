@@ -8,6 +8,7 @@ a timeout so a dead rank makes the others fail with a message instead of hanging
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -113,12 +114,15 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.parallel.Distr
     buffers (descriptor statistics, energy scaling) are equal on all ranks and never change
     in training, so they are not re-broadcast each step.
     """
+    # Buffers are not synced in forward: torch 2.13 names it forward_sync_buffers (broadcast_buffers is deprecated).
+    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+        torch.nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False}
     ddp = torch.nn.parallel.DistributedDataParallel(
         module,
         device_ids=None,  # the module and the batches are already on this rank's device
-        broadcast_buffers=False,
         gradient_as_bucket_view=True,
         static_graph=True,
+        **sync,
     )
     ddp.register_comm_hook(None, sum_gradients_hook)
     return ddp

@@ -21,7 +21,8 @@ else
 fi
 
 echo "== 2. featurize: work/emt.zarr ($NP MPI ranks)"
-"$VENV/bin/mpiexec" -n "$NP" "$PY" -m aenet_dist.featurize work/emt/generate.in --out work/emt.zarr
+# Small blocks (1 MiB), so that each training rank's shard is whole blocks of this 5 MB store.
+"$VENV/bin/mpiexec" -n "$NP" "$PY" -m aenet_dist.featurize work/emt/generate.in --out work/emt.zarr --chunk-mb 1
 
 echo "== 3. train: work/runs/emt (torchrun, $NP CPU ranks, gloo)"
 # --resume continues from the last checkpoint if a previous demo run was interrupted.
