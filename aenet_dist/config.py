@@ -308,6 +308,11 @@ class DataConfig:
     Decoding releases the GIL, converting partly does not: on an H100 node 8 readers (and
     parallel gathers) slowed the training thread's kernel launches more than they sped up
     reading, so the default stays at 2."""
+    dense_buckets: str = "auto"
+    """Pad dense derivative blocks to size buckets (sizes within ~1.2x share one batched product):
+    ``on``, ``off`` or ``auto`` (on for a CUDA device, where each product is a kernel launch; off
+    on the CPU, where the padding costs more time than the fewer calls save). Results agree to
+    rounding; every cache mode and rank count buckets alike."""
     force_percent: float = 100.0
     """Percentage of the training set's force structures (those the store has derivatives for)
     whose forces enter the loss: a seeded subset, nested (the 10 % subset lies inside the 20 % one),
@@ -323,6 +328,7 @@ class DataConfig:
             raise ValueError(f"data.test_percent must be in [0, 100), got {self.test_percent}")
         if self.split_seed < 0:
             raise ValueError(f"data.split_seed must be >= 0, got {self.split_seed}")
+        _check_choice(self.dense_buckets, ("auto", "on", "off"), "data.dense_buckets")
         if not 0.0 <= self.force_percent <= 100.0:
             raise ValueError(f"data.force_percent must be in [0, 100], got {self.force_percent}")
         _check_choice(self.cache, CACHE_MODES, "data.cache")

@@ -31,6 +31,7 @@ class ErrorSums:
     count_forces: torch.Tensor  # number of force components
     energy_error: torch.Tensor | None = None  # (B,) (E_pred − E_ref)/N, eV/atom
     force_error: torch.Tensor | None = None  # (A, 3) F_pred − F_ref, 0 for atoms without derivatives
+    atoms: torch.Tensor | None = None  # (B,) N of each structure, in the energies' dtype
 
     def detached(self) -> torch.Tensor:
         """(4,) tensor of the sums, for all-reducing."""
@@ -43,16 +44,19 @@ def error_sums(batch: Batch, energy: torch.Tensor, forces: torch.Tensor | None) 
     No value is read back to the host (a device sync): a batch whose structures have no
     derivatives gives zero force sums through the mask.
     """
-    per_atom = (energy - batch.energy) / batch.num_atoms.to(energy.dtype)
+    atoms = batch.num_atoms.to(energy.dtype)
+    per_atom = (energy - batch.energy) / atoms
     kw = {"dtype": energy.dtype, "device": energy.device}
     count_e = torch.full((), float(per_atom.numel()), **kw)
+    sse_e = torch.dot(per_atom, per_atom)  # one kernel where product and sum are two
     if forces is None or batch.force_atoms is None:
         zero = torch.zeros((), **kw)
-        return ErrorSums((per_atom * per_atom).sum(), count_e, zero, zero, per_atom, None)
+        return ErrorSums(sse_e, count_e, zero, zero, per_atom, None, atoms)
     mask = batch.force_atoms.unsqueeze(-1)  # shape (A, 1)
     diff = torch.where(mask, forces - batch.forces, 0.0)  # where, not a product: a non-finite reference must not leak
     count_f = torch.sum(mask, dtype=energy.dtype) * 3
-    return ErrorSums((per_atom * per_atom).sum(), count_e, (diff * diff).sum(), count_f, per_atom, diff)
+    flat = diff.view(-1)
+    return ErrorSums(sse_e, count_e, torch.dot(flat, flat), count_f, per_atom, diff, atoms)
 
 
 def loss_coefficients(totals: torch.Tensor, force_weight: float | torch.Tensor) -> torch.Tensor:
@@ -74,13 +78,14 @@ def loss_of_totals(totals: torch.Tensor, force_weight: float) -> torch.Tensor:
     return (1 - force_weight) * rmse[0] + force_weight * rmse[1]
 
 
-def adjoints(sums: ErrorSums, num_atoms: torch.Tensor, coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def adjoints(sums: ErrorSums, coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """∂L/∂E_s (B,) and ∂L/∂F (A, 3) of this rank's share of the global loss.
 
     sse_E = Σ ((E_s − E_ref)/N_s)², so ∂sse_E/∂E_s = 2 (E_s − E_ref)/N_s²; ∂sse_F/∂F = 2 (F − F_ref).
     """
-    energy_adjoint = sums.energy_error * (2 * coefficients[0]) / num_atoms.to(sums.energy_error.dtype)
-    force_adjoint = None if sums.force_error is None else sums.force_error * (2 * coefficients[1])
+    twice = 2 * coefficients
+    energy_adjoint = sums.energy_error * twice[0] / sums.atoms
+    force_adjoint = None if sums.force_error is None else sums.force_error * twice[1]
     return energy_adjoint, force_adjoint
 
 

@@ -353,6 +353,6 @@ def compute_gradients(model: AtomicModel, batch: Batch, force_weight: float, los
     fwd = forward(model, batch, with_forces=force_weight > 0)
     sums = error_sums(batch, fwd.energy, fwd.forces)
     totals = reduce(sums.detached())
-    energy_adjoint, force_adjoint = adjoints(sums, batch.num_atoms, loss_coefficients(totals, loss_weights))
+    energy_adjoint, force_adjoint = adjoints(sums, loss_coefficients(totals, loss_weights))
     backward(model, fwd, batch, energy_adjoint, force_adjoint if force_weight > 0 else None, weight_decay, gradients)
     return totals

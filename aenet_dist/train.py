@@ -178,6 +178,7 @@ RESUME_MAY_CHANGE = {
     ("data", "cache"),
     ("data", "memory_budget_gb"),
     ("data", "readers"),
+    ("data", "dense_buckets"),  # changes the results only by rounding
     ("run", "cpu_threads"),
     ("run", "log_every"),
     ("run", "collective_timeout_s"),
@@ -223,6 +224,7 @@ class Trainer:
         self.source, self.eval_source = make_sources(
             self.reader, self.data, self.cache_mode, self.dtype, info.device, user_budget or default_budget_bytes(),
             config.data.readers, batch_bytes, first_plan,
+            buckets=config.data.dense_buckets == "on" or (config.data.dense_buckets == "auto" and info.device.type == "cuda"),
         )
         # A stream budget too small for the plan stops here, before any training.
         self.source.check_budget(first_plan, "first epoch")

@@ -267,7 +267,7 @@ def peer_run(epochs: int) -> dict:
             "loadavg_start": load_start, "loadavg_end": load1()}
 
 
-def op_profile(dtype: str) -> dict:
+def op_profile(dtype: str, buckets: str = "off") -> dict:
     """Operators per training step (torch.profiler, one epoch of steps) and the force contraction's share.
 
     Runs here, one thread, on the paper settings. Counted: every aten operator the profiler
@@ -286,7 +286,8 @@ def op_profile(dtype: str) -> dict:
     torch.set_num_threads(1)
     settings = {k: dict(v) for k, v in PAPER_SETTINGS.items()}
     settings["data"]["store"] = str(STORE)
-    settings["run"].update(dtype=dtype, run_dir=str(RUNS / f"profile_{dtype}"))
+    settings["data"]["dense_buckets"] = buckets
+    settings["run"].update(dtype=dtype, run_dir=str(RUNS / f"profile_{dtype}_{buckets}"))
     trainer = Trainer(TrainConfig.from_dict(settings), DistInfo(0, 1, 0, torch.device("cpu")))
     plan = epoch_plan(trainer.data, 0, 0, trainer.steps, trainer.config.data.shuffle_window_blocks)
     batches = list(trainer.source.iterate(plan, True))
@@ -318,12 +319,12 @@ def op_profile(dtype: str) -> dict:
     fwd_of = {id(b): f for b, f in zip(batches, forward)}
     outputs = {id(b): {el: torch.zeros_like(g) for el, g in b.G.items()} for b in batches}
     contract_s = timed(lambda b: (lean.contract(fwd_of[id(b)].dE_dG, b), lean.contract_transposed(adjoint[id(b)], b, outputs[id(b)])))
-    out = {"what": "operators_per_step", "dtype": dtype, "steps": len(batches), "threads": 1,
+    out = {"what": "operators_per_step", "dtype": dtype, "dense_buckets": buckets, "steps": len(batches), "threads": 1,
            "aten_top_level_per_step": len(top) / len(batches),
            "aten_kernels_per_step": sum(1 for e in top if e.name not in views) / len(batches),
            "aten_all_events_per_step": all_aten / len(batches),
            "step_ms": 1000 * step_s, "contraction_ms": 1000 * contract_s, "contraction_share": contract_s / step_s}
-    print(f"  operators per step ({dtype}): {out['aten_top_level_per_step']:.0f} top-level aten "
+    print(f"  operators per step ({dtype}, buckets {buckets}): {out['aten_top_level_per_step']:.0f} top-level aten "
           f"({out['aten_kernels_per_step']:.0f} not views, {out['aten_all_events_per_step']:.0f} events with nested); "
           f"step {out['step_ms']:.2f} ms, force contraction {out['contraction_ms']:.2f} ms ({100 * out['contraction_share']:.0f} %)", file=sys.stderr)
     return out
@@ -430,10 +431,10 @@ def report(info: dict, data: dict, runs: list[dict], peers: list[dict], profiles
             "",
         ]
     if profiles:
-        lines += ["| dtype | operators per step (top-level aten) | of them not views (kernels) | profiler events incl. nested | "
-                  "step (ms, 1 thread) | force contraction (ms) | share |", "|---|---|---|---|---|---|---|"]
+        lines += ["| dtype | data.dense_buckets | operators per step (top-level aten) | of them not views (kernels) | "
+                  "profiler events incl. nested | step (ms, 1 thread) | force contraction (ms) | share |", "|---|---|---|---|---|---|---|---|"]
         for pr in profiles:
-            lines.append(f"| {pr['dtype']} | {pr['aten_top_level_per_step']:.0f} | {pr['aten_kernels_per_step']:.0f} | "
+            lines.append(f"| {pr['dtype']} | {pr['dense_buckets']} | {pr['aten_top_level_per_step']:.0f} | {pr['aten_kernels_per_step']:.0f} | "
                          f"{pr['aten_all_events_per_step']:.0f} | {pr['step_ms']:.2f} | {pr['contraction_ms']:.2f} | "
                          f"{100 * pr['contraction_share']:.0f} % |")
         lines += ["", f"Operators: torch.profiler over the {profiles[0]['steps']} steps of one epoch (after one warm-up epoch), "
@@ -508,7 +509,7 @@ def main() -> int:
                     runs.append(throughput(config, dtype, ranks, args.epochs, num_train))
                     if ranks == 1 and not args.no_one_thread:
                         runs.append(throughput(config, dtype, ranks, args.epochs, num_train, threads=1))
-        profiles = [] if args.skip_throughput else [op_profile(dtype) for dtype in args.dtypes]
+        profiles = [] if args.skip_throughput else [op_profile(dtype, b) for dtype in args.dtypes for b in ("off", "on")]
         tta_threads = None if args.tta_threads == 0 else args.tta_threads
         tta = None if args.skip_tta else time_to_accuracy(config, args.tta_max_epochs, args.tta_max_seconds, tta_threads,
                                                           TTA_PAPER if args.tta_paper_settings else TTA)

@@ -121,20 +121,25 @@ def assert_batches_equal(a, b):
             assert torch.equal(x.rows, y.rows) and torch.equal(x.atoms, y.atoms) and torch.equal(x.D, y.D), e
 
 
-def test_block_gathers_equal_whole_shard_gathers(store):
-    """Per-block gathers merged == one gather from the whole shard (what the gpu cache does)."""
+@pytest.mark.parametrize("buckets", [False, True])
+def test_block_gathers_equal_whole_shard_gathers(store, buckets):
+    """Per-block gathers merged == one gather from the whole shard (what the gpu cache does),
+    bit for bit, also with dense blocks padded to size buckets."""
     reader = StoreReader(store)
     data = rank_data(reader, 1, 2, None, 20.0, 0)
-    whole = shard_from_range(reader.read_range(data.start, data.stop), torch.float64)
+    whole = shard_from_range(reader.read_range(data.start, data.stop), torch.float64, buckets=buckets)
     everything = np.arange(data.stop - data.start)
     assert whole.elements["Cu"].dense and len(whole.elements["Cu"].deriv_center), "store must have dense and sparse rows"
+    if buckets:
+        assert any(g.centers is not None for el in whole.elements.values() for g in el.dense), "some group must be padded"
     # the last step is empty, as a rank's is when it has fewer training structures than steps
     plan = epoch_plan(data, seed=1, epoch=0, steps=3, window_blocks=2) + [np.zeros(0, dtype=np.int64)]
+    kw = {"buckets": buckets}
     sources = {
-        "all": BlockSource(reader, data, everything, torch.float64, resident=True),
-        "test only": BlockSource(reader, data, data.test_local, torch.float64, resident=True),
-        "all, joined": BlockSource(reader, data, everything, torch.float64, resident=True, piece_bytes=3e5),
-        "train streamed": BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float64, resident=False, budget_bytes=1.0),
+        "all": BlockSource(reader, data, everything, torch.float64, resident=True, **kw),
+        "test only": BlockSource(reader, data, data.test_local, torch.float64, resident=True, **kw),
+        "all, joined": BlockSource(reader, data, everything, torch.float64, resident=True, piece_bytes=3e5, **kw),
+        "train streamed": BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float64, resident=False, budget_bytes=1.0, **kw),
     }
     assert 1 < len(sources["all, joined"].bounds) < len(sources["all"].bounds)
     for name, source, steps in (("all", sources["all"], plan), ("test only", sources["test only"], eval_chunks(data.test_local, 5)),

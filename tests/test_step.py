@@ -64,7 +64,7 @@ def _lean(model, batch, alpha, l2):
     fwd = lean.forward(model, batch, with_forces=True)
     sums = error_sums(batch, fwd.energy, fwd.forces)
     totals = sums.detached()
-    energy_adjoint, force_adjoint = adjoints(sums, batch.num_atoms, loss_coefficients(totals, alpha))
+    energy_adjoint, force_adjoint = adjoints(sums, loss_coefficients(totals, alpha))
     grads = lean.GradientBuffer(model)
     grads.flat.fill_(float("nan"))  # every entry must be written
     lean.backward(model, fwd, batch, energy_adjoint, force_adjoint if alpha > 0 else None, 2 * l2, grads)
@@ -156,3 +156,36 @@ def test_lean_step_element_absent_from_batch(shards, tmp_path):
     for name, value in g.items():
         if f".{missing[0]}." in name and name.endswith("bias"):
             assert torch.all(value == 0)
+
+
+def test_bucket_sizes_cover_every_count_within_20_percent():
+    from aenet_dist.batching import bucket_size
+
+    previous = 0
+    for n in range(1, 2000):
+        b = bucket_size(n)
+        assert b >= n and b >= previous
+        assert b <= max(n + 1, 1.2 * n + 1e-9) or n <= 4, (n, b)
+        previous = b
+    assert len({bucket_size(n) for n in range(1, 129)}) == 27  # a batch of any sizes up to 128 atoms: <= 27 groups
+
+
+def test_size_buckets_change_nothing_but_the_number_of_products(shards, tmp_path):
+    """Dense blocks padded to size buckets give the same energies, forces, loss and gradients
+    (float64, 1e-12) with fewer batched products."""
+    store, reader, dense, _ = shards
+    data = reader.read_range(0, reader.num_structures)
+    bucketed = shard_from_range(data, torch.float64, buckets=True)
+    assert any(g.centers is not None for el in bucketed.elements.values() for g in el.dense)
+    model = _model(reader, store, tmp_path, [5, 4], ["tanh", "sigmoid"], seed=3)
+    index = torch.arange(reader.num_structures)
+    plain_batch, bucket_batch = gather_batch(dense, index), gather_batch(bucketed, index)
+    assert sum(map(len, bucket_batch.dense.values())) <= sum(map(len, plain_batch.dense.values()))
+    padded = [b for blocks in bucket_batch.dense.values() for b in blocks if (b.D.abs().sum(dim=(0, 2)) == 0).any()]
+    assert padded, "some block must carry padding rows"
+    e1, f1, l1, g1 = _lean(model, plain_batch, 0.3, 1e-3)
+    e2, f2, l2, g2 = _lean(model, bucket_batch, 0.3, 1e-3)
+    assert torch.allclose(e1, e2, rtol=0, atol=1e-12) and torch.allclose(f1, f2, rtol=0, atol=1e-12)
+    assert torch.allclose(l1, l2, rtol=1e-13, atol=0)
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], rtol=0, atol=1e-12 * max(1.0, float(g1[name].abs().max()))), name
