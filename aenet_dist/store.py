@@ -214,6 +214,9 @@ def assign_blocks(block_costs: np.ndarray, num_ranks: int) -> list[list[int]]:
     return [sorted(o) for o in owned]
 
 
+FINGERPRINT_OF = "file contents"  # what the fingerprint hashes; stores without this attribute hashed file sizes
+
+
 def fingerprint(config: FeaturizeConfig, names: list[str], digests: list[str], force_mask: np.ndarray, options: StoreOptions) -> str:
     """sha256 of every input that changes the store's content (the structure files by their bytes)."""
     payload = {
@@ -570,8 +573,11 @@ def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray,
         if attrs.get("format") != FORMAT:
             raise ValueError(f"{root}: exists and is not an aenet_dist store; choose another --out")
         if attrs.get("fingerprint") != fp:
+            older = "" if attrs.get("fingerprint_of") == FINGERPRINT_OF else (
+                " (or by an older aenet_dist, whose fingerprint covered file sizes, not contents, and whose chunks carry "
+                "no checksums: featurize it again)")
             raise ValueError(
-                f"{root}: exists but was made from different inputs (fingerprint {attrs.get('fingerprint', '?')[:12]} "
+                f"{root}: exists but was made from different inputs{older} (fingerprint {attrs.get('fingerprint', '?')[:12]} "
                 f"!= {fp[:12]}); remove it or choose another --out"
             )
         return
@@ -587,6 +593,7 @@ def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray,
             "setups": {k: config.setups[k].to_dict() for k in config.species},
             "num_features": {k: config.setups[k].num_features for k in config.species},
             "fingerprint": fp,
+            "fingerprint_of": FINGERPRINT_OF,
             "block_first": bounds.tolist(),
             "num_structures": num_structures,
             "deriv_dtype": options.deriv_dtype,
