@@ -25,7 +25,7 @@ import torch
 
 from .files import atomic_write
 from .config import ChebyshevBasis, DescriptorSetup
-from .model import AtomicModel, ElementNet, NetworkConfig, activation_name
+from .model import AtomicModel, ElementNet, NetworkConfig, activation_name, model_from_facts
 
 DESCRIPTION_LEN = 1024  # character(len=1024) :: description
 TYPE_LEN = 2            # character(len=2) :: atomtype, envtypes, type names
@@ -705,42 +705,46 @@ def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str = "best") -> 
 
 
 def load_run_model(checkpoint_path: str | os.PathLike, store: str | os.PathLike | None = None):
-    """The trained model of a checkpoint in float64, with its store reader and config.
+    """The trained model of a checkpoint in float64, with the facts of its store and its config.
 
-    The networks' normalization and energy scaling are the store's float64 statistics whenever
-    the checkpoint's buffers agree with them to float32 precision (so a float32 run exports
-    the exact statistics, not float32-rounded ones); otherwise (weights fine-tuned with another
+    Checkpoints carry their store's facts (setups, feature counts, float64 statistics, energy
+    records: ``StoreReader.facts``), so the store is not needed; checkpoints from before that
+    take them from the store (``store``, default the path in the checkpoint's config).
+
+    The networks' normalization and energy scaling are the float64 statistics whenever the
+    checkpoint's buffers agree with them to float32 precision (so a float32 run exports the
+    exact statistics, not float32-rounded ones); otherwise (weights fine-tuned with another
     store's normalization) the checkpoint's own buffers are kept.
 
-    Args:
-        checkpoint_path: a checkpoint written by ``aenet-dist train``.
-        store: the feature store it was trained on (default: the path in the checkpoint's config).
     Returns:
-        (model (AtomicModel, float64, eval mode), StoreReader, TrainConfig).
+        (model (AtomicModel, float64, eval mode), store facts (dict), TrainConfig).
     Raises:
-        ValueError: unreadable checkpoint, store gone (with the path it was looked for at), or a
-            store whose fingerprint differs from the checkpoint's.
+        ValueError: unreadable checkpoint; an older checkpoint whose store is gone (with the path
+            it was looked for at) or whose store's fingerprint differs.
     """
     from . import checkpoint as ckpt
     from .config import TrainConfig
-    from .store import StoreReader
-    from .train import build_model
 
     checkpoint_path = Path(checkpoint_path)
     state = ckpt.load(checkpoint_path)
     if "config" not in state or "model" not in state:
         raise ValueError(f"{checkpoint_path}: not an aenet_dist training checkpoint (no 'config'/'model')")
     config = TrainConfig.from_dict(state["config"], source=str(checkpoint_path))
-    store_path = Path(store) if store is not None else Path(config.data.store)
-    if not (store_path / "zarr.json").exists():
-        raise ValueError(
-            f"{checkpoint_path}: the feature store it was trained on, {store_path}, is gone; its descriptor setups and "
-            f"training-set records are needed for the .nn files. Pass the store's current path with --store")
-    reader = StoreReader(store_path)
-    if state.get("store_fingerprint") not in (None, reader.fingerprint):
-        raise ValueError(f"{checkpoint_path}: trained on a store with fingerprint {str(state['store_fingerprint'])[:12]}, "
-                         f"but {store_path} has {reader.fingerprint[:12]} (a different store)")
-    model = build_model(reader, config, torch.float64)
+    facts = state.get("store_facts")
+    if facts is None:  # a checkpoint from before store facts: read them from the store
+        from .store import StoreReader
+
+        store_path = Path(store) if store is not None else Path(config.data.store)
+        if not (store_path / "zarr.json").exists():
+            raise ValueError(
+                f"{checkpoint_path}: the feature store it was trained on, {store_path}, is gone; its descriptor setups and "
+                f"training-set records are needed for the .nn files. Pass the store's current path with --store")
+        reader = StoreReader(store_path)
+        if state.get("store_fingerprint") not in (None, reader.fingerprint):
+            raise ValueError(f"{checkpoint_path}: trained on a store with fingerprint {str(state['store_fingerprint'])[:12]}, "
+                             f"but {store_path} has {reader.fingerprint[:12]} (a different store)")
+        facts = reader.facts()
+    model = model_from_facts(facts, config.model.network_for, torch.float64)
     exact = {k: v.clone() for k, v in model.state_dict().items()}
     mismatch = ckpt.weights_mismatch(model.state_dict(), state["model"])
     if mismatch:
@@ -753,19 +757,19 @@ def load_run_model(checkpoint_path: str | os.PathLike, store: str | os.PathLike 
             if same:
                 net.set_feature_stats(*(exact[f"nets.{el}.{n}"] for n in names[:4]), int(net.neval))
                 net.set_energy_scaling(*(float(exact[f"nets.{el}.{n}"]) for n in names[4:]))
-    return model.eval(), reader, config
+    return model.eval(), facts, config
 
 
-def train_set_info(reader) -> TrainSetInfo:
-    """The ``.nn`` training-set records of a store: types, E_atom, sizes, cohesive energy per atom range."""
-    energy = reader.attrs["energy_per_atom"]
+def train_set_info(facts: dict) -> TrainSetInfo:
+    """The ``.nn`` training-set records of a store's facts: types, E_atom, sizes, cohesive energy per atom range."""
+    energy = facts["energy_per_atom"]
     return TrainSetInfo(
-        type_names=tuple(reader.species),
-        atomic_energies=tuple(float(reader.attrs["atomic_energies"][el]) for el in reader.species),
-        train_file=str(reader.path)[:PATH_LEN],
+        type_names=tuple(facts["species"]),
+        atomic_energies=tuple(float(facts["atomic_energies"][el]) for el in facts["species"]),
+        train_file=str(facts["store_path"])[:PATH_LEN],
         normalized=True,
-        num_atoms_total=int(reader.attrs["num_atoms"]),
-        num_structures=int(reader.num_structures),
+        num_atoms_total=int(facts["num_atoms"]),
+        num_structures=int(facts["num_structures"]),
         e_min=float(energy["min"]), e_max=float(energy["max"]), e_avg=float(energy["mean"]),
     )
 
@@ -786,15 +790,15 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
     from .config import DescriptorSetup as _Setup
 
     path = resolve_checkpoint(run_dir, checkpoint)
-    model, reader, _ = load_run_model(path, store)
-    untrained = [el for el in reader.species if int(reader.attrs["stats"][el]["count"]) == 0]
+    model, facts, _ = load_run_model(path, store)
+    untrained = [el for el in facts["species"] if int(facts["stats"][el]["count"]) == 0]
     if untrained:
-        raise ValueError(f"{reader.path}: no atoms of {', '.join(untrained)} in the store, so its network was never trained "
+        raise ValueError(f"{facts['store_path']}: no atoms of {', '.join(untrained)} in the store, so its network was never trained "
                          "and a .nn file for it would be random weights; featurize structures with it, or leave it out of TYPES")
-    info = train_set_info(reader)
+    info = train_set_info(facts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {el: nn_from_element_net(model.nets[el], _Setup.from_dict(reader.attrs["setups"][el]), info) for el in reader.species}
+    files = {el: nn_from_element_net(model.nets[el], _Setup.from_dict(facts["setups"][el]), info) for el in facts["species"]}
     written = []
     for el, nn in files.items():
         write_nn(out_dir / f"{el}.nn", nn)

@@ -12,7 +12,7 @@ to and from aenet ``.nn`` files.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -245,6 +245,27 @@ class AtomicModel(nn.Module):
         if unknown:
             raise ValueError(f"features for species {unknown} but the model only has {list(self.species)}")
         return {el: self.nets[el](G, cohesive=cohesive) for el, G in features.items()}
+
+
+def model_from_facts(facts: Mapping, network_for: Callable[[str], NetworkConfig], dtype: torch.dtype | None = None) -> "AtomicModel":
+    """Fresh per-element networks with aenet's normalization from a store's facts (``StoreReader.facts``).
+
+    Inputs: x = (G − mean)/std per feature. Energies: E_i = NN/scale + shift + E_atom with
+    shift = (E_max + E_min)/2 and scale = 2/(E_max − E_min) over the cohesive energies per
+    atom, as aenet's training-set normalization does, so NN targets lie in [−1, 1].
+    """
+    energy = facts["energy_per_atom"]
+    spread = energy["max"] - energy["min"]
+    scale = 2.0 / spread if spread > 1e-12 else 1.0
+    shift = 0.5 * (energy["max"] + energy["min"])
+    nets = {}
+    for element in facts["species"]:
+        stats = facts["stats"][element]
+        net = ElementNet(facts["num_features"][element], network_for(element), element, dtype=dtype)
+        net.set_feature_stats(stats["min"], stats["max"], stats["mean"], stats["mean_sq"], stats["count"])
+        net.set_energy_scaling(scale, shift, facts["atomic_energies"][element])
+        nets[element] = net
+    return AtomicModel(nets, facts["species"])
 
 
 class _SparseForceContraction(torch.autograd.Function):

@@ -27,8 +27,9 @@ import torch
 from .batching import gather_batch, shard_from_range
 from .export import load_run_model, resolve_checkpoint
 from .loader import split_test
+from .store import StoreReader
 from .files import atomic_write
-from .train import predict
+from .step import forward
 
 FIGSIZE = {"learning_curves": (9.0, 4.0), "parity": (15.0, 4.5)}
 DPI = 100
@@ -95,16 +96,17 @@ def evaluate_run(run_dir: str | os.PathLike, checkpoint: str = "best", store: st
         ``force_ref``/``force_pred`` (A_f, 3) eV/Å for the structures with derivatives,
         ``force_test`` (A_f,) bool.
     """
-    model, reader, config = load_run_model(resolve_checkpoint(run_dir, checkpoint), store)
+    model, facts, config = load_run_model(resolve_checkpoint(run_dir, checkpoint), store)
     model = model.to(device)
+    reader = StoreReader(store or facts.get("store_path") or config.data.store)  # the parity plot evaluates the data
     test = split_test(reader.has_derivs, config.data.test_percent, config.data.split_seed)
     e_ref, e_pred, f_ref, f_pred, f_test = [], [], [], [], []
     for b in range(len(reader.block_first) - 1):  # one store block at a time bounds the memory
         data = reader.read_block(b)
         shard = shard_from_range(data, torch.float64).to(device)
         batch = gather_batch(shard, torch.arange(shard.num_structures, device=device), with_forces=True)
-        with torch.enable_grad():
-            energy, forces = predict(model, batch, with_forces=True, create_graph=False)
+        fwd = forward(model, batch, with_forces=True, for_training=False)
+        energy, forces = fwd.energy, fwd.forces
         num_atoms = batch.num_atoms.double()
         e_ref.append((batch.energy / num_atoms).cpu().numpy())
         e_pred.append((energy.detach() / num_atoms).cpu().numpy())

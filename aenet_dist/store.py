@@ -771,6 +771,18 @@ class StoreReader:
     def fingerprint(self) -> str:
         return str(self.attrs["fingerprint"])
 
+    def facts(self) -> dict:
+        """What a model and its .nn files need of this store, as plain data (a few KB).
+
+        Species, descriptor setups and feature counts, the float64 descriptor statistics, atomic
+        and per-atom energies, training-set size, path and fingerprint. Checkpoints carry it, so
+        export and plot rebuild the model without the store.
+        """
+        keys = ("species", "setups", "num_features", "stats", "atomic_energies", "energy_per_atom", "num_atoms")
+        facts = {k: self.attrs[k] for k in keys}
+        facts.update(num_structures=int(self.num_structures), store_path=str(self.path), fingerprint=self.fingerprint)
+        return facts
+
     def names(self) -> list[str]:
         s = self.group["structures"]
         raw = s["name_bytes"][...].tobytes()

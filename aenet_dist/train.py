@@ -51,7 +51,7 @@ from .loader import (
 from .log import get_logger, setup_logging
 from . import step as lean
 from .loss import ANGLE_BINS, error_sums, force_angle_histogram, histogram_quantile, loss_of_totals
-from .model import AtomicModel, ElementNet, forces_from_dEdG
+from .model import AtomicModel, ElementNet, forces_from_dEdG, model_from_facts
 from .store import StoreReader
 
 log = get_logger(__name__)
@@ -73,24 +73,8 @@ class Interrupted(Exception):
 
 
 def build_model(reader: StoreReader, config: TrainConfig, dtype: torch.dtype) -> AtomicModel:
-    """Fresh per-element networks with aenet's normalization taken from the store's statistics.
-
-    Inputs: x = (G − mean)/std per feature. Energies: E_i = NN/scale + shift + E_atom with
-    shift = (E_max + E_min)/2 and scale = 2/(E_max − E_min) over the cohesive energies per
-    atom, as aenet's training-set normalization does, so NN targets lie in [−1, 1].
-    """
-    energy = reader.attrs["energy_per_atom"]
-    spread = energy["max"] - energy["min"]
-    scale = 2.0 / spread if spread > 1e-12 else 1.0
-    shift = 0.5 * (energy["max"] + energy["min"])
-    nets = {}
-    for element in reader.species:
-        stats = reader.attrs["stats"][element]
-        net = ElementNet(reader.attrs["num_features"][element], config.model.network_for(element), element, dtype=dtype)
-        net.set_feature_stats(stats["min"], stats["max"], stats["mean"], stats["mean_sq"], stats["count"])
-        net.set_energy_scaling(scale, shift, reader.attrs["atomic_energies"][element])
-        nets[element] = net
-    return AtomicModel(nets, reader.species)
+    """Fresh per-element networks with aenet's normalization from the store's statistics (:func:`model_from_facts`)."""
+    return model_from_facts(reader.facts(), config.model.network_for, dtype)
 
 
 def predict(model: AtomicModel, batch: Batch, with_forces: bool, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -198,6 +182,7 @@ class Trainer:
         self.info = info
         self.dtype = DTYPES[config.run.dtype]
         self.reader = StoreReader(config.data.store)
+        self.store_facts = self.reader.facts()
         unknown = sorted(set(config.model.networks) - set(self.reader.species))
         if unknown:
             raise ValueError(f"model.networks names {unknown}, which the store {config.data.store} does not have (it has {self.reader.species})")
@@ -292,6 +277,7 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "config": self.config.to_dict(),
             "store_fingerprint": self.reader.fingerprint,
+            "store_facts": self.store_facts,  # export and plot rebuild the model from these, without the store
             "split_digest": self.data.split_digest,
             "world_size": self.info.world_size,
         }

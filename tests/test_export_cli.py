@@ -84,7 +84,8 @@ def test_exported_potential_reproduces_the_trained_model(emt_run, tmp_path):
     from aenet_dist.export import load_run_model, resolve_checkpoint
 
     export_run(emt_run["run_dir"], tmp_path)
-    model, reader, _ = load_run_model(resolve_checkpoint(emt_run["run_dir"], "best"))
+    model, _, _ = load_run_model(resolve_checkpoint(emt_run["run_dir"], "best"))
+    reader = StoreReader(emt_run["store"])
     shard = shard_from_range(reader.read_range(0, reader.num_structures), torch.float64)
     batch = gather_batch(shard, torch.arange(reader.num_structures))
     with torch.enable_grad():
@@ -117,10 +118,17 @@ def test_export_errors_are_clear(emt_run, tmp_path, capsys):
         export_run(tmp_path / "no_run", tmp_path / "o")
     with pytest.raises(ValueError, match=r"no checkpoint_NNNNNN.pt"):
         export_run(tmp_path, tmp_path / "o", checkpoint="latest")
-    # the store named in the checkpoint's config is gone
+    # A checkpoint carries its store's facts: the store may be gone, the .nn files are the same.
     state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     state["config"]["data"]["store"] = str(tmp_path / "moved.zarr")
     moved = tmp_path / "moved.pt"
+    torch.save(state, moved)
+    export_run(run_dir, tmp_path / "with_store")
+    export_run(run_dir, tmp_path / "without", checkpoint=str(moved))
+    for nn in (tmp_path / "with_store").glob("*.nn"):
+        assert (tmp_path / "without" / nn.name).read_bytes() == nn.read_bytes()
+    # A checkpoint from before store facts needs its store: gone, then --store
+    del state["store_facts"]
     torch.save(state, moved)
     with pytest.raises(ValueError, match=r"moved.pt: the feature store it was trained on, .*moved.zarr, is gone.*--store"):
         export_run(run_dir, tmp_path / "o", checkpoint=str(moved))
