@@ -91,9 +91,6 @@ class _SerialComm:
     def Barrier(self):
         pass
 
-    def allreduce(self, obj):
-        return obj
-
 
 def world_comm():
     """mpi4py's COMM_WORLD when launched by mpiexec with more than one rank, else a serial stand-in."""
