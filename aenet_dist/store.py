@@ -5,12 +5,15 @@ Schema (``schema_version`` 1)
 Structures are cut, in file order, into *blocks* of consecutive structures whose
 estimated uncompressed size is about ``chunk_bytes``. A block is the unit of work,
 of completion and of reading; its arrays are cut into Zarr chunks of ~4 MiB along the
-first axis (compressed concurrently).
+first axis (compressed concurrently), each a zstd frame with its content checksum, and every
+chunk is written (array attribute ``aenet_dist_all_chunks_written``), so a missing chunk file or
+a flipped bit is an error on read, not zeros or garbage.
 
 ``<store>/zarr.json`` root group attributes:
     format="aenet_dist.store", schema_version, species (TYPES order), atomic_energies
     (eV), setups (per element: the .stp content), num_features (per element),
-    fingerprint (sha256 of every input that changes the content), block_first
+    fingerprint (sha256 of every input that changes the content, the structure files by a
+    hash of their bytes), fingerprint_of="file contents" (absent in older stores), block_first
     (first structure of each block, plus the total at the end), num_structures,
     num_atoms, deriv_dtype, complete (False until consolidation), and once complete:
     stats = {element: {count, min, max, mean, mean_sq, std} per feature},
