@@ -173,8 +173,14 @@ class StoreOptions:
     """Storage dtype of dG/dR rows: float64 (exact) or float32 (half the disk)."""
     compressor_level: int = 1
     """zstd level for all arrays (1: twice the speed of 3 for 5% more disk on float64 derivatives)."""
+    compressor: str = "zstd"
+    """Codec of every array: ``zstd`` (smallest; each chunk carries zstd's content checksum),
+    ``lz4`` (Blosc LZ4 with byte shuffle, faster to decode) or ``none``; the last two carry a
+    CRC32C per chunk, so damage is detected whatever the codec."""
 
     def __post_init__(self):
+        if self.compressor not in ("zstd", "lz4", "none"):
+            raise ValueError(f"compressor must be 'zstd', 'lz4' or 'none', got {self.compressor!r}")
         if self.chunk_bytes < 2**16:
             raise ValueError(f"chunk_bytes must be at least 65536, got {self.chunk_bytes}")
         if self.deriv_dtype not in ("float32", "float64"):

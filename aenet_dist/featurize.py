@@ -32,6 +32,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--force-list", help="text file naming the structures (one per line, '#' comments) that get derivatives; overrides FORCESPERCENT")
     parser.add_argument("--chunk-mb", type=float, default=32.0, help="target uncompressed MiB per block of structures (default 32)")
     parser.add_argument("--deriv-dtype", choices=("float64", "float32"), default="float64", help="storage dtype of dG/dR (default float64)")
+    parser.add_argument("--compressor", choices=("zstd", "lz4", "none"), default="zstd",
+                        help="codec of the store's chunks: zstd (default, smallest), lz4 or none (larger, faster to read "
+                             "when training streams the store); every chunk carries a checksum")
+    parser.add_argument("--compression-level", type=int, default=1, help="zstd level / Blosc clevel (default 1)")
     parser.add_argument("--device", default="cpu", help="torch device for the descriptor math (cpu, cuda; default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verify", action="store_true",
@@ -56,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
             lines = (line.split("#", 1)[0].strip() for line in Path(args.force_list).read_text().splitlines())
             force_structures = tuple(line for line in lines if line)
         config = read_generate_input(args.generate_in, force_seed=args.force_seed, force_structures=force_structures)
-        options = StoreOptions(chunk_bytes=int(args.chunk_mb * 2**20), deriv_dtype=args.deriv_dtype)
+        options = StoreOptions(chunk_bytes=int(args.chunk_mb * 2**20), deriv_dtype=args.deriv_dtype,
+                               compressor_level=args.compression_level, compressor=args.compressor)
         start = time.perf_counter()
         featurize_to_store(config, args.out, options, device=args.device, progress=not args.no_progress, verify=args.verify)
         elapsed = time.perf_counter() - start

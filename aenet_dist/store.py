@@ -58,6 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import torch
@@ -230,16 +231,26 @@ def fingerprint(config: FeaturizeConfig, names: list[str], digests: list[str], f
         "deriv_dtype": options.deriv_dtype,
         "chunk_bytes": options.chunk_bytes,
     }
+    if options.compressor != "zstd":  # (zstd stores keep the fingerprints they had)
+        payload["compressor"] = options.compressor
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------ writing
 
 
-def _zstd(level: int):
-    # The frame checksum (xxhash64 of the content) makes a flipped bit an error on read instead
-    # of a wrong number (one flip once decoded to values up to 6e99).
-    return zarr.codecs.ZstdCodec(level=level, checksum=True)
+def _codecs(compressor: str, level: int) -> dict:
+    """create_array's compressors for a StoreOptions.compressor.
+
+    Every chunk carries a checksum: zstd's frame checksum (xxhash64 of the content), or a CRC32C
+    after the other codecs. A flipped bit is then an error on read instead of a wrong number
+    (one flip once decoded to values up to 6e99).
+    """
+    if compressor == "zstd":
+        return {"compressors": zarr.codecs.ZstdCodec(level=level, checksum=True)}
+    if compressor == "lz4":
+        return {"compressors": (zarr.codecs.BloscCodec(cname="lz4", clevel=max(1, level), shuffle="shuffle"), zarr.codecs.Crc32cCodec())}
+    return {"compressors": zarr.codecs.Crc32cCodec()}
 
 
 ALL_CHUNKS_WRITTEN = "aenet_dist_all_chunks_written"
@@ -247,13 +258,13 @@ ALL_CHUNKS_WRITTEN = "aenet_dist_all_chunks_written"
 missing chunk file is damage, not zeros."""
 
 
-def _write_array(group, name: str, data: np.ndarray, level: int, chunk_bytes: int = 4 * 2**20) -> None:
+def _write_array(group, name: str, data: np.ndarray, level: int, chunk_bytes: int = 4 * 2**20, compressor: str = "zstd") -> None:
     """One array, chunked along its first axis into pieces of ~chunk_bytes (zarr compresses them concurrently)."""
     data = np.ascontiguousarray(data)
     row_bytes = max(1, data.itemsize * int(np.prod(data.shape[1:], dtype=np.int64)))
     rows = max(1, min(data.shape[0] if data.ndim else 1, chunk_bytes // row_bytes))
     chunks = (rows,) + tuple(max(1, n) for n in data.shape[1:])
-    array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=_zstd(level), fill_value=0,
+    array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, **_codecs(compressor, level), fill_value=0,
                                attributes={ALL_CHUNKS_WRITTEN: True}, config={"write_empty_chunks": True})
     if data.size:
         array[...] = data
@@ -266,6 +277,7 @@ def _block_dir(root: Path, b: int) -> Path:
 # Per-structure and per-atom arrays of a block read for training (pbc and cell are not needed).
 _PLAIN_DTYPES = {"bool", "int8", "int32", "int64", "float32", "float64"}
 _ZSTD = numcodecs.Zstd()
+_BLOSC = numcodecs.Blosc()
 _BLOCK_ARRAYS = ("num_atoms", "energy", "cohesive_energy", "has_derivs", "species", "pos", "forces")
 
 
@@ -285,12 +297,13 @@ def _read_plain_array(directory: Path) -> np.ndarray | None:
         meta.get("zarr_format") != 3
         or meta.get("chunk_grid", {}).get("name") != "regular"
         or meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}
-        or [c.get("name") for c in codecs] != ["bytes", "zstd"]
+        or [c.get("name") for c in codecs] not in (["bytes", "zstd"], ["bytes", "blosc", "crc32c"], ["bytes", "crc32c"])
         or codecs[0].get("configuration", {}).get("endian", "little") != "little"
         or meta.get("storage_transformers")
         or meta.get("data_type") not in _PLAIN_DTYPES
     ):
         return None
+    names = [c.get("name") for c in codecs]
     shape = tuple(int(n) for n in meta["shape"])
     chunk = tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])
     if not shape or len(chunk) != len(shape) or chunk[1:] != shape[1:] or chunk[0] < 1:
@@ -307,17 +320,33 @@ def _read_plain_array(directory: Path) -> np.ndarray | None:
                 raise ValueError(f"{path}: chunk file is missing (the store is damaged); "
                                  "`aenet-dist featurize --verify` with the same inputs redoes the damaged blocks")
             continue  # older stores: zarr leaves chunks that equal the fill value unwritten
-        try:
-            raw = _ZSTD.decode(path.read_bytes())
-        except RuntimeError as err:  # numcodecs' report of a corrupt frame or a checksum mismatch
-            raise ValueError(f"{path}: chunk cannot be decompressed ({err}); the store is damaged: "
-                             "`aenet-dist featurize --verify` with the same inputs redoes the damaged blocks") from err
+        raw = _decode_chunk(path, names)
         if len(raw) != chunk_bytes:
             raise ValueError(f"{path}: chunk decodes to {len(raw)} bytes, expected {chunk_bytes} (damaged store)")
         first = k * chunk[0]
         rows = min(chunk[0], shape[0] - first)
         out[first : first + rows] = np.frombuffer(raw, dtype=dtype).reshape(chunk)[:rows]
     return out
+
+
+_DAMAGED = "the store is damaged: `aenet-dist featurize --verify` with the same inputs redoes the damaged blocks"
+
+
+def _decode_chunk(path: Path, codecs: list[str]) -> bytes:
+    """One chunk file's bytes through the codecs of :func:`_codecs`, every checksum verified."""
+    raw = path.read_bytes()
+    if codecs[-1] == "crc32c":  # zarr's Crc32cCodec: the data, then their CRC32C (4 bytes, little-endian)
+        if len(raw) < 4 or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise ValueError(f"{path}: chunk checksum (CRC32C) does not match; {_DAMAGED}")
+        raw = raw[:-4]
+    try:
+        if "zstd" in codecs:
+            return _ZSTD.decode(raw)
+        if "blosc" in codecs:
+            return bytes(_BLOSC.decode(raw))
+    except RuntimeError as err:  # numcodecs' report of a corrupt frame or a checksum mismatch
+        raise ValueError(f"{path}: chunk cannot be decompressed ({err}); {_DAMAGED}") from err
+    return raw
 
 
 def _read_arrays(directory: Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -394,7 +423,7 @@ def compute_block(
     return arrays, attrs
 
 
-def write_block(root: Path, b: int, arrays: dict[str, np.ndarray], attrs: dict, level: int) -> None:
+def write_block(root: Path, b: int, arrays: dict[str, np.ndarray], attrs: dict, level: int, compressor: str = "zstd") -> None:
     """Write one block group atomically: into a temporary directory, then rename it into place."""
     final = _block_dir(root, b)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -402,7 +431,7 @@ def write_block(root: Path, b: int, arrays: dict[str, np.ndarray], attrs: dict, 
     group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
     for path, data in arrays.items():
         parent, _, name = path.rpartition("/")
-        _write_array(group.require_group(parent) if parent else group, name, data, level)
+        _write_array(group.require_group(parent) if parent else group, name, data, level, compressor=compressor)
     group.attrs.update(attrs)
     # The rename is the completion marker: a block directory either is complete or absent.
     os.replace(tmp, final)
@@ -545,7 +574,7 @@ def _featurize_into(root, comm, infos, names, cache, bounds, owned, force_mask, 
                 arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options, device=device)
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level)
+                pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level, options.compressor)
                 if not overlap:
                     pending.result()
                 time.sleep(delay)
