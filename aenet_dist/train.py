@@ -195,6 +195,13 @@ class Trainer:
         shard_bytes = float(local_bytes.sum())
         user_budget = None if config.data.memory_budget_gb is None else config.data.memory_budget_gb * 2**30
         self.cache_mode, reason = choose_cache(config.data.cache, shard_bytes, info.device, user_budget)
+        # A background gathering thread pays off only on a spare core: with a CPU rank on every
+        # core it competes with the ranks' own compute (2 ranks on 2 cores: 10 % slower epochs).
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.prefetch = self.cache_mode != "gpu" and not (info.device.type == "cpu" and local_ranks > 1 and local_ranks >= cores)
+        if info.is_main and self.cache_mode != "gpu" and not self.prefetch:
+            log.info("batches are gathered in the training thread: %d ranks on %d cores leave none for a gathering thread", local_ranks, cores)
         if info.is_main:
             log.info("data.cache=%s -> %s (%s)", config.data.cache, self.cache_mode, reason)
         if self.data.num_train_global == 0:
@@ -349,7 +356,7 @@ class Trainer:
 
     def _batches(self, source, plan: list[np.ndarray], with_forces: bool):
         """Batches of ``plan`` on the training device; gathered ahead in a thread unless on-device."""
-        if self.cache_mode == "gpu":
+        if not self.prefetch:  # gathered in this thread (on the device for the gpu cache)
             return source.iterate(plan, with_forces)
         prefetcher = Prefetcher(source, plan, with_forces, depth=STREAM_PREFETCH_DEPTH if self.cache_mode == "stream" else PREFETCH_DEPTH)
         return _closing((b.to(self.info.device, non_blocking=True) for b in prefetcher), prefetcher)
@@ -633,7 +640,7 @@ class Trainer:
         waits = [d for d, _ in timings]
         work = [w for _, w in timings]
         worst = int(np.argmax(waits))
-        if waits[worst] > 0.2 * train_seconds and waits[worst] > floor:
+        if self.prefetch and waits[worst] > 0.2 * train_seconds and waits[worst] > floor:  # (inline gathering is not waiting)
             self._warn_now("data", "rank %d waited %.2f s of %.2f s for data this epoch: use a faster cache (data.cache) or "
                            "fewer ranks per node", worst, waits[worst], train_seconds)
         slowest = int(np.argmax(work))
