@@ -324,7 +324,7 @@ class DataConfig:
     whose forces enter the loss: a seeded subset, nested (the 10 % subset lies inside the 20 % one),
     so one store featurized with all forces serves every fraction (the aenet-PyTorch paper's
     Figs. 3 and 5). Energies of all training structures are always used; test metrics use every
-    test structure. The other structures' forces are still computed, and masked out."""
+    test structure. The other structures' derivative rows are dropped when the data are read."""
 
     def __post_init__(self):
         _coerce_fields(self, "data")

@@ -51,7 +51,7 @@ import torch
 
 from .batching import Batch, ShardData, gather_batch, merge_batches, shard_from_range
 from .log import get_logger
-from .store import StoreReader, StructureRange, select_structures
+from .store import StoreReader, StructureRange, select_structures, without_derivatives
 
 log = get_logger(__name__)
 CACHE_SAFETY = 1.3  # tensors, indices and allocator slack over the raw payload
@@ -334,10 +334,11 @@ class BlockSource:
 
     def __init__(self, reader: StoreReader, data: RankData, members: np.ndarray, dtype: torch.dtype,
                  resident: bool, budget_bytes: float = math.inf, readers: int = 2, pin: bool = False,
-                 piece_bytes: float = 0.0, buckets: bool = False):
+                 piece_bytes: float = 0.0, buckets: bool = False, derivs_used: np.ndarray | None = None):
         """``piece_bytes`` > 0 joins consecutive store blocks into pieces of about that many bytes
         of members (fewer, larger gathers per step; for resident sources)."""
         self.reader, self.data, self.dtype, self.pin, self.buckets = reader, data, dtype, pin, buckets
+        self.derivs_used = derivs_used  # (store,) bool, or None for all: data.force_percent
         self.resident, self.budget_bytes, self.readers = resident, budget_bytes, max(1, readers)
         bounds = sorted({b for shard in data.shard_blocks for b in shard})
         members = np.asarray(members, dtype=np.int64)
@@ -375,6 +376,8 @@ class BlockSource:
         if len(inside) < b - a:
             part = select_structures(part, inside)
         store_index = torch.from_numpy(self.data.start + self.members[k])
+        if self.derivs_used is not None:
+            part = without_derivatives(part, ~self.derivs_used[self.data.start + self.members[k]])
         self.blocks_read += 1  # one reader per block at a time; only a statistic
         return shard_from_range(part, self.dtype, store_index=store_index, buckets=self.buckets)
 
@@ -573,7 +576,7 @@ def smallest_stream_budget(live_bytes: float, train: "BlockSource", batch_bytes:
 
 def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dtype, device: torch.device,
                  budget_bytes: float, readers: int, batch_bytes: float, first_plan: list[np.ndarray] | None = None,
-                 buckets: bool = False):
+                 buckets: bool = False, derivs_used: np.ndarray | None = None):
     """(training source, evaluation source) of a cache mode; reads now what the mode keeps.
 
     ``stream`` splits ``budget_bytes`` between the batches in flight, the blocks being converted
@@ -585,6 +588,8 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     if mode == "gpu":
         part = reader.read_range(data.start, data.stop, _numpy_dtype(dtype))
         check_finite(part, reader)
+        if derivs_used is not None:
+            part = without_derivatives(part, ~derivs_used[data.start : data.stop])
         shard = shard_from_range(part, dtype, buckets=buckets)
         del part  # the shard holds its own copies; free the numpy range before moving to the device
         source = ShardSource(shard.to(device))
@@ -592,10 +597,11 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     if mode != "stream":
         pin = mode == "pinned" and device.type == "cuda"
         source = BlockSource(reader, data, everything, dtype, resident=True, readers=readers, pin=pin, piece_bytes=RESIDENT_PIECE_BYTES,
-                             buckets=buckets)
+                             buckets=buckets, derivs_used=derivs_used)
         return source, source
     per_structure = structure_bytes(reader, dtype.itemsize)[data.start : data.stop]
-    train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers, buckets=buckets)
+    train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers, buckets=buckets,
+                        derivs_used=derivs_used)
     queued, converting = stream_overheads(train, batch_bytes)
     test_bytes = float(per_structure[data.test_local].sum())
     avail = (1 - ALLOCATOR_RESERVE) * budget_bytes - queued - converting
@@ -615,7 +621,7 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     if len(data.test_local) == 0:
         return train, train
     test = BlockSource(reader, data, data.test_local, dtype, resident=test_resident, budget_bytes=left, readers=readers,
-                       piece_bytes=RESIDENT_PIECE_BYTES if test_resident else 0.0, buckets=buckets)
+                       piece_bytes=RESIDENT_PIECE_BYTES if test_resident else 0.0, buckets=buckets, derivs_used=derivs_used)
     test.budget_total = budget_bytes
     log.info(
         "stream: budget %.2f GiB per rank: %.2f GiB for blocks read ahead, test set (%.2f GiB) %s",

@@ -944,6 +944,22 @@ def select_structures(r: StructureRange, positions: np.ndarray) -> StructureRang
     )
 
 
+def without_derivatives(r: StructureRange, drop: np.ndarray) -> StructureRange:
+    """``r`` with the derivative rows of the structures where ``drop`` (per structure, bool) removed.
+
+    Their ``has_derivs`` becomes False: they train on energies only, and no force is computed
+    for them (``data.force_percent``).
+    """
+    if not drop.any():
+        return r
+    drop_atom = np.repeat(drop, r.num_atoms)
+    elements = {}
+    for e, el in r.elements.items():
+        keep = ~drop_atom[el.atom[el.deriv_center]] if len(el.deriv_center) else np.zeros(0, dtype=bool)
+        elements[e] = ElementRows(el.atom, el.G, el.deriv_center[keep], el.deriv_neighbor[keep], el.dG[keep])
+    return dataclasses.replace(r, has_derivs=np.asarray(r.has_derivs, dtype=bool) & ~drop, elements=elements)
+
+
 def torch_default_threads() -> None:
     """Featurize ranks share the cores: one intra-op thread per MPI rank when there are several."""
     comm = world_comm()

@@ -213,10 +213,21 @@ class Trainer:
         first_plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
         # Evaluation chunks are no larger than the largest training step, in structures and bytes.
         self.eval_plan, batch_bytes = eval_plan_and_batch_bytes(self.data, local_bytes, first_plan, config.run.batch_size)
+        # data.force_percent: the derivative rows of training structures outside the (nested, seeded)
+        # subset are dropped when the data are read, so those structures train on energies alone.
+        derivs_used = None
+        if config.data.force_percent < 100:
+            test = split_test(self.reader.has_derivs, config.data.test_percent, config.data.split_seed)
+            used = force_subset(self.reader.has_derivs, test, config.data.force_percent, config.data.split_seed)
+            derivs_used = used | test  # test metrics use every test structure
+            if info.is_main:
+                log.info("data.force_percent=%g: forces of %d of the %d training structures with derivatives enter the loss",
+                         config.data.force_percent, int(used.sum()), int((self.reader.has_derivs.astype(bool) & ~test).sum()))
         self.source, self.eval_source = make_sources(
             self.reader, self.data, self.cache_mode, self.dtype, info.device, user_budget or default_budget_bytes(),
             config.data.readers, batch_bytes, first_plan,
             buckets=config.data.dense_buckets == "on" or (config.data.dense_buckets == "auto" and info.device.type == "cuda"),
+            derivs_used=derivs_used,
         )
         # A stream budget too small for the plan stops here, before any training.
         self.source.check_budget(first_plan, "first epoch")
@@ -234,16 +245,7 @@ class Trainer:
         self.ddp = None
         alpha = config.loss.force_weight
         self.loss_weights = torch.tensor([1.0 - alpha, alpha], dtype=self.dtype, device=info.device)
-        # data.force_percent: which training structures' forces enter the loss (a nested, seeded subset).
         self.train_forces = alpha > 0 and config.data.force_percent > 0
-        self.force_used = None
-        if config.data.force_percent < 100:
-            test = split_test(self.reader.has_derivs, config.data.test_percent, config.data.split_seed)
-            used = force_subset(self.reader.has_derivs, test, config.data.force_percent, config.data.split_seed)
-            self.force_used = torch.from_numpy(used).to(info.device)
-            if info.is_main:
-                log.info("data.force_percent=%g: forces of %d of the %d training structures with derivatives enter the loss",
-                         config.data.force_percent, int(used.sum()), int((self.reader.has_derivs.astype(bool) & ~test).sum()))
         self.step_records: list = []  # this epoch's steps: (step number in epoch, structure indices)
         self.step_checks = torch.zeros(self.steps, 5, dtype=self.dtype, device=info.device)  # per step: 4 totals, finiteness probe
         self.epoch = 0  # completed epochs
@@ -381,9 +383,6 @@ class Trainer:
         """
         alpha = self.config.loss.force_weight if self.train_forces else 0.0  # (the loss weights keep 1 − α on energies)
         decay = 2 * self.config.loss.l2 / self.info.world_size  # of λ·Σ w², which every rank adds
-        if self.force_used is not None and batch.force_atoms is not None:  # data.force_percent < 100
-            used = torch.repeat_interleave(self.force_used[batch.structure_index], batch.num_atoms, output_size=batch.total_atoms)
-            batch.force_atoms = batch.force_atoms & used
         t0 = time.perf_counter()
 
         def reduce(sums: torch.Tensor) -> torch.Tensor:

@@ -572,3 +572,22 @@ def test_force_percent_trains_on_a_subset_of_the_forces(emt, tmp_path, percent):
         assert np.isnan(m[-1]["train_rmse_forces_eV_A"])  # no training force enters the loss
     else:
         assert np.isfinite(m[-1]["train_rmse_forces_eV_A"]) and last["epoch"] == 2
+
+
+def test_without_derivatives_drops_exactly_the_rows_of_those_structures(emt):
+    from aenet_dist.store import without_derivatives
+
+    _, store = emt
+    reader = StoreReader(store)
+    r = reader.read_range(0, reader.num_structures)
+    drop = np.zeros(reader.num_structures, dtype=bool)
+    drop[::2] = True
+    out = without_derivatives(r, drop)
+    assert not (out.has_derivs & drop).any() and np.array_equal(out.has_derivs, r.has_derivs.astype(bool) & ~drop)
+    structure_of_atom = np.repeat(np.arange(reader.num_structures), r.num_atoms)
+    for el in r.elements:
+        centers = structure_of_atom[out.elements[el].atom[out.elements[el].deriv_center]]
+        assert not drop[centers].any()
+        kept = ~drop[structure_of_atom[r.elements[el].atom[r.elements[el].deriv_center]]]
+        assert np.array_equal(out.elements[el].dG, r.elements[el].dG[kept])
+        assert np.array_equal(out.elements[el].G, r.elements[el].G)  # descriptors (energies) untouched
