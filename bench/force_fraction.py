@@ -67,11 +67,11 @@ def ensure_store() -> None:
     print(f"  {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
-def train(config: Path, percent: float, epochs: int, runs: Path) -> dict:
-    run_dir = runs / f"p{percent:g}"
+def train(config: Path, percent: float, epochs: int, runs: Path, seed: int = 0) -> dict:
+    run_dir = runs / f"p{percent:g}_s{seed}"
     cmd = [str(PY), "-m", "aenet_dist.train", str(config), f"run.run_dir={run_dir}", f"run.epochs={epochs}",
-           f"run.checkpoint_every={epochs}", f"data.force_percent={percent}"]
-    print(f"force_percent {percent:g}: {epochs} epochs ...", file=sys.stderr)
+           f"run.checkpoint_every={epochs}", f"data.force_percent={percent}", f"run.seed={seed}"]
+    print(f"force_percent {percent:g}, seed {seed}: {epochs} epochs ...", file=sys.stderr)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=runs)
     wall = time.perf_counter() - t0
@@ -79,13 +79,30 @@ def train(config: Path, percent: float, epochs: int, runs: Path) -> dict:
         sys.exit(f"training with force_percent={percent} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     metrics = read_metrics(run_dir / "metrics.jsonl")
     best = min(metrics, key=lambda m: m["loss"] if math.isfinite(m["loss"]) else math.inf)
-    out = {"force_percent": percent, "epochs": len(metrics), "best_epoch": best["epoch"], "wall_s": wall, "loadavg_end": load1()}
+    out = {"force_percent": percent, "seed": seed, "epochs": len(metrics), "best_epoch": best["epoch"], "wall_s": wall, "loadavg_end": load1()}
     for key in ("test_rmse_energy_meV_atom", "test_rmse_forces_eV_A", "test_force_angle_median_deg", "test_force_angle_p90_deg",
                 "train_rmse_energy_meV_atom", "train_rmse_forces_eV_A"):
         out[key] = best[key]
     print(f"  best epoch {best['epoch']}: test E {best['test_rmse_energy_meV_atom']:.2f} meV/atom, F "
           f"{best['test_rmse_forces_eV_A']:.4f} eV/Å, angle {best['test_force_angle_median_deg']:.1f}° (p90 "
           f"{best['test_force_angle_p90_deg']:.1f}°); {wall:.0f} s", file=sys.stderr)
+    return out
+
+
+KEYS = ("test_rmse_energy_meV_atom", "test_rmse_forces_eV_A", "test_force_angle_median_deg", "test_force_angle_p90_deg",
+        "train_rmse_energy_meV_atom", "train_rmse_forces_eV_A")
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Median over seeds of every figure, with the range (min, max) of each."""
+    import statistics
+
+    out = {"force_percent": runs[0]["force_percent"], "seeds": len(runs), "best_epoch": int(statistics.median(r["best_epoch"] for r in runs)),
+           "wall_s": statistics.median(r["wall_s"] for r in runs), "loadavg_end": runs[-1]["loadavg_end"], "runs": runs}
+    for key in KEYS:
+        values = [r[key] for r in runs]
+        out[key] = statistics.median(values)
+        out[key + "_range"] = (min(values), max(values))
     return out
 
 
@@ -100,7 +117,9 @@ def plot(rows: list[dict], path: Path) -> None:
     panels = ((axes[0], "test_rmse_energy_meV_atom", "test RMSE energy (meV/atom)"),
               (axes[1], "test_rmse_forces_eV_A", "test RMSE forces (eV/Å)"))
     for ax, key, label in panels:
-        ax.plot(x, [r[key] for r in rows], "o-")
+        lo = [r[key] - r[key + "_range"][0] for r in rows]
+        hi = [r[key + "_range"][1] - r[key] for r in rows]
+        ax.errorbar(x, [r[key] for r in rows], yerr=[lo, hi], fmt="o-", capsize=3)
         ax.set_ylabel(label)
     axes[2].plot(x, [r["test_force_angle_median_deg"] for r in rows], "o-", label="median")
     axes[2].plot(x, [r["test_force_angle_p90_deg"] for r in rows], "s--", label="90th percentile")
@@ -118,6 +137,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--percents", type=float, nargs="+", default=[0, 5, 10, 20, 50])
     parser.add_argument("--epochs", type=int, default=120)
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds per share (run.seed 0..N-1): medians and ranges")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     info = machine()
@@ -125,7 +145,8 @@ def main() -> int:
     runs = Path(tempfile.mkdtemp(prefix="bench_force_fraction_"))
     try:
         config = write_train_toml(runs / "train.toml", STORE, SETTINGS)
-        rows = [train(config, p, args.epochs, runs) for p in args.percents]
+        runs_all = [train(config, p, args.epochs, runs, seed) for p in args.percents for seed in range(args.seeds)]
+        rows = [_summary([r for r in runs_all if r["force_percent"] == p]) for p in args.percents]
     finally:
         shutil.rmtree(runs, ignore_errors=True)
     figure = ROOT / "bench" / "force_fraction.png"
@@ -135,24 +156,30 @@ def main() -> int:
         HEADING, "",
         f"{stamp}; {info['nproc']} CPU(s), torch {info['torch']}; commit {info['git_commit']}; `bench/force_fraction.py`: "
         f"all 1000 TiO2 structures featurized with forces; α = 0.1, 2 x 5 tanh, Adam 1e-2, batch 32, plateau schedule, "
-        f"{args.epochs} epochs, float32, 1 rank; `data.force_percent` = the share of the training set's structures whose "
+        f"{args.epochs} epochs, float32, 1 rank, {args.seeds} training seed(s) per share (median, range in brackets); "
+        "`data.force_percent` = the share of the training set's structures whose "
         "forces enter the loss (nested subsets); figures at the epoch of the lowest test loss; angles over test atoms with "
-        "|F_ref| > 0.1 eV/Å. Plot: `bench/force_fraction.png`.", "",
+        "|F_ref| > 0.1 eV/Å. Plot: `bench/force_fraction.png` (bars: the range over seeds).", "",
         "| forces trained on | best epoch | test RMSE E (meV/atom) | test RMSE F (eV/Å) | angle median (°) | angle p90 (°) | "
         "train RMSE E | train RMSE F | wall (s) | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    def cell(r, key, fmt):
+        lo, hi = r[key + "_range"]
+        return f"{r[key]:{fmt}}" + (f" ({lo:{fmt}}–{hi:{fmt}})" if r["seeds"] > 1 else "")
+
     for r in rows:
         lines.append(
-            f"| {r['force_percent']:g} % | {r['best_epoch']} | {r['test_rmse_energy_meV_atom']:.2f} | {r['test_rmse_forces_eV_A']:.4f} | "
-            f"{r['test_force_angle_median_deg']:.1f} | {r['test_force_angle_p90_deg']:.1f} | {r['train_rmse_energy_meV_atom']:.2f} | "
-            f"{r['train_rmse_forces_eV_A']:.4f} | {r['wall_s']:.0f} | {r['loadavg_end']:.2f} |")
+            f"| {r['force_percent']:g} % | {r['best_epoch']} | {cell(r, 'test_rmse_energy_meV_atom', '.2f')} | "
+            f"{cell(r, 'test_rmse_forces_eV_A', '.4f')} | {cell(r, 'test_force_angle_median_deg', '.1f')} | "
+            f"{cell(r, 'test_force_angle_p90_deg', '.1f')} | {cell(r, 'train_rmse_energy_meV_atom', '.2f')} | "
+            f"{cell(r, 'train_rmse_forces_eV_A', '.4f')} | {r['wall_s']:.0f} | {r['loadavg_end']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_save:
         stamp_iso = datetime.datetime.now().isoformat(timespec="seconds")
-        append_results(text, [{"bench": "force_fraction", "dataset": "tio2_allforces", "time": stamp_iso, **info, **r,
-                               "settings": SETTINGS} for r in rows], RESULTS_MD, RESULTS_JSONL)
+        append_results(text, [{"bench": "force_fraction", "dataset": "tio2_allforces", "time": stamp_iso, **info, **run,
+                               "settings": SETTINGS} for r in rows for run in r["runs"]], RESULTS_MD, RESULTS_JSONL)
     return 0
 
 
