@@ -55,6 +55,9 @@ checkpoint_every = 100000
 
 
 def train(out: Path, name: str, text: str) -> list[dict]:
+    import shutil
+
+    shutil.rmtree(out / "runs" / name, ignore_errors=True)  # a rerun of the benchmark starts each run afresh
     cfg = out / f"{name}.toml"
     cfg.write_text(text)
     err = io.StringIO()
