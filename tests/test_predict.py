@@ -112,8 +112,6 @@ def test_float32_is_close(structures):
 
 @pytest.mark.gpu
 def test_cuda_equals_cpu(predictor, structures):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     gpu = Predictor.from_potentials(POTENTIALS, device="cuda")
     for a, b in zip(gpu.predict(structures, stress=True), predictor.predict(structures, stress=True)):
         assert a.energy == pytest.approx(b.energy, abs=1e-9)

@@ -189,3 +189,20 @@ def test_size_buckets_change_nothing_but_the_number_of_products(shards, tmp_path
     assert torch.allclose(l1, l2, rtol=1e-13, atol=0)
     for name in g1:
         assert torch.allclose(g1[name], g2[name], rtol=0, atol=1e-12 * max(1.0, float(g1[name].abs().max()))), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("buckets", [False, True])
+def test_lean_step_on_cuda_equals_cpu(shards, tmp_path, buckets):
+    """The same step on a CUDA device: energies, forces, loss and gradients as on the CPU (float64)."""
+    store, reader, _, _ = shards
+    shard = shard_from_range(reader.read_range(0, reader.num_structures), torch.float64, buckets=buckets)
+    model = _model(reader, store, tmp_path, [5, 4], ["tanh", "twist"], seed=5)
+    batch = gather_batch(shard, torch.arange(reader.num_structures))
+    e_cpu, f_cpu, l_cpu, g_cpu = _lean(model, batch, 0.3, 1e-3)
+    model_gpu = model.to("cuda")
+    e_gpu, f_gpu, l_gpu, g_gpu = _lean(model_gpu, batch.to("cuda"), 0.3, 1e-3)
+    assert torch.allclose(e_gpu.cpu(), e_cpu, rtol=0, atol=1e-10) and torch.allclose(f_gpu.cpu(), f_cpu, rtol=0, atol=1e-10)
+    assert torch.allclose(l_gpu.cpu(), l_cpu, rtol=1e-12, atol=0)
+    for name in g_cpu:
+        assert torch.allclose(g_gpu[name].cpu(), g_cpu[name], rtol=0, atol=1e-10 * max(1.0, float(g_cpu[name].abs().max()))), name
