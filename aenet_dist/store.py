@@ -577,7 +577,8 @@ def _featurize_into(root, comm, infos, names, cache, bounds, owned, force_mask, 
                 pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level, options.compressor)
                 if not overlap:
                     pending.result()
-                time.sleep(delay)
+                if delay:  # (tests only: room to kill a run mid-way)
+                    time.sleep(delay)
                 if bar is not None:
                     bar.update(stop - first)
             if pending is not None:
