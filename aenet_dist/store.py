@@ -47,6 +47,7 @@ mpi4py is imported here only; every other module is free of MPI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -509,92 +510,78 @@ def featurize_to_store(
     fp = fingerprint(config, names, [digest_of[f] for f in files], force_mask, options)
 
     # 3. Lock the store and create (or validate) the root group; rank 0 only, every rank learns how it went.
-    lock = None
+    with contextlib.ExitStack() as held:  # rank 0 holds the store's lock until this function returns
 
-    def claim() -> None:
-        nonlocal lock
-        if rank == 0:
-            # Beside the store, not in it: the store's files stay exactly what featurize writes.
-            lock = lock_file(root.parent / f".{root.name}.lock", f"store {root}")
-            _init_root(root, config, fp, bounds, options, len(infos))
+        def claim() -> None:
+            if rank == 0:
+                # Beside the store, not in it: the store's files stay exactly what featurize writes.
+                held.callback(unlock, lock_file(root.parent / f".{root.name}.lock", f"store {root}"))
+                _init_root(root, config, fp, bounds, options, len(infos))
 
-    try:
         together(comm, "opening the store", claim)
-        return _featurize_into(root, comm, infos, names, cache, bounds, owned, force_mask, config, options, device, progress,
-                               start_time, verify)
-    finally:
-        unlock(lock)
+        missing = [b for b in range(num_blocks) if not (_block_dir(root, b) / "zarr.json").exists()]
+        if verify:
+            damaged = together(comm, "verifying the store", lambda: [b for b in owned if b not in missing and not _block_is_intact(root, b)])
+            for b in damaged:  # each rank removes only the blocks it owns (and will redo)
+                log.warning("%s: block %d is damaged; featurizing it again", root, b)
+                shutil.rmtree(_block_dir(root, b))
+            missing = sorted(set(missing) | {b for part in comm.allgather(damaged) for b in part})
+        if _is_complete(root) and not missing:
+            if rank == 0:
+                log.info("%s is already complete (same inputs)%s; nothing to do", root, ", every chunk intact" if verify else "")
+            return root
+        if _is_complete(root) and rank == 0:
+            log.warning("%s: %d block(s) missing or damaged (%s); featurizing them again", root, len(missing), ", ".join(map(str, missing[:10])))
 
+        # 4. Featurize the blocks this rank owns that are not yet complete.
+        todo = [b for b in owned if b in missing]
+        keep_files = {info.file for b in todo for info in infos[bounds[b] : bounds[b + 1]]}
+        for f in [f for f in cache if f not in keep_files]:
+            del cache[f]
+        skipped = len(owned) - len(todo)
+        if skipped and rank == 0:
+            log.info("resuming: %d of this rank's %d blocks already complete", skipped, len(owned))
+        bar = None
+        if progress and rank == 0:
+            from tqdm import tqdm
 
-def _featurize_into(root, comm, infos, names, cache, bounds, owned, force_mask, config, options, device, progress, start_time,
-                    verify) -> Path:
-    """Steps 4 and 5 of :func:`featurize_to_store`, with the store locked."""
-    rank, size = comm.rank, comm.size
+            total = int(sum(bounds[b + 1] - bounds[b] for b in todo))
+            bar = tqdm(total=total, unit="struct", desc=f"featurize (rank 0 of {size})", smoothing=0.1)
+        # On a GPU, compute block b+1 while a CPU thread compresses and writes block b. On the
+        # CPU both compete for the same cores (measured: slower), so write in line there.
+        overlap = torch.device(device).type != "cpu"
+        delay = float(os.environ.get("AENET_DIST_TEST_BLOCK_DELAY", "0"))  # lets tests kill a run mid-way
 
-    num_blocks = len(bounds) - 1
-    missing = [b for b in range(num_blocks) if not (_block_dir(root, b) / "zarr.json").exists()]
-    if verify:
-        damaged = together(comm, "verifying the store", lambda: [b for b in owned if b not in missing and not _block_is_intact(root, b)])
-        for b in damaged:  # each rank removes only the blocks it owns (and will redo)
-            log.warning("%s: block %d is damaged; featurizing it again", root, b)
-            shutil.rmtree(_block_dir(root, b))
-        missing = sorted(set(missing) | {b for part in comm.allgather(damaged) for b in part})
-    if _is_complete(root) and not missing:
-        if rank == 0:
-            log.info("%s is already complete (same inputs)%s; nothing to do", root, ", every chunk intact" if verify else "")
-        return root
-    if _is_complete(root) and rank == 0:
-        log.warning("%s: %d block(s) missing or damaged (%s); featurizing them again", root, len(missing), ", ".join(map(str, missing[:10])))
-
-    # 4. Featurize the blocks this rank owns that are not yet complete.
-    todo = [b for b in owned if b in missing]
-    keep_files = {info.file for b in todo for info in infos[bounds[b] : bounds[b + 1]]}
-    for f in [f for f in cache if f not in keep_files]:
-        del cache[f]
-    skipped = len(owned) - len(todo)
-    if skipped and rank == 0:
-        log.info("resuming: %d of this rank's %d blocks already complete", skipped, len(owned))
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        total = int(sum(bounds[b + 1] - bounds[b] for b in todo))
-        bar = tqdm(total=total, unit="struct", desc=f"featurize (rank 0 of {size})", smoothing=0.1)
-    # On a GPU, compute block b+1 while a CPU thread compresses and writes block b. On the
-    # CPU both compete for the same cores (measured: slower), so write in line there.
-    overlap = torch.device(device).type != "cpu"
-    delay = float(os.environ.get("AENET_DIST_TEST_BLOCK_DELAY", "0"))  # lets tests kill a run mid-way
-
-    def featurize_blocks() -> None:
-        with ThreadPoolExecutor(max_workers=1) as writer:
-            pending = None
-            for b in todo:
-                first, stop = int(bounds[b]), int(bounds[b + 1])
-                structures = _read_range(infos, first, stop, cache)
-                arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options, device=device)
+        def featurize_blocks() -> None:
+            with ThreadPoolExecutor(max_workers=1) as writer:
+                pending = None
+                for b in todo:
+                    first, stop = int(bounds[b]), int(bounds[b + 1])
+                    structures = _read_range(infos, first, stop, cache)
+                    arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options, device=device)
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level, options.compressor)
+                    if not overlap:
+                        pending.result()
+                    if delay:  # (tests only: room to kill a run mid-way)
+                        time.sleep(delay)
+                    if bar is not None:
+                        bar.update(stop - first)
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level, options.compressor)
-                if not overlap:
-                    pending.result()
-                if delay:  # (tests only: room to kill a run mid-way)
-                    time.sleep(delay)
-                if bar is not None:
-                    bar.update(stop - first)
-            if pending is not None:
-                pending.result()
 
-    try:
-        together(comm, "featurizing its blocks", featurize_blocks)  # also the barrier before consolidation
-    finally:
-        if bar is not None:
-            bar.close()
+        try:
+            together(comm, "featurizing its blocks", featurize_blocks)  # also the barrier before consolidation
+        finally:
+            if bar is not None:
+                bar.close()
 
-    # 5. Consolidate on rank 0: structure table, statistics, complete=True last.
-    together(comm, "consolidating the store", lambda: consolidate(root, names) if rank == 0 else None)
-    if rank == 0:
-        log.info("featurized %d structures into %s in %.1f s", len(infos), root, time.perf_counter() - start_time)
-    return root
+        # 5. Consolidate on rank 0: structure table, statistics, complete=True last.
+        together(comm, "consolidating the store", lambda: consolidate(root, names) if rank == 0 else None)
+        if rank == 0:
+            log.info("featurized %d structures into %s in %.1f s", len(infos), root, time.perf_counter() - start_time)
+        return root
 
 
 def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray, options: StoreOptions, num_structures: int) -> None:
