@@ -265,6 +265,11 @@ def local_ranks() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def choose_cache(requested: str, shard_bytes: float, device: torch.device, budget_bytes: float | None = None,
                  ranks_on_node: int | None = None) -> tuple[str, str]:
     """(mode, reason). ``gpu`` that cannot fit is an error before any data is read.

@@ -42,16 +42,18 @@ from .loader import (
     epoch_plan,
     eval_plan_and_batch_bytes,
     force_subset,
+    local_ranks,
     make_sources,
     rank_data,
     split_test,
     steps_per_epoch,
     structure_bytes,
+    usable_cores,
 )
 from .log import get_logger, setup_logging
 from . import step as lean
 from .loss import ANGLE_BINS, error_sums, force_angle_histogram, histogram_quantile, loss_of_totals
-from .model import AtomicModel, ElementNet, forces_from_dEdG, model_from_facts
+from .model import AtomicModel, forces_from_dEdG, model_from_facts
 from .store import StoreReader
 
 log = get_logger(__name__)
@@ -197,11 +199,10 @@ class Trainer:
         self.cache_mode, reason = choose_cache(config.data.cache, shard_bytes, info.device, user_budget)
         # A background gathering thread pays off only on a spare core: with a CPU rank on every
         # core it competes with the ranks' own compute (2 ranks on 2 cores: 10 % slower epochs).
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.prefetch = self.cache_mode != "gpu" and not (info.device.type == "cpu" and local_ranks > 1 and local_ranks >= cores)
+        ranks, cores = local_ranks(), usable_cores()
+        self.prefetch = self.cache_mode != "gpu" and not (info.device.type == "cpu" and ranks > 1 and ranks >= cores)
         if info.is_main and self.cache_mode != "gpu" and not self.prefetch:
-            log.info("batches are gathered in the training thread: %d ranks on %d cores leave none for a gathering thread", local_ranks, cores)
+            log.info("batches are gathered in the training thread: %d ranks on %d cores leave none for a gathering thread", ranks, cores)
         if info.is_main:
             log.info("data.cache=%s -> %s (%s)", config.data.cache, self.cache_mode, reason)
         if self.data.num_train_global == 0:
@@ -808,9 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if info.device.type == "cpu":
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(config.run.cpu_threads or max(1, cores // max(local_ranks, 1)))
+        torch.set_num_threads(config.run.cpu_threads or max(1, usable_cores() // local_ranks()))
     start = time.perf_counter()
     previous_handlers = {}
     lock = None
