@@ -225,22 +225,18 @@ def backward(model: AtomicModel, fwd: StepForward, batch: Batch, energy_adjoint:
     """
     with torch.no_grad():
         adjoint_of_structure = tnf.pad(energy_adjoint, (0, 1))  # the dummy structure of padded rows: 0
-        U = {}
+        # Adjoint of each group's dE/dG (E, M, F), where the group has derivative rows and a force term.
+        dE_dG_adjoints = [None if force_adjoint is None or p.dE_dG is None else p.dE_dG.new_zeros(p.dE_dG.shape) for p in fwd.groups]
         if force_adjoint is not None:
-            adjoints = [None if p.dE_dG is None else p.dE_dG.new_zeros(p.dE_dG.shape) for p in fwd.groups]
-            for p, u in zip(fwd.groups, adjoints):
-                if u is not None:
-                    U.update({el: u[e, : batch.G[el].shape[0]] for e, el in enumerate(p.elements)})
+            U = {el: u[e, : batch.G[el].shape[0]]
+                 for p, u in zip(fwd.groups, dE_dG_adjoints) if u is not None for e, el in enumerate(p.elements)}
             contract_transposed(force_adjoint, batch, U)
         done = set()
-        for p in fwd.groups:
+        for p, u in zip(fwd.groups, dE_dG_adjoints):
             g = grads.groups.index(p.elements)
             done.add(g)
             atom_adjoint = (adjoint_of_structure[p.atom_structure] * p.inv_scale.view(-1, 1)).unsqueeze(-1)  # shape (E, M, 1)
-            v = None
-            if force_adjoint is not None and p.dE_dG is not None:
-                v = adjoints[fwd.groups.index(p)] * p.inv_std
-            _group_backward(p, atom_adjoint, v, weight_decay, grads.blocks[g])
+            _group_backward(p, atom_adjoint, None if u is None else u * p.inv_std, weight_decay, grads.blocks[g])
         for g, members in enumerate(grads.groups):  # no rows in this batch: only the penalty
             if g not in done:
                 for k, (dW, db) in enumerate(grads.blocks[g]):
