@@ -115,18 +115,16 @@ def global_loss(
         l2_penalty: λ·Σ w², identical on every rank (each rank adds 1/world_size of its gradient).
     """
     totals = reduce(sums.detached().clone())
-    sse_e, n_e, sse_f, n_f = totals
-    tiny = torch.finfo(totals.dtype).tiny
-    rmse_e = torch.sqrt(sse_e / n_e.clamp(min=1))
-    rmse_f = torch.sqrt(sse_f / n_f.clamp(min=1))
+    rmse_e, rmse_f = torch.sqrt(totals[0::2] / totals[1::2].clamp(min=1))
     alpha = float(force_weight)
+    coefficients = loss_coefficients(totals, alpha)
     # No Python branches on tensor values: they would be a device sync every step.
     surrogate = torch.zeros((), dtype=totals.dtype, device=totals.device)
     if alpha < 1.0:
-        surrogate = surrogate + (1 - alpha) * sums.sse_energy / (2 * n_e.clamp(min=1) * rmse_e.clamp(min=tiny))
+        surrogate = surrogate + coefficients[0] * sums.sse_energy
     if alpha > 0.0:
-        surrogate = surrogate + alpha * sums.sse_forces / (2 * n_f.clamp(min=1) * rmse_f.clamp(min=tiny))
-    loss = (1 - alpha) * rmse_e + alpha * rmse_f
+        surrogate = surrogate + coefficients[1] * sums.sse_forces
+    loss = loss_of_totals(totals, alpha)
     if l2_penalty is not None:
         surrogate = surrogate + l2_penalty / world_size
         loss = loss + l2_penalty.detach()
