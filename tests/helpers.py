@@ -37,6 +37,19 @@ run_dir = "{run_dir}"
     return path
 
 
+def featurized_emt(base: Path, num_structures: int, seed: int, force_percent: float, chunk_bytes: int = 2**18) -> tuple[Path, Path]:
+    """(generate.in, store) of an EMT data set made in ``base/data`` and featurized to ``base/emt.zarr``."""
+    from aenet_dist.aenet_inputs import read_generate_input
+    from aenet_dist.config import StoreOptions
+    from aenet_dist.datasets import generate_emt_dataset
+    from aenet_dist.store import featurize_to_store
+
+    generate_in = generate_emt_dataset(base / "data", num_structures=num_structures, seed=seed, force_percent=force_percent)
+    store = base / "emt.zarr"
+    featurize_to_store(read_generate_input(generate_in), store, StoreOptions(chunk_bytes=chunk_bytes), progress=False)
+    return generate_in, store
+
+
 def run_in_process(main, args) -> subprocess.CompletedProcess:
     """Run a CLI ``main(argv)`` here, capturing stdout and stderr (no interpreter start-up)."""
     args = [str(a) for a in args]

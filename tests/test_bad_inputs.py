@@ -13,22 +13,17 @@ import pytest
 import torch
 
 from aenet_dist.aenet_inputs import read_generate_input
-from aenet_dist.config import StoreOptions
 from aenet_dist.datasets import generate_emt_dataset
 from aenet_dist.store import featurize_to_store
 from aenet_dist.train import main as train_main
-from helpers import read_metrics, run_in_process, write_train_toml
+from helpers import featurized_emt, read_metrics, run_in_process, write_train_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    base = tmp_path_factory.mktemp("bad")
-    generate_in = generate_emt_dataset(base / "data", num_structures=16, seed=3, force_percent=50.0)
-    path = base / "emt.zarr"
-    featurize_to_store(read_generate_input(generate_in), path, StoreOptions(chunk_bytes=2**18), progress=False)
-    return path
+    return featurized_emt(tmp_path_factory.mktemp("bad"), 16, seed=3, force_percent=50.0)[1]
 
 
 def _train(args):

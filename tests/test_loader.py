@@ -8,24 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from aenet_dist.aenet_inputs import read_generate_input
-from aenet_dist.config import StoreOptions
-from aenet_dist.datasets import generate_emt_dataset
 from aenet_dist.batching import gather_batch, shard_from_range
 from aenet_dist.loader import LIVE_MARGIN, BlockSource, choose_cache, epoch_plan, eval_chunks, rank_data, structure_costs
-from aenet_dist.store import StoreReader, featurize_to_store
+from aenet_dist.store import StoreReader
 from aenet_dist.train import main as train_main
-from helpers import run_in_process, write_train_toml
+from helpers import featurized_emt, run_in_process, write_train_toml
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A skewed store: structures of 1 to ~30 atoms, half of them with derivative rows, many small blocks."""
-    base = tmp_path_factory.mktemp("loader")
-    generate_in = generate_emt_dataset(base / "data", num_structures=120, seed=11, force_percent=50.0)
-    out = base / "emt.zarr"
-    featurize_to_store(read_generate_input(generate_in), out, StoreOptions(chunk_bytes=2**16), progress=False)
-    return out
+    return featurized_emt(tmp_path_factory.mktemp("loader"), 120, seed=11, force_percent=50.0, chunk_bytes=2**16)[1]
 
 
 def test_shards_are_chunk_aligned_and_cost_balanced(store):

@@ -9,14 +9,12 @@ import pytest
 import torch
 
 from aenet_dist import step as lean
-from aenet_dist.aenet_inputs import read_generate_input
 from aenet_dist.batching import gather_batch, shard_from_range
-from aenet_dist.config import StoreOptions
-from aenet_dist.datasets import generate_emt_dataset
 from aenet_dist.loss import adjoints, error_sums, global_loss, loss_coefficients, loss_of_totals
 from aenet_dist.model import NetworkConfig, activate, activate_with_derivatives
-from aenet_dist.store import StoreReader, featurize_to_store
+from aenet_dist.store import StoreReader
 from aenet_dist.train import build_model, predict
+from helpers import featurized_emt
 
 from test_train import config_for
 
@@ -26,10 +24,7 @@ ACTIVATIONS = ("linear", "tanh", "sigmoid", "mtanh", "twist")
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Dense and all-sparse float64 shards of a small EMT store (two elements, half with forces)."""
-    base = tmp_path_factory.mktemp("lean")
-    generate_in = generate_emt_dataset(base / "data", num_structures=24, seed=11, force_percent=60.0)
-    store = base / "emt.zarr"
-    featurize_to_store(read_generate_input(generate_in), store, StoreOptions(chunk_bytes=2**18), progress=False)
+    _, store = featurized_emt(tmp_path_factory.mktemp("lean"), 24, seed=11, force_percent=60.0)
     reader = StoreReader(store)
     data = reader.read_range(0, reader.num_structures)
     return store, reader, shard_from_range(data, torch.float64), shard_from_range(data, torch.float64, dense_blocks=False)

@@ -12,8 +12,7 @@ import torch
 from aenet_dist.aenet_inputs import read_generate_input
 from aenet_dist.batching import gather_batch, shard_from_range
 from aenet_dist.checkpoint import load as load_checkpoint
-from aenet_dist.config import StoreOptions, TrainConfig
-from aenet_dist.datasets import generate_emt_dataset
+from aenet_dist.config import TrainConfig
 from aenet_dist.descriptors import featurize
 from aenet_dist.loss import ErrorSums, error_sums, global_loss
 from aenet_dist.store import StoreReader, StructureRange, ElementRows, featurize_to_store
@@ -21,7 +20,7 @@ from aenet_dist.structures import Structure, read_structures, write_xsf
 from aenet_dist.dist import DistInfo
 from aenet_dist.train import Trainer, TrainingError, build_model, predict
 from aenet_dist.train import main as train_main
-from helpers import read_metrics, run_in_process, write_train_toml
+from helpers import featurized_emt, read_metrics, run_in_process, write_train_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -30,11 +29,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def emt(tmp_path_factory):
     """A small EMT dataset and its store (periodic and isolated structures, half with forces)."""
-    base = tmp_path_factory.mktemp("emt")
-    generate_in = generate_emt_dataset(base / "data", num_structures=30, seed=5, force_percent=50.0)
-    store = base / "emt.zarr"
-    featurize_to_store(read_generate_input(generate_in), store, StoreOptions(chunk_bytes=2**18), progress=False)
-    return generate_in, store
+    return featurized_emt(tmp_path_factory.mktemp("emt"), 30, seed=5, force_percent=50.0)
 
 
 def config_for(store, run_dir, **sections) -> TrainConfig:
