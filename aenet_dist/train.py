@@ -236,7 +236,7 @@ class Trainer:
         self.load_seconds = time.perf_counter() - t0
 
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
-        self.model = build_model(self.reader, config, self.dtype).to(info.device)
+        self.model = model_from_facts(self.store_facts, config.model.network_for, self.dtype).to(info.device)
         self.optimizer = make_optimizer(self.model, config)
         self.skip_on_device = skips_on_device(self.optimizer)
         self.scheduler = make_scheduler(self.optimizer, config)
