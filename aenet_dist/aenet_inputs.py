@@ -44,13 +44,14 @@ import os
 import re
 from pathlib import Path
 
-from aenet_dist.config import ChebyshevBasis, DescriptorSetup, FeaturizeConfig
+from aenet_dist.config import BEHLER_PARAMETERS, BehlerBasis, BehlerFunction, ChebyshevBasis, DescriptorSetup, FeaturizeConfig
 from aenet_dist.files import atomic_write
 from aenet_dist.log import get_logger
 
 _log = get_logger(__name__)
 
 _STP_KEYWORDS = ("descr", "atom", "env", "rmin", "basis", "symmfunc", "functions")
+_BASIS_KEYWORDS = ("basis", "symmfunc", "functions")
 _CHEBYSHEV_KEYS = {"radial_rc": "radial_Rc", "radial_n": "radial_N", "angular_rc": "angular_Rc", "angular_n": "angular_N"}
 _PAIRS_RE = re.compile(r"\s*(?:[A-Za-z_]\w*\s*=\s*[^\s=]+\s*)+")
 _PAIR_RE = re.compile(r"([A-Za-z_]\w*)\s*=\s*([^\s=]+)")
@@ -143,7 +144,7 @@ def read_setup(path: str | os.PathLike) -> DescriptorSetup:
     env: list[str] | None = None
     rmin = None
     description = ""
-    basis: ChebyshevBasis | None = None
+    basis: ChebyshevBasis | BehlerBasis | None = None
     seen: dict[str, int] = {}
     i = 0
     while i < len(lines):
@@ -156,13 +157,9 @@ def read_setup(path: str | os.PathLike) -> DescriptorSetup:
         keyword = tokens[0].lower()
         if keyword not in _STP_KEYWORDS:
             raise ValueError(f"{path}:{line_no}: unknown keyword {tokens[0]!r} (expected one of {', '.join(k.upper() for k in _STP_KEYWORDS)})")
-        if keyword in ("symmfunc", "functions"):
-            raise ValueError(
-                f"{path}:{line_no}: Behler symmetry functions ({text!r}) are not supported yet; "
-                f"only 'BASIS type=Chebyshev' descriptors are implemented"
-            )
-        if keyword in seen:
-            raise ValueError(f"{path}:{line_no}: {keyword.upper()} given twice (first on line {seen[keyword]})")
+        if keyword in seen or (keyword in _BASIS_KEYWORDS and basis is not None):
+            first = seen.get(keyword) or min(seen[k] for k in _BASIS_KEYWORDS if k in seen)
+            raise ValueError(f"{path}:{line_no}: {keyword.upper()} given twice, or a second descriptor basis (first on line {first})")
         seen[keyword] = line_no
         if keyword == "descr":
             body = []
@@ -207,27 +204,32 @@ def read_setup(path: str | os.PathLike) -> DescriptorSetup:
             if rmin < 0:
                 raise ValueError(f"{path}:{line_no}: RMIN must be >= 0, got {rmin}")
             i += 1
-        else:  # basis
+        elif keyword == "basis":
             basis, i = _read_chebyshev(path, lines, i)
+        else:  # SYMMFUNC / FUNCTIONS
+            basis, i = _read_behler(path, lines, i, env)
 
     if element is None:
         raise ValueError(f"{path}: missing 'ATOM <symbol>' (the central species)")
     if env is None:
         raise ValueError(f"{path}: missing 'ENV <n>' and its species lines")
     if basis is None:
-        raise ValueError(f"{path}: missing 'BASIS type=Chebyshev' and its parameters")
+        raise ValueError(f"{path}: missing 'BASIS type=Chebyshev' (or 'SYMMFUNC type=Behler2011') and its parameters")
     if rmin is None:
         _log.warning("%s: RMIN not set, using aenet's default %.1f", path, _DEFAULT_RMIN)
         rmin = _DEFAULT_RMIN
-    return DescriptorSetup(
-        element=element,
-        env_species=tuple(env),
-        basis_type="chebyshev",
-        basis=basis,
-        rmin=rmin,
-        description=description,
-        source=str(path),
-    )
+    try:
+        return DescriptorSetup(
+            element=element,
+            env_species=tuple(env),
+            basis_type="behler2011" if isinstance(basis, BehlerBasis) else "chebyshev",
+            basis=basis,
+            rmin=rmin,
+            description=description,
+            source=str(path),
+        )
+    except ValueError as err:
+        raise ValueError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
 
 
 def _read_chebyshev(path: Path, lines: list[str], i: int) -> tuple[ChebyshevBasis, int]:
@@ -283,6 +285,86 @@ def _read_chebyshev(path: Path, lines: list[str], i: int) -> tuple[ChebyshevBasi
     return basis, j
 
 
+def _aenet_readval(text: str, name: str) -> str | None:
+    """The token aenet's ``io_readval`` reads for ``name``: after the first '=' following the first
+    occurrence of ``name`` anywhere in the line (case-sensitive, so 'eta' also matches inside 'zeta')."""
+    at = text.find(name)
+    if at < 0:
+        return None
+    rest = text[at + len(name):]
+    eq = rest.find("=")
+    if eq < 0:
+        return None
+    tokens = rest[eq + 1:].split()
+    return tokens[0] if tokens else None
+
+
+def _read_behler_function(path: Path, line_no: int, text: str, env: set[str] | None) -> BehlerFunction:
+    """One ``G=<n> type2=<X> [type3=<Y>] Rc=... ...`` line of a Behler2011 setup."""
+    if not _PAIRS_RE.fullmatch(text):
+        raise ValueError(f"{path}:{line_no}: expected 'key=value' pairs such as 'G=2 type2=O Rc=6.5 Rs=0.0 eta=0.5', got {text!r}")
+    pairs: dict[str, str] = {}
+    for key, value in _PAIR_RE.findall(text):
+        if key in pairs:
+            raise ValueError(f"{path}:{line_no}: {key!r} given twice")
+        pairs[key] = value
+    if "G" not in pairs:
+        raise ValueError(f"{path}:{line_no}: symmetry function line needs 'G=<1..5>', got {text!r}")
+    kind = to_int(pairs["G"], path, line_no, "G")
+    if kind not in BEHLER_PARAMETERS:
+        raise ValueError(f"{path}:{line_no}: G={kind} does not exist (aenet has G=1..5)")
+    names = ("type2", "type3") if kind >= 4 else ("type2",)
+    wanted = {"G", *names, *BEHLER_PARAMETERS[kind]}
+    unknown = sorted(set(pairs) - wanted)
+    if unknown:
+        raise ValueError(f"{path}:{line_no}: G={kind} takes {', '.join(sorted(wanted - {'G'}))} (names are case-sensitive, "
+                         f"as in aenet); unknown: {', '.join(unknown)}")
+    optional = {"Rs"} if kind == 2 else set()  # aenet's default of 0 is the usual choice for Rs only
+    missing = [k for k in (*names, *BEHLER_PARAMETERS[kind]) if k not in pairs and k not in optional]
+    if missing:
+        raise ValueError(f"{path}:{line_no}: G={kind} is missing {', '.join(missing)}")
+    for key, value in pairs.items():
+        # aenet finds a key as the first substring match: 'eta' after 'zeta' would silently read zeta's value.
+        if _aenet_readval(text, key) != value:
+            raise ValueError(f"{path}:{line_no}: aenet would read {key} from another field of this line "
+                             f"(it takes the first '{key}' anywhere in the line); put {key}= before the fields containing '{key}'")
+    for key in names:
+        if env is not None and pairs[key] not in env:
+            raise ValueError(f"{path}:{line_no}: {key}={pairs[key]} is not among the ENV species {sorted(env)}")
+    values = {k: _to_float(pairs[k], path, line_no, k) for k in BEHLER_PARAMETERS[kind] if k in pairs}
+    try:
+        return BehlerFunction(kind, pairs["type2"], pairs.get("type3", ""), cutoff=values["Rc"], rs=values.get("Rs", 0.0),
+                              eta=values.get("eta", 0.0), kappa=values.get("kappa", 0.0), lam=values.get("lambda", 0.0),
+                              zeta=values.get("zeta", 0.0))
+    except ValueError as err:
+        raise ValueError(f"{path}:{line_no}: {err}") from None
+
+
+def _read_behler(path: Path, lines: list[str], i: int, env: list[str] | None = None) -> tuple[BehlerBasis, int]:
+    """Read ``SYMMFUNC type=Behler2011`` at line index ``i``, its count line and function lines."""
+    line_no = i + 1
+    text = strip_comment(lines[i])
+    basis_type = None
+    for key, value in _PAIR_RE.findall(text):
+        if key.lower() == "type":
+            basis_type = value
+    if basis_type is None or basis_type.lower() != "behler2011":
+        raise ValueError(f"{path}:{line_no}: expected 'SYMMFUNC type=Behler2011', got {text!r}")
+    body = list(_content_lines(lines, i + 1))
+    if not body:
+        raise ValueError(f"{path}:{line_no}: SYMMFUNC must be followed by the number of symmetry functions")
+    count_idx, count_text = body[0]
+    count = to_int(count_text.split()[0], path, count_idx + 1, "the number of symmetry functions")
+    if count < 1:
+        raise ValueError(f"{path}:{count_idx + 1}: the number of symmetry functions must be >= 1, got {count}")
+    entries = body[1:1 + count]
+    if len(entries) < count or any(t.split()[0].lower() in _STP_KEYWORDS for _, t in entries):
+        found = next((n for n, (_, t) in enumerate(entries) if t.split()[0].lower() in _STP_KEYWORDS), len(entries))
+        raise ValueError(f"{path}:{count_idx + 1}: SYMMFUNC announces {count} functions but {found} follow")
+    functions = tuple(_read_behler_function(path, k + 1, t, set(env) if env else None) for k, t in entries)
+    return BehlerBasis(functions), entries[-1][0] + 1
+
+
 def write_setup(path: str | os.PathLike, setup: DescriptorSetup) -> None:
     """Write ``setup`` as an aenet ``.stp`` file (atomically) that :func:`read_setup` reads back equal.
 
@@ -297,12 +379,25 @@ def write_setup(path: str | os.PathLike, setup: DescriptorSetup) -> None:
         out += ["DESCR"] + [" " + line for line in setup.description.splitlines()] + ["END DESCR", ""]
     out += [f"ATOM {setup.element}", "", f"ENV {len(setup.env_species)}"]
     out += list(setup.env_species)
-    out += ["", f"RMIN {_fmt_float(setup.rmin)}", "", "BASIS type=Chebyshev"]
-    out += [
-        f"radial_Rc = {_fmt_float(b.radial_cutoff)}  radial_N = {b.radial_order}  "
-        f"angular_Rc = {_fmt_float(b.angular_cutoff)}  angular_N = {b.angular_order}"
-    ]
+    out += ["", f"RMIN {_fmt_float(setup.rmin)}", ""]
+    if setup.basis_type == "behler2011":
+        out += ["SYMMFUNC type=Behler2011", str(len(b.functions))]
+        out += [_behler_line(f) for f in b.functions]
+    else:
+        out += ["BASIS type=Chebyshev"]
+        out += [
+            f"radial_Rc = {_fmt_float(b.radial_cutoff)}  radial_N = {b.radial_order}  "
+            f"angular_Rc = {_fmt_float(b.angular_cutoff)}  angular_N = {b.angular_order}"
+        ]
     atomic_write_text(path, "\n".join(out) + "\n")
+
+
+def _behler_line(f: BehlerFunction) -> str:
+    """One function line; 'eta' is written before 'zeta' because aenet matches keys as substrings."""
+    types = f"type2={f.type2}" + (f" type3={f.type3}" if f.angular else "")
+    values = dict(zip(BEHLER_PARAMETERS[f.kind], f.sfparam))
+    order = [k for k in ("eta", "Rs", "kappa", "lambda", "zeta") if k in values]
+    return f"G={f.kind} {types} " + " ".join(f"{k}={_fmt_float(values[k])}" for k in order) + f" Rc={_fmt_float(f.cutoff)}"
 
 
 # --------------------------------------------------------------------------- generate.in

@@ -53,34 +53,128 @@ class ChebyshevBasis:
         return max(self.radial_cutoff, self.angular_cutoff)
 
 
+# aenet's parameter names per Behler2011 function kind (sfsetup.f90: read_symmfunc_Behler2011).
+BEHLER_PARAMETERS = {1: ("Rc",), 2: ("Rc", "Rs", "eta"), 3: ("Rc", "kappa"),
+                     4: ("Rc", "lambda", "zeta", "eta"), 5: ("Rc", "lambda", "zeta", "eta")}
+
+
+@dataclass(frozen=True)
+class BehlerFunction:
+    """One of Behler's atom-centred symmetry functions (J. Chem. Phys. 134, 074106 (2011)).
+
+    ``kind`` 1-3 are radial (neighbour species ``type2``), 4 and 5 angular (neighbour pair
+    ``type2``/``type3``). Parameters a kind does not use are 0, as in aenet's ``sfparam``.
+    """
+
+    kind: int
+    type2: str
+    type3: str = ""
+    cutoff: float = 0.0
+    rs: float = 0.0
+    eta: float = 0.0
+    kappa: float = 0.0
+    lam: float = 0.0
+    zeta: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in BEHLER_PARAMETERS:
+            raise ValueError(f"symmetry function G={self.kind} does not exist (aenet has G=1..5)")
+        if not self.cutoff > 0:
+            raise ValueError(f"G={self.kind}: cutoff Rc must be positive, got {self.cutoff}")
+        if self.angular and not self.type3:
+            raise ValueError(f"G={self.kind} is angular and needs type3")
+        if self.angular and self.lam not in (-1.0, 1.0):
+            raise ValueError(f"G={self.kind}: lambda must be +1 or -1, got {self.lam}")
+        if self.angular and not self.zeta >= 1.0:
+            raise ValueError(f"G={self.kind}: zeta must be >= 1 (the angular term (1 + lambda cos)^zeta), got {self.zeta}")
+        if self.eta < 0:
+            raise ValueError(f"G={self.kind}: eta must be >= 0, got {self.eta}")
+
+    @property
+    def angular(self) -> bool:
+        return self.kind >= 4
+
+    @property
+    def sfparam(self) -> tuple[float, float, float, float]:
+        """aenet's four ``sfparam`` values of this function, in its order."""
+        values = {1: (self.cutoff,), 2: (self.cutoff, self.rs, self.eta), 3: (self.cutoff, self.kappa),
+                  4: (self.cutoff, self.lam, self.zeta, self.eta), 5: (self.cutoff, self.lam, self.zeta, self.eta)}[self.kind]
+        return tuple(values) + (0.0,) * (4 - len(values))
+
+    @classmethod
+    def from_sfparam(cls, kind: int, type2: str, type3: str, p) -> "BehlerFunction":
+        """Inverse of :attr:`sfparam`."""
+        p = [float(v) for v in p]
+        if kind == 1:
+            return cls(kind, type2, cutoff=p[0])
+        if kind == 2:
+            return cls(kind, type2, cutoff=p[0], rs=p[1], eta=p[2])
+        if kind == 3:
+            return cls(kind, type2, cutoff=p[0], kappa=p[1])
+        return cls(kind, type2, type3, cutoff=p[0], lam=p[1], zeta=p[2], eta=p[3])
+
+
+@dataclass(frozen=True)
+class BehlerBasis:
+    """A list of Behler2011 symmetry functions, in the order of the ``.stp`` file."""
+
+    functions: tuple[BehlerFunction, ...]
+
+    def __post_init__(self):
+        if not self.functions:
+            raise ValueError("a Behler2011 setup needs at least one symmetry function")
+
+    @property
+    def max_cutoff(self) -> float:
+        return max(f.cutoff for f in self.functions)
+
+
 @dataclass(frozen=True)
 class DescriptorSetup:
     """One aenet ``.stp`` descriptor setup: the central species, its environment species and basis.
 
-    ``basis_type`` is the explicit switch between descriptor families; only
-    ``"chebyshev"`` is implemented (Behler symmetry functions slot in later).
+    ``basis_type`` is the explicit switch between descriptor families: ``"chebyshev"``
+    (:class:`ChebyshevBasis`) or ``"behler2011"`` (:class:`BehlerBasis`).
     """
 
     element: str
     env_species: tuple[str, ...]
     basis_type: str
-    basis: ChebyshevBasis
+    basis: ChebyshevBasis | BehlerBasis
     rmin: float = 0.0
     description: str = ""
     source: str = ""
 
     def __post_init__(self):
-        if self.basis_type != "chebyshev":
-            raise ValueError(f"{self.source or self.element}: descriptor basis {self.basis_type!r} is not supported (only Chebyshev)")
+        where = self.source or self.element
+        expected = {"chebyshev": ChebyshevBasis, "behler2011": BehlerBasis}
+        if self.basis_type not in expected:
+            raise ValueError(f"{where}: descriptor basis {self.basis_type!r} is not supported (Chebyshev or Behler2011)")
+        if not isinstance(self.basis, expected[self.basis_type]):
+            raise ValueError(f"{where}: basis_type {self.basis_type!r} needs a {expected[self.basis_type].__name__}")
         if len(set(self.env_species)) != len(self.env_species):
-            raise ValueError(f"{self.source or self.element}: ENV species repeated: {self.env_species}")
-        if self.rmin < 0 or self.rmin >= min(self.basis.radial_cutoff, self.basis.angular_cutoff):
-            raise ValueError(f"{self.source or self.element}: RMIN {self.rmin:g} Å must be >= 0 and below both cutoffs "
-                             f"(radial_Rc {self.basis.radial_cutoff:g}, angular_Rc {self.basis.angular_cutoff:g} Å)")
+            raise ValueError(f"{where}: ENV species repeated: {self.env_species}")
+        if self.basis_type == "chebyshev":
+            if self.rmin < 0 or self.rmin >= min(self.basis.radial_cutoff, self.basis.angular_cutoff):
+                raise ValueError(f"{where}: RMIN {self.rmin:g} Å must be >= 0 and below both cutoffs "
+                                 f"(radial_Rc {self.basis.radial_cutoff:g}, angular_Rc {self.basis.angular_cutoff:g} Å)")
+            return
+        if self.rmin < 0 or self.rmin >= self.basis.max_cutoff:
+            raise ValueError(f"{where}: RMIN {self.rmin:g} Å must be >= 0 and below the largest cutoff {self.basis.max_cutoff:g} Å")
+        if self.element not in self.env_species:
+            # aenet looks the centre up in its own ENV list (stp%ltype); without it generate.x reads out of bounds.
+            raise ValueError(f"{where}: the central species {self.element} must be listed in ENV for Behler2011 functions")
+        for n, f in enumerate(self.basis.functions, start=1):
+            for name in (f.type2, f.type3) if f.angular else (f.type2,):
+                if name not in self.env_species:
+                    raise ValueError(f"{where}: symmetry function {n} (G={f.kind}) names species {name!r}, "
+                                     f"which is not in ENV {list(self.env_species)}")
 
     @property
     def num_features(self) -> int:
-        """aenet's nsf: (Nr+1 + Na+1), doubled when there is more than one ENV species."""
+        """aenet's nsf: (Nr+1 + Na+1), doubled with more than one ENV species; or the number of functions."""
+        if self.basis_type == "behler2011":
+            return len(self.basis.functions)
         per_channel = self.basis.radial_order + 1 + self.basis.angular_order + 1
         return per_channel * (2 if len(self.env_species) > 1 else 1)
 
@@ -91,28 +185,32 @@ class DescriptorSetup:
         return dict(zip(self.env_species, spins))
 
     def to_dict(self) -> dict:
-        return {
-            "element": self.element,
-            "env_species": list(self.env_species),
-            "basis_type": self.basis_type,
-            "radial_cutoff": self.basis.radial_cutoff,
-            "radial_order": self.basis.radial_order,
-            "angular_cutoff": self.basis.angular_cutoff,
-            "angular_order": self.basis.angular_order,
-            "rmin": self.rmin,
-            "description": self.description,
-        }
+        d = {"element": self.element, "env_species": list(self.env_species), "basis_type": self.basis_type}
+        if self.basis_type == "behler2011":
+            d["functions"] = [{"G": f.kind, "type2": f.type2, "type3": f.type3, "sfparam": list(f.sfparam)}
+                              for f in self.basis.functions]
+        else:
+            b = self.basis
+            d.update(radial_cutoff=b.radial_cutoff, radial_order=b.radial_order,
+                     angular_cutoff=b.angular_cutoff, angular_order=b.angular_order)
+        return d | {"rmin": self.rmin, "description": self.description}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DescriptorSetup":
+        if d["basis_type"] == "behler2011":
+            basis = BehlerBasis(tuple(BehlerFunction.from_sfparam(int(f["G"]), f["type2"], f["type3"], f["sfparam"])
+                                      for f in d["functions"]))
+        else:
+            basis = ChebyshevBasis(d["radial_cutoff"], int(d["radial_order"]), d["angular_cutoff"], int(d["angular_order"]))
         return cls(
             element=d["element"],
             env_species=tuple(d["env_species"]),
             basis_type=d["basis_type"],
-            basis=ChebyshevBasis(d["radial_cutoff"], int(d["radial_order"]), d["angular_cutoff"], int(d["angular_order"])),
+            basis=basis,
             rmin=d.get("rmin", 0.0),
             description=d.get("description", ""),
         )
+
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """aenet's Chebyshev descriptors and their sparse derivatives, vectorized over many structures.
 
+(Behler2011 symmetry functions live in :mod:`aenet_dist.symmetry_functions`; :func:`featurize`
+and :func:`species_features` serve both.)
+
 Definition (aenet ``sfbasis.f90``; Artrith, Urban, Ceder, PRB 96, 014112 (2017)), for a
 center atom i with neighbour images j at distance r_ij and unit vector u_ij:
 
@@ -235,6 +238,10 @@ def species_features(
     Returns:
         :class:`SpeciesFeatures`; derivative rows only for centers with ``deriv_atoms``.
     """
+    if setup.basis_type == "behler2011":
+        from .symmetry_functions import behler_features  # imported here: it builds on this module's pieces
+
+        return behler_features(setup, species_index, type_names, nbr, center_atoms, deriv_atoms)
     basis = setup.basis
     dtype, device = nbr.vec.dtype, nbr.vec.device
     num_atoms = species_index.numel()
@@ -290,20 +297,34 @@ def species_features(
             d_ang = d_ang - (sw * sw * wa * dwa)[:, None, None] * ua[:, None, :]
             d_pair[ang_w.nonzero().squeeze(1), start + nr : start + block] = d_ang
 
-    # Sum pair derivatives into (center, atom) rows: + on the image's atom, − on the center.
     centers = nbr.center[keep][want]
     atoms_moved = nbr.neighbor[keep][want]
     wanted_centers = center_atoms[deriv_atoms[center_atoms]]
+    return SpeciesFeatures(center_atoms, G, *atom_rows(d_pair, centers, atoms_moved, wanted_centers, num_atoms))
+
+
+def atom_rows(d_pair: torch.Tensor, centers: torch.Tensor, atoms_moved: torch.Tensor, wanted_centers: torch.Tensor,
+              num_atoms: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum pair derivatives ∂G_i/∂R_ij into one row per (center i, atom a): + on the image's atom, − on the center.
+
+    Args:
+        d_pair: (P, F, 3) derivatives with respect to the pair vectors R_ij = R_j − R_i.
+        centers, atoms_moved: (P,) batch-global center i and atom a (of which j is an image) of each pair.
+        wanted_centers: all centers that get rows (each gets its own (i, i) row, even without pairs).
+
+    Returns:
+        (row center, row atom, dG (R, F, 3)), rows sorted by (center, atom).
+    """
     key_pair = centers * num_atoms + atoms_moved
     keys, inverse = torch.unique(torch.cat([key_pair, wanted_centers * num_atoms + wanted_centers]), return_inverse=True)
-    dG = torch.zeros((keys.numel(), setup.num_features, 3), dtype=dtype, device=device)
+    dG = torch.zeros((keys.numel(),) + d_pair.shape[1:], dtype=d_pair.dtype, device=d_pair.device)
     dG.index_add_(0, inverse[: key_pair.numel()], d_pair)
     # The center's own row gets −Σ of all its pair terms: sum rows per center (fewer than pairs).
     row_center = keys // num_atoms
-    total = torch.zeros((num_atoms, setup.num_features, 3), dtype=dtype, device=device).index_add_(0, row_center, dG)
+    total = torch.zeros((num_atoms,) + d_pair.shape[1:], dtype=d_pair.dtype, device=d_pair.device).index_add_(0, row_center, dG)
     self_rows = torch.searchsorted(keys, wanted_centers * num_atoms + wanted_centers)
     dG[self_rows] -= total[wanted_centers]
-    return SpeciesFeatures(center_atoms, G, row_center, keys % num_atoms, dG)
+    return row_center, keys % num_atoms, dG
 
 
 def sub_batches(pair_count: np.ndarray, budget: int) -> list[tuple[int, int]]:

@@ -233,10 +233,10 @@ def test_setup_errors(tmp_path, edit, line_needle, match):
         read_setup(stp)
 
 
-def test_setup_behler_not_supported(tmp_path):
+def test_setup_unknown_symmfunc_type_refused(tmp_path):
     stp = tmp_path / "behler.stp"
     stp.write_text("ATOM O\nENV 1\nO\nRMIN 0.5\nSYMMFUNC type=Behler2\n2\nG=2 type2=O eta=0.003 Rs=0.0 Rc=6.5\nG=2 type2=O eta=0.03 Rs=0.0 Rc=6.5\n")
-    with pytest.raises(ValueError, match=_where(stp, 5) + ".*Behler symmetry functions.*not supported yet"):
+    with pytest.raises(ValueError, match=_where(stp, 5) + ".*expected 'SYMMFUNC type=Behler2011'"):
         read_setup(stp)
 
 
@@ -361,9 +361,9 @@ def test_generate_setup_error_names_both_files(tmp_path):
         read_generate_input(gen)
 
 
-def test_generate_behler_setup(tmp_path):
+def test_generate_bad_symmfunc_setup_names_both_files(tmp_path):
     gen = _make_inputs(tmp_path, stp_o="ATOM O\nENV 1\nO\nSYMMFUNC type=Behler2\n1\nG=2 type2=O eta=0.003 Rs=0.0 Rc=6.5\n")
-    with pytest.raises(ValueError, match=_where(gen, _line_of(gen, "O  O.stp")) + ".*O.stp:4: Behler symmetry functions"):
+    with pytest.raises(ValueError, match=_where(gen, _line_of(gen, "O  O.stp")) + ".*O.stp:4: expected .SYMMFUNC type=Behler2011."):
         read_generate_input(gen)
 
 
