@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .files import atomic_write
-from .config import ChebyshevBasis, DescriptorSetup
+from .config import BEHLER_PARAMETERS, BehlerBasis, BehlerFunction, ChebyshevBasis, DescriptorSetup
 from .model import AtomicModel, ElementNet, NetworkConfig, activation_name, model_from_facts
 
 DESCRIPTION_LEN = 1024  # character(len=1024) :: description
@@ -32,7 +32,7 @@ TYPE_LEN = 2            # character(len=2) :: atomtype, envtypes, type names
 SFTYPE_LEN = 100        # character(len=100) :: sftype
 PATH_LEN = 1024         # character(len=1024) :: training-set file name
 NENV_MAX = 2            # sfsetup.f90: sfenv(NENV_MAX, nsf)
-NSFPARAM_CHEBYSHEV = 4  # sfsetup.f90: NSFPARAM
+NSFPARAM = 4  # sfsetup.f90: NSFPARAM (both basis types)
 
 # Names of the 36 records, 1-based as in the README.
 RECORD_NAMES = (
@@ -560,22 +560,47 @@ class TrainSetInfo:
 
 
 def setup_from_nn(nn: NNFile, source: str = "") -> DescriptorSetup:
-    """The :class:`DescriptorSetup` recorded in a ``.nn`` file (Chebyshev only)."""
+    """The :class:`DescriptorSetup` recorded in a ``.nn`` file (Chebyshev or Behler2011)."""
     where = source or nn.atomtype
-    if nn.sftype.strip().lower() != "chebyshev":
-        raise ValueError(f"{where}: descriptor type {nn.sftype!r} is not supported (only Chebyshev)")
+    sftype = nn.sftype.strip().lower()
+    if sftype not in ("chebyshev", "behler2011"):
+        raise ValueError(f"{where}: descriptor type {nn.sftype!r} is not supported (Chebyshev or Behler2011)")
     if nn.nsfparam < 4:
-        raise ValueError(f"{where}: Chebyshev setup needs nsfparam >= 4, got {nn.nsfparam}")
-    rr, nr, ra, na = (float(v) for v in nn.sfparam[:4, 0])
-    setup = DescriptorSetup(
-        element=nn.atomtype, env_species=tuple(nn.envtypes), basis_type="chebyshev",
-        basis=ChebyshevBasis(rr, int(round(nr)), ra, int(round(na))),  # aenet: nint(sfparam(2,1))
-        rmin=nn.rc_min, description=nn.description, source=source,
-    )
+        raise ValueError(f"{where}: a {nn.sftype.strip()} setup needs nsfparam >= 4, got {nn.nsfparam}")
+    if sftype == "behler2011":
+        basis, basis_type = _behler_from_nn(nn, where), "behler2011"
+    else:
+        rr, nr, ra, na = (float(v) for v in nn.sfparam[:4, 0])
+        basis, basis_type = ChebyshevBasis(rr, int(round(nr)), ra, int(round(na))), "chebyshev"  # aenet: nint(sfparam(2,1))
+    try:
+        setup = DescriptorSetup(element=nn.atomtype, env_species=tuple(nn.envtypes), basis_type=basis_type, basis=basis,
+                                rmin=nn.rc_min, description=nn.description, source=source)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     if setup.num_features != nn.nsf:
-        raise ValueError(f"{where}: nsf = {nn.nsf} but the Chebyshev setup (Nr={setup.basis.radial_order}, "
-                         f"Na={setup.basis.angular_order}, {len(setup.env_species)} env species) gives {setup.num_features}")
+        raise ValueError(f"{where}: nsf = {nn.nsf} but the {nn.sftype.strip()} setup gives {setup.num_features} features")
     return setup
+
+
+def _behler_from_nn(nn: NNFile, where: str) -> BehlerBasis:
+    """Behler2011 functions from a ``.nn`` file's sf (kind), sfparam and sfenv (1-based ENV positions)."""
+    functions = []
+    for n in range(nn.nsf):
+        kind = int(nn.sf[n])
+        if kind not in BEHLER_PARAMETERS:
+            raise ValueError(f"{where}: symmetry function {n + 1} has kind G={kind} (aenet has G=1..5)")
+        env = []
+        for slot in range(2 if kind >= 4 else 1):
+            position = int(nn.sfenv[slot, n])
+            if not 1 <= position <= len(nn.envtypes):
+                raise ValueError(f"{where}: symmetry function {n + 1} names ENV species number {position}, "
+                                 f"but the file lists {len(nn.envtypes)}")
+            env.append(nn.envtypes[position - 1])
+        try:
+            functions.append(BehlerFunction.from_sfparam(kind, env[0], env[1] if kind >= 4 else "", nn.sfparam[:4, n]))
+        except ValueError as err:
+            raise ValueError(f"{where}: symmetry function {n + 1}: {err}") from None
+    return BehlerBasis(tuple(functions))
 
 
 def element_net_from_nn(nn: NNFile, dtype: torch.dtype = torch.float64, source: str = "") -> ElementNet:
@@ -608,7 +633,9 @@ def nn_from_element_net(net: ElementNet, setup: DescriptorSetup, train_info: Tra
     """The ``.nn`` file content for ``net`` with descriptor ``setup`` and training-set ``train_info``.
 
     Chebyshev setups are written as aenet does (``read_basis_chebyshev``): sfparam(1:4, 1) =
-    (Rr, Nr, Ra, Na), everything else 0; sf and sfenv all 0. Scale and shift come from the net.
+    (Rr, Nr, Ra, Na), everything else 0; sf and sfenv all 0. Behler2011 setups as
+    ``read_symmfunc_Behler2011``: per function (file order) its kind, four parameters and the
+    1-based ENV positions of type2/type3. Scale and shift come from the net.
     """
     if setup.element != net.element:
         raise ValueError(f"setup is for {setup.element!r} but the network is for {net.element!r}")
@@ -626,16 +653,25 @@ def nn_from_element_net(net: ElementNet, setup: DescriptorSetup, train_info: Tra
         np.concatenate([_as_f64(layer.weight), _as_f64(layer.bias)[:, None]], axis=1).ravel(order="F")
         for layer in net.layers])
     nsf = setup.num_features
-    sfparam = np.zeros((NSFPARAM_CHEBYSHEV, nsf))
+    sfparam = np.zeros((NSFPARAM, nsf))
+    sf = np.zeros(nsf, dtype=np.int32)
+    sfenv = np.zeros((NENV_MAX, nsf), dtype=np.int32)
     b = setup.basis
-    sfparam[:, 0] = (b.radial_cutoff, b.radial_order, b.angular_cutoff, b.angular_order)
+    if setup.basis_type == "behler2011":  # read_symmfunc_Behler2011: functions in file order, ENV positions 1-based
+        for n, f in enumerate(b.functions):
+            sf[n] = f.kind
+            sfparam[:, n] = f.sfparam
+            sfenv[0, n] = setup.env_species.index(f.type2) + 1
+            sfenv[1, n] = setup.env_species.index(f.type3) + 1 if f.angular else 0
+    else:
+        sfparam[:, 0] = (b.radial_cutoff, b.radial_order, b.angular_cutoff, b.angular_order)
     description = setup.description.encode("latin-1", "replace")[:DESCRIPTION_LEN].decode("latin-1")
     return NNFile(
         nnodes=nnodes, activations=np.array(net.config.activation_codes, dtype=np.int32), iw=iw, iv=iv, W=W,
         nnodes_max=nnodes_max, Wsize=Wsize, nvalues=nvalues,
         description=description, atomtype=setup.element, envtypes=tuple(setup.env_species),
-        rc_min=float(setup.rmin), rc_max=float(b.max_cutoff), sftype="Chebyshev",
-        sf=np.zeros(nsf, dtype=np.int32), sfparam=sfparam, sfenv=np.zeros((NENV_MAX, nsf), dtype=np.int32),
+        rc_min=float(setup.rmin), rc_max=float(b.max_cutoff), sftype="Behler2011" if setup.basis_type == "behler2011" else "Chebyshev",
+        sf=sf, sfparam=sfparam, sfenv=sfenv,
         neval=int(net.neval), sfval_min=_as_f64(net.sfval_min), sfval_max=_as_f64(net.sfval_max),
         sfval_avg=_as_f64(net.sfval_avg), sfval_cov=_as_f64(net.sfval_cov),
         train_file=train_info.train_file, normalized=bool(train_info.normalized),

@@ -45,6 +45,7 @@ import torch
 from .aenet_inputs import parse_flag, read_lines, strip_comment, to_int
 from .config import DescriptorSetup
 from .descriptors import chebyshev, env_tables, featurize, moment_tables, pair_terms, sub_batches
+from .symmetry_functions import pair_features
 from .export import element_net_from_nn, read_nn, setup_from_nn
 from .log import get_logger, setup_logging
 from .files import atomic_write
@@ -126,12 +127,14 @@ class _ElementTables:
     setup: DescriptorSetup
     env_of_type: torch.Tensor  # (T,) int64 ENV position of each type, -1 if not in ENV
     spin_of_env: torch.Tensor  # (num_env,) typespin
-    coeff: torch.Tensor  # (Na+1, K) C_nα of the moment form
-    lift: torch.Tensor  # (K, 4K) [I | D_x | D_y | D_z], D_d[α, α−e_d] = α_d: λ @ D_d · u^β = λ · ∂u^α/∂u_d
+    coeff: torch.Tensor | None = None  # Chebyshev: (Na+1, K) C_nα of the moment form
+    lift: torch.Tensor | None = None  # Chebyshev: (K, 4K) [I | D_x | D_y | D_z], D_d[α, α−e_d] = α_d
 
 
 def _element_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype, device) -> _ElementTables:
     env_of_type, spin_of_env = env_tables(setup, type_names, dtype, device)
+    if setup.basis_type == "behler2011":
+        return _ElementTables(setup, env_of_type, spin_of_env)
     exps, coeff = moment_tables(setup.basis.angular_order)
     index = {tuple(e): k for k, e in enumerate(exps.tolist())}
     num_mono = len(exps)
@@ -153,15 +156,18 @@ def _element_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype, 
     )
 
 
-def _element_pass(t: _ElementTables, net, row, env, r, u, num_centers: int, with_grad: bool):
+def _element_pass(t: _ElementTables, net, row, env, r, vec, num_centers: int, with_grad: bool):
     """Atomic energies of one element's centers and, with ``with_grad``, ∂E/∂R_ij of its pairs.
 
     Args:
         row: (P,) center row of each pair; env: (P,) ENV position of the neighbour;
-        r: (P,) distances, u: (P, 3) unit vectors R_ij/r (all pairs within the setup's cutoff).
+        r: (P,) distances, vec: (P, 3) pair vectors R_ij (all pairs within the setup's cutoff).
     Returns:
         (energies (C,), pair gradient (P, 3) or None).
     """
+    if t.setup.basis_type == "behler2011":
+        return _behler_pass(t, net, row, env, r, vec, num_centers, with_grad)
+    u = vec / r[:, None]
     basis = t.setup.basis
     num_env = len(t.setup.env_species)
     multi = num_env > 1
@@ -211,6 +217,19 @@ def _element_pass(t: _ElementTables, net, row, env, r, u, num_centers: int, with
     radial_a = dw * dots[:, 0] - (w / ra) * along + 2.0 * sig_p * w * dw
     grad.index_add_(0, ang, radial_a[:, None] * ua + (w / ra)[:, None] * tangential)
     return energy, grad
+
+
+def _behler_pass(t: _ElementTables, net, row, env, r, vec, num_centers: int, with_grad: bool):
+    """:func:`_element_pass` for Behler2011 setups: ∂E/∂R_ij = Σ_f ∂E/∂G_if · ∂G_if/∂R_ij per pair."""
+    G, d_pair = pair_features(t.setup, row, env, r, vec, num_centers, with_grad)
+    if not with_grad:
+        return net(G), None
+    with torch.enable_grad():
+        G.requires_grad_(True)
+        energy = net(G)
+        (dE_dG,) = torch.autograd.grad(energy.sum(), G)
+    grad = torch.bmm(dE_dG.index_select(0, row).unsqueeze(1), d_pair).squeeze(1)  # shape (P, 3)
+    return energy.detach(), grad
 
 
 @contextlib.contextmanager
@@ -397,9 +416,8 @@ class Predictor:
                 row_of_atom[atoms - a0] = torch.arange(atoms.numel(), device=device)
                 env = t.env_of_type[neighbor_species]
                 sel = torch.nonzero((center_species == k) & (env >= 0) & (dist < t.setup.basis.max_cutoff)).squeeze(1)
-                r = dist[sel]
-                e, g = _element_pass(t, self.model.nets[el], row_of_atom[center[sel] - a0], env[sel], r,
-                                     vec[sel] / r[:, None], atoms.numel(), with_grad)
+                e, g = _element_pass(t, self.model.nets[el], row_of_atom[center[sel] - a0], env[sel], dist[sel],
+                                     vec[sel], atoms.numel(), with_grad)
                 energy[atoms] = e
                 if g is None:
                     continue

@@ -71,6 +71,7 @@ from .config import FeaturizeConfig, StoreOptions
 from .descriptors import featurize
 from .files import lock_file, unlock
 from .log import get_logger
+from .symmetry_functions import aenet_numbering_problems
 from .structures import Structure, read_structures
 
 SCHEMA_VERSION = 1
@@ -480,6 +481,9 @@ def featurize_to_store(
     rank, size = comm.rank, comm.size
     root = Path(out)
     start_time = time.perf_counter()
+    if rank == 0:
+        for problem in aenet_numbering_problems(config.setups, config.species):
+            log.warning(problem)
 
     # 1. Scan structure files (strided over ranks) for atom counts and volumes.
     files = list(config.files)

@@ -26,10 +26,12 @@ as for the Chebyshev basis (:func:`aenet_dist.descriptors.atom_rows`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import BehlerFunction, DescriptorSetup
-from .descriptors import SpeciesFeatures, atom_rows, cutoff_fn
+from .descriptors import SpeciesFeatures, atom_rows
 from .neighbors import Neighbors
 
 TRIPLET_SLICE = 1 << 17  # triplets per slice: (slice x functions x 3) float64 temporaries of a few MB each
@@ -50,8 +52,44 @@ def aenet_order(setup: DescriptorSetup) -> list[int]:
     return order
 
 
+def aenet_numbering_problems(setups: dict[str, DescriptorSetup], types: tuple[str, ...]) -> list[str]:
+    """Behler2011 setups that aenet's own programs would evaluate wrongly with this TYPES order.
+
+    generate.x and predict.x register each species' functions under its TYPES position but
+    look them up under its position in its own ENV list (``symmfunc.f90``/``sfsetup.f90``);
+    where the two differ aenet applies another species' functions. aenet_dist computes the
+    intended ones either way; the message says how to make the files work in aenet too.
+    """
+    problems = []
+    for element, setup in setups.items():
+        if setup.basis_type != "behler2011" or element not in types:
+            continue
+        in_types, in_env = types.index(element) + 1, setup.env_species.index(element) + 1
+        if in_types != in_env:
+            problems.append(f"{setup.source or element}: {element} is number {in_types} in TYPES but number {in_env} in its ENV list; "
+                            f"aenet's generate.x/predict.x would evaluate {element} atoms with another species' symmetry functions "
+                            f"(aenet_dist is not affected). To use these setups in aenet as well, list ENV in TYPES order "
+                            f"({', '.join(types)}).")
+    return problems
+
+
 def _params(functions: list[BehlerFunction], names: tuple[str, ...], dtype, device) -> list[torch.Tensor]:
     return [torch.tensor([float(getattr(f, n)) for f in functions], dtype=dtype, device=device) for n in names]
+
+
+def _cutoff(r: torch.Tensor, rc: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """aenet's cosine cutoff fc(r; rc) (zero from rc on) and, if asked, dfc/dr; broadcasts r against rc."""
+    inside = (r < rc).to(r.dtype)
+    arg = (math.pi / rc) * r
+    fc = 0.5 * (torch.cos(arg) + 1.0) * inside
+    return fc, (-0.5 * math.pi / rc) * torch.sin(arg) * inside if with_grad else None
+
+
+def _gauss_cut(r: torch.Tensor, eta: torch.Tensor, rc: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """aenet's F2 = exp(−η r²) fc(r) and, if asked, dF2/dr (``sf_F2_ij``)."""
+    fc, dfc = _cutoff(r, rc, with_grad)
+    gauss = torch.exp(-eta * r * r)
+    return gauss * fc, gauss * (dfc - 2.0 * eta * r * fc) if with_grad else None
 
 
 def _radial(functions, columns, env_of_function, row, env, r, u, G, d_pair) -> None:
@@ -64,83 +102,172 @@ def _radial(functions, columns, env_of_function, row, env, r, u, G, d_pair) -> N
     rc, rs, eta, kappa = _params(functions, ("cutoff", "rs", "eta", "kappa"), dtype, device)
     match = (env[:, None] == env_of_function[None, :]).to(dtype)  # (P, Fr) neighbour has the function's species
     rr = r[:, None]
-    fc, dfc = cutoff_fn(rr, rc[None, :])
+    fc, dfc = _cutoff(rr, rc, d_pair is not None)
     shift = rr - rs
-    gauss = torch.exp(-eta * shift * shift)
-    cos_k, sin_k = torch.cos(kappa * rr), torch.sin(kappa * rr)
-    g = fc * gauss * cos_k * match
-    G[:, columns] += torch.zeros((G.shape[0], len(columns)), dtype=dtype, device=device).index_add_(0, row, g)
+    gauss = torch.exp(-eta * shift * shift) * match
+    cos_k = torch.cos(kappa * rr)
+    G[:, columns] += torch.zeros((G.shape[0], len(columns)), dtype=dtype, device=device).index_add_(0, row, fc * gauss * cos_k)
     if d_pair is not None:
-        dg = (dfc * gauss * cos_k + fc * gauss * (-2.0 * eta * shift * cos_k - kappa * sin_k)) * match
+        dg = dfc * gauss * cos_k + fc * gauss * (-2.0 * eta * shift * cos_k - kappa * torch.sin(kappa * rr))
         d_pair[:, columns] += dg[:, :, None] * u[:, None, :]
+
+
+def _spread(per_key: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """Columns per function from columns per distinct parameter set (``spread`` is 0/1); no copy if one-to-one."""
+    if spread.shape[0] == spread.shape[1] and bool((spread == torch.eye(spread.shape[0], dtype=spread.dtype, device=spread.device)).all()):
+        return per_key
+    return per_key @ spread
 
 
 def _triplets(row: torch.Tensor, num_centers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All pairs (j, k), j before k, of pair indices sharing a center, without a loop over centers."""
     order = torch.argsort(row, stable=True)
-    sorted_row = row[order]
+    sorted_row = torch.index_select(row, 0, order)
     count = torch.bincount(sorted_row, minlength=num_centers)
     start = torch.cumsum(count, 0) - count
     position = torch.arange(order.numel(), device=row.device)
-    partners = count[sorted_row] - 1 - (position - start[sorted_row])  # pairs after this one in its center
+    partners = torch.index_select(start + count, 0, sorted_row) - 1 - position  # pairs after this one in its center
     first = torch.repeat_interleave(position, partners)
     offsets = torch.arange(first.numel(), device=row.device) - torch.repeat_interleave(torch.cumsum(partners, 0) - partners, partners)
-    return order[first], order[first + 1 + offsets]
+    return torch.index_select(order, 0, first), torch.index_select(order, 0, first + 1 + offsets)
 
 
 def _angular(functions, columns, code_of_function, num_env, row, env, r, u, vec, G, d_pair) -> None:
-    """Add G4/G5 values (and pair derivatives if ``d_pair`` is given) over all neighbour pairs."""
+    """Add G4/G5 values (and pair derivatives if ``d_pair`` is given) over all neighbour pairs.
+
+    Per pair of neighbour species: the pairs of neighbours of those species within the
+    largest cutoff are enumerated. The radial factors F(r_ij), F(r_ik) are per pair, so
+    computed once per pair and function; F(r_jk) once per triplet and distinct (η, Rc); the
+    angular factor once per triplet and distinct (λ, ζ), spread to the functions' columns by
+    a 0/1 matrix product (exact) unless already one per function.
+    """
     dtype, device = r.dtype, r.device
-    max_rc = max(f.cutoff for f in functions)
-    near = torch.nonzero(r < max_rc).squeeze(1)
-    j_all, k_all = _triplets(row[near], G.shape[0])
-    j_all, k_all = near[j_all], near[k_all]
-    code = torch.minimum(env[j_all], env[k_all]) * num_env + torch.maximum(env[j_all], env[k_all])
+    with_grad = d_pair is not None
     for value in sorted(set(code_of_function)):
         picked = [n for n, c in enumerate(code_of_function) if c == value]
         fs = [functions[n] for n in picked]
-        cols = [columns[n] for n in picked]
-        rc, lam, zeta, eta = (p[None, :] for p in _params(fs, ("cutoff", "lam", "zeta", "eta"), dtype, device))
-        with_jk = torch.tensor([f.kind == 4 for f in fs], device=device)[None, :]
-        sel = torch.nonzero(code == value).squeeze(1)
-        for s0 in range(0, sel.numel(), TRIPLET_SLICE):
-            t = sel[s0 : s0 + TRIPLET_SLICE]
-            j, k = j_all[t], k_all[t]
-            uj, uk = u[j], u[k]
-            rj, rk = r[j][:, None], r[k][:, None]
-            cos = (uj * uk).sum(1).clamp(-1.0, 1.0)[:, None]
-            vjk = vec[k] - vec[j]
-            rjk = torch.linalg.vector_norm(vjk, dim=1)
-            ujk = vjk / rjk[:, None]
-            rjk = rjk[:, None]
-            base = 0.5 * (1.0 + lam * cos)
-            f1 = base**zeta
-            df1 = 0.5 * zeta * lam * base ** (zeta - 1.0)  # d f1 / d cos
-            f2j, df2j = _gauss_cut(rj, eta, rc)
-            f2k, df2k = _gauss_cut(rk, eta, rc)
-            f2jk, df2jk = _gauss_cut(rjk, eta, rc)
-            f2jk = torch.where(with_jk, f2jk, 1.0)  # G5 has no r_jk factor
-            df2jk = torch.where(with_jk, df2jk, 0.0)
-            radial = f2j * f2k * f2jk
-            G[:, cols] += torch.zeros((G.shape[0], len(cols)), dtype=dtype, device=device).index_add_(0, row[j], 2.0 * f1 * radial)
-            if d_pair is None:
+        cols = _columns([columns[n] for n in picked])
+        a, b = divmod(value, num_env)
+        pairs = torch.nonzero(((env == a) | (env == b)) & (r < max(f.cutoff for f in fs))).squeeze(1)
+        j_all, k_all = _triplets(torch.index_select(row, 0, pairs), G.shape[0])  # positions in `pairs`
+        if a != b:  # one neighbour of each species
+            env_p = torch.index_select(env, 0, pairs)
+            mixed = torch.nonzero(torch.index_select(env_p, 0, j_all) != torch.index_select(env_p, 0, k_all)).squeeze(1)
+            j_all, k_all = j_all[mixed], k_all[mixed]
+        eta_f, rc_f, lam_f, zeta_f = _params(fs, ("eta", "cutoff", "lam", "zeta"), dtype, device)
+        f2_pair, df2_pair = _gauss_cut(torch.index_select(r, 0, pairs)[:, None], eta_f, rc_f, with_grad)
+        jk_keys = sorted({(f.eta, f.cutoff) for f in fs if f.kind == 4})
+        angle_keys = sorted({(f.lam, f.zeta) for f in fs})
+        has_g5 = any(f.kind == 5 for f in fs)
+        spread_jk = torch.zeros((len(jk_keys) + has_g5, len(fs)), dtype=dtype, device=device)  # last row: G5's factor 1
+        spread_angle = torch.zeros((len(angle_keys), len(fs)), dtype=dtype, device=device)
+        for n, f in enumerate(fs):
+            spread_jk[jk_keys.index((f.eta, f.cutoff)) if f.kind == 4 else len(jk_keys), n] = 1.0
+            spread_angle[angle_keys.index((f.lam, f.zeta)), n] = 1.0
+        eta_jk = torch.tensor([e for e, _ in jk_keys], dtype=dtype, device=device)
+        rc_jk = torch.tensor([c for _, c in jk_keys], dtype=dtype, device=device)
+        up, rp = torch.index_select(u, 0, pairs), torch.index_select(r, 0, pairs)[:, None]
+        # One contiguous vector per coordinate: per-triplet dot products and norms gather 1-D (fastest on CPU).
+        u_xyz = [torch.index_select(u[:, d].contiguous(), 0, pairs) for d in range(3)]
+        v_xyz = [torch.index_select(vec[:, d].contiguous(), 0, pairs) for d in range(3)]
+        center = torch.index_select(row, 0, pairs)
+        values = torch.zeros((G.shape[0], len(fs)), dtype=dtype, device=device)
+        if with_grad:
+            along = torch.zeros((r.numel(), len(fs)), dtype=dtype, device=device)
+            across = torch.zeros((r.numel(), len(fs), 3), dtype=dtype, device=device)
+        for s0 in range(0, j_all.numel(), TRIPLET_SLICE):
+            j, k = j_all[s0 : s0 + TRIPLET_SLICE], k_all[s0 : s0 + TRIPLET_SLICE]
+            cos = _dot(u_xyz, j, k).clamp(-1.0, 1.0)
+            if jk_keys:
+                rjk = _distance(v_xyz, j, k)[:, None]
+                f2jk, df2jk = _gauss_cut(rjk, eta_jk, rc_jk, with_grad)
+                if has_g5:
+                    f2jk = torch.cat([f2jk, torch.ones_like(rjk)], 1)
+                    df2jk = torch.cat([df2jk, torch.zeros_like(rjk)], 1) if with_grad else None
+                f2jk = _spread(f2jk, spread_jk)
+            else:  # G5 only: no r_jk factor
+                f2jk = rjk = df2jk = None
+            bases = {lam: 0.5 * (1.0 + lam * cos) for lam in {lam for lam, _ in angle_keys}}
+            if with_grad:
+                power = _spread(torch.stack([bases[lam] ** (zeta - 1.0) for lam, zeta in angle_keys], 1), spread_angle)
+                f1 = power * _spread(torch.stack([bases[lam] for lam, _ in angle_keys], 1), spread_angle)
+            else:
+                f1 = _spread(torch.stack([bases[lam] ** zeta for lam, zeta in angle_keys], 1), spread_angle)
+            f2j, f2k = torch.index_select(f2_pair, 0, j), torch.index_select(f2_pair, 0, k)
+            radial = f2j * f2k if f2jk is None else f2j * f2k * f2jk
+            values.index_add_(0, torch.index_select(center, 0, j), 2.0 * f1 * radial)
+            if not with_grad:
                 continue
-            # ∂g/∂R_ij and ∂g/∂R_ik as combinations of u_ij, u_ik and u_jk (R_jk = R_ik − R_ij).
-            on_jk = 2.0 * f1 * f2j * f2k * df2jk
-            dj = ((2.0 * (-df1 * cos / rj * radial + f1 * df2j * f2k * f2jk)))[:, :, None] * uj[:, None, :] \
-                + (2.0 * df1 / rj * radial)[:, :, None] * uk[:, None, :] - on_jk[:, :, None] * ujk[:, None, :]
-            dk = ((2.0 * (-df1 * cos / rk * radial + f1 * f2j * df2k * f2jk)))[:, :, None] * uk[:, None, :] \
-                + (2.0 * df1 / rk * radial)[:, :, None] * uj[:, None, :] + on_jk[:, :, None] * ujk[:, None, :]
-            block = torch.zeros((d_pair.shape[0], len(cols), 3), dtype=dtype, device=device)
-            block.index_add_(0, j, dj).index_add_(0, k, dk)
-            d_pair[:, cols] += block
+            df1 = (0.5 * zeta_f * lam_f) * power  # d f1 / d cos
+            df2j, df2k = torch.index_select(df2_pair, 0, j), torch.index_select(df2_pair, 0, k)
+            rj, rk = torch.index_select(rp, 0, j), torch.index_select(rp, 0, k)
+            uj, uk = torch.index_select(up, 0, j), torch.index_select(up, 0, k)
+            c = cos[:, None]
+            # ∂g/∂R_ij = α_j u_ij + β_j u_ik and ∂g/∂R_ik = α_k u_ik + β_k u_ij, the r_jk term split by
+            # u_jk = (r_ik u_ik − r_ij u_ij)/r_jk: the α terms are summed per pair before meeting a vector.
+            across_j, across_k = 2.0 * df1 * radial / rj, 2.0 * df1 * radial / rk
+            two_f1 = 2.0 * f1 if f2jk is None else 2.0 * f1 * f2jk
+            alpha_j = two_f1 * df2j * f2k - across_j * c
+            alpha_k = two_f1 * f2j * df2k - across_k * c
+            beta_j, beta_k = across_j, across_k
+            if f2jk is not None:
+                on_jk = 2.0 * f1 * f2j * f2k * _spread(df2jk, spread_jk) / rjk
+                alpha_j, alpha_k = alpha_j + on_jk * rj, alpha_k + on_jk * rk
+                beta_j, beta_k = beta_j - on_jk * rk, beta_k - on_jk * rj
+            pj, pk = torch.index_select(pairs, 0, j), torch.index_select(pairs, 0, k)
+            along.index_add_(0, pj, alpha_j).index_add_(0, pk, alpha_k)
+            across.index_add_(0, pj, beta_j[:, :, None] * uk[:, None, :]).index_add_(0, pk, beta_k[:, :, None] * uj[:, None, :])
+        G[:, cols] += values
+        if with_grad:
+            d_pair[:, cols] += along[:, :, None] * u[:, None, :] + across
 
 
-def _gauss_cut(r: torch.Tensor, eta: torch.Tensor, rc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """aenet's F2 = exp(−η r²) fc(r) and dF2/dr (``sf_F2_ij``)."""
-    fc, dfc = cutoff_fn(r, rc)
-    gauss = torch.exp(-eta * r * r)
-    return gauss * fc, gauss * (dfc - 2.0 * eta * r * fc)
+def _dot(xyz: list[torch.Tensor], j: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Dot products of the vectors j and k (coordinates as three 1-D tensors)."""
+    x, y, z = (torch.index_select(c, 0, j) * torch.index_select(c, 0, k) for c in xyz)
+    return x + y + z
+
+
+def _distance(xyz: list[torch.Tensor], j: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """|v_k − v_j| (coordinates as three 1-D tensors)."""
+    x, y, z = (torch.index_select(c, 0, k) - torch.index_select(c, 0, j) for c in xyz)
+    return torch.sqrt(x * x + y * y + z * z)
+
+
+def _columns(columns: list[int]):
+    """A slice for a run of consecutive columns (aenet's order makes each group one), else the list."""
+    if columns == list(range(columns[0], columns[0] + len(columns))):
+        return slice(columns[0], columns[0] + len(columns))
+    return columns
+
+
+def pair_features(setup: DescriptorSetup, row: torch.Tensor, env: torch.Tensor, r: torch.Tensor, vec: torch.Tensor,
+                  num_centers: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """G of ``num_centers`` centers from their pairs and, if asked, ∂G_i/∂R_ij per pair.
+
+    Args:
+        row: (P,) center row of each pair; env: (P,) ENV position of the neighbour;
+        r: (P,) distances; vec: (P, 3) pair vectors R_j − R_i (pairs within the setup's cutoff).
+    Returns:
+        (G (C, F) in aenet's order, d_pair (P, F, 3) or None).
+    """
+    dtype, device = r.dtype, r.device
+    env_position = {e: k for k, e in enumerate(setup.env_species)}
+    functions = [setup.basis.functions[n] for n in aenet_order(setup)]
+    radial = [(c, f) for c, f in enumerate(functions) if not f.angular]
+    angular = [(c, f) for c, f in enumerate(functions) if f.angular]
+    u = vec / r[:, None]
+    G = torch.zeros((num_centers, len(functions)), dtype=dtype, device=device)
+    d_pair = torch.zeros((r.numel(), len(functions), 3), dtype=dtype, device=device) if with_grad else None
+    if radial:
+        env_of_function = torch.tensor([env_position[f.type2] for _, f in radial], device=device)
+        _radial([f for _, f in radial], _columns([c for c, _ in radial]), env_of_function, row, env, r, u, G, d_pair)
+    if angular:
+        n_env = len(setup.env_species)
+        codes = [min(env_position[f.type2], env_position[f.type3]) * n_env + max(env_position[f.type2], env_position[f.type3])
+                 for _, f in angular]
+        _angular([f for _, f in angular], [c for c, _ in angular], codes, n_env, row, env, r, u, vec, G, d_pair)
+    return G, d_pair
 
 
 def behler_features(
@@ -156,44 +283,23 @@ def behler_features(
     num_atoms, num_centers = species_index.numel(), center_atoms.numel()
     env_position = {e: k for k, e in enumerate(setup.env_species)}
     env_of_type = torch.tensor([env_position.get(name, -1) for name in type_names], dtype=torch.int64, device=device)
-    functions = [setup.basis.functions[n] for n in aenet_order(setup)]
-    radial = [(c, f) for c, f in enumerate(functions) if not f.angular]
-    angular = [(c, f) for c, f in enumerate(functions) if f.angular]
-
     row_of_atom = torch.full((num_atoms,), -1, dtype=torch.int64, device=device)
     row_of_atom[center_atoms] = torch.arange(num_centers, device=device)
     env = env_of_type[species_index[nbr.neighbor]]
     keep = torch.nonzero((row_of_atom[nbr.center] >= 0) & (env >= 0) & (nbr.dist < setup.basis.max_cutoff)).squeeze(1)
     centers, moved = nbr.center[keep], nbr.neighbor[keep]
     row, env, r, vec = row_of_atom[centers], env[keep], nbr.dist[keep], nbr.vec[keep]
-    u = vec / r[:, None]
     want = deriv_atoms[centers]
 
-    G = torch.zeros((num_centers, setup.num_features), dtype=dtype, device=device)
-    d_pair = None
     # Centers without derivative rows need values only; the others values and pair derivatives.
-    for derivatives in (False, True):
-        part = torch.nonzero(want == derivatives).squeeze(1)
-        if part.numel() == 0:
-            continue
-        d_part = torch.zeros((part.numel(), setup.num_features, 3), dtype=dtype, device=device) if derivatives else None
-        args = (row[part], env[part], r[part], u[part])
-        if radial:
-            columns = [c for c, _ in radial]
-            env_of_function = torch.tensor([env_position[f.type2] for _, f in radial], device=device)
-            _radial([f for _, f in radial], columns, env_of_function, *args, G, d_part)
-        if angular:
-            n_env = len(setup.env_species)
-            codes = [min(env_position[f.type2], env_position[f.type3]) * n_env + max(env_position[f.type2], env_position[f.type3])
-                     for _, f in angular]
-            _angular([f for _, f in angular], [c for c, _ in angular], codes, n_env, *args, vec[part], G, d_part)
-        if derivatives:
-            d_pair = d_part
-            rows_centers, rows_moved = centers[part], moved[part]
-
-    if d_pair is None:
+    plain = torch.nonzero(~want).squeeze(1)
+    G, _ = pair_features(setup, row[plain], env[plain], r[plain], vec[plain], num_centers, with_grad=False)
+    wanted = torch.nonzero(want).squeeze(1)
+    if wanted.numel() == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=device)
         return SpeciesFeatures(center_atoms, G, empty, empty, torch.zeros((0, setup.num_features, 3), dtype=dtype, device=device))
+    G_wanted, d_pair = pair_features(setup, row[wanted], env[wanted], r[wanted], vec[wanted], num_centers, with_grad=True)
+    G += G_wanted  # each center's pairs are all in one of the two parts
     wanted_centers = center_atoms[deriv_atoms[center_atoms]]
-    deriv_center, deriv_neighbor, dG = atom_rows(d_pair, rows_centers, rows_moved, wanted_centers, num_atoms)
+    deriv_center, deriv_neighbor, dG = atom_rows(d_pair, centers[wanted], moved[wanted], wanted_centers, num_atoms)
     return SpeciesFeatures(center_atoms, G, deriv_center, deriv_neighbor, dG)

@@ -189,3 +189,72 @@ def test_center_missing_from_env_is_refused(tmp_path):
     path.write_text("ATOM O\nENV 1\nTi\nRMIN 0.5\nSYMMFUNC type=Behler2011\n1\nG=1 type2=Ti Rc=5.0\n")
     with pytest.raises(ValueError, match="central species O must be listed in ENV"):
         read_setup(path)
+
+
+# ----------------------------------------------------------------------------- potentials
+
+
+def _strained(structure, pos, cell):
+    return Structure(structure.species, pos, cell, structure.pbc, structure.energy, structure.forces, structure.name)
+
+
+@pytest.mark.parametrize("engine", ["pairs", "rows"])
+def test_behler_potential_equals_aenet_predict_x(engine):
+    """potential/*.nn were written by our exporter; reference_predict.npz is what aenet's predict_hp.x computed with them."""
+    from aenet_dist.predict import Predictor
+
+    ref = np.load(DATA / "reference_predict.npz")
+    structures = [read_xsf(DATA / str(name)) for name in ref["file_names"]]
+    results = Predictor.from_potentials(DATA / "potential").predict(structures, forces=True, engine=engine)
+    for res, energy, n in zip(results, ref["energy_total"], ref["natoms"]):
+        assert abs(res.energy - energy) / n < 1e-8
+    np.testing.assert_allclose(np.concatenate([r.forces for r in results]), ref["forces"], rtol=0, atol=1e-8)
+
+
+def test_behler_nn_files_round_trip_byte_identical(tmp_path):
+    from aenet_dist.export import (element_net_from_nn, nn_from_element_net, nn_to_bytes, read_nn, read_nn_ascii,
+                                   setup_from_nn, TrainSetInfo, write_nn_ascii)
+
+    for element in ("O", "Ti"):
+        path = DATA / "potential" / f"{element}.nn"
+        nn = read_nn(path)
+        setup = setup_from_nn(nn, str(path))
+        assert setup.basis_type == "behler2011" and setup.basis == read_setup(DATA / f"{element}.stp").basis
+        again = nn_from_element_net(element_net_from_nn(nn), setup, TrainSetInfo.from_nn(nn))
+        assert nn_to_bytes(again) == path.read_bytes()
+        write_nn_ascii(tmp_path / f"{element}.ascii", nn)
+        assert nn_to_bytes(read_nn_ascii(tmp_path / f"{element}.ascii")) == path.read_bytes()
+
+
+def test_behler_forces_and_stress_are_derivatives_of_the_energy():
+    from aenet_dist.predict import Predictor
+
+    predictor = Predictor.from_potentials(DATA / "potential")
+    s = read_xsf(DATA / "xsf" / "tio2_small_triclinic.xsf")
+    (res,) = predictor.predict([s], forces=True, stress=True)
+    h = 1e-5
+    for atom in range(s.num_atoms):
+        for d in range(3):
+            plus, minus = s.pos.copy(), s.pos.copy()
+            plus[atom, d] += h
+            minus[atom, d] -= h
+            e_plus, e_minus = (predictor.predict([_strained(s, p, s.cell)], forces=False)[0].energy for p in (plus, minus))
+            assert res.forces[atom, d] == pytest.approx(-(e_plus - e_minus) / (2 * h), abs=1e-6)
+    volume = abs(np.linalg.det(s.cell))
+    for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (0, 2)):
+        energies = []
+        for sign in (1, -1):
+            strain = np.eye(3)
+            strain[a, b] += sign * h / (2 if a != b else 1)
+            strain[b, a] += sign * h / 2 if a != b else 0
+            energies.append(predictor.predict([_strained(s, s.pos @ strain, s.cell @ strain)], forces=False)[0].energy)
+        assert res.stress[a, b] == pytest.approx((energies[0] - energies[1]) / (2 * h) / volume, abs=1e-7)
+
+
+def test_types_order_that_aenet_would_misread_is_reported():
+    from aenet_dist.symmetry_functions import aenet_numbering_problems
+
+    _, setups = setups_of("two_species")  # ENV O, Ti in both setups
+    assert aenet_numbering_problems(setups, ("O", "Ti")) == []
+    problems = aenet_numbering_problems(setups, ("Ti", "O"))
+    assert len(problems) == 2 and "list ENV in TYPES order" in problems[0]

@@ -10,6 +10,10 @@ molecule), runs generate.x on them with the setups here (every structure with
 derivatives) and stores, per run, aenet's raw G and its dG/dR summed over periodic
 images into ``reference_<run>.npz`` (keys as ``../shared/refdata``'s descriptor file:
 ``G``, ``dG_struct``, ``dG_center``, ``dG_neighbor``, ``dG``, 0-based indices).
+
+Then it writes a small Behler2011 potential (potential/O.nn, potential/Ti.nn: seeded random
+2 x 5 tanh networks, statistics of the two-species G) with aenet_dist's exporter and stores
+what aenet's predict_hp.x computes with it (total energies, forces) in ``reference_predict.npz``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
+sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 ENERGY = {"O": -432.503149303, "Ti": -1604.604515075, "N": -270.0}
 
@@ -139,6 +144,66 @@ def read_outputs(train: Path, forces: Path, num_types: int) -> dict:
     }
 
 
+def write_potential(ref: dict, setups: dict, out: Path) -> None:
+    """Seeded random networks for O and Ti with the reference G's statistics, as aenet .nn files."""
+    import torch
+
+    from aenet_dist.export import TrainSetInfo, nn_from_element_net, write_nn
+    from aenet_dist.model import ElementNet, NetworkConfig
+
+    torch.manual_seed(5)
+    out.mkdir(exist_ok=True)
+    types = ("O", "Ti")
+    info = TrainSetInfo(types, tuple(ENERGY[t] for t in types), "reference.train", True, 25, 3, -8.5, -7.5, -8.2)
+    atom_species = np.concatenate([[line.split()[0] for line in (HERE / str(name)).read_text().splitlines()
+                                    if line.split() and line.split()[0] in types] for name in ref["file_names"]])
+    for element in types:
+        G = ref["G"][atom_species == element][:, : setups[element].num_features]
+        net = ElementNet(G.shape[1], NetworkConfig(hidden=(5, 5), activations=("tanh", "tanh")), element, dtype=torch.float64)
+        net.set_feature_stats(G.min(0), G.max(0), G.mean(0), (G * G).mean(0), len(G))
+        net.set_energy_scaling(1.7, -8.0, ENERGY[element])
+        write_nn(out / f"{element}.nn", nn_from_element_net(net, setups[element], info))
+
+
+def read_predict_output(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Total energies and forces (all atoms, structure order) from predict_hp.x's output."""
+    energies = [float(line.split(":")[1].split()[0]) for line in text.splitlines() if line.strip().startswith("Total energy")]
+    forces, inside = [], False
+    for line in text.splitlines():
+        if line.strip().startswith("-----"):
+            inside = True
+            continue
+        parts = line.split()
+        if inside and len(parts) == 7:
+            forces.append([float(v) for v in parts[4:]])
+        elif inside:
+            inside = False
+    return np.array(energies), np.array(forces)
+
+
+def make_predict_reference(peers: Path) -> None:
+    from aenet_dist.aenet_inputs import read_setup
+
+    ref = dict(np.load(HERE / "reference_two_species.npz"))
+    setups = {e: read_setup(HERE / stp) for e, stp in RUNS["two_species"]["setups"].items()}
+    write_potential(ref, setups, HERE / "potential")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "xsf").symlink_to(HERE / "xsf")
+        for element in ("O", "Ti"):
+            (work / f"{element}.nn").symlink_to(HERE / "potential" / f"{element}.nn")
+        names = [str(n) for n in ref["file_names"]]
+        text = ["TYPES", "2", "O", "Ti", "", "NETWORKS", "O O.nn", "Ti Ti.nn", "", "FORCES", "", "FILES", str(len(names))] + names
+        (work / "predict.in").write_text("\n".join(text) + "\n")
+        done = subprocess.run([str(peers / "predict_hp.x"), "predict.in"], cwd=work, capture_output=True, text=True, errors="replace")
+    energies, forces = read_predict_output(done.stdout)
+    if len(energies) != len(names) or len(forces) != int(ref["natoms"].sum()):
+        raise SystemExit(f"predict_hp.x output not understood:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
+    np.savez_compressed(HERE / "reference_predict.npz", file_names=np.array(names), natoms=ref["natoms"],
+                        energy_total=energies, forces=forces)
+    print("predict_hp.x energies", energies)
+
+
 def main() -> int:
     peers = Path(subprocess.run(["bash", str(SHARED / "peers" / "build.sh")], check=True, capture_output=True, text=True).stdout.split()[-1])
     make_structures(HERE / "xsf")
@@ -161,6 +226,7 @@ def main() -> int:
             ref = read_outputs(work / "out.train", work / "out.train.forces", len(spec["types"]))
         np.savez_compressed(HERE / f"reference_{run}.npz", **ref)
         print(run, "structures", list(ref["file_names"]), "rows", len(ref["dG"]))
+    make_predict_reference(peers)
     return 0
 
 
