@@ -45,7 +45,7 @@ import torch
 from .aenet_inputs import parse_flag, read_lines, strip_comment, to_int
 from .config import DescriptorSetup
 from .descriptors import chebyshev, env_tables, featurize, moment_tables, pair_terms, sub_batches
-from .symmetry_functions import pair_features
+from .symmetry_functions import pair_features, pair_gradient
 from .export import element_net_from_nn, read_nn, setup_from_nn
 from .log import get_logger, setup_logging
 from .files import atomic_write
@@ -220,16 +220,15 @@ def _element_pass(t: _ElementTables, net, row, env, r, vec, num_centers: int, wi
 
 
 def _behler_pass(t: _ElementTables, net, row, env, r, vec, num_centers: int, with_grad: bool):
-    """:func:`_element_pass` for Behler2011 setups: ∂E/∂R_ij = Σ_f ∂E/∂G_if · ∂G_if/∂R_ij per pair."""
-    G, d_pair = pair_features(t.setup, row, env, r, vec, num_centers, with_grad)
+    """:func:`_element_pass` for Behler2011 setups: a values pass, then ∂E/∂R_ij by a second, adjoint pass."""
+    G, _ = pair_features(t.setup, row, env, r, vec, num_centers, with_grad=False)
     if not with_grad:
         return net(G), None
     with torch.enable_grad():
         G.requires_grad_(True)
         energy = net(G)
         (dE_dG,) = torch.autograd.grad(energy.sum(), G)
-    grad = torch.bmm(dE_dG.index_select(0, row).unsqueeze(1), d_pair).squeeze(1)  # shape (P, 3)
-    return energy.detach(), grad
+    return energy.detach(), pair_gradient(t.setup, row, env, r, vec, dE_dG)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ as for the Chebyshev basis (:func:`aenet_dist.descriptors.atom_rows`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -34,7 +35,7 @@ from .config import BehlerFunction, DescriptorSetup
 from .descriptors import SpeciesFeatures, atom_rows
 from .neighbors import Neighbors
 
-TRIPLET_SLICE = 1 << 17  # triplets per slice: (slice x functions x 3) float64 temporaries of a few MB each
+TRIPLET_SLICE = 1 << 15  # triplets per slice: (slice x functions) float64 temporaries stay in cache (1.3x faster than 1 << 17)
 
 
 def aenet_order(setup: DescriptorSetup) -> list[int]:
@@ -92,8 +93,24 @@ def _gauss_cut(r: torch.Tensor, eta: torch.Tensor, rc: torch.Tensor, with_grad: 
     return gauss * fc, gauss * (dfc - 2.0 * eta * r * fc) if with_grad else None
 
 
-def _radial(functions, columns, env_of_function, row, env, r, u, G, d_pair) -> None:
-    """Add the radial functions' values to G and, if ``d_pair`` is given, their pair derivatives.
+@dataclass
+class _Outputs:
+    """What a pass over the pairs produces: values G, and either the derivatives ∂G_i/∂R_ij per
+    pair (``d_pair``, for stored rows) or, given ∂E/∂G (``adjoint``), ∂E/∂R_ij per pair (``grad``)."""
+
+    G: torch.Tensor  # (C, F)
+    add_values: bool = True
+    d_pair: torch.Tensor | None = None  # (P, F, 3)
+    adjoint: torch.Tensor | None = None  # (C, F)
+    grad: torch.Tensor | None = None  # (P, 3)
+
+    @property
+    def with_grad(self) -> bool:
+        return self.d_pair is not None or self.adjoint is not None
+
+
+def _radial(functions, columns, env_of_function, row, env, r, u, out: _Outputs) -> None:
+    """Radial functions' values and pair derivatives (see :class:`_Outputs`).
 
     One formula serves G1-G3: fc(r) exp(−η (r − Rs)²) cos(κ r), with η = 0 for G1/G3 and
     κ = 0 for G1/G2 (factors of exactly 1).
@@ -102,14 +119,20 @@ def _radial(functions, columns, env_of_function, row, env, r, u, G, d_pair) -> N
     rc, rs, eta, kappa = _params(functions, ("cutoff", "rs", "eta", "kappa"), dtype, device)
     match = (env[:, None] == env_of_function[None, :]).to(dtype)  # (P, Fr) neighbour has the function's species
     rr = r[:, None]
-    fc, dfc = _cutoff(rr, rc, d_pair is not None)
+    fc, dfc = _cutoff(rr, rc, out.with_grad)
     shift = rr - rs
     gauss = torch.exp(-eta * shift * shift) * match
     cos_k = torch.cos(kappa * rr)
-    G[:, columns] += torch.zeros((G.shape[0], len(columns)), dtype=dtype, device=device).index_add_(0, row, fc * gauss * cos_k)
-    if d_pair is not None:
-        dg = dfc * gauss * cos_k + fc * gauss * (-2.0 * eta * shift * cos_k - kappa * torch.sin(kappa * rr))
-        d_pair[:, columns] += dg[:, :, None] * u[:, None, :]
+    if out.add_values:
+        out.G[:, columns] += torch.zeros((out.G.shape[0], len(functions)), dtype=dtype, device=device).index_add_(0, row, fc * gauss * cos_k)
+    if not out.with_grad:
+        return
+    dg = dfc * gauss * cos_k + fc * gauss * (-2.0 * eta * shift * cos_k - kappa * torch.sin(kappa * rr))
+    if out.d_pair is not None:
+        out.d_pair[:, columns] += dg[:, :, None] * u[:, None, :]
+    else:
+        weight = torch.index_select(out.adjoint[:, columns], 0, row)
+        out.grad += (dg * weight).sum(1, keepdim=True) * u
 
 
 def _spread(per_key: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
@@ -132,8 +155,8 @@ def _triplets(row: torch.Tensor, num_centers: int) -> tuple[torch.Tensor, torch.
     return torch.index_select(order, 0, first), torch.index_select(order, 0, first + 1 + offsets)
 
 
-def _angular(functions, columns, code_of_function, num_env, row, env, r, u, vec, G, d_pair) -> None:
-    """Add G4/G5 values (and pair derivatives if ``d_pair`` is given) over all neighbour pairs.
+def _angular(functions, columns, code_of_function, num_env, row, env, r, u, vec, out: _Outputs) -> None:
+    """G4/G5 values and pair derivatives over all pairs of neighbours (see :class:`_Outputs`).
 
     Per pair of neighbour species: the pairs of neighbours of those species within the
     largest cutoff are enumerated. The radial factors F(r_ij), F(r_ik) are per pair, so
@@ -142,7 +165,7 @@ def _angular(functions, columns, code_of_function, num_env, row, env, r, u, vec,
     a 0/1 matrix product (exact) unless already one per function.
     """
     dtype, device = r.dtype, r.device
-    with_grad = d_pair is not None
+    with_grad, G = out.with_grad, out.G
     for value in sorted(set(code_of_function)):
         picked = [n for n, c in enumerate(code_of_function) if c == value]
         fs = [functions[n] for n in picked]
@@ -172,9 +195,13 @@ def _angular(functions, columns, code_of_function, num_env, row, env, r, u, vec,
         v_xyz = [torch.index_select(vec[:, d].contiguous(), 0, pairs) for d in range(3)]
         center = torch.index_select(row, 0, pairs)
         values = torch.zeros((G.shape[0], len(fs)), dtype=dtype, device=device)
-        if with_grad:
+        if out.d_pair is not None:  # per function
             along = torch.zeros((r.numel(), len(fs)), dtype=dtype, device=device)
             across = torch.zeros((r.numel(), len(fs), 3), dtype=dtype, device=device)
+        elif out.adjoint is not None:  # contracted with ∂E/∂G first
+            along = torch.zeros(r.numel(), dtype=dtype, device=device)
+            across = torch.zeros((r.numel(), 3), dtype=dtype, device=device)
+            adjoint = out.adjoint[:, cols]
         for s0 in range(0, j_all.numel(), TRIPLET_SLICE):
             j, k = j_all[s0 : s0 + TRIPLET_SLICE], k_all[s0 : s0 + TRIPLET_SLICE]
             cos = _dot(u_xyz, j, k).clamp(-1.0, 1.0)
@@ -195,31 +222,54 @@ def _angular(functions, columns, code_of_function, num_env, row, env, r, u, vec,
                 f1 = _spread(torch.stack([bases[lam] ** zeta for lam, zeta in angle_keys], 1), spread_angle)
             f2j, f2k = torch.index_select(f2_pair, 0, j), torch.index_select(f2_pair, 0, k)
             radial = f2j * f2k if f2jk is None else f2j * f2k * f2jk
-            values.index_add_(0, torch.index_select(center, 0, j), 2.0 * f1 * radial)
+            center_j = torch.index_select(center, 0, j)
+            if out.add_values:
+                values.index_add_(0, center_j, 2.0 * f1 * radial)
             if not with_grad:
                 continue
             df1 = (0.5 * zeta_f * lam_f) * power  # d f1 / d cos
             df2j, df2k = torch.index_select(df2_pair, 0, j), torch.index_select(df2_pair, 0, k)
             rj, rk = torch.index_select(rp, 0, j), torch.index_select(rp, 0, k)
             uj, uk = torch.index_select(up, 0, j), torch.index_select(up, 0, k)
-            c = cos[:, None]
+            pj, pk = torch.index_select(pairs, 0, j), torch.index_select(pairs, 0, k)
             # ∂g/∂R_ij = α_j u_ij + β_j u_ik and ∂g/∂R_ik = α_k u_ik + β_k u_ij, the r_jk term split by
             # u_jk = (r_ik u_ik − r_ij u_ij)/r_jk: the α terms are summed per pair before meeting a vector.
-            across_j, across_k = 2.0 * df1 * radial / rj, 2.0 * df1 * radial / rk
             two_f1 = 2.0 * f1 if f2jk is None else 2.0 * f1 * f2jk
-            alpha_j = two_f1 * df2j * f2k - across_j * c
-            alpha_k = two_f1 * f2j * df2k - across_k * c
-            beta_j, beta_k = across_j, across_k
+            if out.d_pair is not None:
+                c = cos[:, None]
+                across_j, across_k = 2.0 * df1 * radial / rj, 2.0 * df1 * radial / rk
+                alpha_j = two_f1 * df2j * f2k - across_j * c
+                alpha_k = two_f1 * f2j * df2k - across_k * c
+                beta_j, beta_k = across_j, across_k
+                if f2jk is not None:
+                    on_jk = 2.0 * f1 * f2j * f2k * _spread(df2jk, spread_jk) / rjk
+                    alpha_j, alpha_k = alpha_j + on_jk * rj, alpha_k + on_jk * rk
+                    beta_j, beta_k = beta_j - on_jk * rk, beta_k - on_jk * rj
+                along.index_add_(0, pj, alpha_j).index_add_(0, pk, alpha_k)
+                across.index_add_(0, pj, beta_j[:, :, None] * uk[:, None, :]).index_add_(0, pk, beta_k[:, :, None] * uj[:, None, :])
+                continue
+            # Adjoint: the same terms weighted by ∂E/∂G of the center and summed over the functions
+            # first (four sums per triplet), so no (triplet, function, 3) array is formed.
+            weight = torch.index_select(adjoint, 0, center_j)
+            ones = torch.ones(len(fs), dtype=dtype, device=device)
+            angle = (2.0 * df1 * weight * radial) @ ones
+            weighted_f1 = weight * two_f1
+            on_j, on_k = (weighted_f1 * df2j * f2k) @ ones, (weighted_f1 * f2j * df2k) @ ones
+            rj, rk = rj.squeeze(1), rk.squeeze(1)
+            across_j, across_k = angle / rj, angle / rk
+            alpha_j, alpha_k = on_j - cos * across_j, on_k - cos * across_k
             if f2jk is not None:
-                on_jk = 2.0 * f1 * f2j * f2k * _spread(df2jk, spread_jk) / rjk
+                on_jk = ((2.0 * weight * f1 * f2j * f2k * _spread(df2jk, spread_jk)) @ ones) / rjk.squeeze(1)
                 alpha_j, alpha_k = alpha_j + on_jk * rj, alpha_k + on_jk * rk
-                beta_j, beta_k = beta_j - on_jk * rk, beta_k - on_jk * rj
-            pj, pk = torch.index_select(pairs, 0, j), torch.index_select(pairs, 0, k)
+                across_j, across_k = across_j - on_jk * rk, across_k - on_jk * rj
             along.index_add_(0, pj, alpha_j).index_add_(0, pk, alpha_k)
-            across.index_add_(0, pj, beta_j[:, :, None] * uk[:, None, :]).index_add_(0, pk, beta_k[:, :, None] * uj[:, None, :])
-        G[:, cols] += values
-        if with_grad:
-            d_pair[:, cols] += along[:, :, None] * u[:, None, :] + across
+            across.index_add_(0, pj, across_j[:, None] * uk).index_add_(0, pk, across_k[:, None] * uj)
+        if out.add_values:
+            G[:, cols] += values
+        if out.d_pair is not None:
+            out.d_pair[:, cols] += along[:, :, None] * u[:, None, :] + across
+        elif out.adjoint is not None:
+            out.grad += along[:, None] * u + across
 
 
 def _dot(xyz: list[torch.Tensor], j: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -251,23 +301,39 @@ def pair_features(setup: DescriptorSetup, row: torch.Tensor, env: torch.Tensor, 
     Returns:
         (G (C, F) in aenet's order, d_pair (P, F, 3) or None).
     """
-    dtype, device = r.dtype, r.device
+    out = _Outputs(G=torch.zeros((num_centers, setup.num_features), dtype=r.dtype, device=r.device))
+    if with_grad:
+        out.d_pair = torch.zeros((r.numel(), setup.num_features, 3), dtype=r.dtype, device=r.device)
+    _pass(setup, row, env, r, vec, out)
+    return out.G, out.d_pair
+
+
+def pair_gradient(setup: DescriptorSetup, row: torch.Tensor, env: torch.Tensor, r: torch.Tensor, vec: torch.Tensor,
+                  dE_dG: torch.Tensor) -> torch.Tensor:
+    """∂E/∂R_ij = Σ_f ∂E/∂G_if ∂G_if/∂R_ij per pair (P, 3), contracted per triplet without forming ∂G/∂R.
+
+    Arguments as :func:`pair_features`; ``dE_dG`` is (C, F) in aenet's order.
+    """
+    out = _Outputs(G=dE_dG, add_values=False, adjoint=dE_dG, grad=torch.zeros((r.numel(), 3), dtype=r.dtype, device=r.device))
+    _pass(setup, row, env, r, vec, out)
+    return out.grad
+
+
+def _pass(setup: DescriptorSetup, row, env, r, vec, out: _Outputs) -> None:
+    """One pass of the radial and angular functions of ``setup`` over the pairs into ``out``."""
     env_position = {e: k for k, e in enumerate(setup.env_species)}
     functions = [setup.basis.functions[n] for n in aenet_order(setup)]
     radial = [(c, f) for c, f in enumerate(functions) if not f.angular]
     angular = [(c, f) for c, f in enumerate(functions) if f.angular]
     u = vec / r[:, None]
-    G = torch.zeros((num_centers, len(functions)), dtype=dtype, device=device)
-    d_pair = torch.zeros((r.numel(), len(functions), 3), dtype=dtype, device=device) if with_grad else None
     if radial:
-        env_of_function = torch.tensor([env_position[f.type2] for _, f in radial], device=device)
-        _radial([f for _, f in radial], _columns([c for c, _ in radial]), env_of_function, row, env, r, u, G, d_pair)
+        env_of_function = torch.tensor([env_position[f.type2] for _, f in radial], device=r.device)
+        _radial([f for _, f in radial], _columns([c for c, _ in radial]), env_of_function, row, env, r, u, out)
     if angular:
         n_env = len(setup.env_species)
         codes = [min(env_position[f.type2], env_position[f.type3]) * n_env + max(env_position[f.type2], env_position[f.type3])
                  for _, f in angular]
-        _angular([f for _, f in angular], [c for c, _ in angular], codes, n_env, row, env, r, u, vec, G, d_pair)
-    return G, d_pair
+        _angular([f for _, f in angular], [c for c, _ in angular], codes, n_env, row, env, r, u, vec, out)
 
 
 def behler_features(

@@ -258,3 +258,50 @@ def test_types_order_that_aenet_would_misread_is_reported():
     assert aenet_numbering_problems(setups, ("O", "Ti")) == []
     problems = aenet_numbering_problems(setups, ("Ti", "O"))
     assert len(problems) == 2 and "list ENV in TYPES order" in problems[0]
+
+
+def test_behler_setups_featurize_train_export_predict(tmp_path):
+    """generate.in with Behler2011 setups -> store -> 3 float64 epochs -> .nn files -> predictions equal the trained model."""
+    from helpers import run_in_process, write_train_toml
+
+    from aenet_dist.aenet_inputs import read_generate_input
+    from aenet_dist.batching import gather_batch, shard_from_range
+    from aenet_dist.config import BehlerBasis, BehlerFunction, DescriptorSetup, StoreOptions
+    from aenet_dist.datasets import generate_emt_dataset
+    from aenet_dist.export import export_run, load_run_model, read_nn, resolve_checkpoint
+    from aenet_dist.predict import Predictor
+    from aenet_dist.store import StoreReader, featurize_to_store
+    from aenet_dist.structures import read_structures
+    from aenet_dist.train import main as train_main
+    from aenet_dist.train import predict as train_predict
+
+    generate_in = generate_emt_dataset(tmp_path / "data", num_structures=16, seed=4, force_percent=50.0)
+    config = read_generate_input(generate_in)
+    types = config.species
+    for n, element in enumerate(types):
+        other = types[(n + 1) % len(types)]
+        functions = (BehlerFunction(2, element, cutoff=4.8, eta=0.5, rs=2.5), BehlerFunction(2, other, cutoff=5.0, eta=0.3),
+                     BehlerFunction(1, types[(n + 2) % len(types)], cutoff=4.5),
+                     BehlerFunction(4, element, other, cutoff=4.6, eta=0.01, lam=-1.0, zeta=2.0),
+                     BehlerFunction(5, other, other, cutoff=4.2, eta=0.02, lam=1.0, zeta=1.0))[: 3 + n % 3]
+        setup = DescriptorSetup(element, types, "behler2011", BehlerBasis(functions), rmin=1.0)
+        write_setup(config.setups[element].source, setup)
+    config = read_generate_input(generate_in)
+    assert all(s.basis_type == "behler2011" for s in config.setups.values())
+    store = tmp_path / "store.zarr"
+    featurize_to_store(config, store, StoreOptions(chunk_bytes=2**16), progress=False)
+    toml = write_train_toml(tmp_path / "train.toml", store, tmp_path / "run", epochs=3)
+    result = run_in_process(train_main, [toml])
+    assert result.returncode == 0, result.stdout + result.stderr
+    export_run(tmp_path / "run", tmp_path / "pot")
+    assert read_nn(tmp_path / "pot" / f"{types[0]}.nn").sftype.strip() == "Behler2011"
+
+    model, _, _ = load_run_model(resolve_checkpoint(tmp_path / "run", "best"))
+    reader = StoreReader(store)
+    batch = gather_batch(shard_from_range(reader.read_range(0, reader.num_structures), torch.float64), torch.arange(reader.num_structures))
+    with torch.enable_grad():
+        energy, _ = train_predict(model, batch, with_forces=False, create_graph=False)
+    structures = [s for f in config.files for s in read_structures(f)]
+    for engine in ("pairs", "rows"):
+        results = Predictor.from_potentials(tmp_path / "pot").predict(structures, forces=True, engine=engine)
+        np.testing.assert_allclose([r.cohesive_energy for r in results], energy.detach().numpy(), rtol=0, atol=1e-10)
