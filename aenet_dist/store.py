@@ -554,7 +554,6 @@ def featurize_to_store(
         # On a GPU, compute block b+1 while a CPU thread compresses and writes block b. On the
         # CPU both compete for the same cores (measured: slower), so write in line there.
         overlap = torch.device(device).type != "cpu"
-        delay = float(os.environ.get("AENET_DIST_TEST_BLOCK_DELAY", "0"))  # lets tests kill a run mid-way
 
         def featurize_blocks() -> None:
             with ThreadPoolExecutor(max_workers=1) as writer:
@@ -568,8 +567,6 @@ def featurize_to_store(
                     pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level, options.compressor)
                     if not overlap:
                         pending.result()
-                    if delay:  # (tests only: room to kill a run mid-way)
-                        time.sleep(delay)
                     if bar is not None:
                         bar.update(stop - first)
                 if pending is not None:

@@ -512,7 +512,6 @@ class Trainer:
         if self.epoch >= config.run.epochs and metrics_path.exists():  # resumed a finished run: report it
             lines = metrics_path.read_text().splitlines()
             last = json.loads(lines[-1]) if lines else {}
-        step_delay = float(os.environ.get("AENET_DIST_TEST_STEP_DELAY", "0"))  # lets tests signal mid-epoch
         while self.epoch < config.run.epochs:
             epoch_start = time.perf_counter()
             plan = epoch_plan(self.data, config.run.seed, self.epoch, self.steps, config.data.shuffle_window_blocks)
@@ -534,8 +533,6 @@ class Trainer:
                     if config.run.log_every and self.step % config.run.log_every == 0 and info.is_main:
                         e, f = self._metrics(step_totals)
                         log.info("epoch %d step %d/%d | batch E %.2f meV/atom F %.4f eV/Å", self.epoch + 1, k + 1, len(plan), 1000 * e, f)
-                    if step_delay:  # (tests only: room to send a signal mid-epoch)
-                        time.sleep(step_delay)
                     if self.stop_agreed and self.step_in_epoch < len(plan):
                         self._check_steps()
                         self.partial_totals = totals.detach().cpu()
@@ -860,4 +857,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: one Trainer class per process.
+    from aenet_dist.train import main as _main
+
+    sys.exit(_main())

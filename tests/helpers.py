@@ -50,6 +50,21 @@ def featurized_emt(base: Path, num_structures: int, seed: int, force_percent: fl
     return generate_in, store
 
 
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def fault_env(base: dict | None = None, step_delay: float = 0.0, block_delay: float = 0.0) -> dict:
+    """An environment for subprocesses with tests/faults/sitecustomize.py injecting delays
+    (seconds before each training step / after each featurize block)."""
+    import os
+
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAULTS), env.get("PYTHONPATH", "")) if p)
+    env["AENET_DIST_FAULT_STEP_DELAY"] = str(step_delay)
+    env["AENET_DIST_FAULT_BLOCK_DELAY"] = str(block_delay)
+    return env
+
+
 def run_in_process(main, args) -> subprocess.CompletedProcess:
     """Run a CLI ``main(argv)`` here, capturing stdout and stderr (no interpreter start-up)."""
     args = [str(a) for a in args]

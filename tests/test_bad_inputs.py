@@ -16,7 +16,7 @@ from aenet_dist.aenet_inputs import read_generate_input
 from aenet_dist.datasets import generate_emt_dataset
 from aenet_dist.store import featurize_to_store
 from aenet_dist.train import main as train_main
-from helpers import featurized_emt, read_metrics, run_in_process, write_train_toml
+from helpers import fault_env, featurized_emt, read_metrics, run_in_process, write_train_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(store, tmp_p
 def test_ctrl_c_checkpoints_the_position_and_resume_continues(store, tmp_path):
     """SIGINT is handled like SIGTERM: finish the step, checkpoint, exit 75, no traceback."""
     config = write_train_toml(tmp_path / "t.toml", store, tmp_path / "run", epochs=3, batch_size=2)
-    env = dict(os.environ, AENET_DIST_TEST_STEP_DELAY="0.2")
+    env = fault_env(step_delay=0.2)
     proc = subprocess.Popen([sys.executable, "-m", "aenet_dist.train", str(config)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

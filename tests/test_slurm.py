@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import read_metrics, write_train_toml
+from helpers import fault_env, read_metrics, write_train_toml
 from aenet_dist.aenet_inputs import read_generate_input
 from aenet_dist.checkpoint import load as load_checkpoint
 from aenet_dist.config import StoreOptions
@@ -59,7 +59,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_WHY_NOT is not None, reason
 
 def _job_env(**extra: str) -> dict:
     """The environment the jobs get (sbatch exports it): this venv, no stray torch/SLURM settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "TORCHELASTIC_", "AENET_DIST_TEST_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "TORCHELASTIC_", "AENET_DIST_FAULT_"))}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "NPROC", "AENET_DIST_LAUNCH"):
         env.pop(key, None)
     if (Path(sys.prefix) / "bin" / "torchrun").exists():
@@ -190,7 +190,7 @@ def _preempted_run(featurized, workdir: Path, name: str, tasks: int, launch: str
     reference = _write_toml(case / "reference.toml", store, case / "reference")
     assert train_main([str(reference), *reference_overrides]) == 0  # uninterrupted, in this process
 
-    env = _job_env(AENET_DIST_TEST_STEP_DELAY="0.3", AENET_DIST_LAUNCH=launch, AENET_DIST_RDZV_PORT=str(_free_port()))
+    env = fault_env(_job_env(AENET_DIST_LAUNCH=launch, AENET_DIST_RDZV_PORT=str(_free_port())), step_delay=0.3)
     job_id, _ = _sbatch("train.sbatch", [config], case, ["--nodes=1", f"--ntasks-per-node={tasks}"], env)
     try:
         _wait_for_epoch(run_dir, 1, job_id, case)
@@ -247,7 +247,7 @@ def test_scancel_checkpoints_but_does_not_requeue(featurized, workdir):
     case.mkdir()
     run_dir = case / "run"
     config = _write_toml(case / "train.toml", store, run_dir)
-    job_id, _ = _sbatch("train.sbatch", [config], case, ["--nodes=1", "--ntasks-per-node=1"], _job_env(AENET_DIST_TEST_STEP_DELAY="0.3"))
+    job_id, _ = _sbatch("train.sbatch", [config], case, ["--nodes=1", "--ntasks-per-node=1"], fault_env(_job_env(), step_delay=0.3))
     try:
         _wait_for_epoch(run_dir, 1, job_id, case)
         _scancel(str(job_id))

@@ -22,6 +22,7 @@ from aenet_dist.descriptors import featurize
 from aenet_dist.featurize import main as featurize_main
 from aenet_dist.store import StoreReader, _read_plain_array, _write_array, featurize_to_store
 from aenet_dist.structures import read_structures
+from helpers import fault_env
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -135,7 +136,7 @@ def test_killed_run_resumes_to_identical_store(dataset, store, tmp_path):
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "aenet_dist.featurize", str(dataset), "--out", str(out), "--chunk-mb", str(2**16 / 2**20), "--no-progress"]
     # Slow each block down so that the kill lands mid-run (the test checks that it did).
-    env = dict(os.environ, AENET_DIST_TEST_BLOCK_DELAY="0.3")
+    env = fault_env(block_delay=0.3)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and not list((out / "blocks").glob("b*")):

@@ -20,7 +20,7 @@ from aenet_dist.structures import Structure, read_structures, write_xsf
 from aenet_dist.dist import DistInfo
 from aenet_dist.train import Trainer, TrainingError, build_model, predict
 from aenet_dist.train import main as train_main
-from helpers import featurized_emt, read_metrics, run_in_process, write_train_toml
+from helpers import fault_env, featurized_emt, read_metrics, run_in_process, write_train_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -351,7 +351,7 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(emt, tmp_path, ranks)
     else:
         run_train([full, *common], ranks=2)
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "aenet_dist.train", str(part), *common]
-    env = dict(os.environ, AENET_DIST_TEST_STEP_DELAY="0.25")
+    env = fault_env(step_delay=0.25)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_epoch(tmp_path / "part", 1, proc)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "aenet_dist.train" in " ".join(p.cmdline())]
@@ -385,7 +385,7 @@ def _two_ranks_past_epoch_one(cfg: Path, run_dir: Path, args: list[str], step_de
     import psutil
 
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "aenet_dist.train", str(cfg), *args]
-    env = dict(os.environ, AENET_DIST_TEST_STEP_DELAY=str(step_delay))
+    env = fault_env(step_delay=step_delay)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_epoch(run_dir, 1, proc)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "aenet_dist.train" in " ".join(p.cmdline())]
