@@ -682,46 +682,6 @@ def nn_from_element_net(net: ElementNet, setup: DescriptorSetup, train_info: Tra
     )
 
 
-def load_potential(paths: Mapping[str, str | os.PathLike], dtype: torch.dtype = torch.float64,
-                   species: tuple[str, ...] | None = None) -> AtomicModel:
-    """Build an :class:`AtomicModel` from one binary ``.nn`` file per element.
-
-    Args:
-        paths: element -> path of its ``.nn`` file.
-        species: element order of the model (default: ``paths`` order); every element of it, and
-            every ENV species of every setup, must have a file.
-    Raises:
-        ValueError: a file's atomtype differs from its key, an element (or ENV species) has no
-            file, or two files' setups disagree on the ENV species.
-    """
-    species = tuple(species) if species is not None else tuple(paths)
-    missing = [el for el in species if el not in paths]
-    if missing:
-        raise ValueError(f"no .nn potential file for species {missing} (have files for {list(paths)})")
-    files = {el: read_nn(paths[el]) for el in species}
-    first_el = species[0]
-    first, first_path = files[first_el], paths[first_el]
-    for el in species:
-        nn, p = files[el], paths[el]
-        if nn.atomtype != el:
-            raise ValueError(f"{p}: potential is for atom type {nn.atomtype!r}, but was given for {el!r}")
-        if tuple(nn.envtypes) != tuple(first.envtypes):
-            raise ValueError(f"{p} and {first_path}: setups disagree on the ENV species: "
-                             f"{list(nn.envtypes)} vs {list(first.envtypes)}")
-    no_file = [e for e in first.envtypes if e not in files]
-    if no_file:
-        raise ValueError(f"{first_path}: ENV species {no_file} have no .nn potential file (have {list(species)})")
-    nets = {el: element_net_from_nn(files[el], dtype=dtype, source=str(paths[el])) for el in species}
-    return AtomicModel(nets, species)
-
-
-# --------------------------------------------------------------------------------------------
-# export of a training run
-# --------------------------------------------------------------------------------------------
-# The store, checkpoint and training modules are imported inside the functions, so that
-# ``import aenet_dist.export`` (which predict needs for reading .nn files) stays light.
-
-
 def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str = "best") -> Path:
     """``best`` -> run_dir/checkpoints/best.pt, ``latest`` -> the newest checkpoint_NNNNNN.pt, else a path."""
     from .checkpoint import Checkpointer

@@ -225,13 +225,6 @@ class AtomicModel(nn.Module):
         self.species = species
         self.nets = nn.ModuleDict({el: nets[el] for el in species})
 
-    @classmethod
-    def build(cls, species: Sequence[str], num_features: Mapping[str, int], config: NetworkConfig | Mapping[str, NetworkConfig],
-              dtype: torch.dtype | None = None, device=None) -> "AtomicModel":
-        """Fresh (randomly initialized) model: one net per element of ``species``."""
-        cfg = (lambda el: config) if isinstance(config, NetworkConfig) else (lambda el: config[el])
-        return cls({el: ElementNet(num_features[el], cfg(el), el, dtype=dtype, device=device) for el in species}, species)
-
     def forward(self, features: Mapping[str, Tensor], cohesive: bool = False) -> dict[str, Tensor]:
         """Atomic energies (eV).
 

@@ -1,4 +1,4 @@
-"""Tests of aenet_dist.export: .nn binary/ASCII round trips, corrupt files, model conversion, load_potential."""
+"""Tests of aenet_dist.export: .nn binary/ASCII round trips, corrupt files, model conversion, loading potentials."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from aenet_dist.export import (
     NNFile,
     TrainSetInfo,
     element_net_from_nn,
-    load_potential,
     network_layout,
     nn_from_element_net,
     nn_to_bytes,
@@ -27,6 +26,7 @@ from aenet_dist.export import (
     write_nn_ascii,
 )
 from aenet_dist.model import ElementNet, NetworkConfig
+from aenet_dist.predict import Predictor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFDATA = SHARED / "refdata"
@@ -222,7 +222,7 @@ def test_new_net_exports_aenet_chebyshev_setup(tmp_path):
         nn_from_element_net(net, setup, dataclasses.replace(info, atomic_energies=(-11.0, -5.0, -1.0)))
 
 
-# --------------------------------------------------------------------------- load_potential
+# --------------------------------------------------------------------------- loading potentials
 
 
 @pytest.fixture()
@@ -233,23 +233,21 @@ def ref_paths():
     return paths
 
 
-def test_load_potential(ref_paths):
-    model = load_potential(ref_paths)
+def test_load_potentials(ref_paths):
+    model = Predictor.from_potentials(ref_paths).model
     assert model.species == ("Ti", "O") and set(model.nets) == {"Ti", "O"}
     assert model.nets["O"].layers[0].weight.dtype == torch.float64
 
 
-def test_load_potential_missing_species(ref_paths):
-    with pytest.raises(ValueError, match=r"no \.nn potential file for species \['O'\]"):
-        load_potential({"Ti": ref_paths["Ti"]}, species=("Ti", "O"))
-    with pytest.raises(ValueError, match=r"ENV species \['O'\] have no \.nn potential file"):
-        load_potential({"Ti": ref_paths["Ti"]})
+def test_load_potentials_missing_species(ref_paths):
+    with pytest.raises(ValueError, match=r"ENV species \['O'\] have no potential"):
+        Predictor.from_potentials({"Ti": ref_paths["Ti"]})
 
 
-def test_load_potential_rejects_mismatch(ref_paths, tmp_path):
+def test_load_potentials_rejects_mismatch(ref_paths, tmp_path):
     with pytest.raises(ValueError, match=re.escape(str(ref_paths["Ti"])) + ".*'Ti'.*'O'"):
-        load_potential({"Ti": ref_paths["Ti"], "O": ref_paths["Ti"]})
+        Predictor.from_potentials({"Ti": ref_paths["Ti"], "O": ref_paths["Ti"]})
     other = tmp_path / "O.nn"
     write_nn(other, dataclasses.replace(read_nn(ref_paths["O"]), envtypes=("O", "Ti")))
     with pytest.raises(ValueError, match=re.escape(str(other)) + " and " + re.escape(str(ref_paths["Ti"])) + ".*ENV"):
-        load_potential({"Ti": ref_paths["Ti"], "O": other})
+        Predictor.from_potentials({"Ti": ref_paths["Ti"], "O": other})

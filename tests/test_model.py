@@ -98,8 +98,6 @@ def test_atomic_model_forward_by_element():
     assert list(out) == ["O"] and out["O"].shape == (5,)
     with pytest.raises(ValueError, match="Zr"):
         model({"Zr": torch.zeros(1, 4, dtype=torch.float64)})
-    built = AtomicModel.build(("A", "B"), {"A": 3, "B": 6}, NetworkConfig((2,), ("twist",)), dtype=torch.float64)
-    assert built.nets["B"].num_features == 6 and built.species == ("A", "B")
 
 
 # --------------------------------------------------------------------------- sparse force contraction
@@ -180,9 +178,9 @@ def test_forces_from_dEdG_rejects_inconsistent_inputs():
 @pytest.fixture(scope="module")
 def reference():
     _need_refdata()
-    from aenet_dist.export import load_potential
+    from aenet_dist.predict import Predictor
 
-    model = load_potential({"Ti": REFDATA / "Ti.pytorch.nn", "O": REFDATA / "O.pytorch.nn"}, dtype=torch.float64)
+    model = Predictor.from_potentials({"Ti": REFDATA / "Ti.pytorch.nn", "O": REFDATA / "O.pytorch.nn"}).model
     d = np.load(REFDATA / "tio2_20_descriptors.npz")
     p = np.load(REFDATA / "tio2_20_predict.npz")
     return model, d, p

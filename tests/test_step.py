@@ -119,12 +119,13 @@ def test_lean_step_mixed_activations_and_output(shards, tmp_path):
     networks of different shapes per element (groups of one: no padding)."""
     store, reader, dense, sparse = shards
     torch.manual_seed(7)
-    from aenet_dist.model import AtomicModel
+    from aenet_dist.model import AtomicModel, ElementNet
 
     base = build_model(reader, config_for(store, tmp_path), torch.float64)
     shapes = [NetworkConfig((4, 6), ("sigmoid", "mtanh"), "tanh"), NetworkConfig((3,), ("twist",), "linear")]
     configs = {el: shapes[min(k, 1)] for k, el in enumerate(reader.species)}  # the first alone, the others packed
-    model = AtomicModel.build(reader.species, reader.attrs["num_features"], configs, dtype=torch.float64)
+    model = AtomicModel({el: ElementNet(reader.attrs["num_features"][el], configs[el], el, dtype=torch.float64) for el in reader.species},
+                        reader.species)
     assert len(lean.network_groups(model)) == 2
     for el, net in model.nets.items():  # keep the store's normalization
         ref = base.nets[el]
