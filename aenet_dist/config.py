@@ -1,7 +1,7 @@
 """Typed, frozen configuration for every stage (featurize now; train, export later).
 
 Descriptor setups mirror aenet's ``.stp`` files; :class:`FeaturizeConfig` mirrors
-aenet's ``generate.in``. Parsers for those formats live in :mod:`aenet_dist.aenet_inputs`.
+aenet's ``generate.in``. Parsers for those formats live in :mod:`aenet_dist.formats`.
 """
 
 from __future__ import annotations
@@ -368,7 +368,7 @@ def _coerce_fields(obj, section: str, skip: tuple[str, ...] = ()) -> None:
             object.__setattr__(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}"))
 
 
-def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     candidates = list(candidates)
     same_case = [c for c in candidates if c.lower() == word.lower()]
     close = same_case or difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
@@ -377,7 +377,7 @@ def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
     if value not in choices:
-        raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}{_did_you_mean(value, choices)}")
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}{did_you_mean(value, choices)}")
 
 
 @dataclass(frozen=True)
@@ -468,7 +468,7 @@ def _check_network_keys(element, spec: Mapping) -> None:
     for k in spec:
         if k not in _NETWORK_KEYS:
             key = f"model.networks.{element}"
-            raise ValueError(f"unknown key '{key}.{k}'{_did_you_mean(f'{key}.{k}', [f'{key}.{n}' for n in _NETWORK_KEYS])}")
+            raise ValueError(f"unknown key '{key}.{k}'{did_you_mean(f'{key}.{k}', [f'{key}.{n}' for n in _NETWORK_KEYS])}")
 
 
 @dataclass(frozen=True)
@@ -675,7 +675,7 @@ class RunConfig:
             raise ValueError(f"run.collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}")
 
 
-_TRAIN_SECTIONS: dict[str, type] = {
+TRAIN_SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
     "schedule": ScheduleConfig, "loss": LossConfig, "run": RunConfig,
 }
@@ -684,25 +684,25 @@ _TRAIN_SECTIONS: dict[str, type] = {
 @functools.cache
 def _known_keys() -> tuple[str, ...]:
     """Every valid key of train.toml: section names and dotted ``section.field`` names."""
-    return (*_TRAIN_SECTIONS, *(f"{s}.{f.name}" for s, cls in _TRAIN_SECTIONS.items() for f in fields(cls)))
+    return (*TRAIN_SECTIONS, *(f"{s}.{f.name}" for s, cls in TRAIN_SECTIONS.items() for f in fields(cls)))
 
 
 def _unknown_key(dotted: str) -> str:
     """'unknown key ...' message with a suggestion: the same field in another section, else the closest key."""
     leaf = dotted.rsplit(".", 1)[-1]
     same_leaf = [k for k in _known_keys() if "." in k and k.rsplit(".", 1)[-1] == leaf]
-    hint = f" (did you mean {same_leaf[0]!r}?)" if same_leaf else _did_you_mean(dotted, _known_keys())
+    hint = f" (did you mean {same_leaf[0]!r}?)" if same_leaf else did_you_mean(dotted, _known_keys())
     return f"unknown key {dotted!r}{hint}"
 
 
 def _check_keys(raw: Mapping) -> None:
     """Raise ValueError naming the first key of the nested dict ``raw`` that TrainConfig does not know."""
     for name, section in raw.items():
-        if name not in _TRAIN_SECTIONS:
+        if name not in TRAIN_SECTIONS:
             raise ValueError(_unknown_key(str(name)))
         if not isinstance(section, Mapping):
             continue  # reported with its type when the section is built
-        known = {f.name for f in fields(_TRAIN_SECTIONS[name])}
+        known = {f.name for f in fields(TRAIN_SECTIONS[name])}
         for key, value in section.items():
             if key not in known:
                 raise ValueError(_unknown_key(f"{name}.{key}"))
@@ -741,7 +741,7 @@ class TrainConfig:
     """[run] epochs, batch size, dtype, device, seeds, checkpoints."""
 
     def __post_init__(self):
-        for name, cls in _TRAIN_SECTIONS.items():
+        for name, cls in TRAIN_SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         if self.data.cache == "gpu" and self.run.device == "cpu":
@@ -749,7 +749,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """Plain nested dict (tuples as lists, unset options as None); :meth:`from_dict` inverts it."""
-        return {name: _plain(getattr(self, name)) for name in _TRAIN_SECTIONS}
+        return {name: _plain(getattr(self, name)) for name in TRAIN_SECTIONS}
 
     @classmethod
     def from_dict(cls, d: Mapping, source: str = "") -> "TrainConfig":
@@ -760,10 +760,10 @@ class TrainConfig:
         """
         try:
             if not isinstance(d, Mapping):
-                raise ValueError(f"config must be a table of sections {list(_TRAIN_SECTIONS)}, got {_describe(d)}")
+                raise ValueError(f"config must be a table of sections {list(TRAIN_SECTIONS)}, got {_describe(d)}")
             _check_keys(d)
             sections = {}
-            for name, section_cls in _TRAIN_SECTIONS.items():
+            for name, section_cls in TRAIN_SECTIONS.items():
                 section = d.get(name, {})
                 if isinstance(section, section_cls):
                     sections[name] = section
@@ -806,12 +806,12 @@ def _resolve_path(value, base: str):
 def _override_hint(parts: list[str], key: str):
     """Type of the value that the dotted override key ``parts`` sets; ValueError if the key is unknown."""
     section = parts[0]
-    if section not in _TRAIN_SECTIONS:
+    if section not in TRAIN_SECTIONS:
         raise ValueError(_unknown_key(key))
     if len(parts) == 1:
-        raise ValueError(f"{key!r} is a whole section; override one key, e.g. '{section}.{fields(_TRAIN_SECTIONS[section])[0].name}=...'")
-    hints = _hints(_TRAIN_SECTIONS[section])
-    if parts[1] not in {f.name for f in fields(_TRAIN_SECTIONS[section])}:
+        raise ValueError(f"{key!r} is a whole section; override one key, e.g. '{section}.{fields(TRAIN_SECTIONS[section])[0].name}=...'")
+    hints = _hints(TRAIN_SECTIONS[section])
+    if parts[1] not in {f.name for f in fields(TRAIN_SECTIONS[section])}:
         raise ValueError(_unknown_key(".".join(parts[:2])))
     if len(parts) == 2:
         return None if parts[:2] == ["model", "networks"] else hints[parts[1]]
@@ -885,7 +885,7 @@ def _apply_overrides(raw: dict, overrides: Iterable[str], origins: dict[str, str
     return raw
 
 
-def _build(raw: Mapping, origins: Mapping[str, str], default_source: str) -> TrainConfig:
+def build_train_config(raw: Mapping, origins: Mapping[str, str], default_source: str) -> TrainConfig:
     """TrainConfig.from_dict(raw); a value error is attributed to the origin of the key it names."""
     try:
         return TrainConfig.from_dict(raw)
@@ -936,7 +936,7 @@ def load_train_config(path: str | os.PathLike, overrides: Iterable[str] = ()) ->
             raw[section][key] = _resolve_path(raw[section][key], base)
     origins: dict[str, str] = {}
     raw = _apply_overrides(raw, overrides, origins)
-    return _build(raw, origins, str(path))
+    return build_train_config(raw, origins, str(path))
 
 
 def _toml_string(s: str) -> str:
@@ -1002,197 +1002,3 @@ def save_resolved_config(config: TrainConfig, run_dir: str | os.PathLike) -> Pat
     target = run_dir / "config.toml"
     atomic_write(target, dump_toml(config))
     return target
-
-
-# --------------------------------------------------------------------------- aenet-PyTorch train.in
-#
-# Format of atomisticnet/aenet-PyTorch (src/read_input.py, doc/aenet-PyTorch-doc.md,
-# example/02-train/train.in): one keyword per line, case-insensitive, '!' or '#' comments.
-# Values on the same line, except METHOD and FORCES (key=value parameters on the next line)
-# and NETWORKS (one line per element: symbol, .nn file, number of hidden layers, nodes:activation...).
-
-_TIN_MAPPED = ("trainingset", "testpercent", "iterations", "batchsize", "npseed", "phseed",
-               "regularization", "memory_mode", "forces", "method", "networks")
-_TIN_IGNORED = {  # known keyword -> why it does not change our config
-    "iterwrite": "errors are logged every epoch",
-    "mode": "only MODE train exists here",
-    "maxenergy": "all structures of the store are used",
-    "maxforces": "all structures of the store are used",
-    "save_energies": "predictions are written by 'aenet-dist predict'",
-    "save_energy": "predictions are written by 'aenet-dist predict'",
-    "save_forces": "predictions are written by 'aenet-dist predict'",
-    "verbose": "logging is set up by the CLI",
-    "save_batches": "batches come from the Zarr store",
-    "load_batches": "batches come from the Zarr store",
-    "timing": "not implemented",
-    "debug": "not implemented",
-}
-_TIN_KEYWORDS = (*_TIN_MAPPED, *_TIN_IGNORED)
-_TIN_MEMORY_MODES = {"cpu": "memory", "gpu": "gpu", "disk": "stream"}
-_TIN_METHOD_PARAMS = ("method", "lr", "mu", "momentum", "b1", "b2")
-
-
-def _tin_number(text: str, convert, label: str, where: str):
-    """``text`` as int or float (Fortran ``1.0d-3`` accepted); ValueError names ``label`` and the line."""
-    try:
-        return convert(text.replace("d", "e").replace("D", "e") if convert is float else text)
-    except ValueError:
-        kind = "an integer" if convert is int else "a number"
-        raise ValueError(f"{where}: {label} expects {kind}, got {text!r}") from None
-
-
-def _tin_one(args: list[str], kw: str, where: str) -> str:
-    if len(args) != 1:
-        raise ValueError(f"{where}: {kw.upper()} expects one value, got {len(args)}: {' '.join(args) or '(none)'}")
-    return args[0]
-
-
-def _tin_params(args: list[str], kw: str, where: str, known: tuple[str, ...]) -> dict[str, str]:
-    """``key=value`` parameters (a leading bare word is the ``method``) of METHOD or FORCES."""
-    params = {}
-    for i, token in enumerate(args):
-        key, sep, value = token.partition("=")
-        if not sep:
-            if i == 0 and kw == "method":
-                key, value = "method", token
-            else:
-                raise ValueError(f"{where}: {kw.upper()}: expected key=value, got {token!r}")
-        key = key.lower()
-        if key not in known:
-            raise ValueError(f"{where}: {kw.upper()}: unknown parameter {key!r}{_did_you_mean(key, known)} (known: {', '.join(known)})")
-        params[key] = value
-    return params
-
-
-def read_train_in(path: str | os.PathLike) -> TrainConfig:
-    """Translate aenet-PyTorch's ``train.in`` into a :class:`TrainConfig`.
-
-    Mapping: TRAININGSET -> data.store (kept as written: pass the Zarr store there), TESTPERCENT ->
-    data.test_percent, ITERATIONS -> run.epochs, BATCHSIZE -> run.batch_size, NPSEED (the split's
-    numpy seed) -> data.split_seed, PHSEED (torch seed) -> run.seed, METHOD ``method=X lr=Y`` ->
-    optim.method / optim.lr, REGULARIZATION -> optim.weight_decay, FORCES ``alpha=A`` ->
-    loss.force_weight (0 when FORCES is absent: energies only, as aenet-PyTorch), MEMORY_MODE
-    cpu/gpu/disk -> data.cache memory/gpu/stream, NETWORKS -> model.networks. Other aenet-PyTorch
-    keywords (ITERWRITE, MAXENERGY, SAVE_ENERGIES, ...) are logged as warnings and ignored.
-
-    Raises:
-        ValueError: ``"{path}:{line}: ..."`` for unknown keywords, bad numbers and invalid values.
-    """
-    path = Path(path)
-    entries = []  # (line number, tokens) of non-blank lines, comments removed
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        tokens = re.split(r"[!#]", line, maxsplit=1)[0].split()
-        if tokens:
-            entries.append((n, tokens))
-
-    raw: dict[str, dict] = {name: {} for name in _TRAIN_SECTIONS}
-    origins: dict[str, str] = {}
-    seen: dict[str, int] = {}
-
-    def put(dotted: str, value, where: str):
-        section, key = dotted.split(".", 1)
-        raw[section][key] = value
-        origins[dotted] = where
-
-    i = 0
-    while i < len(entries):
-        n, tokens = entries[i]
-        i += 1
-        kw, args, where = tokens[0].lower(), tokens[1:], f"{path}:{n}"
-        if kw not in _TIN_KEYWORDS:
-            close = difflib.get_close_matches(kw, _TIN_KEYWORDS, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0].upper()}?)" if close else ""
-            raise ValueError(f"{where}: unknown keyword {tokens[0]!r}{hint}")
-        if kw in seen:
-            raise ValueError(f"{where}: {kw.upper()} given twice (first on line {seen[kw]})")
-        seen[kw] = n
-        if kw in ("method", "forces") and not args and i < len(entries) and entries[i][1][0].lower() not in _TIN_KEYWORDS:
-            n, args = entries[i]  # parameters on the next line
-            i += 1
-            where = f"{path}:{n}"
-
-        if kw == "trainingset":
-            put("data.store", _tin_one(args, kw, where), where)
-        elif kw == "testpercent":
-            put("data.test_percent", _tin_number(_tin_one(args, kw, where), float, kw.upper(), where), where)
-        elif kw == "iterations":
-            put("run.epochs", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
-        elif kw == "batchsize":
-            put("run.batch_size", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
-        elif kw == "npseed":
-            put("data.split_seed", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
-        elif kw == "phseed":
-            put("run.seed", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
-        elif kw == "regularization":
-            put("optim.weight_decay", _tin_number(_tin_one(args, kw, where), float, kw.upper(), where), where)
-        elif kw == "memory_mode":
-            mode = _tin_one(args, kw, where).lower()
-            if mode not in _TIN_MEMORY_MODES:
-                raise ValueError(f"{where}: MEMORY_MODE must be cpu, gpu or disk, got {args[0]!r}")
-            put("data.cache", _TIN_MEMORY_MODES[mode], where)
-        elif kw == "forces":
-            params = _tin_params(args, kw, where, ("alpha",))
-            if "alpha" not in params:
-                raise ValueError(f"{where}: FORCES needs alpha=<force weight> (on the line after FORCES)")
-            put("loss.force_weight", _tin_number(params["alpha"], float, "FORCES alpha", where), where)
-        elif kw == "method":
-            params = _tin_params(args, kw, where, _TIN_METHOD_PARAMS)
-            method = params.get("method", "").lower()
-            if not method:
-                raise ValueError(f"{where}: METHOD needs a method name, e.g. 'method=adamw lr=0.0001'")
-            if method not in OPTIM_METHODS:
-                raise ValueError(f"{where}: METHOD {method!r} is not supported; use one of {', '.join(OPTIM_METHODS)}")
-            put("optim.method", method, where)
-            if "lr" in params and "mu" in params:
-                raise ValueError(f"{where}: METHOD: give lr or mu (aenet's name), not both")
-            for name, dotted in (("lr", "optim.lr"), ("mu", "optim.lr"), ("momentum", "optim.momentum")):
-                if name in params:
-                    put(dotted, _tin_number(params[name], float, f"METHOD {name}", where), where)
-            if "b1" in params or "b2" in params:
-                betas = OptimConfig().betas
-                put("optim.betas", [_tin_number(params.get("b1", str(betas[0])), float, "METHOD b1", where),
-                                    _tin_number(params.get("b2", str(betas[1])), float, "METHOD b2", where)], where)
-        elif kw == "networks":
-            if args:
-                raise ValueError(f"{where}: NETWORKS takes no value on its line; one line per element follows")
-            count = None
-            if i < len(entries) and len(entries[i][1]) == 1 and entries[i][1][0].isdigit():
-                count = int(entries[i][1][0])  # optional count line
-                i += 1
-            networks: dict[str, dict] = {}
-            while i < len(entries) and entries[i][1][0].lower() not in _TIN_KEYWORDS:
-                n, t = entries[i]
-                i += 1
-                w = f"{path}:{n}"
-                if len(t) < 3:
-                    raise ValueError(f"{w}: NETWORKS line must read '<element> <file.nn> <layers> <nodes:activation>...', got {' '.join(t)!r}")
-                element, num_layers = t[0], _tin_number(t[2], int, f"NETWORKS: {t[0]} number of hidden layers", w)
-                if len(t) - 3 != num_layers:
-                    raise ValueError(f"{w}: NETWORKS: {element} declares {num_layers} hidden layers but lists {len(t) - 3}")
-                if element in networks:
-                    raise ValueError(f"{w}: NETWORKS: {element} given twice")
-                hidden, activations = [], []
-                for layer in t[3:]:
-                    nodes, sep, act = layer.partition(":")
-                    if not sep or not act:
-                        raise ValueError(f"{w}: NETWORKS: expected nodes:activation, got {layer!r}")
-                    hidden.append(_tin_number(nodes, int, f"NETWORKS: {element} number of nodes", w))
-                    activations.append(act.lower())
-                networks[element] = {"hidden": hidden, "activations": activations}
-                origins[f"model.networks.{element}"] = w
-                _log.debug("%s: network file %s of %s is not used (see 'aenet-dist export')", w, t[1], element)
-            if not networks:
-                raise ValueError(f"{where}: NETWORKS lists no element")
-            if count is not None and count != len(networks):
-                raise ValueError(f"{where}: NETWORKS announces {count} elements but lists {len(networks)}")
-            raw["model"]["networks"] = networks
-        else:
-            value = " ".join(args).lower()
-            if (kw, value) not in (("iterwrite", "1"), ("mode", "train")):  # these match what we do
-                _log.warning("%s: %s is not supported by aenet_dist and is ignored (%s)", where, kw.upper(), _TIN_IGNORED[kw])
-
-    if "trainingset" not in seen:
-        raise ValueError(f"{path}: TRAININGSET is missing (give the Zarr store written by 'aenet-dist featurize')")
-    if "forces" not in seen:
-        raw["loss"]["force_weight"] = 0.0  # aenet-PyTorch fits energies only without FORCES
-    return _build(raw, origins, str(path))

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .aenet_inputs import atomic_write_text
-from .config import ChebyshevBasis, DescriptorSetup
+
+from .config import ChebyshevBasis, DescriptorSetup, FeaturizeConfig
+from .formats.generate_in import write_generate_input
 from .log import get_logger, setup_logging
 from .structures import from_ase, write_xsf
 
@@ -246,50 +247,6 @@ def isolated_atom_energies(elements: tuple[str, ...]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- aenet inputs
 
 
-def _fortran_real(x: float) -> str:
-    """Double-precision Fortran literal: 0.75 -> '0.75d0', 1e-5 -> '1.0000000000d-05'."""
-    if x == 0.0 or 1e-4 <= abs(x) < 1e6:
-        text = f"{x:.10f}".rstrip("0")
-        return (text + "0" if text.endswith(".") else text) + "d0"
-    return f"{x:.10e}".replace("e", "d")
-
-
-def _setup_text(setup: DescriptorSetup) -> str:
-    """aenet ``.stp`` text (modelled on aenet's Ti.fingerprint.stp)."""
-    b = setup.basis
-    lines = [
-        "DESCR",
-        f" {setup.description or f'Descriptor for {setup.element}'}",
-        "END DESCR",
-        "",
-        f"ATOM {setup.element}",
-        "",
-        f"ENV {len(setup.env_species)}",
-        *setup.env_species,
-        "",
-        f"RMIN {_fortran_real(setup.rmin)}",
-        "",
-        "BASIS type=Chebyshev",
-        f"radial_Rc = {float(b.radial_cutoff)!r}  radial_N = {b.radial_order} "
-        f"angular_Rc = {float(b.angular_cutoff)!r}  angular_N = {b.angular_order}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _generate_in_text(output: str, atomic_energies: dict[str, float], stp_names: dict[str, str],
-                      force_percent: float, files: list[str]) -> str:
-    """aenet ``generate.in`` text (modelled on aenet's TiO2 example)."""
-    width = max(len(e) for e in atomic_energies)
-    lines = [f"OUTPUT  {output}", "", "TYPES", str(len(atomic_energies))]
-    lines += [f"{e:<{width}s}  {energy:.10f}  ! eV" for e, energy in atomic_energies.items()]
-    lines += ["", "SETUPS"]
-    lines += [f"{e:<{width}s}  {stp_names[e]}" for e in atomic_energies]
-    if force_percent > 0:
-        lines += ["", "FORCES", f"FORCESPERCENT {force_percent:g}"]
-    lines += ["", "FILES", str(len(files)), *files]
-    return "\n".join(lines) + "\n"
-
-
 # ----------------------------------------------------------------------------- driver
 
 
@@ -345,14 +302,12 @@ def _generate(mode: str, out_dir, num_structures: int, seed: int, workers: int |
     bar.close()
     elapsed = time.perf_counter() - start
 
-    for element in elements:
-        setup = DescriptorSetup(element=element, env_species=elements, basis_type="chebyshev", basis=basis,
-                                rmin=rmin, description=f"Descriptor for {element} ({mode} EMT data set)")
-        atomic_write_text(out_dir / f"{element}.fingerprint.stp", _setup_text(setup))
-    files = [f"xsf/{_structure_name(i, spec.name_width)}" for i in range(num_structures)]
-    text = _generate_in_text(f"{mode}.train", isolated_atom_energies(elements),
-                             {e: f"{e}.fingerprint.stp" for e in elements}, force_percent, files)
-    atomic_write_text(generate_in, text)
+    setups = {element: DescriptorSetup(element=element, env_species=elements, basis_type="chebyshev", basis=basis, rmin=rmin,
+                                       description=f"Descriptor for {element} ({mode} EMT data set)") for element in elements}
+    config = FeaturizeConfig(species=elements, atomic_energies=isolated_atom_energies(elements), setups=setups,
+                             files=tuple(str(xsf_dir / _structure_name(i, spec.name_width)) for i in range(num_structures)),
+                             output=f"{mode}.train", forces=force_percent > 0, force_percent=force_percent)
+    write_generate_input(generate_in, config, {e: f"{e}.fingerprint.stp" for e in elements})  # the setups, then generate.in
 
     num_atoms = np.array([s.num_atoms for s in summaries])
     counts = np.sum([s.elem_counts for s in summaries], axis=0)

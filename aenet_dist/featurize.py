@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 
-from .aenet_inputs import read_generate_input
+from .formats.generate_in import read_generate_input
 from .config import StoreOptions
 from .log import setup_logging
 from .store import StoreReader, featurize_to_store, torch_default_threads, world_comm

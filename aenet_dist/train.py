@@ -30,7 +30,8 @@ import torch.distributed as tdist
 
 from . import checkpoint as ckpt
 from .batching import Batch
-from .config import TrainConfig, load_train_config, read_train_in, save_resolved_config
+from .config import TrainConfig, load_train_config, save_resolved_config
+from .formats.train_in import read_train_in
 from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
 from .files import atomic_write, lock_directory, remove_stale_temporaries, unlock
 from .loader import (

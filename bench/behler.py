@@ -65,7 +65,7 @@ def angular_share(work: Path, files: list[str]) -> dict:
     """In-process descriptor seconds: radial functions only vs the full setups (values + derivatives)."""
     import torch
 
-    from aenet_dist.aenet_inputs import read_setup
+    from aenet_dist.formats.stp import read_setup
     from aenet_dist.config import BehlerBasis
     from aenet_dist.descriptors import featurize
     from aenet_dist.structures import read_xsf

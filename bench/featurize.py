@@ -138,7 +138,7 @@ def neighbor_comparison() -> dict:
     import torch
     from ase.neighborlist import primitive_neighbor_list
 
-    from aenet_dist.aenet_inputs import read_generate_input
+    from aenet_dist.formats.generate_in import read_generate_input
     from aenet_dist.neighbors import neighbor_list
     from aenet_dist.structures import read_structures
 

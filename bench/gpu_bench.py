@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aenet_dist.aenet_inputs import read_generate_input
+from aenet_dist.formats.generate_in import read_generate_input
 from aenet_dist.config import StoreOptions
 from aenet_dist.store import StoreReader, featurize_to_store
 from aenet_dist.train import main as train_main

@@ -39,7 +39,7 @@ run_dir = "{run_dir}"
 
 def featurized_emt(base: Path, num_structures: int, seed: int, force_percent: float, chunk_bytes: int = 2**18) -> tuple[Path, Path]:
     """(generate.in, store) of an EMT data set made in ``base/data`` and featurized to ``base/emt.zarr``."""
-    from aenet_dist.aenet_inputs import read_generate_input
+    from aenet_dist.formats.generate_in import read_generate_input
     from aenet_dist.config import StoreOptions
     from aenet_dist.datasets import generate_emt_dataset
     from aenet_dist.store import featurize_to_store

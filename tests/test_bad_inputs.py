@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aenet_dist.aenet_inputs import read_generate_input
+from aenet_dist.formats.generate_in import read_generate_input
 from aenet_dist.datasets import generate_emt_dataset
 from aenet_dist.store import featurize_to_store
 from aenet_dist.train import main as train_main
@@ -175,7 +175,7 @@ def test_non_finite_and_absurd_xsf_values_are_named(tmp_path):
 
 
 def test_generate_in_misspelled_keyword_and_duplicate_files(tmp_path):
-    from aenet_dist.aenet_inputs import read_generate_input
+    from aenet_dist.formats.generate_in import read_generate_input
 
     generate_in, xsf = _emt_inputs(tmp_path, structures=4)
     text = generate_in.read_text()
@@ -316,7 +316,7 @@ def test_finetune_with_another_network_shape_names_the_shapes(store, tmp_path):
 
 
 def test_coincident_atoms_are_refused_naming_the_structure(tmp_path):
-    from aenet_dist.aenet_inputs import read_generate_input as read_gen
+    from aenet_dist.formats.generate_in import read_generate_input as read_gen
     from aenet_dist.descriptors import featurize
     from aenet_dist.structures import Structure, read_structures
 

@@ -19,9 +19,9 @@ from aenet_dist.config import (
     TrainConfig,
     dump_toml,
     load_train_config,
-    read_train_in,
     save_resolved_config,
 )
+from aenet_dist.formats.train_in import read_train_in
 from aenet_dist.model import NetworkConfig
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -34,14 +34,16 @@ def _cfg(**sections) -> dict:
 
 @pytest.fixture
 def config_warnings():
-    """Warnings logged by aenet_dist.config (independent of whether setup_logging ran)."""
+    """Warnings logged by aenet_dist.config and the train.in reader (independent of whether setup_logging ran)."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
-    logger = logging.getLogger("aenet_dist.config")
-    logger.addHandler(handler)
+    loggers = [logging.getLogger(name) for name in ("aenet_dist.config", "aenet_dist.train_in")]
+    for logger in loggers:
+        logger.addHandler(handler)
     yield records
-    logger.removeHandler(handler)
+    for logger in loggers:
+        logger.removeHandler(handler)
 
 
 # --------------------------------------------------------------------------- dataclasses

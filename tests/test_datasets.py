@@ -16,9 +16,9 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def _read_generate_input(path: Path):
-    """(species, atomic energies, files) via aenet_inputs if present, else by text."""
+    """(species, atomic energies, files) via formats.generate_in if present, else by text."""
     try:
-        from aenet_dist.aenet_inputs import read_generate_input
+        from aenet_dist.formats.generate_in import read_generate_input
     except ImportError:
         read_generate_input = None
     if read_generate_input is not None:

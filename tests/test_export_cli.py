@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import run_in_process, write_train_toml
-from aenet_dist.aenet_inputs import read_generate_input
+from aenet_dist.formats.generate_in import read_generate_input
 from aenet_dist.batching import gather_batch, shard_from_range
 from aenet_dist.config import StoreOptions
 from aenet_dist.datasets import generate_emt_dataset

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from aenet_dist.export import read_nn, write_nn
-from aenet_dist.predict import Predictor, format_aenet, main as predict_main, read_predict_input
+from aenet_dist.formats.predict_in import read_predict_input
+from aenet_dist.predict import Predictor, format_aenet, main as predict_main
 from aenet_dist.structures import Structure, read_xsf
 
 SHARED = Path(os.environ.get("AENET_DIST_SHARED", Path(__file__).resolve().parents[2] / "shared"))

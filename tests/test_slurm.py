@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from helpers import fault_env, read_metrics, write_train_toml
-from aenet_dist.aenet_inputs import read_generate_input
+from aenet_dist.formats.generate_in import read_generate_input
 from aenet_dist.checkpoint import load as load_checkpoint
 from aenet_dist.config import StoreOptions
 from aenet_dist.datasets import generate_emt_dataset

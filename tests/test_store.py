@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from aenet_dist.aenet_inputs import read_generate_input
+from aenet_dist.formats.generate_in import read_generate_input
 from aenet_dist.config import StoreOptions
 from aenet_dist.datasets import generate_emt_dataset
 from aenet_dist.descriptors import featurize

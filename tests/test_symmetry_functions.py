@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from aenet_dist.aenet_inputs import read_setup, write_setup
+from aenet_dist.formats.stp import read_setup, write_setup
 from aenet_dist.descriptors import featurize
 from aenet_dist.structures import Structure, read_xsf
 from aenet_dist.symmetry_functions import aenet_order
@@ -264,7 +264,7 @@ def test_behler_setups_featurize_train_export_predict(tmp_path):
     """generate.in with Behler2011 setups -> store -> 3 float64 epochs -> .nn files -> predictions equal the trained model."""
     from helpers import run_in_process, write_train_toml
 
-    from aenet_dist.aenet_inputs import read_generate_input
+    from aenet_dist.formats.generate_in import read_generate_input
     from aenet_dist.batching import gather_batch, shard_from_range
     from aenet_dist.config import BehlerBasis, BehlerFunction, DescriptorSetup, StoreOptions
     from aenet_dist.datasets import generate_emt_dataset

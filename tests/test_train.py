@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from aenet_dist.aenet_inputs import read_generate_input
+from aenet_dist.formats.generate_in import read_generate_input
 from aenet_dist.batching import gather_batch, shard_from_range
 from aenet_dist.checkpoint import load as load_checkpoint
 from aenet_dist.config import TrainConfig
@@ -512,7 +512,7 @@ def test_every_torch_optimizer_by_name_trains_and_resumes_exactly(emt, tmp_path,
 
 
 def test_train_in_method_adamax(tmp_path):
-    from aenet_dist.config import read_train_in
+    from aenet_dist.formats.train_in import read_train_in
 
     (tmp_path / "train.in").write_text("TRAININGSET data.train\nMETHOD\nmethod=adamax lr=0.002\n")
     config = read_train_in(tmp_path / "train.in")

@@ -182,7 +182,7 @@ def read_predict_output(text: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_predict_reference(peers: Path) -> None:
-    from aenet_dist.aenet_inputs import read_setup
+    from aenet_dist.formats.stp import read_setup
 
     ref = dict(np.load(HERE / "reference_two_species.npz"))
     setups = {e: read_setup(HERE / stp) for e, stp in RUNS["two_species"]["setups"].items()}

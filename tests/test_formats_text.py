@@ -1,4 +1,4 @@
-"""Tests of aenet_dist.aenet_inputs: .stp and generate.in parsing, writing, and error messages."""
+"""Tests of aenet_dist.formats (text inputs): .stp and generate.in parsing, writing, and error messages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from aenet_dist.aenet_inputs import read_generate_input, read_setup, write_generate_input, write_setup
+from aenet_dist.formats.generate_in import read_generate_input, write_generate_input
+from aenet_dist.formats.stp import read_setup, write_setup
 from aenet_dist.config import ChebyshevBasis, DescriptorSetup, FeaturizeConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
