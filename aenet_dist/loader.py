@@ -552,6 +552,71 @@ def empty_batch(reader: StoreReader, dtype: torch.dtype, with_forces: bool) -> B
     return batch
 
 
+@dataclass
+class TrainingData:
+    """The data side of a run on one rank, as :func:`make_training_data` decided it."""
+
+    rank_data: RankData
+    cache_mode: str  # memory, gpu, pinned or stream (data.cache=auto resolved)
+    prefetch: bool  # batches gathered ahead in a thread (else in the training thread)
+    steps: int  # optimizer steps per epoch
+    eval_plan: list[np.ndarray]  # this rank's test-set chunks
+    source: "BlockSource | ShardSource"  # training batches
+    eval_source: "BlockSource | ShardSource"  # evaluation batches
+
+
+def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, dtype: torch.dtype, info) -> TrainingData:
+    """Every data decision of a training run, in one place: the rank's shard and split, the cache
+    mode (``data.cache``) within the memory budget (``data.memory_budget_gb``), whether a thread
+    gathers batches ahead, the evaluation chunks, the force subset (``data.force_percent``) and
+    the sources, read now where the mode keeps data; a budget too small for the first epoch or
+    the evaluation stops here, before any training.
+
+    Args:
+        config: the run's :class:`~aenet_dist.config.DataConfig`.
+        info: the rank's :class:`~aenet_dist.dist.DistInfo` (rank, world size, device).
+    Raises:
+        ValueError: no training structures, or a budget that does not hold what the plan needs.
+    """
+    data = rank_data(reader, info.rank, info.world_size, config.num_shards, config.test_percent, config.split_seed)
+    local_bytes = structure_bytes(reader, dtype.itemsize)[data.start : data.stop]
+    user_budget = None if config.memory_budget_gb is None else config.memory_budget_gb * 2**30
+    mode, reason = choose_cache(config.cache, float(local_bytes.sum()), info.device, user_budget)
+    # A background gathering thread pays off only on a spare core: with a CPU rank on every
+    # core it competes with the ranks' own compute (2 ranks on 2 cores: 10 % slower epochs).
+    ranks, cores = local_ranks(), usable_cores()
+    prefetch = mode != "gpu" and not (info.device.type == "cpu" and ranks > 1 and ranks >= cores)
+    if info.is_main:
+        if mode != "gpu" and not prefetch:
+            log.info("batches are gathered in the training thread: %d ranks on %d cores leave none for a gathering thread", ranks, cores)
+        log.info("data.cache=%s -> %s (%s)", config.cache, mode, reason)
+    if data.num_train_global == 0:
+        raise ValueError(
+            f"no structures left to train on: {reader.num_structures} in {config.store}, "
+            f"{data.num_test_global} of them held out by data.test_percent={config.test_percent:g}; lower data.test_percent"
+        )
+    steps = steps_per_epoch(data.num_train_global, batch_size)
+    first_plan = epoch_plan(data, seed, 0, steps, config.shuffle_window_blocks)
+    # Evaluation chunks are no larger than the largest training step, in structures and bytes.
+    eval_plan, batch_bytes = eval_plan_and_batch_bytes(data, local_bytes, first_plan, batch_size)
+    # data.force_percent: the derivative rows of training structures outside the (nested, seeded)
+    # subset are dropped when the data are read, so those structures train on energies alone.
+    derivs_used = None
+    if config.force_percent < 100:
+        test = split_test(reader.has_derivs, config.test_percent, config.split_seed)
+        used = force_subset(reader.has_derivs, test, config.force_percent, config.split_seed)
+        derivs_used = used | test  # test metrics use every test structure
+        if info.is_main:
+            log.info("data.force_percent=%g: forces of %d of the %d training structures with derivatives enter the loss",
+                     config.force_percent, int(used.sum()), int((reader.has_derivs.astype(bool) & ~test).sum()))
+    buckets = config.dense_buckets == "on" or (config.dense_buckets == "auto" and info.device.type == "cuda")
+    source, eval_source = make_sources(reader, data, mode, dtype, info.device, user_budget or default_budget_bytes(), config.readers,
+                                       batch_bytes, first_plan, buckets=buckets, derivs_used=derivs_used)
+    source.check_budget(first_plan, "first epoch")
+    eval_source.check_budget(eval_plan, "evaluation")
+    return TrainingData(data, mode, prefetch, steps, eval_plan, source, eval_source)
+
+
 def default_budget_bytes() -> float:
     """Half of the host memory available now, shared by the ranks of this node."""
     return 0.5 * psutil.virtual_memory().available / local_ranks()

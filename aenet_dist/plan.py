@@ -29,6 +29,7 @@ from .loader import (
     smallest_stream_budget,
     structure_bytes,
 )
+from .config import CACHE_MODES, DTYPES, DataConfig, RunConfig
 from .store import StoreReader
 
 GiB = 2**30
@@ -84,15 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store", help="Zarr store from featurize")
     parser.add_argument("--ranks", type=int, default=1, help="training ranks (default 1)")
-    parser.add_argument("--cache", default="auto", choices=("auto", "gpu", "pinned", "memory", "stream"),
-                        help="data.cache to plan for (default auto: what training would choose here)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="run.dtype (default float32)")
-    parser.add_argument("--batch-size", type=int, default=128, help="run.batch_size: global batch in structures (default 128)")
-    parser.add_argument("--shuffle-window-blocks", type=int, default=8, help="data.shuffle_window_blocks (default 8)")
-    parser.add_argument("--num-shards", type=int, default=None, help="data.num_shards (default: one per rank)")
-    parser.add_argument("--test-percent", type=float, default=10.0, help="data.test_percent (default 10)")
-    parser.add_argument("--memory-budget-gb", type=float, default=None, help="data.memory_budget_gb: host memory per rank for data")
-    parser.add_argument("--readers", type=int, default=2, help="data.readers (default 2)")
+    data, run = DataConfig(store="-"), RunConfig()  # the defaults training uses, from their one home
+    parser.add_argument("--cache", default=data.cache, choices=CACHE_MODES,
+                        help=f"data.cache to plan for (default {data.cache}: what training would choose here)")
+    parser.add_argument("--dtype", default=run.dtype, choices=DTYPES, help=f"run.dtype (default {run.dtype})")
+    parser.add_argument("--batch-size", type=int, default=run.batch_size, help=f"run.batch_size: global batch in structures (default {run.batch_size})")
+    parser.add_argument("--shuffle-window-blocks", type=int, default=data.shuffle_window_blocks,
+                        help=f"data.shuffle_window_blocks (default {data.shuffle_window_blocks})")
+    parser.add_argument("--num-shards", type=int, default=data.num_shards, help="data.num_shards (default: one per rank)")
+    parser.add_argument("--test-percent", type=float, default=data.test_percent, help=f"data.test_percent (default {data.test_percent:g})")
+    parser.add_argument("--memory-budget-gb", type=float, default=data.memory_budget_gb, help="data.memory_budget_gb: host memory per rank for data")
+    parser.add_argument("--readers", type=int, default=data.readers, help=f"data.readers (default {data.readers})")
     parser.add_argument("--ranks-per-node", type=int, default=None, help="ranks sharing one node's memory (default: --ranks)")
     args = parser.parse_args(argv)
     for name in ("ranks", "batch_size", "shuffle_window_blocks", "readers", "num_shards", "ranks_per_node"):

@@ -34,23 +34,7 @@ from .config import TrainConfig, load_train_config, save_resolved_config
 from .formats.train_in import read_train_in
 from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
 from .files import atomic_write, lock_directory, remove_stale_temporaries, unlock
-from .loader import (
-    PREFETCH_DEPTH,
-    STREAM_PREFETCH_DEPTH,
-    Prefetcher,
-    choose_cache,
-    default_budget_bytes,
-    epoch_plan,
-    eval_plan_and_batch_bytes,
-    force_subset,
-    local_ranks,
-    make_sources,
-    rank_data,
-    split_test,
-    steps_per_epoch,
-    structure_bytes,
-    usable_cores,
-)
+from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_plan, local_ranks, make_training_data, usable_cores
 from .log import get_logger, setup_logging
 from . import step as lean
 from .loss import ANGLE_BINS, error_sums, force_angle_histogram, histogram_quantile, loss_of_totals
@@ -193,47 +177,10 @@ class Trainer:
         self.checkpointer = ckpt.Checkpointer(self.run_dir, config.run.keep_last)
 
         t0 = time.perf_counter()
-        self.data = rank_data(self.reader, info.rank, info.world_size, config.data.num_shards, config.data.test_percent, config.data.split_seed)
-        local_bytes = structure_bytes(self.reader, self.dtype.itemsize)[self.data.start : self.data.stop]
-        shard_bytes = float(local_bytes.sum())
-        user_budget = None if config.data.memory_budget_gb is None else config.data.memory_budget_gb * 2**30
-        self.cache_mode, reason = choose_cache(config.data.cache, shard_bytes, info.device, user_budget)
-        # A background gathering thread pays off only on a spare core: with a CPU rank on every
-        # core it competes with the ranks' own compute (2 ranks on 2 cores: 10 % slower epochs).
-        ranks, cores = local_ranks(), usable_cores()
-        self.prefetch = self.cache_mode != "gpu" and not (info.device.type == "cpu" and ranks > 1 and ranks >= cores)
-        if info.is_main and self.cache_mode != "gpu" and not self.prefetch:
-            log.info("batches are gathered in the training thread: %d ranks on %d cores leave none for a gathering thread", ranks, cores)
-        if info.is_main:
-            log.info("data.cache=%s -> %s (%s)", config.data.cache, self.cache_mode, reason)
-        if self.data.num_train_global == 0:
-            raise ValueError(
-                f"no structures left to train on: {self.reader.num_structures} in {config.data.store}, "
-                f"{self.data.num_test_global} of them held out by data.test_percent={config.data.test_percent:g}; lower data.test_percent"
-            )
-        self.steps = steps_per_epoch(self.data.num_train_global, config.run.batch_size)
-        first_plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
-        # Evaluation chunks are no larger than the largest training step, in structures and bytes.
-        self.eval_plan, batch_bytes = eval_plan_and_batch_bytes(self.data, local_bytes, first_plan, config.run.batch_size)
-        # data.force_percent: the derivative rows of training structures outside the (nested, seeded)
-        # subset are dropped when the data are read, so those structures train on energies alone.
-        derivs_used = None
-        if config.data.force_percent < 100:
-            test = split_test(self.reader.has_derivs, config.data.test_percent, config.data.split_seed)
-            used = force_subset(self.reader.has_derivs, test, config.data.force_percent, config.data.split_seed)
-            derivs_used = used | test  # test metrics use every test structure
-            if info.is_main:
-                log.info("data.force_percent=%g: forces of %d of the %d training structures with derivatives enter the loss",
-                         config.data.force_percent, int(used.sum()), int((self.reader.has_derivs.astype(bool) & ~test).sum()))
-        self.source, self.eval_source = make_sources(
-            self.reader, self.data, self.cache_mode, self.dtype, info.device, user_budget or default_budget_bytes(),
-            config.data.readers, batch_bytes, first_plan,
-            buckets=config.data.dense_buckets == "on" or (config.data.dense_buckets == "auto" and info.device.type == "cuda"),
-            derivs_used=derivs_used,
-        )
-        # A stream budget too small for the plan stops here, before any training.
-        self.source.check_budget(first_plan, "first epoch")
-        self.eval_source.check_budget(self.eval_plan, "evaluation")
+        # The data side (split, cache mode, memory budget, prefetch, sources) is decided in one place.
+        data = make_training_data(self.reader, config.data, config.run.batch_size, config.run.seed, self.dtype, info)
+        self.data, self.cache_mode, self.prefetch, self.steps = data.rank_data, data.cache_mode, data.prefetch, data.steps
+        self.eval_plan, self.source, self.eval_source = data.eval_plan, data.source, data.eval_source
         self.load_seconds = time.perf_counter() - t0
 
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
