@@ -46,7 +46,8 @@ from .formats.predict_in import read_predict_input
 from .config import DescriptorSetup
 from .descriptors import chebyshev, env_tables, featurize, moment_tables, pair_terms, sub_batches
 from .symmetry_functions import pair_features, pair_gradient
-from .export import element_net_from_nn, read_nn, setup_from_nn
+from .export import element_net_from_nn, setup_from_nn
+from .formats.nn import read_nn
 from .log import get_logger, setup_logging
 from .files import atomic_write
 from .model import AtomicModel, forces_from_dEdG

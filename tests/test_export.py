@@ -1,4 +1,5 @@
-"""Tests of aenet_dist.export: .nn binary/ASCII round trips, corrupt files, model conversion, loading potentials."""
+"""Tests of aenet_dist.formats.nn (.nn binary/ASCII round trips, corrupt files) and aenet_dist.export
+(model conversion, loading potentials)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,9 @@ import pytest
 import torch
 
 from aenet_dist.config import ChebyshevBasis, DescriptorSetup
-from aenet_dist.export import (
-    NNFile,
-    TrainSetInfo,
-    element_net_from_nn,
-    network_layout,
-    nn_from_element_net,
-    nn_to_bytes,
-    read_nn,
-    read_nn_ascii,
-    setup_from_nn,
-    write_nn,
-    write_nn_ascii,
-)
+from aenet_dist.export import TrainSetInfo, element_net_from_nn, nn_from_element_net, setup_from_nn
+from aenet_dist.formats.nn import (RECORD_NAMES, RECORDS, NNFile, network_layout, nn_to_bytes, read_nn, read_nn_ascii,
+                                   write_nn, write_nn_ascii)
 from aenet_dist.model import ElementNet, NetworkConfig
 from aenet_dist.predict import Predictor
 
@@ -52,6 +43,16 @@ def _record_offsets(data: bytes) -> list[int]:
 
 
 # --------------------------------------------------------------------------- binary
+
+
+def test_record_table_covers_every_field_once():
+    """The one table that drives all four directions: 36 records, each NNFile field in exactly one."""
+    assert len(RECORDS) == 36 and RECORD_NAMES[1:] == tuple(rec.name for rec in RECORDS)
+    attrs = [a for rec in RECORDS for a in (rec.attr if isinstance(rec.attr, tuple) else (rec.attr,))]
+    counts = {"nlayers", "nenv", "nsf", "nsfparam", "ntypes"}  # NNFile properties, not fields
+    assert sorted(set(attrs) - counts) == sorted(f.name for f in dataclasses.fields(NNFile))
+    assert len(attrs) == len(set(attrs))
+
 
 
 def test_binary_round_trip_is_byte_identical(ref_nn, tmp_path):
@@ -168,6 +169,20 @@ def test_reads_aenet_pytorch_ascii_like_nnASCII2bin(ref_nn, tmp_path):
     lines[12:13] = [f"{t:2s}" for t in nn.envtypes]  # after the index-based edits above
     txt.write_text("\n".join(lines) + "\n")
     assert nn_to_bytes(read_nn_ascii(txt)) == ref_nn.read_bytes()
+
+
+def test_ascii_checks_counts_like_binary(ref_nn, tmp_path):
+    """The ASCII reader checks each count where it is read (as the binary one), not records later."""
+    txt = tmp_path / "bad.ascii"
+    write_nn_ascii(txt, read_nn(ref_nn))
+    lines = txt.read_text().splitlines()
+    for k, value, message in [(17, "0", "line 17, record 17 (nsf): nsf = 0 is invalid (must be >= 1"),
+                              (12, "-1", "line 12, record 12 (nenv): nenv = -1 is invalid (must be >= 0"),
+                              (3, "3", "records 2-4 (nnodes_max, Wsize, nvalues) = (56, 3, 70) are inconsistent"),
+                              (7, "0 1 2 3", "line 7, record 7 (iw): is [0, 1, 2, 3], expected [0, 285, 315, 321]")]:
+        txt.write_text("\n".join(lines[:k - 1] + [value] + lines[k:]) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"{txt}: ") + ".*" + re.escape(message)):
+            read_nn_ascii(txt)
 
 
 def test_truncated_ascii_names_file(ref_nn, tmp_path):

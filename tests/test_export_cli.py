@@ -18,7 +18,8 @@ from aenet_dist.formats.generate_in import read_generate_input
 from aenet_dist.batching import gather_batch, shard_from_range
 from aenet_dist.config import StoreOptions
 from aenet_dist.datasets import generate_emt_dataset
-from aenet_dist.export import export_run, main as export_main, read_nn, read_nn_ascii
+from aenet_dist.export import export_run, main as export_main
+from aenet_dist.formats.nn import read_nn, read_nn_ascii
 from aenet_dist.predict import Predictor
 from aenet_dist.store import StoreReader, featurize_to_store
 from aenet_dist.structures import read_structures

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from aenet_dist.export import read_nn, write_nn
+from aenet_dist.formats.nn import read_nn, write_nn
 from aenet_dist.formats.predict_in import read_predict_input
 from aenet_dist.predict import Predictor, format_aenet, main as predict_main
 from aenet_dist.structures import Structure, read_xsf

@@ -3,7 +3,6 @@ stores, statistics, range reads across blocks, and bad-input errors."""
 
 import contextlib
 import io
-import os
 import shutil
 import signal
 import subprocess

@@ -212,8 +212,8 @@ def test_behler_potential_equals_aenet_predict_x(engine):
 
 
 def test_behler_nn_files_round_trip_byte_identical(tmp_path):
-    from aenet_dist.export import (element_net_from_nn, nn_from_element_net, nn_to_bytes, read_nn, read_nn_ascii,
-                                   setup_from_nn, TrainSetInfo, write_nn_ascii)
+    from aenet_dist.export import element_net_from_nn, nn_from_element_net, setup_from_nn, TrainSetInfo
+    from aenet_dist.formats.nn import nn_to_bytes, read_nn, read_nn_ascii, write_nn_ascii
 
     for element in ("O", "Ti"):
         path = DATA / "potential" / f"{element}.nn"
@@ -268,7 +268,8 @@ def test_behler_setups_featurize_train_export_predict(tmp_path):
     from aenet_dist.batching import gather_batch, shard_from_range
     from aenet_dist.config import BehlerBasis, BehlerFunction, DescriptorSetup, StoreOptions
     from aenet_dist.datasets import generate_emt_dataset
-    from aenet_dist.export import export_run, load_run_model, read_nn, resolve_checkpoint
+    from aenet_dist.export import export_run, load_run_model, resolve_checkpoint
+    from aenet_dist.formats.nn import read_nn
     from aenet_dist.predict import Predictor
     from aenet_dist.store import StoreReader, featurize_to_store
     from aenet_dist.structures import read_structures

@@ -335,7 +335,6 @@ def _wait_for_epoch(run_dir: Path, epoch: int, proc, timeout: float = 120.0) -> 
 def test_signal_mid_epoch_then_resume_equals_uninterrupted(emt, tmp_path, ranks):
     """SIGUSR1 to one rank: all ranks finish the step, rank 0 checkpoints the position inside
     the epoch, the job exits 75, and --resume ends with the uninterrupted run's metrics and weights."""
-    import os
     import signal
 
     import psutil
@@ -380,8 +379,6 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(emt, tmp_path, ranks)
 def _two_ranks_past_epoch_one(cfg: Path, run_dir: Path, args: list[str], step_delay: float):
     """torchrun with 2 CPU workers, slowed by ``step_delay`` s per step, once epoch 1 is logged:
     (the torchrun process, its 2 worker processes)."""
-    import os
-
     import psutil
 
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "aenet_dist.train", str(cfg), *args]

@@ -148,7 +148,8 @@ def write_potential(ref: dict, setups: dict, out: Path) -> None:
     """Seeded random networks for O and Ti with the reference G's statistics, as aenet .nn files."""
     import torch
 
-    from aenet_dist.export import TrainSetInfo, nn_from_element_net, write_nn
+    from aenet_dist.export import TrainSetInfo, nn_from_element_net
+    from aenet_dist.formats.nn import write_nn
     from aenet_dist.model import ElementNet, NetworkConfig
 
     torch.manual_seed(5)
