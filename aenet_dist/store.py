@@ -485,33 +485,15 @@ def featurize_to_store(
         for problem in aenet_numbering_problems(config.setups, config.species):
             log.warning(problem)
 
-    # 1. Scan structure files (strided over ranks) for atom counts and volumes.
-    files = list(config.files)
-    # Contiguous ranges, so that the structures a rank scans are mostly those it featurizes.
+    # 1. Scan the structure files (spread over ranks); choose the force structures.
     cache: dict[str, list[Structure]] = {}
-    mine = together(comm, "reading the structure files", lambda: _scan(files[len(files) * rank // size : len(files) * (rank + 1) // size], cache))
-    gathered = comm.allgather(mine)
-    per_file: dict[str, list[StructureInfo]] = {}
-    digest_of: dict[str, str] = {}
-    for part, digests in gathered:
-        digest_of.update(digests)
-        for info in part:
-            per_file.setdefault(info.file, []).append(info)
-    infos = [info for f in files for info in per_file[f]]
-    base = Path(config.source).parent if config.source else Path(".")
-    names = [os.path.relpath(i.file, base) + (f"@{i.frame}" if len(per_file[i.file]) > 1 else "") for i in infos]
+    infos, names, digest_of = _scan_all(comm, config, cache)
     force_mask = choose_force_structures(config, names)
 
     # 2. Plan blocks from estimated bytes; assign them to ranks by cost.
-    num_features = max(s.num_features for s in config.setups.values())
-    cutoff = max(s.basis.max_cutoff for s in config.setups.values())
-    itemsize = np.dtype(options.deriv_dtype).itemsize
-    costs = np.array([estimate_bytes(i, m, num_features, cutoff, itemsize) for i, m in zip(infos, force_mask)])
-    bounds = plan_blocks(costs, options.chunk_bytes)
+    bounds, owned = _plan_blocks(config, options, infos, force_mask, size, rank)
     num_blocks = len(bounds) - 1
-    block_costs = np.add.reduceat(costs, bounds[:-1]) if num_blocks else np.zeros(0)
-    owned = assign_blocks(block_costs, size)[rank]
-    fp = fingerprint(config, names, [digest_of[f] for f in files], force_mask, options)
+    fp = fingerprint(config, names, [digest_of[f] for f in config.files], force_mask, options)
 
     # 3. Lock the store and create (or validate) the root group; rank 0 only, every rank learns how it went.
     with contextlib.ExitStack() as held:  # rank 0 holds the store's lock until this function returns
@@ -523,13 +505,7 @@ def featurize_to_store(
                 _init_root(root, config, fp, bounds, options, len(infos))
 
         together(comm, "opening the store", claim)
-        missing = [b for b in range(num_blocks) if not (_block_dir(root, b) / "zarr.json").exists()]
-        if verify:
-            damaged = together(comm, "verifying the store", lambda: [b for b in owned if b not in missing and not _block_is_intact(root, b)])
-            for b in damaged:  # each rank removes only the blocks it owns (and will redo)
-                log.warning("%s: block %d is damaged; featurizing it again", root, b)
-                shutil.rmtree(_block_dir(root, b))
-            missing = sorted(set(missing) | {b for part in comm.allgather(damaged) for b in part})
+        missing = _blocks_to_write(comm, root, num_blocks, owned, verify)
         if _is_complete(root) and not missing:
             if rank == 0:
                 log.info("%s is already complete (same inputs)%s; nothing to do", root, ", every chunk intact" if verify else "")
@@ -542,38 +518,17 @@ def featurize_to_store(
         keep_files = {info.file for b in todo for info in infos[bounds[b] : bounds[b + 1]]}
         for f in [f for f in cache if f not in keep_files]:
             del cache[f]
-        skipped = len(owned) - len(todo)
-        if skipped and rank == 0:
-            log.info("resuming: %d of this rank's %d blocks already complete", skipped, len(owned))
+        if len(owned) > len(todo) and rank == 0:
+            log.info("resuming: %d of this rank's %d blocks already complete", len(owned) - len(todo), len(owned))
         bar = None
         if progress and rank == 0:
             from tqdm import tqdm
 
             total = int(sum(bounds[b + 1] - bounds[b] for b in todo))
             bar = tqdm(total=total, unit="struct", desc=f"featurize (rank 0 of {size})", smoothing=0.1)
-        # On a GPU, compute block b+1 while a CPU thread compresses and writes block b. On the
-        # CPU both compete for the same cores (measured: slower), so write in line there.
-        overlap = torch.device(device).type != "cpu"
-
-        def featurize_blocks() -> None:
-            with ThreadPoolExecutor(max_workers=1) as writer:
-                pending = None
-                for b in todo:
-                    first, stop = int(bounds[b]), int(bounds[b + 1])
-                    structures = _read_range(infos, first, stop, cache)
-                    arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options, device=device)
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level, options.compressor)
-                    if not overlap:
-                        pending.result()
-                    if bar is not None:
-                        bar.update(stop - first)
-                if pending is not None:
-                    pending.result()
-
-        try:
-            together(comm, "featurizing its blocks", featurize_blocks)  # also the barrier before consolidation
+        try:  # (also the barrier before consolidation)
+            together(comm, "featurizing its blocks",
+                     lambda: _featurize_blocks(root, todo, bounds, infos, cache, force_mask, config, options, device, bar))
         finally:
             if bar is not None:
                 bar.close()
@@ -583,6 +538,73 @@ def featurize_to_store(
         if rank == 0:
             log.info("featurized %d structures into %s in %.1f s", len(infos), root, time.perf_counter() - start_time)
         return root
+
+
+def _scan_all(comm, config: FeaturizeConfig, cache: dict[str, list[Structure]]) -> tuple[list[StructureInfo], list[str], dict[str, str]]:
+    """(every structure's info in FILES order, its name, file -> content digest), scanned by all ranks.
+
+    Each rank reads a contiguous range of the files, so that the structures it scans (kept in
+    ``cache``) are mostly those it featurizes; a file with several frames names them ``file@k``.
+    """
+    files, rank, size = list(config.files), comm.rank, comm.size
+    mine = together(comm, "reading the structure files", lambda: _scan(files[len(files) * rank // size : len(files) * (rank + 1) // size], cache))
+    per_file: dict[str, list[StructureInfo]] = {}
+    digest_of: dict[str, str] = {}
+    for part, digests in comm.allgather(mine):
+        digest_of.update(digests)
+        for info in part:
+            per_file.setdefault(info.file, []).append(info)
+    infos = [info for f in files for info in per_file[f]]
+    base = Path(config.source).parent if config.source else Path(".")
+    names = [os.path.relpath(i.file, base) + (f"@{i.frame}" if len(per_file[i.file]) > 1 else "") for i in infos]
+    return infos, names, digest_of
+
+
+def _plan_blocks(config: FeaturizeConfig, options: StoreOptions, infos: list[StructureInfo], force_mask: np.ndarray,
+                 size: int, rank: int) -> tuple[np.ndarray, list[int]]:
+    """(block bounds over the structures, the blocks this rank writes), from estimated bytes and cost."""
+    num_features = max(s.num_features for s in config.setups.values())
+    cutoff = max(s.basis.max_cutoff for s in config.setups.values())
+    itemsize = np.dtype(options.deriv_dtype).itemsize
+    costs = np.array([estimate_bytes(i, m, num_features, cutoff, itemsize) for i, m in zip(infos, force_mask)])
+    bounds = plan_blocks(costs, options.chunk_bytes)
+    block_costs = np.add.reduceat(costs, bounds[:-1]) if len(bounds) > 1 else np.zeros(0)
+    return bounds, assign_blocks(block_costs, size)[rank]
+
+
+def _blocks_to_write(comm, root: Path, num_blocks: int, owned: list[int], verify: bool) -> list[int]:
+    """Blocks without their metadata and, with ``verify``, damaged ones (removed by their owner), on every rank."""
+    missing = [b for b in range(num_blocks) if not (_block_dir(root, b) / "zarr.json").exists()]
+    if verify:
+        damaged = together(comm, "verifying the store", lambda: [b for b in owned if b not in missing and not _block_is_intact(root, b)])
+        for b in damaged:  # each rank removes only the blocks it owns (and will redo)
+            log.warning("%s: block %d is damaged; featurizing it again", root, b)
+            shutil.rmtree(_block_dir(root, b))
+        missing = sorted(set(missing) | {b for part in comm.allgather(damaged) for b in part})
+    return missing
+
+
+def _featurize_blocks(root: Path, todo: list[int], bounds: np.ndarray, infos: list[StructureInfo], cache, force_mask: np.ndarray,
+                      config: FeaturizeConfig, options: StoreOptions, device: str, bar) -> None:
+    """Compute and write the blocks ``todo`` in order."""
+    # On a GPU, compute block b+1 while a CPU thread compresses and writes block b. On the
+    # CPU both compete for the same cores (measured: slower), so write in line there.
+    overlap = torch.device(device).type != "cpu"
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for b in todo:
+            first, stop = int(bounds[b]), int(bounds[b + 1])
+            structures = _read_range(infos, first, stop, cache)
+            arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options, device=device)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level, options.compressor)
+            if not overlap:
+                pending.result()
+            if bar is not None:
+                bar.update(stop - first)
+        if pending is not None:
+            pending.result()
 
 
 def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray, options: StoreOptions, num_structures: int) -> None:

@@ -462,106 +462,17 @@ class Trainer:
             last = json.loads(lines[-1]) if lines else {}
         while self.epoch < config.run.epochs:
             epoch_start = time.perf_counter()
-            plan = epoch_plan(self.data, config.run.seed, self.epoch, self.steps, config.data.shuffle_window_blocks)
-            self.local_seconds = 0.0
-            totals = self.partial_totals.to(info.device).clone()
-            data_seconds = 0.0
-            self.source.check_budget(plan[self.step_in_epoch :], f"epoch {self.epoch + 1}", first_step=self.step_in_epoch, strict=False)
-            batches = self._batches(self.source, plan[self.step_in_epoch :], with_forces=config.loss.force_weight > 0)
-            try:
-                for k in range(self.step_in_epoch, len(plan)):
-                    t0 = time.perf_counter()
-                    batch = next(batches)  # waits only if the prefetch thread is behind
-                    data_seconds += time.perf_counter() - t0
-                    step_totals = self.train_step(batch)
-                    totals += step_totals
-                    self.step_in_epoch = k + 1
-                    if config.run.log_every and self.step % config.run.log_every == 0:
-                        self._check_steps()  # on every rank: the probe is global, so all stop together
-                    if config.run.log_every and self.step % config.run.log_every == 0 and info.is_main:
-                        e, f = self._metrics(step_totals)
-                        log.info("epoch %d step %d/%d | batch E %.2f meV/atom F %.4f eV/Å", self.epoch + 1, k + 1, len(plan), 1000 * e, f)
-                    if self.stop_agreed and self.step_in_epoch < len(plan):
-                        self._check_steps()
-                        self.partial_totals = totals.detach().cpu()
-                        self._save_interrupted()
-            finally:
-                batches.close()
-            self._check_steps()
-            self.step_in_epoch = 0
-            self.partial_totals = torch.zeros(4, dtype=self.dtype)
+            totals, data_seconds = self._train_epoch()
             train_seconds = time.perf_counter() - epoch_start
-            test_totals, angles = self.evaluate() if self.data.num_test_global else (None, None)
-            angles = angles.cpu().numpy() if angles is not None else None
-            self.epoch += 1
-            train_e, train_f = self._metrics(totals)
-            test_e, test_f = self._metrics(test_totals) if test_totals is not None else (float("nan"), float("nan"))
-            monitored = self._loss_of(test_e, test_f) if test_totals is not None else self._loss_of(train_e, train_f)
-            improved = monitored < self.best_loss
-            if improved:
-                self.best_loss, self.best_epoch, self.bad_epochs = monitored, self.epoch, 0
-            else:
-                self.bad_epochs += 1
-            if self.scheduler is not None:
-                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    self.scheduler.step(monitored)
-                else:
-                    self.scheduler.step()
-            elapsed = time.perf_counter() - epoch_start
-            last = {
-                "epoch": self.epoch,
-                "step": self.step,
-                "train_rmse_energy_meV_atom": 1000 * train_e,
-                "train_rmse_forces_eV_A": train_f,
-                "test_rmse_energy_meV_atom": 1000 * test_e,
-                "test_rmse_forces_eV_A": test_f,
-                "test_force_angle_median_deg": histogram_quantile(angles, 0.5) if angles is not None else float("nan"),
-                "test_force_angle_p90_deg": histogram_quantile(angles, 0.9) if angles is not None else float("nan"),
-                "loss": monitored,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "epoch_seconds": elapsed,
-                "train_seconds": train_seconds,
-                "data_seconds": data_seconds,
-                "structures_per_second": self.data.num_train_global / max(train_seconds, 1e-9),
-                "wall_seconds": time.perf_counter() - run_start,
-            }
+            last, improved = self._end_epoch(totals, epoch_start, train_seconds, data_seconds, run_start)
             stop_early = config.run.early_stop_patience is not None and self.bad_epochs >= config.run.early_stop_patience
             self._warn_about_waiting(data_seconds, train_seconds)
             if info.is_main:
-                _append_jsonl(metrics_path, last)
-                if self.tensorboard is not None:
-                    for key, value in last.items():
-                        if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                            self.tensorboard.add_scalar(key, value, self.epoch)
-                done = self.epoch - start_epoch
-                eta = (time.perf_counter() - run_start) / done * (config.run.epochs - self.epoch)
-                if self.progress is not None:
-                    self.progress.set_postfix_str(f"test E {1000 * test_e:.2f} meV/atom F {test_f:.3f} eV/Å", refresh=False)
-                    self.progress.update(1)
-                every = config.run.print_every or max(1, config.run.epochs // PRINTED_LINES)
-                due = self.epoch % every == 0 or done == 1 or self.epoch == config.run.epochs or stop_early or self.stop_agreed
-            if info.is_main and due:
-                log.info(
-                    "epoch %d/%d | train E %.2f meV/atom F %.4f eV/Å | test E %.2f meV/atom F %.4f eV/Å, angle %.1f° (p90 %.1f°) "
-                    "| lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
-                    self.epoch,
-                    config.run.epochs,
-                    1000 * train_e,
-                    train_f,
-                    1000 * test_e,
-                    test_f,
-                    last["test_force_angle_median_deg"],
-                    last["test_force_angle_p90_deg"],
-                    last["lr"],
-                    last["structures_per_second"],
-                    data_seconds,
-                    train_seconds,
-                    _format_time(eta),
-                )
-            if info.is_main:
+                self._report_epoch(last, metrics_path, start_epoch, run_start, due=stop_early or self.stop_agreed)
+                # Checkpoint on schedule, at the end, and before stopping; the best model whenever it improves.
                 if self.epoch % config.run.checkpoint_every == 0 or self.epoch == config.run.epochs or stop_early or self.stop_agreed:
                     self.checkpointer.save(self.state_dict(), self.epoch, improved)
-                elif improved:  # the best model is kept whenever it improves, not only on checkpoint epochs
+                elif improved:
                     self.checkpointer.save_best(self.state_dict())
             barrier(info)
             if self.stop_agreed and self.epoch < config.run.epochs:
@@ -571,6 +482,105 @@ class Trainer:
                     log.info("early stop: test loss has not improved for %d epochs", self.bad_epochs)
                 break
         return last
+
+    def _train_epoch(self) -> tuple[torch.Tensor, float]:
+        """The optimizer steps of the current epoch from ``step_in_epoch`` on: (global loss sums, seconds waiting for data).
+
+        On an agreed stop request the position inside the epoch is checkpointed (:meth:`_save_interrupted`).
+        """
+        config, info = self.config, self.info
+        plan = epoch_plan(self.data, config.run.seed, self.epoch, self.steps, config.data.shuffle_window_blocks)
+        self.local_seconds = 0.0
+        totals = self.partial_totals.to(info.device).clone()
+        data_seconds = 0.0
+        self.source.check_budget(plan[self.step_in_epoch :], f"epoch {self.epoch + 1}", first_step=self.step_in_epoch, strict=False)
+        batches = self._batches(self.source, plan[self.step_in_epoch :], with_forces=config.loss.force_weight > 0)
+        try:
+            for k in range(self.step_in_epoch, len(plan)):
+                t0 = time.perf_counter()
+                batch = next(batches)  # waits only if the prefetch thread is behind
+                data_seconds += time.perf_counter() - t0
+                step_totals = self.train_step(batch)
+                totals += step_totals
+                self.step_in_epoch = k + 1
+                if config.run.log_every and self.step % config.run.log_every == 0:
+                    self._check_steps()  # on every rank: the probe is global, so all stop together
+                if config.run.log_every and self.step % config.run.log_every == 0 and info.is_main:
+                    e, f = self._metrics(step_totals)
+                    log.info("epoch %d step %d/%d | batch E %.2f meV/atom F %.4f eV/Å", self.epoch + 1, k + 1, len(plan), 1000 * e, f)
+                if self.stop_agreed and self.step_in_epoch < len(plan):
+                    self._check_steps()
+                    self.partial_totals = totals.detach().cpu()
+                    self._save_interrupted()
+        finally:
+            batches.close()
+        self._check_steps()
+        self.step_in_epoch = 0
+        self.partial_totals = torch.zeros(4, dtype=self.dtype)
+        return totals, data_seconds
+
+    def _end_epoch(self, totals: torch.Tensor, epoch_start: float, train_seconds: float, data_seconds: float,
+                   run_start: float) -> tuple[dict, bool]:
+        """Evaluate, count the epoch, track the best loss, step the schedule; (the epoch's metrics, improved)."""
+        test_totals, angles = self.evaluate() if self.data.num_test_global else (None, None)
+        angles = angles.cpu().numpy() if angles is not None else None
+        self.epoch += 1
+        train_e, train_f = self._metrics(totals)
+        test_e, test_f = self._metrics(test_totals) if test_totals is not None else (float("nan"), float("nan"))
+        monitored = self._loss_of(test_e, test_f) if test_totals is not None else self._loss_of(train_e, train_f)
+        improved = monitored < self.best_loss
+        if improved:
+            self.best_loss, self.best_epoch, self.bad_epochs = monitored, self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        if self.scheduler is not None:
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(monitored)
+            else:
+                self.scheduler.step()
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "train_rmse_energy_meV_atom": 1000 * train_e,
+            "train_rmse_forces_eV_A": train_f,
+            "test_rmse_energy_meV_atom": 1000 * test_e,
+            "test_rmse_forces_eV_A": test_f,
+            "test_force_angle_median_deg": histogram_quantile(angles, 0.5) if angles is not None else float("nan"),
+            "test_force_angle_p90_deg": histogram_quantile(angles, 0.9) if angles is not None else float("nan"),
+            "loss": monitored,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": time.perf_counter() - epoch_start,
+            "train_seconds": train_seconds,
+            "data_seconds": data_seconds,
+            "structures_per_second": self.data.num_train_global / max(train_seconds, 1e-9),
+            "wall_seconds": time.perf_counter() - run_start,
+        }, improved
+
+    def _report_epoch(self, last: dict, metrics_path: Path, start_epoch: int, run_start: float, due: bool) -> None:
+        """Rank 0: the metrics line in metrics.jsonl (and TensorBoard), the progress bar, and every
+        ``run.print_every`` epochs (and the first, the last and before a stop: ``due``) a log line."""
+        config = self.config
+        _append_jsonl(metrics_path, last)
+        if self.tensorboard is not None:
+            for key, value in last.items():
+                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tensorboard.add_scalar(key, value, self.epoch)
+        done = self.epoch - start_epoch
+        eta = (time.perf_counter() - run_start) / done * (config.run.epochs - self.epoch)
+        test_e, test_f = last["test_rmse_energy_meV_atom"], last["test_rmse_forces_eV_A"]
+        if self.progress is not None:
+            self.progress.set_postfix_str(f"test E {test_e:.2f} meV/atom F {test_f:.3f} eV/Å", refresh=False)
+            self.progress.update(1)
+        every = config.run.print_every or max(1, config.run.epochs // PRINTED_LINES)
+        if not (due or self.epoch % every == 0 or done == 1 or self.epoch == config.run.epochs):
+            return
+        log.info(
+            "epoch %d/%d | train E %.2f meV/atom F %.4f eV/Å | test E %.2f meV/atom F %.4f eV/Å, angle %.1f° (p90 %.1f°) "
+            "| lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
+            self.epoch, config.run.epochs, last["train_rmse_energy_meV_atom"], last["train_rmse_forces_eV_A"], test_e, test_f,
+            last["test_force_angle_median_deg"], last["test_force_angle_p90_deg"], last["lr"], last["structures_per_second"],
+            last["data_seconds"], last["train_seconds"], _format_time(eta),
+        )
 
     def _warn_about_waiting(self, data_seconds: float, train_seconds: float) -> None:
         """Rank 0 warns when ranks wait on data, or on a slower rank (a straggler), when it matters.

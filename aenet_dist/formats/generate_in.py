@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DescriptorSetup, FeaturizeConfig
@@ -95,17 +96,43 @@ def read_generate_input(
     """
     path = Path(path)
     base = Path(os.path.abspath(path.parent))
-    lines = read_lines(path, "generate.in")
-    seen: dict[str, int] = {}
-    output = ""
-    species: list[str] = []
-    energies: dict[str, float] = {}
-    setup_entries: list[tuple[int, str, str]] = []
-    file_entries: list[tuple[int, str]] = []
-    forces = None
-    force_percent = None
-    forces_percent_line = 0
+    sections = _read_sections(path, read_lines(path, "generate.in"))
+    force_percent = sections.force_percent
+    if force_percent is None:
+        force_percent = _DEFAULT_FORCE_PERCENT
+    elif sections.forces is None:
+        _log.warning("%s:%d: FORCESPERCENT without FORCES: no structure gets derivatives", path, sections.seen["forcespercent"])
+    return FeaturizeConfig(
+        species=tuple(sections.species),
+        atomic_energies=sections.energies,
+        setups=_read_setups(path, base, sections),
+        files=tuple(_structure_files(path, base, sections)),
+        output=sections.output,
+        forces=bool(sections.forces),
+        force_percent=force_percent,
+        force_seed=force_seed,
+        force_structures=None if force_structures is None else tuple(str(s) for s in force_structures),
+        source=str(path),
+    )
 
+
+@dataclass
+class _Sections:
+    """What the keywords of a generate.in say, with the line of each entry (1-based)."""
+
+    seen: dict[str, int] = field(default_factory=dict)  # keyword -> its line
+    output: str = ""
+    species: list[str] = field(default_factory=list)  # TYPES order
+    energies: dict[str, float] = field(default_factory=dict)
+    setup_entries: list[tuple[int, str, str]] = field(default_factory=list)  # (line, symbol, file)
+    file_entries: list[tuple[int, str]] = field(default_factory=list)  # (line, file)
+    forces: bool | None = None
+    force_percent: float | None = None
+
+
+def _read_sections(path: Path, lines: list[str]) -> _Sections:
+    """The keyword pass: each keyword once, counted blocks checked, values parsed."""
+    out = _Sections()
     i = 0
     while i < len(lines):
         text = strip_comment(lines[i])
@@ -121,62 +148,60 @@ def read_generate_input(
             close = difflib.get_close_matches(keyword, _GEN_KEYWORDS, n=1)
             hint = f"; did you mean {close[0].upper()}?" if close else f" (known: {', '.join(k.upper() for k in _GEN_KEYWORDS)})"
             raise ValueError(f"{path}:{line_no}: unknown keyword {tokens[0]!r}{hint}")
-        if keyword in seen:
-            raise ValueError(f"{path}:{line_no}: {keyword.upper()} given twice (first on line {seen[keyword]})")
-        seen[keyword] = line_no
+        if keyword in out.seen:
+            raise ValueError(f"{path}:{line_no}: {keyword.upper()} given twice (first on line {out.seen[keyword]})")
+        out.seen[keyword] = line_no
+        i += 1
         if keyword in ("timing", "debug", "verbosity"):
             _log.warning("%s:%d: %s has no effect here, ignored", path, line_no, tokens[0].upper())
-            i += 1
         elif keyword == "output":
             if len(tokens) != 2:
                 raise ValueError(f"{path}:{line_no}: expected 'OUTPUT <file name>', got {text!r}")
-            output = tokens[1]
-            i += 1
+            out.output = tokens[1]
         elif keyword == "forces":
-            forces = parse_flag(tokens, path, line_no)
-            i += 1
+            out.forces = parse_flag(tokens, path, line_no)
         elif keyword == "forcespercent":
             if len(tokens) != 2:
                 raise ValueError(f"{path}:{line_no}: expected 'FORCESPERCENT <percent>', got {text!r}")
-            force_percent = to_float(tokens[1], path, line_no, "FORCESPERCENT")
-            if not 0.0 <= force_percent <= 100.0:
-                raise ValueError(f"{path}:{line_no}: FORCESPERCENT must be within [0, 100], got {force_percent}")
-            forces_percent_line = line_no
-            i += 1
+            out.force_percent = to_float(tokens[1], path, line_no, "FORCESPERCENT")
+            if not 0.0 <= out.force_percent <= 100.0:
+                raise ValueError(f"{path}:{line_no}: FORCESPERCENT must be within [0, 100], got {out.force_percent}")
         elif keyword == "types":
-            entries, i = _counted_block(lines, i, path, "TYPES", "species")
+            entries, i = _counted_block(lines, line_no - 1, path, "TYPES", "species")
             for idx, entry in entries:
                 parts = entry.split()
                 if len(parts) != 2:
                     raise ValueError(f"{path}:{idx + 1}: expected '<symbol> <atomic energy in eV>', got {entry!r}")
                 symbol = parts[0]
-                if symbol in energies:
+                if symbol in out.energies:
                     raise ValueError(f"{path}:{idx + 1}: species {symbol!r} listed twice in TYPES")
-                energies[symbol] = to_float(parts[1], path, idx + 1, f"the atomic energy of {symbol}")
-                species.append(symbol)
+                out.energies[symbol] = to_float(parts[1], path, idx + 1, f"the atomic energy of {symbol}")
+                out.species.append(symbol)
         elif keyword == "setups":
-            entries = _block(lines, i + 1)
+            entries = _block(lines, line_no)
             if not entries:
                 raise ValueError(f"{path}:{line_no}: SETUPS must be followed by '<symbol> <setup file>' lines")
             for idx, entry in entries:
                 parts = entry.split()
                 if len(parts) != 2:
                     raise ValueError(f"{path}:{idx + 1}: expected '<symbol> <setup file>', got {entry!r}")
-                setup_entries.append((idx + 1, parts[0], parts[1]))
+                out.setup_entries.append((idx + 1, parts[0], parts[1]))
             i = entries[-1][0] + 1
         else:  # files
-            entries, i = _counted_block(lines, i, path, "FILES", "files")
-            file_entries = [(idx + 1, entry) for idx, entry in entries]
-
+            entries, i = _counted_block(lines, line_no - 1, path, "FILES", "files")
+            out.file_entries = [(idx + 1, entry) for idx, entry in entries]
     for keyword in ("types", "setups", "files"):
-        if keyword not in seen:
+        if keyword not in out.seen:
             raise ValueError(f"{path}: missing {keyword.upper()} section")
+    return out
 
-    # setups: one per TYPES species, ATOM and ENV consistent with TYPES
+
+def _read_setups(path: Path, base: Path, sections: _Sections) -> dict[str, DescriptorSetup]:
+    """One setup per TYPES species (in TYPES order), ATOM and ENV consistent with TYPES."""
     setups: dict[str, DescriptorSetup] = {}
-    for line_no, symbol, name in setup_entries:
-        if symbol not in energies:
-            raise ValueError(f"{path}:{line_no}: SETUPS species {symbol!r} is not in TYPES {species}")
+    for line_no, symbol, name in sections.setup_entries:
+        if symbol not in sections.energies:
+            raise ValueError(f"{path}:{line_no}: SETUPS species {symbol!r} is not in TYPES {sections.species}")
         if symbol in setups:
             raise ValueError(f"{path}:{line_no}: SETUPS lists species {symbol!r} twice")
         stp_path = base / name
@@ -188,18 +213,21 @@ def read_generate_input(
             raise ValueError(f"{path}:{line_no}: {err}") from None
         if setup.element != symbol:
             raise ValueError(f"{path}:{line_no}: SETUPS lists {stp_path} for {symbol!r} but its ATOM is {setup.element!r}")
-        unknown = [e for e in setup.env_species if e not in energies]
+        unknown = [e for e in setup.env_species if e not in sections.energies]
         if unknown:
-            raise ValueError(f"{path}:{line_no}: {stp_path}: ENV species {unknown} not in TYPES {species}")
+            raise ValueError(f"{path}:{line_no}: {stp_path}: ENV species {unknown} not in TYPES {sections.species}")
         setups[symbol] = setup
-    missing = [s for s in species if s not in setups]
+    missing = [s for s in sections.species if s not in setups]
     if missing:
-        raise ValueError(f"{path}:{seen['setups']}: SETUPS has no entry for species {missing}")
-    setups = {s: setups[s] for s in species}  # TYPES order
+        raise ValueError(f"{path}:{sections.seen['setups']}: SETUPS has no entry for species {missing}")
+    return {s: setups[s] for s in sections.species}
 
+
+def _structure_files(path: Path, base: Path, sections: _Sections) -> list[str]:
+    """FILES as absolute paths; each must exist and be listed once."""
     files = []
     first_line: dict[str, int] = {}
-    for line_no, name in file_entries:
+    for line_no, name in sections.file_entries:
         file_path = os.path.normpath(os.path.join(base, name))
         if not os.path.isfile(file_path):
             raise ValueError(f"{path}:{line_no}: structure file not found: {file_path}")
@@ -208,24 +236,8 @@ def read_generate_input(
         first_line[file_path] = line_no
         files.append(file_path)
     if not files:
-        raise ValueError(f"{path}:{seen['files']}: FILES lists no structures")
-
-    if force_percent is None:
-        force_percent = _DEFAULT_FORCE_PERCENT
-    elif forces is None:
-        _log.warning("%s:%d: FORCESPERCENT without FORCES: no structure gets derivatives", path, forces_percent_line)
-    return FeaturizeConfig(
-        species=tuple(species),
-        atomic_energies=energies,
-        setups=setups,
-        files=tuple(files),
-        output=output,
-        forces=bool(forces),
-        force_percent=force_percent,
-        force_seed=force_seed,
-        force_structures=None if force_structures is None else tuple(str(s) for s in force_structures),
-        source=str(path),
-    )
+        raise ValueError(f"{path}:{sections.seen['files']}: FILES lists no structures")
+    return files
 
 
 def write_generate_input(
