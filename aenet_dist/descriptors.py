@@ -412,3 +412,101 @@ def featurize(
         for e, fs in parts.items()
     }
     return species_index, features
+
+
+# ----------------------------------------------------------------------------- inference: per-pair values and adjoint
+
+
+@dataclass
+class PairTables:
+    """Per-element constants of the descriptor for pair passes (:func:`pair_values`, :func:`pair_gradient`)."""
+
+    setup: DescriptorSetup
+    env_of_type: torch.Tensor  # (T,) int64 ENV position of each type, -1 if not in ENV
+    spin_of_env: torch.Tensor  # (num_env,) typespin
+    coeff: torch.Tensor | None = None  # Chebyshev: (Na+1, K) C_nα of the moment form
+    lift: torch.Tensor | None = None  # Chebyshev: (K, 4K) [I | D_x | D_y | D_z], D_d[α, α−e_d] = α_d
+
+
+def pair_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype, device) -> PairTables:
+    """The :class:`PairTables` of ``setup`` for structures whose species index ``type_names``."""
+    env_of_type, spin_of_env = env_tables(setup, type_names, dtype, device)
+    if setup.basis_type == "behler2011":
+        return PairTables(setup, env_of_type, spin_of_env)
+    exps, coeff = moment_tables(setup.basis.angular_order)
+    index = {tuple(e): k for k, e in enumerate(exps.tolist())}
+    num_mono = len(exps)
+    lift = np.zeros((num_mono, 4 * num_mono))
+    lift[:, :num_mono] = np.eye(num_mono)
+    for k, e in enumerate(exps.tolist()):
+        for d in range(3):
+            if e[d] > 0:
+                lower = list(e)
+                lower[d] -= 1
+                lift[k, (d + 1) * num_mono + index[tuple(lower)]] = e[d]
+    return PairTables(setup, env_of_type, spin_of_env, torch.from_numpy(coeff).to(dtype=dtype, device=device),
+                      torch.from_numpy(lift).to(dtype=dtype, device=device))
+
+
+def pair_values(t: PairTables, row, env, r, vec, num_centers: int):
+    """(G (C, F), what :func:`pair_gradient` reuses) of ``num_centers`` centers from their pairs.
+
+    Args:
+        row: (P,) center row of each pair; env: (P,) ENV position of the neighbour;
+        r: (P,) distances, vec: (P, 3) pair vectors R_ij (all pairs within the setup's cutoff).
+    """
+    if t.setup.basis_type == "behler2011":
+        from .symmetry_functions import pair_features  # imported here: it builds on this module's pieces
+
+        return pair_features(t.setup, row, env, r, vec, num_centers, with_grad=False)[0], None
+    terms = pair_terms(t.setup, t.spin_of_env, row, env, r, vec / r[:, None], num_centers)
+    return terms.G, terms
+
+
+def pair_gradient(t: PairTables, row, env, r, vec, dE_dG: torch.Tensor, terms) -> torch.Tensor:
+    """∂E/∂R_ij (P, 3) per pair from ∂E/∂G (C, F), without forming ∂G/∂R (the adjoint of :func:`pair_values`)."""
+    if t.setup.basis_type == "behler2011":
+        from .symmetry_functions import pair_gradient as behler_pair_gradient
+
+        return behler_pair_gradient(t.setup, row, env, r, vec, dE_dG)
+    u = vec / r[:, None]
+    basis = t.setup.basis
+    num_env = len(t.setup.env_species)
+    multi = num_env > 1
+    nr, na = basis.radial_order + 1, basis.angular_order + 1
+    block = nr + na
+    key = row * num_env + env
+    fc, dfc, T, mono, m_plain, m_spin = terms.fc, terms.dfc, terms.T, terms.mono, terms.m_plain, terms.m_spin
+    ang = torch.nonzero(terms.ang).squeeze(1)
+    ra, ua, key_a, w, dw = r[ang], u[ang], key[ang], terms.w, terms.dw
+    num_mono = mono.shape[1]
+
+    # Per (center, ENV species) key: the plain channel plus typespin s times the weighted channel,
+    # so each pair gathers one row. Radial: ∂E/∂r_p = Σ_n (g_n + s g̃_n) (fc' T_n + fc T_n' 2/Rr).
+    def per_key(plain: torch.Tensor, weighted: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
+        if not multi:  # one ENV species: key == row
+            return plain
+        return (plain[:, None, :] + s[None, :, None] * weighted[:, None, :]).reshape(-1, plain.shape[1])
+
+    spin_env = t.spin_of_env
+    g_rad = per_key(dE_dG[:, :nr], dE_dG[:, block : block + nr] if multi else None, spin_env).index_select(0, key)
+    _, dT = chebyshev(terms.x, basis.radial_order, with_grad=True)
+    scalar = dfc * (g_rad * T).sum(1) + (fc * (2.0 / basis.radial_cutoff)) * (g_rad * dT).sum(1)  # shape (P,)
+    grad = scalar[:, None] * u
+
+    # Angular, through the moments: λ_α(i) = ∂E/∂M_α(i) = Σ_n ∂E/∂A_n C_nα M_α, σ(i) = ∂E/∂(Σ_j w_j²) = −½ Σ_n ∂E/∂A_n.
+    g_ang = dE_dG[:, nr:block]
+    g_spin = dE_dG[:, block + nr :] if multi else None
+    lam = per_key((g_ang @ t.coeff) * m_plain, (g_spin @ t.coeff) * m_spin if multi else None, spin_env)  # (C*num_env, K)
+    sig_p = per_key(-0.5 * g_ang.sum(1, keepdim=True), -0.5 * g_spin.sum(1, keepdim=True) if multi else None,
+                    spin_env * spin_env).index_select(0, key_a).squeeze(1)
+    # Per key, [λ, λ D_x, λ D_y, λ D_z] (one small GEMM over centers), then per pair one gather and one
+    # batched dot with u^β: Σ_α λ_α u^α and ∇_u Σ_α λ_α u^α = Σ_α λ_α α_d u^(α−e_d).
+    lifted = (lam @ t.lift).index_select(0, key_a).view(-1, 4, num_mono)  # shape (Pa, 4, K)
+    dots = torch.bmm(lifted, mono.unsqueeze(2)).squeeze(2)  # shape (Pa, 4)
+    tangential = dots[:, 1:]
+    # Euler: u · ∇_u Σ λ_α u^α = Σ λ_α |α| u^α, so ∂/∂R = [dw Σλu^α − (w/r)(u·∇)] u + (w/r) ∇ + self-sum term.
+    along = (tangential * ua).sum(1)
+    radial_a = dw * dots[:, 0] - (w / ra) * along + 2.0 * sig_p * w * dw
+    grad.index_add_(0, ang, radial_a[:, None] * ua + (w / ra)[:, None] * tangential)
+    return grad

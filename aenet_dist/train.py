@@ -38,7 +38,7 @@ from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_pla
 from .log import get_logger, setup_logging
 from . import step as lean
 from .loss import ANGLE_BINS, error_sums, force_angle_histogram, histogram_quantile, loss_of_totals
-from .model import AtomicModel, forces_from_dEdG, model_from_facts
+from .model import AtomicModel, model_from_facts
 from .store import StoreReader
 
 log = get_logger(__name__)
@@ -62,33 +62,6 @@ class Interrupted(Exception):
 def build_model(reader: StoreReader, config: TrainConfig, dtype: torch.dtype) -> AtomicModel:
     """Fresh per-element networks with aenet's normalization from the store's statistics (:func:`model_from_facts`)."""
     return model_from_facts(reader.facts(), config.model.network_for, dtype)
-
-
-def predict(model: AtomicModel, batch: Batch, with_forces: bool, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cohesive structure energies (B,) and, if asked, forces (A, 3) of a batch.
-
-    One network call per element; forces from autograd's dE/dG, then the sparse contraction
-    for sparse rows and one batched matmul per dense size group.
-    """
-    with_forces = with_forces and (bool(batch.deriv) or bool(batch.dense))
-    G = {el: g.requires_grad_(with_forces) for el, g in batch.G.items()}
-    atomic = model(G, cohesive=True)
-    energy = torch.zeros(batch.num_atoms.numel(), dtype=next(iter(atomic.values())).dtype, device=batch.num_atoms.device)
-    for el, e in atomic.items():
-        energy = energy.index_add(0, batch.atom_structure[el], e)
-    if not with_forces:
-        return energy, None
-    elements = sorted(set(batch.deriv) | set(batch.dense))
-    with torch.enable_grad():
-        grads = torch.autograd.grad(energy.sum(), [G[el] for el in elements], create_graph=create_graph, allow_unused=True)
-    dE_dG = {el: (g if g is not None else torch.zeros_like(G[el])) for el, g in zip(elements, grads)}
-    forces = forces_from_dEdG(dE_dG, batch.deriv, batch.total_atoms)
-    for el, blocks in batch.dense.items():
-        g = dE_dG[el]
-        for block in blocks:
-            contrib = torch.bmm(block.D, g[block.rows].flatten(1).unsqueeze(-1))  # shape (B_g, 3n, 1)
-            forces = forces.index_add(0, block.atoms.flatten(), contrib.view(-1, 3), alpha=-1.0)
-    return energy, forces
 
 
 OPTIMIZER_CLASSES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "adagrad": "Adagrad", "adamax": "Adamax", "nadam": "NAdam",

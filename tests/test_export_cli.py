@@ -24,7 +24,7 @@ from aenet_dist.predict import Predictor
 from aenet_dist.store import StoreReader, featurize_to_store
 from aenet_dist.structures import read_structures
 from aenet_dist.train import main as train_main
-from aenet_dist.train import predict as train_predict
+from aenet_dist.step import forward
 
 EMT_ELEMENTS = ("Cu", "Au", "Ni")
 
@@ -90,7 +90,8 @@ def test_exported_potential_reproduces_the_trained_model(emt_run, tmp_path):
     shard = shard_from_range(reader.read_range(0, reader.num_structures), torch.float64)
     batch = gather_batch(shard, torch.arange(reader.num_structures))
     with torch.enable_grad():
-        energy, forces = train_predict(model, batch, with_forces=True, create_graph=False)
+        fwd = forward(model, batch, with_forces=True, for_training=False)
+        energy, forces = fwd.energy, fwd.forces
     structures = [s for f in read_generate_input(emt_run["generate_in"]).files for s in read_structures(f)]
     predictor = Predictor.from_potentials(tmp_path)
     assert set(predictor.species) == set(EMT_ELEMENTS)

@@ -274,7 +274,7 @@ def test_behler_setups_featurize_train_export_predict(tmp_path):
     from aenet_dist.store import StoreReader, featurize_to_store
     from aenet_dist.structures import read_structures
     from aenet_dist.train import main as train_main
-    from aenet_dist.train import predict as train_predict
+    from aenet_dist.step import forward
 
     generate_in = generate_emt_dataset(tmp_path / "data", num_structures=16, seed=4, force_percent=50.0)
     config = read_generate_input(generate_in)
@@ -301,7 +301,7 @@ def test_behler_setups_featurize_train_export_predict(tmp_path):
     reader = StoreReader(store)
     batch = gather_batch(shard_from_range(reader.read_range(0, reader.num_structures), torch.float64), torch.arange(reader.num_structures))
     with torch.enable_grad():
-        energy, _ = train_predict(model, batch, with_forces=False, create_graph=False)
+        energy = forward(model, batch, with_forces=False, for_training=False).energy
     structures = [s for f in config.files for s in read_structures(f)]
     for engine in ("pairs", "rows"):
         results = Predictor.from_potentials(tmp_path / "pot").predict(structures, forces=True, engine=engine)
