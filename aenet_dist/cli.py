@@ -1,48 +1,87 @@
-"""``aenet-dist`` command line: parses the subcommand and hands off to the stage's module."""
+"""``aenet-dist`` command line: one argparse tree, one subcommand per stage, one error handler.
+
+Each command module (``aenet_dist.<command>``) provides ``DESCRIPTION`` and ``EPILOG`` (its
+``--help`` text), ``add_arguments(parser)`` and ``run(args) -> int``, and may provide
+``parse_args(parser, argv)`` when it parses its own way; its ``main(argv)`` calls :func:`main`, so
+``python -m aenet_dist.<command>`` and ``aenet-dist <command>`` are the same code.
+
+Only the chosen command's module is imported (the command name is read before the tree is
+built, and the other subcommands are bare names), so ``aenet-dist featurize`` never
+loads the training, prediction or plotting code, and ``aenet-dist --help`` loads none of them.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
 
-USAGE = """usage: aenet-dist <command> [args]
+COMMANDS: dict[str, str] = {  # command (module aenet_dist.<command>) -> one-line help
+    "featurize": "aenet generate.in -> Zarr store (descriptors and derivatives); MPI-parallel",
+    "train": "train per-element networks from a store (torchrun for several ranks)",
+    "export": "write aenet .nn potentials (one per element) from a training run",
+    "predict": "energies/forces of structures with .nn potentials (predict.in or --potentials)",
+    "plot": "learning curves and parity plots of a training run",
+    "plan": "memory per rank and cache mode for a store, before a job is queued",
+    "datasets": "generate the embedded EMT datasets (emt, synth)",
+}
 
-commands:
-  featurize   aenet generate.in -> Zarr store (descriptors and derivatives); MPI-parallel
-  train       train per-element networks from a store (torchrun for several ranks)
-  export      write aenet .nn potentials (one per element) from a training run
-  predict     energies/forces of structures with .nn potentials (predict.in or --potentials)
-  plot        learning curves and parity plots of a training run
-  plan        memory per rank and cache mode for a store, before a job is queued
-  datasets    generate the embedded EMT datasets (emt, synth)
-
-Run `aenet-dist <command> --help` for a command's options."""
+# Bad input: a wrong value, a missing, unreadable or unwritable file. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+USER_ERROR_EXIT = 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command == "featurize":
-        from .featurize import main as run
-    elif command == "train":
-        from .train import main as run
-    elif command == "export":
-        from .export import main as run
-    elif command == "predict":
-        from .predict import main as run
-    elif command == "plot":
-        from .plot import main as run
-    elif command == "plan":
-        from .plan import main as run
-    elif command == "datasets":
-        from .datasets import main as run
-    else:
-        print(f"aenet-dist: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+def build_parser(command: ModuleType | None = None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The ``aenet-dist`` parser and the subparser of the ``command`` module, the only one built in full.
+
+    The other subcommands are bare names (the help lists them from COMMANDS), so that their
+    modules need not be imported.
+    """
+    # The command table goes in the description: argparse's own list of subcommands wraps badly.
+    table = "\n".join(f"  {name:<11} {help_text}" for name, help_text in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="aenet-dist", usage="aenet-dist <command> [args]",
+        description="Featurize, train, export and run aenet neural-network interatomic potentials.\n\ncommands:\n" + table,
+        epilog="Run `aenet-dist <command> --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(prog="aenet-dist", metavar="<command>", required=True, help=argparse.SUPPRESS)
+    chosen = None
+    for name, help_text in COMMANDS.items():
+        if command is None or command.__name__ != f"aenet_dist.{name}":
+            sub.add_parser(name)
+            continue
+        chosen = sub.add_parser(name, description=command.DESCRIPTION, epilog=command.EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_arguments(chosen)
+    return parser, chosen
+
+
+def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``run(args)``'s exit code; a user error becomes one line ``error: <message>`` on stderr and exit code 2."""
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``aenet-dist <command> [args]``; the exit code of the command (argparse exits 2 on a bad command line)."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    module = importlib.import_module(f"aenet_dist.{argv[0]}") if argv and argv[0] in COMMANDS else None
+    parser, chosen = build_parser(module)
+    if module is None or chosen is None:
+        if not argv:
+            parser.print_help()
+            return 0
+        parser.parse_args(argv)  # exits: 0 for --help; 2 naming the commands for an unknown one
+        parser.print_usage(sys.stderr)  # only for odd input such as `aenet-dist -- featurize`
         return 2
-    result = run(rest)
-    return int(result or 0)
+    # The subparser parses the command's arguments itself, so that a module can parse its own way (train: intermixed).
+    parse = getattr(module, "parse_args", argparse.ArgumentParser.parse_args)
+    return run_command(module.run, parse(chosen, argv[1:]))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import argparse
 import functools
 import multiprocessing
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,10 +362,12 @@ def generate_synth_dataset(out_dir, num_structures: int, seed: int = 0, workers:
                      elements, basis, rmin, progress)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m aenet_dist.datasets {emt,synth} --out DIR ...``."""
-    parser = argparse.ArgumentParser(prog="aenet-dist datasets", description=__doc__.split("\n")[0],
-                                     epilog="example: aenet-dist datasets emt --out emt --structures 200")
+DESCRIPTION = __doc__.split("\n")[0]
+EPILOG = "example: aenet-dist datasets emt --out emt --structures 200"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommands ``emt`` and ``synth`` of ``aenet-dist datasets`` and their options."""
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, n_default, fp_default, workers_default in (
         ("emt", "small default data set, 4-32 atoms per structure", 200, 25.0, 1),
@@ -387,24 +390,33 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--angular-n", type=int, default=DEFAULT_BASIS.angular_order, help="angular Chebyshev order")
         p.add_argument("--rmin", type=float, default=DEFAULT_RMIN, help="aenet RMIN, Å")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the data set ``args.command`` (emt or synth) and print the path of its generate.in."""
     setup_logging()
+    basis = ChebyshevBasis(args.radial_rc, args.radial_n, args.angular_rc, args.angular_n)
+    kwargs = dict(elements=tuple(e.strip() for e in args.elements.split(",") if e.strip()), basis=basis,
+                  rmin=args.rmin, progress=not args.no_progress)
     try:
-        basis = ChebyshevBasis(args.radial_rc, args.radial_n, args.angular_rc, args.angular_n)
-        kwargs = dict(elements=tuple(e.strip() for e in args.elements.split(",") if e.strip()), basis=basis,
-                      rmin=args.rmin, progress=not args.no_progress)
         if args.command == "emt":
             path = generate_emt_dataset(args.out, args.structures, args.seed, args.force_percent,
                                         workers=args.workers, **kwargs)
         else:
             path = generate_synth_dataset(args.out, args.structures, args.seed, args.workers, args.force_percent,
                                           **kwargs)
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
-    except OSError as err:  # e.g. --out names a file, or a directory that is not writable
-        parser.exit(2, f"error: cannot write the data set to {args.out}: {err.strerror or err}\n")
+    except OSError as err:  # e.g. --out names a file, or a directory that is not writable: say which
+        raise OSError(f"cannot write the data set to {args.out}: {err.strerror or err}") from err
     print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aenet_dist.datasets {emt,synth} --out DIR ...``, the same as ``aenet-dist datasets ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["datasets", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

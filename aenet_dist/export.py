@@ -7,7 +7,9 @@ The file format itself (records, binary and ASCII reading and writing) is
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,29 +301,32 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``aenet-dist export RUN_DIR --out DIR [--checkpoint best|latest|PATH] [--ascii] [--store PATH]``."""
-    import argparse
-    import sys
+DESCRIPTION = "Write aenet .nn potential files (one per element) from a training run."
+EPILOG: str | None = None
 
-    parser = argparse.ArgumentParser(prog="aenet-dist export",
-                                     description="Write aenet .nn potential files (one per element) from a training run.")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``aenet-dist export RUN_DIR --out DIR [--checkpoint best|latest|PATH] [--ascii] [--store PATH]``."""
     parser.add_argument("run_dir", help="run directory of aenet-dist train (holds checkpoints/)")
     parser.add_argument("--out", required=True, help="output directory for <El>.nn")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a checkpoint file")
     parser.add_argument("--ascii", action="store_true", help="also write <El>.nn.ascii (aenet-PyTorch's ASCII form)")
     parser.add_argument("--store", help="the feature store, if it is no longer where the run's config says")
-    args = parser.parse_args(argv)
-    try:
-        for path in export_run(args.run_dir, args.out, args.checkpoint, args.ascii, args.store):
-            print(path)
-        return 0
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export the run's networks and print the written paths."""
+    for path in export_run(args.run_dir, args.out, args.checkpoint, args.ascii, args.store):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aenet_dist.export ...``, the same as ``aenet-dist export ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

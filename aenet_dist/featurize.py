@@ -1,4 +1,4 @@
-"""Command line for featurization: ``python -m aenet_dist.featurize generate.in --out store.zarr``.
+"""The featurize command: ``python -m aenet_dist.featurize generate.in --out store.zarr``.
 
 Runs as one process or under ``mpiexec -n N``; a rerun of the same command after a
 crash skips the completed blocks and finishes the store.
@@ -18,14 +18,14 @@ from .log import setup_logging
 from .store import StoreReader, featurize_to_store, torch_default_threads, world_comm
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(
-        prog="aenet-dist featurize",
-        description="Compute aenet's descriptors and their derivatives for the structures of a generate.in "
-                    "into a Zarr store; a rerun of the same command finishes an interrupted store.",
-        epilog="examples:\n  aenet-dist featurize generate.in --out store.zarr\n"
-               "  mpiexec -n 8 python -m aenet_dist.featurize generate.in --out store.zarr",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+DESCRIPTION = ("Compute aenet's descriptors and their derivatives for the structures of a generate.in "
+               "into a Zarr store; a rerun of the same command finishes an interrupted store.")
+EPILOG = ("examples:\n  aenet-dist featurize generate.in --out store.zarr\n"
+          "  mpiexec -n 8 python -m aenet_dist.featurize generate.in --out store.zarr")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``aenet-dist featurize``."""
     parser.add_argument("generate_in", help="aenet generate.in (TYPES, SETUPS, FILES, FORCES, FORCESPERCENT)")
     parser.add_argument("--out", required=True, help="output Zarr store (directory)")
     parser.add_argument("--force-seed", type=int, default=0, help="seed of the FORCESPERCENT choice (default 0)")
@@ -40,10 +40,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verify", action="store_true",
                         help="read back every chunk of an existing store (checksums, lengths, missing files) and redo damaged blocks")
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    """Featurize ``args.generate_in`` into ``args.out`` and print the store's summary (rank 0)."""
     comm = world_comm()
     setup_logging(comm.rank)
     torch_default_threads()
@@ -65,10 +65,11 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         featurize_to_store(config, args.out, options, device=args.device, progress=not args.no_progress, verify=args.verify)
         elapsed = time.perf_counter() - start
-    except (ValueError, OSError) as err:
-        # Every rank fails together (inputs read by all, store.together); the message is the same on all: print it once.
+    except (ValueError, OSError):
+        # Every rank fails together (inputs read by all, store.together) with the same message: rank 0 reports it
+        # (through the command line's error handler, exit code 2), the others only exit.
         if comm.rank == 0:
-            print(f"error: {err}", file=sys.stderr)
+            raise
         return 2
     if comm.rank == 0:
         print(summary(args.out, elapsed, comm.size))
@@ -95,7 +96,10 @@ def summary(path, elapsed: float, ranks: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    """``python -m aenet_dist.featurize ...``, the same as ``aenet-dist featurize ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["featurize", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

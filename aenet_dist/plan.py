@@ -76,13 +76,13 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="aenet-dist plan",
-        description="Memory and I/O per rank of a training run on a store, before the job is queued "
-                    "(reads only the store's structure table).",
-        epilog="example: aenet-dist plan store.zarr --ranks 8 --cache stream --memory-budget-gb 4",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+DESCRIPTION = ("Memory and I/O per rank of a training run on a store, before the job is queued "
+               "(reads only the store's structure table).")
+EPILOG = "example: aenet-dist plan store.zarr --ranks 8 --cache stream --memory-budget-gb 4"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``aenet-dist plan``; those named after a config field default to that field's default."""
     parser.add_argument("store", help="Zarr store from featurize")
     parser.add_argument("--ranks", type=int, default=1, help="training ranks (default 1)")
     data, run = DataConfig(store="-"), RunConfig()  # the defaults training uses, from their one home
@@ -97,25 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-budget-gb", type=float, default=data.memory_budget_gb, help="data.memory_budget_gb: host memory per rank for data")
     parser.add_argument("--readers", type=int, default=data.readers, help=f"data.readers (default {data.readers})")
     parser.add_argument("--ranks-per-node", type=int, default=None, help="ranks sharing one node's memory (default: --ranks)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the plan table of ``args.store``."""
     for name in ("ranks", "batch_size", "shuffle_window_blocks", "readers", "num_shards", "ranks_per_node"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.memory_budget_gb is not None and not args.memory_budget_gb > 0:
-        print(f"error: --memory-budget-gb must be > 0, got {args.memory_budget_gb:g}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--memory-budget-gb must be > 0, got {args.memory_budget_gb:g}")
     if not 0 <= args.test_percent < 100:
-        print(f"error: --test-percent must be in [0, 100), got {args.test_percent:g}", file=sys.stderr)
-        return 2
-    try:
-        reader = StoreReader(args.store)
-        itemsize = 4 if args.dtype == "float32" else 8
-        rows = plan_rows(reader, args.ranks, itemsize, args.shuffle_window_blocks, args.batch_size, args.num_shards, args.test_percent, args.readers)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--test-percent must be in [0, 100), got {args.test_percent:g}")
+    reader = StoreReader(args.store)
+    itemsize = 4 if args.dtype == "float32" else 8
+    rows = plan_rows(reader, args.ranks, itemsize, args.shuffle_window_blocks, args.batch_size, args.num_shards, args.test_percent, args.readers)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     host = psutil.virtual_memory().available
     print(f"store {args.store}: {reader.num_structures} structures, {len(reader.block_first) - 1} blocks; {args.ranks} rank(s), {args.dtype}")
@@ -139,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     print("data.memory_budget_gb stream accepts (with 2x the test set more, the test set is kept in memory: +" + f"{2 * max(r['test_bytes'] for r in rows) / GiB:.3f} GiB);")
     print("'dev other' = device memory for pinned/memory/stream (a few batches in flight plus a margin).")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aenet_dist.plan ...``, the same as ``aenet-dist plan ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

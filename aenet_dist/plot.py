@@ -200,22 +200,32 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aenet-dist plot", description="Learning curves and parity plots of a training run.")
+DESCRIPTION = "Learning curves and parity plots of a training run."
+EPILOG: str | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``aenet-dist plot``."""
     parser.add_argument("run_dir", help="run directory of aenet-dist train")
     parser.add_argument("--out", help="output directory (default: the run directory)")
     parser.add_argument("--checkpoint", default="best", help="checkpoint for the parity plot: best (default), latest or a path")
     parser.add_argument("--store", help="the feature store, if it is no longer where the run's config says")
     parser.add_argument("--device", default="cpu", help="device of the parity evaluation (default cpu)")
     parser.add_argument("--no-parity", action="store_true", help="only the learning curves")
-    args = parser.parse_args(argv)
-    try:
-        for path in plot_run(args.run_dir, args.out, args.checkpoint, args.store, args.device, not args.no_parity):
-            print(path)
-        return 0
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the plots of ``args.run_dir`` and print their paths."""
+    for path in plot_run(args.run_dir, args.out, args.checkpoint, args.store, args.device, not args.no_parity):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aenet_dist.plot ...``, the same as ``aenet-dist plot ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["plot", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -519,13 +519,13 @@ def write_json(path: str | os.PathLike, predictions: Sequence[Prediction]) -> No
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aenet-dist predict",
-        description="Energies (and forces) of structures with aenet .nn potentials, like aenet's predict.x.",
-        epilog="examples:\n  aenet-dist predict predict.in\n"
-               "  aenet-dist predict --potentials pots/ structures/*.xsf --forces --json out.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+DESCRIPTION = "Energies (and forces) of structures with aenet .nn potentials, like aenet's predict.x."
+EPILOG = ("examples:\n  aenet-dist predict predict.in\n"
+          "  aenet-dist predict --potentials pots/ structures/*.xsf --forces --json out.json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``aenet-dist predict``."""
     parser.add_argument("inputs", nargs="*", help="predict.in, or structure files/globs (any ASE-readable format) with "
                         "--potentials; after a predict.in, structure files replace its FILES")
     parser.add_argument("--potentials", action="append", default=[], metavar="DIR|FILE[,FILE...]",
@@ -541,7 +541,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op CPU threads (default 1: as fast on a quiet machine and robust beside "
                              "other work; 0 = torch's choice, one per core)")
-    return parser
 
 
 def _check_writable(option: str, target: str | None) -> None:
@@ -562,56 +561,58 @@ def _check_writable(option: str, target: str | None) -> None:
         raise ValueError(f"{option} {target}: directory {parent} is not writable")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Predict as ``args`` say: the text report (stdout or ``--out``) and ``--json``."""
     setup_logging(0)
     if args.threads < 0:
-        print(f"error: --threads must be >= 0, got {args.threads}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        start = time.perf_counter()
-        for option, target in (("--out", args.out), ("--json", args.json)):
-            _check_writable(option, target)  # before the computation, not after it
-        forces, atomic_energies = args.forces, False
-        inputs = list(args.inputs)
-        if args.potentials:
-            if not inputs:
-                raise ValueError("no structure files given")
-            potentials = [p for item in args.potentials for p in item.split(",") if p]
-            names = [str(p) for p in expand_inputs(inputs)]
-            paths = [Path(n) for n in names]
+    start = time.perf_counter()
+    for option, target in (("--out", args.out), ("--json", args.json)):
+        _check_writable(option, target)  # before the computation, not after it
+    forces, atomic_energies = args.forces, False
+    inputs = list(args.inputs)
+    if args.potentials:
+        if not inputs:
+            raise ValueError("no structure files given")
+        potentials = [p for item in args.potentials for p in item.split(",") if p]
+        names = [str(p) for p in expand_inputs(inputs)]
+        paths = [Path(n) for n in names]
+    else:
+        if not inputs or not inputs[0].endswith(".in"):
+            raise ValueError("give a predict.in file, or --potentials with structure files")
+        inp = read_predict_input(inputs[0])
+        potentials = inp.networks
+        forces = forces or inp.forces
+        atomic_energies = inp.print_atomic_energies
+        if inputs[1:]:
+            paths = expand_inputs(inputs[1:])
+            names = [str(p) for p in paths]
         else:
-            if not inputs or not inputs[0].endswith(".in"):
-                raise ValueError("give a predict.in file, or --potentials with structure files")
-            inp = read_predict_input(inputs[0])
-            potentials = inp.networks
-            forces = forces or inp.forces
-            atomic_energies = inp.print_atomic_energies
-            if inputs[1:]:
-                paths = expand_inputs(inputs[1:])
-                names = [str(p) for p in paths]
-            else:
-                paths, names = list(inp.files), list(inp.file_names)
-        predictor = Predictor.from_potentials(potentials, device=args.device, dtype=DTYPES[args.dtype])
-        structures = [s for p, n in zip(paths, names) for s in read_for_prediction(p, n)]
-        results = predictor.predict(structures, forces=forces, stress=args.stress, batch_structures=args.batch_structures)
-        if not args.quiet:
-            text = format_aenet(results, forces, atomic_energies)
-            if args.out:
-                atomic_write(args.out, text)
-            else:
-                sys.stdout.write(text)
-        if args.json:
-            write_json(args.json, results)
-        atoms = sum(p.num_atoms for p in results)
-        log.info("predicted %d structures (%d atoms)%s in %.2f s", len(results), atoms, " with forces" if forces else "",
-                 time.perf_counter() - start)
-        return 0
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            paths, names = list(inp.files), list(inp.file_names)
+    predictor = Predictor.from_potentials(potentials, device=args.device, dtype=DTYPES[args.dtype])
+    structures = [s for p, n in zip(paths, names) for s in read_for_prediction(p, n)]
+    results = predictor.predict(structures, forces=forces, stress=args.stress, batch_structures=args.batch_structures)
+    if not args.quiet:
+        text = format_aenet(results, forces, atomic_energies)
+        if args.out:
+            atomic_write(args.out, text)
+        else:
+            sys.stdout.write(text)
+    if args.json:
+        write_json(args.json, results)
+    atoms = sum(p.num_atoms for p in results)
+    log.info("predicted %d structures (%d atoms)%s in %.2f s", len(results), atoms, " with forces" if forces else "",
+             time.perf_counter() - start)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aenet_dist.predict ...``, the same as ``aenet-dist predict ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["predict", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

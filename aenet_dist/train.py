@@ -642,23 +642,33 @@ def summary_table(last: dict, trainer: Trainer, wall: float) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aenet-dist train",
-        description="Train per-element networks on a featurized store (energies and forces); "
-                    "one process, or one rank per GPU/CPU slot under torchrun.",
-        epilog="examples:\n"
-               "  aenet-dist train train.toml\n"
-               "  aenet-dist train train.toml optim.lr=1e-3 run.epochs=50\n"
-               "  torchrun --nproc_per_node=4 -m aenet_dist.train train.toml --resume\n"
-               "every configuration key is documented in aenet_dist/config.py and the README",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+DESCRIPTION = ("Train per-element networks on a featurized store (energies and forces); "
+               "one process, or one rank per GPU/CPU slot under torchrun.")
+EPILOG = ("examples:\n"
+          "  aenet-dist train train.toml\n"
+          "  aenet-dist train train.toml optim.lr=1e-3 run.epochs=50\n"
+          "  torchrun --nproc_per_node=4 -m aenet_dist.train train.toml --resume\n"
+          "every configuration key is documented in aenet_dist/config.py and the README")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``aenet-dist train``."""
     parser.add_argument("config", help="train.toml (or aenet-PyTorch's train.in)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-3 run.epochs=50")
     parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE", help="same as a positional override")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
     parser.add_argument("--finetune", metavar="CHECKPOINT", help="start from the weights of a checkpoint (new optimizer, epoch 0)")
-    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The train command line, intermixed so that overrides may follow ``--resume``.
+
+    An empty command line gets a hint instead of argparse's "arguments are required: config".
+    """
+    if not argv:
+        parser.print_usage(sys.stderr)
+        parser.exit(2, "error: give a configuration file (train.toml, or aenet-PyTorch's train.in); see --help\n")
+    return parser.parse_intermixed_args(argv)
 
 
 def load_config(path: str, overrides: list[str]) -> TrainConfig:
@@ -721,21 +731,16 @@ def _is_peer_failure(err: RuntimeError) -> bool:
     return any(word in text for word in ("gloo", "nccl", "timed out", "timeout", "connection", "connect", "peer"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    if not (sys.argv[1:] if argv is None else argv):
-        parser.print_usage(sys.stderr)
-        print("error: give a configuration file (train.toml, or aenet-PyTorch's train.in); see --help", file=sys.stderr)
-        return 2
-    args = parser.parse_intermixed_args(argv)  # overrides may follow --resume
+def run(args: argparse.Namespace) -> int:
+    """Train as ``args`` say; the exit code: 0 done, 2 bad input, 75 interrupted (resumable), 130 a second
+    Ctrl-C, 1 an I/O error or a lost peer.
+
+    A bad configuration raises ``ValueError``/``OSError`` for the command line's error handler (exit 2).
+    """
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
-    try:
-        config = load_config(args.config, list(args.overrides) + list(args.set_overrides))
-        info = init_distributed(config.run.device, timeout_s=config.run.collective_timeout_s)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, list(args.overrides) + list(args.set_overrides))
+    info = init_distributed(config.run.device, timeout_s=config.run.collective_timeout_s)
     if info.device.type == "cpu":
         torch.set_num_threads(config.run.cpu_threads or max(1, usable_cores() // local_ranks()))
     start = time.perf_counter()
@@ -785,6 +790,13 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
         unlock(lock)
         cleanup(info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aenet_dist.train ...``, the same as ``aenet-dist train ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

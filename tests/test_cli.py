@@ -1,0 +1,114 @@
+"""Tests for aenet_dist.cli: one argparse tree, lazy command imports, one error handler."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aenet_dist import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _exit_code(argv: list[str]) -> int:
+    """cli.main's exit code, whether returned or raised by argparse."""
+    try:
+        return cli.main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+def test_help_lists_every_command(capsys):
+    assert _exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: aenet-dist <command> [args]")
+    for name, help_text in cli.COMMANDS.items():
+        assert f"  {name:<11} {help_text}" in out
+    assert cli.main([]) == 0 and "featurize" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_each_command_has_its_help(command, capsys):
+    assert _exit_code([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: aenet-dist {command} ")
+    module = __import__(f"aenet_dist.{command}", fromlist=["DESCRIPTION"])
+    assert module.DESCRIPTION.split()[0] in out
+    if module.EPILOG:
+        assert module.EPILOG.splitlines()[-1] in out
+
+
+def test_datasets_subcommands_have_their_help(capsys):
+    for name in ("emt", "synth"):
+        assert _exit_code(["datasets", name, "--help"]) == 0
+        assert capsys.readouterr().out.startswith(f"usage: aenet-dist datasets {name} ")
+
+
+def test_unknown_command_exits_2_naming_the_commands(capsys):
+    assert _exit_code(["fetaurize", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'fetaurize'" in err and "featurize" in err
+
+
+def _modules_after(argv: list[str]) -> dict:
+    """The aenet_dist modules (and whether torch, matplotlib) a fresh interpreter loaded for cli.main(argv)."""
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from aenet_dist import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    cli.main({argv!r})\n"
+        "print(json.dumps({'aenet_dist': sorted(m for m in sys.modules if m.startswith('aenet_dist')),\n"
+        "                  'matplotlib': 'matplotlib' in sys.modules, 'torch': 'torch' in sys.modules}))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_only_the_chosen_command_is_imported():
+    loaded = _modules_after(["featurize", "--help"])
+    assert "aenet_dist.featurize" in loaded["aenet_dist"]
+    for other in ("train", "predict", "plot", "export", "plan", "datasets", "loader", "model", "step", "dist"):
+        assert f"aenet_dist.{other}" not in loaded["aenet_dist"], loaded
+    assert not loaded["matplotlib"]
+    loaded = _modules_after(["--help"])
+    assert loaded["aenet_dist"] == ["aenet_dist", "aenet_dist.cli"] and not loaded["torch"]
+
+
+def test_user_error_is_one_line_and_exit_2(tmp_path, capsys):
+    assert cli.main(["plan", str(tmp_path / "nonexistent.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nonexistent.zarr" in err and "Traceback" not in err
+    assert cli.main(["plan", str(tmp_path / "x.zarr"), "--ranks", "0"]) == 2
+    assert capsys.readouterr().err == "error: --ranks must be >= 1, got 0\n"
+    assert cli.main(["featurize", str(tmp_path / "generate.in"), "--out", str(tmp_path / "s.zarr"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "generate.in" in err
+
+
+def test_error_handler_maps_user_errors_and_keeps_bugs():
+    def bad_input(args):
+        raise FileNotFoundError(2, "No such file or directory", "x.in")
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    assert cli.run_command(bad_input, None) == 2
+    assert cli.run_command(lambda args: 75, None) == 75
+    with pytest.raises(KeyError):
+        cli.run_command(bug, None)
+
+
+def test_module_main_is_the_same_command(tmp_path):
+    """``python -m aenet_dist.plan`` goes through the same parser and error handler as ``aenet-dist plan``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    result = subprocess.run([sys.executable, "-m", "aenet_dist.plan", str(tmp_path / "x.zarr"), "--ranks", "0"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 2 and result.stderr == "error: --ranks must be >= 1, got 0\n"
+    result = subprocess.run([sys.executable, "-m", "aenet_dist.train"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("usage: aenet-dist train ")
+    assert result.stderr.endswith("error: give a configuration file (train.toml, or aenet-PyTorch's train.in); see --help\n")
