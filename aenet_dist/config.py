@@ -11,18 +11,21 @@ import functools
 import logging
 import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+import tomli_w
+
 from .files import atomic_write
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: tomli, imported where needed
-    tomllib = None
+else:  # tomllib is tomli, adopted into the standard library in 3.11 (a dependency on 3.10)
+    import tomli as tomllib
 
 if typing.TYPE_CHECKING:
     from aenet_dist.model import NetworkConfig
@@ -782,16 +785,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------- TOML load / dump
 
 
-def _toml_module():
-    if tomllib is not None:
-        return tomllib
-    try:
-        import tomli
-    except ModuleNotFoundError as e:
-        raise ImportError("reading TOML on Python 3.10 needs the 'tomli' package") from e
-    return tomli
-
-
 _PATH_KEYS = (("data", "store"), ("run", "run_dir"))
 
 
@@ -825,10 +818,9 @@ def _override_hint(parts: list[str], key: str):
 
 def _parse_scalar(text: str):
     """A TOML value if ``text`` is one, else an int or float in Python syntax, else the bare string."""
-    toml = _toml_module()
     try:
-        return toml.loads(f"v = {text}")["v"]
-    except toml.TOMLDecodeError:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
         pass
     for convert in (int, float):
         try:
@@ -881,22 +873,51 @@ def _apply_overrides(raw: dict, overrides: Iterable[str], origins: dict[str, str
                 raise ValueError(f"{where}: {'.'.join(parts[:depth])} is not a table in the file")
             node = child
         node[parts[-1]] = value
+        origins.pop(key, None)  # re-inserted: origins stay in the order keys were set
         origins[key] = where
     return raw
 
 
-def build_train_config(raw: Mapping, origins: Mapping[str, str], default_source: str) -> TrainConfig:
-    """TrainConfig.from_dict(raw); a value error is attributed to the origin of the key it names."""
+def _origin_of(message: str, origins: Mapping[str, str], default: str) -> str:
+    """Where the value that ``message`` is about was set: the origin of the last-set key it names.
+
+    Sections validate in ``__post_init__``, often across fields, so a ValueError carries no key
+    object, only a message that names its dotted keys ("optim.lr must be > 0, got -1"). A key
+    also matches its subkeys (``model.networks.Ti`` in ``model.networks.Ti.hidden``). ``origins``
+    is in the order keys were set, file first, then overrides: when a message names both, the
+    override, which changed a file's values, is the likelier cause. Keys not in ``origins`` come
+    from ``default``.
+    """
+    named = [where for key, where in origins.items() if re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message)]
+    return named[-1] if named else default
+
+
+def build_train_config(raw: Mapping, origins: Mapping[str, str], source: str,
+                       overrides: Iterable[str] = ()) -> TrainConfig:
+    """The one way from a file's contents to a TrainConfig, for train.toml and train.in alike.
+
+    Args:
+        raw: nested sections as read from the file, e.g. ``{"optim": {"lr": 1e-3}}``, paths
+            already resolved. Not modified.
+        origins: where each dotted key of ``raw`` was set (``"train.in:12"``); keys it does
+            not hold are blamed on ``source``.
+        source: the file, named in errors about its contents.
+        overrides: command-line ``section.key=value`` strings, applied after the file (see
+            :func:`load_train_config`).
+
+    Raises:
+        ValueError: ``"{where}: {problem}"``, where is the file, its line or ``override '...'``.
+    """
+    try:
+        _check_keys(raw)  # a typo in the file is reported even when an override sets the right key
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    origins = dict(origins)
+    raw = _apply_overrides(raw, overrides, origins)
     try:
         return TrainConfig.from_dict(raw)
     except ValueError as e:
-        msg = str(e)
-        found = []
-        for key, where in origins.items():
-            m = re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", msg)
-            if m:
-                found.append((m.start(), -len(key), where))
-        raise ValueError(f"{min(found)[2] if found else default_source}: {msg}") from None
+        raise ValueError(f"{_origin_of(str(e), origins, source)}: {e}") from None
 
 
 def load_train_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> TrainConfig:
@@ -919,77 +940,33 @@ def load_train_config(path: str | os.PathLike, overrides: Iterable[str] = ()) ->
             unknown keys.
     """
     path = Path(path)
-    toml = _toml_module()
     try:
-        raw = toml.loads(path.read_text())
-    except toml.TOMLDecodeError as e:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: invalid TOML: {e}") from None
-    try:
-        _check_keys(raw)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
     base = str(path.resolve().parent)
     if isinstance(raw.get("run", {}), dict):  # the default run_dir, too, sits next to the file
         raw.setdefault("run", {}).setdefault("run_dir", RunConfig.run_dir)
     for section, key in _PATH_KEYS:
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raw[section][key] = _resolve_path(raw[section][key], base)
-    origins: dict[str, str] = {}
-    raw = _apply_overrides(raw, overrides, origins)
-    return build_train_config(raw, origins, str(path))
-
-
-def _toml_string(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)  # '0.0001', '1e-05', 'inf', 'nan' are all TOML floats
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} {value!r} as a TOML value")
+    return build_train_config(raw, {}, str(path), overrides)
 
 
 def dump_toml(config: TrainConfig) -> str:
     """TOML text of ``config`` that :func:`load_train_config` reads back to an equal config.
 
-    Unset (None) options are written as comments, since TOML has no null.
+    TOML has no null, so unset (None) options are left out and listed in the header comment;
+    they read back as unset because None is the default of every optional field.
     """
-    lines = ["# aenet_dist training configuration"]
-    for section, values in config.to_dict().items():
-        lines += ["", f"[{section}]"]
-        tables = {}
-        for key, value in values.items():
-            if isinstance(value, dict):
-                tables[key] = value
-            elif value is None:
-                lines.append(f"# {key} = (unset)")
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        for key, table in tables.items():
-            for name, sub in table.items():
-                lines += ["", f"[{section}.{key}.{_toml_key(name)}]"]
-                lines += [f"{k} = {_toml_value(v)}" for k, v in sub.items()]
-    return "\n".join(lines) + "\n"
+    sections = config.to_dict()
+    unset = [f"{name}.{key}" for name, values in sections.items() for key, value in values.items() if value is None]
+    header = "# aenet_dist training configuration\n"
+    if unset:
+        header += f"# unset (TOML has no null): {', '.join(unset)}\n"
+    present = {name: {key: value for key, value in values.items() if value is not None}
+               for name, values in sections.items()}
+    return header + "\n" + tomli_w.dumps(present)
 
 
 def save_resolved_config(config: TrainConfig, run_dir: str | os.PathLike) -> Path:

@@ -672,26 +672,14 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 
 
 def load_config(path: str, overrides: list[str]) -> TrainConfig:
+    """The config of ``path`` (train.toml, or aenet-PyTorch's train.in) with command-line ``overrides``.
+
+    Both formats apply overrides through :func:`aenet_dist.config.build_train_config`, so keys,
+    values and error messages are the same.
+    """
     if path.endswith(".in"):
-        config = read_train_in(path)
-        if overrides:
-            config = TrainConfig.from_dict(_apply(config.to_dict(), overrides), source=path)
-        return config
+        return read_train_in(path, overrides)
     return load_train_config(path, overrides)
-
-
-def _apply(d: dict, overrides: list[str]) -> dict:
-    import tomllib
-
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        try:
-            parsed = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed = value
-        d.setdefault(section, {})[name] = parsed
-    return d
 
 
 def _claim_run_dir(run_dir: Path, resume: bool, info: DistInfo) -> tuple[str | None, int | None]:

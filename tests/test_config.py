@@ -314,7 +314,9 @@ def test_dump_toml_round_trip(tmp_path):
             back = dataclasses.replace(back, data=dataclasses.replace(back.data, store=cfg.data.store),
                                        run=dataclasses.replace(back.run, run_dir=cfg.run.run_dir))
         assert back == cfg, text
-    assert "# num_shards = (unset)" in dump_toml(configs[0])
+    header = dump_toml(configs[0]).splitlines()[:2]
+    assert header == ["# aenet_dist training configuration",
+                      "# unset (TOML has no null): data.num_shards, data.memory_budget_gb, run.early_stop_patience"]
 
 
 def test_save_resolved_config(tmp_path):
@@ -405,3 +407,35 @@ def test_read_train_in_missing_trainingset(tmp_path):
     tin.write_text("ITERATIONS 3\n")
     with pytest.raises(ValueError, match=rf"^{tin}: TRAININGSET is missing"):
         read_train_in(tin)
+
+
+def test_train_in_takes_the_overrides_of_a_toml(tmp_path):
+    """One override path: a train.in takes every train.toml override, with the same messages."""
+    cfg = read_train_in(DATA / "train.in", ["model.networks.Ti.hidden=[8,8]", "run.epochs=5", "optim.lr=1e-3"])
+    assert cfg.model.network_for("Ti") == NetworkConfig((8, 8), ("tanh", "tanh"))  # activations from the file
+    assert cfg.model.network_for("O") == NetworkConfig((5, 5), ("tanh", "tanh"))
+    assert (cfg.run.epochs, cfg.optim.lr, cfg.run.batch_size) == (5, 1e-3, 128)
+    assert read_train_in(DATA / "train.in", ["model.networks.Zr.hidden=[3,3]"]).model.network_for("Zr").hidden == (3, 3)
+    for override in ("optim.lrr=1e-3", "model.networks.Ti.hiden=[3]", "optim.lr=abc", "optim.lr=-1", "run.dtype=half",
+                     "optim=3", "run.epochs.x=1"):
+        with pytest.raises(ValueError) as from_toml:
+            load_train_config(DATA / "train.toml", [override])
+        with pytest.raises(ValueError) as from_train_in:
+            read_train_in(DATA / "train.in", [override])
+        assert str(from_train_in.value) == str(from_toml.value), override
+    with pytest.raises(ValueError, match=r"^override 'optim.lrr=1': unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)$"):
+        read_train_in(DATA / "train.in", ["optim.lrr=1"])
+
+
+def test_errors_blame_the_line_or_the_override(tmp_path):
+    """A value's error names the train.in line that set it, or the override that changed it."""
+    tin = tmp_path / "train.in"
+    tin.write_text("TRAININGSET x.zarr\nNETWORKS\n  Ti Ti.nn 2 5:tanh 5:relu\n")
+    with pytest.raises(ValueError, match=rf"^{tin}:3: model.networks.Ti.activations: unknown activation 'relu'"):
+        read_train_in(tin, ["run.epochs=5"])
+    tin.write_text("TRAININGSET x.zarr\nNETWORKS\n  Ti Ti.nn 2 5:tanh 5:tanh\nBATCHSIZE 0\n")
+    with pytest.raises(ValueError, match=rf"^{tin}:4: run.batch_size must be > 0"):
+        read_train_in(tin)
+    assert read_train_in(tin, ["run.batch_size=4"]).run.batch_size == 4  # an override replaces the bad value
+    with pytest.raises(ValueError, match=r"^override 'model.networks.Ti.hidden=\[8\]': model.networks.Ti.activations has 2"):
+        read_train_in(tin, ["run.batch_size=4", "model.networks.Ti.hidden=[8]"])

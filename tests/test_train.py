@@ -12,7 +12,7 @@ import torch
 from aenet_dist.formats.generate_in import read_generate_input
 from aenet_dist.batching import gather_batch, shard_from_range
 from aenet_dist.checkpoint import load as load_checkpoint
-from aenet_dist.config import TrainConfig
+from aenet_dist.config import TrainConfig, load_train_config
 from aenet_dist.descriptors import featurize
 from aenet_dist.loss import ErrorSums, error_sums, global_loss
 from aenet_dist.store import StoreReader, StructureRange, ElementRows, featurize_to_store
@@ -506,6 +506,27 @@ def test_every_torch_optimizer_by_name_trains_and_resumes_exactly(emt, tmp_path,
             assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-14), (method, a["epoch"], key)
     state = load_checkpoint(tmp_path / "part" / "checkpoints" / "checkpoint_000002.pt")
     assert state["config"]["optim"]["method"] == method
+
+
+def test_train_in_takes_command_line_overrides(emt, tmp_path):
+    """A train.in run takes the overrides of a train.toml (nested keys too) and reports typos alike."""
+    _, store = emt
+    tin = tmp_path / "train.in"
+    tin.write_text(f"TRAININGSET {store}\nITERATIONS 50\nBATCHSIZE 8\nMETHOD\nmethod=adam lr=0.01\n"
+                   "NETWORKS\n  Cu Cu.nn 1 4:tanh\n")
+    run_dir = tmp_path / "run"
+    run_train([tin, "model.networks.Cu.hidden=[3]", "model.networks.Au.hidden=[2,2]", "run.epochs=1",
+               "run.device=cpu", "run.dtype=float64", f"run.run_dir={run_dir}"])
+    config = load_train_config(run_dir / "config.toml")  # the resolved config the run wrote
+    assert config.run.epochs == 1 and config.optim.lr == 0.01 and config.data.store == str(store)
+    assert config.model.network_for("Cu").hidden == (3,) and config.model.network_for("Au").hidden == (2, 2)
+    assert len(metrics(run_dir)) == 1
+    toml = write_toml(tmp_path / "t.toml", store, tmp_path / "t")
+    for typo in ("optim.lrr=1", "model.networks.Cu.hiden=[3]"):
+        from_train_in = run_train([tin, typo], check=False)
+        from_toml = run_train([toml, typo], check=False)
+        assert from_train_in.returncode == from_toml.returncode == 2
+        assert from_train_in.stderr == from_toml.stderr and "did you mean" in from_toml.stderr
 
 
 def test_train_in_method_adamax(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..config import OPTIM_METHODS, TRAIN_SECTIONS, OptimConfig, TrainConfig, build_train_config, did_you_mean
@@ -72,8 +73,23 @@ def _tin_params(args: list[str], kw: str, where: str, known: tuple[str, ...]) ->
     return params
 
 
-def read_train_in(path: str | os.PathLike) -> TrainConfig:
-    """Translate aenet-PyTorch's ``train.in`` into a :class:`TrainConfig`.
+def read_train_in(path: str | os.PathLike, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Translate aenet-PyTorch's ``train.in`` into a :class:`TrainConfig`, then apply ``overrides``.
+
+    ``overrides`` are the command line's ``section.key=value`` strings, applied exactly as for a
+    train.toml (:func:`aenet_dist.config.load_train_config`); see :func:`parse_train_in` for the
+    keywords.
+
+    Raises:
+        ValueError: ``"{path}:{line}: ..."`` for a problem with the file's values,
+            ``"override '...': ..."`` for one with an override.
+    """
+    raw, origins = parse_train_in(path)
+    return build_train_config(raw, origins, str(path), overrides)
+
+
+def parse_train_in(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """The config sections that aenet-PyTorch's ``train.in`` sets, and the line that set each key.
 
     Mapping: TRAININGSET -> data.store (kept as written: pass the Zarr store there), TESTPERCENT ->
     data.test_percent, ITERATIONS -> run.epochs, BATCHSIZE -> run.batch_size, NPSEED (the split's
@@ -83,8 +99,13 @@ def read_train_in(path: str | os.PathLike) -> TrainConfig:
     cpu/gpu/disk -> data.cache memory/gpu/stream, NETWORKS -> model.networks. Other aenet-PyTorch
     keywords (ITERWRITE, MAXENERGY, SAVE_ENERGIES, ...) are logged as warnings and ignored.
 
+    Returns:
+        ``(raw, origins)``: the nested sections, as :func:`aenet_dist.config.build_train_config`
+        takes them, and ``"{path}:{line}"`` for each dotted key (``model.networks.<element>`` for
+        a NETWORKS line), so that a value's error names its line.
+
     Raises:
-        ValueError: ``"{path}:{line}: ..."`` for unknown keywords, bad numbers and invalid values.
+        ValueError: ``"{path}:{line}: ..."`` for unknown keywords and bad numbers.
     """
     path = Path(path)
     entries = [(i + 1, text.split()) for i, text in content_lines(read_lines(path, "train.in"))]  # comments removed
@@ -199,4 +220,4 @@ def read_train_in(path: str | os.PathLike) -> TrainConfig:
         raise ValueError(f"{path}: TRAININGSET is missing (give the Zarr store written by 'aenet-dist featurize')")
     if "forces" not in seen:
         raw["loss"]["force_weight"] = 0.0  # aenet-PyTorch fits energies only without FORCES
-    return build_train_config(raw, origins, str(path))
+    return raw, origins
