@@ -76,3 +76,32 @@ def run_in_process(main, args) -> subprocess.CompletedProcess:
 
 def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def predict(model, batch, with_forces: bool, create_graph: bool):
+    """The autograd reference the lean step is checked against: cohesive structure energies (B,)
+    and, if asked, forces (A, 3) of a batch, through ``torch.autograd.grad`` of the energies with
+    respect to the descriptors, then the sparse rows and the dense size groups."""
+    import torch
+
+    from aenet_dist.model import forces_from_dEdG
+
+    with_forces = with_forces and (bool(batch.deriv) or bool(batch.dense))
+    G = {el: g.requires_grad_(with_forces) for el, g in batch.G.items()}
+    atomic = model(G, cohesive=True)
+    energy = torch.zeros(batch.num_atoms.numel(), dtype=next(iter(atomic.values())).dtype, device=batch.num_atoms.device)
+    for el, e in atomic.items():
+        energy = energy.index_add(0, batch.atom_structure[el], e)
+    if not with_forces:
+        return energy, None
+    elements = sorted(set(batch.deriv) | set(batch.dense))
+    with torch.enable_grad():
+        grads = torch.autograd.grad(energy.sum(), [G[el] for el in elements], create_graph=create_graph, allow_unused=True)
+    dE_dG = {el: (g if g is not None else torch.zeros_like(G[el])) for el, g in zip(elements, grads)}
+    forces = forces_from_dEdG(dE_dG, batch.deriv, batch.total_atoms)
+    for el, blocks in batch.dense.items():
+        g = dE_dG[el]
+        for block in blocks:
+            contrib = torch.bmm(block.D, g[block.rows].flatten(1).unsqueeze(-1))  # shape (B_g, 3n, 1)
+            forces = forces.index_add(0, block.atoms.flatten(), contrib.view(-1, 3), alpha=-1.0)
+    return energy, forces

@@ -13,8 +13,8 @@ from aenet_dist.batching import gather_batch, shard_from_range
 from aenet_dist.loss import adjoints, error_sums, global_loss, loss_coefficients, loss_of_totals
 from aenet_dist.model import NetworkConfig, activate, activate_with_derivatives
 from aenet_dist.store import StoreReader
-from aenet_dist.train import build_model, predict
-from helpers import featurized_emt
+from aenet_dist.train import build_model
+from helpers import featurized_emt, predict
 
 from test_train import config_for
 

@@ -18,9 +18,9 @@ from aenet_dist.loss import ErrorSums, error_sums, global_loss
 from aenet_dist.store import StoreReader, StructureRange, ElementRows, featurize_to_store
 from aenet_dist.structures import Structure, read_structures, write_xsf
 from aenet_dist.dist import DistInfo
-from aenet_dist.train import Trainer, TrainingError, build_model, predict
+from aenet_dist.train import Trainer, TrainingError, build_model
 from aenet_dist.train import main as train_main
-from helpers import fault_env, featurized_emt, read_metrics, run_in_process, write_train_toml
+from helpers import fault_env, featurized_emt, predict, read_metrics, run_in_process, write_train_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
