@@ -12,7 +12,7 @@ cos θ = u_ij·u_ik, r_jk = |R_k − R_j| and the cosine cutoff fc(r; Rc):
 
 Radial functions count neighbours of species ``type2``, angular ones neighbour pairs whose
 species are {``type2``, ``type3``} (either way round). 2 Σ_{j<k} (½(1 + λ cos θ))^ζ is
-Behler's 2^(1−ζ) Σ_{j≠k} (1 + λ cos θ)^ζ, the form aenet computes.
+Behler's prefactor form 2^(1−ζ) Σ_{j<k} (1 + λ cos θ)^ζ, over unordered pairs as aenet sums.
 
 Feature order is aenet's, not the file's: ``sf_build_index`` groups the functions by
 environment species (ENV order): for species a, its G1s, G2s, G3s, then for each b >= a
