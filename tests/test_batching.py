@@ -1,0 +1,149 @@
+"""Batches (aenet_dist.batching) against the store they come from: for random subsets in any
+order, gather_batch gives exactly the store's descriptor rows, energies, forces and
+derivative entries, in the order asked for; so does merge_batches of pieces gathered from
+separate shards (deferred dense blocks included); padding of size-bucketed dense blocks adds
+exactly nothing; with_forces=False and structures without derivatives drop their rows.
+
+The oracle rebuilds, per element, the full (rows x atoms x 3 x F) derivative tensor from a
+batch's sparse rows and dense blocks alike, and from the store's rows directly.
+Model-level equivalences (dense vs sparse forces, buckets vs none, block pieces vs the whole
+shard bit for bit) are in test_train.py, test_step.py and test_loader.py.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from aenet_dist.batching import gather_batch, merge_batches, ranges, shard_from_range
+from aenet_dist.store import StoreReader, without_derivatives
+from helpers import featurized_emt
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """All 12 structures of a small EMT store (4 to 30 atoms, 3 elements, ~60 % with derivatives)."""
+    _, store = featurized_emt(tmp_path_factory.mktemp("batching"), 12, seed=3, force_percent=60.0, chunk_bytes=2**16)
+    reader = StoreReader(store)
+    return reader.read_range(0, reader.num_structures)
+
+
+def _expected(data, index, keep_derivs=None):
+    """What a batch of store structures ``index`` must hold, built from the store's rows with numpy:
+    (G, atom_structure, derivative tensor) per element, and the per-structure/atom fields."""
+    index = np.asarray(index)
+    keep = data.has_derivs.astype(bool) if keep_derivs is None else keep_derivs
+    atom_offset = np.r_[0, np.cumsum(data.num_atoms)]
+    structure_of_atom = np.repeat(np.arange(len(data.num_atoms)), data.num_atoms)
+    batch_atoms = np.concatenate([np.arange(atom_offset[s], atom_offset[s + 1]) for s in index])
+    atom_map = np.full(atom_offset[-1], -1)
+    atom_map[batch_atoms] = np.arange(len(batch_atoms))
+    out = {"energy": data.cohesive_energy[index], "forces": data.forces[batch_atoms],
+           "force_atoms": np.repeat(keep[index], data.num_atoms[index]), "elements": {}}
+    for element, rows in data.elements.items():
+        row_structure = structure_of_atom[rows.atom]
+        order = [np.flatnonzero(row_structure == s) for s in index]
+        taken = np.concatenate(order)
+        row_map = np.full(len(rows.atom), -1)
+        row_map[taken] = np.arange(len(taken))
+        full = np.zeros((len(taken), len(batch_atoms), 3, rows.G.shape[1]))
+        use = (row_map[rows.deriv_center] >= 0) & keep[row_structure[rows.deriv_center]]
+        np.add.at(full, (row_map[rows.deriv_center[use]], atom_map[rows.deriv_neighbor[use]]), rows.dG[use].transpose(0, 2, 1))
+        position = np.concatenate([np.full(len(o), k) for k, o in enumerate(order)])
+        out["elements"][element] = (rows.G[taken], position, full)
+    return out
+
+
+def _derivatives(batch, element, num_features):
+    """The (rows x atoms x 3 x F) tensor of a batch element's sparse rows plus its dense blocks."""
+    full = torch.zeros(batch.G[element].shape[0], batch.total_atoms, 3, num_features, dtype=F64)
+    if element in batch.deriv:
+        center, neighbor, dG = batch.deriv[element]
+        full.index_put_((center, neighbor), dG, accumulate=True)
+    for block in batch.dense.get(element, []):
+        s, n_el, n = block.rows.shape[0], block.rows.shape[1], block.atoms.shape[1]
+        # D[s, 3a + x, F i + f] -> (s, i, a, x, f)
+        values = block.D.view(s, n, 3, n_el, num_features).permute(0, 3, 1, 2, 4)
+        full.index_put_((block.rows[:, :, None].expand(s, n_el, n), block.atoms[:, None, :].expand(s, n_el, n)), values, accumulate=True)
+    return full
+
+
+def _check(batch, data, index, keep_derivs=None, with_forces=True):
+    want = _expected(data, index, keep_derivs)
+    assert torch.equal(batch.structure_index, torch.as_tensor(index, dtype=torch.int64))
+    assert torch.equal(batch.num_atoms, torch.from_numpy(data.num_atoms[index]).long())
+    assert torch.equal(batch.energy, torch.from_numpy(want["energy"]))
+    for element, (G, position, full) in want["elements"].items():
+        assert torch.equal(batch.G[element], torch.from_numpy(G).to(F64)), element
+        assert torch.equal(batch.atom_structure[element], torch.from_numpy(position)), element
+        if with_forces:
+            assert torch.equal(_derivatives(batch, element, G.shape[1]), torch.from_numpy(full).to(F64)), element
+    if with_forces:
+        assert torch.equal(batch.forces, torch.from_numpy(want["forces"]))
+        assert torch.equal(batch.force_atoms, torch.from_numpy(want["force_atoms"]))
+    else:
+        assert batch.forces is None and batch.force_atoms is None and not batch.deriv and not batch.dense
+
+
+def _subsets(n, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(n)[:8], np.array([5]), np.array([n - 1, 0])]
+
+
+def test_ranges_concatenates_aranges():
+    assert ranges(torch.tensor([5, 0, 9]), torch.tensor([2, 3, 0])).tolist() == [5, 6, 0, 1, 2]
+    assert ranges(torch.tensor([4]), torch.tensor([0])).numel() == 0
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse", "buckets"])
+def test_gather_batch_equals_the_store_rows_in_the_order_asked(data, layout):
+    shard = shard_from_range(data, F64, dense_blocks=layout != "sparse", buckets=layout == "buckets")
+    if layout != "sparse":
+        assert any(el.dense for el in shard.elements.values()) and any(el.deriv_center.numel() for el in shard.elements.values()), \
+            "the store must have dense and sparse structures"
+    if layout == "buckets":
+        assert any(g.centers is not None for el in shard.elements.values() for g in el.dense), "some dense group must be padded"
+    for index in _subsets(len(data.num_atoms), seed=0):
+        _check(gather_batch(shard, torch.from_numpy(index)), data, index)
+
+
+def test_without_forces_only_descriptors_are_gathered(data):
+    shard = shard_from_range(data, F64)
+    index = _subsets(len(data.num_atoms), seed=1)[0]
+    _check(gather_batch(shard, torch.from_numpy(index), with_forces=False), data, index, with_forces=False)
+
+
+def test_structures_without_derivatives_lose_their_rows_in_the_batch(data):
+    drop = np.zeros(len(data.num_atoms), dtype=bool)
+    drop[np.flatnonzero(data.has_derivs)[::2]] = True  # every other structure with derivative rows in the store
+    assert drop.sum() >= 2
+    keep = data.has_derivs.astype(bool) & ~drop
+    for buckets in (False, True):
+        shard = shard_from_range(without_derivatives(data, drop), F64, buckets=buckets)
+        index = np.random.default_rng(2).permutation(len(data.num_atoms))[:8]
+        _check(gather_batch(shard, torch.from_numpy(index)), data, index, keep_derivs=keep)
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_merge_batches_of_separate_shards_equals_the_store(data, buckets):
+    """Pieces from two shards (structures [0, 7) and [7, 12)), unsorted, some with deferred dense blocks:
+    the merged batch holds the store's rows in the pieces' order."""
+    from aenet_dist.store import select_structures
+
+    first = np.arange(7)
+    second = np.arange(7, len(data.num_atoms))
+    shards = [shard_from_range(select_structures(data, part), F64, store_index=torch.from_numpy(part), buckets=buckets)
+              for part in (first, second)]
+    pieces = [np.array([4, 0, 6, 2]), np.array([4, 1, 3, 0]), np.array([3])]  # local to shard 0, 1, 0
+    owner = [0, 1, 0]
+    for defer in (False, True):
+        parts = [gather_batch(shards[o], torch.from_numpy(p), defer_dense=defer) for o, p in zip(owner, pieces)]
+        if defer:
+            assert any(b.D is None for part in parts for blocks in part.dense.values() for b in blocks)
+        merged = merge_batches(parts)
+        index = np.concatenate([p + (0, 7)[o] for o, p in zip(owner, pieces)])
+        _check(merged, data, index)
+        assert all(b.D is not None for blocks in merged.dense.values() for b in blocks)
+    alone = merge_batches([gather_batch(shards[1], torch.from_numpy(pieces[1]), defer_dense=True)])
+    _check(alone, data, pieces[1] + 7)
