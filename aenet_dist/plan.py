@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"this machine: {host / GiB:.1f} GiB host memory available" + (f", {torch.cuda.mem_get_info()[0] / GiB:.1f} GiB free on {device}" if device.type == "cuda" else ", no GPU"))
     header = f"{'rank':>4} {'structs':>8} {'atoms':>9} {'dG rows':>10} {'shard GiB':>9} {'host mem/pinned':>15} {'stream min':>10} {'dev gpu':>8} {'dev other':>9} {'read/epoch stream':>17}  auto here"
     print(header)
+    failing = 0
     for r in rows:
         try:
             budget = None if args.memory_budget_gb is None else args.memory_budget_gb * GiB
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
                 mode, reason = "ERROR", f"a budget of {args.memory_budget_gb} GiB is below the {r['host_stream'] / GiB:.3f} GiB stream needs"
         except ValueError as err:
             mode, reason = "ERROR", str(err)
+        failing += mode == "ERROR"
         print(
             f"{r['rank']:>4} {r['structures']:>8} {r['atoms']:>9} {r['deriv_rows']:>10} {r['shard_bytes'] / GiB:>9.3f} "
             f"{r['host_memory'] / GiB:>15.3f} {r['host_stream'] / GiB:>10.3f} {r['device_gpu'] / GiB:>8.2f} {r['device_other'] / GiB:>9.2f} "
@@ -134,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     print("GiB throughout, data only (Python, torch and the model add ~0.25 GiB per rank). 'stream min' = the smallest")
     print("data.memory_budget_gb stream accepts (with 2x the test set more, the test set is kept in memory: +" + f"{2 * max(r['test_bytes'] for r in rows) / GiB:.3f} GiB);")
     print("'dev other' = device memory for pinned/memory/stream (a few batches in flight plus a margin).")
+    if failing:  # a script (or a job template) can tell from the exit code that the run would not start
+        print(f"error: {failing} of {len(rows)} rank(s) cannot run with these settings (rows marked ERROR)", file=sys.stderr)
+        return 1
     return 0
 
 

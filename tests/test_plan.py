@@ -53,8 +53,10 @@ def test_one_row_per_rank_adding_up_to_the_store(store, capsys, ranks):
 
 
 def test_a_budget_below_stream_min_is_marked_error(store, capsys):
-    assert cli.main(["plan", str(store), "--ranks", "2", "--cache", "stream", "--memory-budget-gb", "1e-6"]) == 0
-    rows = _table(capsys.readouterr().out)
+    assert cli.main(["plan", str(store), "--ranks", "2", "--cache", "stream", "--memory-budget-gb", "1e-6"]) == 1
+    captured = capsys.readouterr()
+    assert "error: 2 of 2 rank(s) cannot run with these settings" in captured.err
+    rows = _table(captured.out)
     assert len(rows) == 2
     for r in rows:
         assert r[10].startswith("ERROR (a budget of 1e-06 GiB is below the ") and r[10].endswith(f"{r[6]} GiB stream needs)")
