@@ -249,7 +249,6 @@ def species_features(
     row_of_atom = torch.full((num_atoms,), -1, dtype=torch.int64, device=device)
     row_of_atom[center_atoms] = torch.arange(num_centers, device=device)
     env_of_type, spin_of_env = env_tables(setup, type_names, dtype, device)
-    multi = len(setup.env_species) > 1
 
     env = env_of_type[species_index[nbr.neighbor]]
     keep = (row_of_atom[nbr.center] >= 0) & (env >= 0) & (nbr.dist < basis.max_cutoff)
@@ -258,49 +257,82 @@ def species_features(
     r = nbr.dist[keep]
     u = nbr.vec[keep] / r[:, None]
     terms = pair_terms(setup, spin_of_env, pair_row, env, r, u, num_centers)
-    G, fc, dfc, x, t, ang = terms.G, terms.fc, terms.dfc, terms.x, terms.T, terms.ang
-    coeff, m_plain, m_spin = terms.coeff, terms.m_plain, terms.m_spin
-    exps_np, _ = moment_tables(basis.angular_order)
-    num_mono = coeff.shape[1]
-    nr, na = basis.radial_order + 1, basis.angular_order + 1
-    block = nr + na
 
-    empty = torch.zeros(0, dtype=torch.int64, device=device)
     want = deriv_atoms[nbr.center[keep]]
     if not bool(want.any()):
-        return SpeciesFeatures(center_atoms, G, empty, empty, torch.zeros((0, setup.num_features, 3), dtype=dtype, device=device))
-
-    # Per-pair derivatives ∂G_i/∂R_ij for the pairs of wanted centers, shape (Pw, F, 3).
-    spin = spin_of_env[env[want]]
-    uw, rw, roww = u[want], r[want], pair_row[want]
-    _, dt = chebyshev(x[want], basis.radial_order, with_grad=True)
-    t_w = t[want]
-    g = dfc[want, None] * t_w + fc[want, None] * dt * (2.0 / basis.radial_cutoff)  # d(fc T_n)/dr, shape (Pw, nr)
-    d_pair = torch.zeros((rw.numel(), setup.num_features, 3), dtype=dtype, device=device)
-    d_pair[:, :nr] = g[:, :, None] * uw[:, None, :]
-    if multi:
-        d_pair[:, block : block + nr] = (spin[:, None] * g)[:, :, None] * uw[:, None, :]
-    ang_w = ang[want]
-    if bool(ang_w.any()):
-        wa, dwa = cutoff_fn(rw[ang_w], basis.angular_cutoff)
-        ua, ra, rowa = uw[ang_w], rw[ang_w], roww[ang_w]
-        mono_d, dmono = monomials(ua, basis.angular_order, with_grad=True)
-        degree = torch.from_numpy(exps_np.sum(axis=1)).to(device=device, dtype=dtype)
-        # ∂(w u^α)/∂R = w' u^α u + w (∂u^α/∂u − |α| u^α u)/r   (projection onto the sphere)
-        radial_part = (dwa[:, None] - wa[:, None] * degree[None, :] / ra[:, None]) * mono_d  # shape (Pa, K)
-        dphi = radial_part[:, :, None] * ua[:, None, :] + (wa / ra)[:, None, None] * dmono  # shape (Pa, K, 3)
-        channels = [(0, m_plain, torch.ones_like(wa))] + ([(block, m_spin, spin[ang_w])] if multi else [])
-        for start, m, sw in channels:
-            # Σ_α C_nα M_α(i) ∂φ_α/∂R as one GEMM: (Pa*3, K) @ (K, na)
-            z = (m[rowa] * sw[:, None])[:, :, None] * dphi  # shape (Pa, K, 3)
-            d_ang = (z.transpose(1, 2).reshape(-1, num_mono) @ coeff.T).view(-1, 3, na).transpose(1, 2)
-            d_ang = d_ang - (sw * sw * wa * dwa)[:, None, None] * ua[:, None, :]
-            d_pair[ang_w.nonzero().squeeze(1), start + nr : start + block] = d_ang
-
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return SpeciesFeatures(center_atoms, terms.G, empty, empty, torch.zeros((0, setup.num_features, 3), dtype=dtype, device=device))
+    d_pair = pair_derivatives(setup, terms, want, spin_of_env[env[want]], u, r, pair_row)
     centers = nbr.center[keep][want]
     atoms_moved = nbr.neighbor[keep][want]
     wanted_centers = center_atoms[deriv_atoms[center_atoms]]
-    return SpeciesFeatures(center_atoms, G, *atom_rows(d_pair, centers, atoms_moved, wanted_centers, num_atoms))
+    return SpeciesFeatures(center_atoms, terms.G, *atom_rows(d_pair, centers, atoms_moved, wanted_centers, num_atoms))
+
+
+def pair_derivatives(setup: DescriptorSetup, terms: PairTerms, want: torch.Tensor, spin: torch.Tensor, u: torch.Tensor,
+                     r: torch.Tensor, pair_row: torch.Tensor) -> torch.Tensor:
+    """Per-pair derivatives ∂G_i/∂R_ij of the Chebyshev descriptors for the wanted pairs.
+
+    Args:
+        setup: the center species' Chebyshev setup.
+        terms: :func:`pair_terms` of all P pairs.
+        want: (P,) bool, the pairs (of centers with derivative rows) to differentiate.
+        spin: (Pw,) typespin of the neighbour of each wanted pair.
+        u, r, pair_row: (P, 3) unit vectors, (P,) distances (Å) and center rows of all pairs.
+
+    Returns:
+        (Pw, F, 3) derivatives with respect to R_ij = R_j − R_i, in the order of the wanted pairs.
+    """
+    uw, rw, roww = u[want], r[want], pair_row[want]
+    d_pair = torch.zeros((rw.numel(), setup.num_features, 3), dtype=r.dtype, device=r.device)
+    _radial_derivatives(setup, terms, want, spin, uw, d_pair)
+    ang_w = terms.ang[want]
+    if bool(ang_w.any()):
+        _angular_derivatives(setup, terms, ang_w, spin, uw, rw, roww, d_pair)
+    return d_pair
+
+
+def _radial_derivatives(setup: DescriptorSetup, terms: PairTerms, want: torch.Tensor, spin: torch.Tensor, uw: torch.Tensor,
+                        d_pair: torch.Tensor) -> None:
+    """Write the radial columns of ``d_pair`` (Pw, F, 3): ∂(fc T_n)/∂R = d(fc T_n)/dr u, typespin-weighted in the second block."""
+    basis = setup.basis
+    nr = basis.radial_order + 1
+    block = nr + basis.angular_order + 1
+    _, dt = chebyshev(terms.x[want], basis.radial_order, with_grad=True)
+    t_w = terms.T[want]
+    g = terms.dfc[want, None] * t_w + terms.fc[want, None] * dt * (2.0 / basis.radial_cutoff)  # d(fc T_n)/dr, shape (Pw, nr)
+    d_pair[:, :nr] = g[:, :, None] * uw[:, None, :]
+    if len(setup.env_species) > 1:
+        d_pair[:, block : block + nr] = (spin[:, None] * g)[:, :, None] * uw[:, None, :]
+
+
+def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, ang_w: torch.Tensor, spin: torch.Tensor, uw: torch.Tensor,
+                         rw: torch.Tensor, roww: torch.Tensor, d_pair: torch.Tensor) -> None:
+    """Write the angular columns of ``d_pair`` (Pw, F, 3) for the wanted pairs inside the angular cutoff (``ang_w``).
+
+    ``uw``, ``rw``, ``roww``: (Pw,) unit vectors, distances and center rows of the wanted pairs.
+    """
+    basis = setup.basis
+    nr, na = basis.radial_order + 1, basis.angular_order + 1
+    block = nr + na
+    coeff = terms.coeff
+    num_mono = coeff.shape[1]
+    exps_np, _ = moment_tables(basis.angular_order)
+    wa, dwa = cutoff_fn(rw[ang_w], basis.angular_cutoff)
+    ua, ra, rowa = uw[ang_w], rw[ang_w], roww[ang_w]
+    mono_d, dmono = monomials(ua, basis.angular_order, with_grad=True)
+    degree = torch.from_numpy(exps_np.sum(axis=1)).to(device=rw.device, dtype=rw.dtype)
+    # ∂(w u^α)/∂R = w' u^α u + w (∂u^α/∂u − |α| u^α u)/r   (projection onto the sphere)
+    radial_part = (dwa[:, None] - wa[:, None] * degree[None, :] / ra[:, None]) * mono_d  # shape (Pa, K)
+    dphi = radial_part[:, :, None] * ua[:, None, :] + (wa / ra)[:, None, None] * dmono  # shape (Pa, K, 3)
+    multi = len(setup.env_species) > 1
+    channels = [(0, terms.m_plain, torch.ones_like(wa))] + ([(block, terms.m_spin, spin[ang_w])] if multi else [])
+    for start, m, sw in channels:
+        # Σ_α C_nα M_α(i) ∂φ_α/∂R as one GEMM: (Pa*3, K) @ (K, na)
+        z = (m[rowa] * sw[:, None])[:, :, None] * dphi  # shape (Pa, K, 3)
+        d_ang = (z.transpose(1, 2).reshape(-1, num_mono) @ coeff.T).view(-1, 3, na).transpose(1, 2)
+        d_ang = d_ang - (sw * sw * wa * dwa)[:, None, None] * ua[:, None, :]
+        d_pair[ang_w.nonzero().squeeze(1), start + nr : start + block] = d_ang
 
 
 def atom_rows(d_pair: torch.Tensor, centers: torch.Tensor, atoms_moved: torch.Tensor, wanted_centers: torch.Tensor,

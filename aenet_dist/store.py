@@ -670,7 +670,7 @@ def consolidate(root: Path, names: list[str]) -> None:
     species = attrs["species"]
     parts: dict[str, list] = {k: [] for k in ("num_atoms", "energy", "cohesive_energy", "has_derivs")}
     rows_per_structure = []
-    sums = {e: None for e in species}
+    sums: dict[str, dict | None] = {e: None for e in species}
     for b in range(len(bounds) - 1):
         block_dir = _block_dir(root, b)
         if not block_dir.exists():
@@ -678,43 +678,72 @@ def consolidate(root: Path, names: list[str]) -> None:
         block = zarr.open_group(zarr.storage.LocalStore(block_dir), mode="r")
         for key in parts:
             parts[key].append(block[key][...])
-        num_atoms = block["num_atoms"][...]
-        atom_structure = np.repeat(np.arange(len(num_atoms)), num_atoms)
-        rows = np.zeros(len(num_atoms), dtype=np.int64)
-        battrs = dict(block.attrs)
+        rows_per_structure.append(_block_deriv_rows(block, species))
+        partial_stats = dict(block.attrs)["partial_stats"]
         for e in species:
-            center_atom = block[e]["atom"][...][block[e]["deriv_center"][...]]
-            rows += np.bincount(atom_structure[center_atom], minlength=len(num_atoms))
-            p = battrs["partial_stats"][e]
-            if sums[e] is None:
-                width = len(p["sum"])
-                sums[e] = {"sum": np.zeros(width), "sum_sq": np.zeros(width), "min": np.full(width, np.inf), "max": np.full(width, -np.inf)}
-                sums[e] |= {"count": 0, "deriv_rows": 0}
-            sums[e]["sum"] += np.array(p["sum"])
-            sums[e]["sum_sq"] += np.array(p["sum_sq"])
-            if p["min"] is not None:
-                sums[e]["min"] = np.minimum(sums[e]["min"], p["min"])
-                sums[e]["max"] = np.maximum(sums[e]["max"], p["max"])
-            sums[e]["count"] += p["count"]
-            sums[e]["deriv_rows"] += p["deriv_rows"]
-        rows_per_structure.append(rows)
+            sums[e] = _add_partial_stats(sums[e], partial_stats[e])
     table = {k: np.concatenate(v) for k, v in parts.items()}
     num_atoms = table["num_atoms"].astype(np.int64)
-    stats = {}
-    for e in species:
-        s = sums[e]
-        count = max(s["count"], 1)
-        mean = s["sum"] / count
-        mean_sq = s["sum_sq"] / count
-        stats[e] = {
-            "count": int(s["count"]),
-            "min": np.where(np.isfinite(s["min"]), s["min"], 0.0).tolist(),
-            "max": np.where(np.isfinite(s["max"]), s["max"], 0.0).tolist(),
-            "mean": mean.tolist(),
-            "mean_sq": mean_sq.tolist(),
-            "std": np.sqrt(np.maximum(mean_sq - mean * mean, 0.0)).tolist(),
-        }
     per_atom = table["cohesive_energy"] / np.maximum(num_atoms, 1)
+    _write_structure_table(group, table, num_atoms, bounds, rows_per_structure, names)
+    group.attrs.update(
+        {
+            "num_atoms": int(num_atoms.sum()),
+            "num_force_structures": int(table["has_derivs"].sum()),
+            "num_deriv_rows": {e: int(sums[e]["deriv_rows"]) for e in species},
+            "stats": {e: _final_stats(sums[e]) for e in species},
+            "energy_per_atom": {"min": float(per_atom.min()), "max": float(per_atom.max()), "mean": float(per_atom.mean())},
+            "complete": True,
+        }
+    )
+
+
+def _block_deriv_rows(block: zarr.Group, species: list[str]) -> np.ndarray:
+    """(S_b,) int64 number of derivative rows of each structure of one block, over all elements."""
+    num_atoms = block["num_atoms"][...]
+    atom_structure = np.repeat(np.arange(len(num_atoms)), num_atoms)
+    rows = np.zeros(len(num_atoms), dtype=np.int64)
+    for e in species:
+        center_atom = block[e]["atom"][...][block[e]["deriv_center"][...]]
+        rows += np.bincount(atom_structure[center_atom], minlength=len(num_atoms))
+    return rows
+
+
+def _add_partial_stats(total: dict | None, p: dict) -> dict:
+    """Add one block's partial statistics ``p`` of an element to the running ``total`` (None before the first block)."""
+    if total is None:
+        width = len(p["sum"])
+        total = {"sum": np.zeros(width), "sum_sq": np.zeros(width), "min": np.full(width, np.inf), "max": np.full(width, -np.inf)}
+        total |= {"count": 0, "deriv_rows": 0}
+    total["sum"] += np.array(p["sum"])
+    total["sum_sq"] += np.array(p["sum_sq"])
+    if p["min"] is not None:  # a block without atoms of this element has no min/max
+        total["min"] = np.minimum(total["min"], p["min"])
+        total["max"] = np.maximum(total["max"], p["max"])
+    total["count"] += p["count"]
+    total["deriv_rows"] += p["deriv_rows"]
+    return total
+
+
+def _final_stats(s: dict) -> dict:
+    """The stored per-feature statistics (count, min, max, mean, mean_sq, std) from summed partial statistics."""
+    count = max(s["count"], 1)
+    mean = s["sum"] / count
+    mean_sq = s["sum_sq"] / count
+    return {
+        "count": int(s["count"]),
+        # An element with no atoms keeps ±inf bounds; store 0 instead (JSON has no inf).
+        "min": np.where(np.isfinite(s["min"]), s["min"], 0.0).tolist(),
+        "max": np.where(np.isfinite(s["max"]), s["max"], 0.0).tolist(),
+        "mean": mean.tolist(),
+        "mean_sq": mean_sq.tolist(),
+        "std": np.sqrt(np.maximum(mean_sq - mean * mean, 0.0)).tolist(),
+    }
+
+
+def _write_structure_table(group: zarr.Group, table: dict[str, np.ndarray], num_atoms: np.ndarray, bounds: np.ndarray,
+                           rows_per_structure: list[np.ndarray], names: list[str]) -> None:
+    """(Re)write the root's ``structures/`` arrays: per-structure sizes, energies, block and names."""
     name_bytes = [n.encode() for n in names]
     sgroup = group.require_group("structures")
     level = 1
@@ -732,16 +761,6 @@ def consolidate(root: Path, names: list[str]) -> None:
         if key in sgroup:
             del sgroup[key]
         _write_array(sgroup, key, data, level)
-    group.attrs.update(
-        {
-            "num_atoms": int(num_atoms.sum()),
-            "num_force_structures": int(table["has_derivs"].sum()),
-            "num_deriv_rows": {e: int(sums[e]["deriv_rows"]) for e in species},
-            "stats": stats,
-            "energy_per_atom": {"min": float(per_atom.min()), "max": float(per_atom.max()), "mean": float(per_atom.mean())},
-            "complete": True,
-        }
-    )
 
 
 # ------------------------------------------------------------------ reading

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,66 +83,8 @@ def read_xsf(path: str | os.PathLike) -> Structure:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: cannot read file: {err}") from None
-    lines = text.splitlines()
-    energy = None
-    cell = None
-    pbc = None
-    species: list[str] = []
-    coords: list[list[float]] = []
-    i = 0
-    num_lines = len(lines)
-
-    def next_content(start: int) -> int:
-        while start < num_lines and (not lines[start].strip() or lines[start].lstrip().startswith("#")):
-            start += 1
-        return start
-
-    while i < num_lines:
-        raw = lines[i]
-        stripped = raw.strip()
-        if not stripped:
-            i += 1
-            continue
-        if stripped.startswith("#"):
-            match = _ENERGY_RE.search(stripped)
-            if match:
-                energy = _parse_floats([match.group(1)], path, i + 1, "the total energy", limit=1e12)[0]
-            i += 1
-            continue
-        keyword = stripped.split()[0].upper()
-        if keyword == "CRYSTAL":
-            pbc = True
-            i += 1
-        elif keyword == "PRIMVEC":
-            rows = []
-            for _ in range(3):
-                i = next_content(i + 1)
-                if i >= num_lines:
-                    raise ValueError(f"{path}: PRIMVEC needs 3 lattice vectors, file ended")
-                tokens = lines[i].split()
-                if len(tokens) != 3:
-                    raise ValueError(f"{path}:{i + 1}: lattice vector needs 3 numbers, got {lines[i].strip()!r}")
-                rows.append(_parse_floats(tokens, path, i + 1, "a lattice vector"))
-            cell = np.array(rows, dtype=np.float64)
-            i += 1
-        elif keyword in ("CONVVEC",):
-            i += 4  # conventional cell: not used by aenet
-        elif keyword == "PRIMCOORD":
-            i = next_content(i + 1)
-            if i >= num_lines:
-                raise ValueError(f"{path}: PRIMCOORD without an atom count line")
-            tokens = lines[i].split()
-            try:
-                count = int(tokens[0])
-            except (ValueError, IndexError):
-                raise ValueError(f"{path}:{i + 1}: expected the atom count after PRIMCOORD, got {lines[i].strip()!r}") from None
-            i = _read_atom_lines(lines, i + 1, count, path, species, coords)
-        elif keyword == "ATOMS":
-            pbc = False if pbc is None else pbc
-            i = _read_atom_lines(lines, i + 1, None, path, species, coords)
-        else:
-            raise ValueError(f"{path}:{i + 1}: unexpected line {stripped!r}")
-
+    parts = _read_xsf_blocks(path, text.splitlines())
+    species, cell, pbc, energy = parts.species, parts.cell, parts.pbc, parts.energy
     if not species:
         raise ValueError(f"{path}: no atoms (expected a PRIMCOORD or ATOMS section)")
     if pbc is None:
@@ -151,7 +93,7 @@ def read_xsf(path: str | os.PathLike) -> Structure:
         raise ValueError(f"{path}: CRYSTAL without PRIMVEC lattice vectors")
     if energy is None:
         raise ValueError(f"{path}: missing energy line '# total energy = <E> eV'")
-    data = np.array(coords, dtype=np.float64)
+    data = np.array(parts.coords, dtype=np.float64)
     if pbc and abs(np.linalg.det(cell)) < 1e-10:
         raise ValueError(f"{path}: PRIMVEC lattice vectors are linearly dependent (cell volume 0)")
     forces = data[:, 3:6] if data.shape[1] == 6 else None
@@ -166,7 +108,95 @@ def read_xsf(path: str | os.PathLike) -> Structure:
     )
 
 
-def _read_atom_lines(lines, start, count, path, species, coords) -> int:
+@dataclass
+class _XsfBlocks:
+    """What the blocks of an XSF file say; ``None`` where the file does not say it."""
+
+    energy: float | None = None  # eV, from the '# total energy' comment
+    cell: np.ndarray | None = None  # (3, 3) PRIMVEC rows, Å
+    pbc: bool | None = None  # CRYSTAL -> True; ATOMS alone -> False
+    species: list[str] = field(default_factory=list)
+    coords: list[list[float]] = field(default_factory=list)  # per atom: x y z [fx fy fz]
+
+
+def _read_xsf_blocks(path: Path, lines: list[str]) -> _XsfBlocks:
+    """The line pass: energy comments, CRYSTAL/PRIMVEC/CONVVEC headers and the atom sections."""
+    out = _XsfBlocks()
+    i = 0
+    while i < len(lines):
+        stripped = lines[i].strip()
+        if not stripped:
+            i += 1
+            continue
+        if stripped.startswith("#"):
+            energy = _energy_comment(path, i + 1, stripped)
+            if energy is not None:  # the last energy comment wins
+                out.energy = energy
+            i += 1
+            continue
+        keyword = stripped.split()[0].upper()
+        if keyword == "CRYSTAL":
+            out.pbc = True
+            i += 1
+        elif keyword == "PRIMVEC":
+            out.cell, i = _read_primvec(path, lines, i)
+        elif keyword in ("CONVVEC",):
+            i += 4  # conventional cell: not used by aenet
+        elif keyword == "PRIMCOORD":
+            i = _read_primcoord(path, lines, i, out.species, out.coords)
+        elif keyword == "ATOMS":
+            out.pbc = False if out.pbc is None else out.pbc
+            i = _read_atom_lines(lines, i + 1, None, path, out.species, out.coords)
+        else:
+            raise ValueError(f"{path}:{i + 1}: unexpected line {stripped!r}")
+    return out
+
+
+def _next_content(lines: list[str], start: int) -> int:
+    """Index of the first line from ``start`` on that is neither blank nor a comment (``len(lines)`` if none)."""
+    while start < len(lines) and (not lines[start].strip() or lines[start].lstrip().startswith("#")):
+        start += 1
+    return start
+
+
+def _energy_comment(path: Path, line_no: int, stripped: str) -> float | None:
+    """The total energy (eV) of a ``# total energy = E eV`` comment; None for any other comment."""
+    match = _ENERGY_RE.search(stripped)
+    if not match:
+        return None
+    return _parse_floats([match.group(1)], path, line_no, "the total energy", limit=1e12)[0]
+
+
+def _read_primvec(path: Path, lines: list[str], i: int) -> tuple[np.ndarray, int]:
+    """Read ``PRIMVEC`` at line index ``i`` and its 3 lattice vectors; return the (3, 3) cell (Å) and the next index."""
+    rows = []
+    for _ in range(3):
+        i = _next_content(lines, i + 1)
+        if i >= len(lines):
+            raise ValueError(f"{path}: PRIMVEC needs 3 lattice vectors, file ended")
+        tokens = lines[i].split()
+        if len(tokens) != 3:
+            raise ValueError(f"{path}:{i + 1}: lattice vector needs 3 numbers, got {lines[i].strip()!r}")
+        rows.append(_parse_floats(tokens, path, i + 1, "a lattice vector"))
+    return np.array(rows, dtype=np.float64), i + 1
+
+
+def _read_primcoord(path: Path, lines: list[str], i: int, species: list[str], coords: list[list[float]]) -> int:
+    """Read ``PRIMCOORD`` at line index ``i``, its atom count and atom lines (appended); return the next index."""
+    i = _next_content(lines, i + 1)
+    if i >= len(lines):
+        raise ValueError(f"{path}: PRIMCOORD without an atom count line")
+    tokens = lines[i].split()
+    try:
+        count = int(tokens[0])
+    except (ValueError, IndexError):
+        raise ValueError(f"{path}:{i + 1}: expected the atom count after PRIMCOORD, got {lines[i].strip()!r}") from None
+    return _read_atom_lines(lines, i + 1, count, path, species, coords)
+
+
+def _read_atom_lines(
+    lines: list[str], start: int, count: int | None, path: Path, species: list[str], coords: list[list[float]]
+) -> int:
     """Read atom lines ``symbol x y z [fx fy fz]``; ``count`` None reads until a non-atom line."""
     i = start
     width = None

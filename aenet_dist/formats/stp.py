@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import BEHLER_PARAMETERS, BehlerBasis, BehlerFunction, ChebyshevBasis, DescriptorSetup
@@ -51,8 +52,8 @@ _DEFAULT_RMIN = 1.0  # aenet's Rc_min when RMIN is not given
 def read_setup(path: str | os.PathLike) -> DescriptorSetup:
     """Parse one aenet descriptor setup (``.stp``) file.
 
-    Only ``BASIS type=Chebyshev`` is supported; ``SYMMFUNC``/``FUNCTIONS`` (Behler symmetry
-    functions) raise. The Chebyshev parameters ``radial_Rc radial_N angular_Rc angular_N``
+    The basis is ``BASIS type=Chebyshev`` or ``SYMMFUNC``/``FUNCTIONS type=Behler2011``
+    (Behler symmetry functions). The Chebyshev parameters ``radial_Rc radial_N angular_Rc angular_N``
     are ``key = value`` pairs in any order on the BASIS line itself and/or the lines that
     follow it. Without ``RMIN`` aenet's default of 1.0 Å is used (with a warning).
 
@@ -67,13 +68,46 @@ def read_setup(path: str | os.PathLike) -> DescriptorSetup:
             numbers, unsupported descriptor types, or missing ATOM/ENV/BASIS/parameters.
     """
     path = Path(path)
-    lines = read_lines(path, "setup file")
-    element = None
+    s = _read_keywords(path, read_lines(path, "setup file"))
+    if s.element is None:
+        raise ValueError(f"{path}: missing 'ATOM <symbol>' (the central species)")
+    if s.env is None:
+        raise ValueError(f"{path}: missing 'ENV <n>' and its species lines")
+    if s.basis is None:
+        raise ValueError(f"{path}: missing 'BASIS type=Chebyshev' (or 'SYMMFUNC type=Behler2011') and its parameters")
+    rmin = s.rmin
+    if rmin is None:
+        _log.warning("%s: RMIN not set, using aenet's default %.1f", path, _DEFAULT_RMIN)
+        rmin = _DEFAULT_RMIN
+    try:
+        return DescriptorSetup(
+            element=s.element,
+            env_species=tuple(s.env),
+            basis_type="behler2011" if isinstance(s.basis, BehlerBasis) else "chebyshev",
+            basis=s.basis,
+            rmin=rmin,
+            description=s.description,
+            source=str(path),
+        )
+    except ValueError as err:
+        raise ValueError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
+
+
+@dataclass
+class _SetupKeywords:
+    """What the keywords of a ``.stp`` file say; ``None`` where the keyword is absent."""
+
+    seen: dict[str, int] = field(default_factory=dict)  # keyword -> its line (1-based)
+    element: str | None = None
     env: list[str] | None = None
-    rmin = None
-    description = ""
+    rmin: float | None = None
+    description: str = ""
     basis: ChebyshevBasis | BehlerBasis | None = None
-    seen: dict[str, int] = {}
+
+
+def _read_keywords(path: Path, lines: list[str]) -> _SetupKeywords:
+    """The keyword pass: each keyword once, at most one basis, each read by its helper."""
+    out = _SetupKeywords()
     i = 0
     while i < len(lines):
         text = strip_comment(lines[i])
@@ -85,79 +119,81 @@ def read_setup(path: str | os.PathLike) -> DescriptorSetup:
         keyword = tokens[0].lower()
         if keyword not in STP_KEYWORDS:
             raise ValueError(f"{path}:{line_no}: unknown keyword {tokens[0]!r} (expected one of {', '.join(k.upper() for k in STP_KEYWORDS)})")
-        if keyword in seen or (keyword in _BASIS_KEYWORDS and basis is not None):
+        seen = out.seen
+        if keyword in seen or (keyword in _BASIS_KEYWORDS and out.basis is not None):
             first = seen.get(keyword) or min(seen[k] for k in _BASIS_KEYWORDS if k in seen)
             raise ValueError(f"{path}:{line_no}: {keyword.upper()} given twice, or a second descriptor basis (first on line {first})")
         seen[keyword] = line_no
         if keyword == "descr":
-            body = []
-            i += 1
-            while i < len(lines) and not _END_DESCR_RE.match(lines[i]):
-                body.append(lines[i].strip())
-                i += 1
-            if i >= len(lines):
-                raise ValueError(f"{path}:{line_no}: DESCR without a closing 'END DESCR'")
-            description = "\n".join(body).strip()
-            i += 1
+            out.description, i = _read_descr(path, lines, i)
         elif keyword == "atom":
-            if len(tokens) != 2:
-                raise ValueError(f"{path}:{line_no}: expected 'ATOM <symbol>', got {text!r}")
-            element = tokens[1]
+            out.element = _one_value(path, line_no, text, "ATOM <symbol>")
             i += 1
         elif keyword == "env":
-            if len(tokens) != 2:
-                raise ValueError(f"{path}:{line_no}: expected 'ENV <number of species>', got {text!r}")
-            num_env = to_int(tokens[1], path, line_no, "the ENV species count")
-            if num_env < 1:
-                raise ValueError(f"{path}:{line_no}: ENV needs at least one species, got {num_env}")
-            env = []
-            i += 1
-            while len(env) < num_env:
-                while i < len(lines) and not strip_comment(lines[i]):
-                    i += 1
-                if i >= len(lines) or strip_comment(lines[i]).split()[0].lower() in STP_KEYWORDS:
-                    where = f"line {i + 1}" if i < len(lines) else "the end of the file"
-                    raise ValueError(f"{path}:{line_no}: ENV announces {num_env} species but only {len(env)} follow before {where}")
-                species_tokens = strip_comment(lines[i]).split()
-                if len(species_tokens) != 1:
-                    raise ValueError(f"{path}:{i + 1}: expected one ENV species symbol, got {lines[i].strip()!r}")
-                if species_tokens[0] in env:
-                    raise ValueError(f"{path}:{i + 1}: ENV species {species_tokens[0]!r} listed twice")
-                env.append(species_tokens[0])
-                i += 1
+            out.env, i = _read_env(path, lines, i)
         elif keyword == "rmin":
-            if len(tokens) != 2:
-                raise ValueError(f"{path}:{line_no}: expected 'RMIN <distance>', got {text!r}")
-            rmin = to_float(tokens[1], path, line_no, "RMIN")
-            if rmin < 0:
-                raise ValueError(f"{path}:{line_no}: RMIN must be >= 0, got {rmin}")
+            out.rmin = _read_rmin(path, line_no, text)
             i += 1
         elif keyword == "basis":
-            basis, i = _read_chebyshev(path, lines, i)
+            out.basis, i = _read_chebyshev(path, lines, i)
         else:  # SYMMFUNC / FUNCTIONS
-            basis, i = _read_behler(path, lines, i, env)
+            out.basis, i = _read_behler(path, lines, i, out.env)
+    return out
 
-    if element is None:
-        raise ValueError(f"{path}: missing 'ATOM <symbol>' (the central species)")
-    if env is None:
-        raise ValueError(f"{path}: missing 'ENV <n>' and its species lines")
-    if basis is None:
-        raise ValueError(f"{path}: missing 'BASIS type=Chebyshev' (or 'SYMMFUNC type=Behler2011') and its parameters")
-    if rmin is None:
-        _log.warning("%s: RMIN not set, using aenet's default %.1f", path, _DEFAULT_RMIN)
-        rmin = _DEFAULT_RMIN
-    try:
-        return DescriptorSetup(
-            element=element,
-            env_species=tuple(env),
-            basis_type="behler2011" if isinstance(basis, BehlerBasis) else "chebyshev",
-            basis=basis,
-            rmin=rmin,
-            description=description,
-            source=str(path),
-        )
-    except ValueError as err:
-        raise ValueError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
+
+def _one_value(path: Path, line_no: int, text: str, expected: str) -> str:
+    """The single value after the keyword on line ``text``; ``expected`` is the form named in the error."""
+    tokens = text.split()
+    if len(tokens) != 2:
+        raise ValueError(f"{path}:{line_no}: expected '{expected}', got {text!r}")
+    return tokens[1]
+
+
+def _read_descr(path: Path, lines: list[str], i: int) -> tuple[str, int]:
+    """Read ``DESCR`` at line index ``i`` up to ``END DESCR``; return the text and the next index."""
+    line_no = i + 1
+    body = []
+    i += 1
+    while i < len(lines) and not _END_DESCR_RE.match(lines[i]):
+        body.append(lines[i].strip())
+        i += 1
+    if i >= len(lines):
+        raise ValueError(f"{path}:{line_no}: DESCR without a closing 'END DESCR'")
+    return "\n".join(body).strip(), i + 1
+
+
+def _read_env(path: Path, lines: list[str], i: int) -> tuple[list[str], int]:
+    """Read ``ENV <n>`` at line index ``i`` and its ``n`` species lines; return them and the next index."""
+    line_no = i + 1
+    text = strip_comment(lines[i])
+    num_env = to_int(_one_value(path, line_no, text, "ENV <number of species>"), path, line_no, "the ENV species count")
+    if num_env < 1:
+        raise ValueError(f"{path}:{line_no}: ENV needs at least one species, got {num_env}")
+    env: list[str] = []
+    i += 1
+    while len(env) < num_env:
+        while i < len(lines) and not strip_comment(lines[i]):
+            i += 1
+        # A keyword (or the end of the file) before n species means the count is wrong.
+        if i >= len(lines) or strip_comment(lines[i]).split()[0].lower() in STP_KEYWORDS:
+            where = f"line {i + 1}" if i < len(lines) else "the end of the file"
+            raise ValueError(f"{path}:{line_no}: ENV announces {num_env} species but only {len(env)} follow before {where}")
+        species_tokens = strip_comment(lines[i]).split()
+        if len(species_tokens) != 1:
+            raise ValueError(f"{path}:{i + 1}: expected one ENV species symbol, got {lines[i].strip()!r}")
+        if species_tokens[0] in env:
+            raise ValueError(f"{path}:{i + 1}: ENV species {species_tokens[0]!r} listed twice")
+        env.append(species_tokens[0])
+        i += 1
+    return env, i
+
+
+def _read_rmin(path: Path, line_no: int, text: str) -> float:
+    """The distance of an ``RMIN <distance>`` line (Å, >= 0)."""
+    rmin = to_float(_one_value(path, line_no, text, "RMIN <distance>"), path, line_no, "RMIN")
+    if rmin < 0:
+        raise ValueError(f"{path}:{line_no}: RMIN must be >= 0, got {rmin}")
+    return rmin
 
 
 def _read_chebyshev(path: Path, lines: list[str], i: int) -> tuple[ChebyshevBasis, int]:
