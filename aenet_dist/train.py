@@ -13,10 +13,7 @@ checkpoints (latest k and best) and a summary table at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
-import json
-import logging
 import math
 import os
 import signal
@@ -32,10 +29,11 @@ from . import checkpoint as ckpt
 from .batching import Batch
 from .config import TrainConfig, load_train_config, save_resolved_config
 from .formats.train_in import read_train_in
-from .dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
-from .files import atomic_write, lock_directory, remove_stale_temporaries, unlock
+from .dist import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
+from .files import lock_directory, remove_stale_temporaries, unlock
 from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_plan, local_ranks, make_training_data, usable_cores
 from .log import get_logger, setup_logging
+from .report import RunReport
 from . import step as lean
 from .loss import ANGLE_BINS, error_sums, force_angle_histogram, histogram_quantile, loss_of_totals
 from .model import AtomicModel, model_from_facts
@@ -45,9 +43,6 @@ log = get_logger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-PRINTED_LINES = 25  # epoch lines a run prints by default (run.print_every = epochs / this)
-WAIT_FLOOR_S = 0.05  # per step: waiting less than this on average is not worth a warning
-WARN_EVERY = 10  # a recurring warning is repeated every this many epochs it recurs
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun with --resume
 
 
@@ -111,11 +106,6 @@ def make_scheduler(optimizer, config: TrainConfig):
     return None
 
 
-def _format_time(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 # Settings a resumed run may change: they decide how long and on what it runs, not what it computes.
 RESUME_MAY_CHANGE = {
     ("run", "epochs"),
@@ -154,6 +144,7 @@ class Trainer:
         data = make_training_data(self.reader, config.data, config.run.batch_size, config.run.seed, self.dtype, info)
         self.data, self.cache_mode, self.prefetch, self.steps = data.rank_data, data.cache_mode, data.prefetch, data.steps
         self.eval_plan, self.source, self.eval_source = data.eval_plan, data.source, data.eval_source
+        self.report = RunReport(config.run, info, self.run_dir, self.steps, self.prefetch)
         self.load_seconds = time.perf_counter() - t0
 
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
@@ -176,7 +167,6 @@ class Trainer:
         self.partial_totals = torch.zeros(4, dtype=self.dtype)  # their summed errors
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
         self.stop_agreed = False  # some rank asked to stop (known to all after each step)
-        self.warning_counts: dict[str, int] = {}  # recurring warnings given so far (data wait, straggler)
         self.local_seconds = 0.0  # forward time this epoch, before any collective (straggler check)
         self.best_loss = math.inf
         self.best_epoch = -1
@@ -388,35 +378,18 @@ class Trainer:
     def fit(self) -> dict:
         """Train until ``run.epochs`` (or an early stop, or a signal); returns the last epoch's metrics.
 
-        On rank 0 with a terminal, a progress bar over the epochs (ETA, test errors) sits below
-        the log; without one (a pipe, a SLURM log) only the periodic lines are written.
+        What the user sees while it runs (progress bar, log lines, metrics files) is :attr:`report`'s job.
         """
-        self.progress = None
-        self.tensorboard = None
-        with contextlib.ExitStack() as stack:
-            if self.info.is_main and self.config.run.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise ValueError("run.tensorboard = true needs the tensorboard package: "
-                                     "pip install 'aenet_dist[tensorboard]' (or set run.tensorboard = false)") from None
-                self.tensorboard = stack.enter_context(SummaryWriter(str(self.run_dir / "tensorboard")))
-            if self.info.is_main and sys.stderr.isatty():
-                from tqdm import tqdm
-                from tqdm.contrib.logging import logging_redirect_tqdm
-
-                stack.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger("aenet_dist")]))
-                self.progress = stack.enter_context(
-                    tqdm(total=self.config.run.epochs, initial=self.epoch, unit="epoch", desc="train", dynamic_ncols=True))
+        with self.report.open(self.epoch):
             return self._fit()
 
     def _fit(self) -> dict:
         config, info = self.config, self.info
-        metrics_path = self.run_dir / "metrics.jsonl"
+        last = {}
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(config, self.run_dir)
-            _truncate_metrics(metrics_path, self.epoch)
+            last = self.report.start(self.epoch)  # a resumed, finished run reports its last epoch
             log.info(
                 "training %d structures (%d test) on %d rank(s), %s, %s; %d steps/epoch; data loaded in %.1f s",
                 self.data.num_train_global,
@@ -429,19 +402,15 @@ class Trainer:
             )
         start_epoch = self.epoch
         run_start = time.perf_counter()
-        last = {}
-        if self.epoch >= config.run.epochs and metrics_path.exists():  # resumed a finished run: report it
-            lines = metrics_path.read_text().splitlines()
-            last = json.loads(lines[-1]) if lines else {}
         while self.epoch < config.run.epochs:
             epoch_start = time.perf_counter()
             totals, data_seconds = self._train_epoch()
             train_seconds = time.perf_counter() - epoch_start
             last, improved = self._end_epoch(totals, epoch_start, train_seconds, data_seconds, run_start)
             stop_early = config.run.early_stop_patience is not None and self.bad_epochs >= config.run.early_stop_patience
-            self._warn_about_waiting(data_seconds, train_seconds)
+            self.report.warn_about_waiting(data_seconds, self.local_seconds, train_seconds)
             if info.is_main:
-                self._report_epoch(last, metrics_path, start_epoch, run_start, due=stop_early or self.stop_agreed)
+                self.report.epoch_done(last, self.epoch - start_epoch, time.perf_counter() - run_start, due=stop_early or self.stop_agreed)
                 # Checkpoint on schedule, at the end, and before stopping; the best model whenever it improves.
                 if self.epoch % config.run.checkpoint_every == 0 or self.epoch == config.run.epochs or stop_early or self.stop_agreed:
                     self.checkpointer.save(self.state_dict(), self.epoch, improved)
@@ -529,62 +498,6 @@ class Trainer:
             "wall_seconds": time.perf_counter() - run_start,
         }, improved
 
-    def _report_epoch(self, last: dict, metrics_path: Path, start_epoch: int, run_start: float, due: bool) -> None:
-        """Rank 0: the metrics line in metrics.jsonl (and TensorBoard), the progress bar, and every
-        ``run.print_every`` epochs (and the first, the last and before a stop: ``due``) a log line."""
-        config = self.config
-        _append_jsonl(metrics_path, last)
-        if self.tensorboard is not None:
-            for key, value in last.items():
-                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tensorboard.add_scalar(key, value, self.epoch)
-        done = self.epoch - start_epoch
-        eta = (time.perf_counter() - run_start) / done * (config.run.epochs - self.epoch)
-        test_e, test_f = last["test_rmse_energy_meV_atom"], last["test_rmse_forces_eV_A"]
-        if self.progress is not None:
-            self.progress.set_postfix_str(f"test E {test_e:.2f} meV/atom F {test_f:.3f} eV/Å", refresh=False)
-            self.progress.update(1)
-        every = config.run.print_every or max(1, config.run.epochs // PRINTED_LINES)
-        if not (due or self.epoch % every == 0 or done == 1 or self.epoch == config.run.epochs):
-            return
-        log.info(
-            "epoch %d/%d | train E %.2f meV/atom F %.4f eV/Å | test E %.2f meV/atom F %.4f eV/Å, angle %.1f° (p90 %.1f°) "
-            "| lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
-            self.epoch, config.run.epochs, last["train_rmse_energy_meV_atom"], last["train_rmse_forces_eV_A"], test_e, test_f,
-            last["test_force_angle_median_deg"], last["test_force_angle_p90_deg"], last["lr"], last["structures_per_second"],
-            last["data_seconds"], last["train_seconds"], _format_time(eta),
-        )
-
-    def _warn_about_waiting(self, data_seconds: float, train_seconds: float) -> None:
-        """Rank 0 warns when ranks wait on data, or on a slower rank (a straggler), when it matters.
-
-        Only a loss of at least ``WAIT_FLOOR_S`` per step on average counts (short steps jitter by
-        more than any imbalance), and each warning is given once, then every ``WARN_EVERY``
-        epochs it recurs, with the count, so that a long run's log stays readable.
-        """
-        timings = all_gather_objects((data_seconds, self.local_seconds), self.info)
-        if not self.info.is_main:
-            return
-        floor = WAIT_FLOOR_S * self.steps
-        waits = [d for d, _ in timings]
-        work = [w for _, w in timings]
-        worst = int(np.argmax(waits))
-        if self.prefetch and waits[worst] > 0.2 * train_seconds and waits[worst] > floor:  # (inline gathering is not waiting)
-            self._warn_now("data", "rank %d waited %.2f s of %.2f s for data this epoch: use a faster cache (data.cache) or "
-                           "fewer ranks per node", worst, waits[worst], train_seconds)
-        slowest = int(np.argmax(work))
-        median = float(np.median(work))
-        if len(work) > 1 and work[slowest] > 1.25 * median and work[slowest] - median > floor:
-            self._warn_now("straggler", "straggler: rank %d computed for %.2f s against a median of %.2f s; the others waited "
-                           "for it (shards are balanced by stored rows; check that rank's device and its neighbours' load)",
-                           slowest, work[slowest], median)
-
-    def _warn_now(self, kind: str, message: str, *args) -> None:
-        """Log a recurring warning the first time and every WARN_EVERY-th time after, with the count."""
-        count = self.warning_counts[kind] = self.warning_counts.get(kind, 0) + 1
-        if count == 1 or count % WARN_EVERY == 0:
-            log.warning(message + (" (%d epochs so far)" if count > 1 else ""), *args, *((count,) if count > 1 else ()))
-
     def _save_interrupted(self) -> None:
         """Checkpoint the exact position inside the epoch (rank 0), then stop every rank."""
         if self.info.is_main:
@@ -611,19 +524,6 @@ def _closing(generator, prefetcher: Prefetcher):
         yield from generator
     finally:
         prefetcher.close()
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop metric lines after ``epoch`` (a resumed run rewrites them), atomically."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
-    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def summary_table(last: dict, trainer: Trainer, wall: float) -> str:

@@ -444,17 +444,17 @@ def test_epoch_log_warns_when_a_rank_waits_for_data(emt, tmp_path, caplog):
     try:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="aenet_dist"):
-            trainer._warn_about_waiting(data_seconds=0.05, train_seconds=1.0)
+            trainer.report.warn_about_waiting(0.05, trainer.local_seconds, 1.0)
             assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-            trainer._warn_about_waiting(data_seconds=0.6, train_seconds=1.0)
+            trainer.report.warn_about_waiting(0.6, trainer.local_seconds, 1.0)
             assert "rank 0 waited 0.60 s of 1.00 s for data" in caplog.text
             # Waiting that is a large share of a short epoch but below the floor per step: quiet.
             caplog.clear()
-            trainer._warn_about_waiting(data_seconds=0.04 * trainer.steps, train_seconds=0.05 * trainer.steps)
+            trainer.report.warn_about_waiting(0.04 * trainer.steps, trainer.local_seconds, 0.05 * trainer.steps)
             assert not caplog.records
             # Recurring: once, then every 10th epoch it recurs, with the count.
             for _ in range(18):
-                trainer._warn_about_waiting(data_seconds=0.6, train_seconds=1.0)
+                trainer.report.warn_about_waiting(0.6, trainer.local_seconds, 1.0)
         warned = sorted({r.getMessage() for r in caplog.records if "waited" in r.getMessage()})
         assert len(warned) == 1 and "(10 epochs so far)" in warned[0]
     finally:
