@@ -242,18 +242,11 @@ def species_features(
         from .symmetry_functions import behler_features  # imported here: it builds on this module's pieces
 
         return behler_features(setup, species_index, type_names, nbr, center_atoms, deriv_atoms)
-    basis = setup.basis
     dtype, device = nbr.vec.dtype, nbr.vec.device
     num_atoms = species_index.numel()
     num_centers = center_atoms.numel()
-    row_of_atom = torch.full((num_atoms,), -1, dtype=torch.int64, device=device)
-    row_of_atom[center_atoms] = torch.arange(num_centers, device=device)
     env_of_type, spin_of_env = env_tables(setup, type_names, dtype, device)
-
-    env = env_of_type[species_index[nbr.neighbor]]
-    keep = (row_of_atom[nbr.center] >= 0) & (env >= 0) & (nbr.dist < basis.max_cutoff)
-    pair_row = row_of_atom[nbr.center[keep]]  # shape (P,)
-    env = env[keep]
+    keep, pair_row, env = center_pairs(setup, env_of_type, species_index, nbr, center_atoms)
     r = nbr.dist[keep]
     u = nbr.vec[keep] / r[:, None]
     terms = pair_terms(setup, spin_of_env, pair_row, env, r, u, num_centers)
@@ -267,6 +260,18 @@ def species_features(
     atoms_moved = nbr.neighbor[keep][want]
     wanted_centers = center_atoms[deriv_atoms[center_atoms]]
     return SpeciesFeatures(center_atoms, terms.G, *atom_rows(d_pair, centers, atoms_moved, wanted_centers, num_atoms))
+
+
+def center_pairs(setup: DescriptorSetup, env_of_type: torch.Tensor, species_index: torch.Tensor, nbr: Neighbors,
+                 center_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pairs that enter the descriptors of ``center_atoms``: (pair mask over ``nbr``, center row of each
+    kept pair, ENV position of its neighbour). A pair is kept when its center is one of ``center_atoms``,
+    its neighbour's species is in ENV and it lies within the setup's largest cutoff."""
+    row_of_atom = torch.full((species_index.numel(),), -1, dtype=torch.int64, device=species_index.device)
+    row_of_atom[center_atoms] = torch.arange(center_atoms.numel(), device=species_index.device)
+    env = env_of_type[species_index[nbr.neighbor]]
+    keep = (row_of_atom[nbr.center] >= 0) & (env >= 0) & (nbr.dist < setup.basis.max_cutoff)
+    return keep, row_of_atom[nbr.center[keep]], env[keep]
 
 
 def pair_derivatives(setup: DescriptorSetup, terms: PairTerms, want: torch.Tensor, spin: torch.Tensor, u: torch.Tensor,

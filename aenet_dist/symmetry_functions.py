@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import BehlerFunction, DescriptorSetup
-from .descriptors import SpeciesFeatures, atom_rows
+from .descriptors import SpeciesFeatures, atom_rows, center_pairs, env_tables
 from .neighbors import Neighbors
 
 TRIPLET_SLICE = 1 << 15  # triplets per slice: (slice x functions) float64 temporaries stay in cache (1.3x faster than 1 << 17)
@@ -347,14 +347,9 @@ def behler_features(
     """Behler2011 descriptors of ``center_atoms``; same contract as :func:`aenet_dist.descriptors.species_features`."""
     dtype, device = nbr.vec.dtype, nbr.vec.device
     num_atoms, num_centers = species_index.numel(), center_atoms.numel()
-    env_position = {e: k for k, e in enumerate(setup.env_species)}
-    env_of_type = torch.tensor([env_position.get(name, -1) for name in type_names], dtype=torch.int64, device=device)
-    row_of_atom = torch.full((num_atoms,), -1, dtype=torch.int64, device=device)
-    row_of_atom[center_atoms] = torch.arange(num_centers, device=device)
-    env = env_of_type[species_index[nbr.neighbor]]
-    keep = torch.nonzero((row_of_atom[nbr.center] >= 0) & (env >= 0) & (nbr.dist < setup.basis.max_cutoff)).squeeze(1)
-    centers, moved = nbr.center[keep], nbr.neighbor[keep]
-    row, env, r, vec = row_of_atom[centers], env[keep], nbr.dist[keep], nbr.vec[keep]
+    env_of_type, _ = env_tables(setup, type_names, dtype, device)
+    keep, row, env = center_pairs(setup, env_of_type, species_index, nbr, center_atoms)
+    centers, moved, r, vec = nbr.center[keep], nbr.neighbor[keep], nbr.dist[keep], nbr.vec[keep]
     want = deriv_atoms[centers]
 
     # Centers without derivative rows need values only; the others values and pair derivatives.
