@@ -105,3 +105,34 @@ def predict(model, batch, with_forces: bool, create_graph: bool):
             contrib = torch.bmm(block.D, g[block.rows].flatten(1).unsqueeze(-1))  # shape (B_g, 3n, 1)
             forces = forces.index_add(0, block.atoms.flatten(), contrib.view(-1, 3), alpha=-1.0)
     return energy, forces
+
+
+def moved(structure, pos=None, cell=None):
+    """``structure`` with other positions and/or cell (the rest unchanged)."""
+    import dataclasses
+
+    return dataclasses.replace(structure, pos=structure.pos if pos is None else pos, cell=structure.cell if cell is None else cell)
+
+
+def fd_force(predictor, structure, atom: int, d: int, h: float = 1e-5) -> float:
+    """−∂E/∂R_(atom, d) by a central difference of the predictor's energies."""
+    energies = []
+    for sign in (1, -1):
+        pos = structure.pos.copy()
+        pos[atom, d] += sign * h
+        energies.append(predictor.predict([moved(structure, pos)], forces=False)[0].energy)
+    return -(energies[0] - energies[1]) / (2 * h)
+
+
+def fd_stress(predictor, structure, a: int, b: int, h: float = 1e-5) -> float:
+    """(1/V) ∂E/∂ε_ab (ASE's sign) by a central difference over a symmetric strain of cell and positions."""
+    import numpy as np
+
+    energies = []
+    for sign in (1, -1):
+        strain = np.eye(3)
+        strain[a, b] += sign * h / (2 if a != b else 1)
+        strain[b, a] += sign * h / 2 if a != b else 0
+        strained = moved(structure, structure.pos @ strain, structure.cell @ strain)
+        energies.append(predictor.predict([strained], forces=False)[0].energy)
+    return (energies[0] - energies[1]) / (2 * h) / abs(np.linalg.det(structure.cell))

@@ -11,6 +11,7 @@ import torch
 from aenet_dist.config import ChebyshevBasis, DescriptorSetup
 from aenet_dist.descriptors import featurize
 from aenet_dist.structures import Structure, read_xsf
+from helpers import moved
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFDATA = SHARED / "refdata" / "tio2_20_descriptors.npz"
@@ -31,10 +32,6 @@ def dense(structures, setups, types, derivs=True):
         G[f.atom_index.numpy()] = f.G.numpy()
         dG[f.deriv_center.numpy(), :, f.deriv_neighbor.numpy(), :] = f.dG.numpy()
     return G, dG
-
-
-def moved(structure, pos):
-    return Structure(structure.species, pos, structure.cell, structure.pbc, structure.energy, structure.forces, structure.name)
 
 
 def brute_force_G(structure, setup, types):

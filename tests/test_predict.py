@@ -19,6 +19,7 @@ from aenet_dist.formats.nn import read_nn, write_nn
 from aenet_dist.formats.predict_in import read_predict_input
 from aenet_dist.predict import Predictor, format_aenet, main as predict_main
 from aenet_dist.structures import Structure, read_xsf
+from helpers import fd_force, fd_stress
 
 SHARED = Path(os.environ.get("AENET_DIST_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REFDATA = SHARED / "refdata"
@@ -70,35 +71,19 @@ def test_energies_only_and_batching_give_the_same_numbers(predictor, structures)
     np.testing.assert_allclose(_flat(tiny, "forces"), _flat(full[:5], "forces"), rtol=0, atol=1e-12)
 
 
-def _moved(s: Structure, pos=None, cell=None) -> Structure:
-    return dataclasses.replace(s, pos=s.pos if pos is None else pos, cell=s.cell if cell is None else cell)
-
-
 def test_forces_and_stress_are_derivatives_of_the_energy(predictor, structures):
     """F = −dE/dR for a periodic and an isolated structure; stress = (1/V) dE/dε (ASE's sign)."""
     periodic = structures[9]  # 22 atoms
     isolated = Structure(periodic.species[:10], periodic.pos[:10], np.zeros((3, 3)), False, None, None, "cluster")
-    h = 1e-5
     for s in (periodic, isolated):
         (res,) = predictor.predict([s], forces=True, stress=s.pbc)
         assert (res.stress is not None) == s.pbc
         for atom in (0, 3, 7):
             for d in range(3):
-                plus, minus = s.pos.copy(), s.pos.copy()
-                plus[atom, d] += h
-                minus[atom, d] -= h
-                e_plus, e_minus = (predictor.predict([_moved(s, p)], forces=False)[0].energy for p in (plus, minus))
-                assert res.forces[atom, d] == pytest.approx(-(e_plus - e_minus) / (2 * h), abs=2e-6)
+                assert res.forces[atom, d] == pytest.approx(fd_force(predictor, s, atom, d), abs=2e-6)
     (res,) = predictor.predict([periodic], forces=True, stress=True)
-    volume = abs(np.linalg.det(periodic.cell))
     for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (0, 2)):
-        energies = []
-        for sign in (1, -1):
-            strain = np.eye(3)
-            strain[a, b] += sign * h / (2 if a != b else 1)
-            strain[b, a] += sign * h / 2 if a != b else 0
-            energies.append(predictor.predict([_moved(periodic, periodic.pos @ strain, periodic.cell @ strain)], forces=False)[0].energy)
-        assert res.stress[a, b] == pytest.approx((energies[0] - energies[1]) / (2 * h) / volume, abs=1e-7)
+        assert res.stress[a, b] == pytest.approx(fd_stress(predictor, periodic, a, b), abs=1e-7)
     assert np.allclose(res.stress, res.stress.T)
 
 

@@ -14,6 +14,7 @@ from aenet_dist.formats.stp import read_setup, write_setup
 from aenet_dist.descriptors import featurize
 from aenet_dist.structures import Structure, read_xsf
 from aenet_dist.symmetry_functions import aenet_order
+from helpers import fd_force, fd_stress, moved
 
 DATA = Path(__file__).resolve().parent / "data" / "behler"
 RUNS = {
@@ -99,10 +100,6 @@ def test_equals_brute_force_formulas_three_species():
         for a, s in enumerate(structure.species):
             if s == element:
                 np.testing.assert_allclose(G[a], want[a], rtol=0, atol=1e-11)
-
-
-def moved(structure, pos):
-    return Structure(structure.species, pos, structure.cell, structure.pbc, structure.energy, structure.forces, structure.name)
 
 
 def dense_dG(G, rows, num_atoms):
@@ -194,10 +191,6 @@ def test_center_missing_from_env_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- potentials
 
 
-def _strained(structure, pos, cell):
-    return Structure(structure.species, pos, cell, structure.pbc, structure.energy, structure.forces, structure.name)
-
-
 @pytest.mark.parametrize("engine", ["pairs", "rows"])
 def test_behler_potential_equals_aenet_predict_x(engine):
     """potential/*.nn were written by our exporter; reference_predict.npz is what aenet's predict_hp.x computed with them."""
@@ -232,23 +225,11 @@ def test_behler_forces_and_stress_are_derivatives_of_the_energy():
     predictor = Predictor.from_potentials(DATA / "potential")
     s = read_xsf(DATA / "xsf" / "tio2_small_triclinic.xsf")
     (res,) = predictor.predict([s], forces=True, stress=True)
-    h = 1e-5
     for atom in range(s.num_atoms):
         for d in range(3):
-            plus, minus = s.pos.copy(), s.pos.copy()
-            plus[atom, d] += h
-            minus[atom, d] -= h
-            e_plus, e_minus = (predictor.predict([_strained(s, p, s.cell)], forces=False)[0].energy for p in (plus, minus))
-            assert res.forces[atom, d] == pytest.approx(-(e_plus - e_minus) / (2 * h), abs=1e-6)
-    volume = abs(np.linalg.det(s.cell))
+            assert res.forces[atom, d] == pytest.approx(fd_force(predictor, s, atom, d), abs=1e-6)
     for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (0, 2)):
-        energies = []
-        for sign in (1, -1):
-            strain = np.eye(3)
-            strain[a, b] += sign * h / (2 if a != b else 1)
-            strain[b, a] += sign * h / 2 if a != b else 0
-            energies.append(predictor.predict([_strained(s, s.pos @ strain, s.cell @ strain)], forces=False)[0].energy)
-        assert res.stress[a, b] == pytest.approx((energies[0] - energies[1]) / (2 * h) / volume, abs=1e-7)
+        assert res.stress[a, b] == pytest.approx(fd_stress(predictor, s, a, b), abs=1e-7)
 
 
 def test_types_order_that_aenet_would_misread_is_reported():
