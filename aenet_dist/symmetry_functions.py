@@ -135,11 +135,20 @@ def _radial(functions, columns, env_of_function, row, env, r, u, out: _Outputs) 
         out.grad += (dg * weight).sum(1, keepdim=True) * u
 
 
-def _spread(per_key: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-    """Columns per function from columns per distinct parameter set (``spread`` is 0/1); no copy if one-to-one."""
-    if spread.shape[0] == spread.shape[1] and bool((spread == torch.eye(spread.shape[0], dtype=spread.dtype, device=spread.device)).all()):
-        return per_key
-    return per_key @ spread
+def _spread_matrix(key_of_function: list[int], num_keys: int, dtype, device) -> torch.Tensor | None:
+    """The 0/1 matrix (keys, functions) that copies each distinct parameter set's column to its
+    functions' columns; None when they are already one column per function, in order (decided once
+    per pair of species, on the host, so the triplet loop never asks the device)."""
+    if num_keys == len(key_of_function) and key_of_function == list(range(num_keys)):
+        return None
+    spread = torch.zeros((num_keys, len(key_of_function)), dtype=dtype, device=device)
+    spread[key_of_function, list(range(len(key_of_function)))] = 1.0
+    return spread
+
+
+def _spread(per_key: torch.Tensor, spread: torch.Tensor | None) -> torch.Tensor:
+    """Columns per function from columns per distinct parameter set (see :func:`_spread_matrix`)."""
+    return per_key if spread is None else per_key @ spread
 
 
 def _triplets(row: torch.Tensor, num_centers: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,11 +191,10 @@ def _angular(functions, columns, code_of_function, num_env, row, env, r, u, vec,
         jk_keys = sorted({(f.eta, f.cutoff) for f in fs if f.kind == 4})
         angle_keys = sorted({(f.lam, f.zeta) for f in fs})
         has_g5 = any(f.kind == 5 for f in fs)
-        spread_jk = torch.zeros((len(jk_keys) + has_g5, len(fs)), dtype=dtype, device=device)  # last row: G5's factor 1
-        spread_angle = torch.zeros((len(angle_keys), len(fs)), dtype=dtype, device=device)
-        for n, f in enumerate(fs):
-            spread_jk[jk_keys.index((f.eta, f.cutoff)) if f.kind == 4 else len(jk_keys), n] = 1.0
-            spread_angle[angle_keys.index((f.lam, f.zeta)), n] = 1.0
+        # G5 takes the last column of F(r_jk), a column of ones: no r_jk factor.
+        spread_jk = _spread_matrix([jk_keys.index((f.eta, f.cutoff)) if f.kind == 4 else len(jk_keys) for f in fs],
+                                   len(jk_keys) + has_g5, dtype, device)
+        spread_angle = _spread_matrix([angle_keys.index((f.lam, f.zeta)) for f in fs], len(angle_keys), dtype, device)
         eta_jk = torch.tensor([e for e, _ in jk_keys], dtype=dtype, device=device)
         rc_jk = torch.tensor([c for _, c in jk_keys], dtype=dtype, device=device)
         up, rp = torch.index_select(u, 0, pairs), torch.index_select(r, 0, pairs)[:, None]
