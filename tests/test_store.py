@@ -209,13 +209,35 @@ def test_reader_rejects_other_zarr(tmp_path):
         np.zeros((0, 4), dtype=np.int32),
     ],
 )
-def test_direct_array_reads_equal_zarr(tmp_path, data):
+@pytest.mark.parametrize("compressor", ["zstd", "lz4", "none"])
+def test_direct_array_reads_equal_zarr(tmp_path, data, compressor):
     group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "g"), mode="w", zarr_format=3)
-    _write_array(group, "a", data, level=1, chunk_bytes=256)
+    _write_array(group, "a", data, level=1, chunk_bytes=256, compressor=compressor)
     direct = _read_plain_array(tmp_path / "g" / "a")
     expected = zarr.open_group(zarr.storage.LocalStore(tmp_path / "g"), mode="r")["a"][...]
     assert direct is not None and direct.dtype == expected.dtype and direct.shape == expected.shape
     np.testing.assert_array_equal(direct, expected)
+    # Cast chunk by chunk: bitwise what casting the whole array gives; only float arrays are cast.
+    cast = _read_plain_array(tmp_path / "g" / "a", np.float32)
+    wanted = expected.astype(np.float32) if expected.dtype.kind == "f" else expected
+    assert cast.dtype == wanted.dtype and np.array_equal(cast, wanted)
+
+
+def test_zstd_chunk_of_the_wrong_length_is_refused(tmp_path):
+    """A valid zstd frame that decodes to fewer bytes than the chunk (its header says so) is an
+    error, not a chunk whose tail keeps whatever the buffer held."""
+    import numcodecs
+
+    from aenet_dist.store import _zstd_content_size
+
+    group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "g"), mode="w", zarr_format=3)
+    _write_array(group, "a", np.arange(64, dtype=np.float64).reshape(8, 8), level=1, chunk_bytes=256)
+    chunk = tmp_path / "g" / "a" / "c" / "0" / "0"
+    short = numcodecs.Zstd(checksum=True).encode(np.arange(31, dtype=np.float64))
+    assert _zstd_content_size(short) == 31 * 8 and _zstd_content_size(chunk.read_bytes()) == 256
+    chunk.write_bytes(short)
+    with pytest.raises(ValueError, match=f"{chunk}: chunk decodes to 248 bytes, expected 256"):
+        _read_plain_array(tmp_path / "g" / "a")
 
 
 def test_block_reads_equal_zarr(store):
