@@ -146,7 +146,8 @@ def shard_from_range(
         centers = np.bincount(row_structure, minlength=num_structures)
         deriv_rows = np.bincount(deriv_structure, minlength=num_structures)
         dense = (centers > 0) & (deriv_rows == centers * data.num_atoms) & dense_blocks
-        dG = torch.from_numpy(rows.dG).to(dtype).transpose(1, 2)  # (P, 3, F) view, x-major
+        stored = torch.from_numpy(rows.dG).to(dtype)  # (P, F, 3) as stored
+        dG = stored.transpose(1, 2)  # (P, 3, F) view, x-major
         deriv_start = np.r_[0, np.cumsum(deriv_rows)]
         group_of = np.full(num_structures, -1, dtype=np.int64)
         slot_of = np.zeros(num_structures, dtype=np.int64)
@@ -161,14 +162,20 @@ def shard_from_range(
             for c, m in sizes:
                 in_group |= dense & (centers == c) & (data.num_atoms == m)
             members = np.flatnonzero(in_group)
-            block = torch.zeros(len(members), 3 * n, n_el * num_features, dtype=dtype)
+            padded = buckets and (len(sizes) > 1 or sizes[0] != (n_el, n))
+            block = (torch.zeros if padded else torch.empty)(len(members), 3 * n, n_el * num_features, dtype=dtype)
+            # D[s, (a, x), (i, f)] = dG of row (s, i, a), component x, feature f: one gather of each
+            # structure's rows as stored, then one permuted copy into place (a block is most of a
+            # stream epoch's conversion work, so no intermediate copies).
+            place = block.view(len(members), n, 3, n_el, num_features)
             for c, m in sizes:  # each exact size into the corner of the (padded) block
                 which = np.flatnonzero((centers[members] == c) & (data.num_atoms[members] == m))
                 take = ranges(torch.from_numpy(deriv_start[members[which]]), torch.full((len(which),), c * m, dtype=torch.int64))
-                # rows (s, i, a) -> D[s, (a, x), (i, f)]
-                exact = dG[take].view(len(which), c, m, 3, -1).permute(0, 2, 3, 1, 4).reshape(len(which), 3 * m, -1)
-                block[torch.from_numpy(which), : 3 * m, : c * num_features] = exact
-            padded = buckets and (len(sizes) > 1 or sizes[0] != (n_el, n))
+                exact = stored[take].view(len(which), c, m, num_features, 3).permute(0, 2, 4, 1, 3)  # (s, a, x, i, f)
+                if padded:
+                    place[torch.from_numpy(which), :m, :, :c] = exact
+                else:  # one size: every member, in order
+                    place.copy_(exact)
             groups.append(DenseGroup(n_el, n, block,
                                      torch.from_numpy(centers[members]) if padded else None,
                                      torch.from_numpy(data.num_atoms[members].astype(np.int64)) if padded else None))
@@ -181,7 +188,8 @@ def shard_from_range(
             row_offset=torch.from_numpy(np.r_[0, np.cumsum(centers)]),
             deriv_center=torch.from_numpy(rows.deriv_center[sparse_rows].astype(np.int64)),
             deriv_neighbor=torch.from_numpy(rows.deriv_neighbor[sparse_rows].astype(np.int64)),
-            dG=dG[torch.from_numpy(sparse_rows)].contiguous(),
+            # (copies of a transposed view: whole, or by integer index, 2-4x faster than by mask)
+            dG=dG.contiguous() if sparse_rows.all() else dG.index_select(0, torch.from_numpy(np.flatnonzero(sparse_rows))),
             deriv_offset=torch.from_numpy(np.r_[0, np.cumsum(sparse_counts)]),
             dense_group=torch.from_numpy(group_of),
             dense_slot=torch.from_numpy(slot_of),
