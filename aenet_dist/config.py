@@ -415,6 +415,13 @@ class DataConfig:
     Decoding releases the GIL, converting partly does not: on an H100 node 8 readers (and
     parallel gathers) slowed the training thread's kernel launches more than they sped up
     reading, so the default stays at 2."""
+    workers: int = 0
+    """Worker processes per rank that read and convert store blocks (each block decoded, cast and
+    laid out in a worker, handed to the rank through shared memory), instead of ``data.readers``
+    threads of the rank: the training thread then no longer shares the interpreter with that
+    work. Worth it where the rank's threads are GIL-bound (many cores per rank feeding a GPU);
+    on a 2-core CPU node it was slower (bench/RESULTS.md), so 0 (threads) is the default. Each
+    worker adds its own Python and torch (~0.2 GiB) outside ``data.memory_budget_gb``."""
     dense_buckets: str = "auto"
     """Pad dense derivative blocks to size buckets (sizes within ~1.2x share one batched product):
     ``on``, ``off`` or ``auto`` (on for a CUDA device, where each product is a kernel launch; off
@@ -447,6 +454,8 @@ class DataConfig:
             raise ValueError(f"data.memory_budget_gb must be > 0 GiB (or unset), got {self.memory_budget_gb}")
         if self.readers < 1:
             raise ValueError(f"data.readers must be >= 1, got {self.readers}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
 
 
 _NETWORK_KEYS = ("hidden", "activations")

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output Zarr store (directory)")
     parser.add_argument("--force-seed", type=int, default=0, help="seed of the FORCESPERCENT choice (default 0)")
     parser.add_argument("--force-list", help="text file naming the structures (one per line, '#' comments) that get derivatives; overrides FORCESPERCENT")
-    parser.add_argument("--chunk-mb", type=float, default=32.0, help="target uncompressed MiB per block of structures (default 32)")
+    parser.add_argument("--chunk-mb", type=float, default=32.0, help="target uncompressed MiB per block of structures, dG/dR counted as float64 whatever --deriv-dtype says (default 32)")
     parser.add_argument("--deriv-dtype", choices=("float64", "float32"), default="float64", help="storage dtype of dG/dR (default float64)")
     parser.add_argument("--compressor", choices=("zstd", "lz4", "none"), default="zstd",
                         help="codec of the store's chunks: zstd (default, smallest), lz4 or none (larger, faster to read "

@@ -33,6 +33,10 @@ How batches reach the model (``data.cache``):
 
 Every step's indices are sorted and each source gathers block by block and merges, so all
 modes see the same rows in the same order (bitwise-identical training on CPU).
+
+Blocks are read and converted (:mod:`aenet_dist.block_loading`) by ``data.readers`` threads of
+the rank, or by ``data.workers`` worker processes that hand each block over in shared memory;
+both give the same batches bit for bit.
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ import psutil
 import torch
 
 from .batching import Batch, ShardData, gather_batch, merge_batches, shard_from_range
+from .block_loading import BlockTask, BlockWorkers, check_finite, load_block
 from .log import get_logger
-from .store import StoreReader, StructureRange, select_structures, without_derivatives
+from .store import StoreReader, without_derivatives
 
 log = get_logger(__name__)
 CACHE_SAFETY = 1.3  # tensors, indices and allocator slack over the raw payload
@@ -209,18 +214,6 @@ def rank_data(reader: StoreReader, rank: int, world_size: int, num_shards: int |
     return RankData(start, stop, shard_ids, shard_blocks, ~test[start:stop], np.flatnonzero(test[start:stop]), int((~test).sum()), int(test.sum()), digest)
 
 
-def check_finite(data: StructureRange, reader: StoreReader) -> None:
-    """Reference energies and forces must be finite; name the first offending structures."""
-    bad = ~np.isfinite(data.energy)
-    atom_bad = ~np.isfinite(data.forces).all(axis=1)
-    if atom_bad.any():
-        bad |= np.add.reduceat(atom_bad.astype(np.int64), np.r_[0, np.cumsum(data.num_atoms)[:-1]]) > 0
-    if bad.any():
-        names = reader.names()
-        which = [names[data.start + k] for k in np.flatnonzero(bad)[:5]]
-        raise ValueError(f"{reader.path}: reference energy or forces not finite in {int(bad.sum())} structure(s): {which}")
-
-
 def steps_per_epoch(num_train_global: int, batch_size: int) -> int:
     return max(1, math.ceil(num_train_global / batch_size))
 
@@ -339,12 +332,16 @@ class BlockSource:
 
     def __init__(self, reader: StoreReader, data: RankData, members: np.ndarray, dtype: torch.dtype,
                  resident: bool, budget_bytes: float = math.inf, readers: int = 2, pin: bool = False,
-                 piece_bytes: float = 0.0, buckets: bool = False, derivs_used: np.ndarray | None = None):
+                 piece_bytes: float = 0.0, buckets: bool = False, derivs_used: np.ndarray | None = None,
+                 workers: BlockWorkers | None = None):
         """``piece_bytes`` > 0 joins consecutive store blocks into pieces of about that many bytes
-        of members (fewer, larger gathers per step; for resident sources)."""
+        of members (fewer, larger gathers per step; for resident sources). ``workers``: load
+        blocks in those processes instead of ``readers`` threads (``data.workers``)."""
         self.reader, self.data, self.dtype, self.pin, self.buckets = reader, data, dtype, pin, buckets
         self.derivs_used = derivs_used  # (store,) bool, or None for all: data.force_percent
         self.resident, self.budget_bytes, self.readers = resident, budget_bytes, max(1, readers)
+        self.workers = workers
+        self.converters = workers.count if workers is not None else self.readers  # blocks being converted at once
         bounds = sorted({b for shard in data.shard_blocks for b in shard})
         members = np.asarray(members, dtype=np.int64)
         per_structure = structure_bytes(reader, dtype.itemsize)[data.start : data.stop]
@@ -369,22 +366,29 @@ class BlockSource:
         self.peak_held_bytes = 0.0  # most block bytes held at once while streaming (a statistic)
         self.blocks: list[ShardData] | None = None
         if resident:
-            with ThreadPoolExecutor(self.readers) as pool:
-                self.blocks = list(pool.map(self._load, range(len(self.bounds))))
+            if workers is not None:
+                loading = [self._submit(None, k) for k in range(len(self.bounds))]
+                self.blocks = [block.result() for block in loading]
+            else:
+                with ThreadPoolExecutor(self.readers) as pool:
+                    self.blocks = list(pool.map(self._load, range(len(self.bounds))))
+                self.blocks_read = len(self.bounds)
+
+    def _task(self, k: int) -> BlockTask:
+        """What loading block k takes (store indices)."""
+        a, b = self.bounds[k]
+        members = self.data.start + self.members[k]
+        used = None if self.derivs_used is None else self.derivs_used[members]
+        return BlockTask(str(self.reader.path), self.data.start + a, self.data.start + b, members, self.dtype, self.buckets, used)
 
     def _load(self, k: int) -> ShardData:
-        """Block k as tensors: read, cast block by block, checked, reduced to its members."""
-        a, b = self.bounds[k]
-        part = self.reader.read_range(self.data.start + a, self.data.start + b, _numpy_dtype(self.dtype))
-        check_finite(part, self.reader)
-        inside = self.members[k] - a
-        if len(inside) < b - a:
-            part = select_structures(part, inside)
-        store_index = torch.from_numpy(self.data.start + self.members[k])
-        if self.derivs_used is not None:
-            part = without_derivatives(part, ~self.derivs_used[self.data.start + self.members[k]])
-        self.blocks_read += 1  # one reader per block at a time; only a statistic
-        return shard_from_range(part, self.dtype, store_index=store_index, buckets=self.buckets)
+        """Block k as tensors, loaded in this process."""
+        return load_block(self.reader, self._task(k))
+
+    def _submit(self, pool: ThreadPoolExecutor | None, k: int):
+        """Start loading block k: in a worker process if there are workers, else in ``pool``'s threads."""
+        self.blocks_read += 1  # only a statistic
+        return self.workers.submit(self._task(k)) if self.workers is not None else pool.submit(self._load, k)
 
     def _steps(self, plan: list[np.ndarray]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
         """Per step: the blocks it touches and, for each, the positions inside that block."""
@@ -460,7 +464,7 @@ class BlockSource:
         pending: dict[int, Future] = {}
         held = 0.0
         next_read = 0
-        with ThreadPoolExecutor(self.readers) as pool:
+        with ThreadPoolExecutor(1 if self.workers is not None else self.readers) as pool:
             try:
                 for k, (blocks, positions) in enumerate(steps):
                     needed = set(blocks.tolist())
@@ -469,7 +473,7 @@ class BlockSource:
                         b = order[next_read]
                         if b not in needed and held + self.block_bytes[b] > self.budget_bytes:
                             break
-                        pending[b] = pool.submit(self._load, b)
+                        pending[b] = self._submit(pool, b)
                         held += self.block_bytes[b]
                         next_read += 1
                     self.peak_held_bytes = max(self.peak_held_bytes, held)
@@ -563,6 +567,12 @@ class TrainingData:
     eval_plan: list[np.ndarray]  # this rank's test-set chunks
     source: "BlockSource | ShardSource"  # training batches
     eval_source: "BlockSource | ShardSource"  # evaluation batches
+    workers: BlockWorkers | None = None  # data.workers processes, if any
+
+    def close(self) -> None:
+        """Stop the worker processes (the sources cannot read blocks afterwards)."""
+        if self.workers is not None:
+            self.workers.close()
 
 
 def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, dtype: torch.dtype, info) -> TrainingData:
@@ -610,11 +620,21 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
             log.info("data.force_percent=%g: forces of %d of the %d training structures with derivatives enter the loss",
                      config.force_percent, int(used.sum()), int((reader.has_derivs.astype(bool) & ~test).sum()))
     buckets = config.dense_buckets == "on" or (config.dense_buckets == "auto" and info.device.type == "cuda")
-    source, eval_source = make_sources(reader, data, mode, dtype, info.device, user_budget or default_budget_bytes(), config.readers,
-                                       batch_bytes, first_plan, buckets=buckets, derivs_used=derivs_used)
-    source.check_budget(first_plan, "first epoch")
-    eval_source.check_budget(eval_plan, "evaluation")
-    return TrainingData(data, mode, prefetch, steps, eval_plan, source, eval_source)
+    workers = BlockWorkers(config.workers) if config.workers and mode != "gpu" else None
+    if info.is_main and workers is not None:
+        log.info("data.workers=%d: worker processes read and convert store blocks", config.workers)
+    try:
+        source, eval_source = make_sources(reader, data, mode, dtype, info.device, user_budget or default_budget_bytes(), config.readers,
+                                           batch_bytes, first_plan, buckets=buckets, derivs_used=derivs_used, workers=workers)
+        source.check_budget(first_plan, "first epoch")
+        eval_source.check_budget(eval_plan, "evaluation")
+    except BaseException:
+        if workers is not None:
+            workers.close()
+        raise
+    return TrainingData(data, mode, prefetch, steps, eval_plan, source, eval_source, workers)
+
+
 
 
 def default_budget_bytes() -> float:
@@ -635,8 +655,12 @@ def eval_plan_and_batch_bytes(data: RankData, local_bytes: np.ndarray, first_pla
 
 
 def stream_overheads(train: "BlockSource", batch_bytes: float) -> tuple[float, float]:
-    """(batches in flight, blocks being converted): the bytes a stream budget covers besides blocks read ahead."""
-    return STREAM_BATCHES_IN_FLIGHT * batch_bytes, train.readers * CONVERT_COPIES * float(train.block_bytes.max(initial=0.0))
+    """(batches in flight, blocks being converted): the bytes a stream budget covers besides blocks read ahead.
+
+    A worker process converts one block at a time, as a reader thread does (its shared-memory
+    result replaces the converted block, which it frees).
+    """
+    return STREAM_BATCHES_IN_FLIGHT * batch_bytes, train.converters * CONVERT_COPIES * float(train.block_bytes.max(initial=0.0))
 
 
 def smallest_stream_budget(live_bytes: float, train: "BlockSource", batch_bytes: float) -> float:
@@ -646,7 +670,7 @@ def smallest_stream_budget(live_bytes: float, train: "BlockSource", batch_bytes:
 
 def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dtype, device: torch.device,
                  budget_bytes: float, readers: int, batch_bytes: float, first_plan: list[np.ndarray] | None = None,
-                 buckets: bool = False, derivs_used: np.ndarray | None = None):
+                 buckets: bool = False, derivs_used: np.ndarray | None = None, workers: BlockWorkers | None = None):
     """(training source, evaluation source) of a cache mode; reads now what the mode keeps.
 
     ``stream`` splits ``budget_bytes`` between the batches in flight, the blocks being converted
@@ -667,11 +691,11 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     if mode != "stream":
         pin = mode == "pinned" and device.type == "cuda"
         source = BlockSource(reader, data, everything, dtype, resident=True, readers=readers, pin=pin, piece_bytes=RESIDENT_PIECE_BYTES,
-                             buckets=buckets, derivs_used=derivs_used)
+                             buckets=buckets, derivs_used=derivs_used, workers=workers)
         return source, source
     per_structure = structure_bytes(reader, dtype.itemsize)[data.start : data.stop]
     train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers, buckets=buckets,
-                        derivs_used=derivs_used)
+                        derivs_used=derivs_used, workers=workers)
     queued, converting = stream_overheads(train, batch_bytes)
     test_bytes = float(per_structure[data.test_local].sum())
     avail = (1 - ALLOCATOR_RESERVE) * budget_bytes - queued - converting
@@ -691,7 +715,8 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     if len(data.test_local) == 0:
         return train, train
     test = BlockSource(reader, data, data.test_local, dtype, resident=test_resident, budget_bytes=left, readers=readers,
-                       piece_bytes=RESIDENT_PIECE_BYTES if test_resident else 0.0, buckets=buckets, derivs_used=derivs_used)
+                       piece_bytes=RESIDENT_PIECE_BYTES if test_resident else 0.0, buckets=buckets, derivs_used=derivs_used,
+                       workers=workers)
     test.budget_total = budget_bytes
     log.info(
         "stream: budget %.2f GiB per rank: %.2f GiB for blocks read ahead, test set (%.2f GiB) %s",

@@ -36,7 +36,7 @@ GiB = 2**30
 
 
 def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int, batch_size: int, num_shards: int | None = None,
-              test_percent: float = 10.0, readers: int = 2, seed: int = 0) -> list[dict]:
+              test_percent: float = 10.0, readers: int = 2, seed: int = 0, workers: int = 0) -> list[dict]:
     """One dict per rank with the figures the table prints.
 
     ``host_stream`` is the smallest ``data.memory_budget_gb`` the ``stream`` cache accepts for
@@ -51,7 +51,8 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
         data = rank_data(reader, rank, ranks, num_shards, test_percent, 0)
         local = per_structure[data.start : data.stop]
         shard = float(local.sum())
-        train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers)
+        # blocks being converted at once: by the worker processes (data.workers), else the reader threads
+        train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=workers or readers)
         plan = epoch_plan(data, seed, 0, steps_per_epoch(data.num_train_global, batch_size), window_blocks)
         chunks, biggest_batch = eval_plan_and_batch_bytes(data, local, plan, batch_size)  # as training computes them
         live = float(train.live_bytes(plan).max(initial=0.0))
@@ -96,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-percent", type=float, default=data.test_percent, help=f"data.test_percent (default {data.test_percent:g})")
     parser.add_argument("--memory-budget-gb", type=float, default=data.memory_budget_gb, help="data.memory_budget_gb: host memory per rank for data")
     parser.add_argument("--readers", type=int, default=data.readers, help=f"data.readers (default {data.readers})")
+    parser.add_argument("--workers", type=int, default=data.workers, help=f"data.workers (default {data.workers})")
     parser.add_argument("--ranks-per-node", type=int, default=None, help="ranks sharing one node's memory (default: --ranks)")
 
 
@@ -105,13 +107,16 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.memory_budget_gb is not None and not args.memory_budget_gb > 0:
         raise ValueError(f"--memory-budget-gb must be > 0, got {args.memory_budget_gb:g}")
     if not 0 <= args.test_percent < 100:
         raise ValueError(f"--test-percent must be in [0, 100), got {args.test_percent:g}")
     reader = StoreReader(args.store)
     itemsize = 4 if args.dtype == "float32" else 8
-    rows = plan_rows(reader, args.ranks, itemsize, args.shuffle_window_blocks, args.batch_size, args.num_shards, args.test_percent, args.readers)
+    rows = plan_rows(reader, args.ranks, itemsize, args.shuffle_window_blocks, args.batch_size, args.num_shards, args.test_percent, args.readers,
+                     workers=args.workers)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     host = psutil.virtual_memory().available
     print(f"store {args.store}: {reader.num_structures} structures, {len(reader.block_first) - 1} blocks; {args.ranks} rank(s), {args.dtype}")

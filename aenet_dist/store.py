@@ -612,8 +612,9 @@ def _plan_blocks(config: FeaturizeConfig, options: StoreOptions, infos: list[Str
     """(block bounds over the structures, the blocks this rank writes), from estimated bytes and cost."""
     num_features = max(s.num_features for s in config.setups.values())
     cutoff = max(s.basis.max_cutoff for s in config.setups.values())
-    itemsize = np.dtype(options.deriv_dtype).itemsize
-    costs = np.array([estimate_bytes(i, m, num_features, cutoff, itemsize) for i, m in zip(infos, force_mask)])
+    # Sizes in float64 terms whatever dG is stored in: a --deriv-dtype float32 store then has the
+    # blocks of the float64 one, so training plans (shards, shuffle windows) and batches are the same.
+    costs = np.array([estimate_bytes(i, m, num_features, cutoff, 8) for i, m in zip(infos, force_mask)])
     bounds = plan_blocks(costs, options.chunk_bytes)
     block_costs = np.add.reduceat(costs, bounds[:-1]) if len(bounds) > 1 else np.zeros(0)
     return bounds, assign_blocks(block_costs, size)[rank]
@@ -947,7 +948,8 @@ class StoreReader:
         first_block = int(np.searchsorted(self.block_first, start, side="right") - 1)
         last_block = int(np.searchsorted(self.block_first, stop, side="left"))
         blocks = [self.read_block(b, feature_dtype) for b in range(max(first_block, 0), max(last_block, first_block + 1))]
-        return _trim(concat_ranges(blocks, self.species), start, stop)
+        whole = blocks[0] if len(blocks) == 1 else concat_ranges(blocks, self.species)  # one block: no copy
+        return _trim(whole, start, stop)
 
 
 def concat_ranges(parts: list[StructureRange], species: list[str]) -> StructureRange:

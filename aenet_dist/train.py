@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch.distributed as tdist
 
 from . import checkpoint as ckpt
 from .batching import Batch
+from .block_loading import WorkerDied
 from .config import TrainConfig, load_train_config, save_resolved_config
 from .formats.train_in import read_train_in
 from .dist import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
@@ -144,6 +146,7 @@ class Trainer:
         data = make_training_data(self.reader, config.data, config.run.batch_size, config.run.seed, self.dtype, info)
         self.data, self.cache_mode, self.prefetch, self.steps = data.rank_data, data.cache_mode, data.prefetch, data.steps
         self.eval_plan, self.source, self.eval_source = data.eval_plan, data.source, data.eval_source
+        self._close_data = weakref.finalize(self, data.close)  # data.workers processes end with the trainer at the latest
         self.report = RunReport(config.run, info, self.run_dir, self.steps, self.prefetch)
         self.load_seconds = time.perf_counter() - t0
 
@@ -374,6 +377,10 @@ class Trainer:
     def _loss_of(self, rmse_e: float, rmse_f: float) -> float:
         alpha = self.config.loss.force_weight
         return (1 - alpha) * rmse_e + (alpha * rmse_f if not math.isnan(rmse_f) else 0.0)
+
+    def close(self) -> None:
+        """Stop the data worker processes (``data.workers``); the trainer cannot train afterwards."""
+        self._close_data()
 
     def fit(self) -> dict:
         """Train until ``run.epochs`` (or an early stop, or a signal); returns the last epoch's metrics.
@@ -633,7 +640,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(config.run.cpu_threads or max(1, usable_cores() // local_ranks()))
     start = time.perf_counter()
     previous_handlers = {}
-    lock = None
+    lock, trainer = None, None
     try:
         problem, lock = _claim_run_dir(Path(config.run.run_dir), args.resume, info)
         if problem:
@@ -662,6 +669,9 @@ def run(args: argparse.Namespace) -> int:
               f"When it is fixed, rerun with --resume to continue from the last checkpoint in {config.run.run_dir}/checkpoints",
               file=sys.stderr)
         return 1
+    except WorkerDied as err:
+        print(f"error: {err} (checkpoints: {config.run.run_dir}/checkpoints)", file=sys.stderr)
+        return 1
     except (tdist.DistError, RuntimeError) as err:
         if not info.distributed or not (isinstance(err, tdist.DistError) or _is_peer_failure(err)):
             raise
@@ -674,6 +684,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     finally:
+        if trainer is not None:
+            trainer.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
         unlock(lock)

@@ -69,16 +69,17 @@ def test_choose_cache():
 def test_cache_modes_train_identically(store, tmp_path):
     config = write_train_toml(tmp_path / "train.toml", store, tmp_path / "unused", epochs=2, batch_size=16, data_extra="shuffle_window_blocks = 3")
     results = {}
-    for mode in ("memory", "stream", "pinned"):
-        run_dir = tmp_path / mode
-        result = run_in_process(train_main, [config, f"data.cache={mode}", f"run.run_dir={run_dir}"])
+    for mode, workers in (("memory", 0), ("stream", 0), ("pinned", 0), ("stream", 2)):
+        run_dir = tmp_path / f"{mode}{workers}"
+        result = run_in_process(train_main, [config, f"data.cache={mode}", f"run.run_dir={run_dir}", f"data.workers={workers}"])
         assert result.returncode == 0, result.stderr
         assert f"data.cache={mode} -> {mode}" in result.stderr
+        assert ("worker processes read and convert" in result.stderr) == (workers > 0)
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         weights = torch.load(run_dir / "checkpoints" / "checkpoint_000002.pt", weights_only=True)["model"]
-        results[mode] = (lines, weights)
+        results[mode if not workers else f"{mode} with workers"] = (lines, weights)
     keys = ("train_rmse_energy_meV_atom", "train_rmse_forces_eV_A", "test_rmse_energy_meV_atom", "test_rmse_forces_eV_A")
-    for mode in ("stream", "pinned"):
+    for mode in ("stream", "pinned", "stream with workers"):
         for a, b in zip(results["memory"][0], results[mode][0]):
             assert all(a[k] == b[k] for k in keys), (mode, a, b)
         for name, w in results["memory"][1].items():
@@ -224,3 +225,106 @@ def test_stream_keeps_the_test_set_only_beside_the_blocks_a_step_needs(store, tm
     assert "streamed too" in run_in_process(train_main, [config, "data.cache=stream", f"data.memory_budget_gb={rows['host_stream'] * 1.001 / 2**30}",
                                                          f"run.run_dir={tmp_path / 'again'}"]).stderr
     assert "kept in memory" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def block_workers():
+    from aenet_dist.block_loading import BlockWorkers
+
+    workers = BlockWorkers(2)
+    yield workers
+    workers.close()
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_worker_processes_give_the_batches_of_in_process_loading(store, block_workers, buckets):
+    """data.workers: blocks converted in worker processes and handed over through shared memory
+    give bit for bit the batches of the rank's own reader threads, resident and streamed."""
+    reader = StoreReader(store)
+    data = rank_data(reader, 0, 1, None, 20.0, 0)
+    plan = epoch_plan(data, seed=2, epoch=1, steps=4, window_blocks=2)
+    train = np.flatnonzero(data.train_local)
+    used = np.random.default_rng(0).random(reader.num_structures) < 0.5  # data.force_percent drops rows in the worker too
+    for kw in ({"resident": True, "piece_bytes": 3e5}, {"resident": False, "budget_bytes": 1.0}):
+        threads = BlockSource(reader, data, train, torch.float32, buckets=buckets, derivs_used=used, **kw)
+        processes = BlockSource(reader, data, train, torch.float32, buckets=buckets, derivs_used=used, workers=block_workers, **kw)
+        for a, b in zip(threads.iterate(plan, with_forces=True), processes.iterate(plan, with_forces=True), strict=True):
+            assert_batches_equal(a, b)
+        assert processes.blocks_read == len(processes.bounds)
+
+
+def test_pack_unpack_round_trip_is_views_of_one_buffer():
+    from aenet_dist.block_loading import pack, unpack
+
+    shard = shard_from_range(_tiny_range(), torch.float64)
+    buffer, layout = pack(shard)
+    again = unpack(buffer, layout)
+    assert buffer.is_shared()
+    for name in ("store_index", "num_atoms", "atom_offset", "energy", "has_derivs", "forces"):
+        a, b = getattr(shard, name), getattr(again, name)
+        assert torch.equal(a, b) and a.dtype == b.dtype and b.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    for e, el in shard.elements.items():
+        assert torch.equal(el.dG, again.elements[e].dG) and len(el.dense) == len(again.elements[e].dense)
+
+
+def _tiny_range():
+    """Two structures of 2 and 1 atoms, one element with 2 features, all rows sparse."""
+    from aenet_dist.store import ElementRows, StructureRange
+
+    rows = ElementRows(atom=np.arange(3), G=np.arange(6.0).reshape(3, 2), deriv_center=np.array([0, 0, 1, 2]),
+                       deriv_neighbor=np.array([0, 1, 1, 2]), dG=np.arange(24.0).reshape(4, 2, 3))
+    return StructureRange(0, 2, np.array([2, 1]), np.array([-1.0, -2.0]), np.array([-0.5, -1.5]), np.array([True, True]),
+                          np.zeros(3, dtype=np.int64), np.zeros((3, 3)), np.ones((3, 3)), {"Cu": rows})
+
+
+def test_a_killed_worker_ends_the_read_with_a_message(store):
+    """kill -9 of a data worker: the rank's next wait for a block raises WorkerDied (no hang)."""
+    import os
+    import signal
+
+    from aenet_dist.block_loading import BlockWorkers, WorkerDied
+
+    reader = StoreReader(store)
+    data = rank_data(reader, 0, 1, None, 20.0, 0)
+    plan = epoch_plan(data, seed=0, epoch=0, steps=4, window_blocks=2)
+    workers = BlockWorkers(1)
+    try:
+        source = BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float32, resident=False, budget_bytes=1.0, workers=workers)
+        batches = source.iterate(plan, with_forces=True)
+        next(batches)
+        for pid in workers.pids():
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerDied, match="data worker process of this rank died"):
+            for _ in batches:
+                pass
+    finally:
+        workers.close()
+
+
+def test_float32_derivative_storage_trains_float32_bit_for_bit(store, tmp_path):
+    """`featurize --deriv-dtype float32` rounds dG/dR once when writing, exactly as a float32 run
+    rounds a float64 store's dG/dR when reading: float32 training (memory and stream) gives the
+    same metrics and weights bit for bit, from a store half the size to read."""
+    from aenet_dist.config import StoreOptions
+    from aenet_dist.formats.generate_in import read_generate_input
+    from aenet_dist.store import featurize_to_store
+
+    generate_in = store.parent / "data" / "generate.in"
+    small = tmp_path / "f32.zarr"
+    featurize_to_store(read_generate_input(generate_in), small, StoreOptions(chunk_bytes=2**16, deriv_dtype="float32"), progress=False)
+    assert StoreReader(small).attrs["deriv_dtype"] == "float32"
+    config = write_train_toml(tmp_path / "train.toml", store, tmp_path / "unused", epochs=2, batch_size=16)
+    results = {}
+    for name, path in (("float64 store", store), ("float32 store", small)):
+        for mode in ("memory", "stream"):
+            run_dir = tmp_path / f"{name}-{mode}".replace(" ", "_")
+            result = run_in_process(train_main, [config, f"data.store={path}", f"data.cache={mode}", "run.dtype=float32",
+                                                 f"run.run_dir={run_dir}", "data.workers=0"])
+            assert result.returncode == 0, result.stderr
+            weights = torch.load(run_dir / "checkpoints" / "checkpoint_000002.pt", weights_only=True)["model"]
+            results[name, mode] = ([json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()], weights)
+    keys = ("train_rmse_energy_meV_atom", "train_rmse_forces_eV_A", "test_rmse_energy_meV_atom", "test_rmse_forces_eV_A")
+    reference_lines, reference_weights = results["float64 store", "memory"]
+    for key, (lines, weights) in results.items():
+        assert [[m[k] for k in keys] for m in lines] == [[m[k] for k in keys] for m in reference_lines], key
+        assert all(torch.equal(w, reference_weights[n]) for n, w in weights.items()), key

@@ -604,3 +604,57 @@ def test_without_derivatives_drops_exactly_the_rows_of_those_structures(emt):
         kept = ~drop[structure_of_atom[r.elements[el].atom[r.elements[el].deriv_center]]]
         assert np.array_equal(out.elements[el].dG, r.elements[el].dG[kept])
         assert np.array_equal(out.elements[el].G, r.elements[el].G)  # descriptors (energies) untouched
+
+
+def _data_workers(proc) -> list:
+    """The data worker processes (spawned by multiprocessing) under a training process."""
+    import psutil
+
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+
+
+def test_stream_with_worker_processes_survives_sigterm_and_resumes_exactly(emt, tmp_path):
+    """data.workers with the stream cache: SIGTERM to the rank and its workers (as SLURM's scancel
+    sends it): the workers keep serving, the rank checkpoints its position (exit 75), and --resume
+    ends with the uninterrupted run's metrics and weights."""
+    import signal
+
+    _, store = emt
+    common = ["run.batch_size=4", "run.epochs=3", "data.cache=stream", "data.workers=1"]
+    full = write_toml(tmp_path / "full.toml", store, tmp_path / "full", "checkpoint_every = 1")
+    part = write_toml(tmp_path / "part.toml", store, tmp_path / "part", "checkpoint_every = 1")
+    run_train([full, *common])
+    proc = subprocess.Popen([sys.executable, "-m", "aenet_dist.train", str(part), *common], cwd=ROOT, env=fault_env(step_delay=0.25),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_epoch(tmp_path / "part", 1, proc)
+    workers = _data_workers(proc)
+    assert workers, "the stream run should have a data worker process"
+    for p in workers:
+        p.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    run_train([part, *common, "--resume"])
+    for a, b in zip(metrics(tmp_path / "full"), metrics(tmp_path / "part"), strict=True):
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-12, abs=1e-14), (a["epoch"], key)
+    w_full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_000003.pt")["model"]
+    w_part = load_checkpoint(tmp_path / "part" / "checkpoints" / "checkpoint_000003.pt")["model"]
+    assert all(torch.equal(w_full[name], w_part[name]) for name in w_full)
+
+
+def test_a_killed_data_worker_ends_training_with_a_message(emt, tmp_path):
+    """kill -9 of a data worker process: the run ends with exit 1 and says what happened, no hang."""
+    import signal
+
+    _, store = emt
+    cfg = write_toml(tmp_path / "train.toml", store, tmp_path / "run", "checkpoint_every = 1")
+    proc = subprocess.Popen([sys.executable, "-m", "aenet_dist.train", str(cfg), "run.batch_size=4", "run.epochs=50",
+                             "data.cache=stream", "data.workers=1"], cwd=ROOT, env=fault_env(step_delay=0.1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_epoch(tmp_path / "run", 1, proc)
+    for p in _data_workers(proc):
+        p.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "data worker process of this rank died" in err and "Traceback" not in err
