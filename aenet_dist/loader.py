@@ -600,6 +600,13 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
         if mode != "gpu" and not prefetch:
             log.info("batches are gathered in the training thread: %d ranks on %d cores leave none for a gathering thread", ranks, cores)
         log.info("data.cache=%s -> %s (%s)", config.cache, mode, reason)
+        stored = reader.attrs.get("deriv_dtype", "float64")
+        if mode == "stream" and dtype == torch.float32 and stored == "float64":
+            log.info("stream reads the store's float64 dG/dR every epoch: a store featurized with --deriv-dtype float32 "
+                     "trains float32 bit for bit the same and is half as much to read and decode")
+        if dtype == torch.float64 and stored == "float32":
+            log.warning("float64 training from dG/dR stored in float32: forces carry float32 rounding (~1e-7 relative); "
+                        "featurize with --deriv-dtype float64 for float64-exact forces")
     if data.num_train_global == 0:
         raise ValueError(
             f"no structures left to train on: {reader.num_structures} in {config.store}, "
