@@ -176,17 +176,20 @@ class _Loading:
 
     def __init__(self, future: Future):
         self.future = future
+        self.shard: ShardData | None = None  # unpacked once, however many steps use the block
 
     def result(self) -> ShardData:
-        try:
-            buffer, layout = self.future.result()
-        except BrokenProcessPool:
-            raise WorkerDied(
-                "a data worker process of this rank died while converting store blocks (killed, or out of memory: "
-                "see the system log); rerun with --resume to continue from the last checkpoint, with fewer "
-                "data.workers or a smaller data.memory_budget_gb if memory ran out"
-            ) from None
-        return unpack(buffer, layout)
+        if self.shard is None:
+            try:
+                buffer, layout = self.future.result()
+            except BrokenProcessPool:
+                raise WorkerDied(
+                    "a data worker process of this rank died while converting store blocks (killed, or out of memory: "
+                    "see the system log); rerun with --resume to continue from the last checkpoint, with fewer "
+                    "data.workers or a smaller data.memory_budget_gb if memory ran out"
+                ) from None
+            self.shard = unpack(buffer, layout)
+        return self.shard
 
     def cancel(self) -> bool:
         return self.future.cancel()

@@ -103,9 +103,14 @@ def synth_scale(out: Path, n: int, quick: bool) -> dict:
     res["floor_s_per_epoch"] = 2 * dG_bytes / read_bandwidth(dG_bytes)
     print(f"synth {n}: generated in {res['generate_s']:.1f} s, featurized in {res['featurize_s']:.1f} s; floor {res['floor_s_per_epoch'] * 1e3:.2f} ms/epoch")
     epochs = 3 if quick else 5
-    for cache in ("gpu", "pinned", "stream") if DEVICE == "cuda" else ("memory", "stream"):
-        text = toml(store, out / "runs" / f"synth_{cache}", cache, epochs, batch=128, method="adam", lr=1e-3, weight_decay=0.0)
+    # "stream+workers": data.workers processes convert the blocks instead of the rank's reader threads
+    # (on a 2-core CPU box they were slower; a GPU node's spare cores are where they should pay).
+    workers = min(4, max(1, (os.cpu_count() or 2) - 2))
+    for cache in ("gpu", "pinned", "stream", "stream+workers") if DEVICE == "cuda" else ("memory", "stream", "stream+workers"):
+        text = toml(store, out / "runs" / f"synth_{cache}", cache.split("+")[0], epochs, batch=128, method="adam", lr=1e-3, weight_decay=0.0)
         text = text.replace("hidden = [5, 5]", "hidden = [10, 10]")
+        if cache.endswith("+workers"):
+            text = text.replace('cache = "stream"', f'cache = "stream"\nworkers = {workers}')
         metrics = train(out, f"synth_{cache}", text)
         timed = metrics[1:]
         epoch_s = statistics.median(m["epoch_seconds"] for m in timed)
