@@ -238,6 +238,11 @@ def test_two_gloo_ranks_follow_the_one_rank_trajectory(emt, tmp_path):
     for name in w1:
         assert torch.allclose(w1[name], w2[name], rtol=0, atol=1e-8), name
     assert m1[0]["loss"] != m1[-1]["loss"]
+    # Streaming through data worker processes on each rank: the same 2-rank run, bit for bit.
+    streamed = write_toml(tmp_path / "streamed.toml", store, tmp_path / "streamed")
+    run_train([streamed, "data.cache=stream", "data.workers=1"], ranks=2)
+    for a, b in zip(m2, metrics(tmp_path / "streamed"), strict=True):
+        assert all(a[key] == b[key] for key in KEYS), (a, b)
 
 
 def test_resume_continues_exactly(emt, tmp_path):
