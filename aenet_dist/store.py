@@ -283,7 +283,29 @@ _BLOSC = numcodecs.Blosc()
 _BLOCK_ARRAYS = ("num_atoms", "energy", "cohesive_energy", "has_derivs", "species", "pos", "forces")
 
 
-def _read_plain_array(directory: Path, cast_to=None) -> np.ndarray | None:
+def _plain_layout(meta: dict) -> tuple | None:
+    """(codec names, shape, chunk shape, stored dtype, every chunk written, fill value) of an array
+    in :func:`_write_array`'s layout, from its ``zarr.json``; None for any other layout."""
+    codecs = meta.get("codecs", [])
+    if (
+        meta.get("zarr_format") != 3
+        or meta.get("chunk_grid", {}).get("name") != "regular"
+        or meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}
+        or [c.get("name") for c in codecs] not in (["bytes", "zstd"], ["bytes", "blosc", "crc32c"], ["bytes", "crc32c"])
+        or codecs[0].get("configuration", {}).get("endian", "little") != "little"
+        or meta.get("storage_transformers")
+        or meta.get("data_type") not in _PLAIN_DTYPES
+    ):
+        return None
+    shape = tuple(int(n) for n in meta["shape"])
+    chunk = tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])
+    if not shape or len(chunk) != len(shape) or chunk[1:] != shape[1:] or chunk[0] < 1:
+        return None
+    return ([c.get("name") for c in codecs], shape, chunk, np.dtype(meta["data_type"]).newbyteorder("<"),
+            bool(meta.get("attributes", {}).get(ALL_CHUNKS_WRITTEN)), meta.get("fill_value") or 0)
+
+
+def _read_plain_array(directory: Path, cast_to=None, metas: dict | None = None) -> np.ndarray | None:
     """A whole array written by :func:`_write_array`, read from its chunk files directly.
 
     zarr-python 3.1 spends about 1 ms of event-loop and buffer bookkeeping per chunk, three
@@ -297,47 +319,40 @@ def _read_plain_array(directory: Path, cast_to=None) -> np.ndarray | None:
     float dtype) is cast chunk by chunk from one reused chunk buffer: no second full-size copy,
     no float64 array the size of the block when a float32 one is wanted (a stream epoch reads
     the whole store; the extra passes and page faults were half of its reading time).
+
+    ``metas`` caches each array's layout (:func:`_plain_layout`) by path: a complete store does not change,
+    and re-reading 20-odd small metadata files per block every epoch cost as much as reading the
+    data when the store was not in the page cache (the case ``stream`` is for).
     """
-    meta = json.loads((directory / "zarr.json").read_text())
-    codecs = meta.get("codecs", [])
-    if (
-        meta.get("zarr_format") != 3
-        or meta.get("chunk_grid", {}).get("name") != "regular"
-        or meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}
-        or [c.get("name") for c in codecs] not in (["bytes", "zstd"], ["bytes", "blosc", "crc32c"], ["bytes", "crc32c"])
-        or codecs[0].get("configuration", {}).get("endian", "little") != "little"
-        or meta.get("storage_transformers")
-        or meta.get("data_type") not in _PLAIN_DTYPES
-    ):
+    layout = metas.get(directory, False) if metas is not None else False
+    if layout is False:
+        layout = _plain_layout(json.loads((directory / "zarr.json").read_text()))
+        if metas is not None:
+            metas[directory] = layout
+    if layout is None:
         return None
-    names = [c.get("name") for c in codecs]
-    shape = tuple(int(n) for n in meta["shape"])
-    chunk = tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])
-    if not shape or len(chunk) != len(shape) or chunk[1:] != shape[1:] or chunk[0] < 1:
-        return None
-    stored = np.dtype(meta["data_type"]).newbyteorder("<")
+    names, shape, chunk, stored, every_chunk, fill = layout
     target = np.dtype(cast_to) if cast_to is not None and stored.kind == "f" else stored
-    every_chunk = bool(meta.get("attributes", {}).get(ALL_CHUNKS_WRITTEN))
-    out = np.empty(shape, dtype=target) if every_chunk else np.full(shape, meta.get("fill_value") or 0, dtype=target)
+    out = np.empty(shape, dtype=target) if every_chunk else np.full(shape, fill, dtype=target)
     chunk_bytes = math.prod(chunk) * stored.itemsize
     tail = "/0" * (len(shape) - 1)
     scratch = None  # one chunk's bytes, for chunks that cannot decode in place
     for k in range(-(-shape[0] // chunk[0])):
         path = directory / "c" / f"{k}{tail}"
-        if not path.exists():
-            if every_chunk:
-                raise ValueError(f"{path}: chunk file is missing (the store is damaged); "
-                                 "`aenet-dist featurize --verify` with the same inputs redoes the damaged blocks")
-            continue  # older stores: zarr leaves chunks that equal the fill value unwritten
         first = k * chunk[0]
         rows = min(chunk[0], shape[0] - first)
-        if target == stored and rows == chunk[0]:
-            _decode_chunk(path, names, out[first : first + rows].reshape(-1).view(np.uint8))
-            continue
-        if scratch is None:
+        in_place = target == stored and rows == chunk[0]
+        if not in_place and scratch is None:
             scratch = np.empty(chunk_bytes, dtype=np.uint8)
-        _decode_chunk(path, names, scratch)
-        out[first : first + rows] = scratch.view(stored).reshape(chunk)[:rows]  # casts where target differs
+        try:
+            _decode_chunk(path, names, out[first : first + rows].reshape(-1).view(np.uint8) if in_place else scratch)
+        except FileNotFoundError:
+            if every_chunk:
+                raise ValueError(f"{path}: chunk file is missing (the store is damaged); "
+                                 "`aenet-dist featurize --verify` with the same inputs redoes the damaged blocks") from None
+            continue  # older stores: zarr leaves chunks that equal the fill value unwritten
+        if not in_place:
+            out[first : first + rows] = scratch.view(stored).reshape(chunk)[:rows]  # casts where target differs
     return out
 
 
@@ -395,14 +410,15 @@ def _decode_chunk(path: Path, codecs: list[str], out: np.ndarray) -> None:
     out[:] = np.frombuffer(raw, dtype=np.uint8)
 
 
-def _read_arrays(directory: Path, names: list[str], cast: dict | None = None) -> dict[str, np.ndarray]:
+def _read_arrays(directory: Path, names: list[str], cast: dict | None = None, metas: dict | None = None) -> dict[str, np.ndarray]:
     """Whole arrays of one block group: directly where possible (in the calling thread, so
     reader threads decode in parallel), the rest through zarr in one concurrent batch.
-    ``cast`` maps names of float arrays to the numpy dtype they are wanted in."""
+    ``cast`` maps names of float arrays to the numpy dtype they are wanted in; ``metas`` is
+    :func:`_read_plain_array`'s metadata cache."""
     cast = cast or {}
     values = {}
     for name in names:
-        array = _read_plain_array(directory / name, cast.get(name))
+        array = _read_plain_array(directory / name, cast.get(name), metas)
         if array is not None:
             values[name] = array
     rest = [name for name in names if name not in values]
@@ -862,6 +878,7 @@ class StoreReader:
             raise ValueError(f"{self.path}: store is incomplete (featurize was interrupted); rerun the same featurize command to finish it")
         self.species: list[str] = list(self.attrs["species"])
         self.block_first = np.array(self.attrs["block_first"], dtype=np.int64)
+        self._metas: dict = {}  # parsed zarr.json of the block arrays read so far (a complete store does not change)
         s = self.group["structures"]
         self.num_atoms = s["num_atoms"][...].astype(np.int64)
         self.atom_offset = s["atom_offset"][...].astype(np.int64)
@@ -908,7 +925,7 @@ class StoreReader:
             raise ValueError(f"{self.path}: block {b} ({directory}) is missing (the store is damaged); rerun featurize "
                              "with the same inputs to redo it")
         cast = {} if feature_dtype is None else {f"{e}/{name}": feature_dtype for e in self.species for name in ("G", "dG")}
-        values = _read_arrays(directory, self._block_array_names, cast)
+        values = _read_arrays(directory, self._block_array_names, cast, self._metas)
         elements = {}
         for e in self.species:
             elements[e] = ElementRows(
