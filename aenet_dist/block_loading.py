@@ -168,7 +168,13 @@ def _load_packed(task: BlockTask) -> tuple[torch.Tensor, tuple]:
     reader = _READERS.get(task.store)
     if reader is None:
         reader = _READERS[task.store] = StoreReader(task.store)
-    return pack(load_block(reader, task))
+    shard = load_block(reader, task)
+    try:
+        return pack(shard)
+    except RuntimeError as err:  # torch's report of a shared-memory segment it could not create or fill
+        raise ValueError(f"a data worker could not hand over a converted block through shared memory ({err}); "
+                         "is /dev/shm full or small (containers often give it 64 MB)? Set data.workers=0 "
+                         "to convert blocks in the rank's own threads") from None
 
 
 class _Loading:
