@@ -305,7 +305,7 @@ def _plain_layout(meta: dict) -> tuple | None:
             bool(meta.get("attributes", {}).get(ALL_CHUNKS_WRITTEN)), meta.get("fill_value") or 0)
 
 
-def _read_plain_array(directory: Path, cast_to=None, metas: dict | None = None) -> np.ndarray | None:
+def _read_plain_array(directory: str | Path, cast_to=None, metas: dict | None = None) -> np.ndarray | None:
     """A whole array written by :func:`_write_array`, read from its chunk files directly.
 
     zarr-python 3.1 spends about 1 ms of event-loop and buffer bookkeeping per chunk, three
@@ -324,9 +324,11 @@ def _read_plain_array(directory: Path, cast_to=None, metas: dict | None = None) 
     and re-reading 20-odd small metadata files per block every epoch cost as much as reading the
     data when the store was not in the page cache (the case ``stream`` is for).
     """
+    directory = str(directory)  # paths as strings: a stream epoch builds ~4 per chunk, and pathlib's cost showed
     layout = metas.get(directory, False) if metas is not None else False
     if layout is False:
-        layout = _plain_layout(json.loads((directory / "zarr.json").read_text()))
+        with open(f"{directory}/zarr.json", encoding="utf-8") as f:
+            layout = _plain_layout(json.load(f))
         if metas is not None:
             metas[directory] = layout
     if layout is None:
@@ -338,7 +340,7 @@ def _read_plain_array(directory: Path, cast_to=None, metas: dict | None = None) 
     tail = "/0" * (len(shape) - 1)
     scratch = None  # one chunk's bytes, for chunks that cannot decode in place
     for k in range(-(-shape[0] // chunk[0])):
-        path = directory / "c" / f"{k}{tail}"
+        path = f"{directory}/c/{k}{tail}"
         first = k * chunk[0]
         rows = min(chunk[0], shape[0] - first)
         in_place = target == stored and rows == chunk[0]
@@ -377,10 +379,11 @@ def _zstd_content_size(frame: bytes) -> int | None:
     return int.from_bytes(frame[start : start + size_bytes], "little") + (256 if size_bytes == 2 else 0)
 
 
-def _decode_chunk(path: Path, codecs: list[str], out: np.ndarray) -> None:
+def _decode_chunk(path: str, codecs: list[str], out: np.ndarray) -> None:
     """One chunk file's bytes through the codecs of :func:`_codecs` into ``out`` (uint8, exactly
     the chunk's size), every checksum and the decoded length verified."""
-    raw = path.read_bytes()
+    with open(path, "rb") as f:
+        raw = f.read()
     if codecs[-1] == "crc32c":  # zarr's Crc32cCodec: the data, then their CRC32C (4 bytes, little-endian)
         if len(raw) < 4 or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             raise ValueError(f"{path}: chunk checksum (CRC32C) does not match; {_DAMAGED}")
@@ -418,7 +421,7 @@ def _read_arrays(directory: Path, names: list[str], cast: dict | None = None, me
     cast = cast or {}
     values = {}
     for name in names:
-        array = _read_plain_array(directory / name, cast.get(name), metas)
+        array = _read_plain_array(f"{directory}/{name}", cast.get(name), metas)
         if array is not None:
             values[name] = array
     rest = [name for name in names if name not in values]
