@@ -260,12 +260,17 @@ ALL_CHUNKS_WRITTEN = "aenet_dist_all_chunks_written"
 missing chunk file is damage, not zeros."""
 
 
+def _chunk_shape(data: np.ndarray, chunk_bytes: int) -> tuple[int, ...]:
+    """Chunks of ~chunk_bytes along the first axis only (whole rows)."""
+    row_bytes = max(1, data.itemsize * int(np.prod(data.shape[1:], dtype=np.int64)))
+    rows = max(1, min(data.shape[0] if data.ndim else 1, chunk_bytes // row_bytes))
+    return (rows,) + tuple(max(1, n) for n in data.shape[1:])
+
+
 def _write_array(group, name: str, data: np.ndarray, level: int, chunk_bytes: int = 4 * 2**20, compressor: str = "zstd") -> None:
     """One array, chunked along its first axis into pieces of ~chunk_bytes (zarr compresses them concurrently)."""
     data = np.ascontiguousarray(data)
-    row_bytes = max(1, data.itemsize * int(np.prod(data.shape[1:], dtype=np.int64)))
-    rows = max(1, min(data.shape[0] if data.ndim else 1, chunk_bytes // row_bytes))
-    chunks = (rows,) + tuple(max(1, n) for n in data.shape[1:])
+    chunks = _chunk_shape(data, chunk_bytes)
     array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, **_codecs(compressor, level), fill_value=0,
                                attributes={ALL_CHUNKS_WRITTEN: True}, config={"write_empty_chunks": True})
     if data.size:
@@ -425,16 +430,81 @@ def compute_block(
     return arrays, attrs
 
 
+# Writing a block without zarr. zarr-python spends about as long on its per-array and per-chunk
+# bookkeeping (metadata objects, an event loop, a thread pool) as on compressing a block, and a
+# featurize rank writes about 30 arrays per block. For the layout that :func:`_read_plain_array`
+# reads (zstd, chunked along the first axis, every chunk written) the files are simple, so
+# they are written here: the same bytes as zarr writes (tests/test_store.py compares them),
+# zarr's JSON (indent 2) and each chunk padded with the fill value to the full chunk shape,
+# compressed by numcodecs' Zstd as zarr's ZstdCodec does.
+
+
+def _is_plain(data: np.ndarray) -> bool:
+    """Whether :func:`_write_plain_array` writes ``data`` (a little-endian plain dtype, at least one axis)."""
+    return data.ndim >= 1 and data.dtype.name in _PLAIN_DTYPES and data.dtype.byteorder in ("=", "<", "|")
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(json.dumps(doc, allow_nan=True, indent=2).encode())
+
+
+def _write_plain_group(directory: Path, attrs: dict) -> None:
+    """A group's zarr.json, as zarr writes it."""
+    _write_json(directory / "zarr.json", {"attributes": attrs, "zarr_format": 3, "node_type": "group"})
+
+
+def _write_plain_array(directory: Path, data: np.ndarray, level: int, chunk_bytes: int = 4 * 2**20) -> None:
+    """The files :func:`_write_array` writes with the zstd compressor, byte for byte, without zarr."""
+    data = np.ascontiguousarray(data)
+    chunks = _chunk_shape(data, chunk_bytes)
+    fill = False if data.dtype == bool else (0.0 if data.dtype.kind == "f" else 0)
+    _write_json(directory / "zarr.json", {
+        "shape": list(data.shape),
+        "data_type": data.dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill,
+        # (zarr names no byte order for one-byte types)
+        "codecs": [{"name": "bytes"} if data.itemsize == 1 else {"name": "bytes", "configuration": {"endian": "little"}},
+                   {"name": "zstd", "configuration": {"level": level, "checksum": True}}],
+        "attributes": {ALL_CHUNKS_WRITTEN: True},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    })
+    if not data.size:
+        return  # zarr writes no chunk for an empty array
+    codec = numcodecs.Zstd(level=level, checksum=True)
+    rows = chunks[0]
+    tail = "/0" * (data.ndim - 1)
+    (directory / "c").mkdir()
+    for k in range(-(-data.shape[0] // rows)):
+        chunk = data[k * rows : (k + 1) * rows]
+        if len(chunk) < rows:  # zarr stores the last chunk whole, padded with the fill value
+            chunk = np.concatenate([chunk, np.zeros((rows - len(chunk),) + chunk.shape[1:], dtype=data.dtype)])
+        path = directory / "c" / f"{k}{tail}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(codec.encode(chunk))
+
+
 def write_block(root: Path, b: int, arrays: dict[str, np.ndarray], attrs: dict, level: int, compressor: str = "zstd") -> None:
     """Write one block group atomically: into a temporary directory, then rename it into place."""
     final = _block_dir(root, b)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-    for path, data in arrays.items():
-        parent, _, name = path.rpartition("/")
-        _write_array(group.require_group(parent) if parent else group, name, data, level, compressor=compressor)
-    group.attrs.update(attrs)
+    if compressor == "zstd" and all(_is_plain(data) for data in arrays.values()):
+        _write_plain_group(tmp, attrs)
+        for path in {path.rpartition("/")[0] for path in arrays} - {""}:
+            _write_plain_group(tmp / path, {})
+        for path, data in arrays.items():
+            _write_plain_array(tmp / path, data, level)
+    else:
+        group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+        for path, data in arrays.items():
+            parent, _, name = path.rpartition("/")
+            _write_array(group.require_group(parent) if parent else group, name, data, level, compressor=compressor)
+        group.attrs.update(attrs)
     # The rename is the completion marker: a block directory either is complete or absent.
     os.replace(tmp, final)
 
