@@ -112,6 +112,22 @@ class RankFailed(ValueError):
     """A phase failed on some rank; every rank raises this, so none waits in a later collective."""
 
 
+def wait_for_all(comm, poll_s: float = 0.002) -> None:
+    """Return once every rank has called this, sleeping between checks instead of spinning.
+
+    MPICH waits in a blocking collective by polling, at full speed: a rank that finished its
+    blocks first burned a core until the others were done (and then through rank 0's
+    consolidation), about 0.65 CPU-s per TiO2-1000 run on 2 ranks, taken from the ranks still
+    working when the cores are shared. A non-blocking barrier tested every ``poll_s`` costs
+    nothing measurable and delays the collective that follows by at most ``poll_s``.
+    """
+    if comm.size == 1:
+        return
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_s)
+
+
 def together(comm, what: str, fn):
     """``fn()`` on every rank, then one allgather of how it went: if it failed anywhere, fail everywhere.
 
@@ -126,6 +142,7 @@ def together(comm, what: str, fn):
         error = str(err)
     except BaseException as err:  # noqa: BLE001 - reported to the other ranks, then re-raised here
         error, own = f"internal error ({type(err).__name__}: {err})", err
+    wait_for_all(comm)
     errors = comm.allgather(error)
     failed = [(rank, message) for rank, message in enumerate(errors) if message]
     if not failed:

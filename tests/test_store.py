@@ -278,3 +278,27 @@ def test_damaged_chunk_is_named(store, tmp_path):
     block = int(chunk.relative_to(copy / "blocks").parts[0][1:])
     with pytest.raises(ValueError, match=f"{chunk}.*damaged"):
         StoreReader(copy).read_block(block)
+
+
+def test_wait_for_all_sleeps_until_the_barrier_completes(monkeypatch):
+    """Ranks wait for each other on a non-blocking barrier, tested between sleeps (MPICH's blocking wait spins)."""
+    from aenet_dist import store as store_module
+
+    class Request:
+        tests = 0
+
+        def Test(self):
+            Request.tests += 1
+            return Request.tests >= 3
+
+    class Comm:
+        size = 2
+
+        def Ibarrier(self):
+            return Request()
+
+    sleeps = []
+    monkeypatch.setattr(store_module.time, "sleep", sleeps.append)
+    store_module.wait_for_all(Comm(), poll_s=0.002)
+    assert Request.tests == 3 and sleeps == [0.002, 0.002]
+    store_module.wait_for_all(store_module._SerialComm())  # one rank: returns at once
