@@ -302,3 +302,15 @@ def test_wait_for_all_sleeps_until_the_barrier_completes(monkeypatch):
     store_module.wait_for_all(Comm(), poll_s=0.002)
     assert Request.tests == 3 and sleeps == [0.002, 0.002]
     store_module.wait_for_all(store_module._SerialComm())  # one rank: returns at once
+
+
+def test_featurize_writes_a_zstd_store_without_zarr(dataset, store, tmp_path):
+    """featurize (scan, blocks, consolidation, summary) never imports zarr for a zstd store (0.3 s of each rank's
+    start-up), and writes what zarr wrote before: the same files as the module's store, which zarr still reads."""
+    out = tmp_path / "nozarr.zarr"
+    code = ("import sys\nfrom aenet_dist.featurize import main\n"
+            f"rc = main([{str(dataset)!r}, '--out', {str(out)!r}, '--chunk-mb', '0.0625', '--no-progress'])\n"
+            "assert rc == 0, rc\nassert 'zarr' not in sys.modules, 'zarr was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    assert _files(out) == _files(store)
+    assert StoreReader(out).num_structures == StoreReader(store).num_structures
