@@ -439,7 +439,7 @@ def compute_block(
         arrays[f"{element}/G"] = G
         arrays[f"{element}/deriv_center"] = rows_of_atom[f.deriv_center.cpu().numpy()].astype(np.int32)
         arrays[f"{element}/deriv_neighbor"] = f.deriv_neighbor.cpu().numpy().astype(np.int32)
-        arrays[f"{element}/dG"] = f.dG.cpu().numpy().astype(deriv_dtype)
+        arrays[f"{element}/dG"] = f.dG.cpu().numpy().astype(deriv_dtype, copy=False)  # float64 stores: no copy of the largest array
         partial[element] = {
             "count": int(len(G)),
             "sum": G.sum(axis=0).tolist(),
@@ -467,6 +467,7 @@ def _is_plain(data: np.ndarray) -> bool:
 
 
 def _write_json(path: Path, doc: dict) -> None:
+    """A zarr.json document as zarr-python writes it (``json.dumps(indent=2, allow_nan=True)``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(json.dumps(doc, allow_nan=True, indent=2).encode())
 
