@@ -5,7 +5,7 @@ Schema (``schema_version`` 1)
 Structures are cut, in file order, into *blocks* of consecutive structures whose
 estimated uncompressed size is about ``chunk_bytes``. A block is the unit of work,
 of completion and of reading; its arrays are cut into Zarr chunks of ~4 MiB along the
-first axis (compressed concurrently), each a zstd frame with its content checksum, and every
+first axis, each a zstd frame with its content checksum, and every
 chunk is written (array attribute ``aenet_dist_all_chunks_written``), so a missing chunk file or
 a flipped bit is an error on read, not zeros or garbage.
 
