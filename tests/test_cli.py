@@ -134,13 +134,21 @@ def test_fast_exit_keeps_exit_codes_and_flushes_output(tmp_path):
 
 
 def test_featurize_module_run_under_mpi_exits_cleanly(tmp_path):
-    """``mpiexec -n 2 python -m aenet_dist.featurize``: MPI is finalized before the fast exit (exit code 0, summary)."""
+    """``mpiexec -n 2 python -m aenet_dist.featurize``: every rank ends by itself with exit code 0 (a rank that left
+    by os._exit right after MPI_Finalize got the others killed, and mpiexec still returned 0), and the summary."""
     from aenet_dist.datasets import generate_emt_dataset
 
     generate_in = generate_emt_dataset(tmp_path / "emt", num_structures=6, seed=1, force_percent=50.0)
     mpiexec = Path(sys.executable).parent / "mpiexec"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    result = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-m", "aenet_dist.featurize", str(generate_in),
-                             "--out", str(tmp_path / "s.zarr"), "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    command = f"{sys.executable} -m aenet_dist.featurize {generate_in} --out {tmp_path / 's.zarr'} --no-progress; echo rank exit $?"
+    result = subprocess.run([str(mpiexec), "-n", "2", "sh", "-c", command], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.count("rank exit 0") == 2, result.stdout + result.stderr
     assert "structures       6" in result.stdout and "on 2 rank(s)" in result.stdout
+    # The same with rank 1 ending a second after rank 0 (the case that got rank 1 killed).
+    late = ("from mpi4py import MPI; import time; time.sleep(MPI.COMM_WORLD.rank); "
+            "from aenet_dist.cli import exit_process; exit_process(0)")
+    result = subprocess.run([str(mpiexec), "-n", "2", "sh", "-c", f'{sys.executable} -c "{late}"; echo rank exit $?'],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.count("rank exit 0") == 2, result.stdout + result.stderr
