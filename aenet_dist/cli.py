@@ -13,10 +13,14 @@ loads the training, prediction or plotting code, and ``aenet-dist --help`` loads
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import NoReturn
 
 COMMANDS: dict[str, str] = {  # command (module aenet_dist.<command>) -> one-line help
     "featurize": "aenet generate.in -> Zarr store (descriptors and derivatives); MPI-parallel",
@@ -84,5 +88,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(module.run, parse(chosen, argv[1:]))
 
 
+FAST_EXIT_COMMANDS = ("featurize", "predict")
+"""Commands whose process ends without Python's teardown (:func:`exit_process`): they leave nothing
+pending at their end. Training (torch.distributed, TensorBoard, checkpoints) ends the normal way."""
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with exit status ``code`` without tearing the interpreter down.
+
+    Once torch is imported, Python's shutdown (the final garbage collection and the freeing of
+    every module's objects) took 0.6-0.8 CPU-s: about a sixth of a featurize rank on TiO2-1000
+    and of a predict run. At the end of featurize and predict nothing is pending (files are
+    written atomically and closed, worker threads joined), so the streams and logging are flushed
+    and the process exits at once. Under MPI (mpi4py, imported by the store only, has started it)
+    the exit is the normal one, only without the final garbage collection (gc.freeze: ~0.3 of
+    the 0.6-0.8 s): with MPICH's mpiexec, a rank that left by os._exit right after MPI_Finalize
+    had the ranks still finishing killed (signal 9).
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be written anyway
+            pass
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized():
+        gc.freeze()
+        sys.exit(code)
+    os._exit(code)
+
+
+def entry() -> NoReturn:
+    """The ``aenet-dist`` console script: :func:`main`, then the exit (fast for :data:`FAST_EXIT_COMMANDS`)."""
+    code = main()
+    if len(sys.argv) > 1 and sys.argv[1] in FAST_EXIT_COMMANDS:
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

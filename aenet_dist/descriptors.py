@@ -118,10 +118,12 @@ def moment_tables(order: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def monomials(u: torch.Tensor, order: int, with_grad: bool):
-    """u^α for all |α| <= order (P, K) and, if asked, ∂u^α/∂u (P, K, 3).
+    """u^α for all |α| <= order (P, K) and, if asked, ∂u^α/∂u (P, 3, K): [p, d, α] = ∂u^α/∂u_d.
 
     Built degree by degree into one preallocated buffer: degree m = [x · (all of degree
-    m-1), y · (those without x), z · z^(m-1)], the order of :func:`moment_tables`.
+    m-1), y · (those without x), z · z^(m-1)], the order of :func:`moment_tables`. The
+    derivative has the monomials last so that :func:`_angular_derivatives` feeds its GEMM
+    without a transposing copy.
     """
     num = u.shape[0]
     sizes = [(m + 1) * (m + 2) // 2 for m in range(order + 1)]
@@ -130,8 +132,8 @@ def monomials(u: torch.Tensor, order: int, with_grad: bool):
     mono[:, 0] = 1.0
     dmono = None
     if with_grad:
-        dmono = torch.empty((num, int(starts[-1]), 3), dtype=u.dtype, device=u.device)
-        dmono[:, 0] = 0.0
+        dmono = torch.empty((num, 3, int(starts[-1])), dtype=u.dtype, device=u.device)
+        dmono[:, :, 0] = 0.0
     x, y, z = u[:, 0:1], u[:, 1:2], u[:, 2:3]
     for m in range(1, order + 1):
         p0, p1, c0 = int(starts[m - 1]), int(starts[m]), int(starts[m])
@@ -141,9 +143,9 @@ def monomials(u: torch.Tensor, order: int, with_grad: bool):
         for factor, d, s0, s1, t0 in segments:
             torch.mul(factor, mono[:, s0:s1], out=mono[:, t0 : t0 + s1 - s0])
             if with_grad:
-                target = dmono[:, t0 : t0 + s1 - s0]
-                torch.mul(factor[:, :, None], dmono[:, s0:s1], out=target)
-                target[:, :, d] += mono[:, s0:s1]
+                target = dmono[:, :, t0 : t0 + s1 - s0]
+                torch.mul(factor[:, :, None], dmono[:, :, s0:s1], out=target)
+                target[:, d] += mono[:, s0:s1]
     return mono, dmono
 
 
@@ -306,9 +308,10 @@ def _radial_derivatives(setup: DescriptorSetup, terms: PairTerms, want: torch.Te
     _, dt = chebyshev(terms.x[want], basis.radial_order, with_grad=True)
     t_w = terms.T[want]
     g = terms.dfc[want, None] * t_w + terms.fc[want, None] * dt * (2.0 / basis.radial_cutoff)  # d(fc T_n)/dr, shape (Pw, nr)
-    d_pair[:, :nr] = g[:, :, None] * uw[:, None, :]
+    # Written straight into the columns of d_pair (no temporary of the product).
+    torch.mul(g[:, :, None], uw[:, None, :], out=d_pair[:, :nr])
     if len(setup.env_species) > 1:
-        d_pair[:, block : block + nr] = (spin[:, None] * g)[:, :, None] * uw[:, None, :]
+        torch.mul((spin[:, None] * g)[:, :, None], uw[:, None, :], out=d_pair[:, block : block + nr])
 
 
 def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, ang_w: torch.Tensor, spin: torch.Tensor, uw: torch.Tensor,
@@ -325,17 +328,24 @@ def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, ang_w: torch.
     exps_np, _ = moment_tables(basis.angular_order)
     wa, dwa = cutoff_fn(rw[ang_w], basis.angular_cutoff)
     ua, ra, rowa = uw[ang_w], rw[ang_w], roww[ang_w]
-    mono_d, dmono = monomials(ua, basis.angular_order, with_grad=True)
+    mono_d, dmono = monomials(ua, basis.angular_order, with_grad=True)  # dmono: shape (Pa, 3, K)
     degree = torch.from_numpy(exps_np.sum(axis=1)).to(device=rw.device, dtype=rw.dtype)
     # ∂(w u^α)/∂R = w' u^α u + w (∂u^α/∂u − |α| u^α u)/r   (projection onto the sphere)
     radial_part = (dwa[:, None] - wa[:, None] * degree[None, :] / ra[:, None]) * mono_d  # shape (Pa, K)
-    dphi = radial_part[:, :, None] * ua[:, None, :] + (wa / ra)[:, None, None] * dmono  # shape (Pa, K, 3)
+    # dphi[p, d, α] = ∂φ_α/∂R_d, laid out (Pa, 3, K) so that the GEMM below reads it without a copy;
+    # dmono is scaled in place (it is not needed again): fewer fresh (Pa, 3, K) buffers to page in.
+    dphi = radial_part[:, None, :] * ua[:, :, None]  # shape (Pa, 3, K)
+    dphi += dmono.mul_((wa / ra)[:, None, None])
     multi = len(setup.env_species) > 1
-    channels = [(0, terms.m_plain, torch.ones_like(wa))] + ([(block, terms.m_spin, spin[ang_w])] if multi else [])
+    channels = [(0, terms.m_plain, None)] + ([(block, terms.m_spin, spin[ang_w])] if multi else [])
+    z = torch.empty_like(dphi)
     for start, m, sw in channels:
-        # Σ_α C_nα M_α(i) ∂φ_α/∂R as one GEMM: (Pa*3, K) @ (K, na)
-        z = (m[rowa] * sw[:, None])[:, :, None] * dphi  # shape (Pa, K, 3)
-        d_ang = (z.transpose(1, 2).reshape(-1, num_mono) @ coeff.T).view(-1, 3, na).transpose(1, 2)
+        # Σ_α C_nα M_α(i) ∂φ_α/∂R as one GEMM: (Pa*3, K) @ (K, na). The plain channel's weight is 1.
+        m_pair = m[rowa] if sw is None else m[rowa] * sw[:, None]  # shape (Pa, K)
+        torch.mul(m_pair[:, None, :], dphi, out=z)  # shape (Pa, 3, K)
+        d_ang = (z.view(-1, num_mono) @ coeff.T).view(-1, 3, na).transpose(1, 2)
+        if sw is None:
+            sw = torch.ones_like(wa)
         d_ang = d_ang - (sw * sw * wa * dwa)[:, None, None] * ua[:, None, :]
         d_pair[ang_w.nonzero().squeeze(1), start + nr : start + block] = d_ang
 

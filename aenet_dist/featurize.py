@@ -15,7 +15,7 @@ from pathlib import Path
 from .formats.generate_in import read_generate_input
 from .config import StoreOptions
 from .log import setup_logging
-from .store import StoreReader, featurize_to_store, torch_default_threads, world_comm
+from .store import featurize_to_store, store_attrs, torch_default_threads, world_comm
 
 
 DESCRIPTION = ("Compute aenet's descriptors and their derivatives for the structures of a generate.in "
@@ -77,20 +77,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(path, elapsed: float, ranks: int) -> str:
-    """Human-readable description of a finished store."""
-    reader = StoreReader(path)
-    attrs = reader.attrs
+    """Human-readable description of a finished store (from its root attributes: no zarr needed)."""
+    attrs = store_attrs(path)
+    num_structures = int(attrs["num_structures"])
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     lines = [
         f"store            {path}",
-        f"structures       {reader.num_structures} ({attrs['num_force_structures']} with derivatives)",
+        f"structures       {num_structures} ({attrs['num_force_structures']} with derivatives)",
         f"atoms            {attrs['num_atoms']}",
-        "species          " + ", ".join(f"{e} ({attrs['stats'][e]['count']} atoms, {attrs['num_features'][e]} features)" for e in reader.species),
+        "species          " + ", ".join(f"{e} ({attrs['stats'][e]['count']} atoms, {attrs['num_features'][e]} features)" for e in attrs["species"]),
         f"derivative rows  {sum(attrs['num_deriv_rows'].values())}",
-        f"blocks           {len(reader.block_first) - 1}",
+        f"blocks           {len(attrs['block_first']) - 1}",
         f"size on disk     {size / 2**20:.1f} MiB",
         f"energy/atom      min {attrs['energy_per_atom']['min']:.4f}  mean {attrs['energy_per_atom']['mean']:.4f}  max {attrs['energy_per_atom']['max']:.4f} eV (cohesive)",
-        f"wall time        {elapsed:.2f} s on {ranks} rank(s), {reader.num_structures / max(elapsed, 1e-9):.0f} structures/s",
+        f"wall time        {elapsed:.2f} s on {ranks} rank(s), {num_structures / max(elapsed, 1e-9):.0f} structures/s",
     ]
     return "\n".join(lines)
 
@@ -103,4 +103,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import exit_process
+
+    exit_process(main())

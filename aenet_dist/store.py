@@ -5,7 +5,7 @@ Schema (``schema_version`` 1)
 Structures are cut, in file order, into *blocks* of consecutive structures whose
 estimated uncompressed size is about ``chunk_bytes``. A block is the unit of work,
 of completion and of reading; its arrays are cut into Zarr chunks of ~4 MiB along the
-first axis (compressed concurrently), each a zstd frame with its content checksum, and every
+first axis, each a zstd frame with its content checksum, and every
 chunk is written (array attribute ``aenet_dist_all_chunks_written``), so a missing chunk file or
 a flipped bit is an error on read, not zeros or garbage.
 
@@ -41,7 +41,9 @@ first_structure, num_structures, num_atoms, partial feature sums for the statist
 energy, cohesive_energy, has_derivs, block (block of each structure), num_deriv_rows,
 name_bytes + name_offset (UTF-8 source names, e.g. the XSF path relative to generate.in).
 
-mpi4py is imported here only; every other module is free of MPI.
+mpi4py is imported here only; every other module is free of MPI. zarr is imported only where it
+is used (reading arrays of another layout, StoreReader, other compressors than zstd): featurize
+writes and consolidates zstd stores without it (0.3 s of each rank's start-up), in zarr's format.
 """
 
 from __future__ import annotations
@@ -63,13 +65,10 @@ import google_crc32c
 import numcodecs
 import numpy as np
 import torch
-import zarr
-import zarr.api.asynchronous
-import zarr.core.sync
 
 from .config import FeaturizeConfig, StoreOptions
 from .descriptors import featurize
-from .files import lock_file, unlock
+from .files import atomic_write, lock_file, unlock
 from .log import get_logger
 from .symmetry_functions import aenet_numbering_problems
 from .structures import Structure, read_structures
@@ -112,6 +111,22 @@ class RankFailed(ValueError):
     """A phase failed on some rank; every rank raises this, so none waits in a later collective."""
 
 
+def wait_for_all(comm, poll_s: float = 0.002) -> None:
+    """Return once every rank has called this, sleeping between checks instead of spinning.
+
+    MPICH waits in a blocking collective by polling, at full speed: a rank that finished its
+    blocks first burned a core until the others were done (and then through rank 0's
+    consolidation), about 0.65 CPU-s per TiO2-1000 run on 2 ranks, taken from the ranks still
+    working when the cores are shared. A non-blocking barrier tested every ``poll_s`` costs
+    nothing measurable and delays the collective that follows by at most ``poll_s``.
+    """
+    if comm.size == 1:
+        return
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_s)
+
+
 def together(comm, what: str, fn):
     """``fn()`` on every rank, then one allgather of how it went: if it failed anywhere, fail everywhere.
 
@@ -126,6 +141,7 @@ def together(comm, what: str, fn):
         error = str(err)
     except BaseException as err:  # noqa: BLE001 - reported to the other ranks, then re-raised here
         error, own = f"internal error ({type(err).__name__}: {err})", err
+    wait_for_all(comm)
     errors = comm.allgather(error)
     failed = [(rank, message) for rank, message in enumerate(errors) if message]
     if not failed:
@@ -248,6 +264,8 @@ def _codecs(compressor: str, level: int) -> dict:
     after the other codecs. A flipped bit is then an error on read instead of a wrong number
     (one flip once decoded to values up to 6e99).
     """
+    import zarr
+
     if compressor == "zstd":
         return {"compressors": zarr.codecs.ZstdCodec(level=level, checksum=True)}
     if compressor == "lz4":
@@ -260,12 +278,17 @@ ALL_CHUNKS_WRITTEN = "aenet_dist_all_chunks_written"
 missing chunk file is damage, not zeros."""
 
 
+def _chunk_shape(data: np.ndarray, chunk_bytes: int) -> tuple[int, ...]:
+    """Chunks of ~chunk_bytes along the first axis only (whole rows)."""
+    row_bytes = max(1, data.itemsize * int(np.prod(data.shape[1:], dtype=np.int64)))
+    rows = max(1, min(data.shape[0] if data.ndim else 1, chunk_bytes // row_bytes))
+    return (rows,) + tuple(max(1, n) for n in data.shape[1:])
+
+
 def _write_array(group, name: str, data: np.ndarray, level: int, chunk_bytes: int = 4 * 2**20, compressor: str = "zstd") -> None:
     """One array, chunked along its first axis into pieces of ~chunk_bytes (zarr compresses them concurrently)."""
     data = np.ascontiguousarray(data)
-    row_bytes = max(1, data.itemsize * int(np.prod(data.shape[1:], dtype=np.int64)))
-    rows = max(1, min(data.shape[0] if data.ndim else 1, chunk_bytes // row_bytes))
-    chunks = (rows,) + tuple(max(1, n) for n in data.shape[1:])
+    chunks = _chunk_shape(data, chunk_bytes)
     array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, **_codecs(compressor, level), fill_value=0,
                                attributes={ALL_CHUNKS_WRITTEN: True}, config={"write_empty_chunks": True})
     if data.size:
@@ -426,12 +449,16 @@ def _read_arrays(directory: Path, names: list[str], cast: dict | None = None, me
             values[name] = array
     rest = [name for name in names if name not in values]
     if rest:
+        import zarr.core.sync
+
         read = zarr.core.sync.sync(_read_arrays_with_zarr(directory, rest))  # on zarr's own event loop
         values.update((name, array.astype(cast[name], copy=False) if name in cast else array) for name, array in read)
     return values
 
 
 async def _read_arrays_with_zarr(directory: Path, names: list[str]) -> list[tuple[str, np.ndarray]]:
+    import zarr.api.asynchronous
+
     group = await zarr.api.asynchronous.open_group(store=zarr.storage.LocalStore(directory, read_only=True), mode="r")
 
     async def read(name: str) -> tuple[str, np.ndarray]:
@@ -478,7 +505,7 @@ def compute_block(
         arrays[f"{element}/G"] = G
         arrays[f"{element}/deriv_center"] = rows_of_atom[f.deriv_center.cpu().numpy()].astype(np.int32)
         arrays[f"{element}/deriv_neighbor"] = f.deriv_neighbor.cpu().numpy().astype(np.int32)
-        arrays[f"{element}/dG"] = f.dG.cpu().numpy().astype(deriv_dtype)
+        arrays[f"{element}/dG"] = f.dG.cpu().numpy().astype(deriv_dtype, copy=False)  # float64 stores: no copy of the largest array
         partial[element] = {
             "count": int(len(G)),
             "sum": G.sum(axis=0).tolist(),
@@ -491,16 +518,84 @@ def compute_block(
     return arrays, attrs
 
 
+# Writing a block without zarr. zarr-python spends about as long on its per-array and per-chunk
+# bookkeeping (metadata objects, an event loop, a thread pool) as on compressing a block, and a
+# featurize rank writes about 30 arrays per block. For the layout that :func:`_read_plain_array`
+# reads (zstd, chunked along the first axis, every chunk written) the files are simple, so
+# they are written here: the same bytes as zarr writes (tests/test_store.py compares them),
+# zarr's JSON (indent 2) and each chunk padded with the fill value to the full chunk shape,
+# compressed by numcodecs' Zstd as zarr's ZstdCodec does.
+
+
+def _is_plain(data: np.ndarray) -> bool:
+    """Whether :func:`_write_plain_array` writes ``data`` (a little-endian plain dtype, at least one axis)."""
+    return data.ndim >= 1 and data.dtype.name in _PLAIN_DTYPES and data.dtype.byteorder in ("=", "<", "|")
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    """A zarr.json document as zarr-python writes it (``json.dumps(indent=2, allow_nan=True)``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(json.dumps(doc, allow_nan=True, indent=2).encode())
+
+
+def _write_plain_group(directory: Path, attrs: dict) -> None:
+    """A group's zarr.json, as zarr writes it."""
+    _write_json(directory / "zarr.json", {"attributes": attrs, "zarr_format": 3, "node_type": "group"})
+
+
+def _write_plain_array(directory: Path, data: np.ndarray, level: int, chunk_bytes: int = 4 * 2**20) -> None:
+    """The files :func:`_write_array` writes with the zstd compressor, byte for byte, without zarr."""
+    data = np.ascontiguousarray(data)
+    chunks = _chunk_shape(data, chunk_bytes)
+    fill = False if data.dtype == bool else (0.0 if data.dtype.kind == "f" else 0)
+    _write_json(directory / "zarr.json", {
+        "shape": list(data.shape),
+        "data_type": data.dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill,
+        # (zarr names no byte order for one-byte types)
+        "codecs": [{"name": "bytes"} if data.itemsize == 1 else {"name": "bytes", "configuration": {"endian": "little"}},
+                   {"name": "zstd", "configuration": {"level": level, "checksum": True}}],
+        "attributes": {ALL_CHUNKS_WRITTEN: True},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    })
+    if not data.size:
+        return  # zarr writes no chunk for an empty array
+    codec = numcodecs.Zstd(level=level, checksum=True)
+    rows = chunks[0]
+    tail = "/0" * (data.ndim - 1)
+    (directory / "c").mkdir()
+    for k in range(-(-data.shape[0] // rows)):
+        chunk = data[k * rows : (k + 1) * rows]
+        if len(chunk) < rows:  # zarr stores the last chunk whole, padded with the fill value
+            chunk = np.concatenate([chunk, np.zeros((rows - len(chunk),) + chunk.shape[1:], dtype=data.dtype)])
+        path = directory / "c" / f"{k}{tail}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(codec.encode(chunk))
+
+
 def write_block(root: Path, b: int, arrays: dict[str, np.ndarray], attrs: dict, level: int, compressor: str = "zstd") -> None:
     """Write one block group atomically: into a temporary directory, then rename it into place."""
     final = _block_dir(root, b)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-    for path, data in arrays.items():
-        parent, _, name = path.rpartition("/")
-        _write_array(group.require_group(parent) if parent else group, name, data, level, compressor=compressor)
-    group.attrs.update(attrs)
+    if compressor == "zstd" and all(_is_plain(data) for data in arrays.values()):
+        _write_plain_group(tmp, attrs)
+        for path in {path.rpartition("/")[0] for path in arrays} - {""}:
+            _write_plain_group(tmp / path, {})
+        for path, data in arrays.items():
+            _write_plain_array(tmp / path, data, level)
+    else:
+        import zarr
+
+        group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+        for path, data in arrays.items():
+            parent, _, name = path.rpartition("/")
+            _write_array(group.require_group(parent) if parent else group, name, data, level, compressor=compressor)
+        group.attrs.update(attrs)
     # The rename is the completion marker: a block directory either is complete or absent.
     os.replace(tmp, final)
 
@@ -676,7 +771,7 @@ def _featurize_blocks(root: Path, todo: list[int], bounds: np.ndarray, infos: li
 
 def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray, options: StoreOptions, num_structures: int) -> None:
     if (root / "zarr.json").exists():
-        attrs = dict(zarr.open_group(zarr.storage.LocalStore(root), mode="r").attrs)
+        attrs = store_attrs(root)
         if attrs.get("format") != FORMAT:
             raise ValueError(f"{root}: exists and is not an aenet_dist store; choose another --out")
         if attrs.get("fingerprint") != fp:
@@ -690,8 +785,8 @@ def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray,
         return
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"{root}: exists, is not empty and is not a Zarr store; choose another --out")
-    group = zarr.open_group(zarr.storage.LocalStore(root), mode="w", zarr_format=3)
-    group.attrs.update(
+    _write_root_attrs(
+        root,
         {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -705,7 +800,7 @@ def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray,
             "num_structures": num_structures,
             "deriv_dtype": options.deriv_dtype,
             "complete": False,
-        }
+        },
     )
     (root / "blocks").mkdir(exist_ok=True)
     for stale in (root / "blocks").glob(".*.tmp-*"):
@@ -725,14 +820,31 @@ def _block_is_intact(root: Path, b: int) -> bool:
     return True
 
 
+def store_attrs(root: str | os.PathLike) -> dict:
+    """The root group attributes of the store at ``root``, read from its zarr.json (ValueError naming the file if damaged)."""
+    path = Path(root) / "zarr.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: damaged store metadata ({err}); remove the store or choose another --out") from None
+    if not isinstance(meta, dict) or meta.get("node_type") != "group" or not isinstance(meta.get("attributes", {}), dict):
+        raise ValueError(f"{path}: not the metadata of a Zarr group; remove it or choose another --out")
+    return dict(meta.get("attributes", {}))
+
+
+def _write_root_attrs(root: Path, attrs: dict) -> None:
+    """The root group's zarr.json with ``attrs``, as zarr writes it, replaced atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / "zarr.json", json.dumps({"attributes": attrs, "zarr_format": 3, "node_type": "group"}, allow_nan=True, indent=2))
+
+
 def _is_complete(root: Path) -> bool:
-    return bool(zarr.open_group(zarr.storage.LocalStore(root), mode="r").attrs.get("complete"))
+    return bool(store_attrs(root).get("complete"))
 
 
 def consolidate(root: Path, names: list[str]) -> None:
     """Merge per-block tables and statistics into the root; sets ``complete`` last."""
-    group = zarr.open_group(zarr.storage.LocalStore(root), mode="r+")
-    attrs = dict(group.attrs)
+    attrs = store_attrs(root)
     bounds = np.array(attrs["block_first"])
     species = attrs["species"]
     parts: dict[str, list] = {k: [] for k in ("num_atoms", "energy", "cohesive_energy", "has_derivs")}
@@ -742,18 +854,18 @@ def consolidate(root: Path, names: list[str]) -> None:
         block_dir = _block_dir(root, b)
         if not block_dir.exists():
             raise ValueError(f"{root}: block {b} is missing; rerun featurize to finish the store")
-        block = zarr.open_group(zarr.storage.LocalStore(block_dir), mode="r")
+        block = _read_arrays(block_dir, list(parts) + [f"{e}/{name}" for e in species for name in ("atom", "deriv_center")])
         for key in parts:
-            parts[key].append(block[key][...])
+            parts[key].append(block[key])
         rows_per_structure.append(_block_deriv_rows(block, species))
-        partial_stats = dict(block.attrs)["partial_stats"]
+        partial_stats = store_attrs(block_dir)["partial_stats"]
         for e in species:
             sums[e] = _add_partial_stats(sums[e], partial_stats[e])
     table = {k: np.concatenate(v) for k, v in parts.items()}
     num_atoms = table["num_atoms"].astype(np.int64)
     per_atom = table["cohesive_energy"] / np.maximum(num_atoms, 1)
-    _write_structure_table(group, table, num_atoms, bounds, rows_per_structure, names)
-    group.attrs.update(
+    _write_structure_table(root, table, num_atoms, bounds, rows_per_structure, names)
+    attrs.update(
         {
             "num_atoms": int(num_atoms.sum()),
             "num_force_structures": int(table["has_derivs"].sum()),
@@ -763,15 +875,16 @@ def consolidate(root: Path, names: list[str]) -> None:
             "complete": True,
         }
     )
+    _write_root_attrs(root, attrs)
 
 
-def _block_deriv_rows(block: zarr.Group, species: list[str]) -> np.ndarray:
-    """(S_b,) int64 number of derivative rows of each structure of one block, over all elements."""
-    num_atoms = block["num_atoms"][...]
+def _block_deriv_rows(block: dict[str, np.ndarray], species: list[str]) -> np.ndarray:
+    """(S_b,) int64 number of derivative rows of each structure of one block (its arrays by path), over all elements."""
+    num_atoms = block["num_atoms"]
     atom_structure = np.repeat(np.arange(len(num_atoms)), num_atoms)
     rows = np.zeros(len(num_atoms), dtype=np.int64)
     for e in species:
-        center_atom = block[e]["atom"][...][block[e]["deriv_center"][...]]
+        center_atom = block[f"{e}/atom"][block[f"{e}/deriv_center"]]
         rows += np.bincount(atom_structure[center_atom], minlength=len(num_atoms))
     return rows
 
@@ -808,11 +921,13 @@ def _final_stats(s: dict) -> dict:
     }
 
 
-def _write_structure_table(group: zarr.Group, table: dict[str, np.ndarray], num_atoms: np.ndarray, bounds: np.ndarray,
+def _write_structure_table(root: Path, table: dict[str, np.ndarray], num_atoms: np.ndarray, bounds: np.ndarray,
                            rows_per_structure: list[np.ndarray], names: list[str]) -> None:
     """(Re)write the root's ``structures/`` arrays: per-structure sizes, energies, block and names."""
     name_bytes = [n.encode() for n in names]
-    sgroup = group.require_group("structures")
+    sgroup = root / "structures"
+    if not (sgroup / "zarr.json").exists():
+        _write_plain_group(sgroup, {})
     level = 1
     for key, data in {
         "num_atoms": num_atoms,
@@ -825,9 +940,8 @@ def _write_structure_table(group: zarr.Group, table: dict[str, np.ndarray], num_
         "name_bytes": np.frombuffer(b"".join(name_bytes), dtype=np.uint8),
         "name_offset": np.r_[0, np.cumsum([len(n) for n in name_bytes])].astype(np.int64),
     }.items():
-        if key in sgroup:
-            del sgroup[key]
-        _write_array(sgroup, key, data, level)
+        shutil.rmtree(sgroup / key, ignore_errors=True)
+        _write_plain_array(sgroup / key, data, level)
 
 
 # ------------------------------------------------------------------ reading
@@ -871,6 +985,8 @@ class StoreReader:
             json.loads((self.path / "zarr.json").read_text())
         except (ValueError, UnicodeDecodeError) as err:
             raise ValueError(f"{self.path / 'zarr.json'}: damaged store metadata ({err}); featurize the store again") from None
+        import zarr
+
         self.group = zarr.open_group(zarr.storage.LocalStore(self.path), mode="r")
         self.attrs = dict(self.group.attrs)
         if self.attrs.get("format") != FORMAT:

@@ -112,3 +112,43 @@ def test_module_main_is_the_same_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "aenet_dist.train"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("usage: aenet-dist train ")
     assert result.stderr.endswith("error: give a configuration file (train.toml, or aenet-PyTorch's train.in); see --help\n")
+
+
+def _run(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c code args...`` in a fresh interpreter."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def test_fast_exit_keeps_exit_codes_and_flushes_output(tmp_path):
+    """featurize and predict end without Python's teardown (cli.exit_process): exit codes, the full stdout
+    (block-buffered in a pipe) and logging still come out; other commands exit normally."""
+    entry = "import sys\nsys.argv = ['aenet-dist', *sys.argv[1:]]\nfrom aenet_dist.cli import entry\nentry()\n"
+    bad = _run(entry, "featurize", str(tmp_path / "missing.in"), "--out", str(tmp_path / "s.zarr"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "missing.in" in bad.stderr
+    assert _run(entry, "plan", str(tmp_path / "nothing.zarr")).returncode == 2  # the normal exit path
+    code = ("import atexit, sys\natexit.register(lambda: print('TEARDOWN'))\n"
+            "print('x' * 100000)\nfrom aenet_dist.cli import exit_process\nexit_process(3)\n")
+    done = _run(code)
+    assert done.returncode == 3 and done.stdout == "x" * 100000 + "\n"  # flushed, and no teardown (atexit) ran
+
+
+def test_featurize_module_run_under_mpi_exits_cleanly(tmp_path):
+    """``mpiexec -n 2 python -m aenet_dist.featurize``: every rank ends by itself with exit code 0 (a rank that left
+    by os._exit right after MPI_Finalize got the others killed, and mpiexec still returned 0), and the summary."""
+    from aenet_dist.datasets import generate_emt_dataset
+
+    generate_in = generate_emt_dataset(tmp_path / "emt", num_structures=6, seed=1, force_percent=50.0)
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    command = f"{sys.executable} -m aenet_dist.featurize {generate_in} --out {tmp_path / 's.zarr'} --no-progress; echo rank exit $?"
+    result = subprocess.run([str(mpiexec), "-n", "2", "sh", "-c", command], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("rank exit 0") == 2, result.stdout + result.stderr
+    assert "structures       6" in result.stdout and "on 2 rank(s)" in result.stdout
+    # The same with rank 1 ending a second after rank 0 (the case that got rank 1 killed).
+    late = ("from mpi4py import MPI; import time; time.sleep(MPI.COMM_WORLD.rank); "
+            "from aenet_dist.cli import exit_process; exit_process(0)")
+    result = subprocess.run([str(mpiexec), "-n", "2", "sh", "-c", f'{sys.executable} -c "{late}"; echo rank exit $?'],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.count("rank exit 0") == 2, result.stdout + result.stderr

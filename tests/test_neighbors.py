@@ -66,3 +66,29 @@ def test_batch_offsets_atoms_of_later_structures():
     assert torch.equal(both.center[count_a:] - 2, alone_b.center)
     assert torch.equal(both.neighbor[count_a:] - 2, alone_b.neighbor)
     assert torch.equal(both.vec[count_a:], alone_b.vec)
+
+
+def test_batch_equals_structure_by_structure():
+    """One call for a batch (shifts, filter and counts done once for all its pairs) gives, for each structure, exactly
+    its own list: periodic, isolated, with coincident atoms (dropped, as aenet does) and with no pair at all."""
+    rng = np.random.default_rng(5)
+    cell = np.array([[4.0, 0.0, 0.0], [0.7, 3.5, 0.0], [0.2, 0.4, 3.8]])
+    structures = [
+        (rng.uniform(0, 3.5, (5, 3)), cell, True),
+        (np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), np.zeros((3, 3)), False),
+        (np.array([[0.0, 0.0, 0.0]]), np.zeros((3, 3)), False),  # no neighbour
+        (rng.uniform(0, 3.5, (3, 3)), cell, True),
+    ]
+    batch = neighbor_list(*map(list, zip(*structures)), 3.2)
+    offset, p0 = 0, 0
+    for k, (pos, c, pbc) in enumerate(structures):
+        alone = neighbor_list([pos], [c], [pbc], 3.2)
+        p1 = p0 + int(batch.pair_count[k])
+        assert int(alone.pair_count[0]) == p1 - p0
+        assert torch.equal(batch.center[p0:p1] - offset, alone.center)
+        assert torch.equal(batch.neighbor[p0:p1] - offset, alone.neighbor)
+        assert torch.equal(batch.vec[p0:p1], alone.vec) and torch.equal(batch.dist[p0:p1], alone.dist)
+        offset, p0 = offset + len(pos), p1
+    assert p0 == batch.center.numel()
+    empty = neighbor_list([], [], [], 3.2)
+    assert empty.center.numel() == 0 and empty.pair_count.numel() == 0 and empty.vec.shape == (0, 3)

@@ -19,7 +19,7 @@ from aenet_dist.config import StoreOptions
 from aenet_dist.datasets import generate_emt_dataset
 from aenet_dist.descriptors import featurize
 from aenet_dist.featurize import main as featurize_main
-from aenet_dist.store import StoreReader, _read_plain_array, _write_array, featurize_to_store
+from aenet_dist.store import StoreReader, _read_plain_array, _write_array, _write_plain_array, featurize_to_store, write_block
 from aenet_dist.structures import read_structures
 from helpers import fault_env
 
@@ -240,6 +240,46 @@ def test_zstd_chunk_of_the_wrong_length_is_refused(tmp_path):
         _read_plain_array(tmp_path / "g" / "a")
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.arange(1000, dtype=np.float64).reshape(125, 8),  # several chunks, a partial last one (padded)
+        np.arange(1000, dtype=np.float64).reshape(25, 8, 5) * 0.1,  # (p, F, 3)-like, three axes
+        np.zeros((40, 3, 2), dtype=np.float32),  # all fill value: still every chunk written
+        np.array([True, False, True]),  # one-byte types: zarr names no byte order
+        np.arange(-5, 5, dtype=np.int8),
+        np.arange(70, dtype=np.int64),
+        np.zeros((0, 4), dtype=np.int32),  # empty: metadata only
+        np.zeros((0, 56, 3), dtype=np.float64),
+    ],
+)
+def test_direct_array_write_equals_zarr(tmp_path, data):
+    """Block arrays are written without zarr (store._write_plain_array): the same files, byte for byte."""
+    group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "z"), mode="w", zarr_format=3)
+    _write_array(group, "a", data, level=1, chunk_bytes=256)
+    _write_plain_array(tmp_path / "d" / "a", data, level=1, chunk_bytes=256)
+    assert _files(tmp_path / "d" / "a") == _files(tmp_path / "z" / "a")
+
+
+def test_direct_block_write_equals_zarr(tmp_path):
+    """A whole block group written directly equals what zarr writes, attributes (NaN, None) included."""
+    arrays = {"num_atoms": np.array([2, 3], dtype=np.int32), "species": np.array([0, 1, 1, 0, 1], dtype=np.int8),
+              "Cu/G": np.linspace(0, 1, 20).reshape(5, 4), "Cu/dG": np.zeros((0, 4, 3))}
+    attrs = {"first_structure": 0, "partial_stats": {"Cu": {"sum": [0.5, float("nan")], "min": None}}}
+    (tmp_path / "direct" / "blocks").mkdir(parents=True)
+    write_block(tmp_path / "direct", 0, arrays, attrs, level=1)
+    group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "zarr"), mode="w", zarr_format=3)
+    for path, data in arrays.items():
+        parent, _, name = path.rpartition("/")
+        _write_array(group.require_group(parent) if parent else group, name, data, level=1)
+    group.attrs.update(attrs)
+    assert _files(tmp_path / "direct" / "blocks" / "b000000") == _files(tmp_path / "zarr")
+
+
 def test_block_reads_equal_zarr(store):
     reader = StoreReader(store)
     for b in range(len(reader.block_first) - 1):
@@ -260,3 +300,39 @@ def test_damaged_chunk_is_named(store, tmp_path):
     block = int(chunk.relative_to(copy / "blocks").parts[0][1:])
     with pytest.raises(ValueError, match=f"{chunk}.*damaged"):
         StoreReader(copy).read_block(block)
+
+
+def test_wait_for_all_sleeps_until_the_barrier_completes(monkeypatch):
+    """Ranks wait for each other on a non-blocking barrier, tested between sleeps (MPICH's blocking wait spins)."""
+    from aenet_dist import store as store_module
+
+    class Request:
+        tests = 0
+
+        def Test(self):
+            Request.tests += 1
+            return Request.tests >= 3
+
+    class Comm:
+        size = 2
+
+        def Ibarrier(self):
+            return Request()
+
+    sleeps = []
+    monkeypatch.setattr(store_module.time, "sleep", sleeps.append)
+    store_module.wait_for_all(Comm(), poll_s=0.002)
+    assert Request.tests == 3 and sleeps == [0.002, 0.002]
+    store_module.wait_for_all(store_module._SerialComm())  # one rank: returns at once
+
+
+def test_featurize_writes_a_zstd_store_without_zarr(dataset, store, tmp_path):
+    """featurize (scan, blocks, consolidation, summary) never imports zarr for a zstd store (0.3 s of each rank's
+    start-up), and writes what zarr wrote before: the same files as the module's store, which zarr still reads."""
+    out = tmp_path / "nozarr.zarr"
+    code = ("import sys\nfrom aenet_dist.featurize import main\n"
+            f"rc = main([{str(dataset)!r}, '--out', {str(out)!r}, '--chunk-mb', '0.0625', '--no-progress'])\n"
+            "assert rc == 0, rc\nassert 'zarr' not in sys.modules, 'zarr was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    assert _files(out) == _files(store)
+    assert StoreReader(out).num_structures == StoreReader(store).num_structures
