@@ -410,11 +410,13 @@ class DataConfig:
     batches and blocks read ahead within it, and ``auto`` streams when the shard does not fit
     in it. None = half of the host memory available at start, shared by the node's ranks.
     Python, torch and the model take about 0.25 GiB more per rank."""
-    readers: int = 2
+    readers: int | None = None
     """Threads per rank that read and convert store blocks (loading, and ``stream`` read-ahead).
+    None = auto: 2 for the one read of ``memory``/``pinned`` (nothing else runs yet); for
+    ``stream``, one per core the rank has beyond its training thread, 1 or 2 (on 2 cores and one
+    rank, 2 readers made epochs 12 % slower than 1: they took the training thread's core).
     Decoding releases the GIL, converting partly does not: on an H100 node 8 readers (and
-    parallel gathers) slowed the training thread's kernel launches more than they sped up
-    reading, so the default stays at 2."""
+    parallel gathers) slowed the training thread's kernel launches more than they sped up reading."""
     workers: int = 0
     """Worker processes per rank that read and convert store blocks (each block decoded, cast and
     laid out in a worker, handed to the rank through shared memory), instead of ``data.readers``
@@ -452,8 +454,8 @@ class DataConfig:
             raise ValueError(f"data.shuffle_window_blocks must be >= 1, got {self.shuffle_window_blocks}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ValueError(f"data.memory_budget_gb must be > 0 GiB (or unset), got {self.memory_budget_gb}")
-        if self.readers < 1:
-            raise ValueError(f"data.readers must be >= 1, got {self.readers}")
+        if self.readers is not None and self.readers < 1:
+            raise ValueError(f"data.readers must be >= 1 (or unset = auto), got {self.readers}")
         if self.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}")
 

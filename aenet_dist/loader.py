@@ -627,11 +627,14 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
             log.info("data.force_percent=%g: forces of %d of the %d training structures with derivatives enter the loss",
                      config.force_percent, int(used.sum()), int((reader.has_derivs.astype(bool) & ~test).sum()))
     buckets = config.dense_buckets == "on" or (config.dense_buckets == "auto" and info.device.type == "cuda")
+    readers = reader_threads(config.readers, mode)
     workers = BlockWorkers(config.workers) if config.workers and mode != "gpu" else None
     if info.is_main and workers is not None:
         log.info("data.workers=%d: worker processes read and convert store blocks", config.workers)
+    elif info.is_main and mode == "stream":
+        log.info("stream: %d reader thread(s) per rank (data.readers%s)", readers, "" if config.readers else ", auto")
     try:
-        source, eval_source = make_sources(reader, data, mode, dtype, info.device, user_budget or default_budget_bytes(), config.readers,
+        source, eval_source = make_sources(reader, data, mode, dtype, info.device, user_budget or default_budget_bytes(), readers,
                                            batch_bytes, first_plan, buckets=buckets, derivs_used=derivs_used, workers=workers)
         source.check_budget(first_plan, "first epoch")
         eval_source.check_budget(eval_plan, "evaluation")
@@ -642,6 +645,15 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
     return TrainingData(data, mode, prefetch, steps, eval_plan, source, eval_source, workers)
 
 
+def reader_threads(requested: int | None, mode: str) -> int:
+    """Reader threads for ``data.readers`` (None = auto): 2 to load a resident cache (nothing else
+    runs yet); for ``stream``, the cores this rank has beyond its training thread, 1 or 2, since
+    readers on the training thread's core slow its steps more than they speed up reading."""
+    if requested is not None:
+        return requested
+    if mode != "stream":
+        return 2
+    return max(1, min(2, usable_cores() // local_ranks() - 1))
 
 
 def default_budget_bytes() -> float:

@@ -36,7 +36,7 @@ GiB = 2**30
 
 
 def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int, batch_size: int, num_shards: int | None = None,
-              test_percent: float = 10.0, readers: int = 2, seed: int = 0, workers: int = 0) -> list[dict]:
+              test_percent: float = 10.0, readers: int | None = None, seed: int = 0, workers: int = 0) -> list[dict]:
     """One dict per rank with the figures the table prints.
 
     ``host_stream`` is the smallest ``data.memory_budget_gb`` the ``stream`` cache accepts for
@@ -46,6 +46,7 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
     """
     dtype = torch.float32 if itemsize == 4 else torch.float64
     per_structure = structure_bytes(reader, itemsize)
+    readers = readers or 2  # auto picks at most 2 (loader.reader_threads): plan for the most
     rows = []
     for rank in range(ranks):
         data = rank_data(reader, rank, ranks, num_shards, test_percent, 0)
@@ -96,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-shards", type=int, default=data.num_shards, help="data.num_shards (default: one per rank)")
     parser.add_argument("--test-percent", type=float, default=data.test_percent, help=f"data.test_percent (default {data.test_percent:g})")
     parser.add_argument("--memory-budget-gb", type=float, default=data.memory_budget_gb, help="data.memory_budget_gb: host memory per rank for data")
-    parser.add_argument("--readers", type=int, default=data.readers, help=f"data.readers (default {data.readers})")
+    parser.add_argument("--readers", type=int, default=data.readers, help="data.readers (default: auto, planned as 2)")
     parser.add_argument("--workers", type=int, default=data.workers, help=f"data.workers (default {data.workers})")
     parser.add_argument("--ranks-per-node", type=int, default=None, help="ranks sharing one node's memory (default: --ranks)")
 

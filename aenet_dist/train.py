@@ -114,6 +114,7 @@ RESUME_MAY_CHANGE = {
     ("data", "cache"),
     ("data", "memory_budget_gb"),
     ("data", "readers"),
+    ("data", "workers"),
     ("data", "dense_buckets"),  # changes the results only by rounding
     ("run", "cpu_threads"),
     ("run", "log_every"),

@@ -316,7 +316,7 @@ def test_dump_toml_round_trip(tmp_path):
         assert back == cfg, text
     header = dump_toml(configs[0]).splitlines()[:2]
     assert header == ["# aenet_dist training configuration",
-                      "# unset (TOML has no null): data.num_shards, data.memory_budget_gb, run.early_stop_patience"]
+                      "# unset (TOML has no null): data.num_shards, data.memory_budget_gb, data.readers, run.early_stop_patience"]
 
 
 def test_save_resolved_config(tmp_path):
