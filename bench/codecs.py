@@ -92,7 +92,7 @@ def main() -> int:
         f"{stamp}; {info['nproc']} CPU(s), torch {info['torch']}, commit {info['git_commit']}; `bench/codecs.py`: featurize "
         f"(2 MPI ranks, 8 MiB blocks) with each `--deriv-dtype` and `--compressor`, then {args.epochs} epochs on 1 rank, "
         "float32 (bitwise the same training from either store dtype), 2 x 10 tanh, batch 128; medians over epochs 2..end; "
-        "data.workers 0 = two reader threads in the rank, 2 = two worker processes instead.", "",
+        "data.workers 0 = reader threads in the rank (data.readers auto: 1 on 2 cores), 2 = two worker processes instead.", "",
         "| dG/dR stored as | codec | cache | data.workers | store (MiB) | featurize (s) | epoch (s) | of it waiting for data (s) | epoch / memory epoch | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
