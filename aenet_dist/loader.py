@@ -464,6 +464,7 @@ class BlockSource:
         pending: dict[int, Future] = {}
         held = 0.0
         next_read = 0
+        # (with worker processes the pool is not used: blocks are submitted to the workers)
         with ThreadPoolExecutor(1 if self.workers is not None else self.readers) as pool:
             try:
                 for k, (blocks, positions) in enumerate(steps):

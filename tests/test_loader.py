@@ -328,3 +328,16 @@ def test_float32_derivative_storage_trains_float32_bit_for_bit(store, tmp_path):
     for key, (lines, weights) in results.items():
         assert [[m[k] for k in keys] for m in lines] == [[m[k] for k in keys] for m in reference_lines], key
         assert all(torch.equal(w, reference_weights[n]) for n, w in weights.items()), key
+
+
+def test_reader_threads_leave_the_training_thread_its_core(monkeypatch):
+    """data.readers auto: 2 to load a resident cache; for stream the cores beyond the rank's
+    training thread, 1 or 2; an explicit value wins."""
+    import aenet_dist.loader as loader
+
+    for cores, ranks, expected in ((2, 1, 1), (1, 1, 1), (4, 1, 2), (16, 8, 1), (16, 1, 2), (2, 2, 1)):
+        monkeypatch.setattr(loader, "usable_cores", lambda: cores)
+        monkeypatch.setattr(loader, "local_ranks", lambda: ranks)
+        assert loader.reader_threads(None, "stream") == expected, (cores, ranks)
+        assert loader.reader_threads(None, "memory") == 2
+        assert loader.reader_threads(3, "stream") == 3
