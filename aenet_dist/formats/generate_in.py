@@ -33,7 +33,7 @@ from ..config import DescriptorSetup, FeaturizeConfig
 from ..files import atomic_write
 from ..log import get_logger
 from .stp import read_setup, write_setup
-from .text import content_lines, fmt_float, parse_flag, read_lines, strip_comment, to_float, to_int
+from .text import content_lines, fmt_float, parse_flag, read_lines, to_float, to_int
 
 _log = get_logger(__name__)
 
@@ -134,12 +134,9 @@ def _read_sections(path: Path, lines: list[str]) -> _Sections:
     """The keyword pass: each keyword once, counted blocks checked, values parsed."""
     out = _Sections()
     i = 0
-    while i < len(lines):
-        text = strip_comment(lines[i])
+    while (found := next(content_lines(lines, i), None)) is not None:
+        i, text = found
         line_no = i + 1
-        if not text:
-            i += 1
-            continue
         tokens = text.split()
         keyword = tokens[0].lower()
         if keyword not in _GEN_KEYWORDS:

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .text import parse_flag, read_lines, strip_comment, to_int
+from .text import content_lines, parse_flag, read_lines, strip_comment, to_int
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,11 @@ def _section(lines: list[str], start: int, count: int, path: Path, where: int, k
 
 
 def _next_content(lines: list[str], start: int, path: Path, keyword: str, what: str) -> tuple[int, str]:
-    for i in range(start, len(lines)):
-        text = strip_comment(lines[i])
-        if text:
-            return i, text
-    raise ValueError(f"{path}: {keyword} must be followed by the number of {what}")
+    """The first content line from ``start`` on: (index, text); an error if there is none."""
+    found = next(content_lines(lines, start), None)
+    if found is None:
+        raise ValueError(f"{path}: {keyword} must be followed by the number of {what}")
+    return found
 
 
 def read_predict_input(path: str | os.PathLike) -> PredictInput:
@@ -77,11 +77,8 @@ def read_predict_input(path: str | os.PathLike) -> PredictInput:
     flags = {"forces": False, "print_atomic_energies": False}
     seen: dict[str, int] = {}
     i = 0
-    while i < len(lines):
-        text = strip_comment(lines[i])
-        if not text:
-            i += 1
-            continue
+    while (found := next(content_lines(lines, i), None)) is not None:
+        i, text = found
         tokens = text.split()
         keyword = tokens[0].lower()
         line_no = i + 1

@@ -109,12 +109,9 @@ def _read_keywords(path: Path, lines: list[str]) -> _SetupKeywords:
     """The keyword pass: each keyword once, at most one basis, each read by its helper."""
     out = _SetupKeywords()
     i = 0
-    while i < len(lines):
-        text = strip_comment(lines[i])
+    while (found := next(content_lines(lines, i), None)) is not None:
+        i, text = found
         line_no = i + 1
-        if not text:
-            i += 1
-            continue
         tokens = text.split()
         keyword = tokens[0].lower()
         if keyword not in STP_KEYWORDS:
@@ -172,8 +169,7 @@ def _read_env(path: Path, lines: list[str], i: int) -> tuple[list[str], int]:
     env: list[str] = []
     i += 1
     while len(env) < num_env:
-        while i < len(lines) and not strip_comment(lines[i]):
-            i += 1
+        i = next(content_lines(lines, i), (len(lines), ""))[0]  # the next content line, or the end
         # A keyword (or the end of the file) before n species means the count is wrong.
         if i >= len(lines) or strip_comment(lines[i]).split()[0].lower() in STP_KEYWORDS:
             where = f"line {i + 1}" if i < len(lines) else "the end of the file"
