@@ -37,6 +37,15 @@ _TIN_IGNORED = {  # known keyword -> why it does not change our config
     "debug": "not implemented",
 }
 _TIN_KEYWORDS = (*_TIN_MAPPED, *_TIN_IGNORED)
+# train.in keywords that take one number: the train.toml key each sets, and the number's type.
+_TIN_NUMBERS = {
+    "testpercent": ("data.test_percent", float),
+    "iterations": ("run.epochs", int),
+    "batchsize": ("run.batch_size", int),
+    "npseed": ("data.split_seed", int),
+    "phseed": ("run.seed", int),
+    "regularization": ("optim.weight_decay", float),
+}
 _TIN_MEMORY_MODES = {"cpu": "memory", "gpu": "gpu", "disk": "stream"}
 _TIN_METHOD_PARAMS = ("method", "lr", "mu", "momentum", "b1", "b2")
 
@@ -138,18 +147,9 @@ def parse_train_in(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, 
 
         if kw == "trainingset":
             put("data.store", _tin_one(args, kw, where), where)
-        elif kw == "testpercent":
-            put("data.test_percent", _tin_number(_tin_one(args, kw, where), float, kw.upper(), where), where)
-        elif kw == "iterations":
-            put("run.epochs", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
-        elif kw == "batchsize":
-            put("run.batch_size", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
-        elif kw == "npseed":
-            put("data.split_seed", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
-        elif kw == "phseed":
-            put("run.seed", _tin_number(_tin_one(args, kw, where), int, kw.upper(), where), where)
-        elif kw == "regularization":
-            put("optim.weight_decay", _tin_number(_tin_one(args, kw, where), float, kw.upper(), where), where)
+        elif kw in _TIN_NUMBERS:
+            key, kind = _TIN_NUMBERS[kw]
+            put(key, _tin_number(_tin_one(args, kw, where), kind, kw.upper(), where), where)
         elif kw == "memory_mode":
             mode = _tin_one(args, kw, where).lower()
             if mode not in _TIN_MEMORY_MODES:
