@@ -125,6 +125,11 @@ class ShardData:
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
+def numpy_dtype(dtype: torch.dtype):
+    """The numpy float type of a torch training dtype (what the store's G and dG are read as)."""
+    return _NUMPY_DTYPES[dtype]
+
+
 def shard_from_range(
     data: StructureRange, dtype: torch.dtype, dense_blocks: bool = True, store_index: torch.Tensor | None = None,
     buckets: bool = False,
@@ -152,7 +157,7 @@ def shard_from_range(
         # The layout copies below are numpy's: its strided copies ran 2x (permuted dense blocks)
         # to 6x (the (P, F, 3) -> (P, 3, F) transposition) faster than torch's on a CPU core,
         # and they are most of a stream epoch's conversion work.
-        stored = rows.dG.astype(_NUMPY_DTYPES[dtype], copy=False)  # (P, F, 3) as stored
+        stored = rows.dG.astype(numpy_dtype(dtype), copy=False)  # (P, F, 3) as stored
         deriv_start = np.r_[0, np.cumsum(deriv_rows)]
         group_of = np.full(num_structures, -1, dtype=np.int64)
         slot_of = np.zeros(num_structures, dtype=np.int64)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .batching import ShardData, shard_from_range
+from .batching import ShardData, numpy_dtype, shard_from_range
 from .store import StoreReader, StructureRange, select_structures, without_derivatives
 
 ALIGN = 64  # bytes: every tensor in a packed buffer starts at a multiple of this
@@ -79,8 +79,7 @@ def check_finite(data: StructureRange, reader: StoreReader) -> None:
 
 def load_block(reader: StoreReader, task: BlockTask) -> ShardData:
     """The block of ``task`` as tensors: read, cast block by block, checked, reduced to its members."""
-    numpy_dtype = np.float32 if task.dtype == torch.float32 else np.float64
-    part = reader.read_range(task.first, task.stop, numpy_dtype)
+    part = reader.read_range(task.first, task.stop, numpy_dtype(task.dtype))
     check_finite(part, reader)
     if len(task.members) < task.stop - task.first:
         part = select_structures(part, task.members - task.first)

@@ -41,6 +41,7 @@ both give the same batches bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -53,7 +54,7 @@ import numpy as np
 import psutil
 import torch
 
-from .batching import Batch, ShardData, gather_batch, merge_batches, shard_from_range
+from .batching import Batch, ShardData, gather_batch, merge_batches, numpy_dtype, shard_from_range
 from .block_loading import BlockTask, BlockWorkers, check_finite, load_block
 from .log import get_logger
 from .store import StoreReader, without_derivatives
@@ -464,8 +465,8 @@ class BlockSource:
         pending: dict[int, Future] = {}
         held = 0.0
         next_read = 0
-        # (with worker processes the pool is not used: blocks are submitted to the workers)
-        with ThreadPoolExecutor(1 if self.workers is not None else self.readers) as pool:
+        # Reader threads, or none: with worker processes, blocks are submitted to the workers.
+        with ThreadPoolExecutor(self.readers) if self.workers is None else contextlib.nullcontext() as pool:
             try:
                 for k, (blocks, positions) in enumerate(steps):
                     needed = set(blocks.tolist())
@@ -540,10 +541,6 @@ class Prefetcher:
                 self.queue.get_nowait()
             except queue.Empty:
                 self.thread.join(timeout=0.05)
-
-
-def _numpy_dtype(dtype: torch.dtype):
-    return np.float32 if dtype == torch.float32 else np.float64
 
 
 def empty_batch(reader: StoreReader, dtype: torch.dtype, with_forces: bool) -> Batch:
@@ -700,7 +697,7 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     """
     everything = np.arange(data.stop - data.start)
     if mode == "gpu":
-        part = reader.read_range(data.start, data.stop, _numpy_dtype(dtype))
+        part = reader.read_range(data.start, data.stop, numpy_dtype(dtype))
         check_finite(part, reader)
         if derivs_used is not None:
             part = without_derivatives(part, ~derivs_used[data.start : data.stop])
