@@ -1,4 +1,6 @@
-"""aenet's Chebyshev descriptors and their sparse derivatives, vectorized over many structures.
+"""aenet's Chebyshev descriptors and their sparse derivatives, vectorized over many structures, in numpy.
+
+No torch: featurize, predict and the ASE calculator run without importing it (2+ s per process).
 
 (Behler2011 symmetry functions live in :mod:`aenet_dist.symmetry_functions`; :func:`featurize`
 and :func:`species_features` serve both.)
@@ -34,7 +36,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
 
 from .config import DescriptorSetup
 from .neighbors import Neighbors, neighbor_list
@@ -52,46 +53,65 @@ class SpeciesFeatures:
         dG: (P, F, 3) ∂G_i/∂R_a (positive sign, Å⁻¹ units of G), images summed.
     """
 
-    atom_index: torch.Tensor
-    G: torch.Tensor
-    deriv_center: torch.Tensor
-    deriv_neighbor: torch.Tensor
-    dG: torch.Tensor
+    atom_index: np.ndarray
+    G: np.ndarray
+    deriv_center: np.ndarray
+    deriv_neighbor: np.ndarray
+    dG: np.ndarray
 
 
-def cutoff_fn(r: torch.Tensor, rc: float) -> tuple[torch.Tensor, torch.Tensor]:
+def scatter_add(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """out[k] = Σ_{p: index[p] = k} values[p], shape (size,) + values.shape[1:], in ``values``' dtype.
+
+    One ``np.bincount`` over the flattened values: as fast as torch's ``index_add_`` and, like it,
+    it adds in the order of ``index`` (so sums do not depend on what else shares the batch);
+    ``np.add.at`` is 4x slower.
+    """
+    tail = values.shape[1:]
+    width = math.prod(tail)
+    if width == 1:
+        flat_index = index
+    else:
+        flat_index = (index[:, None] * width + np.arange(width)).ravel()
+    out = np.bincount(flat_index, weights=values.reshape(-1), minlength=size * width)
+    return out.astype(values.dtype, copy=False).reshape((size,) + tail)
+
+
+def cutoff_fn(r: np.ndarray, rc: float) -> tuple[np.ndarray, np.ndarray]:
     """aenet's cosine cutoff and its derivative d fc/dr; zero beyond rc."""
     inside = r < rc
     arg = math.pi * r / rc
-    fc = torch.where(inside, 0.5 * (torch.cos(arg) + 1.0), torch.zeros_like(r))
-    dfc = torch.where(inside, -0.5 * (math.pi / rc) * torch.sin(arg), torch.zeros_like(r))
+    fc = np.where(inside, 0.5 * (np.cos(arg) + 1.0), 0.0).astype(r.dtype, copy=False)
+    dfc = np.where(inside, -0.5 * (math.pi / rc) * np.sin(arg), 0.0).astype(r.dtype, copy=False)
     return fc, dfc
 
 
-def chebyshev(x: torch.Tensor, order: int, with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def chebyshev(x: np.ndarray, order: int, with_grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """T_0..T_order at x (P, order+1) and, if asked, dT_n/dx = n U_{n-1}(x) (P, order+1).
 
     Filled row by row in an (order+1, P) buffer (contiguous, no stacking copies), returned transposed.
     """
-    t = torch.empty((order + 1, x.numel()), dtype=x.dtype, device=x.device)
+    t = np.empty((order + 1, x.size), dtype=x.dtype)
     t[0] = 1.0
     if order >= 1:
         t[1] = x
     two_x = 2 * x
     for n in range(2, order + 1):
-        torch.addcmul(-t[n - 2], two_x, t[n - 1], out=t[n])
+        np.multiply(two_x, t[n - 1], out=t[n])
+        t[n] -= t[n - 2]
     if not with_grad:
         return t.T, None
-    u = torch.empty((max(order, 1), x.numel()), dtype=x.dtype, device=x.device)  # second kind U_0..U_{order-1}
+    u = np.empty((max(order, 1), x.size), dtype=x.dtype)  # second kind U_0..U_{order-1}
     u[0] = 1.0
     if order >= 2:
         u[1] = two_x
     for n in range(2, order):
-        torch.addcmul(-u[n - 2], two_x, u[n - 1], out=u[n])
-    dt = torch.empty_like(t)
+        np.multiply(two_x, u[n - 1], out=u[n])
+        u[n] -= u[n - 2]
+    dt = np.empty_like(t)
     dt[0] = 0.0
     if order >= 1:
-        torch.mul(u[:order], torch.arange(1, order + 1, dtype=x.dtype, device=x.device)[:, None], out=dt[1:])
+        np.multiply(u[:order], np.arange(1, order + 1, dtype=x.dtype)[:, None], out=dt[1:])
     return t.T, dt.T
 
 
@@ -117,7 +137,7 @@ def moment_tables(order: int) -> tuple[np.ndarray, np.ndarray]:
     return exps, cheb[:, degree] * multinomial[None, :]
 
 
-def monomials(u: torch.Tensor, order: int, with_grad: bool):
+def monomials(u: np.ndarray, order: int, with_grad: bool):
     """u^α for all |α| <= order (P, K) and, if asked, ∂u^α/∂u (P, 3, K): [p, d, α] = ∂u^α/∂u_d.
 
     Built degree by degree into one preallocated buffer: degree m = [x · (all of degree
@@ -128,11 +148,11 @@ def monomials(u: torch.Tensor, order: int, with_grad: bool):
     num = u.shape[0]
     sizes = [(m + 1) * (m + 2) // 2 for m in range(order + 1)]
     starts = np.r_[0, np.cumsum(sizes)]
-    mono = torch.empty((num, int(starts[-1])), dtype=u.dtype, device=u.device)
+    mono = np.empty((num, int(starts[-1])), dtype=u.dtype)
     mono[:, 0] = 1.0
     dmono = None
     if with_grad:
-        dmono = torch.empty((num, 3, int(starts[-1])), dtype=u.dtype, device=u.device)
+        dmono = np.empty((num, 3, int(starts[-1])), dtype=u.dtype)
         dmono[:, :, 0] = 0.0
     x, y, z = u[:, 0:1], u[:, 1:2], u[:, 2:3]
     for m in range(1, order + 1):
@@ -141,10 +161,10 @@ def monomials(u: torch.Tensor, order: int, with_grad: bool):
         nx = p1 - p0
         segments = ((x, 0, p0, p1, c0), (y, 1, p1 - m, p1, c0 + nx), (z, 2, p1 - 1, p1, c0 + nx + m))
         for factor, d, s0, s1, t0 in segments:
-            torch.mul(factor, mono[:, s0:s1], out=mono[:, t0 : t0 + s1 - s0])
+            np.multiply(factor, mono[:, s0:s1], out=mono[:, t0 : t0 + s1 - s0])
             if with_grad:
                 target = dmono[:, :, t0 : t0 + s1 - s0]
-                torch.mul(factor[:, :, None], dmono[:, :, s0:s1], out=target)
+                np.multiply(factor[:, :, None], dmono[:, :, s0:s1], out=target)
                 target[:, d] += mono[:, s0:s1]
     return mono, dmono
 
@@ -156,46 +176,46 @@ class PairTerms:
     Shapes: P pairs, Pa of them inside the angular cutoff, C centers, K monomials.
     """
 
-    G: torch.Tensor  # (C, F) raw descriptors
-    fc: torch.Tensor  # (P,) radial cutoff function and its derivative
-    dfc: torch.Tensor
-    x: torch.Tensor  # (P,) 2r/Rr − 1, the Chebyshev argument
-    T: torch.Tensor  # (P, Nr+1)
-    ang: torch.Tensor  # (P,) bool: inside the angular cutoff
-    w: torch.Tensor  # (Pa,) angular cutoff function and its derivative
-    dw: torch.Tensor
-    mono: torch.Tensor  # (Pa, K) u^α
-    coeff: torch.Tensor  # (Na+1, K) C_nα
-    m_plain: torch.Tensor  # (C, K) moments Σ_j w_j u_j^α
-    m_spin: torch.Tensor | None  # (C, K) typespin-weighted moments (None with one ENV species)
+    G: np.ndarray  # (C, F) raw descriptors
+    fc: np.ndarray  # (P,) radial cutoff function and its derivative
+    dfc: np.ndarray
+    x: np.ndarray  # (P,) 2r/Rr − 1, the Chebyshev argument
+    T: np.ndarray  # (P, Nr+1)
+    ang: np.ndarray  # (P,) bool: inside the angular cutoff
+    w: np.ndarray  # (Pa,) angular cutoff function and its derivative
+    dw: np.ndarray
+    mono: np.ndarray  # (Pa, K) u^α
+    coeff: np.ndarray  # (Na+1, K) C_nα
+    m_plain: np.ndarray  # (C, K) moments Σ_j w_j u_j^α
+    m_spin: np.ndarray | None  # (C, K) typespin-weighted moments (None with one ENV species)
 
 
-def env_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+def env_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype) -> tuple[np.ndarray, np.ndarray]:
     """(ENV position of each type, -1 if not in ENV) and the typespin of each ENV species."""
-    env_of_type = torch.full((len(type_names),), -1, dtype=torch.int64, device=device)
+    env_of_type = np.full(len(type_names), -1, dtype=np.int64)
     for k, element in enumerate(setup.env_species):
         env_of_type[type_names.index(element)] = k
     spins = setup.typespin()
-    return env_of_type, torch.tensor([float(spins[e]) for e in setup.env_species], dtype=dtype, device=device)
+    return env_of_type, np.array([float(spins[e]) for e in setup.env_species], dtype=dtype)
 
 
-def pair_terms(setup: DescriptorSetup, spin_of_env: torch.Tensor, row: torch.Tensor, env: torch.Tensor, r: torch.Tensor, u: torch.Tensor, num_centers: int) -> PairTerms:
+def pair_terms(setup: DescriptorSetup, spin_of_env: np.ndarray, row: np.ndarray, env: np.ndarray, r: np.ndarray, u: np.ndarray,
+               num_centers: int) -> PairTerms:
     """aenet's G for ``num_centers`` centers from their pairs (center row, ENV position, r, unit vector u)."""
     basis = setup.basis
-    dtype, device = r.dtype, r.device
-    num_env = spin_of_env.numel()
+    dtype = r.dtype
+    num_env = spin_of_env.size
     multi = num_env > 1
     key = row * num_env + env  # (center row, neighbour ENV species): one sum serves both channels
     nr, na = basis.radial_order + 1, basis.angular_order + 1
     block = nr + na
-    G = torch.empty((num_centers, setup.num_features), dtype=dtype, device=device)
+    G = np.empty((num_centers, setup.num_features), dtype=dtype)
     spin = spin_of_env[None, :, None]
 
     fc, dfc = cutoff_fn(r, basis.radial_cutoff)
     x = 2.0 * r / basis.radial_cutoff - 1.0
     t, _ = chebyshev(x, basis.radial_order, with_grad=False)
-    radial = torch.zeros((num_centers * num_env, nr), dtype=dtype, device=device).index_add_(0, key, fc[:, None] * t)
-    radial = radial.view(num_centers, num_env, nr)
+    radial = scatter_add(key, fc[:, None] * t, num_centers * num_env).reshape(num_centers, num_env, nr)
     G[:, :nr] = radial.sum(1)
     if multi:
         G[:, block : block + nr] = (radial * spin).sum(1)
@@ -203,13 +223,11 @@ def pair_terms(setup: DescriptorSetup, spin_of_env: torch.Tensor, row: torch.Ten
     ang = r < basis.angular_cutoff
     w, dw = cutoff_fn(r[ang], basis.angular_cutoff)
     mono, _ = monomials(u[ang], basis.angular_order, with_grad=False)
-    _, coeff_np = moment_tables(basis.angular_order)
-    coeff = torch.from_numpy(coeff_np).to(device=device, dtype=dtype)  # shape (na, K)
+    coeff = moment_tables(basis.angular_order)[1].astype(dtype, copy=False)  # shape (na, K)
     num_mono = coeff.shape[1]
     key_a = key[ang]
-    moments = torch.zeros((num_centers * num_env, num_mono), dtype=dtype, device=device).index_add_(0, key_a, w[:, None] * mono)
-    moments = moments.view(num_centers, num_env, num_mono)
-    self_sum = torch.zeros(num_centers * num_env, dtype=dtype, device=device).index_add_(0, key_a, w * w).view(num_centers, num_env)
+    moments = scatter_add(key_a, w[:, None] * mono, num_centers * num_env).reshape(num_centers, num_env, num_mono)
+    self_sum = scatter_add(key_a, w * w, num_centers * num_env).reshape(num_centers, num_env)
     m_plain = moments.sum(1)
     G[:, nr:block] = 0.5 * ((m_plain * m_plain) @ coeff.T - self_sum.sum(1)[:, None])
     m_spin = None
@@ -221,11 +239,11 @@ def pair_terms(setup: DescriptorSetup, spin_of_env: torch.Tensor, row: torch.Ten
 
 def species_features(
     setup: DescriptorSetup,
-    species_index: torch.Tensor,
+    species_index: np.ndarray,
     type_names: tuple[str, ...],
     nbr: Neighbors,
-    center_atoms: torch.Tensor,
-    deriv_atoms: torch.Tensor,
+    center_atoms: np.ndarray,
+    deriv_atoms: np.ndarray,
 ) -> SpeciesFeatures:
     """Descriptors of the atoms ``center_atoms`` (all of one species, using ``setup``).
 
@@ -244,19 +262,19 @@ def species_features(
         from .symmetry_functions import behler_features  # imported here: it builds on this module's pieces
 
         return behler_features(setup, species_index, type_names, nbr, center_atoms, deriv_atoms)
-    dtype, device = nbr.vec.dtype, nbr.vec.device
-    num_atoms = species_index.numel()
-    num_centers = center_atoms.numel()
-    env_of_type, spin_of_env = env_tables(setup, type_names, dtype, device)
+    dtype = nbr.vec.dtype
+    num_atoms = species_index.size
+    num_centers = center_atoms.size
+    env_of_type, spin_of_env = env_tables(setup, type_names, dtype)
     keep, pair_row, env = center_pairs(setup, env_of_type, species_index, nbr, center_atoms)
     r = nbr.dist[keep]
     u = nbr.vec[keep] / r[:, None]
     terms = pair_terms(setup, spin_of_env, pair_row, env, r, u, num_centers)
 
     want = deriv_atoms[nbr.center[keep]]
-    if not bool(want.any()):
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        return SpeciesFeatures(center_atoms, terms.G, empty, empty, torch.zeros((0, setup.num_features, 3), dtype=dtype, device=device))
+    if not want.any():
+        empty = np.zeros(0, dtype=np.int64)
+        return SpeciesFeatures(center_atoms, terms.G, empty, empty, np.zeros((0, setup.num_features, 3), dtype=dtype))
     d_pair = pair_derivatives(setup, terms, want, spin_of_env[env[want]], u, r, pair_row)
     centers = nbr.center[keep][want]
     atoms_moved = nbr.neighbor[keep][want]
@@ -264,20 +282,20 @@ def species_features(
     return SpeciesFeatures(center_atoms, terms.G, *atom_rows(d_pair, centers, atoms_moved, wanted_centers, num_atoms))
 
 
-def center_pairs(setup: DescriptorSetup, env_of_type: torch.Tensor, species_index: torch.Tensor, nbr: Neighbors,
-                 center_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def center_pairs(setup: DescriptorSetup, env_of_type: np.ndarray, species_index: np.ndarray, nbr: Neighbors,
+                 center_atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The pairs that enter the descriptors of ``center_atoms``: (pair mask over ``nbr``, center row of each
     kept pair, ENV position of its neighbour). A pair is kept when its center is one of ``center_atoms``,
     its neighbour's species is in ENV and it lies within the setup's largest cutoff."""
-    row_of_atom = torch.full((species_index.numel(),), -1, dtype=torch.int64, device=species_index.device)
-    row_of_atom[center_atoms] = torch.arange(center_atoms.numel(), device=species_index.device)
+    row_of_atom = np.full(species_index.size, -1, dtype=np.int64)
+    row_of_atom[center_atoms] = np.arange(center_atoms.size)
     env = env_of_type[species_index[nbr.neighbor]]
     keep = (row_of_atom[nbr.center] >= 0) & (env >= 0) & (nbr.dist < setup.basis.max_cutoff)
     return keep, row_of_atom[nbr.center[keep]], env[keep]
 
 
-def pair_derivatives(setup: DescriptorSetup, terms: PairTerms, want: torch.Tensor, spin: torch.Tensor, u: torch.Tensor,
-                     r: torch.Tensor, pair_row: torch.Tensor) -> torch.Tensor:
+def pair_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndarray, spin: np.ndarray, u: np.ndarray,
+                     r: np.ndarray, pair_row: np.ndarray) -> np.ndarray:
     """Per-pair derivatives ∂G_i/∂R_ij of the Chebyshev descriptors for the wanted pairs.
 
     Args:
@@ -291,16 +309,16 @@ def pair_derivatives(setup: DescriptorSetup, terms: PairTerms, want: torch.Tenso
         (Pw, F, 3) derivatives with respect to R_ij = R_j − R_i, in the order of the wanted pairs.
     """
     uw, rw, roww = u[want], r[want], pair_row[want]
-    d_pair = torch.zeros((rw.numel(), setup.num_features, 3), dtype=r.dtype, device=r.device)
+    d_pair = np.zeros((rw.size, setup.num_features, 3), dtype=r.dtype)
     _radial_derivatives(setup, terms, want, spin, uw, d_pair)
     ang_w = terms.ang[want]
-    if bool(ang_w.any()):
+    if ang_w.any():
         _angular_derivatives(setup, terms, ang_w, spin, uw, rw, roww, d_pair)
     return d_pair
 
 
-def _radial_derivatives(setup: DescriptorSetup, terms: PairTerms, want: torch.Tensor, spin: torch.Tensor, uw: torch.Tensor,
-                        d_pair: torch.Tensor) -> None:
+def _radial_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndarray, spin: np.ndarray, uw: np.ndarray,
+                        d_pair: np.ndarray) -> None:
     """Write the radial columns of ``d_pair`` (Pw, F, 3): ∂(fc T_n)/∂R = d(fc T_n)/dr u, typespin-weighted in the second block."""
     basis = setup.basis
     nr = basis.radial_order + 1
@@ -309,13 +327,13 @@ def _radial_derivatives(setup: DescriptorSetup, terms: PairTerms, want: torch.Te
     t_w = terms.T[want]
     g = terms.dfc[want, None] * t_w + terms.fc[want, None] * dt * (2.0 / basis.radial_cutoff)  # d(fc T_n)/dr, shape (Pw, nr)
     # Written straight into the columns of d_pair (no temporary of the product).
-    torch.mul(g[:, :, None], uw[:, None, :], out=d_pair[:, :nr])
+    np.multiply(g[:, :, None], uw[:, None, :], out=d_pair[:, :nr])
     if len(setup.env_species) > 1:
-        torch.mul((spin[:, None] * g)[:, :, None], uw[:, None, :], out=d_pair[:, block : block + nr])
+        np.multiply((spin[:, None] * g)[:, :, None], uw[:, None, :], out=d_pair[:, block : block + nr])
 
 
-def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, ang_w: torch.Tensor, spin: torch.Tensor, uw: torch.Tensor,
-                         rw: torch.Tensor, roww: torch.Tensor, d_pair: torch.Tensor) -> None:
+def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, ang_w: np.ndarray, spin: np.ndarray, uw: np.ndarray,
+                         rw: np.ndarray, roww: np.ndarray, d_pair: np.ndarray) -> None:
     """Write the angular columns of ``d_pair`` (Pw, F, 3) for the wanted pairs inside the angular cutoff (``ang_w``).
 
     ``uw``, ``rw``, ``roww``: (Pw,) unit vectors, distances and center rows of the wanted pairs.
@@ -329,29 +347,31 @@ def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, ang_w: torch.
     wa, dwa = cutoff_fn(rw[ang_w], basis.angular_cutoff)
     ua, ra, rowa = uw[ang_w], rw[ang_w], roww[ang_w]
     mono_d, dmono = monomials(ua, basis.angular_order, with_grad=True)  # dmono: shape (Pa, 3, K)
-    degree = torch.from_numpy(exps_np.sum(axis=1)).to(device=rw.device, dtype=rw.dtype)
+    degree = exps_np.sum(axis=1).astype(rw.dtype)
     # ∂(w u^α)/∂R = w' u^α u + w (∂u^α/∂u − |α| u^α u)/r   (projection onto the sphere)
     radial_part = (dwa[:, None] - wa[:, None] * degree[None, :] / ra[:, None]) * mono_d  # shape (Pa, K)
     # dphi[p, d, α] = ∂φ_α/∂R_d, laid out (Pa, 3, K) so that the GEMM below reads it without a copy;
     # dmono is scaled in place (it is not needed again): fewer fresh (Pa, 3, K) buffers to page in.
     dphi = radial_part[:, None, :] * ua[:, :, None]  # shape (Pa, 3, K)
-    dphi += dmono.mul_((wa / ra)[:, None, None])
+    dmono *= (wa / ra)[:, None, None]
+    dphi += dmono
     multi = len(setup.env_species) > 1
     channels = [(0, terms.m_plain, None)] + ([(block, terms.m_spin, spin[ang_w])] if multi else [])
-    z = torch.empty_like(dphi)
+    z = np.empty_like(dphi)
+    rows = np.flatnonzero(ang_w)
     for start, m, sw in channels:
         # Σ_α C_nα M_α(i) ∂φ_α/∂R as one GEMM: (Pa*3, K) @ (K, na). The plain channel's weight is 1.
         m_pair = m[rowa] if sw is None else m[rowa] * sw[:, None]  # shape (Pa, K)
-        torch.mul(m_pair[:, None, :], dphi, out=z)  # shape (Pa, 3, K)
-        d_ang = (z.view(-1, num_mono) @ coeff.T).view(-1, 3, na).transpose(1, 2)
+        np.multiply(m_pair[:, None, :], dphi, out=z)  # shape (Pa, 3, K)
+        d_ang = (z.reshape(-1, num_mono) @ coeff.T).reshape(-1, 3, na).transpose(0, 2, 1)
         if sw is None:
-            sw = torch.ones_like(wa)
+            sw = np.ones_like(wa)
         d_ang = d_ang - (sw * sw * wa * dwa)[:, None, None] * ua[:, None, :]
-        d_pair[ang_w.nonzero().squeeze(1), start + nr : start + block] = d_ang
+        d_pair[rows, start + nr : start + block] = d_ang
 
 
-def atom_rows(d_pair: torch.Tensor, centers: torch.Tensor, atoms_moved: torch.Tensor, wanted_centers: torch.Tensor,
-              num_atoms: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def atom_rows(d_pair: np.ndarray, centers: np.ndarray, atoms_moved: np.ndarray, wanted_centers: np.ndarray,
+              num_atoms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sum pair derivatives ∂G_i/∂R_ij into one row per (center i, atom a): + on the image's atom, − on the center.
 
     Args:
@@ -363,13 +383,12 @@ def atom_rows(d_pair: torch.Tensor, centers: torch.Tensor, atoms_moved: torch.Te
         (row center, row atom, dG (R, F, 3)), rows sorted by (center, atom).
     """
     key_pair = centers * num_atoms + atoms_moved
-    keys, inverse = torch.unique(torch.cat([key_pair, wanted_centers * num_atoms + wanted_centers]), return_inverse=True)
-    dG = torch.zeros((keys.numel(),) + d_pair.shape[1:], dtype=d_pair.dtype, device=d_pair.device)
-    dG.index_add_(0, inverse[: key_pair.numel()], d_pair)
+    keys, inverse = np.unique(np.concatenate([key_pair, wanted_centers * num_atoms + wanted_centers]), return_inverse=True)
+    dG = scatter_add(inverse[: key_pair.size], d_pair, keys.size)
     # The center's own row gets −Σ of all its pair terms: sum rows per center (fewer than pairs).
     row_center = keys // num_atoms
-    total = torch.zeros((num_atoms,) + d_pair.shape[1:], dtype=d_pair.dtype, device=d_pair.device).index_add_(0, row_center, dG)
-    self_rows = torch.searchsorted(keys, wanted_centers * num_atoms + wanted_centers)
+    total = scatter_add(row_center, dG, num_atoms)
+    self_rows = np.searchsorted(keys, wanted_centers * num_atoms + wanted_centers)
     dG[self_rows] -= total[wanted_centers]
     return row_center, keys % num_atoms, dG
 
@@ -393,9 +412,9 @@ def _check_min_distance(structures, setups, type_names, species_index, nbr: Neig
     atoms are a broken structure (a duplicated line, wrong units) and would give descriptors
     far outside anything trained on.
     """
-    rmin = torch.tensor([setups[e].rmin for e in type_names], dtype=nbr.dist.dtype, device=nbr.dist.device)
-    close = torch.nonzero(nbr.dist < rmin[species_index[nbr.center]]).flatten()
-    if close.numel() == 0:
+    rmin = np.array([setups[e].rmin for e in type_names], dtype=nbr.dist.dtype)
+    close = np.flatnonzero(nbr.dist < rmin[species_index[nbr.center]])
+    if close.size == 0:
         return
     p = int(close[0])
     s = int(np.searchsorted(pair_offset, p, side="right")) - 1
@@ -410,10 +429,9 @@ def featurize(
     setups: dict[str, DescriptorSetup],
     type_names: tuple[str, ...],
     with_derivatives,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
+    dtype=np.float64,
     pair_budget: int = 24_000,
-) -> tuple[torch.Tensor, dict[str, SpeciesFeatures]]:
+) -> tuple[np.ndarray, dict[str, SpeciesFeatures]]:
     """Descriptors (and derivative rows where asked) of a batch of structures.
 
     Args:
@@ -421,13 +439,12 @@ def featurize(
         setups: descriptor setup per element.
         type_names: element order that the returned species indices refer to.
         with_derivatives: per structure, whether to compute dG/dR rows.
-        pair_budget: pairs per vectorized sub-batch. On CPU, temporaries of ~1-10 MB stay
-            in cache and avoid page-faulting fresh memory (4-5x faster than one huge batch);
-            on GPU use a large budget.
+        pair_budget: pairs per vectorized sub-batch: temporaries of ~1-10 MB stay in cache and
+            avoid page-faulting fresh memory (4-5x faster than one huge batch).
 
     Returns:
         (species_index (A,) int64 over the concatenated atoms, features per element,
-        with batch-global atom indices). Elements absent from the batch get empty tensors.
+        with batch-global atom indices). Elements absent from the batch get empty arrays.
     """
     type_of = {name: k for k, name in enumerate(type_names)}
     species_parts = []
@@ -438,24 +455,24 @@ def featurize(
             raise ValueError(f"{structure.name}: species {err.args[0]!r} not in TYPES {list(type_names)}") from None
     num_atoms = np.array([s.num_atoms for s in structures], dtype=np.int64)
     atom_offset = np.r_[0, np.cumsum(num_atoms)]
-    species_index = torch.from_numpy(np.concatenate(species_parts)).to(device)
-    deriv_atoms = torch.from_numpy(np.repeat(np.asarray(with_derivatives, dtype=bool), num_atoms)).to(device)
+    species_index = np.concatenate(species_parts)
+    deriv_atoms = np.repeat(np.asarray(with_derivatives, dtype=bool), num_atoms)
     cutoff = max(setup.basis.max_cutoff for setup in setups.values())
-    nbr = neighbor_list([s.pos for s in structures], [s.cell for s in structures], [s.pbc for s in structures], cutoff, dtype, device)
-    pair_offset = np.r_[0, np.cumsum(nbr.pair_count.numpy())]
+    nbr = neighbor_list([s.pos for s in structures], [s.cell for s in structures], [s.pbc for s in structures], cutoff, dtype)
+    pair_offset = np.r_[0, np.cumsum(nbr.pair_count)]
     _check_min_distance(structures, setups, type_names, species_index, nbr, pair_offset, atom_offset)
 
     parts: dict[str, list[SpeciesFeatures]] = {e: [] for e in type_names}
-    for s0, s1 in sub_batches(nbr.pair_count.numpy(), pair_budget):
+    for s0, s1 in sub_batches(nbr.pair_count, pair_budget):
         a0, a1, p0, p1 = int(atom_offset[s0]), int(atom_offset[s1]), int(pair_offset[s0]), int(pair_offset[s1])
         sub = Neighbors(nbr.center[p0:p1] - a0, nbr.neighbor[p0:p1] - a0, nbr.vec[p0:p1], nbr.dist[p0:p1], nbr.pair_count[s0:s1])
         sub_species = species_index[a0:a1]
         for k, element in enumerate(type_names):
-            center_atoms = torch.nonzero(sub_species == k).flatten()
+            center_atoms = np.flatnonzero(sub_species == k)
             f = species_features(setups[element], sub_species, type_names, sub, center_atoms, deriv_atoms[a0:a1])
             parts[element].append(SpeciesFeatures(f.atom_index + a0, f.G, f.deriv_center + a0, f.deriv_neighbor + a0, f.dG))
     features = {
-        e: SpeciesFeatures(*(torch.cat([getattr(f, name) for f in fs]) for name in ("atom_index", "G", "deriv_center", "deriv_neighbor", "dG")))
+        e: SpeciesFeatures(*(np.concatenate([getattr(f, name) for f in fs]) for name in ("atom_index", "G", "deriv_center", "deriv_neighbor", "dG")))
         for e, fs in parts.items()
     }
     return species_index, features
@@ -469,15 +486,15 @@ class PairTables:
     """Per-element constants of the descriptor for pair passes (:func:`pair_values`, :func:`pair_gradient`)."""
 
     setup: DescriptorSetup
-    env_of_type: torch.Tensor  # (T,) int64 ENV position of each type, -1 if not in ENV
-    spin_of_env: torch.Tensor  # (num_env,) typespin
-    coeff: torch.Tensor | None = None  # Chebyshev: (Na+1, K) C_nα of the moment form
-    lift: torch.Tensor | None = None  # Chebyshev: (K, 4K) [I | D_x | D_y | D_z], D_d[α, α−e_d] = α_d
+    env_of_type: np.ndarray  # (T,) int64 ENV position of each type, -1 if not in ENV
+    spin_of_env: np.ndarray  # (num_env,) typespin
+    coeff: np.ndarray | None = None  # Chebyshev: (Na+1, K) C_nα of the moment form
+    lift: np.ndarray | None = None  # Chebyshev: (K, 4K) [I | D_x | D_y | D_z], D_d[α, α−e_d] = α_d
 
 
-def pair_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype, device) -> PairTables:
+def pair_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype) -> PairTables:
     """The :class:`PairTables` of ``setup`` for structures whose species index ``type_names``."""
-    env_of_type, spin_of_env = env_tables(setup, type_names, dtype, device)
+    env_of_type, spin_of_env = env_tables(setup, type_names, dtype)
     if setup.basis_type == "behler2011":
         return PairTables(setup, env_of_type, spin_of_env)
     exps, coeff = moment_tables(setup.basis.angular_order)
@@ -491,8 +508,7 @@ def pair_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype, devi
                 lower = list(e)
                 lower[d] -= 1
                 lift[k, (d + 1) * num_mono + index[tuple(lower)]] = e[d]
-    return PairTables(setup, env_of_type, spin_of_env, torch.from_numpy(coeff).to(dtype=dtype, device=device),
-                      torch.from_numpy(lift).to(dtype=dtype, device=device))
+    return PairTables(setup, env_of_type, spin_of_env, coeff.astype(dtype), lift.astype(dtype))
 
 
 def pair_values(t: PairTables, row, env, r, vec, num_centers: int):
@@ -510,7 +526,7 @@ def pair_values(t: PairTables, row, env, r, vec, num_centers: int):
     return terms.G, terms
 
 
-def pair_gradient(t: PairTables, row, env, r, vec, dE_dG: torch.Tensor, terms) -> torch.Tensor:
+def pair_gradient(t: PairTables, row, env, r, vec, dE_dG: np.ndarray, terms) -> np.ndarray:
     """∂E/∂R_ij (P, 3) per pair from ∂E/∂G (C, F), without forming ∂G/∂R (the adjoint of :func:`pair_values`)."""
     if t.setup.basis_type == "behler2011":
         from .symmetry_functions import pair_gradient as behler_pair_gradient
@@ -524,36 +540,36 @@ def pair_gradient(t: PairTables, row, env, r, vec, dE_dG: torch.Tensor, terms) -
     block = nr + na
     key = row * num_env + env
     fc, dfc, T, mono, m_plain, m_spin = terms.fc, terms.dfc, terms.T, terms.mono, terms.m_plain, terms.m_spin
-    ang = torch.nonzero(terms.ang).squeeze(1)
+    ang = np.flatnonzero(terms.ang)
     ra, ua, key_a, w, dw = r[ang], u[ang], key[ang], terms.w, terms.dw
     num_mono = mono.shape[1]
 
     # Per (center, ENV species) key: the plain channel plus typespin s times the weighted channel,
     # so each pair gathers one row. Radial: ∂E/∂r_p = Σ_n (g_n + s g̃_n) (fc' T_n + fc T_n' 2/Rr).
-    def per_key(plain: torch.Tensor, weighted: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
+    def per_key(plain: np.ndarray, weighted: np.ndarray | None, s: np.ndarray) -> np.ndarray:
         if not multi:  # one ENV species: key == row
             return plain
         return (plain[:, None, :] + s[None, :, None] * weighted[:, None, :]).reshape(-1, plain.shape[1])
 
     spin_env = t.spin_of_env
-    g_rad = per_key(dE_dG[:, :nr], dE_dG[:, block : block + nr] if multi else None, spin_env).index_select(0, key)
+    g_rad = per_key(dE_dG[:, :nr], dE_dG[:, block : block + nr] if multi else None, spin_env)[key]
     _, dT = chebyshev(terms.x, basis.radial_order, with_grad=True)
-    scalar = dfc * (g_rad * T).sum(1) + (fc * (2.0 / basis.radial_cutoff)) * (g_rad * dT).sum(1)  # shape (P,)
+    scalar = dfc * np.einsum("pn,pn->p", g_rad, T) + (fc * (2.0 / basis.radial_cutoff)) * np.einsum("pn,pn->p", g_rad, dT)  # shape (P,)
     grad = scalar[:, None] * u
 
     # Angular, through the moments: λ_α(i) = ∂E/∂M_α(i) = Σ_n ∂E/∂A_n C_nα M_α, σ(i) = ∂E/∂(Σ_j w_j²) = −½ Σ_n ∂E/∂A_n.
     g_ang = dE_dG[:, nr:block]
     g_spin = dE_dG[:, block + nr :] if multi else None
     lam = per_key((g_ang @ t.coeff) * m_plain, (g_spin @ t.coeff) * m_spin if multi else None, spin_env)  # (C*num_env, K)
-    sig_p = per_key(-0.5 * g_ang.sum(1, keepdim=True), -0.5 * g_spin.sum(1, keepdim=True) if multi else None,
-                    spin_env * spin_env).index_select(0, key_a).squeeze(1)
+    sig_p = per_key(-0.5 * g_ang.sum(1, keepdims=True), -0.5 * g_spin.sum(1, keepdims=True) if multi else None,
+                    spin_env * spin_env)[key_a, 0]
     # Per key, [λ, λ D_x, λ D_y, λ D_z] (one small GEMM over centers), then per pair one gather and one
     # batched dot with u^β: Σ_α λ_α u^α and ∇_u Σ_α λ_α u^α = Σ_α λ_α α_d u^(α−e_d).
-    lifted = (lam @ t.lift).index_select(0, key_a).view(-1, 4, num_mono)  # shape (Pa, 4, K)
-    dots = torch.bmm(lifted, mono.unsqueeze(2)).squeeze(2)  # shape (Pa, 4)
+    lifted = (lam @ t.lift)[key_a].reshape(-1, 4, num_mono)  # shape (Pa, 4, K)
+    dots = np.einsum("pck,pk->pc", lifted, mono)  # shape (Pa, 4)
     tangential = dots[:, 1:]
     # Euler: u · ∇_u Σ λ_α u^α = Σ λ_α |α| u^α, so ∂/∂R = [dw Σλu^α − (w/r)(u·∇)] u + (w/r) ∇ + self-sum term.
     along = (tangential * ua).sum(1)
     radial_a = dw * dots[:, 0] - (w / ra) * along + 2.0 * sig_p * w * dw
-    grad.index_add_(0, ang, radial_a[:, None] * ua + (w / ra)[:, None] * tangential)
+    grad[ang] += radial_a[:, None] * ua + (w / ra)[:, None] * tangential  # ang: distinct pairs
     return grad

@@ -15,7 +15,7 @@ from pathlib import Path
 from .formats.generate_in import read_generate_input
 from .config import StoreOptions
 from .log import setup_logging
-from .store import featurize_to_store, store_attrs, torch_default_threads, world_comm
+from .store import featurize_to_store, store_attrs, world_comm
 
 
 DESCRIPTION = ("Compute aenet's descriptors and their derivatives for the structures of a generate.in "
@@ -36,7 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="codec of the store's chunks: zstd (default, smallest), lz4 or none (larger, faster to read "
                              "when training streams the store); every chunk carries a checksum")
     parser.add_argument("--compression-level", type=int, default=1, help="zstd level / Blosc clevel (default 1)")
-    parser.add_argument("--device", default="cpu", help="torch device for the descriptor math (cpu, cuda; default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verify", action="store_true",
                         help="read back every chunk of an existing store (checksums, lengths, missing files) and redo damaged blocks")
@@ -46,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
     """Featurize ``args.generate_in`` into ``args.out`` and print the store's summary (rank 0)."""
     comm = world_comm()
     setup_logging(comm.rank)
-    torch_default_threads()
     force_structures = None
     try:
         out = Path(args.out)
@@ -63,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         options = StoreOptions(chunk_bytes=int(args.chunk_mb * 2**20), deriv_dtype=args.deriv_dtype,
                                compressor_level=args.compression_level, compressor=args.compressor)
         start = time.perf_counter()
-        featurize_to_store(config, args.out, options, device=args.device, progress=not args.no_progress, verify=args.verify)
+        featurize_to_store(config, args.out, options, progress=not args.no_progress, verify=args.verify)
         elapsed = time.perf_counter() - start
     except (ValueError, OSError):
         # Every rank fails together (inputs read by all, store.together) with the same message: rank 0 reports it

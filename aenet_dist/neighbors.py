@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import numpy as np
-import torch
 import vesin
 
 
@@ -28,11 +27,11 @@ class Neighbors(NamedTuple):
     the batch; ``neighbor`` is the unit-cell atom of which the pair's image is a copy.
     """
 
-    center: torch.Tensor  # shape (P,), int64
-    neighbor: torch.Tensor  # shape (P,), int64
-    vec: torch.Tensor  # shape (P, 3), R_image(j) - R_i, Å
-    dist: torch.Tensor  # shape (P,), |vec|, Å
-    pair_count: torch.Tensor  # shape (S,), pairs of each structure (pairs are grouped by structure, in order)
+    center: np.ndarray  # shape (P,), int64
+    neighbor: np.ndarray  # shape (P,), int64
+    vec: np.ndarray  # shape (P, 3), R_image(j) - R_i, Å
+    dist: np.ndarray  # shape (P,), |vec|, Å
+    pair_count: np.ndarray  # shape (S,), int64, pairs of each structure (pairs are grouped by structure, in order)
 
 
 def neighbor_list(
@@ -40,8 +39,7 @@ def neighbor_list(
     cells: Sequence[np.ndarray],
     pbcs: Sequence[bool],
     cutoff: float,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
+    dtype=np.float64,
 ) -> Neighbors:
     """All pairs (i, image of j) with 0 < |R_image(j) - R_i| < cutoff, for every structure.
 
@@ -50,6 +48,7 @@ def neighbor_list(
         cells: per structure, (3, 3) lattice vectors as rows, Å (ignored if not periodic).
         pbcs: per structure, periodic in all three directions or not at all.
         cutoff: Å.
+        dtype: of ``vec`` and ``dist``.
 
     Returns:
         :class:`Neighbors` with global atom indices (structure s's atoms start at
@@ -79,11 +78,11 @@ def neighbor_list(
         center, neighbor, vec, structure = center[keep], neighbor[keep], vec[keep], structure[keep]
     # vesin's order is a deterministic function of the structure alone, so sums over
     # pairs do not depend on which other structures share the batch.
-    vec = torch.from_numpy(np.ascontiguousarray(vec)).to(device=device, dtype=dtype)
+    vec = np.ascontiguousarray(vec, dtype=dtype)
     return Neighbors(
-        center=torch.from_numpy(center).to(device),
-        neighbor=torch.from_numpy(neighbor).to(device),
+        center=center,
+        neighbor=neighbor,
         vec=vec,
-        dist=torch.linalg.vector_norm(vec, dim=1),
-        pair_count=torch.from_numpy(np.bincount(structure, minlength=len(counts)).astype(np.int64)),
+        dist=np.sqrt(np.einsum("pd,pd->p", vec, vec)),
+        pair_count=np.bincount(structure, minlength=len(counts)).astype(np.int64),
     )

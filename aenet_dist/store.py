@@ -57,14 +57,12 @@ import math
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import google_crc32c
 import numcodecs
 import numpy as np
-import torch
 
 from .config import FeaturizeConfig, StoreOptions
 from .descriptors import featurize
@@ -471,7 +469,7 @@ async def _read_arrays_with_zarr(directory: Path, names: list[str]) -> list[tupl
 
 
 def compute_block(
-    structures: list[Structure], first: int, with_derivs: np.ndarray, config: FeaturizeConfig, options: StoreOptions, device: str = "cpu"
+    structures: list[Structure], first: int, with_derivs: np.ndarray, config: FeaturizeConfig, options: StoreOptions
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Featurize one block: the arrays of its group (keyed by path inside the group) and its attributes."""
     for s in structures:
@@ -479,8 +477,7 @@ def compute_block(
             raise ValueError(f"{s.name}: no forces, but FORCES is set in {config.source}")
         if s.forces is not None and s.forces.shape != s.pos.shape:
             raise ValueError(f"{s.name}: {len(s.forces)} force rows for {s.num_atoms} atoms")
-    species_index, features = featurize(structures, config.setups, config.species, with_derivs, device=device)
-    species_index = species_index.cpu().numpy()
+    species_index, features = featurize(structures, config.setups, config.species, with_derivs)
     num_atoms = np.array([s.num_atoms for s in structures], dtype=np.int32)
     energy = np.array([s.energy for s in structures], dtype=np.float64)
     e_atom = np.array([config.atomic_energies[e] for e in config.species])
@@ -499,15 +496,14 @@ def compute_block(
     partial = {}
     deriv_dtype = np.dtype(options.deriv_dtype)
     for element, f in features.items():
-        G = f.G.cpu().numpy()
-        atom_index = f.atom_index.cpu().numpy()
+        G, atom_index = f.G, f.atom_index
         rows_of_atom = np.full(len(species_index), -1, dtype=np.int64)
         rows_of_atom[atom_index] = np.arange(len(G))
         arrays[f"{element}/atom"] = atom_index.astype(np.int32)
         arrays[f"{element}/G"] = G
-        arrays[f"{element}/deriv_center"] = rows_of_atom[f.deriv_center.cpu().numpy()].astype(np.int32)
-        arrays[f"{element}/deriv_neighbor"] = f.deriv_neighbor.cpu().numpy().astype(np.int32)
-        arrays[f"{element}/dG"] = f.dG.cpu().numpy().astype(deriv_dtype, copy=False)  # float64 stores: no copy of the largest array
+        arrays[f"{element}/deriv_center"] = rows_of_atom[f.deriv_center].astype(np.int32)
+        arrays[f"{element}/deriv_neighbor"] = f.deriv_neighbor.astype(np.int32)
+        arrays[f"{element}/dG"] = f.dG.astype(deriv_dtype, copy=False)  # float64 stores: no copy of the largest array
         partial[element] = {
             "count": int(len(G)),
             "sum": G.sum(axis=0).tolist(),
@@ -630,7 +626,7 @@ def _read_range(infos: list[StructureInfo], start: int, stop: int, cache: dict[s
 
 
 def featurize_to_store(
-    config: FeaturizeConfig, out: str | os.PathLike, options: StoreOptions = StoreOptions(), device: str = "cpu", progress: bool = True,
+    config: FeaturizeConfig, out: str | os.PathLike, options: StoreOptions = StoreOptions(), progress: bool = True,
     verify: bool = False,
 ) -> Path:
     """Featurize every structure of ``config`` into the Zarr store ``out`` (MPI-parallel when launched so).
@@ -691,7 +687,7 @@ def featurize_to_store(
             bar = tqdm(total=total, unit="struct", desc=f"featurize (rank 0 of {size})", smoothing=0.1)
         try:  # (also the barrier before consolidation)
             together(comm, "featurizing its blocks",
-                     lambda: _featurize_blocks(root, todo, bounds, infos, cache, force_mask, config, options, device, bar))
+                     lambda: _featurize_blocks(root, todo, bounds, infos, cache, force_mask, config, options, bar))
         finally:
             if bar is not None:
                 bar.close()
@@ -749,26 +745,15 @@ def _blocks_to_write(comm, root: Path, num_blocks: int, owned: list[int], verify
 
 
 def _featurize_blocks(root: Path, todo: list[int], bounds: np.ndarray, infos: list[StructureInfo], cache, force_mask: np.ndarray,
-                      config: FeaturizeConfig, options: StoreOptions, device: str, bar) -> None:
-    """Compute and write the blocks ``todo`` in order."""
-    # On a GPU, compute block b+1 while a CPU thread compresses and writes block b. On the
-    # CPU both compete for the same cores (measured: slower), so write in line there.
-    overlap = torch.device(device).type != "cpu"
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
-        for b in todo:
-            first, stop = int(bounds[b]), int(bounds[b + 1])
-            structures = _read_range(infos, first, stop, cache)
-            arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options, device=device)
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(write_block, root, b, arrays, attrs, options.compressor_level, options.compressor)
-            if not overlap:
-                pending.result()
-            if bar is not None:
-                bar.update(stop - first)
-        if pending is not None:
-            pending.result()
+                      config: FeaturizeConfig, options: StoreOptions, bar) -> None:
+    """Compute and write the blocks ``todo`` in order (computing and compressing share the rank's core: one after the other)."""
+    for b in todo:
+        first, stop = int(bounds[b]), int(bounds[b + 1])
+        structures = _read_range(infos, first, stop, cache)
+        arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options)
+        write_block(root, b, arrays, attrs, options.compressor_level, options.compressor)
+        if bar is not None:
+            bar.update(stop - first)
 
 
 def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray, options: StoreOptions, num_structures: int) -> None:
@@ -1175,10 +1160,3 @@ def without_derivatives(r: StructureRange, drop: np.ndarray) -> StructureRange:
         keep = ~drop_atom[el.atom[el.deriv_center]] if len(el.deriv_center) else np.zeros(0, dtype=bool)
         elements[e] = ElementRows(el.atom, el.G, el.deriv_center[keep], el.deriv_neighbor[keep], el.dG[keep])
     return dataclasses.replace(r, has_derivs=np.asarray(r.has_derivs, dtype=bool) & ~drop, elements=elements)
-
-
-def torch_default_threads() -> None:
-    """Featurize ranks share the cores: one intra-op thread per MPI rank when there are several."""
-    comm = world_comm()
-    if comm.size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.size))
