@@ -313,7 +313,7 @@ def pair_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndarray,
     _radial_derivatives(setup, terms, want, spin, uw, d_pair)
     ang_w = terms.ang[want]
     if ang_w.any():
-        _angular_derivatives(setup, terms, ang_w, spin, uw, rw, roww, d_pair)
+        _angular_derivatives(setup, terms, want, ang_w, spin, uw, rw, roww, d_pair)
     return d_pair
 
 
@@ -332,42 +332,60 @@ def _radial_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndarr
         np.multiply((spin[:, None] * g)[:, :, None], uw[:, None, :], out=d_pair[:, block : block + nr])
 
 
-def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, ang_w: np.ndarray, spin: np.ndarray, uw: np.ndarray,
-                         rw: np.ndarray, roww: np.ndarray, d_pair: np.ndarray) -> None:
+def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndarray, ang_w: np.ndarray, spin: np.ndarray,
+                         uw: np.ndarray, rw: np.ndarray, roww: np.ndarray, d_pair: np.ndarray) -> None:
     """Write the angular columns of ``d_pair`` (Pw, F, 3) for the wanted pairs inside the angular cutoff (``ang_w``).
 
-    ``uw``, ``rw``, ``roww``: (Pw,) unit vectors, distances and center rows of the wanted pairs.
+    ``want``: (P,) the wanted pairs among all; ``uw``, ``rw``, ``roww``: their unit vectors, distances
+    and center rows. With λ_nα(i) = C_nα M_α(i) and φ_α = w u^α (w the angular cutoff function),
+
+        ∂A_n(i)/∂R_ij = u [Σ_α λ_nα (w' − |α| w/r) u^α − w w'] + (w/r) Σ_α λ_nα ∇_u u^α,
+
+    the last term from ∂u/∂R = (I − u uᵀ)/r, Euler's u·∇_u u^α = |α| u^α and the j = k self term
+    −½ ∂(w²)/∂R. ∇_u u^α has the components α_d u^(α−e_d): monomials the pair already has, so
+    every term is a product of the pair's monomials (from :func:`pair_terms`) with per-center
+    moments, and each sum over α is one GEMM with a fixed (K, Na+1) matrix. No (pairs, 3, K) array is built.
     """
     basis = setup.basis
     nr, na = basis.radial_order + 1, basis.angular_order + 1
     block = nr + na
-    coeff = terms.coeff
-    num_mono = coeff.shape[1]
-    exps_np, _ = moment_tables(basis.angular_order)
-    wa, dwa = cutoff_fn(rw[ang_w], basis.angular_cutoff)
+    coeff = terms.coeff  # shape (na, K)
+    lower, order_d = lowering_tables(basis.angular_order)
+    degree = order_d.sum(axis=0).astype(rw.dtype)
+    among_ang = want[terms.ang]  # the wanted pairs among the angular ones, in order
+    mono = terms.mono[among_ang]  # shape (Pa, K)
+    wa, dwa = terms.w[among_ang], terms.dw[among_ang]
     ua, ra, rowa = uw[ang_w], rw[ang_w], roww[ang_w]
-    mono_d, dmono = monomials(ua, basis.angular_order, with_grad=True)  # dmono: shape (Pa, 3, K)
-    degree = exps_np.sum(axis=1).astype(rw.dtype)
-    # ∂(w u^α)/∂R = w' u^α u + w (∂u^α/∂u − |α| u^α u)/r   (projection onto the sphere)
-    radial_part = (dwa[:, None] - wa[:, None] * degree[None, :] / ra[:, None]) * mono_d  # shape (Pa, K)
-    # dphi[p, d, α] = ∂φ_α/∂R_d, laid out (Pa, 3, K) so that the GEMM below reads it without a copy;
-    # dmono is scaled in place (it is not needed again): fewer fresh (Pa, 3, K) buffers to page in.
-    dphi = radial_part[:, None, :] * ua[:, :, None]  # shape (Pa, 3, K)
-    dmono *= (wa / ra)[:, None, None]
-    dphi += dmono
+    w_over_r = wa / ra
+    along = mono * (dwa[:, None] - w_over_r[:, None] * degree[None, :])  # (w' − |α| w/r) u^α, shape (Pa, K)
+    lowered = [mono[:, lower[d]] for d in range(3)]  # u^(α−e_d) (any column where α_d = 0: its weight is 0)
+    tangent_coeff = [(coeff * order_d[d][None, :].astype(coeff.dtype)).T for d in range(3)]  # (K, na): C_nα α_d
     multi = len(setup.env_species) > 1
     channels = [(0, terms.m_plain, None)] + ([(block, terms.m_spin, spin[ang_w])] if multi else [])
-    z = np.empty_like(dphi)
     rows = np.flatnonzero(ang_w)
     for start, m, sw in channels:
-        # Σ_α C_nα M_α(i) ∂φ_α/∂R as one GEMM: (Pa*3, K) @ (K, na). The plain channel's weight is 1.
-        m_pair = m[rowa] if sw is None else m[rowa] * sw[:, None]  # shape (Pa, K)
-        np.multiply(m_pair[:, None, :], dphi, out=z)  # shape (Pa, 3, K)
-        d_ang = (z.reshape(-1, num_mono) @ coeff.T).reshape(-1, 3, na).transpose(0, 2, 1)
-        if sw is None:
-            sw = np.ones_like(wa)
-        d_ang = d_ang - (sw * sw * wa * dwa)[:, None, None] * ua[:, None, :]
+        m_pair = m[rowa] if sw is None else m[rowa] * sw[:, None]  # M_α(i) of each pair's center, shape (Pa, K)
+        radial = (m_pair * along) @ coeff.T  # shape (Pa, na)
+        radial -= ((wa * dwa) if sw is None else (sw * sw * wa * dwa))[:, None]
+        d_ang = np.empty((rows.size, na, 3), dtype=rw.dtype)
+        for d in range(3):
+            tangential = (m_pair * lowered[d]) @ tangent_coeff[d]  # Σ_α λ_nα α_d u^(α−e_d), shape (Pa, na)
+            np.multiply(radial, ua[:, d : d + 1], out=d_ang[:, :, d])
+            d_ang[:, :, d] += w_over_r[:, None] * tangential
         d_pair[rows, start + nr : start + block] = d_ang
+
+
+@lru_cache(maxsize=None)
+def lowering_tables(order: int) -> tuple[np.ndarray, np.ndarray]:
+    """For the monomials of :func:`moment_tables`: (3, K) column of u^(α−e_d) (0 where α_d = 0) and (3, K) α_d."""
+    exps, _ = moment_tables(order)
+    index = {tuple(e): k for k, e in enumerate(exps.tolist())}
+    lower = np.zeros((3, len(exps)), dtype=np.int64)
+    for k, e in enumerate(exps.tolist()):
+        for d in range(3):
+            if e[d] > 0:
+                lower[d, k] = index[tuple(e[:d] + [e[d] - 1] + e[d + 1 :])]
+    return lower, np.ascontiguousarray(exps.T)
 
 
 def atom_rows(d_pair: np.ndarray, centers: np.ndarray, atoms_moved: np.ndarray, wanted_centers: np.ndarray,
@@ -384,12 +402,25 @@ def atom_rows(d_pair: np.ndarray, centers: np.ndarray, atoms_moved: np.ndarray, 
     """
     key_pair = centers * num_atoms + atoms_moved
     keys, inverse = np.unique(np.concatenate([key_pair, wanted_centers * num_atoms + wanted_centers]), return_inverse=True)
-    dG = scatter_add(inverse[: key_pair.size], d_pair, keys.size)
-    # The center's own row gets −Σ of all its pair terms: sum rows per center (fewer than pairs).
+    row_of_pair = inverse[: key_pair.size]
+    if keys.size == 0:
+        return keys, keys, np.zeros((0,) + d_pair.shape[1:], dtype=d_pair.dtype)
+    dG = np.zeros((keys.size,) + d_pair.shape[1:], dtype=d_pair.dtype)
+    # Most rows have one pair (one image of the atom within the cutoff): copy those; add the other images in
+    # pair order (the sum is then the same as adding all in pair order, without an index over every element).
+    order = np.argsort(row_of_pair, kind="stable")
+    first = np.r_[True, row_of_pair[order[1:]] != row_of_pair[order[:-1]]] if order.size else np.zeros(0, dtype=bool)
+    dG[row_of_pair[order[first]]] = d_pair[order[first]]
+    if not first.all():
+        more = np.sort(order[~first])
+        np.add.at(dG, row_of_pair[more], d_pair[more])
+    # The center's own row gets −Σ of all its pair terms: rows are sorted by center, and every center
+    # with rows is a wanted center (it has its own row), so one segmented sum gives the totals in order.
     row_center = keys // num_atoms
-    total = scatter_add(row_center, dG, num_atoms)
+    starts = np.flatnonzero(np.r_[True, row_center[1:] != row_center[:-1]])
+    total = np.add.reduceat(dG, starts, axis=0)  # shape (len(wanted_centers), F, 3)
     self_rows = np.searchsorted(keys, wanted_centers * num_atoms + wanted_centers)
-    dG[self_rows] -= total[wanted_centers]
+    dG[self_rows] -= total
     return row_center, keys % num_atoms, dG
 
 

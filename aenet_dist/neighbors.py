@@ -14,10 +14,34 @@ save much more.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple, Sequence
 
 import numpy as np
-import vesin
+
+
+def _import_vesin():
+    """vesin, imported without torch or cupy.
+
+    vesin imports torch and cupy at its own import when they are installed, only to accept their
+    tensors; we pass numpy arrays. Importing torch costs 2+ s of a featurize or predict process
+    that otherwise needs none of it, so while vesin loads, those two names resolve to "not
+    installed" (a None entry in sys.modules makes ``import`` raise ImportError, which vesin
+    handles). A process that has already imported torch keeps it; nothing else is affected.
+    """
+    blocked = [name for name in ("torch", "cupy") if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None
+    try:
+        import vesin
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+    return vesin
+
+
+vesin = _import_vesin()
 
 
 class Neighbors(NamedTuple):
