@@ -16,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import BEHLER_PARAMETERS, BehlerBasis, BehlerFunction, ChebyshevBasis, DescriptorSetup
+from .config import DescriptorSetup
 from .formats.nn import DESCRIPTION_LEN, NENV_MAX, NSFPARAM, PATH_LEN, NNFile, network_layout, write_nn, write_nn_ascii
-from .model import ElementNet, NetworkConfig, activation_name, model_from_facts
+from .model import ElementNet, NetworkConfig, model_from_facts
+from .potential import activation_name, setup_from_nn  # setup_from_nn: re-exported (it lives there)
+
+__all__ = ["TrainSetInfo", "setup_from_nn", "element_net_from_nn", "nn_from_element_net", "resolve_checkpoint",
+           "load_run_model", "train_set_info", "export_run", "add_arguments", "run", "main"]
 
 
 @dataclass(frozen=True)
@@ -52,50 +56,6 @@ class TrainSetInfo:
     def from_nn(cls, nn: NNFile) -> "TrainSetInfo":
         return cls(tuple(nn.type_names), tuple(float(e) for e in nn.e_atom), nn.train_file, nn.normalized,
                    nn.num_atoms_total, nn.num_structures, nn.e_min, nn.e_max, nn.e_avg)
-
-
-def setup_from_nn(nn: NNFile, source: str = "") -> DescriptorSetup:
-    """The :class:`DescriptorSetup` recorded in a ``.nn`` file (Chebyshev or Behler2011)."""
-    where = source or nn.atomtype
-    sftype = nn.sftype.strip().lower()
-    if sftype not in ("chebyshev", "behler2011"):
-        raise ValueError(f"{where}: descriptor type {nn.sftype!r} is not supported (Chebyshev or Behler2011)")
-    if nn.nsfparam < 4:
-        raise ValueError(f"{where}: a {nn.sftype.strip()} setup needs nsfparam >= 4, got {nn.nsfparam}")
-    if sftype == "behler2011":
-        basis, basis_type = _behler_from_nn(nn, where), "behler2011"
-    else:
-        rr, nr, ra, na = (float(v) for v in nn.sfparam[:4, 0])
-        basis, basis_type = ChebyshevBasis(rr, int(round(nr)), ra, int(round(na))), "chebyshev"  # aenet: nint(sfparam(2,1))
-    try:
-        setup = DescriptorSetup(element=nn.atomtype, env_species=tuple(nn.envtypes), basis_type=basis_type, basis=basis,
-                                rmin=nn.rc_min, description=nn.description, source=source)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-    if setup.num_features != nn.nsf:
-        raise ValueError(f"{where}: nsf = {nn.nsf} but the {nn.sftype.strip()} setup gives {setup.num_features} features")
-    return setup
-
-
-def _behler_from_nn(nn: NNFile, where: str) -> BehlerBasis:
-    """Behler2011 functions from a ``.nn`` file's sf (kind), sfparam and sfenv (1-based ENV positions)."""
-    functions = []
-    for n in range(nn.nsf):
-        kind = int(nn.sf[n])
-        if kind not in BEHLER_PARAMETERS:
-            raise ValueError(f"{where}: symmetry function {n + 1} has kind G={kind} (aenet has G=1..5)")
-        env = []
-        for slot in range(2 if kind >= 4 else 1):
-            position = int(nn.sfenv[slot, n])
-            if not 1 <= position <= len(nn.envtypes):
-                raise ValueError(f"{where}: symmetry function {n + 1} names ENV species number {position}, "
-                                 f"but the file lists {len(nn.envtypes)}")
-            env.append(nn.envtypes[position - 1])
-        try:
-            functions.append(BehlerFunction.from_sfparam(kind, env[0], env[1] if kind >= 4 else "", nn.sfparam[:4, n]))
-        except ValueError as err:
-            raise ValueError(f"{where}: symmetry function {n + 1}: {err}") from None
-    return BehlerBasis(tuple(functions))
 
 
 def element_net_from_nn(nn: NNFile, dtype: torch.dtype = torch.float64, source: str = "") -> ElementNet:

@@ -18,35 +18,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-# aenet ``ext/feedforward.f90`` (``ff_activate``, ``ff_change_activation``): code <-> name.
-ACTIVATIONS: dict[str, int] = {"linear": 0, "tanh": 1, "sigmoid": 2, "mtanh": 3, "twist": 4}
-ACTIVATION_NAMES: dict[int, str] = {code: name for name, code in ACTIVATIONS.items()}
-# aenet's one-letter aliases ('t', 's', 'l', 'm', 'w') are accepted by :func:`activation_code`.
-_ALIASES = {"l": "linear", "t": "tanh", "s": "sigmoid", "m": "mtanh", "w": "twist"}
+# The activation tables, aenet's constants and the name <-> code functions live in the torch-free
+# aenet_dist.potential (numpy inference needs them without torch); still importable from here,
+# and __all__ lists them as this module's re-exports.
+from .potential import (_ALIASES, _MTANH_A, _MTANH_B, _TWIST_C, ACTIVATION_NAMES, ACTIVATIONS, STD_EPS,
+                        activation_code, activation_name)
 
-# Constants of aenet's scaled tanh (codes 3 and 4), literally as in ff_activate;
-# note b is 0.666666666666667, not 2/3 to the last bit.
-_MTANH_A = 1.7159
-_MTANH_B = 0.666666666666667
-_TWIST_C = 0.1
-
-STD_EPS = 1e-10
-"""aenet's threshold: a feature whose std is <= this gets the scale factor 0 (stp_normalize)."""
-
-
-def activation_code(name: str) -> int:
-    """aenet activation code of ``name`` ('linear', 'tanh', 'sigmoid', 'mtanh', 'twist' or an alias)."""
-    key = _ALIASES.get(name, name)
-    if key not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)} (aenet codes 0-4)")
-    return ACTIVATIONS[key]
-
-
-def activation_name(code: int) -> str:
-    """Name of aenet activation ``code`` (0 linear, 1 tanh, 2 sigmoid, 3 mtanh, 4 twist)."""
-    if int(code) not in ACTIVATION_NAMES:
-        raise ValueError(f"unknown aenet activation code {code}; known: {ACTIVATION_NAMES}")
-    return ACTIVATION_NAMES[int(code)]
+__all__ = ["ACTIVATIONS", "ACTIVATION_NAMES", "STD_EPS", "activation_code", "activation_name", "activate",
+           "activate_with_derivatives", "NetworkConfig", "ElementNet", "AtomicModel", "model_from_facts",
+           "forces_from_dEdG"]
 
 
 def activate(x: Tensor, name: str) -> Tensor:
