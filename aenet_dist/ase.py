@@ -12,11 +12,10 @@ This module is ``aenet_dist.ase``; the real ASE package is imported with absolut
 from __future__ import annotations
 
 import numpy as np
-import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from .predict import DTYPES, Predictor, structure_from_atoms
+from .predict import Predictor, structure_from_atoms
 
 __all__ = ["AenetCalculator"]
 
@@ -27,20 +26,18 @@ class AenetCalculator(Calculator):
     Args:
         potentials: {element: .nn path}, a directory of ``*.nn`` files, a list of files, or a
             ready :class:`~aenet_dist.predict.Predictor`.
-        device: ``cpu`` (default) or ``cuda``.
-        dtype: ``float64`` (default) or ``float32``.
+        dtype: ``float64`` (default) or ``float32`` (name or numpy dtype).
     Units: eV, eV/Å, eV/Å³ (ASE's). ``free_energy`` equals ``energy`` (no electronic entropy).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
-    def __init__(self, potentials, device: str = "cpu", dtype: str | torch.dtype = "float64", **kwargs):
+    def __init__(self, potentials, dtype="float64", **kwargs):
         super().__init__(**kwargs)
         if isinstance(potentials, Predictor):
             self.predictor = potentials
         else:
-            torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-            self.predictor = Predictor.from_potentials(potentials, device=device, dtype=torch_dtype)
+            self.predictor = Predictor.from_potentials(potentials, dtype=dtype)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

@@ -3,7 +3,7 @@
 ``aenet-dist predict predict.in`` (aenet's ``predict.x`` input) or
 ``aenet-dist predict --potentials DIR structures/*.xsf --forces --json out.json``.
 
-Engine. Structures are batched; one neighbour list (vesin) per batch, then per element one
+Engine (numpy on the CPU; no torch is imported, which alone would cost 2+ s). Structures are batched; one neighbour list (vesin) per batch, then per element one
 vectorized descriptor evaluation over all of the batch's pairs (the per-atom-moment form of
 :mod:`aenet_dist.descriptors`), one network call, and, for forces, one *backward* pass over
 the pairs. The backward pass contracts dE/dG with the descriptor derivative pair by pair,
@@ -20,14 +20,13 @@ same g_p. Agrees with aenet's predict.x to 1e-11 eV and 1e-13 eV/Å on the TiO2 
 (tests/test_predict.py); benchmarks in bench/RESULTS.md.
 
 ``engine="rows"`` instead featurizes with :func:`aenet_dist.descriptors.featurize` (sparse
-dG/dR rows, as stored for training) and contracts with :func:`aenet_dist.model.forces_from_dEdG`;
-it is kept as an independent cross-check (no stress).
+dG/dR rows, as stored for training) and contracts them with ∂E/∂G; it is kept as an independent
+cross-check (no stress).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import glob
 import json
@@ -40,28 +39,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .formats.predict_in import read_predict_input
 from .config import DescriptorSetup
-from .descriptors import PairTables, featurize, pair_gradient, pair_tables, pair_values, sub_batches
-from .export import element_net_from_nn, setup_from_nn
+from .descriptors import PairTables, featurize, pair_gradient, pair_tables, pair_values, scatter_add, sub_batches
 from .formats.nn import read_nn
 from .log import get_logger, setup_logging
 from .files import atomic_write
-from .model import AtomicModel, forces_from_dEdG
 from .neighbors import neighbor_list
+from .potential import ElementPotential, setup_from_nn
 from .structures import Structure, from_ase, read_xsf
 
 log = get_logger(__name__)
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
-PAIR_BUDGET = {"cpu": 20_000, "cuda": 2_000_000}
-"""Pairs per vectorized sub-batch: on CPU the temporaries then stay in cache; on GPU, large."""
-SINGLE_THREAD_PAIRS = 100_000
-"""CPU batches with fewer pairs run on one intra-op thread: their tensors are too small to gain
-from threads, and on a busy machine waking idle OpenMP threads costs milliseconds per op
-(measured 93 ms vs 4 ms for a 32-atom cell with 2 threads on 2 loaded cores)."""
+DTYPES = {"float64": np.float64, "float32": np.float32}
+PAIR_BUDGET = 20_000
+"""Pairs per vectorized sub-batch: the temporaries then stay in cache."""
 
 
 # ----------------------------------------------------------------------------- results
@@ -120,7 +113,7 @@ class Prediction:
 # ----------------------------------------------------------------------------- engine
 
 
-def _element_pass(t: PairTables, net, row, env, r, vec, num_centers: int, with_grad: bool):
+def _element_pass(t: PairTables, net: ElementPotential, row, env, r, vec, num_centers: int, with_grad: bool):
     """Atomic energies of one element's centers and, with ``with_grad``, ∂E/∂R_ij of its pairs.
 
     The descriptor side (values, and the adjoint ∂E/∂G -> ∂E/∂R_ij) is :mod:`aenet_dist.descriptors`';
@@ -134,25 +127,9 @@ def _element_pass(t: PairTables, net, row, env, r, vec, num_centers: int, with_g
     """
     G, state = pair_values(t, row, env, r, vec, num_centers)
     if not with_grad:
-        return net(G), None
-    with torch.enable_grad():
-        G.requires_grad_(True)
-        energy = net(G)
-        (dE_dG,) = torch.autograd.grad(energy.sum(), G)
-    return energy.detach(), pair_gradient(t, row, env, r, vec, dE_dG, state)
-
-
-@contextlib.contextmanager
-def _intra_op_threads(num: int | None):
-    """Run the block with ``num`` torch intra-op threads (None: unchanged), then restore."""
-    before = torch.get_num_threads()
-    if num is not None and num != before:
-        torch.set_num_threads(num)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+        return net.energies(G), None
+    energy, dE_dG = net.energies_and_gradient(G)
+    return energy, pair_gradient(t, row, env, r, vec, dE_dG, state)
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -181,51 +158,52 @@ def check_setups(setups: Mapping[str, DescriptorSetup], sources: Mapping[str, st
 
 
 class Predictor:
-    """Energies, forces and stress of structures with one network and descriptor setup per element.
+    """Energies, forces and stress of structures with one network and descriptor setup per element (numpy, CPU).
 
     Args:
-        model: the networks (:class:`~aenet_dist.model.AtomicModel`); moved to ``device``/``dtype``.
-        setups: descriptor setup per element (the species of ``model``).
-        species: element order (default: the model's).
-        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        networks: {element: :class:`~aenet_dist.potential.ElementPotential`}.
+        setups: descriptor setup per element (the species of ``networks``).
+        species: element order (default: that of ``networks``).
         dtype: float64 (default, agrees with aenet to rounding) or float32.
         sources: element -> file name, used in error messages.
     """
 
-    def __init__(self, model: AtomicModel, setups: Mapping[str, DescriptorSetup], species: Sequence[str] | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
-                 sources: Mapping[str, str] | None = None):
-        species = tuple(species) if species is not None else tuple(model.species)
-        if set(species) != set(setups) or set(species) != set(model.species):
-            raise ValueError(f"species {list(species)}, setups {list(setups)} and networks {list(model.species)} differ")
+    def __init__(self, networks: Mapping[str, ElementPotential], setups: Mapping[str, DescriptorSetup],
+                 species: Sequence[str] | None = None, dtype=np.float64, sources: Mapping[str, str] | None = None):
+        species = tuple(species) if species is not None else tuple(networks)
+        if set(species) != set(setups) or set(species) != set(networks):
+            raise ValueError(f"species {list(species)}, setups {list(setups)} and networks {list(networks)} differ")
         check_setups({el: setups[el] for el in species}, sources)
         for el in species:
-            if model.nets[el].num_features != setups[el].num_features:
-                raise ValueError(f"{(sources or {}).get(el, el)}: network has {model.nets[el].num_features} inputs "
+            if networks[el].num_features != setups[el].num_features:
+                raise ValueError(f"{(sources or {}).get(el, el)}: network has {networks[el].num_features} inputs "
                                  f"but the descriptor setup gives {setups[el].num_features} features")
+            if networks[el].dtype != np.dtype(dtype):
+                raise ValueError(f"{(sources or {}).get(el, el)}: network is {networks[el].dtype}, predictor {np.dtype(dtype)}")
         self.species = species
         self.setups = {el: setups[el] for el in species}
         self.sources = dict(sources or {})
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.model = model.to(device=self.device, dtype=dtype).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.dtype = np.dtype(dtype)
+        self.networks = {el: networks[el] for el in species}
         self.cutoff = max(s.basis.max_cutoff for s in self.setups.values())
-        self._tables = {el: pair_tables(self.setups[el], species, dtype, self.device) for el in species}
-        self._e_atom = torch.tensor([float(self.model.nets[el].e_atom) for el in species], dtype=torch.float64)
+        self._tables = {el: pair_tables(self.setups[el], species, self.dtype) for el in species}
+        self._e_atom = np.array([float(self.networks[el].e_atom) for el in species], dtype=np.float64)
 
     @classmethod
-    def from_potentials(cls, potentials, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> "Predictor":
+    def from_potentials(cls, potentials, dtype=np.float64) -> "Predictor":
         """Build from aenet binary ``.nn`` files.
 
         Args:
             potentials: {element: path}, or a directory (all its ``*.nn`` files), or a list of
                 files and directories; the element of a file is its atomtype record.
+            dtype: float64 (default) or float32 (numpy dtype or its name).
         Raises:
             ValueError naming the file for unreadable or truncated files, two files for one element,
             setups that disagree on the ENV species, or an ENV species without a file.
         """
+        dtype = np.dtype(DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+        if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
+            raise ValueError(f"dtype must be float64 or float32, got {dtype}")
         paths = potential_paths(potentials)
         files = {el: read_nn(p) for el, p in paths.items()}
         for el, nn in files.items():
@@ -234,9 +212,8 @@ class Predictor:
         sources = {el: str(p) for el, p in paths.items()}
         setups = {el: setup_from_nn(nn, sources[el]) for el, nn in files.items()}
         check_setups(setups, sources)
-        nets = {el: element_net_from_nn(nn, dtype=dtype, source=sources[el]) for el, nn in files.items()}
-        species = tuple(paths)
-        return cls(AtomicModel(nets, species), setups, species, device=device, dtype=dtype, sources=sources)
+        nets = {el: ElementPotential.from_nn(nn, dtype=dtype, source=sources[el]) for el, nn in files.items()}
+        return cls(nets, setups, tuple(paths), dtype=dtype, sources=sources)
 
     # ------------------------------------------------------------------ checks
 
@@ -250,7 +227,6 @@ class Predictor:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def predict(self, structures: Sequence[Structure], forces: bool = True, stress: bool = False,
                 batch_structures: int = 256, pair_budget: int | None = None, engine: str = "pairs") -> list[Prediction]:
         """Energies (and forces, stress) of ``structures``.
@@ -259,7 +235,7 @@ class Predictor:
             structures: any number; processed ``batch_structures`` at a time (one neighbour list each).
             forces: compute forces −∂E/∂R (eV/Å).
             stress: compute the stress (periodic structures only; None for isolated ones).
-            pair_budget: pairs per vectorized sub-batch (default: 20k on CPU, 2M on GPU).
+            pair_budget: pairs per vectorized sub-batch (default :data:`PAIR_BUDGET`).
             engine: ``pairs`` (default) or ``rows`` (featurize + sparse dG rows; no stress).
         Returns:
             One :class:`Prediction` per structure, in order.
@@ -272,7 +248,7 @@ class Predictor:
             raise ValueError(f"batch_structures must be >= 1, got {batch_structures}")
         structures = list(structures)
         self.check_structures(structures)
-        budget = pair_budget or PAIR_BUDGET.get(self.device.type, PAIR_BUDGET["cuda"])
+        budget = pair_budget or PAIR_BUDGET
         out: list[Prediction] = []
         for b0 in range(0, len(structures), batch_structures):
             chunk = structures[b0 : b0 + batch_structures]
@@ -290,28 +266,23 @@ class Predictor:
         return np.array([self.species.index(n) for n in names], dtype=np.int64)[np.searchsorted(names, symbols)]
 
     def _evaluate_pairs(self, structures, with_forces: bool, with_stress: bool, budget: int):
-        """Atomic energies (A,), forces (A, 3) or None, per-structure virial Σ g⊗R (S, 3, 3) or None; CPU float64."""
-        device, dtype = self.device, self.dtype
+        """Atomic energies (A,), forces (A, 3) or None, per-structure virial Σ g⊗R (S, 3, 3) or None; float64.
+
+        Per sub-batch of about ``budget`` pairs and per element: the element's pairs, one descriptor
+        pass, one network call, and for forces one adjoint pass over the pairs.
+        """
         num_atoms = np.array([s.num_atoms for s in structures], dtype=np.int64)
         atom_offset = np.r_[0, np.cumsum(num_atoms)]
-        species_index = torch.from_numpy(self._species_index(structures)).to(device)
+        species_index = self._species_index(structures)
         nbr = neighbor_list([s.pos for s in structures], [s.cell for s in structures], [s.pbc for s in structures],
-                            self.cutoff, dtype, device)
-        pair_count = nbr.pair_count.numpy()
-        pair_offset = np.r_[0, np.cumsum(pair_count)]
-        with _intra_op_threads(1 if device.type == "cpu" and int(pair_offset[-1]) < SINGLE_THREAD_PAIRS else None):
-            return self._pair_passes(structures, species_index, atom_offset, nbr, pair_offset, with_forces, with_stress, budget)
-
-    def _pair_passes(self, structures, species_index, atom_offset, nbr, pair_offset, with_forces, with_stress, budget):
-        """The per-element passes over sub-batches of about ``budget`` pairs (see :meth:`_evaluate_pairs`)."""
-        device, dtype = self.device, self.dtype
+                            self.cutoff, self.dtype)
+        pair_offset = np.r_[0, np.cumsum(nbr.pair_count)]
         with_grad = with_forces or with_stress
-        pair_count = nbr.pair_count.numpy()
         total = int(atom_offset[-1])
-        energy = torch.zeros(total, dtype=dtype, device=device)
-        forces = torch.zeros((total, 3), dtype=dtype, device=device) if with_forces else None
-        virial = torch.zeros((len(structures), 9), dtype=dtype, device=device) if with_stress else None
-        for s0, s1 in sub_batches(pair_count, budget):
+        energy = np.zeros(total, dtype=np.float64)
+        forces = np.zeros((total, 3), dtype=np.float64) if with_forces else None
+        virial = np.zeros((len(structures), 9), dtype=np.float64) if with_stress else None
+        for s0, s1 in sub_batches(nbr.pair_count, budget):
             a0, a1, p0, p1 = (int(v) for v in (atom_offset[s0], atom_offset[s1], pair_offset[s0], pair_offset[s1]))
             center, neighbor = nbr.center[p0:p1], nbr.neighbor[p0:p1]
             vec, dist = nbr.vec[p0:p1], nbr.dist[p0:p1]
@@ -319,70 +290,65 @@ class Predictor:
             neighbor_species = species_index[neighbor]
             for k, el in enumerate(self.species):
                 t = self._tables[el]
-                atoms = torch.nonzero(species_index[a0:a1] == k).squeeze(1) + a0  # shape (C,)
-                if atoms.numel() == 0:
+                atoms = np.flatnonzero(species_index[a0:a1] == k) + a0  # shape (C,)
+                if atoms.size == 0:
                     continue
-                row_of_atom = torch.full((a1 - a0,), -1, dtype=torch.int64, device=device)
-                row_of_atom[atoms - a0] = torch.arange(atoms.numel(), device=device)
+                row_of_atom = np.full(a1 - a0, -1, dtype=np.int64)
+                row_of_atom[atoms - a0] = np.arange(atoms.size)
                 env = t.env_of_type[neighbor_species]
-                sel = torch.nonzero((center_species == k) & (env >= 0) & (dist < t.setup.basis.max_cutoff)).squeeze(1)
-                e, g = _element_pass(t, self.model.nets[el], row_of_atom[center[sel] - a0], env[sel], dist[sel],
-                                     vec[sel], atoms.numel(), with_grad)
+                sel = np.flatnonzero((center_species == k) & (env >= 0) & (dist < t.setup.basis.max_cutoff))
+                e, g = _element_pass(t, self.networks[el], row_of_atom[center[sel] - a0], env[sel], dist[sel],
+                                     vec[sel], atoms.size, with_grad)
                 energy[atoms] = e
                 if g is None:
                     continue
                 if with_forces:
-                    forces.index_add_(0, center[sel], g).index_add_(0, neighbor[sel], g, alpha=-1.0)
+                    # F_i += g, F_j −= g: one sum over the pair list (centers, then the atoms of the images).
+                    both = np.concatenate([center[sel], neighbor[sel]])
+                    forces += scatter_add(both, np.concatenate([g, -g]).astype(np.float64), total)
                 if with_stress:
-                    pair_structure = torch.searchsorted(torch.as_tensor(pair_offset[1:], device=device), sel + p0, right=True)
-                    virial.index_add_(0, pair_structure, (g[:, :, None] * vec[sel][:, None, :]).reshape(-1, 9))
-        to_cpu = lambda x: None if x is None else x.to("cpu", torch.float64)  # noqa: E731
-        return to_cpu(energy), to_cpu(forces), None if virial is None else to_cpu(virial).view(-1, 3, 3)
+                    pair_structure = np.searchsorted(pair_offset[1:], sel + p0, side="right")
+                    virial += scatter_add(pair_structure, (g[:, :, None] * vec[sel][:, None, :]).reshape(-1, 9).astype(np.float64),
+                                          len(structures))
+        return energy, forces, None if virial is None else virial.reshape(-1, 3, 3)
 
     def _evaluate_rows(self, structures, with_forces: bool, budget: int):
-        """The same through featurize's sparse dG/dR rows and the model's force contraction."""
+        """The same through featurize's sparse dG/dR rows: F_a = −Σ_rows ∂E_i/∂G_i · ∂G_i/∂R_a (no stress)."""
         species_index, feats = featurize(structures, self.setups, self.species, [with_forces] * len(structures),
-                                         dtype=self.dtype, device=self.device, pair_budget=budget)
-        total = species_index.numel()
-        energy = torch.zeros(total, dtype=self.dtype, device=self.device)
-        G, rows = {}, {}
+                                         dtype=self.dtype, pair_budget=budget)
+        total = species_index.size
+        energy = np.zeros(total, dtype=np.float64)
+        forces = np.zeros((total, 3), dtype=np.float64) if with_forces else None
         for el, f in feats.items():
-            if f.atom_index.numel() == 0:
+            if f.atom_index.size == 0:
                 continue
-            G[el] = f.G.to(self.dtype).requires_grad_(with_forces)
-            if with_forces and f.deriv_center.numel():
-                row_of_atom = torch.full((total,), -1, dtype=torch.int64, device=self.device)
-                row_of_atom[f.atom_index] = torch.arange(f.atom_index.numel(), device=self.device)
-                rows[el] = (row_of_atom[f.deriv_center], f.deriv_neighbor, f.dG.to(self.dtype).transpose(1, 2))
-        with torch.enable_grad():
-            atomic = self.model(G)
-            if with_forces:
-                grads = torch.autograd.grad(sum(e.sum() for e in atomic.values()), list(G.values()))
-        for el, e in atomic.items():
-            energy[feats[el].atom_index] = e.detach()
-        forces = None
-        if with_forces:
-            forces = forces_from_dEdG(dict(zip(G, grads)), rows, total)
-        return energy.cpu().double(), None if forces is None else forces.cpu().double(), None
+            e, dE_dG = self.networks[el].energies_and_gradient(f.G.astype(self.dtype))
+            energy[f.atom_index] = e
+            if with_forces and f.deriv_center.size:
+                row_of_atom = np.full(total, -1, dtype=np.int64)
+                row_of_atom[f.atom_index] = np.arange(f.atom_index.size)
+                contribution = np.einsum("rf,rfd->rd", dE_dG[row_of_atom[f.deriv_center]], f.dG.astype(self.dtype))
+                forces -= scatter_add(f.deriv_neighbor, contribution.astype(np.float64), total)
+        return energy, forces, None
 
-    def _results(self, structures, energy: torch.Tensor, forces, virial) -> list[Prediction]:
+    def _results(self, structures, energy: np.ndarray, forces, virial) -> list[Prediction]:
         """Split flat per-atom results into one :class:`Prediction` per structure."""
-        e_atom_of = self._e_atom[torch.from_numpy(self._species_index(structures))]
-        num_atoms = [s.num_atoms for s in structures]
-        e_parts = torch.split(energy, num_atoms)
-        coh_parts = torch.split(energy - e_atom_of, num_atoms)
-        f_parts = torch.split(forces, num_atoms) if forces is not None else [None] * len(structures)
+        e_atom_of = self._e_atom[self._species_index(structures)]
+        bounds = np.cumsum([s.num_atoms for s in structures])[:-1]
+        e_parts = np.split(energy, bounds)
+        coh_parts = np.split(energy - e_atom_of, bounds)
+        f_parts = np.split(forces, bounds) if forces is not None else [None] * len(structures)
         out = []
         for k, s in enumerate(structures):
             stress = None
             if virial is not None and s.pbc:
-                w = virial[k].numpy()
+                w = virial[k]
                 stress = 0.5 * (w + w.T) / abs(float(np.linalg.det(s.cell)))
             out.append(Prediction(
                 name=s.name, species=tuple(s.species), pos=s.pos, cell=s.cell, pbc=s.pbc,
                 energy=float(e_parts[k].sum()), cohesive_energy=float(coh_parts[k].sum()),
-                atomic_energies=e_parts[k].numpy().copy(),
-                forces=None if f_parts[k] is None else f_parts[k].numpy().copy(), stress=stress,
+                atomic_energies=e_parts[k].copy(),
+                forces=None if f_parts[k] is None else f_parts[k].copy(), stress=stress,
             ))
         return out
 
@@ -535,12 +501,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--out", metavar="FILE", help="write the text report here instead of stdout")
     parser.add_argument("--quiet", action="store_true", help="no text report (with --json)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
     parser.add_argument("--batch-structures", type=int, default=256, help="structures per batch (default 256)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op CPU threads (default 1: as fast on a quiet machine and robust beside "
-                             "other work; 0 = torch's choice, one per core)")
 
 
 def _check_writable(option: str, target: str | None) -> None:
@@ -564,10 +526,6 @@ def _check_writable(option: str, target: str | None) -> None:
 def run(args: argparse.Namespace) -> int:
     """Predict as ``args`` say: the text report (stdout or ``--out``) and ``--json``."""
     setup_logging(0)
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     for option, target in (("--out", args.out), ("--json", args.json)):
         _check_writable(option, target)  # before the computation, not after it
@@ -591,7 +549,7 @@ def run(args: argparse.Namespace) -> int:
             names = [str(p) for p in paths]
         else:
             paths, names = list(inp.files), list(inp.file_names)
-    predictor = Predictor.from_potentials(potentials, device=args.device, dtype=DTYPES[args.dtype])
+    predictor = Predictor.from_potentials(potentials, dtype=args.dtype)
     structures = [s for p, n in zip(paths, names) for s in read_for_prediction(p, n)]
     results = predictor.predict(structures, forces=forces, stress=args.stress, batch_structures=args.batch_structures)
     if not args.quiet:

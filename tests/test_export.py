@@ -249,9 +249,13 @@ def ref_paths():
 
 
 def test_load_potentials(ref_paths):
-    model = Predictor.from_potentials(ref_paths).model
-    assert model.species == ("Ti", "O") and set(model.nets) == {"Ti", "O"}
-    assert model.nets["O"].layers[0].weight.dtype == torch.float64
+    predictor = Predictor.from_potentials(ref_paths)
+    assert predictor.species == ("Ti", "O") and set(predictor.networks) == {"Ti", "O"}
+    assert predictor.networks["O"].weights[0][0].dtype == np.float64
+    nets = {el: element_net_from_nn(read_nn(path)) for el, path in ref_paths.items()}
+    for el, net in nets.items():  # the same weights as the training-side network built from the file
+        for layer, (weight, bias) in zip(net.layers, predictor.networks[el].weights):
+            assert np.array_equal(layer.weight.detach().numpy(), weight) and np.array_equal(layer.bias.detach().numpy(), bias)
 
 
 def test_load_potentials_missing_species(ref_paths):

@@ -178,9 +178,10 @@ def test_forces_from_dEdG_rejects_inconsistent_inputs():
 @pytest.fixture(scope="module")
 def reference():
     _need_refdata()
-    from aenet_dist.predict import Predictor
+    from aenet_dist.export import element_net_from_nn
+    from aenet_dist.formats.nn import read_nn
 
-    model = Predictor.from_potentials({"Ti": REFDATA / "Ti.pytorch.nn", "O": REFDATA / "O.pytorch.nn"}).model
+    model = AtomicModel({el: element_net_from_nn(read_nn(REFDATA / f"{el}.pytorch.nn")) for el in ("Ti", "O")}, ("Ti", "O"))
     d = np.load(REFDATA / "tio2_20_descriptors.npz")
     p = np.load(REFDATA / "tio2_20_predict.npz")
     return model, d, p

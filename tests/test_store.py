@@ -64,17 +64,17 @@ def test_content_equals_direct_featurization(dataset, store):
     data = reader.read_range(0, reader.num_structures)
     species_index, feats = featurize(structures, config.setups, config.species, data.has_derivs)
     assert data.has_derivs.sum() == round(0.5 * len(structures))
-    np.testing.assert_array_equal(data.species, species_index.numpy())
+    np.testing.assert_array_equal(data.species, species_index)
     np.testing.assert_array_equal(data.energy, [s.energy for s in structures])
     np.testing.assert_array_equal(data.forces, np.concatenate([s.forces for s in structures]))
     for element, f in feats.items():
         rows = data.elements[element]
-        np.testing.assert_array_equal(rows.atom, f.atom_index.numpy())
-        np.testing.assert_array_equal(rows.G, f.G.numpy())
+        np.testing.assert_array_equal(rows.atom, f.atom_index)
+        np.testing.assert_array_equal(rows.G, f.G)
         # Derivative rows: center row -> atom, then the same (center atom, moved atom) pairs and values.
-        np.testing.assert_array_equal(rows.atom[rows.deriv_center], f.deriv_center.numpy())
-        np.testing.assert_array_equal(rows.deriv_neighbor, f.deriv_neighbor.numpy())
-        np.testing.assert_array_equal(rows.dG, f.dG.numpy())
+        np.testing.assert_array_equal(rows.atom[rows.deriv_center], f.deriv_center)
+        np.testing.assert_array_equal(rows.deriv_neighbor, f.deriv_neighbor)
+        np.testing.assert_array_equal(rows.dG, f.dG)
     assert reader.names()[0] == "xsf/" + Path(config.files[0]).name
 
 

@@ -50,17 +50,17 @@ def range_from_features(structures, config, with_derivs) -> StructureRange:
     species_index, feats = featurize(structures, config.setups, config.species, with_derivs)
     num_atoms = np.array([s.num_atoms for s in structures])
     energy = np.array([s.energy for s in structures])
-    e_atom = np.array([config.atomic_energies[e] for e in config.species])[species_index.numpy()]
+    e_atom = np.array([config.atomic_energies[e] for e in config.species])[species_index]
     cohesive = energy - np.add.reduceat(e_atom, np.r_[0, np.cumsum(num_atoms)[:-1]])
     elements = {}
     for element, f in feats.items():
         row_of_atom = np.full(len(species_index), -1)
-        row_of_atom[f.atom_index.numpy()] = np.arange(len(f.atom_index))
+        row_of_atom[f.atom_index] = np.arange(len(f.atom_index))
         elements[element] = ElementRows(
-            f.atom_index.numpy(), f.G.numpy(), row_of_atom[f.deriv_center.numpy()], f.deriv_neighbor.numpy(), f.dG.numpy()
+            f.atom_index, f.G, row_of_atom[f.deriv_center], f.deriv_neighbor, f.dG
         )
     return StructureRange(
-        0, len(structures), num_atoms, energy, cohesive, np.asarray(with_derivs), species_index.numpy(),
+        0, len(structures), num_atoms, energy, cohesive, np.asarray(with_derivs), species_index,
         np.concatenate([s.pos for s in structures]), np.concatenate([s.forces for s in structures]), elements,
     )
 
