@@ -229,11 +229,13 @@ def pair_terms(setup: DescriptorSetup, spin_of_env: np.ndarray, row: np.ndarray,
     moments = scatter_add(key_a, w[:, None] * mono, num_centers * num_env).reshape(num_centers, num_env, num_mono)
     self_sum = scatter_add(key_a, w * w, num_centers * num_env).reshape(num_centers, num_env)
     m_plain = moments.sum(1)
-    G[:, nr:block] = 0.5 * ((m_plain * m_plain) @ coeff.T - self_sum.sum(1)[:, None])
+    # Contractions over the monomials are einsum, not BLAS: OpenBLAS rounds a product of 1-3 rows differently
+    # from the same rows inside a larger one, and a structure's bits must not depend on its batch.
+    G[:, nr:block] = 0.5 * (np.einsum("ck,nk->cn", m_plain * m_plain, coeff) - self_sum.sum(1)[:, None])
     m_spin = None
     if multi:
         m_spin = (moments * spin).sum(1)
-        G[:, block + nr : 2 * block] = 0.5 * ((m_spin * m_spin) @ coeff.T - (self_sum * spin_of_env**2).sum(1)[:, None])
+        G[:, block + nr : 2 * block] = 0.5 * (np.einsum("ck,nk->cn", m_spin * m_spin, coeff) - (self_sum * spin_of_env**2).sum(1)[:, None])
     return PairTerms(G, fc, dfc, x, t, ang, w, dw, mono, coeff, m_plain, m_spin)
 
 
@@ -344,7 +346,7 @@ def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndar
     the last term from ∂u/∂R = (I − u uᵀ)/r, Euler's u·∇_u u^α = |α| u^α and the j = k self term
     −½ ∂(w²)/∂R. ∇_u u^α has the components α_d u^(α−e_d): monomials the pair already has, so
     every term is a product of the pair's monomials (from :func:`pair_terms`) with per-center
-    moments, and each sum over α is one GEMM with a fixed (K, Na+1) matrix. No (pairs, 3, K) array is built.
+    moments, and each sum over α is one product with a fixed (Na+1, K) matrix. No (pairs, 3, K) array is built.
     """
     basis = setup.basis
     nr, na = basis.radial_order + 1, basis.angular_order + 1
@@ -359,17 +361,17 @@ def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndar
     w_over_r = wa / ra
     along = mono * (dwa[:, None] - w_over_r[:, None] * degree[None, :])  # (w' − |α| w/r) u^α, shape (Pa, K)
     lowered = [mono[:, lower[d]] for d in range(3)]  # u^(α−e_d) (any column where α_d = 0: its weight is 0)
-    tangent_coeff = [(coeff * order_d[d][None, :].astype(coeff.dtype)).T for d in range(3)]  # (K, na): C_nα α_d
+    tangent_coeff = [coeff * order_d[d][None, :].astype(coeff.dtype) for d in range(3)]  # (na, K): C_nα α_d
     multi = len(setup.env_species) > 1
     channels = [(0, terms.m_plain, None)] + ([(block, terms.m_spin, spin[ang_w])] if multi else [])
     rows = np.flatnonzero(ang_w)
     for start, m, sw in channels:
         m_pair = m[rowa] if sw is None else m[rowa] * sw[:, None]  # M_α(i) of each pair's center, shape (Pa, K)
-        radial = (m_pair * along) @ coeff.T  # shape (Pa, na)
+        radial = np.einsum("pk,nk->pn", m_pair * along, coeff)  # shape (Pa, na); einsum: see pair_terms
         radial -= ((wa * dwa) if sw is None else (sw * sw * wa * dwa))[:, None]
         d_ang = np.empty((rows.size, na, 3), dtype=rw.dtype)
         for d in range(3):
-            tangential = (m_pair * lowered[d]) @ tangent_coeff[d]  # Σ_α λ_nα α_d u^(α−e_d), shape (Pa, na)
+            tangential = np.einsum("pk,nk->pn", m_pair * lowered[d], tangent_coeff[d])  # Σ_α λ_nα α_d u^(α−e_d), shape (Pa, na)
             np.multiply(radial, ua[:, d : d + 1], out=d_ang[:, :, d])
             d_ang[:, :, d] += w_over_r[:, None] * tangential
         d_pair[rows, start + nr : start + block] = d_ang
@@ -395,32 +397,39 @@ def atom_rows(d_pair: np.ndarray, centers: np.ndarray, atoms_moved: np.ndarray, 
     Args:
         d_pair: (P, F, 3) derivatives with respect to the pair vectors R_ij = R_j − R_i.
         centers, atoms_moved: (P,) batch-global center i and atom a (of which j is an image) of each pair.
-        wanted_centers: all centers that get rows (each gets its own (i, i) row, even without pairs).
+        wanted_centers: all centers that get rows, ascending (each gets its own (i, i) row, even without pairs).
 
     Returns:
         (row center, row atom, dG (R, F, 3)), rows sorted by (center, atom).
     """
-    key_pair = centers * num_atoms + atoms_moved
-    keys, inverse = np.unique(np.concatenate([key_pair, wanted_centers * num_atoms + wanted_centers]), return_inverse=True)
-    row_of_pair = inverse[: key_pair.size]
-    if keys.size == 0:
-        return keys, keys, np.zeros((0,) + d_pair.shape[1:], dtype=d_pair.dtype)
+    num_pairs = centers.size
+    all_keys = np.concatenate([centers * num_atoms + atoms_moved, wanted_centers * num_atoms + wanted_centers])
+    if all_keys.size == 0:
+        return all_keys, all_keys, np.zeros((0,) + d_pair.shape[1:], dtype=d_pair.dtype)
+    # One stable sort: rows are the distinct keys; within a key the pairs keep their order and the center's
+    # own entry (appended last) comes after them.
+    order = np.argsort(all_keys, kind="stable")
+    sorted_keys = all_keys[order]
+    first = np.empty(order.size, dtype=bool)
+    first[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+    keys = sorted_keys[first]
+    row = np.cumsum(first) - 1  # row of each sorted entry
+    is_pair = order < num_pairs
     dG = np.zeros((keys.size,) + d_pair.shape[1:], dtype=d_pair.dtype)
     # Most rows have one pair (one image of the atom within the cutoff): copy those; add the other images in
-    # pair order (the sum is then the same as adding all in pair order, without an index over every element).
-    order = np.argsort(row_of_pair, kind="stable")
-    first = np.r_[True, row_of_pair[order[1:]] != row_of_pair[order[:-1]]] if order.size else np.zeros(0, dtype=bool)
-    dG[row_of_pair[order[first]]] = d_pair[order[first]]
-    if not first.all():
-        more = np.sort(order[~first])
-        np.add.at(dG, row_of_pair[more], d_pair[more])
+    # pair order (the same sum as adding all in pair order, without an index over every element).
+    copy = first & is_pair
+    dG[row[copy]] = d_pair[order[copy]]
+    more = ~first & is_pair
+    if more.any():
+        np.add.at(dG, row[more], d_pair[order[more]])
     # The center's own row gets −Σ of all its pair terms: rows are sorted by center, and every center
-    # with rows is a wanted center (it has its own row), so one segmented sum gives the totals in order.
+    # with rows is a wanted center (it has its own row), so one segmented sum gives the totals in the
+    # order of ``wanted_centers`` (ascending), as are the own rows.
     row_center = keys // num_atoms
     starts = np.flatnonzero(np.r_[True, row_center[1:] != row_center[:-1]])
-    total = np.add.reduceat(dG, starts, axis=0)  # shape (len(wanted_centers), F, 3)
-    self_rows = np.searchsorted(keys, wanted_centers * num_atoms + wanted_centers)
-    dG[self_rows] -= total
+    dG[row[~is_pair]] -= np.add.reduceat(dG, starts, axis=0)
     return row_center, keys % num_atoms, dG
 
 
