@@ -8,16 +8,20 @@ the test setups tests/data/behler/{O,Ti}.stp (14 and 9 functions: G1-G5, cutoffs
 * featurize: ``generate.x`` vs ``python -m aenet_dist.featurize`` (1 rank and 2 MPI ranks),
   end to end; ours also in-process (the command's own "wall time");
 * the share of the angular functions: in-process descriptor time of the radial functions
-  alone vs the full setups (values and derivatives, one thread);
+  alone vs the full setups (values and derivatives; numpy, OpenBLAS on aenet_dist's default
+  one thread);
 * predict with forces: ``predict.x`` vs ``python -m aenet_dist.predict`` with the test
   potential tests/data/behler/potential, end to end.
 
     .venv/bin/python bench/behler.py [--structures 200] [--repeats 3] [--no-save]
+
+``AENET_DIST_VENV`` overrides the virtualenv whose python and mpiexec run (default: .venv here).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -30,8 +34,9 @@ from pathlib import Path
 
 from common import ROOT, SHARED, append_results, load1, machine
 
-PY = ROOT / ".venv" / "bin" / "python"
-MPIEXEC = ROOT / ".venv" / "bin" / "mpiexec"
+VENV = Path(os.environ.get("AENET_DIST_VENV", ROOT / ".venv"))
+PY = VENV / "bin" / "python"
+MPIEXEC = VENV / "bin" / "mpiexec"
 DATA = ROOT / "tests" / "data" / "behler"
 TIO2 = SHARED / "data" / "tio2"
 HEADER = ["OUTPUT out.train", "", "TYPES", "2", "O -432.503149303", "Ti -1604.604515075", "", "SETUPS", "O O.stp", "Ti Ti.stp", "",
@@ -62,15 +67,15 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
 
 
 def angular_share(work: Path, files: list[str]) -> dict:
-    """In-process descriptor seconds: radial functions only vs the full setups (values + derivatives)."""
-    import torch
+    """In-process descriptor seconds: radial functions only vs the full setups (values + derivatives).
 
+    ``torch_imported``: whether featurize pulled torch in (the Behler functions before their numpy port).
+    """
     from aenet_dist.formats.stp import read_setup
     from aenet_dist.config import BehlerBasis
     from aenet_dist.descriptors import featurize
     from aenet_dist.structures import read_xsf
 
-    torch.set_num_threads(1)
     full = {e: read_setup(work / f"{e}.stp") for e in ("O", "Ti")}
     radial = {e: replace(s, basis=BehlerBasis(tuple(f for f in s.basis.functions if not f.angular))) for e, s in full.items()}
     structures = [read_xsf(work / f) for f in files]
@@ -83,6 +88,7 @@ def angular_share(work: Path, files: list[str]) -> dict:
             featurize(structures, setups, ("O", "Ti"), derivs)
             runs.append(time.perf_counter() - t0)
         out[name] = statistics.median(runs)
+    out["torch_imported"] = sys.modules.get("torch") is not None
     return out
 
 
@@ -99,7 +105,7 @@ def main() -> int:
     lines = (TIO2 / "generate.in").read_text().splitlines()
     at = next(n for n, line in enumerate(lines) if line.strip().upper() == "FILES")
     files = [line.strip() for line in lines[at + 2 : at + 2 + args.structures]]
-    info = machine()
+    info = machine(torch_info=False)
     rows: dict[str, list[float]] = {k: [] for k in ("generate.x", "featurize 1 rank", "featurize 1 rank in-process",
                                                       "featurize 2 ranks", "predict.x", "predict")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,9 +135,10 @@ def main() -> int:
     for ours, peer in (("featurize 1 rank", "generate.x"), ("featurize 1 rank in-process", "generate.x"),
                        ("featurize 2 ranks", "generate.x"), ("predict", "predict.x")):
         text.append(f"| {ours} (end to end unless in-process) vs {peer} | {med[peer]:.2f} | {med[ours]:.2f} | {med[peer] / med[ours]:.2f}x |")
-    text += ["", f"Descriptor time in-process, one thread: radial functions only {share['radial']:.2f} s, all functions "
-                 f"{share['full']:.2f} s (the angular G4/G5, summed over pairs of neighbours, cost "
-                 f"{share['full'] / share['radial']:.1f}x the radial ones)."]
+    text += ["", f"Descriptor time in-process (numpy, OPENBLAS_NUM_THREADS={info['openblas_num_threads']}"
+                 f"{'; torch imported by featurize' if share['torch_imported'] else ''}): radial functions only "
+                 f"{share['radial']:.2f} s, all functions {share['full']:.2f} s (the angular G4/G5, summed over pairs of "
+                 f"neighbours, cost {share['full'] / share['radial']:.1f}x the radial ones)."]
     print("\n".join(text))
     if not args.no_save:
         append_results("\n".join(text) + "\n", [{"bench": "behler", "machine": info, "runs": rows, "angular_share": share,

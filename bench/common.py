@@ -9,6 +9,11 @@ import subprocess
 import threading
 from pathlib import Path
 
+# Imported before numpy by any script that imports this module first: aenet_dist sets
+# OPENBLAS_NUM_THREADS (default 1) before numpy loads, so in-process measurements run numpy as the
+# commands do.
+import aenet_dist
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AENET_DIST_SHARED", ROOT.parent / "shared"))
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
@@ -26,14 +31,15 @@ def _git(*args: str) -> str:  # read-only queries
         return ""
 
 
-def machine(device: str = "cpu") -> dict:
-    """CPU model, core counts, memory, versions, git state and load average, for each results table."""
+def machine(device: str = "cpu", torch_info: bool = True) -> dict:
+    """CPU model, core counts, memory, versions, git state and load average, for each results table.
+
+    ``torch_info=False`` for the benchmarks of the torch-free commands (featurize, predict): torch is
+    then neither imported here nor named in their tables, and ``device`` must be "cpu".
+    """
     import numpy as np
     import psutil
-    import torch
     import zarr
-
-    import aenet_dist
 
     model = "?"
     try:
@@ -51,18 +57,46 @@ def machine(device: str = "cpu") -> dict:
         "cpu_model": model,
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
         "numpy": np.__version__,
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "zarr": zarr.__version__,
         "device": device,
         "git_commit": _git("rev-parse", "--short", "HEAD").strip(),
         "git_dirty_aenet_dist": dirty,
         "loadavg_1min_at_start": load1(),
     }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
+    if torch_info:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if device.startswith("cuda"):
+            info["gpu"] = torch.cuda.get_device_name(0)
+    elif device != "cpu":
+        raise ValueError(f"device {device!r} needs torch_info=True")
     return info
+
+
+def import_cost(python: Path, modules: str, repeats: int = 3) -> dict:
+    """Start-up of ``python -c "import <modules>"`` (median of ``repeats`` runs, s), and whether it imports torch.
+
+    The torch check is a separate run that looks at ``sys.modules`` after the import, so it also
+    sees torch pulled in indirectly (``-X importtime`` would not do: aenet_dist.neighbors imports
+    vesin with torch blocked, and that blocked attempt is listed too). The subprocesses inherit
+    this environment (PYTHONPATH).
+    """
+    import statistics
+    import time
+
+    code = f"import {modules}"
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([str(python), "-c", code], check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    probe = f"{code}; import sys; print(sys.modules.get('torch') is not None)"
+    torch_imported = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True).stdout.split()[-1] == "True"
+    return {"modules": modules, "seconds": statistics.median(times), "runs_s": times, "imports_torch": torch_imported}
 
 
 def dir_bytes(path: Path) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Benchmark of ``aenet_dist.featurize`` on the TiO2 reference data set, against aenet's generate.x.
 
-    .venv/bin/python bench/featurize.py [--ranks 1 2] [--keep DIR]
+    .venv/bin/python bench/featurize.py [--ranks 1 2] [--pairs 3] [--keep DIR] [--no-save]
 
 Runs the featurize command line as a subprocess (``mpiexec -n N python -m
 aenet_dist.featurize shared/data/tio2/generate.in ...``, float64 derivatives) with the
@@ -8,10 +8,13 @@ aenet_dist.featurize shared/data/tio2/generate.in ...``, float64 derivatives) wi
 so both programs write the same derivatives. aenet's generate.x (built by ``shared/peers/build.sh``)
 runs in the same invocation, alternating with ours (``--pairs`` times): speed-ups are per pair,
 then the median, in wall time and in CPU-seconds. Measures, per rank count: end-to-end wall time
-(Python and torch start-up included), the in-process time the command prints, structures/s,
-atoms/s, store size on disk and peak resident memory. Also: the fixed cost of ``import torch``,
+(interpreter, imports and MPI start-up included), the in-process time the command prints,
+structures/s, atoms/s, store size on disk and peak resident memory. Also: the fixed start-up
+cost of each rank, ``python -c "import aenet_dist.featurize"`` (and whether that imports torch),
 vesin vs ASE neighbour lists on all 1000 structures, derivative bytes per force structure vs
 its atom count, and a check of the stored descriptors against aenet's (refdata, 20 structures).
+featurize is numpy on the CPU (no device option), OpenBLAS on one thread per rank (aenet_dist's
+default OPENBLAS_NUM_THREADS=1).
 
 Prints a markdown table, appends it to bench/RESULTS.md and one JSON line per
 measurement to bench/results.jsonl. Not collected by pytest (testpaths = tests/).
@@ -32,8 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# common before numpy: it imports aenet_dist, which limits numpy's OpenBLAS to the command's threads
+from common import TreeMemory, append_results, dir_bytes, import_cost, machine
 import numpy as np
-from common import TreeMemory, append_results, dir_bytes, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -53,15 +57,6 @@ CUTOFF = 6.5
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def time_command(cmd: list[str], repeats: int = 3) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -135,14 +130,12 @@ def run_featurize(ranks: int, out: Path, force_list: Path) -> dict:
 
 def neighbor_comparison() -> dict:
     """vesin (aenet_dist.neighbors) vs ASE's primitive_neighbor_list, all 1000 structures, cutoff 6.5 Å."""
-    import torch
     from ase.neighborlist import primitive_neighbor_list
 
     from aenet_dist.formats.generate_in import read_generate_input
     from aenet_dist.neighbors import neighbor_list
     from aenet_dist.structures import read_structures
 
-    torch.set_num_threads(1)
     config = read_generate_input(GENERATE_IN)
     structures = [s for f in config.files for s in read_structures(f)]
     pos = [s.pos for s in structures]
@@ -165,7 +158,7 @@ def neighbor_comparison() -> dict:
         "atoms": int(sum(s.num_atoms for s in structures)),
         "vesin_s": min(vesin_times),
         "ase_s": ase_time,
-        "vesin_pairs": int(nb.center.numel()),
+        "vesin_pairs": int(nb.center.size),
         "ase_pairs": int(ase_pairs),
     }
 
@@ -230,14 +223,14 @@ def _join(values) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
 
-def report(info: dict, runs: list[dict], peers: list[dict], torch_import: dict, nbl: dict, deriv: dict, check: dict, num_atoms: int) -> str:
+def report(info: dict, runs: list[dict], peers: list[dict], startup: dict, nbl: dict, deriv: dict, check: dict, num_atoms: int) -> str:
     num_structures = nbl["structures"]
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     lines = [
         HEADING,
         "",
-        f"{stamp}; {info['nproc']} CPU(s) ({info['cpu_model']}), no GPU; torch {info['torch']}, numpy {info['numpy']}, "
-        f"zarr {info['zarr']}, Python {info['python']}; load average at start {info['loadavg_1min_at_start']:.2f} "
+        f"{stamp}; {info['nproc']} CPU(s) ({info['cpu_model']}); numpy {info['numpy']} (OPENBLAS_NUM_THREADS="
+        f"{info['openblas_num_threads']}), zarr {info['zarr']}, Python {info['python']}; load average at start {info['loadavg_1min_at_start']:.2f} "
         f"(other work on the machine slows every number). `bench/featurize.py`: `mpiexec -n N python -m aenet_dist.featurize "
         f"shared/data/tio2/generate.in --deriv-dtype float64 --force-list` (the 250 structures generate.x chose), "
         f"{num_structures} structures, {num_atoms} atoms. **aenet's generate.x ran in this invocation, {len(peers)} time(s), "
@@ -266,12 +259,13 @@ def report(info: dict, runs: list[dict], peers: list[dict], torch_import: dict, 
     lines += [
         "",
         "structures/s and atoms/s use the in-process time (aenet: its wall time). End-to-end includes interpreter, "
-        f"torch and MPI start-up; `python -c 'import torch'` alone takes {torch_import['import_torch_s']:.2f} s "
-        f"(`python -c pass`: {torch_import['python_s']:.2f} s; medians of 3). Largest process: GNU time's maximum RSS "
+        f"import and MPI start-up; `python -c 'import aenet_dist.featurize'` takes {startup['import_featurize_s']:.2f} s per rank "
+        f"({'**it imports torch**' if startup['featurize_imports_torch'] else 'torch not imported'}; `python -c pass`: "
+        f"{startup['python_s']:.2f} s; medians of 3). Largest process: GNU time's maximum RSS "
         "(the largest single process of the tree); sum of ranks: psutil, polled every 20 ms, RSS of all Python "
         "processes added up (shared library pages counted once per rank).",
         "",
-        f"- **Neighbour lists** (cutoff {CUTOFF} Å, all {num_structures} structures, in-process, one thread): vesin via "
+        f"- **Neighbour lists** (cutoff {CUTOFF} Å, all {num_structures} structures, in-process): vesin via "
         f"`aenet_dist.neighbors.neighbor_list` {nbl['vesin_s']:.2f} s (best of 3), ASE `primitive_neighbor_list` "
         f"{nbl['ase_s']:.1f} s ({nbl['ase_s'] / nbl['vesin_s']:.0f}x); pairs {nbl['vesin_pairs']} vs {nbl['ase_pairs']}.",
         f"- **Derivative storage** (float64, {deriv['force_structures']} force structures, {deriv['force_atoms']} atoms): "
@@ -301,17 +295,18 @@ def main() -> int:
     if not MPIEXEC.exists():
         sys.exit(f"{MPIEXEC} not found: run `bash scripts/setup_env.sh` first")
 
-    info = machine()
+    info = machine(torch_info=False)
     tmp = Path(tempfile.mkdtemp(prefix="bench_featurize_"))
     work = args.keep or tmp
     work.mkdir(parents=True, exist_ok=True)
     try:
         force_list, num_forces = write_force_list(tmp)
         print(f"force list: {num_forces} structures from {FORCE_LIST.name}", file=sys.stderr)
-        python_s = statistics.median(time_command([str(PY), "-c", "pass"]))
-        torch_s = statistics.median(time_command([str(PY), "-c", "import torch"]))
-        torch_import = {"python_s": python_s, "import_torch_s": torch_s}
-        print(f"python start-up {python_s:.2f} s, import torch {torch_s:.2f} s", file=sys.stderr)
+        featurize_import = import_cost(PY, "aenet_dist.featurize")
+        startup = {"python_s": import_cost(PY, "sys")["seconds"], "import_featurize_s": featurize_import["seconds"],
+                   "featurize_imports_torch": featurize_import["imports_torch"]}
+        print(f"python start-up {startup['python_s']:.2f} s, import aenet_dist.featurize {startup['import_featurize_s']:.2f} s "
+              f"(imports torch: {startup['featurize_imports_torch']})", file=sys.stderr)
         build = subprocess.run(["bash", str(PEERS_BUILD)], capture_output=True, text=True)
         if build.returncode != 0:
             sys.exit(f"building the peers failed:\n{build.stderr[-3000:]}")
@@ -337,7 +332,7 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    text = report(info, runs, peers, torch_import, nbl, deriv, check, num_atoms)
+    text = report(info, runs, peers, startup, nbl, deriv, check, num_atoms)
     print(text)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     base = {"bench": "featurize", "dataset": "tio2", "time": stamp, **info, "force_structures": num_forces, "deriv_dtype": "float64"}
@@ -345,7 +340,7 @@ def main() -> int:
                 "structures_per_s": nbl["structures"] / r["inprocess_s"], "atoms_per_s": num_atoms / r["inprocess_s"]} for r in runs]
     records += [
         *({**base, "what": "aenet_generate_x", "ranks": 1, **p, "source": "shared/peers/build.sh, this run"} for p in peers),
-        {**base, "what": "startup", **torch_import},
+        {**base, "what": "startup", **startup},
         {**base, "what": "neighbor_list", "cutoff": CUTOFF, **nbl},
         {**base, "what": "deriv_storage", **deriv},
         {**base, "what": "descriptor_check", **check},

@@ -1,24 +1,32 @@
-"""GPU benchmark (see bench/gpu.sh): featurize TiO2 on the GPU, train the aenet-PyTorch example
-with each cache mode, measure the force contraction against its bandwidth floor, and time to
-the paper's accuracy. Writes OUT/gpu_results.json and OUT/gpu_results.md."""
+"""GPU benchmark (see bench/gpu.sh): featurize TiO2 on the node's CPUs, train the aenet-PyTorch
+example on the GPU with each cache mode, measure the force contraction against its bandwidth
+floor, and time to the paper's accuracy. Writes OUT/gpu_results.json and OUT/gpu_results.md.
+
+featurize is numpy on the CPU (it has no device): the stores are made by ``mpiexec -n <cores>
+python -m aenet_dist.featurize`` (one process where mpiexec or mpi4py is missing), as a GPU node
+would make them; only training runs on the GPU.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import importlib.util
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from aenet_dist.formats.generate_in import read_generate_input
-from aenet_dist.config import StoreOptions
-from aenet_dist.store import StoreReader, featurize_to_store
+from aenet_dist.store import StoreReader
 from aenet_dist.train import main as train_main
 
 DEVICE = "cuda"
@@ -54,9 +62,46 @@ checkpoint_every = 100000
 """
 
 
-def train(out: Path, name: str, text: str) -> list[dict]:
-    import shutil
+def cpu_cores() -> int:
+    """Cores this process may run on (a batch job's allotment, not the whole host)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+
+def mpiexec() -> str | None:
+    """The mpiexec beside this python (the venv's, matching its mpi4py), else on PATH; None without mpi4py."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return None
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def featurize_cpu(generate_in: Path, store: Path, force_list: Path | None = None, chunk_mb: float | None = None) -> dict:
+    """``python -m aenet_dist.featurize`` on all cores (MPI), or one process without mpiexec; a fresh store.
+
+    Returns end-to-end wall seconds, the in-process seconds the command prints, and its rank count
+    (checked: an mpiexec of another MPI than mpi4py's would start independent single-rank copies).
+    """
+    shutil.rmtree(store, ignore_errors=True)  # a rerun measures a full featurize, not a resumed one
+    launcher = mpiexec()
+    ranks = cpu_cores() if launcher else 1
+    cmd = ([launcher, "-n", str(ranks)] if launcher and ranks > 1 else []) + [
+        sys.executable, "-m", "aenet_dist.featurize", str(generate_in), "--out", str(store), "--no-progress"]
+    if force_list is not None:
+        cmd += ["--force-list", str(force_list)]
+    if chunk_mb is not None:
+        cmd += ["--chunk-mb", str(chunk_mb)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"featurize failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    m = re.search(r"wall time\s+([0-9.]+) s on (\d+) rank", proc.stdout)
+    if not m or int(m.group(2)) != ranks:
+        raise SystemExit(f"featurize ran on {m.group(2) if m else '?'} rank(s), not {ranks}: {' '.join(cmd)}\n{proc.stdout[-2000:]}")
+    return {"wall_s": wall, "inprocess_s": float(m.group(1)), "ranks": ranks}
+
+
+def train(out: Path, name: str, text: str) -> list[dict]:
     shutil.rmtree(out / "runs" / name, ignore_errors=True)  # a rerun of the benchmark starts each run afresh
     cfg = out / f"{name}.toml"
     cfg.write_text(text)
@@ -83,8 +128,8 @@ def read_bandwidth(nbytes: float) -> float:
 
 
 def synth_scale(out: Path, n: int, quick: bool) -> dict:
-    """Synthetic Cu/Au/Ni set (32-128 atoms, 20 % forces): generate on all cores, featurize on the
-    GPU, train 2 x 10 tanh (bench/scale.py's settings) per cache mode; epoch time vs the floor."""
+    """Synthetic Cu/Au/Ni set (32-128 atoms, 20 % forces): generate and featurize on all cores,
+    train 2 x 10 tanh (bench/scale.py's settings) per cache mode; epoch time vs the floor."""
     from aenet_dist.datasets import generate_synth_dataset
 
     res: dict = {"structures": n}
@@ -92,16 +137,15 @@ def synth_scale(out: Path, n: int, quick: bool) -> dict:
     generate_in = generate_synth_dataset(out / f"synth_{n}", n, workers=os.cpu_count())
     res["generate_s"] = time.perf_counter() - start
     store = out / f"synth_{n}.zarr"
-    start = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()):
-        featurize_to_store(read_generate_input(generate_in), store, StoreOptions(chunk_bytes=8 * 2**20), device=DEVICE, progress=False)
-    res["featurize_s"] = time.perf_counter() - start
+    feat = featurize_cpu(Path(generate_in), store, chunk_mb=8)
+    res["featurize_s"], res["featurize_ranks"] = feat["wall_s"], feat["ranks"]
     reader = StoreReader(store)
     features = max(reader.attrs["num_features"].values())
     dG_bytes = float(reader.num_deriv_rows.sum() * 0.9 * 3 * features * 4)
     res["dG_bytes_per_epoch_float32"] = dG_bytes
     res["floor_s_per_epoch"] = 2 * dG_bytes / read_bandwidth(dG_bytes)
-    print(f"synth {n}: generated in {res['generate_s']:.1f} s, featurized in {res['featurize_s']:.1f} s; floor {res['floor_s_per_epoch'] * 1e3:.2f} ms/epoch")
+    print(f"synth {n}: generated in {res['generate_s']:.1f} s, featurized in {res['featurize_s']:.1f} s "
+          f"({res['featurize_ranks']} CPU rank(s)); floor {res['floor_s_per_epoch'] * 1e3:.2f} ms/epoch")
     epochs = 3 if quick else 5
     # "stream+workers": data.workers processes convert the blocks instead of the rank's reader threads
     # (on a 2-core CPU box they were slower; a GPU node's spare cores are where they should pay).
@@ -129,7 +173,7 @@ def main() -> None:
     parser.add_argument("--force-list")
     parser.add_argument("--refdata")
     parser.add_argument("--tta-epochs", type=int, default=600)
-    parser.add_argument("--device", default="cuda", help="cpu for a dry run of this script")
+    parser.add_argument("--device", default="cuda", help="training device (featurize always runs on the CPU); cpu for a dry run")
     parser.add_argument("--quick", action="store_true", help="few epochs (dry run)")
     parser.add_argument("--skip-tta", action="store_true", help="leave out the time-to-accuracy run")
     parser.add_argument("--synth", type=int, default=0, help="also generate, featurize and train this many synthetic EMT structures")
@@ -139,23 +183,21 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
-    results = {"device": name, "torch": torch.__version__, "cpu_count": os.cpu_count()}
+    results = {"device": name, "torch": torch.__version__, "cpu_count": os.cpu_count(), "cpu_cores_allowed": cpu_cores()}
     print(results)
 
-    # 1. featurize on the GPU and on the CPU (float64 store).
-    force_structures = None
+    # 1. featurize on the CPU (numpy; all cores under MPI), float64 store.
+    force_list = None
     if args.force_list:
         names = [line.split()[-1] for line in Path(args.force_list).read_text().splitlines() if line.strip() and not line.startswith("#")]
-        force_structures = tuple(Path(n).name for n in names)
-    config = read_generate_input(Path(args.data) / "generate.in", force_structures=force_structures)
-    for device in (DEVICE, "cpu") if DEVICE != "cpu" else ("cpu",):
-        store = out / f"tio2_{device}.zarr"
-        start = time.perf_counter()
-        with contextlib.redirect_stderr(io.StringIO()):
-            featurize_to_store(config, store, StoreOptions(), device=device, progress=False)
-        results[f"featurize_{device}_s"] = time.perf_counter() - start
-        print(f"featurize on {device}: {results[f'featurize_{device}_s']:.2f} s")
-    store = out / f"tio2_{DEVICE}.zarr"
+        force_list = out / "force_structures.txt"  # basenames, one per line: what featurize --force-list matches
+        force_list.write_text("".join(Path(n).name + "\n" for n in names))
+    store = out / "tio2.zarr"
+    feat = featurize_cpu(Path(args.data) / "generate.in", store, force_list)
+    results["featurize_cpu_s"] = feat["wall_s"]
+    results["featurize_cpu_inprocess_s"] = feat["inprocess_s"]
+    results["featurize_cpu_ranks"] = feat["ranks"]
+    print(f"featurize on the CPU, {feat['ranks']} rank(s): {feat['wall_s']:.2f} s end to end ({feat['inprocess_s']:.2f} s in-process)")
     reader = StoreReader(store)
     if args.refdata:
         ref = np.load(args.refdata)
@@ -170,8 +212,8 @@ def main() -> None:
             s = next(i for i, n in enumerate(names) if n.endswith(str(fname)))
             mine = G[offsets[s] : offsets[s + 1]]
             worst = max(worst, float(np.abs(mine - ref["G"][ref["atom_offset"][k] : ref["atom_offset"][k] + ref["natoms"][k]]).max()))
-        results["gpu_G_max_abs_diff_vs_aenet"] = worst
-        print(f"GPU-featurized G vs aenet generate.x: max |diff| {worst:.2e}")
+        results["G_max_abs_diff_vs_aenet"] = worst
+        print(f"featurized G vs aenet generate.x: max |diff| {worst:.2e}")
 
     # 2. training throughput per cache mode (paper settings, float32).
     features = 56

@@ -1,6 +1,6 @@
 """Benchmark of ``aenet-dist predict`` on all 1000 TiO2 structures, against aenet's predict.x.
 
-    .venv/bin/python bench/predict.py [--device cpu|cuda] [--repeats 3] [--no-save] [--save-to DIR]
+    .venv/bin/python bench/predict.py [--repeats 3] [--no-rows] [--no-save] [--save-to DIR]
 
 ``AENET_DIST_SHARED`` overrides the location of ``shared/`` (default: beside the repository).
 
@@ -9,11 +9,17 @@ Potentials: ``shared/refdata/{Ti,O}.pytorch.nn``; structures: the 1000 XSF files
 forces, from the XSF files to the results:
 
 * end to end: the command line as a subprocess (``aenet-dist predict predict.in --out report.txt``,
-  or ``python -m aenet_dist.predict`` where the dispatcher has no ``predict`` yet), interpreter and
-  torch start-up included, text report written like predict.x's;
+  or ``python -m aenet_dist.predict`` where the dispatcher has no ``predict`` yet), interpreter
+  start-up included, text report written like predict.x's;
 * in-process: Predictor.from_potentials + reading the XSF files + predict, after one warm-up run;
-* the ``rows`` engine (featurize's sparse dG/dR rows + model.forces_from_dEdG) with forces, once;
-* the agreement with predict.x on the 20 refdata structures.
+* the ``rows`` engine (featurize's sparse dG/dR rows contracted with dE/dG) with forces, once;
+* the agreement with predict.x on the 20 refdata structures;
+* start-up: ``python -c pass``, ``python -c "import aenet_dist.cli, aenet_dist.predict"`` (and whether
+  that imports torch: it should not), and, for comparison only, ``import torch``, which a
+  torch-based predictor would add to every run.
+
+predict is numpy on the CPU, float64, OpenBLAS on one thread (aenet_dist sets OPENBLAS_NUM_THREADS=1
+unless it is set): there is no device or thread option to measure.
 
 aenet's predict.x (serial Fortran, built by ``shared/peers/build.sh``) runs in the same invocation,
 alternating with our end-to-end runs on the same input: speed-ups are per pair, then the median.
@@ -34,8 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# common before numpy: it imports aenet_dist, which limits numpy's OpenBLAS to the command's threads
+from common import RESULTS_JSONL, RESULTS_MD, append_results, import_cost, load1, machine
 import numpy as np
-from common import RESULTS_JSONL, RESULTS_MD, append_results, load1, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AENET_DIST_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -46,7 +53,6 @@ REFDATA = SHARED / "refdata"
 POTENTIALS = {"Ti": REFDATA / "Ti.pytorch.nn", "O": REFDATA / "O.pytorch.nn"}
 HEADING = "## predict (TiO2, 1000 structures)"
 PEERS_BUILD = SHARED / "peers" / "build.sh"
-THREADS: int | None = None  # --threads: torch intra-op threads, in-process and in the subprocess
 
 
 def command_prefix() -> list[str]:
@@ -65,10 +71,9 @@ def write_predict_in(tmp: Path, files: list[Path], forces: bool) -> Path:
     return path
 
 
-def end_to_end(prefix: list[str], predict_in: Path, out: Path, device: str) -> float:
+def end_to_end(prefix: list[str], predict_in: Path, out: Path) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(prefix + [str(predict_in), "--out", str(out), "--device", device]
-                          + ([f"--threads={THREADS}"] if THREADS else []), capture_output=True, text=True)
+    proc = subprocess.run(prefix + [str(predict_in), "--out", str(out)], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"predict failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -94,60 +99,53 @@ def peer_end_to_end(predict_x: Path, tmp: Path, files: list[Path], forces: bool)
     return wall
 
 
-def in_process(files: list[Path], forces: bool, device: str, repeats: int, engine: str = "pairs") -> tuple[list[float], dict]:
+def in_process(files: list[Path], forces: bool, repeats: int, engine: str = "pairs") -> tuple[list[float], dict]:
     """Wall of potentials + reading + predict, after a warm-up; also the split of the last run."""
-    import torch
-
     from aenet_dist.predict import Predictor
     from aenet_dist.structures import read_xsf
 
     def once():
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         t0 = time.perf_counter()
-        predictor = Predictor.from_potentials(POTENTIALS, device=device)
+        predictor = Predictor.from_potentials(POTENTIALS)
         t1 = time.perf_counter()
         structures = [read_xsf(f) for f in files]
         t2 = time.perf_counter()
         results = predictor.predict(structures, forces=forces, engine=engine)
-        sync()
         t3 = time.perf_counter()
         assert len(results) == len(files)
         return t3 - t0, {"load_potentials_s": t1 - t0, "read_xsf_s": t2 - t1, "predict_s": t3 - t2}
 
-    once()  # warm-up: allocator, caches, CUDA context and kernels
+    once()  # warm-up: lazy imports, allocator, page cache of the XSF files
     runs = [once() for _ in range(repeats)]
     return [r[0] for r in runs], runs[-1][1]
 
 
-def check_reference(device: str) -> dict:
+def check_reference() -> dict:
     from aenet_dist.predict import Predictor
     from aenet_dist.structures import read_xsf
 
     ref = np.load(REFDATA / "tio2_20_predict.npz")
     structures = [read_xsf(XSF_DIR / n) for n in ref["file_names"]]
-    results = Predictor.from_potentials(POTENTIALS, device=device).predict(structures, forces=True)
+    results = Predictor.from_potentials(POTENTIALS).predict(structures, forces=True)
     de = np.abs(np.array([r.energy for r in results]) - ref["energy_total"]) / ref["natoms"]
     df = np.abs(np.concatenate([r.forces for r in results]) - ref["forces"])
     return {"structures": 20, "max_abs_energy_eV_atom": float(de.max()), "max_abs_force_eV_A": float(df.max())}
 
 
-def torch_import_seconds(repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        subprocess.run([str(PY), "-c", "import torch"], check=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def startup() -> dict:
+    """Interpreter start-up, predict's imports, and (for comparison only) ``import torch``: medians of 3."""
+    return {"python_s": import_cost(PY, "sys")["seconds"], "predict": import_cost(PY, "aenet_dist.cli, aenet_dist.predict"),
+            "import_torch_s": import_cost(PY, "torch")["seconds"]}
 
 
-def report(info: dict, rows: list[dict], check: dict, torch_s: float, num_atoms: int, num_structures: int, prefix: list[str]) -> str:
+def report(info: dict, rows: list[dict], check: dict, start: dict, num_atoms: int, num_structures: int, prefix: list[str]) -> str:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    gpu = f", {info['gpu']}" if "gpu" in info else ", no GPU"
     command = " ".join(Path(prefix[0]).name if k == 0 else a for k, a in enumerate(prefix))
+    predict_import = start["predict"]
     lines = [
         HEADING, "",
-        f"{stamp}; {info['nproc']} CPU(s) ({info['cpu_model']}){gpu}; device {info['device']}; torch {info['torch']} "
-        f"({info['torch_threads']} threads), numpy {info['numpy']}, Python {info['python']}; load average at start "
+        f"{stamp}; {info['nproc']} CPU(s) ({info['cpu_model']}); numpy {info['numpy']} (OpenBLAS threads: "
+        f"OPENBLAS_NUM_THREADS={info['openblas_num_threads']}), float64, Python {info['python']}; load average at start "
         f"{info['loadavg_1min_at_start']} (other work on the machine slows every number). `bench/predict.py`: "
         f"{num_structures} XSF files, {num_atoms} atoms, `shared/refdata/{{Ti,O}}.pytorch.nn`; end to end = `{command} "
         f"predict.in --out report.txt` as a subprocess; in-process = potentials + XSF reading + predict (median of the "
@@ -166,9 +164,12 @@ def report(info: dict, rows: list[dict], check: dict, torch_s: float, num_atoms:
             speed = f"{peer[r['forces']]['wall_s'] / r['wall_s']:.2f}x"
         lines.append(f"| {r['program']} | {r['measure']} | {'yes' if r['forces'] else 'no'} | {r['wall_s']:.2f} | "
                      f"{num_structures / r['wall_s']:.0f} | {num_atoms / r['wall_s']:.0f} | {speed} |")
-    lines += ["", f"- `python -c 'import torch'` alone takes {torch_s:.2f} s (median of 3): most of the end-to-end overhead.",
+    lines += ["", f"- Start-up (medians of 3): `python -c 'import sys'` {start['python_s']:.2f} s; `import aenet_dist.cli, "
+              f"aenet_dist.predict` {predict_import['seconds']:.2f} s, "
+              f"{'**which imports torch**' if predict_import['imports_torch'] else 'torch not imported'}. "
+              f"For comparison only: `import torch` takes {start['import_torch_s']:.2f} s, what a torch-based predictor adds to each run.",
               "- In-process split (last run): " + "; ".join(
-                  f"{r['measure']} {'forces' if r['forces'] else 'energies'}: potentials {r['split']['load_potentials_s']:.2f} s, "
+                  f"{r['program']} {r['measure']} {'forces' if r['forces'] else 'energies'}: potentials {r['split']['load_potentials_s']:.2f} s, "
                   f"XSF {r['split']['read_xsf_s']:.2f} s, predict {r['split']['predict_s']:.2f} s" for r in rows if "split" in r),
               f"- Agreement with predict.x on the 20 refdata structures: max |ΔE| {check['max_abs_energy_eV_atom']:.1e} eV/atom, "
               f"max |ΔF| {check['max_abs_force_eV_A']:.1e} eV/Å.", ""]
@@ -177,26 +178,18 @@ def report(info: dict, rows: list[dict], check: dict, torch_s: float, num_atoms:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median; default 3)")
     parser.add_argument("--no-rows", action="store_true", help="skip the rows-engine measurement")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md / results.jsonl")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: predict's default, 1)")
     parser.add_argument("--save-to", type=Path, help="append to RESULTS.md / results.jsonl in this directory instead of bench/")
     args = parser.parse_args()
-    global THREADS
-    if args.threads:
-        import torch
-
-        THREADS = args.threads
-        torch.set_num_threads(args.threads)
     files = sorted(XSF_DIR.glob("*.xsf"))
     if len(files) != 1000 or not all(p.exists() for p in POTENTIALS.values()):
         sys.exit(f"need the 1000 TiO2 XSF files in {XSF_DIR} and {list(POTENTIALS.values())}")
     from aenet_dist.structures import read_xsf
 
     num_atoms = sum(read_xsf(f).num_atoms for f in files)
-    info = machine(args.device)
+    info = machine(torch_info=False)
     prefix = command_prefix()
     build = subprocess.run(["bash", str(PEERS_BUILD)], capture_output=True, text=True)
     if build.returncode != 0:
@@ -209,7 +202,7 @@ def main() -> int:
             ours, theirs = [], []
             for _ in range(args.repeats):  # alternating: both see the same machine state
                 theirs.append(peer_end_to_end(predict_x, tmp, files, forces))
-                ours.append(end_to_end(prefix, write_predict_in(tmp, files, forces), tmp / "report.txt", args.device))
+                ours.append(end_to_end(prefix, write_predict_in(tmp, files, forces), tmp / "report.txt"))
             rows.append({"program": "aenet predict.x", "measure": "end to end, this run", "forces": forces,
                          "wall_s": statistics.median(theirs), "runs_s": theirs, "loadavg": load1()})
             rows.append({"program": "aenet_dist", "measure": "end to end", "forces": forces, "wall_s": statistics.median(ours),
@@ -217,17 +210,17 @@ def main() -> int:
             print(f"end to end, forces={forces}: predict.x {theirs}, ours {ours}", file=sys.stderr)
             report_bytes = (tmp / "report.txt").stat().st_size
         for forces in (False, True):
-            times, split = in_process(files, forces, args.device, args.repeats)
+            times, split = in_process(files, forces, args.repeats)
             rows.append({"program": "aenet_dist", "measure": "in-process", "forces": forces, "wall_s": statistics.median(times),
                          "runs_s": times, "split": split})
             print(f"in-process, forces={forces}: {times}", file=sys.stderr)
         if not args.no_rows:
-            times, split = in_process(files, True, args.device, 1, engine="rows")
+            times, split = in_process(files, True, 1, engine="rows")
             rows.append({"program": "aenet_dist (rows engine)", "measure": "in-process", "forces": True, "wall_s": times[0],
                          "runs_s": times, "split": split})
-    check = check_reference(args.device)
-    torch_s = torch_import_seconds()
-    text = report(info, rows, check, torch_s, num_atoms, len(files), prefix)
+    check = check_reference()
+    start = startup()
+    text = report(info, rows, check, start, num_atoms, len(files), prefix)
     print(text)
     if not args.no_save:
         results_md, results_jsonl = (RESULTS_MD, RESULTS_JSONL) if args.save_to is None else \
@@ -237,7 +230,9 @@ def main() -> int:
         records = [{**base, "what": "throughput", **r, "structures_per_s": len(files) / r["wall_s"],
                     "atoms_per_s": num_atoms / r["wall_s"]} for r in rows]
         records.append({**base, "what": "reference_check", **check})
-        records.append({**base, "what": "torch_import", "seconds": torch_s, "report_bytes": report_bytes})
+        records.append({**base, "what": "startup", "python_s": start["python_s"], "import_predict_s": start["predict"]["seconds"],
+                        "predict_imports_torch": start["predict"]["imports_torch"], "import_torch_s": start["import_torch_s"],
+                        "report_bytes": report_bytes})
         append_results(text, records, results_md, results_jsonl)
         print(f"appended to {results_md} and {results_jsonl}", file=sys.stderr)
     return 0
