@@ -346,35 +346,61 @@ def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndar
     the last term from ∂u/∂R = (I − u uᵀ)/r, Euler's u·∇_u u^α = |α| u^α and the j = k self term
     −½ ∂(w²)/∂R. ∇_u u^α has the components α_d u^(α−e_d): monomials the pair already has, so
     every term is a product of the pair's monomials (from :func:`pair_terms`) with per-center
-    moments, and each sum over α is one product with a fixed (Na+1, K) matrix. No (pairs, 3, K) array is built.
+    moments, and all sums over α are one GEMM with the fixed (K, Na+1) matrix Cᵀ.
     """
     basis = setup.basis
     nr, na = basis.radial_order + 1, basis.angular_order + 1
     block = nr + na
-    coeff = terms.coeff  # shape (na, K)
+    coeff_t = np.ascontiguousarray(terms.coeff.T)  # shape (K, na)
     lower, order_d = lowering_tables(basis.angular_order)
     degree = order_d.sum(axis=0).astype(rw.dtype)
     among_ang = want[terms.ang]  # the wanted pairs among the angular ones, in order
     mono = terms.mono[among_ang]  # shape (Pa, K)
     wa, dwa = terms.w[among_ang], terms.dw[among_ang]
     ua, ra, rowa = uw[ang_w], rw[ang_w], roww[ang_w]
+    num_pairs, num_mono = mono.shape
     w_over_r = wa / ra
-    along = mono * (dwa[:, None] - w_over_r[:, None] * degree[None, :])  # (w' − |α| w/r) u^α, shape (Pa, K)
-    lowered = [mono[:, lower[d]] for d in range(3)]  # u^(α−e_d) (any column where α_d = 0: its weight is 0)
-    tangent_coeff = [coeff * order_d[d][None, :].astype(coeff.dtype) for d in range(3)]  # (na, K): C_nα α_d
+    # basis[p, 0] = (w' − |α| w/r) u^α, basis[p, 1 + d] = α_d u^(α−e_d) (0 where α_d = 0): the pair's part of
+    # each term, shared by both channels; shape (Pa, 4, K).
+    pair_part = np.empty((num_pairs, 4, num_mono), dtype=rw.dtype)
+    np.multiply(mono, dwa[:, None] - w_over_r[:, None] * degree[None, :], out=pair_part[:, 0])
+    for d in range(3):
+        np.multiply(np.take(mono, lower[d], axis=1), order_d[d].astype(rw.dtype), out=pair_part[:, 1 + d])
     multi = len(setup.env_species) > 1
     channels = [(0, terms.m_plain, None)] + ([(block, terms.m_spin, spin[ang_w])] if multi else [])
     rows = np.flatnonzero(ang_w)
+    weighted = np.empty_like(pair_part)
     for start, m, sw in channels:
-        m_pair = m[rowa] if sw is None else m[rowa] * sw[:, None]  # M_α(i) of each pair's center, shape (Pa, K)
-        radial = np.einsum("pk,nk->pn", m_pair * along, coeff)  # shape (Pa, na); einsum: see pair_terms
-        radial -= ((wa * dwa) if sw is None else (sw * sw * wa * dwa))[:, None]
+        m_pair = np.take(m, rowa, axis=0)  # M_α(i) of each pair's center, shape (Pa, K)
+        if sw is not None:
+            m_pair *= sw[:, None]
+        np.multiply(m_pair[:, None, :], pair_part, out=weighted)
+        # Σ_α C_nα M_α(i) basis[p, c, α] for the four parts at once: shape (Pa, 4, na).
+        sums = rowwise_matmul(weighted.reshape(-1, num_mono), coeff_t).reshape(num_pairs, 4, na)
+        radial = sums[:, 0] - ((wa * dwa) if sw is None else (sw * sw * wa * dwa))[:, None]
         d_ang = np.empty((rows.size, na, 3), dtype=rw.dtype)
         for d in range(3):
-            tangential = np.einsum("pk,nk->pn", m_pair * lowered[d], tangent_coeff[d])  # Σ_α λ_nα α_d u^(α−e_d), shape (Pa, na)
             np.multiply(radial, ua[:, d : d + 1], out=d_ang[:, :, d])
-            d_ang[:, :, d] += w_over_r[:, None] * tangential
+            d_ang[:, :, d] += w_over_r[:, None] * sums[:, 1 + d]
         d_pair[rows, start + nr : start + block] = d_ang
+
+
+MIN_GEMM_ROWS = 16
+
+
+def rowwise_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b with each row's result independent of how many rows ``a`` has.
+
+    OpenBLAS computes products of 1-3 rows with other kernels than larger ones, so the same
+    row rounds differently when a sub-batch holds only a few pairs; a structure's descriptors
+    must not depend on which other structures share its batch. Below :data:`MIN_GEMM_ROWS` rows
+    the product is padded with zero rows (tests/test_descriptors.py checks the equality).
+    """
+    if a.shape[0] >= MIN_GEMM_ROWS:
+        return a @ b
+    padded = np.zeros((MIN_GEMM_ROWS, a.shape[1]), dtype=a.dtype)
+    padded[: a.shape[0]] = a
+    return (padded @ b)[: a.shape[0]]
 
 
 @lru_cache(maxsize=None)
