@@ -273,13 +273,18 @@ def species_features(
     u = nbr.vec[keep] / r[:, None]
     terms = pair_terms(setup, spin_of_env, pair_row, env, r, u, num_centers)
 
-    want = deriv_atoms[nbr.center[keep]]
+    kept_center, kept_neighbor = nbr.center[keep], nbr.neighbor[keep]
+    want = deriv_atoms[kept_center]
     if not want.any():
         empty = np.zeros(0, dtype=np.int64)
         return SpeciesFeatures(center_atoms, terms.G, empty, empty, np.zeros((0, setup.num_features, 3), dtype=dtype))
-    d_pair = pair_derivatives(setup, terms, want, spin_of_env[env[want]], u, r, pair_row)
-    centers = nbr.center[keep][want]
-    atoms_moved = nbr.neighbor[keep][want]
+    # The wanted pairs in (center, atom) order: the images of one atom are then adjacent, and atom_rows
+    # sums them with one segmented sum.
+    wanted = np.flatnonzero(want)
+    wanted = wanted[np.argsort(kept_center[wanted] * num_atoms + kept_neighbor[wanted], kind="stable")]
+    d_pair = pair_derivatives(setup, terms, wanted, spin_of_env[env[wanted]], u, r, pair_row)
+    centers = kept_center[wanted]
+    atoms_moved = kept_neighbor[wanted]
     wanted_centers = center_atoms[deriv_atoms[center_atoms]]
     return SpeciesFeatures(center_atoms, terms.G, *atom_rows(d_pair, centers, atoms_moved, wanted_centers, num_atoms))
 
@@ -303,7 +308,7 @@ def pair_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndarray,
     Args:
         setup: the center species' Chebyshev setup.
         terms: :func:`pair_terms` of all P pairs.
-        want: (P,) bool, the pairs (of centers with derivative rows) to differentiate.
+        want: (Pw,) int64 indices of the pairs (of centers with derivative rows) to differentiate.
         spin: (Pw,) typespin of the neighbour of each wanted pair.
         u, r, pair_row: (P, 3) unit vectors, (P,) distances (Å) and center rows of all pairs.
 
@@ -338,7 +343,7 @@ def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndar
                          uw: np.ndarray, rw: np.ndarray, roww: np.ndarray, d_pair: np.ndarray) -> None:
     """Write the angular columns of ``d_pair`` (Pw, F, 3) for the wanted pairs inside the angular cutoff (``ang_w``).
 
-    ``want``: (P,) the wanted pairs among all; ``uw``, ``rw``, ``roww``: their unit vectors, distances
+    ``want``: (Pw,) indices of the wanted pairs among all; ``uw``, ``rw``, ``roww``: their unit vectors, distances
     and center rows. With λ_nα(i) = C_nα M_α(i) and φ_α = w u^α (w the angular cutoff function),
 
         ∂A_n(i)/∂R_ij = u [Σ_α λ_nα (w' − |α| w/r) u^α − w w'] + (w/r) Σ_α λ_nα ∇_u u^α,
@@ -354,7 +359,7 @@ def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndar
     coeff_t = np.ascontiguousarray(terms.coeff.T)  # shape (K, na)
     lower, order_d = lowering_tables(basis.angular_order)
     degree = order_d.sum(axis=0).astype(rw.dtype)
-    among_ang = want[terms.ang]  # the wanted pairs among the angular ones, in order
+    among_ang = (np.cumsum(terms.ang) - 1)[want[ang_w]]  # positions of the wanted angular pairs in the angular arrays
     mono = terms.mono[among_ang]  # shape (Pa, K)
     wa, dwa = terms.w[among_ang], terms.dw[among_ang]
     ua, ra, rowa = uw[ang_w], rw[ang_w], roww[ang_w]
@@ -428,34 +433,26 @@ def atom_rows(d_pair: np.ndarray, centers: np.ndarray, atoms_moved: np.ndarray, 
     Returns:
         (row center, row atom, dG (R, F, 3)), rows sorted by (center, atom).
     """
-    num_pairs = centers.size
-    all_keys = np.concatenate([centers * num_atoms + atoms_moved, wanted_centers * num_atoms + wanted_centers])
-    if all_keys.size == 0:
-        return all_keys, all_keys, np.zeros((0,) + d_pair.shape[1:], dtype=d_pair.dtype)
-    # One stable sort: rows are the distinct keys; within a key the pairs keep their order and the center's
-    # own entry (appended last) comes after them.
-    order = np.argsort(all_keys, kind="stable")
-    sorted_keys = all_keys[order]
-    first = np.empty(order.size, dtype=bool)
-    first[0] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
-    keys = sorted_keys[first]
-    row = np.cumsum(first) - 1  # row of each sorted entry
-    is_pair = order < num_pairs
+    pair_keys = centers * num_atoms + atoms_moved
+    self_keys = wanted_centers * num_atoms + wanted_centers
+    if pair_keys.size > 1 and not (pair_keys[1:] >= pair_keys[:-1]).all():  # featurize passes them sorted
+        order = np.argsort(pair_keys, kind="stable")
+        pair_keys, d_pair = pair_keys[order], d_pair[order]
+    # Small cells put several images of one atom within the cutoff (TiO2: 3.7 pairs per row): one
+    # segmented sum over the sorted pairs, in pair order.
+    first = np.flatnonzero(np.r_[True, pair_keys[1:] != pair_keys[:-1]]) if pair_keys.size else np.zeros(0, dtype=np.int64)
+    keys = np.unique(np.concatenate([pair_keys[first], self_keys]))
     dG = np.zeros((keys.size,) + d_pair.shape[1:], dtype=d_pair.dtype)
-    # Most rows have one pair (one image of the atom within the cutoff): copy those; add the other images in
-    # pair order (the same sum as adding all in pair order, without an index over every element).
-    copy = first & is_pair
-    dG[row[copy]] = d_pair[order[copy]]
-    more = ~first & is_pair
-    if more.any():
-        np.add.at(dG, row[more], d_pair[order[more]])
+    if keys.size == 0:
+        return keys, keys, dG
+    if first.size:
+        dG[np.searchsorted(keys, pair_keys[first])] = np.add.reduceat(d_pair, first, axis=0)
     # The center's own row gets −Σ of all its pair terms: rows are sorted by center, and every center
     # with rows is a wanted center (it has its own row), so one segmented sum gives the totals in the
     # order of ``wanted_centers`` (ascending), as are the own rows.
     row_center = keys // num_atoms
     starts = np.flatnonzero(np.r_[True, row_center[1:] != row_center[:-1]])
-    dG[row[~is_pair]] -= np.add.reduceat(dG, starts, axis=0)
+    dG[np.searchsorted(keys, self_keys)] -= np.add.reduceat(dG, starts, axis=0)
     return row_center, keys % num_atoms, dG
 
 
