@@ -77,6 +77,23 @@ def scatter_add(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     return out.astype(values.dtype, copy=False).reshape((size,) + tail)
 
 
+def sum_by_key(key: np.ndarray, values: np.ndarray, size: int, key_sorted: bool) -> np.ndarray:
+    """:func:`scatter_add`, or with ``key_sorted`` (ascending keys) one segmented sum: ``np.add.reduceat``
+    reads the values once, without an index per element (2x faster for (pairs, 84) moments). Either way
+    a key's sum depends only on its own values, in their order."""
+    if not key_sorted or key.size == 0:
+        return scatter_add(key, values, size)
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    out = np.zeros((size,) + values.shape[1:], dtype=values.dtype)
+    out[key[starts]] = np.add.reduceat(values, starts, axis=0)
+    return out
+
+
+def sort_pairs_by_key(row: np.ndarray, env: np.ndarray, num_env: int) -> np.ndarray:
+    """The stable order of pairs by (center row, neighbour's ENV position), the order :func:`pair_terms` sums fastest."""
+    return np.argsort(row * num_env + env, kind="stable")
+
+
 def cutoff_fn(r: np.ndarray, rc: float) -> tuple[np.ndarray, np.ndarray]:
     """aenet's cosine cutoff and its derivative d fc/dr; zero beyond rc."""
     inside = r < rc
@@ -207,6 +224,7 @@ def pair_terms(setup: DescriptorSetup, spin_of_env: np.ndarray, row: np.ndarray,
     num_env = spin_of_env.size
     multi = num_env > 1
     key = row * num_env + env  # (center row, neighbour ENV species): one sum serves both channels
+    key_sorted = key.size < 2 or bool((key[1:] >= key[:-1]).all())  # see sort_pairs_by_key
     nr, na = basis.radial_order + 1, basis.angular_order + 1
     block = nr + na
     G = np.empty((num_centers, setup.num_features), dtype=dtype)
@@ -215,7 +233,7 @@ def pair_terms(setup: DescriptorSetup, spin_of_env: np.ndarray, row: np.ndarray,
     fc, dfc = cutoff_fn(r, basis.radial_cutoff)
     x = 2.0 * r / basis.radial_cutoff - 1.0
     t, _ = chebyshev(x, basis.radial_order, with_grad=False)
-    radial = scatter_add(key, fc[:, None] * t, num_centers * num_env).reshape(num_centers, num_env, nr)
+    radial = sum_by_key(key, fc[:, None] * t, num_centers * num_env, key_sorted).reshape(num_centers, num_env, nr)
     G[:, :nr] = radial.sum(1)
     if multi:
         G[:, block : block + nr] = (radial * spin).sum(1)
@@ -226,8 +244,8 @@ def pair_terms(setup: DescriptorSetup, spin_of_env: np.ndarray, row: np.ndarray,
     coeff = moment_tables(basis.angular_order)[1].astype(dtype, copy=False)  # shape (na, K)
     num_mono = coeff.shape[1]
     key_a = key[ang]
-    moments = scatter_add(key_a, w[:, None] * mono, num_centers * num_env).reshape(num_centers, num_env, num_mono)
-    self_sum = scatter_add(key_a, w * w, num_centers * num_env).reshape(num_centers, num_env)
+    moments = sum_by_key(key_a, w[:, None] * mono, num_centers * num_env, key_sorted).reshape(num_centers, num_env, num_mono)
+    self_sum = sum_by_key(key_a, w * w, num_centers * num_env, key_sorted).reshape(num_centers, num_env)
     m_plain = moments.sum(1)
     # Contractions over the monomials are einsum, not BLAS: OpenBLAS rounds a product of 1-3 rows differently
     # from the same rows inside a larger one, and a structure's bits must not depend on its batch.
@@ -269,11 +287,14 @@ def species_features(
     num_centers = center_atoms.size
     env_of_type, spin_of_env = env_tables(setup, type_names, dtype)
     keep, pair_row, env = center_pairs(setup, env_of_type, species_index, nbr, center_atoms)
-    r = nbr.dist[keep]
-    u = nbr.vec[keep] / r[:, None]
+    kept = np.flatnonzero(keep)
+    order = sort_pairs_by_key(pair_row, env, spin_of_env.size)
+    kept, pair_row, env = kept[order], pair_row[order], env[order]
+    r = nbr.dist[kept]
+    u = nbr.vec[kept] / r[:, None]
     terms = pair_terms(setup, spin_of_env, pair_row, env, r, u, num_centers)
 
-    kept_center, kept_neighbor = nbr.center[keep], nbr.neighbor[keep]
+    kept_center, kept_neighbor = nbr.center[kept], nbr.neighbor[kept]
     want = deriv_atoms[kept_center]
     if not want.any():
         empty = np.zeros(0, dtype=np.int64)

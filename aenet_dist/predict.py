@@ -42,7 +42,8 @@ import numpy as np
 
 from .formats.predict_in import read_predict_input
 from .config import DescriptorSetup
-from .descriptors import PairTables, featurize, pair_gradient, pair_tables, pair_values, scatter_add, sub_batches
+from .descriptors import (PairTables, featurize, pair_gradient, pair_tables, pair_values, scatter_add, sort_pairs_by_key,
+                          sub_batches)
 from .formats.nn import read_nn
 from .log import get_logger, setup_logging
 from .files import atomic_write
@@ -297,6 +298,7 @@ class Predictor:
                 row_of_atom[atoms - a0] = np.arange(atoms.size)
                 env = t.env_of_type[neighbor_species]
                 sel = np.flatnonzero((center_species == k) & (env >= 0) & (dist < t.setup.basis.max_cutoff))
+                sel = sel[sort_pairs_by_key(row_of_atom[center[sel] - a0], env[sel], t.spin_of_env.size)]
                 e, g = _element_pass(t, self.networks[el], row_of_atom[center[sel] - a0], env[sel], dist[sel],
                                      vec[sel], atoms.size, with_grad)
                 energy[atoms] = e
