@@ -154,36 +154,26 @@ def moment_tables(order: int) -> tuple[np.ndarray, np.ndarray]:
     return exps, cheb[:, degree] * multinomial[None, :]
 
 
-def monomials(u: np.ndarray, order: int, with_grad: bool):
-    """u^α for all |α| <= order (P, K) and, if asked, ∂u^α/∂u (P, 3, K): [p, d, α] = ∂u^α/∂u_d.
+def monomials(u: np.ndarray, order: int) -> np.ndarray:
+    """u^α for all |α| <= order, shape (P, K), in :func:`moment_tables` order.
 
     Built degree by degree into one preallocated buffer: degree m = [x · (all of degree
-    m-1), y · (those without x), z · z^(m-1)], the order of :func:`moment_tables`. The
-    derivative has the monomials last so that :func:`_angular_derivatives` feeds its GEMM
-    without a transposing copy.
+    m-1), y · (those without x), z · z^(m-1)]. (Their derivatives need no table of their own:
+    ∂u^α/∂u_d = α_d u^(α−e_d), see :func:`lowering_tables`.)
     """
     num = u.shape[0]
     sizes = [(m + 1) * (m + 2) // 2 for m in range(order + 1)]
     starts = np.r_[0, np.cumsum(sizes)]
     mono = np.empty((num, int(starts[-1])), dtype=u.dtype)
     mono[:, 0] = 1.0
-    dmono = None
-    if with_grad:
-        dmono = np.empty((num, 3, int(starts[-1])), dtype=u.dtype)
-        dmono[:, :, 0] = 0.0
     x, y, z = u[:, 0:1], u[:, 1:2], u[:, 2:3]
     for m in range(1, order + 1):
         p0, p1, c0 = int(starts[m - 1]), int(starts[m]), int(starts[m])
         # Degree m from degree m-1 (columns p0:p1): x·all (m(m+1)/2), y·the last m (no x), z·the last one (z^(m-1)).
         nx = p1 - p0
-        segments = ((x, 0, p0, p1, c0), (y, 1, p1 - m, p1, c0 + nx), (z, 2, p1 - 1, p1, c0 + nx + m))
-        for factor, d, s0, s1, t0 in segments:
+        for factor, s0, s1, t0 in ((x, p0, p1, c0), (y, p1 - m, p1, c0 + nx), (z, p1 - 1, p1, c0 + nx + m)):
             np.multiply(factor, mono[:, s0:s1], out=mono[:, t0 : t0 + s1 - s0])
-            if with_grad:
-                target = dmono[:, :, t0 : t0 + s1 - s0]
-                np.multiply(factor[:, :, None], dmono[:, :, s0:s1], out=target)
-                target[:, d] += mono[:, s0:s1]
-    return mono, dmono
+    return mono
 
 
 @dataclass
@@ -240,7 +230,7 @@ def pair_terms(setup: DescriptorSetup, spin_of_env: np.ndarray, row: np.ndarray,
 
     ang = r < basis.angular_cutoff
     w, dw = cutoff_fn(r[ang], basis.angular_cutoff)
-    mono, _ = monomials(u[ang], basis.angular_order, with_grad=False)
+    mono = monomials(u[ang], basis.angular_order)
     coeff = moment_tables(basis.angular_order)[1].astype(dtype, copy=False)  # shape (na, K)
     num_mono = coeff.shape[1]
     key_a = key[ang]
