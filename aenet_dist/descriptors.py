@@ -401,22 +401,28 @@ def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndar
         d_pair[rows, start + nr : start + block] = d_ang
 
 
-MIN_GEMM_ROWS = 16
+GEMM_ROW_BLOCK = 16
 
 
 def rowwise_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b with each row's result independent of how many rows ``a`` has.
 
-    OpenBLAS computes products of 1-3 rows with other kernels than larger ones, so the same
-    row rounds differently when a sub-batch holds only a few pairs; a structure's descriptors
-    must not depend on which other structures share its batch. Below :data:`MIN_GEMM_ROWS` rows
-    the product is padded with zero rows (tests/test_descriptors.py checks the equality).
+    OpenBLAS computes rows left over from its row blocking (e.g. the last row of an odd count)
+    with other kernels, which round differently; a structure's descriptors must not depend on
+    which other structures share its batch. So the rows are multiplied in whole blocks of
+    :data:`GEMM_ROW_BLOCK` (a multiple of every x86 kernel's row unrolling), and the rest padded
+    with zero rows to one more block (tests/test_descriptors.py checks the equality).
     """
-    if a.shape[0] >= MIN_GEMM_ROWS:
+    whole = a.shape[0] - a.shape[0] % GEMM_ROW_BLOCK
+    if whole == a.shape[0]:
         return a @ b
-    padded = np.zeros((MIN_GEMM_ROWS, a.shape[1]), dtype=a.dtype)
-    padded[: a.shape[0]] = a
-    return (padded @ b)[: a.shape[0]]
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    if whole:
+        np.matmul(a[:whole], b, out=out[:whole])
+    padded = np.zeros((GEMM_ROW_BLOCK, a.shape[1]), dtype=a.dtype)
+    padded[: a.shape[0] - whole] = a[whole:]
+    out[whole:] = (padded @ b)[: a.shape[0] - whole]
+    return out
 
 
 @lru_cache(maxsize=None)

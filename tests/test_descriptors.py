@@ -213,3 +213,17 @@ def test_unknown_species_names_structure():
     structure = Structure(("Ti", "Xx"), np.zeros((2, 3)) + [[0, 0, 0], [1, 0, 0]], np.zeros((3, 3)), False, 0.0, None, "bad.xsf")
     with pytest.raises(ValueError, match=r"bad\.xsf: species 'Xx' not in TYPES"):
         featurize([structure], TIO2_SETUPS, ("O", "Ti"), [False])
+
+
+def test_rowwise_matmul_rows_do_not_depend_on_the_row_count():
+    """A pair's derivative must not depend on how many pairs share its product (OpenBLAS computes left-over
+    rows, e.g. the last of an odd count, with other kernels); every row must round as in a large product."""
+    from aenet_dist.descriptors import rowwise_matmul
+
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(5000, 84)), rng.normal(size=(84, 7))
+    full = rowwise_matmul(a, b)
+    for rows in (1, 2, 3, 5, 15, 16, 17, 40, 999, 1000):
+        assert np.array_equal(rowwise_matmul(a[:rows], b), full[:rows]), rows
+        assert np.array_equal(rowwise_matmul(a[-rows:], b), full[-rows:]), rows
+        assert np.array_equal(rowwise_matmul(a[7 : 7 + rows], b), full[7 : 7 + rows]), rows
