@@ -32,7 +32,9 @@ class AenetCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
-    def __init__(self, potentials, dtype="float64", **kwargs):
+    def __init__(self, potentials, *, dtype="float64", **kwargs):
+        if "device" in kwargs:  # ASE would keep an unknown keyword as a parameter and ignore it
+            raise ValueError("AenetCalculator: there is no device option any more; prediction runs in numpy on the CPU")
         super().__init__(**kwargs)
         if isinstance(potentials, Predictor):
             self.predictor = potentials

@@ -96,10 +96,11 @@ pending at their end. Training (torch.distributed, TensorBoard, checkpoints) end
 def exit_process(code: int) -> NoReturn:
     """End the process with exit status ``code`` without tearing the interpreter down.
 
-    Once torch is imported, Python's shutdown (the final garbage collection and the freeing of
+    With torch imported, Python's shutdown (the final garbage collection and the freeing of
     every module's objects) took 0.6-0.8 CPU-s: about a sixth of a featurize rank on TiO2-1000
-    and of a predict run. At the end of featurize and predict nothing is pending (files are
-    written atomically and closed, worker threads joined), so the streams and logging are flushed
+    and of a predict run (both were torch-based until 2026-12; without torch the teardown is
+    smaller but still pure waste). At the end of featurize and predict nothing is pending (files
+    are written atomically and closed), so the streams and logging are flushed
     and the process exits at once. Under MPI (mpi4py, imported by the store only, has started it)
     the exit is the normal one, only without the final garbage collection (gc.freeze: ~0.3 of
     the 0.6-0.8 s): with MPICH's mpiexec, a rank that left by os._exit right after MPI_Finalize

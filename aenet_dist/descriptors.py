@@ -47,7 +47,7 @@ class SpeciesFeatures:
 
     Attributes:
         atom_index: (A_s,) int64 batch-global indices of this species' atoms, ascending.
-        G: (A_s, F) raw descriptors (aenet's unnormalized G), float64.
+        G: (A_s, F) raw descriptors (aenet's unnormalized G), in :func:`featurize`'s dtype (float64 for stores).
         deriv_center: (P,) int64 batch-global index of center atom i of each row.
         deriv_neighbor: (P,) int64 batch-global index of the atom a that moves G_i.
         dG: (P, F, 3) ∂G_i/∂R_a (positive sign, Å⁻¹ units of G), images summed.
@@ -63,9 +63,9 @@ class SpeciesFeatures:
 def scatter_add(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     """out[k] = Σ_{p: index[p] = k} values[p], shape (size,) + values.shape[1:], in ``values``' dtype.
 
-    One ``np.bincount`` over the flattened values: as fast as torch's ``index_add_`` and, like it,
-    it adds in the order of ``index`` (so sums do not depend on what else shares the batch);
-    ``np.add.at`` is 4x slower.
+    One ``np.bincount`` over the flattened values: 4x faster than ``np.add.at``, and it adds in the
+    order of ``index`` (so sums do not depend on what else shares the batch). bincount adds in
+    float64 whatever the values' dtype; the result has the values' dtype.
     """
     tail = values.shape[1:]
     width = math.prod(tail)
@@ -80,7 +80,8 @@ def scatter_add(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
 def sum_by_key(key: np.ndarray, values: np.ndarray, size: int, key_sorted: bool) -> np.ndarray:
     """:func:`scatter_add`, or with ``key_sorted`` (ascending keys) one segmented sum: ``np.add.reduceat``
     reads the values once, without an index per element (2x faster for (pairs, 84) moments). Either way
-    a key's sum depends only on its own values, in their order."""
+    a key's sum depends only on its own values, in their order (reduceat adds in the values' dtype,
+    bincount in float64: float32 prediction rounds its sums per path, float64 is the same either way)."""
     if not key_sorted or key.size == 0:
         return scatter_add(key, values, size)
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
@@ -151,7 +152,9 @@ def moment_tables(order: int) -> tuple[np.ndarray, np.ndarray]:
         cheb[n] -= cheb[n - 2]
     degree = exps.sum(axis=1)
     multinomial = np.array([math.factorial(m) // (math.factorial(a) * math.factorial(b) * math.factorial(c)) for (a, b, c), m in zip(exps, degree)])
-    return exps, cheb[:, degree] * multinomial[None, :]
+    coeff = cheb[:, degree] * multinomial[None, :]
+    exps.flags.writeable = coeff.flags.writeable = False  # cached and shared by every caller
+    return exps, coeff
 
 
 def monomials(u: np.ndarray, order: int) -> np.ndarray:
@@ -286,9 +289,6 @@ def species_features(
 
     kept_center, kept_neighbor = nbr.center[kept], nbr.neighbor[kept]
     want = deriv_atoms[kept_center]
-    if not want.any():
-        empty = np.zeros(0, dtype=np.int64)
-        return SpeciesFeatures(center_atoms, terms.G, empty, empty, np.zeros((0, setup.num_features, 3), dtype=dtype))
     # The wanted pairs in (center, atom) order: the images of one atom are then adjacent, and atom_rows
     # sums them with one segmented sum.
     wanted = np.flatnonzero(want)
@@ -376,7 +376,7 @@ def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndar
     ua, ra, rowa = uw[ang_w], rw[ang_w], roww[ang_w]
     num_pairs, num_mono = mono.shape
     w_over_r = wa / ra
-    # basis[p, 0] = (w' − |α| w/r) u^α, basis[p, 1 + d] = α_d u^(α−e_d) (0 where α_d = 0): the pair's part of
+    # pair_part[p, 0] = (w' − |α| w/r) u^α, pair_part[p, 1 + d] = α_d u^(α−e_d) (0 where α_d = 0): the pair's part of
     # each term, shared by both channels; shape (Pa, 4, K).
     pair_part = np.empty((num_pairs, 4, num_mono), dtype=rw.dtype)
     np.multiply(mono, dwa[:, None] - w_over_r[:, None] * degree[None, :], out=pair_part[:, 0])
@@ -391,7 +391,7 @@ def _angular_derivatives(setup: DescriptorSetup, terms: PairTerms, want: np.ndar
         if sw is not None:
             m_pair *= sw[:, None]
         np.multiply(m_pair[:, None, :], pair_part, out=weighted)
-        # Σ_α C_nα M_α(i) basis[p, c, α] for the four parts at once: shape (Pa, 4, na).
+        # Σ_α C_nα M_α(i) pair_part[p, c, α] for the four parts at once: shape (Pa, 4, na).
         sums = rowwise_matmul(weighted.reshape(-1, num_mono), coeff_t).reshape(num_pairs, 4, na)
         radial = sums[:, 0] - ((wa * dwa) if sw is None else (sw * sw * wa * dwa))[:, None]
         d_ang = np.empty((rows.size, na, 3), dtype=rw.dtype)
@@ -410,8 +410,9 @@ def rowwise_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     OpenBLAS computes rows left over from its row blocking (e.g. the last row of an odd count)
     with other kernels, which round differently; a structure's descriptors must not depend on
     which other structures share its batch. So the rows are multiplied in whole blocks of
-    :data:`GEMM_ROW_BLOCK` (a multiple of every x86 kernel's row unrolling), and the rest padded
-    with zero rows to one more block (tests/test_descriptors.py checks the equality).
+    :data:`GEMM_ROW_BLOCK` (a multiple of the row unrolling of OpenBLAS's x86 GEMM kernels), and
+    the rest padded with zero rows to one more block. This is a property of the BLAS, not a
+    promise of numpy: tests/test_descriptors.py checks it on the machine that runs the tests.
     """
     whole = a.shape[0] - a.shape[0] % GEMM_ROW_BLOCK
     if whole == a.shape[0]:
@@ -435,7 +436,9 @@ def lowering_tables(order: int) -> tuple[np.ndarray, np.ndarray]:
         for d in range(3):
             if e[d] > 0:
                 lower[d, k] = index[tuple(e[:d] + [e[d] - 1] + e[d + 1 :])]
-    return lower, np.ascontiguousarray(exps.T)
+    order_d = np.ascontiguousarray(exps.T)
+    lower.flags.writeable = order_d.flags.writeable = False  # cached and shared by every caller
+    return lower, order_d
 
 
 def atom_rows(d_pair: np.ndarray, centers: np.ndarray, atoms_moved: np.ndarray, wanted_centers: np.ndarray,
@@ -445,7 +448,7 @@ def atom_rows(d_pair: np.ndarray, centers: np.ndarray, atoms_moved: np.ndarray, 
     Args:
         d_pair: (P, F, 3) derivatives with respect to the pair vectors R_ij = R_j − R_i.
         centers, atoms_moved: (P,) batch-global center i and atom a (of which j is an image) of each pair.
-        wanted_centers: all centers that get rows, ascending (each gets its own (i, i) row, even without pairs).
+        wanted_centers: all centers that get rows (each gets its own (i, i) row, even without pairs).
 
     Returns:
         (row center, row atom, dG (R, F, 3)), rows sorted by (center, atom).
@@ -464,12 +467,12 @@ def atom_rows(d_pair: np.ndarray, centers: np.ndarray, atoms_moved: np.ndarray, 
         return keys, keys, dG
     if first.size:
         dG[np.searchsorted(keys, pair_keys[first])] = np.add.reduceat(d_pair, first, axis=0)
-    # The center's own row gets −Σ of all its pair terms: rows are sorted by center, and every center
-    # with rows is a wanted center (it has its own row), so one segmented sum gives the totals in the
-    # order of ``wanted_centers`` (ascending), as are the own rows.
+    # The center's own row gets −Σ of all its pair terms: rows are sorted by center, so one segmented
+    # sum gives every center's total (every center with rows is a wanted center: it has its own row).
     row_center = keys // num_atoms
     starts = np.flatnonzero(np.r_[True, row_center[1:] != row_center[:-1]])
-    dG[np.searchsorted(keys, self_keys)] -= np.add.reduceat(dG, starts, axis=0)
+    totals = np.add.reduceat(dG, starts, axis=0)  # one per center with rows, ascending
+    dG[np.searchsorted(keys, self_keys)] -= totals[np.searchsorted(row_center[starts], wanted_centers)]
     return row_center, keys % num_atoms, dG
 
 

@@ -202,7 +202,10 @@ class Predictor:
             ValueError naming the file for unreadable or truncated files, two files for one element,
             setups that disagree on the ENV species, or an ENV species without a file.
         """
-        dtype = np.dtype(DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+        try:
+            dtype = np.dtype(DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+        except TypeError:
+            raise ValueError(f"dtype must be float64 or float32, got {dtype!r}") from None
         if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
             raise ValueError(f"dtype must be float64 or float32, got {dtype}")
         paths = potential_paths(potentials)
@@ -298,9 +301,10 @@ class Predictor:
                 row_of_atom[atoms - a0] = np.arange(atoms.size)
                 env = t.env_of_type[neighbor_species]
                 sel = np.flatnonzero((center_species == k) & (env >= 0) & (dist < t.setup.basis.max_cutoff))
-                sel = sel[sort_pairs_by_key(row_of_atom[center[sel] - a0], env[sel], t.spin_of_env.size)]
-                e, g = _element_pass(t, self.networks[el], row_of_atom[center[sel] - a0], env[sel], dist[sel],
-                                     vec[sel], atoms.size, with_grad)
+                row, pair_env = row_of_atom[center[sel] - a0], env[sel]
+                order = sort_pairs_by_key(row, pair_env, t.spin_of_env.size)  # the order pair_terms sums fastest
+                sel, row, pair_env = sel[order], row[order], pair_env[order]
+                e, g = _element_pass(t, self.networks[el], row, pair_env, dist[sel], vec[sel], atoms.size, with_grad)
                 energy[atoms] = e
                 if g is None:
                     continue
@@ -324,12 +328,12 @@ class Predictor:
         for el, f in feats.items():
             if f.atom_index.size == 0:
                 continue
-            e, dE_dG = self.networks[el].energies_and_gradient(f.G.astype(self.dtype))
+            e, dE_dG = self.networks[el].energies_and_gradient(f.G.astype(self.dtype, copy=False))
             energy[f.atom_index] = e
             if with_forces and f.deriv_center.size:
                 row_of_atom = np.full(total, -1, dtype=np.int64)
                 row_of_atom[f.atom_index] = np.arange(f.atom_index.size)
-                contribution = np.einsum("rf,rfd->rd", dE_dG[row_of_atom[f.deriv_center]], f.dG.astype(self.dtype))
+                contribution = np.einsum("rf,rfd->rd", dE_dG[row_of_atom[f.deriv_center]], f.dG.astype(self.dtype, copy=False))
                 forces -= scatter_add(f.deriv_neighbor, contribution.astype(np.float64), total)
         return energy, forces, None
 

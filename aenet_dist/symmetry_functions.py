@@ -117,7 +117,7 @@ def _radial(functions, columns, env_of_function, row, env, r, u, out: _Outputs) 
     One formula serves G1-G3: fc(r) exp(−η (r − Rs)²) cos(κ r), with η = 0 for G1/G3 and
     κ = 0 for G1/G2 (factors of exactly 1, so skipped). Each function touches only the pairs
     whose neighbour has its species and lies inside its cutoff (the others add exact zeros):
-    exp, cos and sin are the bulk of the time (numpy's float64 ones are 3-4x slower than torch's on AVX2).
+    exp, cos and sin are the bulk of the time (numpy's float64 ones are 3-4x slower than vectorized ones).
     """
     dtype = r.dtype
     num_centers = out.G.shape[0]
@@ -194,7 +194,7 @@ def _jk_factors(rjk: np.ndarray, keys: list[tuple[float, float]], ones_row: bool
     """F(r_jk) = exp(−η r²) fc(r; Rc) per distinct (η, Rc) (rows) and triplet (columns) and, if asked, dF/dr;
     with ``ones_row`` a last row of ones (derivative zeros) for G5, which has no r_jk factor.
 
-    exp, cos and sin (the bulk of the time: numpy's float64 ones are 3-4x slower than torch's on AVX2)
+    exp, cos and sin (the bulk of the time: numpy's float64 ones are 3-4x slower than vectorized ones)
     are evaluated only where r_jk < Rc, about half the triplets, and exp not at all for η = 0.
     """
     dtype = rjk.dtype
@@ -472,9 +472,6 @@ def behler_features(
     plain = np.flatnonzero(~want)
     G, _ = pair_features(setup, row[plain], env[plain], r[plain], vec[plain], num_centers, with_grad=False)
     wanted = np.flatnonzero(want)
-    if wanted.size == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return SpeciesFeatures(center_atoms, G, empty, empty, np.zeros((0, setup.num_features, 3), dtype=dtype))
     G_wanted, d_pair = pair_features(setup, row[wanted], env[wanted], r[wanted], vec[wanted], num_centers, with_grad=True)
     G += G_wanted  # each center's pairs are all in one of the two parts
     wanted_centers = center_atoms[deriv_atoms[center_atoms]]

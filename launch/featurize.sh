@@ -38,8 +38,8 @@ CMD=("$PY" -m aenet_dist.featurize "$GENERATE_IN" --out "$STORE" "${EXTRA[@]}")
 if [ -n "${SLURM_JOB_ID:-}" ]; then
     NTASKS="${SLURM_NTASKS:-1}"
     MPI="${AENET_DIST_SRUN_MPI:-pmi2}"
-    # One intra-op thread per rank unless the job gave each task several CPUs.
-    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+    # featurize is numpy, one BLAS thread per rank (aenet_dist sets OPENBLAS_NUM_THREADS=1 unless it is
+    # set): scale with ranks (--ntasks), not with CPUs per task.
     if srun --mpi=list 2>&1 | grep -qw -- "$MPI"; then
         echo "featurize.sh: srun --mpi=$MPI, $NTASKS rank(s) on ${SLURM_JOB_NUM_NODES:-1} node(s) (job $SLURM_JOB_ID)" >&2
         exec srun --mpi="$MPI" --ntasks="$NTASKS" --kill-on-bad-exit=1 "${CMD[@]}"

@@ -104,3 +104,11 @@ def test_nve_md_conserves_energy(potentials):
     assert drift < 1e-3, f"total energy drifted by {1000 * drift:.3f} meV/atom"
     assert abs(totals[-1] - totals[0]) / len(atoms) < 1e-3
     assert np.abs(atoms.positions - start).max() > 0.05  # the atoms moved (Å)
+
+
+def test_removed_device_option_is_refused_not_ignored(potentials):
+    """ASE keeps unknown keywords as parameters; a leftover device= (the torch era) must fail loudly."""
+    with pytest.raises(ValueError, match="no device option"):
+        AenetCalculator(potentials, device="cuda")
+    with pytest.raises(ValueError, match="float64 or float32"):
+        AenetCalculator(potentials, dtype="cpu")

@@ -227,3 +227,18 @@ def test_rowwise_matmul_rows_do_not_depend_on_the_row_count():
         assert np.array_equal(rowwise_matmul(a[:rows], b), full[:rows]), rows
         assert np.array_equal(rowwise_matmul(a[-rows:], b), full[-rows:]), rows
         assert np.array_equal(rowwise_matmul(a[7 : 7 + rows], b), full[7 : 7 + rows]), rows
+
+
+def test_atom_without_neighbours_keeps_its_own_row_in_any_batch():
+    """A center with derivatives but no neighbour within the cutoff has one (zero) row (i, i), alone and
+    beside other structures (it had none when its sub-batch held no pair to differentiate)."""
+    isolated = Structure(name="iso", species=("Ti",), pos=np.zeros((1, 3)), cell=np.eye(3) * 20.0, pbc=False,
+                         energy=0.0, forces=np.zeros((1, 3)))
+    crowd = Structure(name="crowd", species=("Ti", "O", "O"), pos=np.array([[0.0, 0, 0], [1.9, 0, 0], [0, 1.9, 0]]),
+                      cell=np.eye(3) * 20.0, pbc=False, energy=0.0, forces=np.zeros((3, 3)))
+    for batch in ([isolated], [isolated, crowd], [crowd, isolated]):
+        _, feats = featurize(batch, TIO2_SETUPS, ("O", "Ti"), [True] * len(batch))
+        first = 0 if batch[0] is isolated else crowd.num_atoms
+        ti = feats["Ti"]
+        rows = ti.deriv_center == first
+        assert ti.deriv_neighbor[rows].tolist() == [first] and not ti.dG[rows].any(), [s.name for s in batch]
