@@ -107,7 +107,53 @@ def sum_gradients_hook(state, bucket):  # no annotations: DDP checks them, and t
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.parallel.DistributedDataParallel:
+class FusedStepState:
+    """What the one collective of a DDP step carries besides the bucket, and what it brings back.
+
+    Set before each step: ``stop_requested`` (this rank's). Read after ``backward()``: ``totals``
+    (the global error sums (4,)) and ``stop_agreed`` (some rank asked to stop).
+    """
+
+    def __init__(self, step, loss_weights: torch.Tensor, weight_decay: float):
+        self.step = step  # the LeanStep: its G_F and local error sums
+        self.loss_weights = loss_weights  # (2,) (1 − α, α)
+        self.weight_decay = weight_decay  # c of the penalty's gradient c·W (2λ for λ·Σ w²), added once
+        self.stop_requested = False
+        self.totals: torch.Tensor | None = None
+        self.stop_agreed = False
+
+
+def fused_step_hook(state, bucket):  # no annotations: DDP checks them, and this module's are strings
+    """DDP communication hook of the lean step: one all-reduce of [G_E, G_F, error sums, stop flag].
+
+    The bucket holds this rank's G_E; the sum over ranks of both gradients and of the error sums
+    gives the loss coefficients c, and the bucket's result is c_E·ΣG_E + c_F·ΣG_F + c_W·W
+    (:class:`aenet_dist.step.LeanStep` says why).
+    """
+    from .loss import loss_coefficients  # here: the loss module is above this one in the data flow
+
+    params = bucket.parameters()
+    grads_e = bucket.buffer()
+    n = grads_e.numel()
+    sums = state.step.local_sums
+    flag = torch.ones(1, dtype=sums.dtype, device=sums.device) if state.stop_requested else torch.zeros(1, dtype=sums.dtype, device=sums.device)
+    packed = torch.cat([grads_e, *[state.step.force_gradient_of(p).reshape(-1) for p in params], sums, flag])
+    work = tdist.all_reduce(packed, op=tdist.ReduceOp.SUM, async_op=True)
+
+    def combine(fut):
+        total = fut.value()[0]
+        state.totals = total[2 * n : 2 * n + 4]
+        state.stop_agreed = bool(total[-1] > 0)  # every rank sees the same sum, so all stop together
+        c = loss_coefficients(state.totals, state.loss_weights)
+        out = total[:n] * c[0] + total[n : 2 * n] * c[1]
+        if state.weight_decay:
+            out += state.weight_decay * torch.cat([p.detach().reshape(-1) for p in params])
+        return out
+
+    return work.get_future().then(combine)
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo, state: FusedStepState | None = None) -> torch.nn.parallel.DistributedDataParallel:
     """``module`` in DistributedDataParallel with summed gradients.
 
     Every parameter takes part in every step (``static_graph``, no search for unused ones);
@@ -124,5 +170,8 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.parallel.Distr
         static_graph=True,
         **sync,
     )
-    ddp.register_comm_hook(None, sum_gradients_hook)
+    if state is None:
+        ddp.register_comm_hook(None, sum_gradients_hook)
+    else:
+        ddp.register_comm_hook(state, fused_step_hook)
     return ddp

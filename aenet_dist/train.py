@@ -31,7 +31,7 @@ from .batching import Batch
 from .block_loading import WorkerDied
 from .config import TrainConfig, load_train_config, save_resolved_config
 from .formats.train_in import read_train_in
-from .dist import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
+from .dist import DistInfo, FusedStepState, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
 from .files import lock_directory, remove_stale_temporaries, unlock
 from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_plan, local_ranks, make_training_data, usable_cores
 from .log import get_logger, setup_logging
@@ -160,6 +160,7 @@ class Trainer:
         # nothing is copied. Several: DDP wraps the lean step and all-reduces (sums) what it hands over.
         self.grads = None if info.distributed else lean.GradientBuffer(self.model)
         self.ddp = None
+        self.fused = None  # several ranks: what the step's one collective carries and brings back
         alpha = config.loss.force_weight
         self.loss_weights = torch.tensor([1.0 - alpha, alpha], dtype=self.dtype, device=info.device)
         self.train_forces = alpha > 0 and config.data.force_percent > 0
@@ -181,7 +182,9 @@ class Trainer:
         if finetune and not resumed:
             self._load_weights(finetune)
         if info.distributed:
-            self.ddp = wrap_ddp(lean.LeanStep(self.model), info)
+            step_module = lean.LeanStep(self.model)
+            self.fused = FusedStepState(step_module, self.loss_weights, 2 * config.loss.l2)
+            self.ddp = wrap_ddp(step_module, info, self.fused)
             if info.is_main:
                 log.info("gradients: DistributedDataParallel over %d ranks (%s), summed", info.world_size, tdist.get_backend())
 
@@ -309,9 +312,12 @@ class Trainer:
             totals = lean.compute_gradients(self.model, batch, alpha, self.loss_weights, decay, reduce, self.grads)
             grad_probe = self.grads.flat.sum()
         else:
-            self.optimizer.zero_grad(set_to_none=True)  # DDP fills .grad with the summed gradients
-            handle, totals = self.ddp(batch, alpha, self.loss_weights, decay, reduce)
-            handle.backward()
+            self.optimizer.zero_grad(set_to_none=True)  # DDP fills .grad with the combined gradients
+            self.fused.stop_requested = self.stop_requested
+            handle = self.ddp(batch, alpha)
+            self.local_seconds += time.perf_counter() - t0  # this rank's own work before the step's one collective
+            handle.backward()  # the collective: [G_E, G_F, error sums, stop flag] summed, then combined
+            totals, self.stop_agreed = self.fused.totals, self.fused.stop_agreed
             grad_probe = torch.stack(torch._foreach_norm([p.grad for p in self.model.parameters()])).sum()
         if self.config.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
