@@ -154,7 +154,8 @@ def fused_step_hook(state, bucket):  # no annotations: DDP checks them, and this
 
 
 def wrap_ddp(module: torch.nn.Module, info: DistInfo, state: FusedStepState | None = None) -> torch.nn.parallel.DistributedDataParallel:
-    """``module`` in DistributedDataParallel with summed gradients.
+    """``module`` in DistributedDataParallel: with ``state``, the lean step's one collective per step
+    (:func:`fused_step_hook`); without, gradients summed over ranks (:func:`sum_gradients_hook`).
 
     Every parameter takes part in every step (``static_graph``, no search for unused ones);
     buffers (descriptor statistics, energy scaling) are equal on all ranks and never change
