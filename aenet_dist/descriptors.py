@@ -77,6 +77,13 @@ def scatter_add(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     return out.astype(values.dtype, copy=False).reshape((size,) + tail)
 
 
+def segment_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Index of the first entry of each run of equal keys in ``sorted_keys`` (for ``np.add.reduceat``)."""
+    if sorted_keys.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+
+
 def sum_by_key(key: np.ndarray, values: np.ndarray, size: int, key_sorted: bool) -> np.ndarray:
     """:func:`scatter_add`, or with ``key_sorted`` (ascending keys) one segmented sum: ``np.add.reduceat``
     reads the values once, without an index per element (2x faster for (pairs, 84) moments). Either way
@@ -84,7 +91,7 @@ def sum_by_key(key: np.ndarray, values: np.ndarray, size: int, key_sorted: bool)
     bincount in float64: float32 prediction rounds its sums per path, float64 is the same either way)."""
     if not key_sorted or key.size == 0:
         return scatter_add(key, values, size)
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    starts = segment_starts(key)
     out = np.zeros((size,) + values.shape[1:], dtype=values.dtype)
     out[key[starts]] = np.add.reduceat(values, starts, axis=0)
     return out
@@ -460,7 +467,7 @@ def atom_rows(d_pair: np.ndarray, centers: np.ndarray, atoms_moved: np.ndarray, 
         pair_keys, d_pair = pair_keys[order], d_pair[order]
     # Small cells put several images of one atom within the cutoff (TiO2: 3.7 pairs per row): one
     # segmented sum over the sorted pairs, in pair order.
-    first = np.flatnonzero(np.r_[True, pair_keys[1:] != pair_keys[:-1]]) if pair_keys.size else np.zeros(0, dtype=np.int64)
+    first = segment_starts(pair_keys)
     keys = np.unique(np.concatenate([pair_keys[first], self_keys]))
     dG = np.zeros((keys.size,) + d_pair.shape[1:], dtype=d_pair.dtype)
     if keys.size == 0:
@@ -470,7 +477,7 @@ def atom_rows(d_pair: np.ndarray, centers: np.ndarray, atoms_moved: np.ndarray, 
     # The center's own row gets −Σ of all its pair terms: rows are sorted by center, so one segmented
     # sum gives every center's total (every center with rows is a wanted center: it has its own row).
     row_center = keys // num_atoms
-    starts = np.flatnonzero(np.r_[True, row_center[1:] != row_center[:-1]])
+    starts = segment_starts(row_center)
     totals = np.add.reduceat(dG, starts, axis=0)  # one per center with rows, ascending
     dG[np.searchsorted(keys, self_keys)] -= totals[np.searchsorted(row_center[starts], wanted_centers)]
     return row_center, keys % num_atoms, dG
@@ -580,17 +587,14 @@ def pair_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype) -> P
     env_of_type, spin_of_env = env_tables(setup, type_names, dtype)
     if setup.basis_type == "behler2011":
         return PairTables(setup, env_of_type, spin_of_env)
-    exps, coeff = moment_tables(setup.basis.angular_order)
-    index = {tuple(e): k for k, e in enumerate(exps.tolist())}
-    num_mono = len(exps)
+    _, coeff = moment_tables(setup.basis.angular_order)
+    lower, order_d = lowering_tables(setup.basis.angular_order)
+    num_mono = coeff.shape[1]
     lift = np.zeros((num_mono, 4 * num_mono))
     lift[:, :num_mono] = np.eye(num_mono)
-    for k, e in enumerate(exps.tolist()):
-        for d in range(3):
-            if e[d] > 0:
-                lower = list(e)
-                lower[d] -= 1
-                lift[k, (d + 1) * num_mono + index[tuple(lower)]] = e[d]
+    for d in range(3):  # D_d[α, α−e_d] = α_d, for the α with α_d > 0
+        raised = np.flatnonzero(order_d[d])
+        lift[raised, (d + 1) * num_mono + lower[d, raised]] = order_d[d, raised]
     return PairTables(setup, env_of_type, spin_of_env, coeff.astype(dtype), lift.astype(dtype))
 
 
