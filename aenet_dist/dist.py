@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from .loss import loss_coefficients
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -130,13 +132,11 @@ def fused_step_hook(state, bucket):  # no annotations: DDP checks them, and this
     gives the loss coefficients c, and the bucket's result is c_E·ΣG_E + c_F·ΣG_F + c_W·W
     (:class:`aenet_dist.step.LeanStep` says why).
     """
-    from .loss import loss_coefficients  # here: the loss module is above this one in the data flow
-
     params = bucket.parameters()
     grads_e = bucket.buffer()
     n = grads_e.numel()
     sums = state.step.local_sums
-    flag = torch.ones(1, dtype=sums.dtype, device=sums.device) if state.stop_requested else torch.zeros(1, dtype=sums.dtype, device=sums.device)
+    flag = torch.full((1,), float(state.stop_requested), dtype=sums.dtype, device=sums.device)
     packed = torch.cat([grads_e, *[state.step.force_gradient_of(p).reshape(-1) for p in params], sums, flag])
     work = tdist.all_reduce(packed, op=tdist.ReduceOp.SUM, async_op=True)
 

@@ -282,16 +282,6 @@ class Trainer:
         prefetcher = Prefetcher(source, plan, with_forces, depth=STREAM_PREFETCH_DEPTH if self.cache_mode == "stream" else PREFETCH_DEPTH)
         return _closing((b.to(self.info.device, non_blocking=True) for b in prefetcher), prefetcher)
 
-    def _reduce_with_stop_flag(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, carrying this rank's stop request along in the same collective."""
-        if not self.info.distributed:
-            self.stop_agreed = self.stop_requested  # no collective, and no read of a device value
-            return tensor
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], dtype=tensor.dtype, device=tensor.device)
-        packed = all_reduce_sum(torch.cat([tensor, flag]), self.info)
-        self.stop_agreed = bool(packed[-1] > 0)  # every rank sees the same sum, so all stop together
-        return packed[:-1]
-
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on this rank's part of the global batch. Returns the global sums (4,).
 
@@ -301,15 +291,15 @@ class Trainer:
         :meth:`_check_steps` stops the run with its epoch, step and structures.
         """
         alpha = self.config.loss.force_weight if self.train_forces else 0.0  # (the loss weights keep 1 − α on energies)
-        decay = 2 * self.config.loss.l2 / self.info.world_size  # of λ·Σ w², which every rank adds
         t0 = time.perf_counter()
 
-        def reduce(sums: torch.Tensor) -> torch.Tensor:
-            self.local_seconds += time.perf_counter() - t0  # this rank's own work before the first collective
-            return self._reduce_with_stop_flag(sums)
+        if self.ddp is None:  # one rank: the sums are already global; no collective, no read of a device value
+            def reduce(sums: torch.Tensor) -> torch.Tensor:
+                self.local_seconds += time.perf_counter() - t0
+                self.stop_agreed = self.stop_requested
+                return sums
 
-        if self.ddp is None:
-            totals = lean.compute_gradients(self.model, batch, alpha, self.loss_weights, decay, reduce, self.grads)
+            totals = lean.compute_gradients(self.model, batch, alpha, self.loss_weights, 2 * self.config.loss.l2, reduce, self.grads)
             grad_probe = self.grads.flat.sum()
         else:
             self.optimizer.zero_grad(set_to_none=True)  # DDP fills .grad with the combined gradients
