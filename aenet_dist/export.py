@@ -19,7 +19,7 @@ import torch
 from .config import DescriptorSetup
 from .formats.nn import DESCRIPTION_LEN, NENV_MAX, NSFPARAM, PATH_LEN, NNFile, network_layout, write_nn, write_nn_ascii
 from .model import ElementNet, NetworkConfig, model_from_facts
-from .potential import activation_name, setup_from_nn  # setup_from_nn: re-exported (it lives there)
+from .potential import ElementPotential, setup_from_nn  # setup_from_nn: re-exported (it lives there)
 
 __all__ = ["TrainSetInfo", "setup_from_nn", "element_net_from_nn", "nn_from_element_net", "resolve_checkpoint",
            "load_run_model", "train_set_info", "export_run", "add_arguments", "run", "main"]
@@ -59,23 +59,21 @@ class TrainSetInfo:
 
 
 def element_net_from_nn(nn: NNFile, dtype: torch.dtype = torch.float64, source: str = "") -> ElementNet:
-    """Build the :class:`ElementNet` (weights, normalization, energy scaling) of a ``.nn`` file."""
-    where = source or nn.atomtype
-    codes = [int(c) for c in nn.activations]
-    if int(nn.nnodes[-1]) != 1:
-        raise ValueError(f"{where}: output layer has {int(nn.nnodes[-1])} nodes, an atomic-energy network has 1")
-    names = [activation_name(c) for c in codes]
-    config = NetworkConfig(hidden=tuple(int(n) for n in nn.nnodes[1:-1]), activations=tuple(names[:-1]),
-                           output_activation=names[-1])
-    net = ElementNet(int(nn.nnodes[0]), config, nn.atomtype, dtype=dtype)
+    """Build the :class:`ElementNet` (weights, normalization, energy scaling) of a ``.nn`` file.
+
+    The file's network records are checked, and its weights read, by
+    :meth:`ElementPotential.from_nn <aenet_dist.potential.ElementPotential.from_nn>` (one place for
+    those checks and messages); this adds the torch module.
+    """
+    potential = ElementPotential.from_nn(nn, np.float64, source)
+    config = NetworkConfig(hidden=tuple(int(n) for n in nn.nnodes[1:-1]), activations=potential.activations[:-1],
+                           output_activation=potential.activations[-1])
+    net = ElementNet(potential.num_features, config, nn.atomtype, dtype=dtype)
     with torch.no_grad():
-        for layer_idx, layer in enumerate(net.layers):
-            w, b = nn.layer_weights(layer_idx)
-            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
-            layer.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)))
+        for layer, (w, b) in zip(net.layers, potential.weights):
+            layer.weight.copy_(torch.from_numpy(w.copy()))  # (a copy: the potential's arrays are read-only)
+            layer.bias.copy_(torch.from_numpy(b.copy()))
     net.set_feature_stats(nn.sfval_min, nn.sfval_max, nn.sfval_avg, nn.sfval_cov, nn.neval)
-    if nn.atomtype not in nn.type_names:
-        raise ValueError(f"{where}: atomtype {nn.atomtype!r} is not among the training-set types {list(nn.type_names)}")
     net.set_energy_scaling(nn.scale, nn.shift, nn.e_atom_of(nn.atomtype))
     return net
 

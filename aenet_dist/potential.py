@@ -186,8 +186,8 @@ class ElementPotential:
     def from_nn(cls, nn: NNFile, dtype=np.float64, source: str = "") -> "ElementPotential":
         """The network (weights, normalization, energy scaling) of a ``.nn`` file, as ``dtype``.
 
-        Checks and messages are those of :func:`aenet_dist.export.element_net_from_nn`; ``source``
-        (the file's path) names the file in them, else the atomtype.
+        These are also the checks of :func:`aenet_dist.export.element_net_from_nn`, which builds on
+        this; ``source`` (the file's path) names the file in the messages, else the atomtype.
         """
         where = source or nn.atomtype
         dtype = np.dtype(dtype)
