@@ -257,25 +257,27 @@ def _files(root: Path) -> dict[str, bytes]:
         np.zeros((0, 56, 3), dtype=np.float64),
     ],
 )
-def test_direct_array_write_equals_zarr(tmp_path, data):
+@pytest.mark.parametrize("compressor", ["zstd", "lz4", "none"])
+def test_direct_array_write_equals_zarr(tmp_path, data, compressor):
     """Block arrays are written without zarr (store._write_plain_array): the same files, byte for byte."""
     group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "z"), mode="w", zarr_format=3)
-    _write_array(group, "a", data, level=1, chunk_bytes=256)
-    _write_plain_array(tmp_path / "d" / "a", data, level=1, chunk_bytes=256)
+    _write_array(group, "a", data, level=1, chunk_bytes=256, compressor=compressor)
+    _write_plain_array(tmp_path / "d" / "a", data, level=1, chunk_bytes=256, compressor=compressor)
     assert _files(tmp_path / "d" / "a") == _files(tmp_path / "z" / "a")
 
 
-def test_direct_block_write_equals_zarr(tmp_path):
+@pytest.mark.parametrize("compressor", ["zstd", "lz4", "none"])
+def test_direct_block_write_equals_zarr(tmp_path, compressor):
     """A whole block group written directly equals what zarr writes, attributes (NaN, None) included."""
     arrays = {"num_atoms": np.array([2, 3], dtype=np.int32), "species": np.array([0, 1, 1, 0, 1], dtype=np.int8),
               "Cu/G": np.linspace(0, 1, 20).reshape(5, 4), "Cu/dG": np.zeros((0, 4, 3))}
     attrs = {"first_structure": 0, "partial_stats": {"Cu": {"sum": [0.5, float("nan")], "min": None}}}
     (tmp_path / "direct" / "blocks").mkdir(parents=True)
-    write_block(tmp_path / "direct", 0, arrays, attrs, level=1)
+    write_block(tmp_path / "direct", 0, arrays, attrs, level=1, compressor=compressor)
     group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "zarr"), mode="w", zarr_format=3)
     for path, data in arrays.items():
         parent, _, name = path.rpartition("/")
-        _write_array(group.require_group(parent) if parent else group, name, data, level=1)
+        _write_array(group.require_group(parent) if parent else group, name, data, level=1, compressor=compressor)
     group.attrs.update(attrs)
     assert _files(tmp_path / "direct" / "blocks" / "b000000") == _files(tmp_path / "zarr")
 
