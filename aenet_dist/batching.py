@@ -233,6 +233,9 @@ class Batch:
     dense: dict[str, list["DenseBlock"]] = field(default_factory=dict)
     forces: torch.Tensor | None = None  # (A, 3) reference forces
     force_atoms: torch.Tensor | None = None  # (A,) bool: atom belongs to a structure with derivatives
+    # element -> (G rows, atoms) of all its dense blocks one after another (each block's flattened
+    # rows and atoms), so the step gathers and scatters every block of an element at once.
+    dense_index: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def total_atoms(self) -> int:
@@ -256,6 +259,7 @@ class Batch:
             {e: [DenseBlock(move(b.rows), move(b.atoms), move(b.D)) for b in blocks] for e, blocks in self.dense.items()},
             None if self.forces is None else move(self.forces),
             None if self.force_atoms is None else move(self.force_atoms),
+            {e: (move(rows), move(atoms)) for e, (rows, atoms) in self.dense_index.items()},
         )
 
 
@@ -314,7 +318,7 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
     if with_forces:
         batch.forces = torch.index_select(shard.forces, 0, atoms)
         batch.force_atoms = torch.repeat_interleave(shard.has_derivs[index], num_atoms, output_size=atoms.numel())
-    return batch
+    return batch if defer_dense else index_dense(batch)
 
 
 def _dense_blocks(el: ElementShard, index: torch.Tensor, batch_row_start: torch.Tensor, batch_atom_start: torch.Tensor,
@@ -349,7 +353,7 @@ def merge_batches(parts: list[Batch]) -> Batch:
     ordered by size, as the whole shard's size groups are.
     """
     if len(parts) == 1:
-        return _read_dense(parts[0])
+        return index_dense(_read_dense(parts[0]))
     first = parts[0]
     structure_shift = np.cumsum([0] + [int(p.num_atoms.numel()) for p in parts])
     atom_shift = np.cumsum([0] + [p.total_atoms for p in parts])
@@ -388,6 +392,13 @@ def merge_batches(parts: list[Batch]) -> Batch:
     if first.forces is not None:
         batch.forces = cat([p.forces for p in parts])
         batch.force_atoms = cat([p.force_atoms for p in parts])
+    return index_dense(batch)
+
+
+def index_dense(batch: Batch) -> Batch:
+    """``batch`` with its :attr:`Batch.dense_index` filled in (in place)."""
+    batch.dense_index = {element: (torch.cat([b.rows.reshape(-1) for b in blocks]), torch.cat([b.atoms.reshape(-1) for b in blocks]))
+                         for element, blocks in batch.dense.items()}
     return batch
 
 

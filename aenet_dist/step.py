@@ -31,6 +31,7 @@ is the autograd reference this module is tested against.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,7 +50,8 @@ class GroupPass:
     """One network group's forward pass, kept for its backward pass. Shapes: E elements, M rows each (padded)."""
 
     elements: tuple[str, ...]
-    weights: list[Tensor]  # per layer (E, n_out, n_in), stacked from the elements' parameters
+    weights: list[Tensor]  # per layer (E, n_out, n_in), the elements' parameters stacked
+    weights_t: list[Tensor]  # their (E, n_in, n_out) transposes
     atom_structure: Tensor  # (E, M) batch structure of each row; padded rows: the dummy structure B
     inputs: list[Tensor]  # h_0 .. h_{L−1}: the input of each layer, (E, M, n_in)
     slopes: list[Tensor | None]  # σ′(z_l), (E, M, n_out); None: linear (σ′ = 1)
@@ -122,6 +124,75 @@ def _stacked(nets: list[ElementNet], name: str) -> Tensor:
     return torch.stack([getattr(net, name) for net in nets]).view(len(nets), 1, -1)
 
 
+_BUFFERS = ("avg", "inv_std", "scale", "shift")  # what the step reads of each net besides its layers
+
+
+@dataclass
+class GroupTensors:
+    """A network group's parameters and the buffers the step reads, one stacked tensor each (E elements).
+
+    The elements' own parameters and buffers are views into these (:func:`share_group_storage`),
+    so the optimizer's in-place updates and ``load_state_dict``'s copies land here, and a step
+    reads the stacks as they are instead of stacking them anew (some twenty operators a step).
+    """
+
+    weights: list[Tensor]  # per layer (E, n_out, n_in)
+    weights_t: list[Tensor]  # their (E, n_in, n_out) transposed views
+    biases: list[Tensor]  # per layer (E, 1, n_out)
+    buffers: dict[str, Tensor]  # avg, inv_std (E, 1, F); scale, shift (E, 1, 1)
+    views: list[tuple[torch.nn.Module, str, Tensor]]  # (module, tensor's name, the stack's slice it must be a view of)
+
+    def intact(self) -> bool:
+        """Whether every element tensor is still the view it was made (``model.to`` or an assignment breaks that)."""
+        return all(getattr(module, name).data_ptr() == slot.data_ptr() for module, name, slot in self.views)
+
+
+def share_group_storage(model: AtomicModel) -> None:
+    """Re-seat each network group's parameters and buffers as views of stacked tensors (values unchanged).
+
+    Parameter objects, names and ``state_dict`` stay as they are; only their storage moves. Call it
+    after the model is on its device and before the step runs; :func:`forward` checks the views are
+    intact each step and stacks the tensors itself where they are not.
+    """
+    groups = {}
+    with torch.no_grad():
+        for members in network_groups(model):
+            nets = [model.nets[el] for el in members]
+            views: list[tuple[torch.nn.Module, str, Tensor]] = []
+            seat = lambda tensors, shape: torch.stack([t.detach() for t in tensors]).view(len(tensors), *shape)  # noqa: E731 (a copy)
+            weights, biases = [], []
+            for k in range(len(nets[0].layers)):
+                W = seat([net.layers[k].weight for net in nets], tuple(nets[0].layers[k].weight.shape))
+                b = seat([net.layers[k].bias for net in nets], (1, -1))
+                for e, net in enumerate(nets):
+                    net.layers[k].weight.data = W[e]
+                    net.layers[k].bias.data = b[e, 0]
+                    views += [(net.layers[k], "weight", W[e]), (net.layers[k], "bias", b[e, 0])]
+                weights.append(W)
+                biases.append(b)
+            buffers = {}
+            for name in _BUFFERS:
+                shape = tuple(getattr(nets[0], name).shape)
+                stack = seat([getattr(net, name) for net in nets], (1, -1))
+                for e, net in enumerate(nets):
+                    setattr(net, name, stack[e].view(shape))
+                    views.append((net, name, stack[e]))
+                buffers[name] = stack
+            groups[members] = GroupTensors(weights, [W.transpose(1, 2) for W in weights], biases, buffers, views)
+    model.lean_groups = groups
+
+
+def group_tensors(model: AtomicModel, members: tuple[str, ...]) -> GroupTensors:
+    """The group's stacked tensors: the shared ones where intact, else stacked now (one step's copies)."""
+    shared = getattr(model, "lean_groups", {}).get(members)
+    if shared is not None and shared.intact():
+        return shared
+    nets = [model.nets[el] for el in members]
+    weights = [torch.stack([net.layers[k].weight for net in nets]) for k in range(len(nets[0].layers))]
+    biases = [torch.stack([net.layers[k].bias for net in nets]).unsqueeze(1) for k in range(len(nets[0].layers))]
+    return GroupTensors(weights, [W.transpose(1, 2) for W in weights], biases, {name: _stacked(nets, name) for name in _BUFFERS}, [])
+
+
 def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: bool = True) -> StepForward:
     """Energies (and forces) of a batch, keeping what :func:`backward` needs.
 
@@ -149,19 +220,19 @@ def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: b
             if G.shape[1] == 0:
                 continue
             second = for_training and any(el in with_rows for el in members)
-            weights = [torch.stack([net.layers[k].weight for net in nets]) for k in range(len(nets[0].layers))]
-            inv_std, inv_scale = _stacked(nets, "inv_std"), _stacked(nets, "scale").reciprocal()
-            h = (G - _stacked(nets, "avg")) * inv_std
+            stacks = group_tensors(model, members)
+            inv_std, inv_scale = stacks.buffers["inv_std"], stacks.buffers["scale"].reciprocal()
+            h = (G - stacks.buffers["avg"]) * inv_std
             inputs, slopes, curvatures = [], [], []
             for k, act in enumerate(nets[0]._act):
                 inputs.append(h)
-                bias = torch.stack([net.layers[k].bias for net in nets]).unsqueeze(1)  # shape (E, 1, n_out)
-                h, slope, curvature = activate_with_derivatives(torch.baddbmm(bias, h, weights[k].transpose(1, 2)), act, second)
+                z = torch.baddbmm(stacks.biases[k], h, stacks.weights_t[k])
+                h, slope, curvature = activate_with_derivatives(z, act, second)
                 slopes.append(slope)
                 curvatures.append(curvature)
-            atomic = torch.addcmul(_stacked(nets, "shift"), h, inv_scale)  # shape (E, M, 1): E_i − E_atom, eV
+            atomic = torch.addcmul(stacks.buffers["shift"], h, inv_scale)  # shape (E, M, 1): E_i − E_atom, eV
             energy.index_add_(0, atom_structure.view(-1), atomic.view(-1))
-            p = GroupPass(members, weights, atom_structure, inputs, slopes, curvatures, inv_std, inv_scale, None)
+            p = GroupPass(members, stacks.weights, stacks.weights_t, atom_structure, inputs, slopes, curvatures, inv_std, inv_scale, None)
             if any(el in with_rows for el in members):
                 p.dE_dG = _input_gradient(p, G.shape[1])
                 for e, el in enumerate(members):
@@ -181,18 +252,40 @@ def _input_gradient(p: GroupPass, num_rows: int) -> Tensor:
     return (delta * (p.inv_std * p.inv_scale)).expand(-1, num_rows, -1)
 
 
+def _dense_index(batch: Batch, element: str) -> tuple[Tensor, Tensor]:
+    """(rows, atoms) of all of ``element``'s dense blocks, one after another (the batch's, if it has them)."""
+    index = batch.dense_index.get(element)
+    if index is None:
+        blocks = batch.dense[element]
+        index = torch.cat([b.rows.reshape(-1) for b in blocks]), torch.cat([b.atoms.reshape(-1) for b in blocks])
+    return index
+
+
+def _pieces(flat: Tensor, blocks, shape_of) -> list[Tensor]:
+    """``flat`` cut into one piece per block, each viewed as (B_g, *shape_of(D))."""
+    shapes = [(int(b.D.shape[0]), *shape_of(b.D)) for b in blocks]
+    return [piece.view(shape) for piece, shape in zip(flat.split([math.prod(shape) for shape in shapes]), shapes)]
+
+
 def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
-    """Forces F = −C · dE/dG (A, 3) over the batch's sparse rows and dense blocks."""
+    """Forces F = −C · dE/dG (A, 3) over the batch's sparse rows and dense blocks.
+
+    An element's dense blocks (one per size group) share one gather of their dE/dG rows and one
+    scatter of their forces, with one batched product per block in between: the operator count
+    does not grow by six with every distinct structure size in a batch.
+    """
     ref = next(iter(batch.G.values()))
     forces = torch.zeros(batch.total_atoms, 3, dtype=ref.dtype, device=ref.device)
     for element, (center, neighbor, dG) in batch.deriv.items():  # dG (P, 3, F)
         rows = torch.bmm(dG, dE_dG[element].index_select(0, center).unsqueeze(-1))  # shape (P, 3, 1)
         forces.index_add_(0, neighbor, rows.view(-1, 3), alpha=-1.0)
-    for element, blocks in batch.dense.items():
-        g = dE_dG[element]
-        for block in blocks:  # D (B_g, 3n, n_el F)
-            contrib = torch.bmm(block.D, g[block.rows].view(block.D.shape[0], -1, 1))  # shape (B_g, 3n, 1)
-            forces.index_add_(0, block.atoms.view(-1), contrib.view(-1, 3), alpha=-1.0)
+    for element, blocks in batch.dense.items():  # D (B_g, 3n, n_el F) each
+        rows, atoms = _dense_index(batch, element)
+        gathered = dE_dG[element].index_select(0, rows).view(-1)
+        contrib = gathered.new_empty(atoms.numel() * 3)
+        for block, x, y in zip(blocks, _pieces(gathered, blocks, lambda D: (D.shape[2], 1)), _pieces(contrib, blocks, lambda D: (D.shape[1], 1))):
+            torch.bmm(block.D, x, out=y)
+        forces.index_add_(0, atoms, contrib.view(-1, 3), alpha=-1.0)
     return forces
 
 
@@ -208,9 +301,12 @@ def contract_transposed(force_adjoint: Tensor, batch: Batch, out: dict[str, Tens
         out[element].index_add_(0, center, (dG * g).sum(1), alpha=-1.0)
     for element, blocks in batch.dense.items():
         u = out[element]
-        for block in blocks:
-            g = force_adjoint[block.atoms].view(block.D.shape[0], 1, -1)  # shape (B_g, 1, 3n)
-            u.index_add_(0, block.rows.view(-1), torch.bmm(g, block.D).view(-1, u.shape[1]), alpha=-1.0)
+        rows, atoms = _dense_index(batch, element)
+        gathered = force_adjoint.index_select(0, atoms).view(-1)
+        contrib = gathered.new_empty(rows.numel() * u.shape[1])
+        for block, g, y in zip(blocks, _pieces(gathered, blocks, lambda D: (1, D.shape[1])), _pieces(contrib, blocks, lambda D: (1, D.shape[2]))):
+            torch.bmm(g, block.D, out=y)
+        u.index_add_(0, rows, contrib.view(-1, u.shape[1]), alpha=-1.0)
 
 
 def backward(model: AtomicModel, fwd: StepForward, batch: Batch, energy_adjoint: Tensor, force_adjoint: Tensor | None,
@@ -239,8 +335,9 @@ def backward(model: AtomicModel, fwd: StepForward, batch: Batch, energy_adjoint:
             _group_backward(p, atom_adjoint, None if u is None else u * p.inv_std, weight_decay, grads.blocks[g])
         for g, members in enumerate(grads.groups):  # no rows in this batch: only the penalty
             if g not in done:
+                stacks = group_tensors(model, members)
                 for k, (dW, db) in enumerate(grads.blocks[g]):
-                    torch.mul(torch.stack([model.nets[el].layers[k].weight for el in members]), weight_decay, out=dW)
+                    torch.mul(stacks.weights[k], weight_decay, out=dW)
                     db.zero_()
 
 
@@ -252,8 +349,8 @@ def _group_backward(p: GroupPass, out_adjoint: Tensor, v: Tensor | None, weight_
     if v is not None:
         tangents = []
         hdot = v
-        for l, weight in enumerate(p.weights):
-            zdot = torch.bmm(hdot, weight.transpose(1, 2))
+        for l, weight_t in enumerate(p.weights_t):
+            zdot = torch.bmm(hdot, weight_t)
             tangents.append((hdot, zdot))
             slope = p.slopes[l]
             hdot = zdot if slope is None else zdot * slope

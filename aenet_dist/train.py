@@ -153,6 +153,7 @@ class Trainer:
 
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
         self.model = model_from_facts(self.store_facts, config.model.network_for, self.dtype).to(info.device)
+        lean.share_group_storage(self.model)  # the step reads each network group's parameters as one stack
         self.optimizer = make_optimizer(self.model, config)
         self.skip_on_device = skips_on_device(self.optimizer)
         self.scheduler = make_scheduler(self.optimizer, config)

@@ -202,3 +202,41 @@ def test_lean_step_on_cuda_equals_cpu(shards, tmp_path, buckets):
     assert torch.allclose(l_gpu.cpu(), l_cpu, rtol=1e-12, atol=0)
     for name in g_cpu:
         assert torch.allclose(g_gpu[name].cpu(), g_cpu[name], rtol=0, atol=1e-10 * max(1.0, float(g_cpu[name].abs().max()))), name
+
+
+def test_shared_group_storage_changes_nothing_and_follows_updates(shards, tmp_path):
+    """share_group_storage: the step reads stacked views of the parameters. Same bits as stacking
+    them each step; an optimizer's and load_state_dict's in-place writes are seen; a model whose
+    tensors were replaced (``model.to``) falls back to stacking instead of reading stale stacks."""
+    store, reader, dense, _ = shards
+    batch = gather_batch(dense, torch.arange(dense.num_structures))
+    plain = _model(reader, store, tmp_path, [5, 4], ["tanh", "twist"])
+    shared = _model(reader, store, tmp_path, [5, 4], ["tanh", "twist"])
+    state = {k: v.clone() for k, v in shared.state_dict().items()}
+    lean.share_group_storage(shared)
+    assert all(torch.equal(v, state[k]) for k, v in shared.state_dict().items())  # values unchanged
+    assert shared.lean_groups and all(g.intact() for g in shared.lean_groups.values())
+    for a, b in zip(_lean(plain, batch, 0.3, 1e-3), _lean(shared, batch, 0.3, 1e-3)):
+        if isinstance(a, dict):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert torch.equal(a, b)
+    # An optimizer step (in place) on both: the stacks follow, results stay bitwise equal.
+    for model in (plain, shared):
+        _, _, _, grads = _lean(model, batch, 0.3, 1e-3)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for name, p in model.named_parameters():
+            p.grad = grads[name]
+        optimizer.step()
+    assert torch.equal(_lean(plain, batch, 0.3, 0.0)[1], _lean(shared, batch, 0.3, 0.0)[1])
+    shared.load_state_dict(state)  # in place, into the stacks
+    plain.load_state_dict(state)
+    assert torch.equal(_lean(plain, batch, 0.3, 0.0)[0], _lean(shared, batch, 0.3, 0.0)[0])
+    # Tensors replaced behind the stacks' back: the step stacks the current ones.
+    with torch.no_grad():
+        first = next(iter(shared.nets.values())).layers[0]
+        first.weight = torch.nn.Parameter(first.weight * 2)
+    assert not all(g.intact() for g in shared.lean_groups.values())
+    with torch.no_grad():
+        next(iter(plain.nets.values())).layers[0].weight.mul_(2)
+    assert torch.equal(_lean(plain, batch, 0.3, 0.0)[1], _lean(shared, batch, 0.3, 0.0)[1])
