@@ -275,18 +275,24 @@ def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
     does not grow by six with every distinct structure size in a batch.
     """
     ref = next(iter(batch.G.values()))
+    # C · dE/dG is summed, then negated once: index_add_ with alpha=-1 took 4-6x as long as without
+    # on a CPU core (synthetic set: 12 of a 35 ms step). Negation is exact, so the bits are those
+    # of summing the negated terms (an atom without rows gets −0.0).
     forces = torch.zeros(batch.total_atoms, 3, dtype=ref.dtype, device=ref.device)
     for element, (center, neighbor, dG) in batch.deriv.items():  # dG (P, 3, F)
         rows = torch.bmm(dG, dE_dG[element].index_select(0, center).unsqueeze(-1))  # shape (P, 3, 1)
-        forces.index_add_(0, neighbor, rows.view(-1, 3), alpha=-1.0)
+        forces.index_add_(0, neighbor, rows.view(-1, 3))
     for element, blocks in batch.dense.items():  # D (B_g, 3n, n_el F) each
         rows, atoms = _dense_index(batch, element)
         gathered = dE_dG[element].index_select(0, rows).view(-1)
         contrib = gathered.new_empty(atoms.numel() * 3)
-        for block, x, y in zip(blocks, _pieces(gathered, blocks, lambda D: (D.shape[2], 1)), _pieces(contrib, blocks, lambda D: (D.shape[1], 1))):
-            torch.bmm(block.D, x, out=y)
-        forces.index_add_(0, atoms, contrib.view(-1, 3), alpha=-1.0)
-    return forces
+        # (D x)ᵀ = xᵀ Dᵀ: the same products, but as row vector times matrix. On a CPU core torch's
+        # bmm of a batch of matrices with column vectors ran 4x slower (TiO2: 2.9 against 0.73 ms a
+        # step, float32 and float64), ten times the time it takes to read D.
+        for block, x, y in zip(blocks, _pieces(gathered, blocks, lambda D: (1, D.shape[2])), _pieces(contrib, blocks, lambda D: (1, D.shape[1]))):
+            torch.bmm(x, block.D.transpose(1, 2), out=y)
+        forces.index_add_(0, atoms, contrib.view(-1, 3))
+    return forces.neg_()
 
 
 def contract_transposed(force_adjoint: Tensor, batch: Batch, out: dict[str, Tensor]) -> None:
@@ -294,19 +300,22 @@ def contract_transposed(force_adjoint: Tensor, batch: Batch, out: dict[str, Tens
 
     ``out`` holds zeroed (N, F) tensors (views into a group's padded rows are fine).
     """
+    negated = force_adjoint.neg()  # so that index_add_ runs without its slow alpha (see contract)
     for element, (center, neighbor, dG) in batch.deriv.items():
-        g = force_adjoint.index_select(0, neighbor).unsqueeze(-1)  # shape (P, 3, 1)
-        # Σ_x g[p, x] dG[p, x, :] as a product and a sum over x: measured 1.8x faster on a CPU
-        # core than P batched 1x3 @ 3xF products (bmm), with the same two kernels on a GPU.
-        out[element].index_add_(0, center, (dG * g).sum(1), alpha=-1.0)
+        g = negated.index_select(0, neighbor)  # shape (P, 3)
+        # Σ_x g[p, x] dG[p, x, :] as three multiply-adds over (P, F) slices: on a CPU core 4x faster
+        # than P batched 1x3 @ 3xF products (bmm) and 1.3-1.5x faster than one product and a sum
+        # over x (synthetic set, 37,000 rows of 32 features: 2.2, 9.2 and 3.3 ms in float32).
+        rows = torch.addcmul(torch.addcmul(dG[:, 0] * g[:, 0:1], dG[:, 1], g[:, 1:2]), dG[:, 2], g[:, 2:3])
+        out[element].index_add_(0, center, rows)
     for element, blocks in batch.dense.items():
         u = out[element]
         rows, atoms = _dense_index(batch, element)
-        gathered = force_adjoint.index_select(0, atoms).view(-1)
+        gathered = negated.index_select(0, atoms).view(-1)
         contrib = gathered.new_empty(rows.numel() * u.shape[1])
         for block, g, y in zip(blocks, _pieces(gathered, blocks, lambda D: (1, D.shape[1])), _pieces(contrib, blocks, lambda D: (1, D.shape[2]))):
             torch.bmm(g, block.D, out=y)
-        u.index_add_(0, rows, contrib.view(-1, u.shape[1]), alpha=-1.0)
+        u.index_add_(0, rows, contrib.view(-1, u.shape[1]))
 
 
 def backward(model: AtomicModel, fwd: StepForward, batch: Batch, energy_adjoint: Tensor, force_adjoint: Tensor | None,

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as tdist
 
 from . import checkpoint as ckpt
+from .allocator import keep_freed_memory
 from .batching import Batch
 from .block_loading import WorkerDied
 from .config import TrainConfig, load_train_config, save_resolved_config
@@ -632,6 +633,7 @@ def run(args: argparse.Namespace) -> int:
     """
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
+    keep_freed_memory()  # steps reuse their freed temporaries instead of faulting fresh pages in
     config = load_config(args.config, list(args.overrides) + list(args.set_overrides))
     info = init_distributed(config.run.device, timeout_s=config.run.collective_timeout_s)
     if info.device.type == "cpu":
