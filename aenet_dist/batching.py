@@ -236,6 +236,9 @@ class Batch:
     # element -> (G rows, atoms) of all its dense blocks one after another (each block's flattened
     # rows and atoms), so the step gathers and scatters every block of an element at once.
     dense_index: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # element -> (the piece's dG, rows of it) while the sparse dG of ``deriv`` is left unread (None),
+    # like a deferred DenseBlock: merge_batches copies each piece's rows once, into the merged tensor.
+    deriv_source: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def total_atoms(self) -> int:
@@ -285,14 +288,15 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
         shard: the rank's shard.
         index: (B,) int64 shard-local structure indices, on the shard's device.
         with_forces: gather derivative rows and reference forces.
-        defer_dense: leave the dense blocks' D unread for :func:`merge_batches` (see :class:`DenseBlock`).
+        defer_dense: leave the dense blocks' D and the sparse rows' dG unread for :func:`merge_batches`
+            (see :class:`DenseBlock` and :attr:`Batch.deriv_source`).
     """
     device = shard.num_atoms.device
     index = index.to(device)
     num_atoms = shard.num_atoms[index]
     batch_atom_start = torch.cumsum(num_atoms, 0) - num_atoms
     atoms = ranges(shard.atom_offset[index], num_atoms)  # shard atom index of each batch atom
-    G, atom_structure, deriv, dense = {}, {}, {}, {}
+    G, atom_structure, deriv, dense, deferred = {}, {}, {}, {}, {}
     positions = torch.arange(index.numel(), device=device)
     for element, el in shard.elements.items():
         counts = el.row_offset[index + 1] - el.row_offset[index]
@@ -313,8 +317,13 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
         # Shard-local -> batch-local: shift by where each structure starts in the batch.
         center = el.deriv_center[deriv_rows] - el.row_offset[index][owner] + batch_row_start[owner]
         neighbor = el.deriv_neighbor[deriv_rows] - shard.atom_offset[index][owner] + batch_atom_start[owner]
-        deriv[element] = (center, neighbor, torch.index_select(el.dG, 0, deriv_rows))
+        if defer_dense:
+            deriv[element] = (center, neighbor, None)
+            deferred[element] = (el.dG, deriv_rows)
+        else:
+            deriv[element] = (center, neighbor, torch.index_select(el.dG, 0, deriv_rows))
     batch = Batch(shard.store_index[index], num_atoms, shard.energy[index], G, atom_structure, deriv, dense)
+    batch.deriv_source = deferred
     if with_forces:
         batch.forces = torch.index_select(shard.forces, 0, atoms)
         batch.force_atoms = torch.repeat_interleave(shard.has_derivs[index], num_atoms, output_size=atoms.numel())
@@ -368,7 +377,7 @@ def merge_batches(parts: list[Batch]) -> Batch:
             deriv[element] = (
                 cat([center + int(row_shift[k]) for k, (center, _, _) in with_rows]),
                 cat([neighbor + int(atom_shift[k]) for k, (_, neighbor, _) in with_rows]),
-                cat([dG for _, (_, _, dG) in with_rows]),
+                _concatenated_rows([(dG, parts[k].deriv_source.get(element)) for k, (_, _, dG) in with_rows]),
             )
         groups: dict[tuple[int, int], list[DenseBlock]] = {}
         for k, p in enumerate(parts):
@@ -417,8 +426,27 @@ def _concatenated_D(blocks: list[DenseBlock]) -> torch.Tensor:
     return out
 
 
+def _concatenated_rows(pieces: list[tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]]) -> torch.Tensor:
+    """The pieces' sparse dG rows one after another: each piece's (dG, or None and its (source, rows)) copied once."""
+    first = pieces[0][0] if pieces[0][0] is not None else pieces[0][1][0]
+    sizes = [int(dG.shape[0]) if dG is not None else int(source[1].numel()) for dG, source in pieces]
+    out = torch.empty((sum(sizes), *first.shape[1:]), dtype=first.dtype, device=first.device)
+    start = 0
+    for (dG, source), size in zip(pieces, sizes):
+        if dG is None:
+            torch.index_select(source[0], 0, source[1], out=out[start : start + size])
+        else:
+            out[start : start + size].copy_(dG)
+        start += size
+    return out
+
+
 def _read_dense(batch: Batch) -> Batch:
-    """``batch`` with every deferred dense block read (in place)."""
+    """``batch`` with every deferred dense block and sparse dG read (in place)."""
+    for element, (dG_source, rows) in batch.deriv_source.items():
+        center, neighbor, _ = batch.deriv[element]
+        batch.deriv[element] = (center, neighbor, torch.index_select(dG_source, 0, rows))
+    batch.deriv_source = {}
     for blocks in batch.dense.values():
         for k, b in enumerate(blocks):
             if b.D is None:
