@@ -13,7 +13,8 @@ process and the next step reuses it. The process's resident memory then stays ne
 instead of falling between steps; the peak itself does not grow. It is called by the
 ``train`` command only: a library does not change the allocator of its host process. Set
 ``AENET_DIST_MALLOC=system`` to leave glibc's defaults; other C libraries (musl, macOS) are left
-alone.
+alone. :func:`release_freed_memory` hands what is free back to the kernel at the few points where
+a large amount was freed for good (the pieces of a resident shard once they are joined).
 """
 
 from __future__ import annotations
@@ -35,13 +36,26 @@ def keep_freed_memory() -> bool:
     """Raise glibc's trim and mmap thresholds for this process; whether the setting took effect."""
     if os.environ.get("AENET_DIST_MALLOC", "").lower() == "system":
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
+    libc = _glibc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:  # not glibc
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) == 1 and mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1
     if not ok:
         log.debug("mallopt refused the thresholds; the allocator keeps its defaults")
     return ok
+
+
+def _glibc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return the allocator's free memory to the kernel now (glibc's ``malloc_trim``; elsewhere nothing)."""
+    libc = _glibc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim(0)

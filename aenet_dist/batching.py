@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .allocator import release_freed_memory
 from .store import StructureRange
 
 
@@ -213,6 +214,88 @@ def shard_from_range(
         forces=torch.from_numpy(data.forces).to(dtype),
         elements=elements,
     )
+
+
+def merge_shards(pieces: list[ShardData]) -> ShardData:
+    """One shard of consecutive pieces (each a :func:`shard_from_range` of the next structures).
+
+    The result is bitwise the shard :func:`shard_from_range` makes of the whole range at once:
+    rows in order, indices shifted, dense groups of equal size joined and ordered by size. A
+    batch gathered from one shard costs a fraction of one gathered from many pieces and merged
+    (synthetic set, 25 pieces: 0.58 against 0.25 s an epoch), while loading piece by piece keeps
+    the load's transient memory small. Each field's pieces are dropped from ``pieces`` as soon
+    as the field is joined, so the merge holds at most one field twice.
+    """
+    if len(pieces) == 1:
+        return pieces[0]
+    counts = [p.num_structures for p in pieces]
+
+    def take(get) -> list[torch.Tensor]:
+        return [get(p) for p in pieces]
+
+    def offsets(values: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenated (S+1,) offsets: each piece's shifted by the end of the ones before."""
+        parts, shift = [], 0
+        for v in values:
+            parts.append(v[:-1] + shift)
+            shift += int(v[-1])
+        return torch.cat(parts + [torch.tensor([shift], dtype=values[0].dtype)])
+
+    atom_offsets = take(lambda p: p.atom_offset)
+    atom_shift = [int(v[-1]) for v in atom_offsets]
+    elements = {}
+    for element in pieces[0].elements:
+        shards = [p.elements[element] for p in pieces]
+        row_shift = np.cumsum([0] + [int(el.row_offset[-1]) for el in shards])
+        atom_start = np.cumsum([0] + atom_shift)
+        keys = sorted({(g.num_centers, g.num_atoms) for el in shards for g in el.dense})
+        new_group = {key: k for k, key in enumerate(keys)}
+        groups, group_of, slot_of = [], [], []
+        filled = {key: 0 for key in keys}  # members of each merged group so far
+        for el in shards:  # the pieces' group and slot numbers -> the merged ones
+            remap = torch.tensor([new_group[(g.num_centers, g.num_atoms)] for g in el.dense] + [-1], dtype=torch.int64)
+            start = torch.tensor([filled[(g.num_centers, g.num_atoms)] for g in el.dense] + [0], dtype=torch.int64)
+            group_of.append(remap[el.dense_group])  # -1 indexes the appended -1
+            slot_of.append(el.dense_slot + start[el.dense_group])
+            for g in el.dense:
+                filled[(g.num_centers, g.num_atoms)] += int(g.D.shape[0])
+        for key in keys:
+            members = [g for el in shards for g in el.dense if (g.num_centers, g.num_atoms) == key]
+            # Padded (holding each structure's own sizes) if any piece's group is: a piece whose
+            # structures all had the bucket's exact size kept no sizes, and they are the bucket's.
+            padded = any(g.centers is not None for g in members)
+            own = lambda g, k: g.centers if k == 0 else g.atoms  # noqa: E731
+            sizes = [torch.cat([own(g, k) if g.centers is not None else torch.full((g.D.shape[0],), key[k], dtype=torch.int64)
+                                for g in members]) if padded else None for k in (0, 1)]
+            groups.append(DenseGroup(key[0], key[1], torch.cat([g.D for g in members]), sizes[0], sizes[1]))
+            for g in members:
+                g.D = None  # joined: free the piece's copy
+        elements[element] = ElementShard(
+            G=torch.cat([el.G for el in shards]),
+            row_offset=offsets([el.row_offset for el in shards]),
+            deriv_center=torch.cat([el.deriv_center + int(row_shift[k]) for k, el in enumerate(shards)]),
+            deriv_neighbor=torch.cat([el.deriv_neighbor + int(atom_start[k]) for k, el in enumerate(shards)]),
+            dG=torch.cat([el.dG for el in shards]),
+            deriv_offset=offsets([el.deriv_offset for el in shards]),
+            dense_group=torch.cat(group_of),
+            dense_slot=torch.cat(slot_of),
+            dense=groups,
+        )
+        for p in pieces:  # this element is joined: drop the pieces' rows before the next one
+            p.elements[element] = None
+        del shards, el, members
+        release_freed_memory()  # else the freed pieces stay resident beside the joined rows (2x the peak)
+    merged = ShardData(
+        store_index=torch.cat(take(lambda p: p.store_index)),
+        num_atoms=torch.cat(take(lambda p: p.num_atoms)),
+        atom_offset=offsets(atom_offsets),
+        energy=torch.cat(take(lambda p: p.energy)),
+        has_derivs=torch.cat(take(lambda p: p.has_derivs)),
+        forces=torch.cat(take(lambda p: p.forces)),
+        elements=elements,
+    )
+    assert merged.num_structures == sum(counts)
+    return merged
 
 
 @dataclass

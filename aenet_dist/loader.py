@@ -54,7 +54,7 @@ import numpy as np
 import psutil
 import torch
 
-from .batching import Batch, ShardData, gather_batch, merge_batches, numpy_dtype, shard_from_range
+from .batching import Batch, ShardData, gather_batch, merge_batches, merge_shards, numpy_dtype, shard_from_range
 from .block_loading import BlockTask, BlockWorkers, check_finite, load_block
 from .log import get_logger
 from .store import StoreReader, without_derivatives
@@ -374,6 +374,12 @@ class BlockSource:
                 with ThreadPoolExecutor(self.readers) as pool:
                     self.blocks = list(pool.map(self._load, range(len(self.bounds))))
                 self.blocks_read = len(self.bounds)
+            if len(self.blocks) > 1:  # read piece by piece, kept as one: a batch is then one gather, not one per piece and a merge
+                self.blocks = [merge_shards(self.blocks)]
+                self.bounds = [(self.bounds[0][0], self.bounds[-1][1])]
+                self.members = [np.concatenate(self.members)]
+                self.block_start = self.block_start[:1]
+                self.block_bytes = np.array([self.block_bytes.sum()])
 
     def _task(self, k: int) -> BlockTask:
         """What loading block k takes (store indices)."""

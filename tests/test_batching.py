@@ -147,3 +147,38 @@ def test_merge_batches_of_separate_shards_equals_the_store(data, buckets):
         assert all(b.D is not None for blocks in merged.dense.values() for b in blocks)
     alone = merge_batches([gather_batch(shards[1], torch.from_numpy(pieces[1]), defer_dense=True)])
     _check(alone, data, pieces[1] + 7)
+
+
+def _assert_same_shard(a, b):
+    """Every tensor of two ShardData equal bit for bit (dense groups included)."""
+    for name in ("store_index", "num_atoms", "atom_offset", "energy", "has_derivs", "forces"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert list(a.elements) == list(b.elements)
+    for element in a.elements:
+        ea, eb = a.elements[element], b.elements[element]
+        for name in ("G", "row_offset", "deriv_center", "deriv_neighbor", "dG", "deriv_offset", "dense_group", "dense_slot"):
+            x, y = getattr(ea, name), getattr(eb, name)
+            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), (element, name)
+        assert [(g.num_centers, g.num_atoms) for g in ea.dense] == [(g.num_centers, g.num_atoms) for g in eb.dense]
+        for ga, gb in zip(ea.dense, eb.dense):
+            assert torch.equal(ga.D, gb.D)
+            assert (ga.centers is None) == (gb.centers is None)
+            if ga.centers is not None:
+                assert torch.equal(ga.centers, gb.centers) and torch.equal(ga.atoms, gb.atoms)
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+@pytest.mark.parametrize("cuts", [[5], [2, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
+def test_merged_pieces_equal_the_whole_range_bit_for_bit(data, buckets, cuts):
+    """merge_shards of consecutive pieces is the shard shard_from_range makes of the whole range."""
+    from aenet_dist.batching import merge_shards
+    from aenet_dist.store import select_structures
+
+    n = len(data.num_atoms)
+    edges = [0, *cuts, n]
+    pieces = [shard_from_range(select_structures(data, np.arange(a, b)), F64, store_index=torch.arange(a, b), buckets=buckets)
+              for a, b in zip(edges[:-1], edges[1:])]
+    whole = shard_from_range(data, F64, buckets=buckets)
+    assert sum(len(el.dense) for el in whole.elements.values()) > 0  # dense groups to join
+    _assert_same_shard(merge_shards(pieces), whole)

@@ -118,8 +118,9 @@ def assert_batches_equal(a, b):
 
 @pytest.mark.parametrize("buckets", [False, True])
 def test_block_gathers_equal_whole_shard_gathers(store, buckets):
-    """Per-block gathers merged == one gather from the whole shard (what the gpu cache does),
-    bit for bit, also with dense blocks padded to size buckets."""
+    """Per-block gathers merged (stream), and gathers from blocks read one by one and joined into
+    one shard (memory), == one gather from the whole shard (what the gpu cache does), bit for
+    bit, also with dense blocks padded to size buckets."""
     reader = StoreReader(store)
     data = rank_data(reader, 1, 2, None, 20.0, 0)
     whole = shard_from_range(reader.read_range(data.start, data.stop), torch.float64, buckets=buckets)
@@ -136,7 +137,9 @@ def test_block_gathers_equal_whole_shard_gathers(store, buckets):
         "all, joined": BlockSource(reader, data, everything, torch.float64, resident=True, piece_bytes=3e5, **kw),
         "train streamed": BlockSource(reader, data, np.flatnonzero(data.train_local), torch.float64, resident=False, budget_bytes=1.0, **kw),
     }
-    assert 1 < len(sources["all, joined"].bounds) < len(sources["all"].bounds)
+    # Resident sources read block by block (or joined pieces of blocks), then keep one shard.
+    assert 1 < sources["all, joined"].blocks_read < sources["all"].blocks_read
+    assert all(len(sources[name].bounds) == len(sources[name].blocks) == 1 for name in ("all", "all, joined", "test only"))
     for name, source, steps in (("all", sources["all"], plan), ("test only", sources["test only"], eval_chunks(data.test_local, 5)),
                                 ("train streamed", sources["train streamed"], plan), ("all, joined", sources["all, joined"], plan)):
         for local_index, batch in zip(steps, source.iterate(steps, with_forces=True), strict=True):
@@ -250,7 +253,7 @@ def test_worker_processes_give_the_batches_of_in_process_loading(store, block_wo
         processes = BlockSource(reader, data, train, torch.float32, buckets=buckets, derivs_used=used, workers=block_workers, **kw)
         for a, b in zip(threads.iterate(plan, with_forces=True), processes.iterate(plan, with_forces=True), strict=True):
             assert_batches_equal(a, b)
-        assert processes.blocks_read == len(processes.bounds)
+        assert processes.blocks_read == threads.blocks_read > 1  # each block (or piece) read once, either way
 
 
 def test_pack_unpack_round_trip_is_views_of_one_buffer():
