@@ -283,7 +283,7 @@ def merge_shards(pieces: list[ShardData]) -> ShardData:
         )
         for p in pieces:  # this element is joined: drop the pieces' rows before the next one
             p.elements[element] = None
-        del shards, el, members
+        shards = el = members = None  # (no references left to the pieces' rows)
         release_freed_memory()  # else the freed pieces stay resident beside the joined rows (2x the peak)
     merged = ShardData(
         store_index=torch.cat(take(lambda p: p.store_index)),

@@ -168,17 +168,19 @@ def _assert_same_shard(a, b):
                 assert torch.equal(ga.centers, gb.centers) and torch.equal(ga.atoms, gb.atoms)
 
 
-@pytest.mark.parametrize("buckets", [False, True])
+@pytest.mark.parametrize("layout", ["dense", "buckets", "sparse only"])
 @pytest.mark.parametrize("cuts", [[5], [2, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
-def test_merged_pieces_equal_the_whole_range_bit_for_bit(data, buckets, cuts):
-    """merge_shards of consecutive pieces is the shard shard_from_range makes of the whole range."""
+def test_merged_pieces_equal_the_whole_range_bit_for_bit(data, layout, cuts):
+    """merge_shards of consecutive pieces is the shard shard_from_range makes of the whole range
+    (dense groups joined, padded or not; elements without any dense group)."""
     from aenet_dist.batching import merge_shards
     from aenet_dist.store import select_structures
 
     n = len(data.num_atoms)
     edges = [0, *cuts, n]
-    pieces = [shard_from_range(select_structures(data, np.arange(a, b)), F64, store_index=torch.arange(a, b), buckets=buckets)
+    kw = {"buckets": layout == "buckets", "dense_blocks": layout != "sparse only"}
+    pieces = [shard_from_range(select_structures(data, np.arange(a, b)), F64, store_index=torch.arange(a, b), **kw)
               for a, b in zip(edges[:-1], edges[1:])]
-    whole = shard_from_range(data, F64, buckets=buckets)
-    assert sum(len(el.dense) for el in whole.elements.values()) > 0  # dense groups to join
+    whole = shard_from_range(data, F64, **kw)
+    assert (sum(len(el.dense) for el in whole.elements.values()) > 0) == (layout != "sparse only")
     _assert_same_shard(merge_shards(pieces), whole)
