@@ -50,6 +50,25 @@ def test_plan_is_deterministic_and_covers_the_training_set(store):
     assert not all(np.array_equal(a, b) for a, b in zip(plan, other))
 
 
+def test_steps_get_equal_shares_of_structures_with_and_without_derivatives(store):
+    """split_steps: each step's share of a shard holds the same number of structures with derivative
+    rows (±1) and without (±1), in the plan's order, so ranks carry about equal work in every step."""
+    from aenet_dist.loader import split_steps
+
+    reader = StoreReader(store)
+    data = rank_data(reader, 0, 1, None, 10.0, 0)
+    assert data.with_rows is not None and data.with_rows.any() and not data.with_rows.all()
+    for steps in (1, 3, 7):
+        plan = epoch_plan(data, seed=1, epoch=2, steps=steps, window_blocks=2)
+        heavy = [int(data.with_rows[p].sum()) for p in plan]
+        light = [len(p) - h for p, h in zip(plan, heavy)]
+        assert max(heavy) - min(heavy) <= 1 and max(light) - min(light) <= 1, (heavy, light)
+    order = np.arange(10)[::-1]
+    parts = split_steps(order, np.arange(10) % 3 == 0, 2)
+    assert [p.tolist() for p in parts] == [[9, 6, 8, 7, 5], [3, 0, 4, 2, 1]]
+    assert [p.tolist() for p in split_steps(order, None, 2)] == [[9, 8, 7, 6, 5], [4, 3, 2, 1, 0]]
+
+
 def test_choose_cache():
     cpu = torch.device("cpu")
     assert choose_cache("auto", 1e6, cpu)[0] == "memory"
