@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 from .log import get_logger
@@ -46,7 +47,9 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
+    """The C library, once per process (``find_library`` runs ``ldconfig``)."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:

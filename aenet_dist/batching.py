@@ -223,8 +223,8 @@ def merge_shards(pieces: list[ShardData]) -> ShardData:
     rows in order, indices shifted, dense groups of equal size joined and ordered by size. A
     batch gathered from one shard costs a fraction of one gathered from many pieces and merged
     (synthetic set, 25 pieces: 0.58 against 0.25 s an epoch), while loading piece by piece keeps
-    the load's transient memory small. Each field's pieces are dropped from ``pieces`` as soon
-    as the field is joined, so the merge holds at most one field twice.
+    the load's transient memory small. Each element's rows are dropped from ``pieces`` (and handed
+    back to the kernel) as soon as they are joined, so the merge holds at most one element's rows twice.
     """
     if len(pieces) == 1:
         return pieces[0]
@@ -460,7 +460,7 @@ def merge_batches(parts: list[Batch]) -> Batch:
             deriv[element] = (
                 cat([center + int(row_shift[k]) for k, (center, _, _) in with_rows]),
                 cat([neighbor + int(atom_shift[k]) for k, (_, neighbor, _) in with_rows]),
-                _concatenated_rows([(dG, parts[k].deriv_source.get(element)) for k, (_, _, dG) in with_rows]),
+                _concatenated([(dG, parts[k].deriv_source.get(element)) for k, (_, _, dG) in with_rows]),
             )
         groups: dict[tuple[int, int], list[DenseBlock]] = {}
         for k, p in enumerate(parts):
@@ -489,37 +489,32 @@ def merge_batches(parts: list[Batch]) -> Batch:
 
 def index_dense(batch: Batch) -> Batch:
     """``batch`` with its :attr:`Batch.dense_index` filled in (in place)."""
-    batch.dense_index = {element: (torch.cat([b.rows.reshape(-1) for b in blocks]), torch.cat([b.atoms.reshape(-1) for b in blocks]))
-                         for element, blocks in batch.dense.items()}
+    batch.dense_index = {element: dense_rows_and_atoms(blocks) for element, blocks in batch.dense.items()}
     return batch
+
+
+def dense_rows_and_atoms(blocks: list[DenseBlock]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G rows, atoms) of ``blocks`` one after another, each block's flattened (see :attr:`Batch.dense_index`)."""
+    return torch.cat([b.rows.reshape(-1) for b in blocks]), torch.cat([b.atoms.reshape(-1) for b in blocks])
 
 
 def _concatenated_D(blocks: list[DenseBlock]) -> torch.Tensor:
     """The blocks' D one after another, each piece's rows copied once into the result."""
-    first = blocks[0].D if blocks[0].D is not None else blocks[0].source[0]
-    out = torch.empty((sum(int(b.rows.shape[0]) for b in blocks), *first.shape[1:]), dtype=first.dtype, device=first.device)
-    start = 0
-    for b in blocks:
-        stop = start + int(b.rows.shape[0])
-        if b.D is None:
-            torch.index_select(b.source[0], 0, b.source[1], out=out[start:stop])
-        else:
-            out[start:stop].copy_(b.D)
-        start = stop
-    return out
+    return _concatenated([(b.D, b.source) for b in blocks])
 
 
-def _concatenated_rows(pieces: list[tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]]) -> torch.Tensor:
-    """The pieces' sparse dG rows one after another: each piece's (dG, or None and its (source, rows)) copied once."""
+def _concatenated(pieces: list[tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]]) -> torch.Tensor:
+    """Pieces one after another along the first axis, each copied once into the result: a piece is
+    a tensor, or None and the (source, rows) it is still to be read from (deferred)."""
     first = pieces[0][0] if pieces[0][0] is not None else pieces[0][1][0]
-    sizes = [int(dG.shape[0]) if dG is not None else int(source[1].numel()) for dG, source in pieces]
+    sizes = [int(t.shape[0]) if t is not None else int(source[1].numel()) for t, source in pieces]
     out = torch.empty((sum(sizes), *first.shape[1:]), dtype=first.dtype, device=first.device)
     start = 0
-    for (dG, source), size in zip(pieces, sizes):
-        if dG is None:
+    for (t, source), size in zip(pieces, sizes):
+        if t is None:
             torch.index_select(source[0], 0, source[1], out=out[start : start + size])
         else:
-            out[start : start + size].copy_(dG)
+            out[start : start + size].copy_(t)
         start += size
     return out
 

@@ -40,7 +40,7 @@ import torch.nn.functional as tnf
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from .batching import Batch
+from .batching import Batch, dense_rows_and_atoms
 from .loss import adjoints, error_sums, loss_coefficients
 from .model import AtomicModel, ElementNet, activate_with_derivatives
 
@@ -157,28 +157,18 @@ def share_group_storage(model: AtomicModel) -> None:
     groups = {}
     with torch.no_grad():
         for members in network_groups(model):
-            nets = [model.nets[el] for el in members]
-            views: list[tuple[torch.nn.Module, str, Tensor]] = []
-            seat = lambda tensors, shape: torch.stack([t.detach() for t in tensors]).view(len(tensors), *shape)  # noqa: E731 (a copy)
-            weights, biases = [], []
-            for k in range(len(nets[0].layers)):
-                W = seat([net.layers[k].weight for net in nets], tuple(nets[0].layers[k].weight.shape))
-                b = seat([net.layers[k].bias for net in nets], (1, -1))
-                for e, net in enumerate(nets):
-                    net.layers[k].weight.data = W[e]
-                    net.layers[k].bias.data = b[e, 0]
-                    views += [(net.layers[k], "weight", W[e]), (net.layers[k], "bias", b[e, 0])]
-                weights.append(W)
-                biases.append(b)
-            buffers = {}
-            for name in _BUFFERS:
-                shape = tuple(getattr(nets[0], name).shape)
-                stack = seat([getattr(net, name) for net in nets], (1, -1))
-                for e, net in enumerate(nets):
-                    setattr(net, name, stack[e].view(shape))
-                    views.append((net, name, stack[e]))
-                buffers[name] = stack
-            groups[members] = GroupTensors(weights, [W.transpose(1, 2) for W in weights], biases, buffers, views)
+            stacks = group_tensors(model, members)  # stacked copies (the first time; the shared stacks again after)
+            stacks.views = []
+            for e, element in enumerate(members):
+                net = model.nets[element]
+                for k, layer in enumerate(net.layers):
+                    layer.weight.data = stacks.weights[k][e]
+                    layer.bias.data = stacks.biases[k][e, 0]
+                    stacks.views += [(layer, "weight", stacks.weights[k][e]), (layer, "bias", stacks.biases[k][e, 0])]
+                for name in _BUFFERS:
+                    setattr(net, name, stacks.buffers[name][e].view(getattr(net, name).shape))
+                    stacks.views.append((net, name, stacks.buffers[name][e]))
+            groups[members] = stacks
     model.lean_groups = groups
 
 
@@ -255,10 +245,7 @@ def _input_gradient(p: GroupPass, num_rows: int) -> Tensor:
 def _dense_index(batch: Batch, element: str) -> tuple[Tensor, Tensor]:
     """(rows, atoms) of all of ``element``'s dense blocks, one after another (the batch's, if it has them)."""
     index = batch.dense_index.get(element)
-    if index is None:
-        blocks = batch.dense[element]
-        index = torch.cat([b.rows.reshape(-1) for b in blocks]), torch.cat([b.atoms.reshape(-1) for b in blocks])
-    return index
+    return index if index is not None else dense_rows_and_atoms(batch.dense[element])
 
 
 def _pieces(flat: Tensor, blocks, shape_of) -> list[Tensor]:
