@@ -88,9 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(module.run, parse(chosen, argv[1:]))
 
 
-FAST_EXIT_COMMANDS = ("featurize", "predict")
+FAST_EXIT_COMMANDS = ("featurize", "predict", "train")
 """Commands whose process ends without Python's teardown (:func:`exit_process`): they leave nothing
-pending at their end. Training (torch.distributed, TensorBoard, checkpoints) ends the normal way."""
+pending at their end. Training closes its metrics files, TensorBoard writer and data workers
+and destroys its process group before it returns; the teardown after that only risked an abort
+(a gloo thread releasing a Python object while the interpreter shut down, see
+:func:`aenet_dist.dist.cleanup`)."""
 
 
 def exit_process(code: int) -> NoReturn:

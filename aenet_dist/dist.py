@@ -8,6 +8,7 @@ a timeout so a dead rank makes the others fail with a message instead of hanging
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -95,8 +96,18 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Destroy the process group while the interpreter is fully alive.
+
+    The DDP wrapper (and the futures of its communication hook, which hold Python callables)
+    keep the gloo group alive after ``destroy_process_group`` until they are collected. Left to
+    the interpreter's teardown, a gloo thread that then releases a Python object aborted the
+    rank ("terminate called without an active exception", SIGABRT; once in a CI run of a
+    2-rank job that had trained to the end). Collecting first frees them here.
+    """
     if info.distributed and tdist.is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
+        gc.collect()
 
 
 def sum_gradients_hook(state, bucket):  # no annotations: DDP checks them, and this module's are strings

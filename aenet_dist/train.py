@@ -686,6 +686,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        trainer = None  # the DDP wrapper holds the process group: let it go before the group is destroyed
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
         unlock(lock)
@@ -701,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the imported module's main, not this __main__ copy: one Trainer class per process.
+    from aenet_dist.cli import exit_process
     from aenet_dist.train import main as _main
 
-    sys.exit(_main())
+    exit_process(_main())
