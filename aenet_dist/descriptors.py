@@ -102,12 +102,21 @@ def sort_pairs_by_key(row: np.ndarray, env: np.ndarray, num_env: int) -> np.ndar
     return np.argsort(row * num_env + env, kind="stable")
 
 
-def cutoff_fn(r: np.ndarray, rc: float) -> tuple[np.ndarray, np.ndarray]:
-    """aenet's cosine cutoff and its derivative d fc/dr; zero beyond rc."""
-    inside = r < rc
+def cutoff_fn(r: np.ndarray, rc: float, with_grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """aenet's cosine cutoff and (with ``with_grad``) its derivative d fc/dr; zero beyond rc."""
+    outside = r >= rc
     arg = math.pi * r / rc
-    fc = np.where(inside, 0.5 * (np.cos(arg) + 1.0), 0.0).astype(r.dtype, copy=False)
-    dfc = np.where(inside, -0.5 * (math.pi / rc) * np.sin(arg), 0.0).astype(r.dtype, copy=False)
+    fc = np.cos(arg)
+    fc += 1.0
+    fc *= 0.5
+    dfc = None
+    if with_grad:
+        dfc = np.sin(arg)
+        dfc *= -0.5 * (math.pi / rc)
+    if outside.any():  # (prediction's pairs are all inside: no masking pass then)
+        fc[outside] = 0.0
+        if dfc is not None:
+            dfc[outside] = 0.0
     return fc, dfc
 
 
@@ -168,22 +177,25 @@ def monomials(u: np.ndarray, order: int) -> np.ndarray:
     """u^α for all |α| <= order, shape (P, K), in :func:`moment_tables` order.
 
     Built degree by degree into one preallocated buffer: degree m = [x · (all of degree
-    m-1), y · (those without x), z · z^(m-1)]. (Their derivatives need no table of their own:
+    m-1), y · (those without x), z · z^(m-1)]. The buffer is (K, P) and the result its
+    transposed view (column-major): each product then writes one contiguous row of P values,
+    6-8x faster than strided (P, K) columns (a transposed copy would cost more than it saves).
+    The values are the same products either way. (Their derivatives need no table of their own:
     ∂u^α/∂u_d = α_d u^(α−e_d), see :func:`lowering_tables`.)
     """
     num = u.shape[0]
     sizes = [(m + 1) * (m + 2) // 2 for m in range(order + 1)]
     starts = np.r_[0, np.cumsum(sizes)]
-    mono = np.empty((num, int(starts[-1])), dtype=u.dtype)
-    mono[:, 0] = 1.0
-    x, y, z = u[:, 0:1], u[:, 1:2], u[:, 2:3]
+    mono = np.empty((int(starts[-1]), num), dtype=u.dtype)
+    mono[0] = 1.0
+    x, y, z = (np.ascontiguousarray(u[:, d]) for d in range(3))
     for m in range(1, order + 1):
         p0, p1, c0 = int(starts[m - 1]), int(starts[m]), int(starts[m])
-        # Degree m from degree m-1 (columns p0:p1): x·all (m(m+1)/2), y·the last m (no x), z·the last one (z^(m-1)).
+        # Degree m from degree m-1 (rows p0:p1): x·all (m(m+1)/2), y·the last m (no x), z·the last one (z^(m-1)).
         nx = p1 - p0
         for factor, s0, s1, t0 in ((x, p0, p1, c0), (y, p1 - m, p1, c0 + nx), (z, p1 - 1, p1, c0 + nx + m)):
-            np.multiply(factor, mono[:, s0:s1], out=mono[:, t0 : t0 + s1 - s0])
-    return mono
+            np.multiply(factor, mono[s0:s1], out=mono[t0 : t0 + s1 - s0])
+    return mono.T
 
 
 @dataclass
@@ -194,13 +206,13 @@ class PairTerms:
     """
 
     G: np.ndarray  # (C, F) raw descriptors
-    fc: np.ndarray  # (P,) radial cutoff function and its derivative
-    dfc: np.ndarray
+    fc: np.ndarray  # (P,) radial cutoff function and its derivative (None without with_grad)
+    dfc: np.ndarray | None
     x: np.ndarray  # (P,) 2r/Rr − 1, the Chebyshev argument
     T: np.ndarray  # (P, Nr+1)
     ang: np.ndarray  # (P,) bool: inside the angular cutoff
-    w: np.ndarray  # (Pa,) angular cutoff function and its derivative
-    dw: np.ndarray
+    w: np.ndarray  # (Pa,) angular cutoff function and its derivative (None without with_grad)
+    dw: np.ndarray | None
     mono: np.ndarray  # (Pa, K) u^α
     coeff: np.ndarray  # (Na+1, K) C_nα
     m_plain: np.ndarray  # (C, K) moments Σ_j w_j u_j^α
@@ -217,8 +229,9 @@ def env_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype) -> tu
 
 
 def pair_terms(setup: DescriptorSetup, spin_of_env: np.ndarray, row: np.ndarray, env: np.ndarray, r: np.ndarray, u: np.ndarray,
-               num_centers: int) -> PairTerms:
-    """aenet's G for ``num_centers`` centers from their pairs (center row, ENV position, r, unit vector u)."""
+               num_centers: int, with_grad: bool = True) -> PairTerms:
+    """aenet's G for ``num_centers`` centers from their pairs (center row, ENV position, r, unit vector u);
+    without ``with_grad`` the cutoff derivatives (``dfc``, ``dw``) are left out (None)."""
     basis = setup.basis
     dtype = r.dtype
     num_env = spin_of_env.size
@@ -230,7 +243,7 @@ def pair_terms(setup: DescriptorSetup, spin_of_env: np.ndarray, row: np.ndarray,
     G = np.empty((num_centers, setup.num_features), dtype=dtype)
     spin = spin_of_env[None, :, None]
 
-    fc, dfc = cutoff_fn(r, basis.radial_cutoff)
+    fc, dfc = cutoff_fn(r, basis.radial_cutoff, with_grad)
     x = 2.0 * r / basis.radial_cutoff - 1.0
     t, _ = chebyshev(x, basis.radial_order, with_grad=False)
     radial = sum_by_key(key, fc[:, None] * t, num_centers * num_env, key_sorted).reshape(num_centers, num_env, nr)
@@ -239,7 +252,7 @@ def pair_terms(setup: DescriptorSetup, spin_of_env: np.ndarray, row: np.ndarray,
         G[:, block : block + nr] = (radial * spin).sum(1)
 
     ang = r < basis.angular_cutoff
-    w, dw = cutoff_fn(r[ang], basis.angular_cutoff)
+    w, dw = cutoff_fn(r[ang], basis.angular_cutoff, with_grad)
     mono = monomials(u[ang], basis.angular_order)
     coeff = moment_tables(basis.angular_order)[1].astype(dtype, copy=False)  # shape (na, K)
     num_mono = coeff.shape[1]
@@ -598,18 +611,19 @@ def pair_tables(setup: DescriptorSetup, type_names: tuple[str, ...], dtype) -> P
     return PairTables(setup, env_of_type, spin_of_env, coeff.astype(dtype), lift.astype(dtype))
 
 
-def pair_values(t: PairTables, row, env, r, vec, num_centers: int):
+def pair_values(t: PairTables, row, env, r, vec, num_centers: int, with_grad: bool = True):
     """(G (C, F), what :func:`pair_gradient` reuses) of ``num_centers`` centers from their pairs.
 
     Args:
         row: (P,) center row of each pair; env: (P,) ENV position of the neighbour;
         r: (P,) distances, vec: (P, 3) pair vectors R_ij (all pairs within the setup's cutoff).
+        with_grad: keep what :func:`pair_gradient` needs (False: energies only).
     """
     if t.setup.basis_type == "behler2011":
         from .symmetry_functions import pair_features  # imported here: it builds on this module's pieces
 
         return pair_features(t.setup, row, env, r, vec, num_centers, with_grad=False)[0], None
-    terms = pair_terms(t.setup, t.spin_of_env, row, env, r, vec / r[:, None], num_centers)
+    terms = pair_terms(t.setup, t.spin_of_env, row, env, r, vec / r[:, None], num_centers, with_grad)
     return terms.G, terms
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +55,7 @@ import torch
 
 from .batching import Batch, ShardData, gather_batch, merge_batches, merge_shards, numpy_dtype, shard_from_range
 from .block_loading import BlockTask, BlockWorkers, check_finite, load_block
+from .cores import local_ranks, usable_cores
 from .log import get_logger
 from .store import StoreReader, without_derivatives
 
@@ -272,16 +272,6 @@ def eval_chunks(indices: np.ndarray, batch_size: int, sizes: np.ndarray | None =
 
 
 # ---------------------------------------------------------------------------- caches
-
-
-def local_ranks() -> int:
-    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def choose_cache(requested: str, shard_bytes: float, device: torch.device, budget_bytes: float | None = None,

@@ -35,6 +35,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ import numpy as np
 
 from .formats.predict_in import read_predict_input
 from .config import DescriptorSetup
+from .cores import usable_cores
 from .descriptors import (PairTables, featurize, pair_gradient, pair_tables, pair_values, scatter_add, sort_pairs_by_key,
                           sub_batches)
 from .formats.nn import read_nn
@@ -126,7 +128,7 @@ def _element_pass(t: PairTables, net: ElementPotential, row, env, r, vec, num_ce
     Returns:
         (energies (C,), pair gradient (P, 3) or None).
     """
-    G, state = pair_values(t, row, env, r, vec, num_centers)
+    G, state = pair_values(t, row, env, r, vec, num_centers, with_grad)
     if not with_grad:
         return net.energies(G), None
     energy, dE_dG = net.energies_and_gradient(G)
@@ -232,7 +234,8 @@ class Predictor:
     # ------------------------------------------------------------------ evaluation
 
     def predict(self, structures: Sequence[Structure], forces: bool = True, stress: bool = False,
-                batch_structures: int = 256, pair_budget: int | None = None, engine: str = "pairs") -> list[Prediction]:
+                batch_structures: int = 256, pair_budget: int | None = None, engine: str = "pairs",
+                threads: int = 1) -> list[Prediction]:
         """Energies (and forces, stress) of ``structures``.
 
         Args:
@@ -241,6 +244,11 @@ class Predictor:
             stress: compute the stress (periodic structures only; None for isolated ones).
             pair_budget: pairs per vectorized sub-batch (default :data:`PAIR_BUDGET`).
             engine: ``pairs`` (default) or ``rows`` (featurize + sparse dG rows; no stress).
+            threads: batches evaluated at once. numpy and vesin release the interpreter lock in
+                their loops, so a second thread gains 1.25x (energies) to 1.5x (forces) on TiO2;
+                with more than one, batches are cut smaller (at least four per thread) so that
+                the threads finish together. Results do not depend on it: a structure's numbers
+                do not depend on what shares its batch.
         Returns:
             One :class:`Prediction` per structure, in order.
         """
@@ -250,18 +258,26 @@ class Predictor:
             raise ValueError("engine='rows' does not compute stress; use engine='pairs'")
         if batch_structures < 1:
             raise ValueError(f"batch_structures must be >= 1, got {batch_structures}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         structures = list(structures)
         self.check_structures(structures)
         budget = pair_budget or PAIR_BUDGET
-        out: list[Prediction] = []
-        for b0 in range(0, len(structures), batch_structures):
-            chunk = structures[b0 : b0 + batch_structures]
+        if threads > 1:
+            batch_structures = max(1, min(batch_structures, math.ceil(len(structures) / (4 * threads))))
+        chunks = [structures[b0 : b0 + batch_structures] for b0 in range(0, len(structures), batch_structures)]
+
+        def evaluate(chunk: list[Structure]) -> list[Prediction]:
             if engine == "pairs":
                 energy, frc, virial = self._evaluate_pairs(chunk, forces, stress, budget)
             else:
                 energy, frc, virial = self._evaluate_rows(chunk, forces, budget)
-            out.extend(self._results(chunk, energy, frc, virial))
-        return out
+            return self._results(chunk, energy, frc, virial)
+
+        if threads == 1 or len(chunks) < 2:
+            return [p for chunk in chunks for p in evaluate(chunk)]
+        with ThreadPoolExecutor(min(threads, len(chunks)), thread_name_prefix="predict") as pool:
+            return [p for batch in pool.map(evaluate, chunks) for p in batch]
 
     def _species_index(self, structures: Sequence[Structure]) -> np.ndarray:
         """(A,) int64 index into ``self.species`` of every atom (species already checked)."""
@@ -509,6 +525,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no text report (with --json)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
     parser.add_argument("--batch-structures", type=int, default=256, help="structures per batch (default 256)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="batches evaluated at once (default: the cores this process may use); 1 = one thread")
 
 
 def _check_writable(option: str, target: str | None) -> None:
@@ -557,7 +575,11 @@ def run(args: argparse.Namespace) -> int:
             paths, names = list(inp.files), list(inp.file_names)
     predictor = Predictor.from_potentials(potentials, dtype=args.dtype)
     structures = [s for p, n in zip(paths, names) for s in read_for_prediction(p, n)]
-    results = predictor.predict(structures, forces=forces, stress=args.stress, batch_structures=args.batch_structures)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    threads = args.threads or usable_cores()
+    results = predictor.predict(structures, forces=forces, stress=args.stress, batch_structures=args.batch_structures,
+                                threads=threads)
     if not args.quiet:
         text = format_aenet(results, forces, atomic_energies)
         if args.out:

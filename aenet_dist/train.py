@@ -34,7 +34,8 @@ from .config import TrainConfig, load_train_config, save_resolved_config
 from .formats.train_in import read_train_in
 from .dist import DistInfo, FusedStepState, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
 from .files import lock_directory, remove_stale_temporaries, unlock
-from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_plan, local_ranks, make_training_data, usable_cores
+from .cores import local_ranks, usable_cores
+from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_plan, make_training_data
 from .log import get_logger, setup_logging
 from .report import RunReport
 from . import step as lean

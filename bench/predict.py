@@ -10,8 +10,10 @@ forces, from the XSF files to the results:
 
 * end to end: the command line as a subprocess (``aenet-dist predict predict.in --out report.txt``,
   or ``python -m aenet_dist.predict`` where the dispatcher has no ``predict`` yet), interpreter
-  start-up included, text report written like predict.x's;
-* in-process: Predictor.from_potentials + reading the XSF files + predict, after one warm-up run;
+  start-up included, text report written like predict.x's; with ``--threads 1`` and with the
+  default (one thread per usable core), wall and CPU-seconds each, so that the per-core
+  comparison with the serial predict.x stays visible;
+* in-process: Predictor.from_potentials + reading the XSF files + predict (one thread), after one warm-up run;
 * the ``rows`` engine (featurize's sparse dG/dR rows contracted with dE/dG) with forces, once;
 * the agreement with predict.x on the 20 refdata structures;
 * start-up: ``python -c pass``, ``python -c "import aenet_dist.cli, aenet_dist.predict"`` (and whether
@@ -19,7 +21,7 @@ forces, from the XSF files to the results:
   torch-based predictor would add to every run.
 
 predict is numpy on the CPU, float64, OpenBLAS on one thread (aenet_dist sets OPENBLAS_NUM_THREADS=1
-unless it is set): there is no device or thread option to measure.
+unless it is set); its ``--threads`` evaluates batches of structures side by side.
 
 aenet's predict.x (serial Fortran, built by ``shared/peers/build.sh``) runs in the same invocation,
 alternating with our end-to-end runs on the same input: speed-ups are per pair, then the median.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +45,7 @@ from pathlib import Path
 
 # common before numpy: it imports aenet_dist, which limits numpy's OpenBLAS to the command's threads
 from common import RESULTS_JSONL, RESULTS_MD, append_results, import_cost, load1, machine
+from aenet_dist.cores import usable_cores
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,16 +75,24 @@ def write_predict_in(tmp: Path, files: list[Path], forces: bool) -> Path:
     return path
 
 
-def end_to_end(prefix: list[str], predict_in: Path, out: Path) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run(prefix + [str(predict_in), "--out", str(out)], capture_output=True, text=True)
+def children_cpu_s() -> float:
+    """CPU-seconds (user + system) of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def end_to_end(prefix: list[str], predict_in: Path, out: Path, threads: int | None = None) -> tuple[float, float]:
+    """(wall, CPU-seconds) of one ``predict`` command (``--threads`` if given)."""
+    extra = [] if threads is None else ["--threads", str(threads)]
+    cpu0, t0 = children_cpu_s(), time.perf_counter()
+    proc = subprocess.run(prefix + [str(predict_in), "--out", str(out), *extra], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"predict failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return wall
+    return wall, children_cpu_s() - cpu0
 
 
-def peer_end_to_end(predict_x: Path, tmp: Path, files: list[Path], forces: bool) -> float:
+def peer_end_to_end(predict_x: Path, tmp: Path, files: list[Path], forces: bool) -> tuple[float, float]:
     """aenet's predict.x on the same structures; it wants the .nn files by short names in its directory."""
     work = tmp / "predict_x"
     work.mkdir(exist_ok=True)
@@ -91,12 +103,12 @@ def peer_end_to_end(predict_x: Path, tmp: Path, files: list[Path], forces: bool)
     lines = ["TYPES", "2", "Ti", "O", "", "NETWORKS"] + [f"  {el}  {p.name}" for el, p in POTENTIALS.items()] + [""]
     lines += (["FORCES", ""] if forces else []) + ["FILES", str(len(files))] + [str(f) for f in files]
     (work / "predict.in").write_text("\n".join(lines) + "\n")
-    t0 = time.perf_counter()
+    cpu0, t0 = children_cpu_s(), time.perf_counter()
     proc = subprocess.run([str(predict_x), "predict.in"], cwd=work, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or "Error" in proc.stdout:
         sys.exit(f"predict.x failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
-    return wall
+    return wall, children_cpu_s() - cpu0
 
 
 def in_process(files: list[Path], forces: bool, repeats: int, engine: str = "pairs") -> tuple[list[float], dict]:
@@ -151,8 +163,8 @@ def report(info: dict, rows: list[dict], check: dict, start: dict, num_atoms: in
         f"predict.in --out report.txt` as a subprocess; in-process = potentials + XSF reading + predict (median of the "
         f"repeats after a warm-up). **aenet's predict.x ran in this invocation**, alternating with our end-to-end runs; "
         f"speed-up = predict.x's median wall / this wall (end to end: the median of the per-pair ratios).", "",
-        "| program | measure | forces | wall (s) | structures/s | atoms/s | speed-up vs predict.x |",
-        "|---|---|---|---|---|---|---|",
+        "| program | measure | forces | wall (s) | CPU-s | structures/s | atoms/s | speed-up vs predict.x |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     peer = {r["forces"]: r for r in rows if r["program"] == "aenet predict.x"}
     for r in rows:
@@ -162,7 +174,8 @@ def report(info: dict, rows: list[dict], check: dict, start: dict, num_atoms: in
             speed = f"**{statistics.median(r['pair_ratios']):.2f}x** ({', '.join(f'{x:.2f}' for x in r['pair_ratios'])})"
         else:
             speed = f"{peer[r['forces']]['wall_s'] / r['wall_s']:.2f}x"
-        lines.append(f"| {r['program']} | {r['measure']} | {'yes' if r['forces'] else 'no'} | {r['wall_s']:.2f} | "
+        cpu = f"{r['cpu_s']:.2f}" if "cpu_s" in r else ""
+        lines.append(f"| {r['program']} | {r['measure']} | {'yes' if r['forces'] else 'no'} | {r['wall_s']:.2f} | {cpu} | "
                      f"{num_structures / r['wall_s']:.0f} | {num_atoms / r['wall_s']:.0f} | {speed} |")
     lines += ["", f"- Start-up (medians of 3): `python -c 'import sys'` {start['python_s']:.2f} s; `import aenet_dist.cli, "
               f"aenet_dist.predict` {predict_import['seconds']:.2f} s, "
@@ -198,20 +211,29 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        cores = usable_cores()
         for forces in (False, True):
-            ours, theirs = [], []
-            for _ in range(args.repeats):  # alternating: both see the same machine state
+            predict_in = write_predict_in(tmp, files, forces)
+            theirs, ours = [], {1: [], cores: []}
+            for _ in range(args.repeats):  # alternating: all see the same machine state
                 theirs.append(peer_end_to_end(predict_x, tmp, files, forces))
-                ours.append(end_to_end(prefix, write_predict_in(tmp, files, forces), tmp / "report.txt"))
+                for threads in ours:
+                    ours[threads].append(end_to_end(prefix, predict_in, tmp / "report.txt", None if threads == cores else threads))
+            peer_walls = [w for w, _ in theirs]
             rows.append({"program": "aenet predict.x", "measure": "end to end, this run", "forces": forces,
-                         "wall_s": statistics.median(theirs), "runs_s": theirs, "loadavg": load1()})
-            rows.append({"program": "aenet_dist", "measure": "end to end", "forces": forces, "wall_s": statistics.median(ours),
-                         "runs_s": ours, "pair_ratios": [t / o for t, o in zip(theirs, ours)], "loadavg": load1()})
+                         "wall_s": statistics.median(peer_walls), "cpu_s": statistics.median(c for _, c in theirs),
+                         "runs_s": peer_walls, "loadavg": load1()})
+            for threads, runs in ours.items():
+                walls = [w for w, _ in runs]
+                measure = f"end to end, {threads} thread{'s' if threads > 1 else ''}" + (" (default)" if threads == cores else "")
+                rows.append({"program": "aenet_dist", "measure": measure, "forces": forces, "threads": threads,
+                             "wall_s": statistics.median(walls), "cpu_s": statistics.median(c for _, c in runs), "runs_s": walls,
+                             "pair_ratios": [t / o for t, o in zip(peer_walls, walls)], "loadavg": load1()})
             print(f"end to end, forces={forces}: predict.x {theirs}, ours {ours}", file=sys.stderr)
             report_bytes = (tmp / "report.txt").stat().st_size
         for forces in (False, True):
             times, split = in_process(files, forces, args.repeats)
-            rows.append({"program": "aenet_dist", "measure": "in-process", "forces": forces, "wall_s": statistics.median(times),
+            rows.append({"program": "aenet_dist", "measure": "in-process, 1 thread", "forces": forces, "wall_s": statistics.median(times),
                          "runs_s": times, "split": split})
             print(f"in-process, forces={forces}: {times}", file=sys.stderr)
         if not args.no_rows:

@@ -72,6 +72,22 @@ def test_energies_only_and_batching_give_the_same_numbers(predictor, structures)
     np.testing.assert_allclose(_flat(tiny, "forces"), _flat(full[:5], "forces"), rtol=0, atol=1e-12)
 
 
+def test_threads_give_the_same_bits_in_the_same_order(predictor, structures):
+    """Batches evaluated side by side: every number bitwise that of one thread, structures in order."""
+    one = predictor.predict(structures, forces=True, stress=True, batch_structures=4)
+    for threads in (2, 3):
+        many = predictor.predict(structures, forces=True, stress=True, batch_structures=4, threads=threads)
+        assert [r.name for r in many] == [r.name for r in one]
+        for a, b in zip(one, many):
+            assert a.energy == b.energy
+            assert np.array_equal(a.atomic_energies, b.atomic_energies) and np.array_equal(a.forces, b.forces)
+            assert np.array_equal(a.stress, b.stress)
+    energies = predictor.predict(structures, forces=False, threads=2)
+    assert [r.energy for r in energies] == [r.energy for r in one]
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        predictor.predict(structures, threads=0)
+
+
 def test_forces_and_stress_are_derivatives_of_the_energy(predictor, structures):
     """F = −dE/dR for a periodic and an isolated structure; stress = (1/V) dE/dε (ASE's sign)."""
     periodic = structures[9]  # 22 atoms
@@ -185,9 +201,13 @@ def test_cli_with_predict_in(ref, tmp_path, capsys):
     for d in data:  # energy_per_atom is E / N, the atomic energies sum to E
         assert d["energy_per_atom"] == pytest.approx(d["energy"] / d["num_atoms"], rel=1e-14)
         assert sum(d["atomic_energies"]) == pytest.approx(d["energy"], rel=1e-12)
-    # structure files on the command line replace FILES
+    # structure files on the command line replace FILES; --threads 1 gives the same numbers
+    assert predict_main([str(path), "--threads", "1", "--quiet", "--json", str(out)]) == 0
+    assert [d["forces"] for d in json.loads(out.read_text())] == [d["forces"] for d in data]
     assert predict_main([str(path), str(path.parent / "xsf" / names[0]), "--quiet", "--json", str(out)]) == 0
     assert len(json.loads(out.read_text())) == 1
+    assert predict_main([str(path), "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_with_potentials_and_globs(ref, tmp_path, capsys):
