@@ -443,6 +443,28 @@ def read_for_prediction(path: str | os.PathLike, name: str | None = None) -> lis
     return [structure_from_atoms(a, f"{name}@{k}") for k, a in enumerate(frames)]
 
 
+def predict_files(predictor: Predictor, paths: Sequence[Path], names: Sequence[str], threads: int = 1,
+                  **options) -> list[Prediction]:
+    """Read the structure files ``paths`` (shown as ``names``) and predict them: ``Predictor.predict``'s
+    results, in file order. ``options`` go to :meth:`Predictor.predict`.
+
+    With ``threads`` above 1 the files are cut into chunks (at least four per thread), each read
+    and predicted by one thread: reading (Python, holding the interpreter lock) then overlaps
+    another chunk's numpy. A file that cannot be read raises for the first such file in order.
+    """
+    if threads <= 1 or len(paths) < 2:
+        structures = [s for p, n in zip(paths, names) for s in read_for_prediction(p, n)]
+        return predictor.predict(structures, threads=threads, **options)
+    size = math.ceil(len(paths) / (4 * threads))
+    chunks = [list(zip(paths[k : k + size], names[k : k + size])) for k in range(0, len(paths), size)]
+
+    def read_and_predict(chunk: list[tuple[Path, str]]) -> list[Prediction]:
+        return predictor.predict([s for p, n in chunk for s in read_for_prediction(p, n)], **options)
+
+    with ThreadPoolExecutor(min(threads, len(chunks)), thread_name_prefix="predict") as pool:
+        return [r for part in pool.map(read_and_predict, chunks) for r in part]
+
+
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     """Files named by paths or globs (sorted per glob); a pattern that matches nothing is an error."""
     out: list[Path] = []
@@ -578,13 +600,12 @@ def run(args: argparse.Namespace) -> int:
             names = [str(p) for p in paths]
         else:
             paths, names = list(inp.files), list(inp.file_names)
-    predictor = Predictor.from_potentials(potentials, dtype=args.dtype)
-    structures = [s for p, n in zip(paths, names) for s in read_for_prediction(p, n)]
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     threads = args.threads or min(usable_cores(), DEFAULT_MAX_THREADS)
-    results = predictor.predict(structures, forces=forces, stress=args.stress, batch_structures=args.batch_structures,
-                                threads=threads)
+    predictor = Predictor.from_potentials(potentials, dtype=args.dtype)
+    results = predict_files(predictor, paths, [str(n) for n in names], threads, forces=forces, stress=args.stress,
+                            batch_structures=args.batch_structures)
     if not args.quiet:
         text = format_aenet(results, forces, atomic_energies)
         if args.out:

@@ -18,7 +18,7 @@ import pytest
 
 from aenet_dist.formats.nn import read_nn, write_nn
 from aenet_dist.formats.predict_in import read_predict_input
-from aenet_dist.predict import Predictor, format_aenet, main as predict_main
+from aenet_dist.predict import Predictor, format_aenet, main as predict_main, predict_files
 from aenet_dist.structures import Structure, read_xsf
 from helpers import fd_force, fd_stress
 
@@ -86,6 +86,21 @@ def test_threads_give_the_same_bits_in_the_same_order(predictor, structures):
     assert [r.energy for r in energies] == [r.energy for r in one]
     with pytest.raises(ValueError, match="threads must be >= 1"):
         predictor.predict(structures, threads=0)
+
+
+def test_files_read_and_predicted_side_by_side(ref, predictor, tmp_path):
+    """predict_files with threads: chunks of files read and predicted at once, results in file order,
+    bitwise those of one thread; a broken file in the middle is named."""
+    paths = [XSF_DIR / n for n in ref["file_names"][:9]]
+    names = [f"s{k}" for k in range(9)]
+    one = predict_files(predictor, paths, names, threads=1, forces=True)
+    two = predict_files(predictor, paths, names, threads=2, forces=True)
+    assert [r.name for r in two] == [r.name for r in one] == names
+    assert all(a.energy == b.energy and np.array_equal(a.forces, b.forces) for a, b in zip(one, two))
+    bad = tmp_path / "bad.xsf"
+    bad.write_text("# total energy = -1.0 eV\nCRYSTAL\nPRIMVEC\n1 0 0\n")
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: PRIMVEC needs 3 lattice vectors")):
+        predict_files(predictor, paths[:4] + [bad] + paths[4:], names[:4] + ["bad"] + names[4:], threads=2)
 
 
 def test_forces_and_stress_are_derivatives_of_the_energy(predictor, structures):
