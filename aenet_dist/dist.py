@@ -107,7 +107,6 @@ def cleanup(info: DistInfo) -> None:
     if info.distributed and tdist.is_initialized():
         gc.collect()
         tdist.destroy_process_group()
-        gc.collect()
 
 
 def sum_gradients_hook(state, bucket):  # no annotations: DDP checks them, and this module's are strings

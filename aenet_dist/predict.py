@@ -262,14 +262,9 @@ class Predictor:
             raise ValueError("engine='rows' does not compute stress; use engine='pairs'")
         if batch_structures < 1:
             raise ValueError(f"batch_structures must be >= 1, got {batch_structures}")
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
         structures = list(structures)
         self.check_structures(structures)
         budget = pair_budget or PAIR_BUDGET
-        if threads > 1:
-            batch_structures = max(1, min(batch_structures, math.ceil(len(structures) / (4 * threads))))
-        chunks = [structures[b0 : b0 + batch_structures] for b0 in range(0, len(structures), batch_structures)]
 
         def evaluate(chunk: list[Structure]) -> list[Prediction]:
             if engine == "pairs":
@@ -278,10 +273,7 @@ class Predictor:
                 energy, frc, virial = self._evaluate_rows(chunk, forces, budget)
             return self._results(chunk, energy, frc, virial)
 
-        if threads == 1 or len(chunks) < 2:
-            return [p for chunk in chunks for p in evaluate(chunk)]
-        with ThreadPoolExecutor(min(threads, len(chunks)), thread_name_prefix="predict") as pool:
-            return [p for batch in pool.map(evaluate, chunks) for p in batch]
+        return _side_by_side(evaluate, structures, threads, batch_structures)
 
     def _species_index(self, structures: Sequence[Structure]) -> np.ndarray:
         """(A,) int64 index into ``self.species`` of every atom (species already checked)."""
@@ -443,6 +435,25 @@ def read_for_prediction(path: str | os.PathLike, name: str | None = None) -> lis
     return [structure_from_atoms(a, f"{name}@{k}") for k, a in enumerate(frames)]
 
 
+def _side_by_side(work, items: list, threads: int, largest: int) -> list:
+    """``work(chunk)`` over ``items`` cut into chunks of at most ``largest``, ``threads`` chunks at once;
+    the results joined in order. With more than one thread the chunks are cut smaller, at least
+    four per thread, so that the threads finish together."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    size = largest if threads == 1 else max(1, min(largest, math.ceil(len(items) / (4 * threads))))
+    chunks = [items[k : k + size] for k in range(0, len(items), size)]
+    if threads == 1 or len(chunks) < 2:
+        return [r for chunk in chunks for r in work(chunk)]
+    with ThreadPoolExecutor(min(threads, len(chunks)), thread_name_prefix="predict") as pool:
+        return [r for part in pool.map(work, chunks) for r in part]
+
+
+def default_threads() -> int:
+    """Threads ``predict`` uses unless told: the cores this process may use, at most :data:`DEFAULT_MAX_THREADS`."""
+    return min(usable_cores(), DEFAULT_MAX_THREADS)
+
+
 def predict_files(predictor: Predictor, paths: Sequence[Path], names: Sequence[str], threads: int = 1,
                   **options) -> list[Prediction]:
     """Read the structure files ``paths`` (shown as ``names``) and predict them: ``Predictor.predict``'s
@@ -452,17 +463,10 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], names: Sequence[s
     and predicted by one thread: reading (Python, holding the interpreter lock) then overlaps
     another chunk's numpy. A file that cannot be read raises for the first such file in order.
     """
-    if threads <= 1 or len(paths) < 2:
-        structures = [s for p, n in zip(paths, names) for s in read_for_prediction(p, n)]
-        return predictor.predict(structures, threads=threads, **options)
-    size = math.ceil(len(paths) / (4 * threads))
-    chunks = [list(zip(paths[k : k + size], names[k : k + size])) for k in range(0, len(paths), size)]
-
     def read_and_predict(chunk: list[tuple[Path, str]]) -> list[Prediction]:
         return predictor.predict([s for p, n in chunk for s in read_for_prediction(p, n)], **options)
 
-    with ThreadPoolExecutor(min(threads, len(chunks)), thread_name_prefix="predict") as pool:
-        return [r for part in pool.map(read_and_predict, chunks) for r in part]
+    return _side_by_side(read_and_predict, list(zip(paths, names)), threads, max(1, len(paths)))
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
@@ -602,7 +606,7 @@ def run(args: argparse.Namespace) -> int:
             paths, names = list(inp.files), list(inp.file_names)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    threads = args.threads or min(usable_cores(), DEFAULT_MAX_THREADS)
+    threads = args.threads or default_threads()
     predictor = Predictor.from_potentials(potentials, dtype=args.dtype)
     results = predict_files(predictor, paths, [str(n) for n in names], threads, forces=forces, stress=args.stress,
                             batch_structures=args.batch_structures)

@@ -45,8 +45,7 @@ from pathlib import Path
 
 # common before numpy: it imports aenet_dist, which limits numpy's OpenBLAS to the command's threads
 from common import RESULTS_JSONL, RESULTS_MD, append_results, import_cost, load1, machine
-from aenet_dist.cores import usable_cores
-from aenet_dist.predict import DEFAULT_MAX_THREADS
+from aenet_dist.predict import default_threads
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +211,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cores = min(usable_cores(), DEFAULT_MAX_THREADS)  # what the command uses by default
+        cores = default_threads()  # what the command uses by default
         for forces in (False, True):
             predict_in = write_predict_in(tmp, files, forces)
             theirs, ours = [], {1: [], cores: []}
