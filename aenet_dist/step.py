@@ -35,6 +35,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as tnf
 from torch import Tensor
@@ -280,10 +281,40 @@ def _dense_index(batch: Batch, element: str) -> tuple[Tensor, Tensor]:
     return index if index is not None else dense_rows_and_atoms(batch.dense[element])
 
 
-def _pieces(flat: Tensor, blocks, shape_of) -> list[Tensor]:
-    """``flat`` cut into one piece per block, each viewed as (B_g, *shape_of(D))."""
-    shapes = [(int(b.D.shape[0]), *shape_of(b.D)) for b in blocks]
+def _pieces(flat: Tensor, blocks, axis: int) -> list[Tensor]:
+    """``flat`` cut into one piece per block, each viewed as (B_g, D.shape[axis])."""
+    shapes = [(int(b.D.shape[0]), int(b.D.shape[axis])) for b in blocks]
     return [piece.view(shape) for piece, shape in zip(flat.split([math.prod(shape) for shape in shapes]), shapes)]
+
+
+# The contractions' products on a CPU go through numpy (zero-copy views of the tensors): its stacked
+# matmul runs one OpenBLAS matrix-vector product per matrix and reads a dense block at memory speed,
+# where torch's bmm took 1.3-1.8x as long; its einsum did the sparse rows' 3 x F products in 0.4-0.5x
+# the time of torch's bmm (TiO2 blocks and 5,000 sparse rows, one core, float32 and float64).
+
+
+def _block_products(D: Tensor, x: Tensor, out: Tensor, transposed: bool) -> None:
+    """out = D_s x_s for every matrix s of a dense block (x (S, K), out (S, R)), or D_sᵀ x_s (x (S, R), out (S, K))."""
+    if D.device.type == "cpu":
+        if transposed:
+            np.matmul(x.numpy()[:, None, :], D.numpy(), out=out.numpy()[:, None, :])
+        else:
+            np.matmul(D.numpy(), x.numpy()[:, :, None], out=out.numpy()[:, :, None])
+    elif transposed:
+        torch.bmm(x.unsqueeze(1), D, out=out.unsqueeze(1))
+    else:  # (D x)ᵀ = xᵀ Dᵀ: a row vector times a matrix
+        torch.bmm(x.unsqueeze(1), D.transpose(1, 2), out=out.unsqueeze(1))
+
+
+def _sparse_products(dG: Tensor, x: Tensor, transposed: bool) -> Tensor:
+    """Σ_f dG[p, :, f] x[p, f] (P, 3) for x (P, F), or Σ_c dG[p, c, :] x[p, c] (P, F) for x (P, 3)."""
+    if dG.device.type == "cpu":
+        out = x.new_empty(dG.shape[0], dG.shape[2] if transposed else 3)
+        np.einsum("pcf,pc->pf" if transposed else "pcf,pf->pc", dG.numpy(), x.numpy(), out=out.numpy())
+        return out
+    if transposed:  # three multiply-adds over (P, F) slices: fewer kernels than P batched 1 x 3 @ 3 x F products
+        return torch.addcmul(torch.addcmul(dG[:, 0] * x[:, 0:1], dG[:, 1], x[:, 1:2]), dG[:, 2], x[:, 2:3])
+    return torch.bmm(dG, x.unsqueeze(-1)).view(-1, 3)
 
 
 def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
@@ -299,17 +330,13 @@ def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
     # of summing the negated terms (an atom without rows gets −0.0).
     forces = torch.zeros(batch.total_atoms, 3, dtype=ref.dtype, device=ref.device)
     for element, (center, neighbor, dG) in batch.deriv.items():  # dG (P, 3, F)
-        rows = torch.bmm(dG, dE_dG[element].index_select(0, center).unsqueeze(-1))  # shape (P, 3, 1)
-        forces.index_add_(0, neighbor, rows.view(-1, 3))
+        forces.index_add_(0, neighbor, _sparse_products(dG, dE_dG[element].index_select(0, center), transposed=False))
     for element, blocks in batch.dense.items():  # D (B_g, 3n, n_el F) each
         rows, atoms = _dense_index(batch, element)
         gathered = dE_dG[element].index_select(0, rows).view(-1)
         contrib = gathered.new_empty(atoms.numel() * 3)
-        # (D x)ᵀ = xᵀ Dᵀ: the same products, but as row vector times matrix. On a CPU core torch's
-        # bmm of a batch of matrices with column vectors ran 4x slower (TiO2: 2.9 against 0.73 ms a
-        # step, float32 and float64), ten times the time it takes to read D.
-        for block, x, y in zip(blocks, _pieces(gathered, blocks, lambda D: (1, D.shape[2])), _pieces(contrib, blocks, lambda D: (1, D.shape[1]))):
-            torch.bmm(x, block.D.transpose(1, 2), out=y)
+        for block, x, y in zip(blocks, _pieces(gathered, blocks, 2), _pieces(contrib, blocks, 1)):
+            _block_products(block.D, x, y, transposed=False)
         forces.index_add_(0, atoms, contrib.view(-1, 3))
     return forces.neg_()
 
@@ -321,19 +348,14 @@ def contract_transposed(force_adjoint: Tensor, batch: Batch, out: dict[str, Tens
     """
     negated = force_adjoint.neg()  # so that index_add_ runs without its slow alpha (see contract)
     for element, (center, neighbor, dG) in batch.deriv.items():
-        g = negated.index_select(0, neighbor)  # shape (P, 3)
-        # Σ_x g[p, x] dG[p, x, :] as three multiply-adds over (P, F) slices: on a CPU core 4x faster
-        # than P batched 1x3 @ 3xF products (bmm) and 1.3-1.5x faster than one product and a sum
-        # over x (synthetic set, 37,000 rows of 32 features: 2.2, 9.2 and 3.3 ms in float32).
-        rows = torch.addcmul(torch.addcmul(dG[:, 0] * g[:, 0:1], dG[:, 1], g[:, 1:2]), dG[:, 2], g[:, 2:3])
-        out[element].index_add_(0, center, rows)
+        out[element].index_add_(0, center, _sparse_products(dG, negated.index_select(0, neighbor), transposed=True))
     for element, blocks in batch.dense.items():
         u = out[element]
         rows, atoms = _dense_index(batch, element)
         gathered = negated.index_select(0, atoms).view(-1)
         contrib = gathered.new_empty(rows.numel() * u.shape[1])
-        for block, g, y in zip(blocks, _pieces(gathered, blocks, lambda D: (1, D.shape[1])), _pieces(contrib, blocks, lambda D: (1, D.shape[2]))):
-            torch.bmm(g, block.D, out=y)
+        for block, g, y in zip(blocks, _pieces(gathered, blocks, 1), _pieces(contrib, blocks, 2)):
+            _block_products(block.D, g, y, transposed=True)
         u.index_add_(0, rows, contrib.view(-1, u.shape[1]))
 
 
