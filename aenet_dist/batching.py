@@ -342,7 +342,7 @@ class Batch:
             {e: move(t) for e, t in self.G.items()},
             {e: move(t) for e, t in self.atom_structure.items()},
             {e: tuple(move(t) for t in rows) for e, rows in self.deriv.items()},
-            {e: [DenseBlock(move(b.rows), move(b.atoms), move(b.D)) for b in blocks] for e, blocks in self.dense.items()},
+            {e: [_moved_block(b, move) for b in blocks] for e, blocks in self.dense.items()},
             None if self.forces is None else move(self.forces),
             None if self.force_atoms is None else move(self.force_atoms),
             {e: (move(rows), move(atoms)) for e, (rows, atoms) in self.dense_index.items()},
@@ -362,6 +362,9 @@ class DenseBlock:
     atoms: torch.Tensor  # (B_g, n) batch atom indices of each structure
     D: torch.Tensor | None  # (B_g, 3 n, n_el F)
     source: tuple[torch.Tensor, torch.Tensor] | None = None  # (group D, slots) while D is None
+    # D as a numpy array sharing its memory (CPU only), for the step's products (aenet_dist.step):
+    # made where the batch is put together, so the training thread does not convert it every step.
+    host: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True, defer_dense: bool = False) -> Batch:
@@ -488,9 +491,19 @@ def merge_batches(parts: list[Batch]) -> Batch:
 
 
 def index_dense(batch: Batch) -> Batch:
-    """``batch`` with its :attr:`Batch.dense_index` filled in (in place)."""
+    """``batch`` with its :attr:`Batch.dense_index` (and CPU blocks' :attr:`DenseBlock.host`) filled in (in place)."""
     batch.dense_index = {element: dense_rows_and_atoms(blocks) for element, blocks in batch.dense.items()}
+    for blocks in batch.dense.values():
+        for block in blocks:
+            if block.D is not None and block.D.device.type == "cpu":
+                block.host = block.D.numpy()
     return batch
+
+
+def _moved_block(block: DenseBlock, move) -> DenseBlock:
+    """``block`` with its tensors moved; its numpy view stays if D did not move."""
+    D = move(block.D)
+    return DenseBlock(move(block.rows), move(block.atoms), D, host=block.host if D is block.D else None)
 
 
 def dense_rows_and_atoms(blocks: list[DenseBlock]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -281,34 +281,53 @@ def _dense_index(batch: Batch, element: str) -> tuple[Tensor, Tensor]:
     return index if index is not None else dense_rows_and_atoms(batch.dense[element])
 
 
-def _pieces(flat: Tensor, blocks, axis: int) -> list[Tensor]:
-    """``flat`` cut into one piece per block, each viewed as (B_g, D.shape[axis])."""
-    shapes = [(int(b.D.shape[0]), int(b.D.shape[axis])) for b in blocks]
-    return [piece.view(shape) for piece, shape in zip(flat.split([math.prod(shape) for shape in shapes]), shapes)]
+def _pieces(flat, blocks, axis: int) -> list:
+    """``flat`` (a tensor or numpy array) cut into one piece per block, each viewed as (B_g, D.shape[axis])."""
+    pieces, start = [], 0
+    for b in blocks:
+        rows, size = int(b.D.shape[0]), int(b.D.shape[axis])
+        pieces.append(flat[start : start + rows * size].reshape(rows, size))
+        start += rows * size
+    return pieces
 
 
-# The contractions' products on a CPU go through numpy (zero-copy views of the tensors): its stacked
+# The contractions' products on a CPU go through numpy (views of the tensors' memory): its stacked
 # matmul runs one OpenBLAS matrix-vector product per matrix and reads a dense block at memory speed,
 # where torch's bmm took 1.3-1.8x as long; its einsum did the sparse rows' 3 x F products in 0.4-0.5x
-# the time of torch's bmm (TiO2 blocks and 5,000 sparse rows, one core, float32 and float64).
+# the time of torch's bmm (TiO2 blocks and 5,000 sparse rows, one core, float32 and float64). Each
+# tensor is viewed once per step (a view costs four dispatcher calls), its pieces are numpy slices.
+HOST_PRODUCTS = True  # False: torch's products on the CPU too (the path other devices take; for tests)
 
 
-def _block_products(D: Tensor, x: Tensor, out: Tensor, transposed: bool) -> None:
-    """out = D_s x_s for every matrix s of a dense block (x (S, K), out (S, R)), or D_sᵀ x_s (x (S, R), out (S, K))."""
-    if D.device.type == "cpu":
-        if transposed:
-            np.matmul(x.numpy()[:, None, :], D.numpy(), out=out.numpy()[:, None, :])
-        else:
-            np.matmul(D.numpy(), x.numpy()[:, :, None], out=out.numpy()[:, :, None])
-    elif transposed:
-        torch.bmm(x.unsqueeze(1), D, out=out.unsqueeze(1))
-    else:  # (D x)ᵀ = xᵀ Dᵀ: a row vector times a matrix
-        torch.bmm(x.unsqueeze(1), D.transpose(1, 2), out=out.unsqueeze(1))
+def _on_host(t: Tensor) -> bool:
+    return HOST_PRODUCTS and t.device.type == "cpu"
+
+
+def _dense_products(blocks, x: Tensor, out: Tensor, transposed: bool) -> None:
+    """For each block and each of its matrices s: out_s = D_s x_s, or D_sᵀ x_s when ``transposed``.
+
+    ``x`` and ``out`` are flat, the blocks' pieces one after another: x (S, K) and out (S, R) per
+    block with D (S, R, K), or x (S, R) and out (S, K) when transposed.
+    """
+    if _on_host(x):
+        x_host, out_host = x.numpy(), out.numpy()
+        axes = (1, 2) if transposed else (2, 1)
+        for block, xs, ys in zip(blocks, _pieces(x_host, blocks, axes[0]), _pieces(out_host, blocks, axes[1])):
+            D = block.host if block.host is not None else block.D.numpy()
+            if transposed:
+                np.matmul(xs[:, None, :], D, out=ys[:, None, :])
+            else:
+                np.matmul(D, xs[:, :, None], out=ys[:, :, None])
+        return
+    axes = (1, 2) if transposed else (2, 1)
+    for block, xs, ys in zip(blocks, _pieces(x, blocks, axes[0]), _pieces(out, blocks, axes[1])):
+        # (D x)ᵀ = xᵀ Dᵀ: row vector times matrix
+        torch.bmm(xs.unsqueeze(1), block.D if transposed else block.D.transpose(1, 2), out=ys.unsqueeze(1))
 
 
 def _sparse_products(dG: Tensor, x: Tensor, transposed: bool) -> Tensor:
     """Σ_f dG[p, :, f] x[p, f] (P, 3) for x (P, F), or Σ_c dG[p, c, :] x[p, c] (P, F) for x (P, 3)."""
-    if dG.device.type == "cpu":
+    if _on_host(dG):
         out = x.new_empty(dG.shape[0], dG.shape[2] if transposed else 3)
         np.einsum("pcf,pc->pf" if transposed else "pcf,pf->pc", dG.numpy(), x.numpy(), out=out.numpy())
         return out
@@ -335,8 +354,7 @@ def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
         rows, atoms = _dense_index(batch, element)
         gathered = dE_dG[element].index_select(0, rows).view(-1)
         contrib = gathered.new_empty(atoms.numel() * 3)
-        for block, x, y in zip(blocks, _pieces(gathered, blocks, 2), _pieces(contrib, blocks, 1)):
-            _block_products(block.D, x, y, transposed=False)
+        _dense_products(blocks, gathered, contrib, transposed=False)
         forces.index_add_(0, atoms, contrib.view(-1, 3))
     return forces.neg_()
 
@@ -354,8 +372,7 @@ def contract_transposed(force_adjoint: Tensor, batch: Batch, out: dict[str, Tens
         rows, atoms = _dense_index(batch, element)
         gathered = negated.index_select(0, atoms).view(-1)
         contrib = gathered.new_empty(rows.numel() * u.shape[1])
-        for block, g, y in zip(blocks, _pieces(gathered, blocks, 1), _pieces(contrib, blocks, 2)):
-            _block_products(block.D, g, y, transposed=True)
+        _dense_products(blocks, gathered, contrib, transposed=True)
         u.index_add_(0, rows, contrib.view(-1, u.shape[1]))
 
 

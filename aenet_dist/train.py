@@ -13,6 +13,7 @@ checkpoints (latest k and best) and a summary table at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import math
 import os
@@ -149,6 +150,8 @@ class Trainer:
         data = make_training_data(self.reader, config.data, config.run.batch_size, config.run.seed, self.dtype, info)
         self.data, self.cache_mode, self.prefetch, self.steps = data.rank_data, data.cache_mode, data.prefetch, data.steps
         self.eval_plan, self.source, self.eval_source = data.eval_plan, data.source, data.eval_source
+        self.keep_eval_batches = data.keep_eval_batches
+        self.eval_batches: list | None = None  # kept after the first evaluation when keep_eval_batches
         self._close_data = weakref.finalize(self, data.close)  # data.workers processes end with the trainer at the latest
         self.report = RunReport(config.run, info, self.run_dir, self.steps, self.prefetch)
         self.load_seconds = time.perf_counter() - t0
@@ -356,7 +359,12 @@ class Trainer:
         self.model.eval()
         totals = torch.zeros(4 + ANGLE_BINS, dtype=self.dtype, device=self.info.device)
         with_forces = True  # test force errors are reported whatever α is
-        batches = self._batches(self.eval_source, self.eval_plan, with_forces)
+        if self.eval_batches is not None:
+            batches = (batch for batch in self.eval_batches)  # a generator, closed like the others
+        else:
+            batches = self._batches(self.eval_source, self.eval_plan, with_forces)
+            if self.keep_eval_batches:
+                batches = self._keeping(batches)
         try:
             for batch in batches:
                 fwd = lean.forward(self.model, batch, with_forces=with_forces, for_training=False)
@@ -367,6 +375,15 @@ class Trainer:
             batches.close()  # stops the prefetch thread at once if an error ends the loop
         totals = self._reduce(totals)  # one collective for the sums and the histogram
         return totals[:4], totals[4:]
+
+    def _keeping(self, batches):
+        """Yield from ``batches``; once all were seen, keep them as :attr:`eval_batches`."""
+        kept = []
+        with contextlib.closing(batches):
+            for batch in batches:
+                kept.append(batch)
+                yield batch
+        self.eval_batches = kept
 
     # ------------------------------------------------------------------ loop
 

@@ -106,6 +106,18 @@ def test_lean_step_equals_autograd(shards, tmp_path, activation, depth):
         _compare(model, batch, 0.3, l2=1e-3)
 
 
+@pytest.mark.parametrize("buckets", [False, True])
+def test_torch_products_equal_autograd_too(shards, tmp_path, monkeypatch, buckets):
+    """The contractions' torch products (what a GPU runs; on a CPU numpy's do them) equal autograd as well."""
+    store, reader, _, sparse = shards
+    shard = shard_from_range(reader.read_range(0, reader.num_structures), torch.float64, buckets=buckets)
+    model = _model(reader, store, tmp_path, [5, 4], ["tanh", "twist"], seed=5)
+    monkeypatch.setattr(lean, "HOST_PRODUCTS", False)
+    index = torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 20, 11])
+    for source in (shard, sparse):
+        _compare(model, gather_batch(source, index), 0.3, l2=1e-3)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_lean_step_force_weight_limits(shards, tmp_path, alpha):
     store, reader, dense, _ = shards

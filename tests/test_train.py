@@ -18,6 +18,7 @@ from aenet_dist.loss import ErrorSums, error_sums, global_loss
 from aenet_dist.store import StoreReader, StructureRange, ElementRows, featurize_to_store
 from aenet_dist.structures import Structure, read_structures, write_xsf
 from aenet_dist.dist import DistInfo
+from aenet_dist.loader import epoch_plan
 from aenet_dist.train import Trainer, TrainingError, build_model
 from aenet_dist.train import main as train_main
 from helpers import fault_env, featurized_emt, predict, read_metrics, run_in_process, write_train_toml
@@ -663,3 +664,28 @@ def test_a_killed_data_worker_ends_training_with_a_message(emt, tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert "data worker process of this rank died" in err and "Traceback" not in err
+
+
+def test_memory_cache_keeps_its_evaluation_batches_and_evaluates_the_same(emt, tmp_path):
+    """The memory cache gathers the test batches once; later evaluations (after training steps
+    changed the weights) equal a trainer that gathers them anew. Stream gathers every time."""
+    _, store = emt
+    kept = Trainer(config_for(store, tmp_path / "kept"), DistInfo(0, 1, 0, torch.device("cpu")))
+    fresh = Trainer(config_for(store, tmp_path / "fresh"), DistInfo(0, 1, 0, torch.device("cpu")))
+    fresh.keep_eval_batches = False
+    assert kept.keep_eval_batches and kept.eval_batches is None
+    first = kept.evaluate()
+    assert kept.eval_batches is not None and len(kept.eval_batches) == len(kept.eval_plan)
+    for trainer in (kept, fresh):  # the same steps on both: the weights move
+        plan = epoch_plan(trainer.data, 0, 0, trainer.steps, trainer.config.data.shuffle_window_blocks)
+        for batch in trainer.source.iterate(plan, True):
+            trainer.train_step(batch)
+    again, anew = kept.evaluate(), fresh.evaluate()
+    assert fresh.eval_batches is None
+    assert not torch.equal(first[0], again[0])
+    for a, b in zip(again, anew):
+        assert torch.equal(a, b)
+    stream = Trainer(config_for(store, tmp_path / "stream", data={"cache": "stream"}), DistInfo(0, 1, 0, torch.device("cpu")))
+    stream.evaluate()
+    assert not stream.keep_eval_batches and stream.eval_batches is None
+    stream.close()
