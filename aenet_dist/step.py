@@ -24,6 +24,12 @@ one batched matrix product for all of them. Padded rows get a zero energy adjoin
 tangent, so they add exactly nothing to any gradient, and their energies go to a dummy
 structure that is dropped.
 
+How it is laid out, for speed on a CPU core as much as for kernel count (each choice measured on
+TiO2, see the comments where it is made): activations are feature-major, (E, n, M), because
+torch's products with a long row axis and a handful of columns were 2-10x slower than the same
+products transposed; inv_std is folded into the first layer's weights, so no (E, M, F) row scaling
+remains; on a CPU the force contractions' products run in numpy on views of the same memory.
+
 Everything runs without autograd (``torch.no_grad``) and without reading a value back to
 the host, so a step is a fixed, short sequence of kernels. :func:`aenet_dist.train.predict`
 is the autograd reference this module is tested against.
@@ -31,7 +37,6 @@ is the autograd reference this module is tested against.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -303,34 +308,52 @@ def _on_host(t: Tensor) -> bool:
     return HOST_PRODUCTS and t.device.type == "cpu"
 
 
-def _dense_products(blocks, x: Tensor, out: Tensor, transposed: bool) -> None:
+def _buffer(like: Tensor, size: int) -> tuple[Tensor, np.ndarray | None]:
+    """An empty flat tensor of ``size`` like ``like``, and a numpy view of it where the products run in numpy.
+
+    On the host the memory is numpy's and the tensor wraps it (``torch.from_numpy`` dispatches no operator).
+    """
+    if not _on_host(like):
+        return like.new_empty(size), None
+    host = np.empty(size, dtype=_NUMPY[like.dtype])
+    return torch.from_numpy(host), host
+
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _dense_products(blocks, x: tuple[Tensor, np.ndarray | None], out: tuple[Tensor, np.ndarray | None], transposed: bool) -> None:
     """For each block and each of its matrices s: out_s = D_s x_s, or D_sᵀ x_s when ``transposed``.
 
-    ``x`` and ``out`` are flat, the blocks' pieces one after another: x (S, K) and out (S, R) per
-    block with D (S, R, K), or x (S, R) and out (S, K) when transposed.
+    ``x`` and ``out`` are flat :func:`_buffer` pairs, the blocks' pieces one after another: x (S, K)
+    and out (S, R) per block with D (S, R, K), or x (S, R) and out (S, K) when transposed.
     """
-    if _on_host(x):
-        x_host, out_host = x.numpy(), out.numpy()
-        axes = (1, 2) if transposed else (2, 1)
-        for block, xs, ys in zip(blocks, _pieces(x_host, blocks, axes[0]), _pieces(out_host, blocks, axes[1])):
+    axes = (1, 2) if transposed else (2, 1)
+    if x[1] is not None:
+        for block, xs, ys in zip(blocks, _pieces(x[1], blocks, axes[0]), _pieces(out[1], blocks, axes[1])):
             D = block.host if block.host is not None else block.D.numpy()
             if transposed:
                 np.matmul(xs[:, None, :], D, out=ys[:, None, :])
             else:
                 np.matmul(D, xs[:, :, None], out=ys[:, :, None])
         return
-    axes = (1, 2) if transposed else (2, 1)
-    for block, xs, ys in zip(blocks, _pieces(x, blocks, axes[0]), _pieces(out, blocks, axes[1])):
+    for block, xs, ys in zip(blocks, _pieces(x[0], blocks, axes[0]), _pieces(out[0], blocks, axes[1])):
         # (D x)ᵀ = xᵀ Dᵀ: row vector times matrix
         torch.bmm(xs.unsqueeze(1), block.D if transposed else block.D.transpose(1, 2), out=ys.unsqueeze(1))
 
 
-def _sparse_products(dG: Tensor, x: Tensor, transposed: bool) -> Tensor:
-    """Σ_f dG[p, :, f] x[p, f] (P, 3) for x (P, F), or Σ_c dG[p, c, :] x[p, c] (P, F) for x (P, 3)."""
-    if _on_host(dG):
-        out = x.new_empty(dG.shape[0], dG.shape[2] if transposed else 3)
-        np.einsum("pcf,pc->pf" if transposed else "pcf,pf->pc", dG.numpy(), x.numpy(), out=out.numpy())
-        return out
+def _sparse_products(dG: Tensor, values: Tensor, index: Tensor, transposed: bool) -> Tensor:
+    """For the rows p of dG (P, 3, F) and x = values[index]: Σ_f dG[p, :, f] x[p, f] (P, 3) for values (N, F),
+    or Σ_c dG[p, c, :] x[p, c] (P, F) for values (N, 3)."""
+    width = values.shape[1]
+    x, x_host = _buffer(values, index.numel() * width)
+    torch.index_select(values, 0, index, out=x.view(-1, width))
+    if x_host is not None:
+        out, out_host = _buffer(values, dG.shape[0] * (dG.shape[2] if transposed else 3))
+        np.einsum("pcf,pc->pf" if transposed else "pcf,pf->pc", dG.numpy(), x_host.reshape(-1, width),
+                  out=out_host.reshape(dG.shape[0], -1))
+        return out.view(dG.shape[0], -1)
+    x = x.view(-1, width)
     if transposed:  # three multiply-adds over (P, F) slices: fewer kernels than P batched 1 x 3 @ 3 x F products
         return torch.addcmul(torch.addcmul(dG[:, 0] * x[:, 0:1], dG[:, 1], x[:, 1:2]), dG[:, 2], x[:, 2:3])
     return torch.bmm(dG, x.unsqueeze(-1)).view(-1, 3)
@@ -349,13 +372,15 @@ def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
     # of summing the negated terms (an atom without rows gets −0.0).
     forces = torch.zeros(batch.total_atoms, 3, dtype=ref.dtype, device=ref.device)
     for element, (center, neighbor, dG) in batch.deriv.items():  # dG (P, 3, F)
-        forces.index_add_(0, neighbor, _sparse_products(dG, dE_dG[element].index_select(0, center), transposed=False))
+        forces.index_add_(0, neighbor, _sparse_products(dG, dE_dG[element], center, transposed=False))
     for element, blocks in batch.dense.items():  # D (B_g, 3n, n_el F) each
         rows, atoms = _dense_index(batch, element)
-        gathered = dE_dG[element].index_select(0, rows).view(-1)
-        contrib = gathered.new_empty(atoms.numel() * 3)
+        values = dE_dG[element]
+        gathered = _buffer(values, rows.numel() * values.shape[1])
+        torch.index_select(values, 0, rows, out=gathered[0].view(-1, values.shape[1]))
+        contrib = _buffer(values, atoms.numel() * 3)
         _dense_products(blocks, gathered, contrib, transposed=False)
-        forces.index_add_(0, atoms, contrib.view(-1, 3))
+        forces.index_add_(0, atoms, contrib[0].view(-1, 3))
     return forces.neg_()
 
 
@@ -366,14 +391,15 @@ def contract_transposed(force_adjoint: Tensor, batch: Batch, out: dict[str, Tens
     """
     negated = force_adjoint.neg()  # so that index_add_ runs without its slow alpha (see contract)
     for element, (center, neighbor, dG) in batch.deriv.items():
-        out[element].index_add_(0, center, _sparse_products(dG, negated.index_select(0, neighbor), transposed=True))
+        out[element].index_add_(0, center, _sparse_products(dG, negated, neighbor, transposed=True))
     for element, blocks in batch.dense.items():
         u = out[element]
         rows, atoms = _dense_index(batch, element)
-        gathered = negated.index_select(0, atoms).view(-1)
-        contrib = gathered.new_empty(rows.numel() * u.shape[1])
+        gathered = _buffer(negated, atoms.numel() * 3)
+        torch.index_select(negated, 0, atoms, out=gathered[0].view(-1, 3))
+        contrib = _buffer(negated, rows.numel() * u.shape[1])
         _dense_products(blocks, gathered, contrib, transposed=True)
-        u.index_add_(0, rows, contrib.view(-1, u.shape[1]))
+        u.index_add_(0, rows, contrib[0].view(-1, u.shape[1]))
 
 
 def backward(model: AtomicModel, fwd: StepForward, batch: Batch, energy_adjoint: Tensor, force_adjoint: Tensor | None,
