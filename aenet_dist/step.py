@@ -302,6 +302,7 @@ def _pieces(flat, blocks, axis: int) -> list:
 # the time of torch's bmm (TiO2 blocks and 5,000 sparse rows, one core, float32 and float64). Each
 # tensor is viewed once per step (a view costs four dispatcher calls), its pieces are numpy slices.
 HOST_PRODUCTS = True  # False: torch's products on the CPU too (the path other devices take; for tests)
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _on_host(t: Tensor) -> bool:
@@ -317,9 +318,6 @@ def _buffer(like: Tensor, size: int) -> tuple[Tensor, np.ndarray | None]:
         return like.new_empty(size), None
     host = np.empty(size, dtype=_NUMPY[like.dtype])
     return torch.from_numpy(host), host
-
-
-_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _dense_products(blocks, x: tuple[Tensor, np.ndarray | None], out: tuple[Tensor, np.ndarray | None], transposed: bool) -> None:
