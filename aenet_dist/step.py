@@ -301,12 +301,15 @@ def _pieces(flat, blocks, axis: int) -> list:
 # where torch's bmm took 1.3-1.8x as long; its einsum did the sparse rows' 3 x F products in 0.4-0.5x
 # the time of torch's bmm (TiO2 blocks and 5,000 sparse rows, one core, float32 and float64). Each
 # tensor is viewed once per step (a view costs four dispatcher calls), its pieces are numpy slices.
+# numpy's OpenBLAS keeps to one thread (aenet_dist sets OPENBLAS_NUM_THREADS=1, one thread per rank
+# being the default), so with run.cpu_threads > 1 torch's threaded products are used instead.
 HOST_PRODUCTS = True  # False: torch's products on the CPU too (the path other devices take; for tests)
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _on_host(t: Tensor) -> bool:
-    return HOST_PRODUCTS and t.device.type == "cpu"
+    """Whether the contraction products of ``t``'s device run in numpy (a CPU tensor, one torch thread)."""
+    return HOST_PRODUCTS and t.device.type == "cpu" and torch.get_num_threads() == 1
 
 
 def _buffer(like: Tensor, size: int) -> tuple[Tensor, np.ndarray | None]:

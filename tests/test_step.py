@@ -118,6 +118,27 @@ def test_torch_products_equal_autograd_too(shards, tmp_path, monkeypatch, bucket
         _compare(model, gather_batch(source, index), 0.3, l2=1e-3)
 
 
+def test_several_torch_threads_use_torch_products(shards, tmp_path):
+    """With run.cpu_threads > 1 the products are torch's (threaded); they equal numpy's to rounding."""
+    store, reader, dense, sparse = shards
+    model = _model(reader, store, tmp_path, [5, 4], ["tanh", "sigmoid"], seed=6)
+    index = torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 20, 11])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert lean._on_host(dense.energy)
+        one = [_lean(model, gather_batch(source, index), 0.3, 1e-3) for source in (dense, sparse)]
+        torch.set_num_threads(2)
+        assert not lean._on_host(dense.energy)
+        two = [_lean(model, gather_batch(source, index), 0.3, 1e-3) for source in (dense, sparse)]
+    finally:
+        torch.set_num_threads(threads)
+    for (e1, f1, l1, g1), (e2, f2, l2, g2) in zip(one, two):
+        assert torch.allclose(e1, e2, rtol=0, atol=1e-12) and torch.allclose(f1, f2, rtol=0, atol=1e-12)
+        for name in g1:
+            assert torch.allclose(g1[name], g2[name], rtol=0, atol=1e-12 * max(1.0, float(g1[name].abs().max()))), name
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_lean_step_force_weight_limits(shards, tmp_path, alpha):
     store, reader, dense, _ = shards
