@@ -179,6 +179,7 @@ class Trainer:
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
         self.stop_agreed = False  # some rank asked to stop (known to all after each step)
         self.local_seconds = 0.0  # forward time this epoch, before any collective (straggler check)
+        self.next_epoch_batches = None  # (epoch, batches) gathered ahead during the end of the epoch before
         self.best_loss = math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
@@ -286,7 +287,7 @@ class Trainer:
         if not self.prefetch:  # gathered in this thread (on the device for the gpu cache)
             return source.iterate(plan, with_forces)
         prefetcher = Prefetcher(source, plan, with_forces, depth=STREAM_PREFETCH_DEPTH if self.cache_mode == "stream" else PREFETCH_DEPTH)
-        return _closing((b.to(self.info.device, non_blocking=True) for b in prefetcher), prefetcher)
+        return _PrefetchedBatches(prefetcher, self.info.device)
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on this rank's part of the global batch. Returns the global sums (4,).
@@ -404,8 +405,11 @@ class Trainer:
 
         What the user sees while it runs (progress bar, log lines, metrics files) is :attr:`report`'s job.
         """
-        with self.report.open(self.epoch):
-            return self._fit()
+        try:
+            with self.report.open(self.epoch):
+                return self._fit()
+        finally:
+            self._drop_next_epoch_batches()
 
     def _fit(self) -> dict:
         config, info = self.config, self.info
@@ -460,12 +464,21 @@ class Trainer:
         totals = self.partial_totals.to(info.device).clone()
         data_seconds = 0.0
         self.source.check_budget(plan[self.step_in_epoch :], f"epoch {self.epoch + 1}", first_step=self.step_in_epoch, strict=False)
-        batches = self._batches(self.source, plan[self.step_in_epoch :], with_forces=config.loss.force_weight > 0)
+        with_forces = config.loss.force_weight > 0
+        ahead, self.next_epoch_batches = self.next_epoch_batches, None
+        if ahead is not None and ahead[0] == self.epoch and self.step_in_epoch == 0:
+            batches = ahead[1]
+        else:
+            if ahead is not None:
+                ahead[1].close()
+            batches = self._batches(self.source, plan[self.step_in_epoch :], with_forces)
         try:
             for k in range(self.step_in_epoch, len(plan)):
                 t0 = time.perf_counter()
                 batch = next(batches)  # waits only if the prefetch thread is behind
                 data_seconds += time.perf_counter() - t0
+                if k == len(plan) - 1:
+                    self._gather_next_epoch_ahead(with_forces)
                 step_totals = self.train_step(batch)
                 totals += step_totals
                 self.step_in_epoch = k + 1
@@ -484,6 +497,26 @@ class Trainer:
         self.step_in_epoch = 0
         self.partial_totals = torch.zeros(4, dtype=self.dtype)
         return totals, data_seconds
+
+    def _gather_next_epoch_ahead(self, with_forces: bool) -> None:
+        """Start gathering the next epoch's first batches now, so they are ready when its first step comes.
+
+        Only for a resident cache with a gathering thread: its batches are gathered from memory that
+        nothing else changes, so gathering beside the last step and the evaluation is safe, and the
+        plan of the next epoch is already fixed (seeded). Otherwise each epoch began by waiting for
+        its first batch (TiO2: ~4 of the 5.6 ms an epoch waited for data).
+        """
+        if not self.prefetch or self.cache_mode not in ("memory", "pinned") or self.epoch + 1 >= self.config.run.epochs:
+            return
+        config = self.config
+        plan = epoch_plan(self.data, config.run.seed, self.epoch + 1, self.steps, config.data.shuffle_window_blocks)
+        self.next_epoch_batches = (self.epoch + 1, self._batches(self.source, plan, with_forces))
+
+    def _drop_next_epoch_batches(self) -> None:
+        """Stop gathering ahead (the run ends or stops before the next epoch)."""
+        ahead, self.next_epoch_batches = self.next_epoch_batches, None
+        if ahead is not None:
+            ahead[1].close()
 
     def _end_epoch(self, totals: torch.Tensor, epoch_start: float, train_seconds: float, data_seconds: float,
                    run_start: float) -> tuple[dict, bool]:
@@ -542,12 +575,24 @@ class Trainer:
                 print("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
 
 
-def _closing(generator, prefetcher: Prefetcher):
-    """Yield from ``generator``; stop the prefetch thread when done or abandoned."""
-    try:
-        yield from generator
-    finally:
-        prefetcher.close()
+class _PrefetchedBatches:
+    """A :class:`Prefetcher`'s batches moved to the training device; ``close`` stops its thread.
+
+    Not a generator: closing a generator that never started runs none of its code, and batches
+    gathered ahead for an epoch that never comes are closed before their first one is taken.
+    """
+
+    def __init__(self, prefetcher: Prefetcher, device: torch.device):
+        self.prefetcher, self.device = prefetcher, device
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self.prefetcher).to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self.prefetcher.close()
 
 
 def summary_table(last: dict, trainer: Trainer, wall: float) -> str:

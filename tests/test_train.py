@@ -689,3 +689,37 @@ def test_memory_cache_keeps_its_evaluation_batches_and_evaluates_the_same(emt, t
     stream.evaluate()
     assert not stream.keep_eval_batches and stream.eval_batches is None
     stream.close()
+
+
+def _gathering_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.is_alive() and "(_run)" in t.name]
+
+
+def test_next_epoch_gathered_ahead_trains_the_same_and_leaves_no_thread(emt, tmp_path):
+    """A resident cache gathers the next epoch's first batches during the end of the epoch before:
+    the run equals one gathering in the training thread, bit for bit, and an early stop (batches of
+    an epoch that never comes) leaves no gathering thread behind."""
+    _, store = emt
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    ahead = Trainer(config_for(store, tmp_path / "ahead"), info)
+    inline = Trainer(config_for(store, tmp_path / "inline"), info)
+    ahead.prefetch, inline.prefetch = True, False
+    started = []
+    original = ahead._gather_next_epoch_ahead
+    ahead._gather_next_epoch_ahead = lambda with_forces: (original(with_forces), started.append(ahead.next_epoch_batches))
+    ahead.fit()
+    inline.fit()
+    assert len([s for s in started if s is not None]) == 2  # before epochs 2 and 3, not after the last
+    for (name, a), (_, b) in zip(ahead.model.state_dict().items(), inline.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not _gathering_threads() and ahead.next_epoch_batches is None
+    # An lr of 1e-30 leaves the weights as they are: the test loss never improves, so patience 1
+    # stops after epoch 2, with epoch 3's batches gathered ahead.
+    stopping = Trainer(config_for(store, tmp_path / "stop", optim={"method": "sgd", "lr": 1e-30},
+                                  run={"epochs": 5, "early_stop_patience": 1}), info)
+    stopping.prefetch = True
+    stopping.fit()
+    assert stopping.epoch == 2 and stopping.next_epoch_batches is None
+    assert not _gathering_threads()
