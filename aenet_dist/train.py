@@ -13,7 +13,6 @@ checkpoints (latest k and best) and a summary table at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import math
 import os
@@ -360,31 +359,26 @@ class Trainer:
         self.model.eval()
         totals = torch.zeros(4 + ANGLE_BINS, dtype=self.dtype, device=self.info.device)
         with_forces = True  # test force errors are reported whatever α is
+        kept = None  # the batches of this evaluation, when they are to be kept
         if self.eval_batches is not None:
-            batches = (batch for batch in self.eval_batches)  # a generator, closed like the others
+            batches = iter(self.eval_batches)  # kept: no thread to stop
         else:
             batches = self._batches(self.eval_source, self.eval_plan, with_forces)
-            if self.keep_eval_batches:
-                batches = self._keeping(batches)
+            kept = [] if self.keep_eval_batches else None
         try:
             for batch in batches:
+                if kept is not None:
+                    kept.append(batch)
                 fwd = lean.forward(self.model, batch, with_forces=with_forces, for_training=False)
                 totals[:4] += error_sums(batch, fwd.energy, fwd.forces).detached()
                 if batch.force_atoms is not None:
                     totals[4:] += force_angle_histogram(fwd.forces, batch.forces, batch.force_atoms, self.config.run.angle_min_force)
         finally:
-            batches.close()  # stops the prefetch thread at once if an error ends the loop
+            getattr(batches, "close", lambda: None)()  # stops the prefetch thread at once if an error ends the loop
+        if kept is not None:  # every batch was seen
+            self.eval_batches = kept
         totals = self._reduce(totals)  # one collective for the sums and the histogram
         return totals[:4], totals[4:]
-
-    def _keeping(self, batches):
-        """Yield from ``batches``; once all were seen, keep them as :attr:`eval_batches`."""
-        kept = []
-        with contextlib.closing(batches):
-            for batch in batches:
-                kept.append(batch)
-                yield batch
-        self.eval_batches = kept
 
     # ------------------------------------------------------------------ loop
 
@@ -589,7 +583,9 @@ class _PrefetchedBatches:
         return self
 
     def __next__(self) -> Batch:
-        return next(self.prefetcher).to(self.device, non_blocking=True)
+        batch = next(self.prefetcher)
+        # A CPU batch stays as it is: moving it to the CPU is some forty no-op calls in the training thread.
+        return batch if self.device.type == "cpu" else batch.to(self.device, non_blocking=True)
 
     def close(self) -> None:
         self.prefetcher.close()
