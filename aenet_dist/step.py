@@ -323,6 +323,14 @@ def _buffer(like: Tensor, size: int) -> tuple[Tensor, np.ndarray | None]:
     return torch.from_numpy(host), host
 
 
+def _gathered(values: Tensor, index: Tensor) -> tuple[Tensor, np.ndarray | None]:
+    """values[index] (flat, a :func:`_buffer` pair): the rows a contraction reads, written once into its buffer."""
+    width = values.shape[1]
+    rows = _buffer(values, index.numel() * width)
+    torch.index_select(values, 0, index, out=rows[0].view(-1, width))
+    return rows
+
+
 def _dense_products(blocks, x: tuple[Tensor, np.ndarray | None], out: tuple[Tensor, np.ndarray | None], transposed: bool) -> None:
     """For each block and each of its matrices s: out_s = D_s x_s, or D_sᵀ x_s when ``transposed``.
 
@@ -347,8 +355,7 @@ def _sparse_products(dG: Tensor, values: Tensor, index: Tensor, transposed: bool
     """For the rows p of dG (P, 3, F) and x = values[index]: Σ_f dG[p, :, f] x[p, f] (P, 3) for values (N, F),
     or Σ_c dG[p, c, :] x[p, c] (P, F) for values (N, 3)."""
     width = values.shape[1]
-    x, x_host = _buffer(values, index.numel() * width)
-    torch.index_select(values, 0, index, out=x.view(-1, width))
+    x, x_host = _gathered(values, index)
     if x_host is not None:
         out, out_host = _buffer(values, dG.shape[0] * (dG.shape[2] if transposed else 3))
         np.einsum("pcf,pc->pf" if transposed else "pcf,pf->pc", dG.numpy(), x_host.reshape(-1, width),
@@ -376,11 +383,8 @@ def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
         forces.index_add_(0, neighbor, _sparse_products(dG, dE_dG[element], center, transposed=False))
     for element, blocks in batch.dense.items():  # D (B_g, 3n, n_el F) each
         rows, atoms = _dense_index(batch, element)
-        values = dE_dG[element]
-        gathered = _buffer(values, rows.numel() * values.shape[1])
-        torch.index_select(values, 0, rows, out=gathered[0].view(-1, values.shape[1]))
-        contrib = _buffer(values, atoms.numel() * 3)
-        _dense_products(blocks, gathered, contrib, transposed=False)
+        contrib = _buffer(dE_dG[element], atoms.numel() * 3)
+        _dense_products(blocks, _gathered(dE_dG[element], rows), contrib, transposed=False)
         forces.index_add_(0, atoms, contrib[0].view(-1, 3))
     return forces.neg_()
 
@@ -396,10 +400,8 @@ def contract_transposed(force_adjoint: Tensor, batch: Batch, out: dict[str, Tens
     for element, blocks in batch.dense.items():
         u = out[element]
         rows, atoms = _dense_index(batch, element)
-        gathered = _buffer(negated, atoms.numel() * 3)
-        torch.index_select(negated, 0, atoms, out=gathered[0].view(-1, 3))
         contrib = _buffer(negated, rows.numel() * u.shape[1])
-        _dense_products(blocks, gathered, contrib, transposed=True)
+        _dense_products(blocks, _gathered(negated, atoms), contrib, transposed=True)
         u.index_add_(0, rows, contrib[0].view(-1, u.shape[1]))
 
 

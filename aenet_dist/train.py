@@ -459,12 +459,11 @@ class Trainer:
         data_seconds = 0.0
         self.source.check_budget(plan[self.step_in_epoch :], f"epoch {self.epoch + 1}", first_step=self.step_in_epoch, strict=False)
         with_forces = config.loss.force_weight > 0
-        ahead, self.next_epoch_batches = self.next_epoch_batches, None
+        ahead = self.next_epoch_batches
         if ahead is not None and ahead[0] == self.epoch and self.step_in_epoch == 0:
-            batches = ahead[1]
+            self.next_epoch_batches, batches = None, ahead[1]
         else:
-            if ahead is not None:
-                ahead[1].close()
+            self._drop_next_epoch_batches()
             batches = self._batches(self.source, plan[self.step_in_epoch :], with_forces)
         try:
             for k in range(self.step_in_epoch, len(plan)):
@@ -507,7 +506,7 @@ class Trainer:
         self.next_epoch_batches = (self.epoch + 1, self._batches(self.source, plan, with_forces))
 
     def _drop_next_epoch_batches(self) -> None:
-        """Stop gathering ahead (the run ends or stops before the next epoch)."""
+        """Stop gathering ahead (the run ends or stops before the next epoch, or resumes elsewhere in it)."""
         ahead, self.next_epoch_batches = self.next_epoch_batches, None
         if ahead is not None:
             ahead[1].close()
