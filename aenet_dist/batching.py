@@ -316,9 +316,13 @@ class Batch:
     dense: dict[str, list["DenseBlock"]] = field(default_factory=dict)
     forces: torch.Tensor | None = None  # (A, 3) reference forces
     force_atoms: torch.Tensor | None = None  # (A,) bool: atom belongs to a structure with derivatives
-    # element -> (G rows, atoms) of all its dense blocks one after another (each block's flattened
-    # rows and atoms), so the step gathers and scatters every block of an element at once.
-    dense_index: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # element -> (G rows, atoms) of its sparse rows (``deriv``'s center, neighbor), then of its dense
+    # blocks one after another (each block's flattened rows and atoms): the step gathers and scatters
+    # all of an element's derivative rows at once, one gather and one scatter per direction.
+    contract_index: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # element -> its sparse dG as a numpy array sharing the memory (CPU only), for the step's products,
+    # made where the batch is put together (like DenseBlock.host).
+    deriv_host: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     # element -> (the piece's dG, rows of it) while the sparse dG of ``deriv`` is left unread (None),
     # like a deferred DenseBlock: merge_batches copies each piece's rows once, into the merged tensor.
     deriv_source: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -335,17 +339,20 @@ class Batch:
         return self.to_fn(lambda t: t.to(device, non_blocking=non_blocking))
 
     def to_fn(self, move) -> "Batch":
+        moved = {e: tuple(move(t) for t in rows) for e, rows in self.deriv.items()}
         return Batch(
             move(self.structure_index),
             move(self.num_atoms),
             move(self.energy),
             {e: move(t) for e, t in self.G.items()},
             {e: move(t) for e, t in self.atom_structure.items()},
-            {e: tuple(move(t) for t in rows) for e, rows in self.deriv.items()},
+            moved,
             {e: [_moved_block(b, move) for b in blocks] for e, blocks in self.dense.items()},
             None if self.forces is None else move(self.forces),
             None if self.force_atoms is None else move(self.force_atoms),
-            {e: (move(rows), move(atoms)) for e, (rows, atoms) in self.dense_index.items()},
+            {e: (move(rows), move(atoms)) for e, (rows, atoms) in self.contract_index.items()},
+            deriv_host={e: self.deriv_host[e] for e, rows in self.deriv.items()  # kept where dG did not move
+                        if e in self.deriv_host and moved[e][2] is rows[2]},
         )
 
 
@@ -491,12 +498,15 @@ def merge_batches(parts: list[Batch]) -> Batch:
 
 
 def index_dense(batch: Batch) -> Batch:
-    """``batch`` with its :attr:`Batch.dense_index` (and CPU blocks' :attr:`DenseBlock.host`) filled in (in place)."""
-    batch.dense_index = {element: dense_rows_and_atoms(blocks) for element, blocks in batch.dense.items()}
+    """``batch`` with its :attr:`Batch.contract_index` (and, on the CPU, the numpy views of its blocks'
+    D and sparse dG) filled in (in place)."""
+    batch.contract_index = {element: contraction_index(batch, element) for element in derivative_elements(batch)}
     for blocks in batch.dense.values():
         for block in blocks:
             if block.D is not None and block.D.device.type == "cpu":
                 block.host = block.D.numpy()
+    batch.deriv_host = {element: dG.numpy() for element, (_, _, dG) in batch.deriv.items()
+                        if dG is not None and dG.device.type == "cpu"}
     return batch
 
 
@@ -506,9 +516,18 @@ def _moved_block(block: DenseBlock, move) -> DenseBlock:
     return DenseBlock(move(block.rows), move(block.atoms), D, host=block.host if D is block.D else None)
 
 
-def dense_rows_and_atoms(blocks: list[DenseBlock]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G rows, atoms) of ``blocks`` one after another, each block's flattened (see :attr:`Batch.dense_index`)."""
-    return torch.cat([b.rows.reshape(-1) for b in blocks]), torch.cat([b.atoms.reshape(-1) for b in blocks])
+def derivative_elements(batch: Batch) -> list[str]:
+    """The batch's elements with derivative rows (sparse or dense), in species order: the order in
+    which the step sums their force contributions, the same in every process."""
+    return [element for element in batch.G if element in batch.deriv or element in batch.dense]
+
+
+def contraction_index(batch: Batch, element: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G rows, atoms) of ``element``'s sparse rows, then of its dense blocks, each block's flattened
+    (see :attr:`Batch.contract_index`)."""
+    sparse = [batch.deriv[element][:2]] if element in batch.deriv else []
+    pieces = sparse + [(b.rows.reshape(-1), b.atoms.reshape(-1)) for b in batch.dense.get(element, [])]
+    return torch.cat([rows for rows, _ in pieces]), torch.cat([atoms for _, atoms in pieces])
 
 
 def _concatenated_D(blocks: list[DenseBlock]) -> torch.Tensor:

@@ -44,6 +44,18 @@ def activate(x: Tensor, name: str) -> Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(value: float, like: Tensor) -> Tensor:
+    """A 0-d tensor of ``value`` in ``like``'s dtype and device, made once (not an operator every step)."""
+    key = (value, like.dtype, like.device)
+    constant = _CONSTANTS.get(key)
+    if constant is None:
+        constant = _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+    return constant
+
+
 def activate_with_derivatives(x: Tensor, name: str, second: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(σ(x), σ'(x), σ''(x)) of aenet activation ``name``, each one or two fused operators.
 
@@ -59,7 +71,7 @@ def activate_with_derivatives(x: Tensor, name: str, second: bool = True) -> tupl
         a, b = (1.0, 1.0) if name == "tanh" else (_MTANH_A, _MTANH_B)
         t = torch.tanh(x if b == 1.0 else b * x)
         y = t if name == "tanh" else (a * t if name == "mtanh" else a * t + _TWIST_C * x)  # as activate(), bitwise
-        slope = torch.addcmul(torch.full((), a * b, dtype=x.dtype, device=x.device), t, t, value=-a * b)  # a b (1 − t²)
+        slope = torch.addcmul(_constant(a * b, x), t, t, value=-a * b)  # a b (1 − t²)
         curvature = torch.mul(t, slope).mul_(-2.0 * b) if second else None
         if name == "twist":
             slope = slope.add_(_TWIST_C)

@@ -46,7 +46,7 @@ import torch.nn.functional as tnf
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from .batching import Batch, dense_rows_and_atoms
+from .batching import Batch, contraction_index, derivative_elements
 from .loss import adjoints, error_sums, loss_coefficients
 from .model import AtomicModel, ElementNet, activate_with_derivatives
 
@@ -246,17 +246,14 @@ def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: b
 
 
 def _centered_rows(batch: Batch, members: tuple[str, ...], avg: Tensor, num_rows: int) -> Tensor:
-    """G − avg of the group's elements, (E, M, F): each element's rows, then zero rows up to M (one pass each)."""
+    """G − avg of the group's elements, (E, M, F): each element's rows, then padding rows up to M.
+
+    The padding rows hold −avg: finite, and they get zero adjoints and tangents, so they add exact
+    zeros to every gradient (two operators for the group, where a copy per element took a dozen).
+    """
     if len(members) == 1:
         return torch.sub(batch.G[members[0]], avg[0]).unsqueeze(0)
-    first = batch.G[members[0]]
-    centered = first.new_empty(len(members), num_rows, first.shape[1])
-    for e, el in enumerate(members):  # a loop over the group's elements
-        n = batch.G[el].shape[0]
-        torch.sub(batch.G[el], avg[e], out=centered[e, :n])
-        if n < num_rows:
-            centered[e, n:].zero_()  # padding rows: finite, and they get zero adjoints and tangents
-    return centered
+    return pad_sequence([batch.G[el] for el in members], batch_first=True).sub_(avg)
 
 
 def _input_gradient(p: GroupPass, num_rows: int) -> Tensor:
@@ -280,10 +277,10 @@ def _input_gradient(p: GroupPass, num_rows: int) -> Tensor:
     return torch.bmm(delta.transpose(1, 2), first).expand(-1, num_rows, -1)  # shape (E, M, F)
 
 
-def _dense_index(batch: Batch, element: str) -> tuple[Tensor, Tensor]:
-    """(rows, atoms) of all of ``element``'s dense blocks, one after another (the batch's, if it has them)."""
-    index = batch.dense_index.get(element)
-    return index if index is not None else dense_rows_and_atoms(batch.dense[element])
+def _contract_index(batch: Batch, element: str) -> tuple[Tensor, Tensor]:
+    """(G rows, atoms) of ``element``'s sparse rows then dense blocks (the batch's, if it has them)."""
+    index = batch.contract_index.get(element)
+    return index if index is not None else contraction_index(batch, element)
 
 
 def _pieces(flat, blocks, axis: int) -> list:
@@ -299,8 +296,9 @@ def _pieces(flat, blocks, axis: int) -> list:
 # The contractions' products on a CPU go through numpy (views of the tensors' memory): its stacked
 # matmul runs one OpenBLAS matrix-vector product per matrix and reads a dense block at memory speed,
 # where torch's bmm took 1.3-1.8x as long; its einsum did the sparse rows' 3 x F products in 0.4-0.5x
-# the time of torch's bmm (TiO2 blocks and 5,000 sparse rows, one core, float32 and float64). Each
-# tensor is viewed once per step (a view costs four dispatcher calls), its pieces are numpy slices.
+# the time of torch's bmm (TiO2 blocks and 5,000 sparse rows, one core, float32 and float64). The batch
+# carries the numpy views of its blocks and sparse rows, and the step's buffers are numpy's, so no
+# tensor is converted in a step (a conversion costs four dispatcher calls).
 # numpy's OpenBLAS keeps to one thread (aenet_dist sets OPENBLAS_NUM_THREADS=1, one thread per rank
 # being the default), so with run.cpu_threads > 1 torch's threaded products are used instead.
 HOST_PRODUCTS = True  # False: torch's products on the CPU too (the path other devices take; for tests)
@@ -312,80 +310,96 @@ def _on_host(t: Tensor) -> bool:
     return HOST_PRODUCTS and t.device.type == "cpu" and torch.get_num_threads() == 1
 
 
-def _buffer(like: Tensor, size: int) -> tuple[Tensor, np.ndarray | None]:
-    """An empty flat tensor of ``size`` like ``like``, and a numpy view of it where the products run in numpy.
+def _buffer(like: Tensor, rows: int, width: int) -> tuple[Tensor, np.ndarray | None]:
+    """An empty (rows, width) tensor like ``like``, and a numpy view of it where the products run in numpy.
 
-    On the host the memory is numpy's and the tensor wraps it (``torch.from_numpy`` dispatches no operator).
+    On the host the memory is numpy's and the tensor wraps it (``torch.from_numpy`` is one operator,
+    and the numpy side is sliced and reshaped without any).
     """
     if not _on_host(like):
-        return like.new_empty(size), None
-    host = np.empty(size, dtype=_NUMPY[like.dtype])
+        return like.new_empty((rows, width)), None
+    host = np.empty((rows, width), dtype=_NUMPY[like.dtype])
     return torch.from_numpy(host), host
 
 
 def _gathered(values: Tensor, index: Tensor) -> tuple[Tensor, np.ndarray | None]:
-    """values[index] (flat, a :func:`_buffer` pair): the rows a contraction reads, written once into its buffer."""
-    width = values.shape[1]
-    rows = _buffer(values, index.numel() * width)
-    torch.index_select(values, 0, index, out=rows[0].view(-1, width))
+    """values[index] (a :func:`_buffer` pair): the rows a contraction reads, written once into its buffer."""
+    rows = _buffer(values, index.numel(), values.shape[1])
+    torch.index_select(values, 0, index, out=rows[0])
     return rows
 
 
-def _dense_products(blocks, x: tuple[Tensor, np.ndarray | None], out: tuple[Tensor, np.ndarray | None], transposed: bool) -> None:
+def _products(batch: Batch, element: str, x: tuple[Tensor, np.ndarray | None], out: tuple[Tensor, np.ndarray | None],
+              transposed: bool) -> None:
+    """out = C x for one element's derivative rows (``transposed``: out = Cᵀ x), C its sparse rows then
+    its dense blocks, in the order of :attr:`Batch.contract_index`.
+
+    ``x`` and ``out`` are :func:`_buffer` pairs. Forward: x (rows, F) of dE/dG, out (atoms, 3).
+    Transposed: x (atoms, 3), out (rows, F). The sparse rows take the first P rows of both.
+    """
+    deriv = batch.deriv.get(element)
+    num_sparse = 0
+    if deriv is not None:
+        dG = deriv[2]  # (P, 3, F)
+        num_sparse = dG.shape[0]
+        if x[1] is not None:
+            dG_host = batch.deriv_host.get(element)
+            np.einsum("pcf,pc->pf" if transposed else "pcf,pf->pc", dG.numpy() if dG_host is None else dG_host,
+                      x[1][:num_sparse], out=out[1][:num_sparse])
+        elif transposed:  # three multiply-adds over (P, F) slices: fewer kernels than P batched 1 x 3 @ 3 x F products
+            xs, ys = x[0][:num_sparse], out[0][:num_sparse]
+            torch.mul(dG[:, 0], xs[:, 0:1], out=ys)
+            ys.addcmul_(dG[:, 1], xs[:, 1:2]).addcmul_(dG[:, 2], xs[:, 2:3])
+        else:
+            torch.bmm(dG, x[0][:num_sparse].unsqueeze(-1), out=out[0][:num_sparse].unsqueeze(-1))
+    blocks = batch.dense.get(element)
+    if blocks:
+        _dense_products(blocks, *(_flat_tail(pair, num_sparse) for pair in (x, out)), transposed)
+
+
+def _flat_tail(pair: tuple[Tensor, np.ndarray | None], start: int):
+    """Rows ``start:`` of a :func:`_buffer` pair, flattened: the numpy array where there is one, else the tensor."""
+    return pair[1][start:].reshape(-1) if pair[1] is not None else pair[0][start:].reshape(-1)
+
+
+def _dense_products(blocks, x, out, transposed: bool) -> None:
     """For each block and each of its matrices s: out_s = D_s x_s, or D_sᵀ x_s when ``transposed``.
 
-    ``x`` and ``out`` are flat :func:`_buffer` pairs, the blocks' pieces one after another: x (S, K)
-    and out (S, R) per block with D (S, R, K), or x (S, R) and out (S, K) when transposed.
+    ``x`` and ``out`` are flat (numpy arrays on the host, else tensors), the blocks' pieces one after
+    another: x (S, K) and out (S, R) per block with D (S, R, K), or x (S, R) and out (S, K) when transposed.
     """
     axes = (1, 2) if transposed else (2, 1)
-    if x[1] is not None:
-        for block, xs, ys in zip(blocks, _pieces(x[1], blocks, axes[0]), _pieces(out[1], blocks, axes[1])):
+    pieces = zip(blocks, _pieces(x, blocks, axes[0]), _pieces(out, blocks, axes[1]))
+    if isinstance(x, np.ndarray):
+        for block, xs, ys in pieces:
             D = block.host if block.host is not None else block.D.numpy()
             if transposed:
                 np.matmul(xs[:, None, :], D, out=ys[:, None, :])
             else:
                 np.matmul(D, xs[:, :, None], out=ys[:, :, None])
         return
-    for block, xs, ys in zip(blocks, _pieces(x[0], blocks, axes[0]), _pieces(out[0], blocks, axes[1])):
+    for block, xs, ys in pieces:
         # (D x)ᵀ = xᵀ Dᵀ: row vector times matrix
         torch.bmm(xs.unsqueeze(1), block.D if transposed else block.D.transpose(1, 2), out=ys.unsqueeze(1))
-
-
-def _sparse_products(dG: Tensor, values: Tensor, index: Tensor, transposed: bool) -> Tensor:
-    """For the rows p of dG (P, 3, F) and x = values[index]: Σ_f dG[p, :, f] x[p, f] (P, 3) for values (N, F),
-    or Σ_c dG[p, c, :] x[p, c] (P, F) for values (N, 3)."""
-    width = values.shape[1]
-    x, x_host = _gathered(values, index)
-    if x_host is not None:
-        out, out_host = _buffer(values, dG.shape[0] * (dG.shape[2] if transposed else 3))
-        np.einsum("pcf,pc->pf" if transposed else "pcf,pf->pc", dG.numpy(), x_host.reshape(-1, width),
-                  out=out_host.reshape(dG.shape[0], -1))
-        return out.view(dG.shape[0], -1)
-    x = x.view(-1, width)
-    if transposed:  # three multiply-adds over (P, F) slices: fewer kernels than P batched 1 x 3 @ 3 x F products
-        return torch.addcmul(torch.addcmul(dG[:, 0] * x[:, 0:1], dG[:, 1], x[:, 1:2]), dG[:, 2], x[:, 2:3])
-    return torch.bmm(dG, x.unsqueeze(-1)).view(-1, 3)
 
 
 def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
     """Forces F = −C · dE/dG (A, 3) over the batch's sparse rows and dense blocks.
 
-    An element's dense blocks (one per size group) share one gather of their dE/dG rows and one
-    scatter of their forces, with one batched product per block in between: the operator count
-    does not grow by six with every distinct structure size in a batch.
+    Per element, all its derivative rows (sparse rows and every dense block) share one gather of
+    their dE/dG rows and one scatter of their forces, with the products in between: the operator
+    count does not grow with the number of distinct structure sizes in a batch.
     """
     ref = next(iter(batch.G.values()))
     # C · dE/dG is summed, then negated once: index_add_ with alpha=-1 took 4-6x as long as without
     # on a CPU core (synthetic set: 12 of a 35 ms step). Negation is exact, so the bits are those
     # of summing the negated terms (an atom without rows gets −0.0).
     forces = torch.zeros(batch.total_atoms, 3, dtype=ref.dtype, device=ref.device)
-    for element, (center, neighbor, dG) in batch.deriv.items():  # dG (P, 3, F)
-        forces.index_add_(0, neighbor, _sparse_products(dG, dE_dG[element], center, transposed=False))
-    for element, blocks in batch.dense.items():  # D (B_g, 3n, n_el F) each
-        rows, atoms = _dense_index(batch, element)
-        contrib = _buffer(dE_dG[element], atoms.numel() * 3)
-        _dense_products(blocks, _gathered(dE_dG[element], rows), contrib, transposed=False)
-        forces.index_add_(0, atoms, contrib[0].view(-1, 3))
+    for element in derivative_elements(batch):
+        rows, atoms = _contract_index(batch, element)
+        contrib = _buffer(ref, atoms.numel(), 3)
+        _products(batch, element, _gathered(dE_dG[element], rows), contrib, transposed=False)
+        forces.index_add_(0, atoms, contrib[0])
     return forces.neg_()
 
 
@@ -395,14 +409,12 @@ def contract_transposed(force_adjoint: Tensor, batch: Batch, out: dict[str, Tens
     ``out`` holds zeroed (N, F) tensors (views into a group's padded rows are fine).
     """
     negated = force_adjoint.neg()  # so that index_add_ runs without its slow alpha (see contract)
-    for element, (center, neighbor, dG) in batch.deriv.items():
-        out[element].index_add_(0, center, _sparse_products(dG, negated, neighbor, transposed=True))
-    for element, blocks in batch.dense.items():
+    for element in derivative_elements(batch):
         u = out[element]
-        rows, atoms = _dense_index(batch, element)
-        contrib = _buffer(negated, rows.numel() * u.shape[1])
-        _dense_products(blocks, _gathered(negated, atoms), contrib, transposed=True)
-        u.index_add_(0, rows, contrib[0].view(-1, u.shape[1]))
+        rows, atoms = _contract_index(batch, element)
+        contrib = _buffer(negated, rows.numel(), u.shape[1])
+        _products(batch, element, _gathered(negated, atoms), contrib, transposed=True)
+        u.index_add_(0, rows, contrib[0])
 
 
 def backward(model: AtomicModel, fwd: StepForward, batch: Batch, energy_adjoint: Tensor, force_adjoint: Tensor | None,
