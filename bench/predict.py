@@ -21,7 +21,7 @@ forces, from the XSF files to the results:
   torch-based predictor would add to every run.
 
 predict is numpy on the CPU, float64, OpenBLAS on one thread (aenet_dist sets OPENBLAS_NUM_THREADS=1
-unless it is set); its ``--threads`` evaluates batches of structures side by side.
+unless it is set); its ``--threads`` N above 1 reads and predicts chunks of files in N forked worker processes.
 
 aenet's predict.x (serial Fortran, built by ``shared/peers/build.sh``) runs in the same invocation,
 alternating with our end-to-end runs on the same input: speed-ups are per pair, then the median.
@@ -225,7 +225,8 @@ def main() -> int:
                          "runs_s": peer_walls, "loadavg": load1()})
             for threads, runs in ours.items():
                 walls = [w for w, _ in runs]
-                measure = f"end to end, {threads} thread{'s' if threads > 1 else ''}" + (" (default)" if threads == cores else "")
+                # --threads N above 1: N forked worker processes (aenet-dist predict imports no torch, so it forks)
+                measure = ("end to end, 1 thread" if threads == 1 else f"end to end, {threads} worker processes") + (" (default)" if threads == cores else "")
                 rows.append({"program": "aenet_dist", "measure": measure, "forces": forces, "threads": threads,
                              "wall_s": statistics.median(walls), "cpu_s": statistics.median(c for _, c in runs), "runs_s": walls,
                              "pair_ratios": [t / o for t, o in zip(peer_walls, walls)], "loadavg": load1()})

@@ -225,6 +225,44 @@ def test_cli_with_predict_in(ref, tmp_path, capsys):
     assert "--threads must be >= 1" in capsys.readouterr().err
 
 
+def test_cli_worker_processes_give_the_same_bits(ref, tmp_path):
+    """In a process without torch, --threads 2 forks worker processes: the JSON equals --threads 1's
+    bit for bit, in file order; a broken file in the middle is named, without a traceback."""
+    names = [str(n) for n in ref["file_names"][:9]]
+    path = _predict_in(tmp_path, names)
+    job = path.parent
+    code = ("import sys\nfrom aenet_dist import predict\nassert predict._can_fork()\n"
+            "sys.exit(predict.main(sys.argv[1:]))\n")
+    for threads in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", code, str(path), "--threads", threads, "--quiet", "--json", f"t{threads}.json"],
+                              cwd=job, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    one, two = (json.loads((job / f"t{t}.json").read_text()) for t in ("1", "2"))
+    assert [d["name"] for d in two] == [f"xsf/{n}" for n in names]
+    assert two == one  # floats through JSON's repr: equal means bitwise
+    bad = job / "xsf" / "bad.xsf"
+    bad.write_text("# total energy = -1.0 eV\nCRYSTAL\nPRIMVEC\n1 0 0\n")
+    files = [str(job / "xsf" / n) for n in names[:4]] + [str(bad)] + [str(job / "xsf" / n) for n in names[4:]]
+    done = subprocess.run([sys.executable, "-m", "aenet_dist.predict", "--potentials", str(job / "pots"), *files, "--threads", "2", "--quiet"],
+                          cwd=job, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"error: {bad}: PRIMVEC needs 3 lattice vectors" in done.stderr
+
+
+def test_killed_worker_process_is_a_clear_error(ref, tmp_path):
+    """A worker that dies (SIGKILL, as the out-of-memory killer sends) ends predict with a one-line
+    error, not a hang or a traceback."""
+    path = _predict_in(tmp_path, [str(n) for n in ref["file_names"][:6]])
+    code = ("import os, signal, sys\nfrom aenet_dist import predict\n"
+            "def killed(chunk):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "predict._predict_chunk = killed\n"
+            "sys.exit(predict.main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path), "--threads", "2", "--quiet"],
+                          cwd=path.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "error: a predict worker process ended abruptly" in done.stderr
+
+
 def test_cli_with_potentials_and_globs(ref, tmp_path, capsys):
     job = _predict_in(tmp_path, [str(n) for n in ref["file_names"][:3]]).parent
     out = tmp_path / "out.json"
