@@ -608,13 +608,12 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
     local_bytes = structure_bytes(reader, dtype.itemsize)[data.start : data.stop]
     user_budget = None if config.memory_budget_gb is None else config.memory_budget_gb * 2**30
     mode, reason = choose_cache(config.cache, float(local_bytes.sum()), info.device, user_budget)
-    # A background gathering thread pays off only on a spare core: with a CPU rank on every
-    # core it competes with the ranks' own compute (2 ranks on 2 cores: 10 % slower epochs).
-    ranks, cores = local_ranks(), usable_cores()
-    prefetch = mode != "gpu" and not (info.device.type == "cpu" and ranks > 1 and ranks >= cores)
+    # Batches are gathered by a background thread for every host cache, even with a CPU rank on
+    # every core: the thread gathers while its rank waits in the step's all-reduce (2 ranks on 2
+    # cores, memory cache: synthetic 5000 0.98-1.08 against 1.07-1.19 s/epoch gathering inline;
+    # TiO2 no different, 90-118 against 91-113 ms).
+    prefetch = mode != "gpu"
     if info.is_main:
-        if mode != "gpu" and not prefetch:
-            log.info("batches are gathered in the training thread: %d ranks on %d cores leave none for a gathering thread", ranks, cores)
         log.info("data.cache=%s -> %s (%s)", config.cache, mode, reason)
         stored = reader.attrs.get("deriv_dtype", "float64")
         if mode == "stream" and dtype == torch.float32 and stored == "float64":

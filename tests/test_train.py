@@ -225,10 +225,6 @@ def test_two_gloo_ranks_follow_the_one_rank_trajectory(emt, tmp_path):
     result = run_train([two], ranks=2)
     assert "test RMSE energy" in result.stdout
     assert "DistributedDataParallel over 2 ranks (gloo), summed" in result.stdout + result.stderr  # the lean step under DDP
-    import os as _os
-
-    if len(_os.sched_getaffinity(0)) <= 2:  # a rank on every core: no gathering thread
-        assert "gathered in the training thread" in result.stdout + result.stderr
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(m1) == len(m2) == 3
     for a, b in zip(m1, m2):
