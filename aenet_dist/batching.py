@@ -420,7 +420,7 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
     if with_forces:
         batch.forces = torch.index_select(shard.forces, 0, atoms)
         batch.force_atoms = torch.repeat_interleave(shard.has_derivs[index], num_atoms, output_size=atoms.numel())
-    return batch if defer_dense else index_dense(batch)
+    return batch if defer_dense else index_derivatives(batch)
 
 
 def _dense_blocks(el: ElementShard, index: torch.Tensor, batch_row_start: torch.Tensor, batch_atom_start: torch.Tensor,
@@ -455,7 +455,7 @@ def merge_batches(parts: list[Batch]) -> Batch:
     ordered by size, as the whole shard's size groups are.
     """
     if len(parts) == 1:
-        return index_dense(_read_dense(parts[0]))
+        return index_derivatives(_read_dense(parts[0]))
     first = parts[0]
     structure_shift = np.cumsum([0] + [int(p.num_atoms.numel()) for p in parts])
     atom_shift = np.cumsum([0] + [p.total_atoms for p in parts])
@@ -494,10 +494,10 @@ def merge_batches(parts: list[Batch]) -> Batch:
     if first.forces is not None:
         batch.forces = cat([p.forces for p in parts])
         batch.force_atoms = cat([p.force_atoms for p in parts])
-    return index_dense(batch)
+    return index_derivatives(batch)
 
 
-def index_dense(batch: Batch) -> Batch:
+def index_derivatives(batch: Batch) -> Batch:
     """``batch`` with its :attr:`Batch.contract_index` (and, on the CPU, the numpy views of its blocks'
     D and sparse dG) filled in (in place)."""
     batch.contract_index = {element: contraction_index(batch, element) for element in derivative_elements(batch)}

@@ -476,8 +476,9 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], names: Sequence[s
 
 
 def _can_fork() -> bool:
-    """Whether worker processes may be forked from this one: a platform that forks, no other Python
-    thread, and no torch loaded (its OpenMP threads, if it started them, do not survive a fork).
+    """Whether worker processes may be forked from this one: Linux (on macOS a fork after the system's
+    frameworks ran is unsafe, which is why Python spawns there), no other Python thread, and no
+    torch loaded (its OpenMP threads, if it started them, do not survive a fork).
 
     ``aenet-dist predict`` qualifies (it imports no torch); a program that loaded torch or runs
     threads gets threads instead.
@@ -485,7 +486,8 @@ def _can_fork() -> bool:
     import multiprocessing
     import threading
 
-    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1 and "torch" not in sys.modules
+    return (sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+            and threading.active_count() == 1 and "torch" not in sys.modules)
 
 
 _FORKED: tuple | None = None  # (predictor, options) that forked workers inherit (nothing is pickled to them)
