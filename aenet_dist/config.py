@@ -635,9 +635,15 @@ class RunConfig:
     keep_last: int = 2
     """Number of most recent checkpoints kept on disk, >= 1."""
     early_stop_patience: int | None = None
-    """Stop after this many epochs without test-loss improvement; None = never."""
+    """Stop after this many evaluated epochs without test-loss improvement; None = never."""
     log_every: int = 0
     """Log the training loss every this many steps; 0 = once per epoch only."""
+    eval_every: int = 1
+    """Evaluate the test set every this many epochs, and at the last epoch. The epochs between
+    report training errors only (their test fields are NaN), and the best checkpoint, early
+    stopping and a ``plateau`` schedule count evaluated epochs only. Worth raising for ``stream``
+    under a budget too small to keep the test set: each evaluation then reads the store again,
+    since test structures lie in every block (synthetic 5000: 4.2 of a 9.3 s epoch)."""
 
     cpu_threads: int = 1
     """Intra-op threads per rank when training on the CPU; 0 = this process's cores divided by the
@@ -675,6 +681,8 @@ class RunConfig:
             raise ValueError(f"run.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.keep_last < 1:
             raise ValueError(f"run.keep_last must be >= 1, got {self.keep_last}")
+        if self.eval_every < 1:
+            raise ValueError(f"run.eval_every must be >= 1, got {self.eval_every}")
         if self.early_stop_patience is not None and self.early_stop_patience < 1:
             raise ValueError(f"run.early_stop_patience must be >= 1 (or unset = never), got {self.early_stop_patience}")
         if self.log_every < 0:

@@ -73,9 +73,11 @@ def plot_learning_curves(metrics: list[dict], out: str | os.PathLike) -> Path:
     for ax, (what, unit, label) in zip(axes, panels):
         for split, style in (("train", "-"), ("test", "--")):
             values = [m.get(f"{split}_rmse_{what}_{unit}", float("nan")) for m in metrics]
-            values = [v if v is not None and math.isfinite(v) and v > 0 else float("nan") for v in values]
-            if any(math.isfinite(v) for v in values):
-                ax.plot(epochs, values, style, marker="o" if len(epochs) < 30 else None, markersize=3, label=split)
+            # Only the finite points: with run.eval_every > 1 the test errors of the epochs between
+            # evaluations are NaN, and a line broken at every NaN would show nothing.
+            points = [(e, v) for e, v in zip(epochs, values) if v is not None and math.isfinite(v) and v > 0]
+            if points:
+                ax.plot(*zip(*points), style, marker="o" if len(points) < 30 else None, markersize=3, label=split)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)

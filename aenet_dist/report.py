@@ -97,19 +97,21 @@ class RunReport:
                 if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tensorboard.add_scalar(key, value, epoch)
         test_e, test_f = last["test_rmse_energy_meV_atom"], last["test_rmse_forces_eV_A"]
+        tested = math.isfinite(test_e) or math.isfinite(test_f)  # not on epochs between evaluations (run.eval_every)
         if self.progress is not None:
-            self.progress.set_postfix_str(f"test E {test_e:.2f} meV/atom F {test_f:.3f} eV/Å", refresh=False)
+            if tested:
+                self.progress.set_postfix_str(f"test E {test_e:.2f} meV/atom F {test_f:.3f} eV/Å", refresh=False)
             self.progress.update(1)
         every = self.run.print_every or max(1, self.run.epochs // PRINTED_LINES)
         if not (due or epoch % every == 0 or epochs_done == 1 or epoch == self.run.epochs):
             return
         eta = seconds / epochs_done * (self.run.epochs - epoch)
+        test = (f"test E {test_e:.2f} meV/atom F {test_f:.4f} eV/Å, angle {last['test_force_angle_median_deg']:.1f}° "
+                f"(p90 {last['test_force_angle_p90_deg']:.1f}°)") if tested else "test -"
         log.info(
-            "epoch %d/%d | train E %.2f meV/atom F %.4f eV/Å | test E %.2f meV/atom F %.4f eV/Å, angle %.1f° (p90 %.1f°) "
-            "| lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
-            epoch, self.run.epochs, last["train_rmse_energy_meV_atom"], last["train_rmse_forces_eV_A"], test_e, test_f,
-            last["test_force_angle_median_deg"], last["test_force_angle_p90_deg"], last["lr"], last["structures_per_second"],
-            last["data_seconds"], last["train_seconds"], format_time(eta),
+            "epoch %d/%d | train E %.2f meV/atom F %.4f eV/Å | %s | lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
+            epoch, self.run.epochs, last["train_rmse_energy_meV_atom"], last["train_rmse_forces_eV_A"], test,
+            last["lr"], last["structures_per_second"], last["data_seconds"], last["train_seconds"], format_time(eta),
         )
 
     def warn_about_waiting(self, data_seconds: float, compute_seconds: float, train_seconds: float) -> None:

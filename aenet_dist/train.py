@@ -513,23 +513,31 @@ class Trainer:
 
     def _end_epoch(self, totals: torch.Tensor, epoch_start: float, train_seconds: float, data_seconds: float,
                    run_start: float) -> tuple[dict, bool]:
-        """Evaluate, count the epoch, track the best loss, step the schedule; (the epoch's metrics, improved)."""
-        test_totals, angles = self.evaluate() if self.data.num_test_global else (None, None)
+        """Evaluate (every ``run.eval_every`` epochs and at the last), count the epoch, track the best
+        loss, step the schedule; (the epoch's metrics, improved)."""
+        run = self.config.run
+        epoch = self.epoch + 1
+        has_test = bool(self.data.num_test_global)
+        evaluated = has_test and (epoch % run.eval_every == 0 or epoch >= run.epochs)
+        test_totals, angles = self.evaluate() if evaluated else (None, None)
         angles = angles.cpu().numpy() if angles is not None else None
-        self.epoch += 1
+        self.epoch = epoch
         train_e, train_f = self._metrics(totals)
         test_e, test_f = self._metrics(test_totals) if test_totals is not None else (float("nan"), float("nan"))
-        monitored = self._loss_of(test_e, test_f) if test_totals is not None else self._loss_of(train_e, train_f)
-        improved = monitored < self.best_loss
-        if improved:
-            self.best_loss, self.best_epoch, self.bad_epochs = monitored, self.epoch, 0
+        plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if has_test and not evaluated:  # nothing to compare: best, patience and a plateau schedule wait
+            monitored, improved = float("nan"), False
         else:
-            self.bad_epochs += 1
-        if self.scheduler is not None:
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.scheduler.step(monitored)
+            monitored = self._loss_of(test_e, test_f) if has_test else self._loss_of(train_e, train_f)
+            improved = monitored < self.best_loss
+            if improved:
+                self.best_loss, self.best_epoch, self.bad_epochs = monitored, self.epoch, 0
             else:
-                self.scheduler.step()
+                self.bad_epochs += 1
+            if plateau:
+                self.scheduler.step(monitored)
+        if self.scheduler is not None and not plateau:
+            self.scheduler.step()
         return {
             "epoch": self.epoch,
             "step": self.step,

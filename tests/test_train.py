@@ -1,6 +1,7 @@
 """Training: model forces are −dE/dR, batching, loss definitions, 1 vs 2 ranks (gloo),
 exact resume, and the bad-input messages."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -719,3 +720,40 @@ def test_next_epoch_gathered_ahead_trains_the_same_and_leaves_no_thread(emt, tmp
     stopping.fit()
     assert stopping.epoch == 2 and stopping.next_epoch_batches is None
     assert not _gathering_threads()
+
+
+def test_eval_every_evaluates_on_schedule_and_at_the_end(emt, tmp_path):
+    """run.eval_every = 3 over 7 epochs: the test set is evaluated at epochs 3, 6 and 7 (the last);
+    the other epochs' test fields are NaN, the training itself is bit for bit that of evaluating
+    every epoch, and the best epoch, early stopping and a plateau schedule count evaluations only."""
+    _, store = emt
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    every = Trainer(config_for(store, tmp_path / "every", run={"epochs": 7}), info)
+    sparse = Trainer(config_for(store, tmp_path / "sparse", run={"epochs": 7, "eval_every": 3}), info)
+    every.fit()
+    sparse.fit()
+    for (name, a), (_, b) in zip(every.model.state_dict().items(), sparse.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    rows, full = metrics(tmp_path / "sparse"), metrics(tmp_path / "every")
+    tested = [r["epoch"] for r in rows if math.isfinite(r["test_rmse_energy_meV_atom"])]
+    assert tested == [3, 6, 7]
+    for r, f in zip(rows, full):
+        assert r["train_rmse_energy_meV_atom"] == f["train_rmse_energy_meV_atom"]
+        if r["epoch"] in tested:
+            assert r["test_rmse_forces_eV_A"] == f["test_rmse_forces_eV_A"]
+        else:
+            assert math.isnan(r["test_rmse_forces_eV_A"]) and math.isnan(r["loss"])
+    assert sparse.best_epoch in tested
+    # An lr of 1e-30 never improves the test loss: patience 1 stops at the second evaluation (epoch 4),
+    # and a plateau schedule is stepped once per evaluation (3 in 6 epochs).
+    stopping = Trainer(config_for(store, tmp_path / "stop", optim={"method": "sgd", "lr": 1e-30},
+                                  run={"epochs": 9, "eval_every": 2, "early_stop_patience": 1}), info)
+    stopping.fit()
+    assert stopping.epoch == 4
+    plateau = Trainer(config_for(store, tmp_path / "plateau", optim={"method": "sgd", "lr": 1e-30},
+                                 schedule={"kind": "plateau", "patience": 0, "factor": 0.5, "min_lr": 0.0},
+                                 run={"epochs": 6, "eval_every": 2}), info)
+    plateau.fit()
+    assert plateau.scheduler.last_epoch == 3
+    with pytest.raises(ValueError, match="run.eval_every must be >= 1"):
+        config_for(store, tmp_path / "bad", run={"eval_every": 0})
