@@ -759,6 +759,8 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     test.budget_total = budget_bytes
     log.info(
         "stream: budget %.2f GiB per rank: %.2f GiB for blocks read ahead, test set (%.2f GiB) %s",
-        budget_bytes / 2**30, left / 2**30, test_bytes / 2**30, "kept in memory" if test_resident else "streamed too",
+        budget_bytes / 2**30, left / 2**30, test_bytes / 2**30,
+        "kept in memory" if test_resident else
+        "streamed too: each evaluation reads the store's blocks again (run.eval_every N evaluates every N epochs)",
     )
     return train, test
