@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -434,17 +435,25 @@ def read_for_prediction(path: str | os.PathLike, name: str | None = None) -> lis
     return [structure_from_atoms(a, f"{name}@{k}") for k, a in enumerate(frames)]
 
 
-def _side_by_side(work, items: list, threads: int, largest: int) -> list:
+def _side_by_side(work, items: list, threads: int, largest: int, processes: bool = False) -> list:
     """``work(chunk)`` over ``items`` cut into chunks of at most ``largest``, ``threads`` chunks at once;
-    the results joined in order. With more than one thread the chunks are cut smaller, at least
-    four per thread, so that the threads finish together."""
+    the results joined in order. With more than one worker the chunks are cut smaller, at least
+    four per worker, so that the workers finish together. ``processes``: the workers are forked
+    processes (``work`` then a module-level function), else threads."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     size = largest if threads == 1 else max(1, min(largest, math.ceil(len(items) / (4 * threads))))
     chunks = [items[k : k + size] for k in range(0, len(items), size)]
     if threads == 1 or len(chunks) < 2:
         return [r for chunk in chunks for r in work(chunk)]
-    with ThreadPoolExecutor(min(threads, len(chunks)), thread_name_prefix="predict") as pool:
+    if processes:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(min(threads, len(chunks)), mp_context=multiprocessing.get_context("fork"))
+    else:
+        pool = ThreadPoolExecutor(min(threads, len(chunks)), thread_name_prefix="predict")
+    with pool:
         return [r for part in pool.map(work, chunks) for r in part]
 
 
@@ -465,14 +474,25 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], names: Sequence[s
     1.05-1.22 s (energies) and 1.57-1.88 against 2.13-2.36 s (forces). Results are bitwise the
     same either way. A file that cannot be read raises for the first such file in order.
     """
-    items = list(zip(paths, names))
-    if threads > 1 and len(items) > 1 and _can_fork():
-        return _in_processes(predictor, items, threads, options)
+    if not (threads > 1 and _can_fork()):
+        return _side_by_side(functools.partial(_read_and_predict, predictor, options), list(zip(paths, names)),
+                             threads, max(1, len(paths)))
+    from concurrent.futures.process import BrokenProcessPool
 
-    def read_and_predict(chunk: list[tuple[Path, str]]) -> list[Prediction]:
-        return predictor.predict([s for p, n in chunk for s in read_for_prediction(p, n)], **options)
+    global _FORKED
+    _FORKED = (predictor, options)
+    try:
+        return _side_by_side(_predict_chunk, list(zip(paths, names)), threads, max(1, len(paths)), processes=True)
+    except BrokenProcessPool:
+        raise OSError("a predict worker process ended abruptly (killed by a signal, e.g. by the out-of-memory killer); "
+                      "rerun with fewer --threads or --threads 1") from None
+    finally:
+        _FORKED = None
 
-    return _side_by_side(read_and_predict, items, threads, max(1, len(paths)))
+
+def _read_and_predict(predictor: Predictor, options: dict, chunk: list[tuple[Path, str]]) -> list[Prediction]:
+    """Read one chunk of (path, name) files and predict their structures."""
+    return predictor.predict([s for p, n in chunk for s in read_for_prediction(p, n)], **options)
 
 
 def _can_fork() -> bool:
@@ -494,29 +514,8 @@ _FORKED: tuple | None = None  # (predictor, options) that forked workers inherit
 
 
 def _predict_chunk(chunk: list[tuple[Path, str]]) -> list[Prediction]:
-    """In a forked worker: read and predict one chunk of files with the inherited predictor."""
-    predictor, options = _FORKED
-    return predictor.predict([s for p, n in chunk for s in read_for_prediction(p, n)], **options)
-
-
-def _in_processes(predictor: Predictor, items: list[tuple[Path, str]], workers: int, options: dict) -> list[Prediction]:
-    """:func:`predict_files` in ``workers`` forked processes: chunks of at least four per worker, results in order."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    global _FORKED
-    size = max(1, math.ceil(len(items) / (4 * workers)))
-    chunks = [items[k : k + size] for k in range(0, len(items), size)]
-    _FORKED = (predictor, options)
-    try:
-        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=multiprocessing.get_context("fork")) as pool:
-            return [r for part in pool.map(_predict_chunk, chunks) for r in part]
-    except BrokenProcessPool:
-        raise OSError("a predict worker process ended abruptly (killed by a signal, e.g. by the out-of-memory killer); "
-                      "rerun with fewer --threads or --threads 1") from None
-    finally:
-        _FORKED = None
+    """In a forked worker: :func:`_read_and_predict` with the inherited predictor and options."""
+    return _read_and_predict(*_FORKED, chunk)
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:

@@ -211,7 +211,7 @@ def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: b
                 continue
             stacks = group_tensors(model, members)
             avg, inv_std, inv_scale = stacks.buffers["avg"], stacks.buffers["inv_std"], stacks.buffers["scale"].reciprocal()
-            centered = _centered_rows(batch, members, avg, num_rows)  # shape (E, M, F)
+            centered = _centered_rows(batch, members, avg)  # shape (E, M, F)
             if len(members) == 1:
                 atom_structure = batch.atom_structure[members[0]].unsqueeze(0)
             else:
@@ -245,8 +245,9 @@ def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: b
         return StepForward(energy[:num_structures], forces, dE_dG, passes)
 
 
-def _centered_rows(batch: Batch, members: tuple[str, ...], avg: Tensor, num_rows: int) -> Tensor:
-    """G − avg of the group's elements, (E, M, F): each element's rows, then padding rows up to M.
+def _centered_rows(batch: Batch, members: tuple[str, ...], avg: Tensor) -> Tensor:
+    """G − avg of the group's elements, (E, M, F): each element's rows, then padding rows up to M
+    (the most rows of any of them).
 
     The padding rows hold −avg: finite, and they get zero adjoints and tangents, so they add exact
     zeros to every gradient (two operators for the group, where a copy per element took a dozen).
