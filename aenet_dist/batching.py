@@ -326,6 +326,9 @@ class Batch:
     # element -> (the piece's dG, rows of it) while the sparse dG of ``deriv`` is left unread (None),
     # like a deferred DenseBlock: merge_batches copies each piece's rows once, into the merged tensor.
     deriv_source: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # 0-d int64: the real structures of a batch padded to a shape bucket (aenet_dist.graphs), whose
+    # padded structures must not count in the energy RMSE; None: every structure is real.
+    structure_count: torch.Tensor | None = None
 
     @property
     def total_atoms(self) -> int:
@@ -353,6 +356,7 @@ class Batch:
             {e: (move(rows), move(atoms)) for e, (rows, atoms) in self.contract_index.items()},
             deriv_host={e: self.deriv_host[e] for e, rows in self.deriv.items()  # kept where dG did not move
                         if e in self.deriv_host and moved[e][2] is rows[2]},
+            structure_count=None if self.structure_count is None else move(self.structure_count),
         )
 
 

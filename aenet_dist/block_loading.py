@@ -54,6 +54,7 @@ class BlockTask:
         dtype: the training dtype.
         buckets: pad dense blocks to size buckets (``data.dense_buckets``).
         derivs_used: per member, whether its derivative rows are kept (``data.force_percent``); None = all.
+        dense_blocks: lay complete derivative rows out as dense blocks (False: all sparse, for CUDA graphs).
     """
 
     store: str
@@ -63,6 +64,7 @@ class BlockTask:
     dtype: torch.dtype
     buckets: bool
     derivs_used: np.ndarray | None = None
+    dense_blocks: bool = True
 
 
 def check_finite(data: StructureRange, reader: StoreReader) -> None:
@@ -85,7 +87,8 @@ def load_block(reader: StoreReader, task: BlockTask) -> ShardData:
         part = select_structures(part, task.members - task.first)
     if task.derivs_used is not None:
         part = without_derivatives(part, ~task.derivs_used)
-    return shard_from_range(part, task.dtype, store_index=torch.from_numpy(task.members), buckets=task.buckets)
+    return shard_from_range(part, task.dtype, dense_blocks=task.dense_blocks, store_index=torch.from_numpy(task.members),
+                            buckets=task.buckets)
 
 
 # ------------------------------------------------------------------ transport between processes

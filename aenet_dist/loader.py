@@ -345,11 +345,16 @@ class BlockSource:
     def __init__(self, reader: StoreReader, data: RankData, members: np.ndarray, dtype: torch.dtype,
                  resident: bool, budget_bytes: float = math.inf, readers: int = 2, pin: bool = False,
                  piece_bytes: float = 0.0, buckets: bool = False, derivs_used: np.ndarray | None = None,
-                 workers: BlockWorkers | None = None):
+                 workers: BlockWorkers | None = None, dense_blocks: bool = True, whole_blocks: bool = False):
         """``piece_bytes`` > 0 joins consecutive store blocks into pieces of about that many bytes
         of members (fewer, larger gathers per step; for resident sources). ``workers``: load
-        blocks in those processes instead of ``readers`` threads (``data.workers``)."""
+        blocks in those processes instead of ``readers`` threads (``data.workers``). ``dense_blocks=False``:
+        every derivative row sparse (the layout CUDA graphs replay). ``whole_blocks``: hold every structure of
+        a block that has members, not only the members (``stream``'s training blocks: leaving out the
+        test structures was one more copy of each block, 0.3 s of a 5000-structure epoch, for a tenth
+        of its bytes; the plan never asks for them)."""
         self.reader, self.data, self.dtype, self.pin, self.buckets = reader, data, dtype, pin, buckets
+        self.dense_blocks = dense_blocks
         self.derivs_used = derivs_used  # (store,) bool, or None for all: data.force_percent
         self.resident, self.budget_bytes, self.readers = resident, budget_bytes, max(1, readers)
         self.workers = workers
@@ -362,14 +367,15 @@ class BlockSource:
         for k, (a, b) in enumerate(bounds):  # a loop over blocks, once
             if cut[k + 1] == cut[k]:
                 continue  # no members in this block
-            size = float(per_structure[members[cut[k] : cut[k + 1]]].sum())
+            held = np.arange(a, b) if whole_blocks else members[cut[k] : cut[k + 1]]
+            size = float(per_structure[held].sum())
             if self.bounds and self.bounds[-1][1] == a and sizes[-1] + size <= piece_bytes:
                 self.bounds[-1] = (self.bounds[-1][0], b)
-                self.members[-1] = np.r_[self.members[-1], members[cut[k] : cut[k + 1]]]
+                self.members[-1] = np.r_[self.members[-1], held]
                 sizes[-1] += size
             else:
                 self.bounds.append((a, b))
-                self.members.append(members[cut[k] : cut[k + 1]])
+                self.members.append(held)
                 sizes.append(size)
         self.block_start = np.array([m[0] for m in self.members], dtype=np.int64)
         self.block_bytes = np.array(sizes)
@@ -397,7 +403,8 @@ class BlockSource:
         a, b = self.bounds[k]
         members = self.data.start + self.members[k]
         used = None if self.derivs_used is None else self.derivs_used[members]
-        return BlockTask(str(self.reader.path), self.data.start + a, self.data.start + b, members, self.dtype, self.buckets, used)
+        return BlockTask(str(self.reader.path), self.data.start + a, self.data.start + b, members, self.dtype, self.buckets, used,
+                         self.dense_blocks)
 
     def _load(self, k: int) -> ShardData:
         """Block k as tensors, loaded in this process."""
@@ -591,7 +598,8 @@ class TrainingData:
             self.workers.close()
 
 
-def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, dtype: torch.dtype, info) -> TrainingData:
+def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, dtype: torch.dtype, info,
+                       dense_blocks: bool = True) -> TrainingData:
     """Every data decision of a training run, in one place: the rank's shard and split, the cache
     mode (``data.cache``) within the memory budget (``data.memory_budget_gb``), whether a thread
     gathers batches ahead, the evaluation chunks, the force subset (``data.force_percent``) and
@@ -601,6 +609,7 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
     Args:
         config: the run's :class:`~aenet_dist.config.DataConfig`.
         info: the rank's :class:`~aenet_dist.dist.DistInfo` (rank, world size, device).
+        dense_blocks: False lays every derivative row out sparse (CUDA graphs, ``run.cuda_graphs``).
     Raises:
         ValueError: no training structures, or a budget that does not hold what the plan needs.
     """
@@ -641,7 +650,7 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
         if info.is_main:
             log.info("data.force_percent=%g: forces of %d of the %d training structures with derivatives enter the loss",
                      config.force_percent, int(used.sum()), int((reader.has_derivs.astype(bool) & ~test).sum()))
-    buckets = config.dense_buckets == "on" or (config.dense_buckets == "auto" and info.device.type == "cuda")
+    buckets = dense_blocks and (config.dense_buckets == "on" or (config.dense_buckets == "auto" and info.device.type == "cuda"))
     readers = reader_threads(config.readers, mode)
     workers = BlockWorkers(config.workers) if config.workers and mode != "gpu" else None
     if info.is_main and workers is not None:
@@ -650,7 +659,8 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
         log.info("stream: %d reader thread(s) per rank (data.readers%s)", readers, "" if config.readers else ", auto")
     try:
         source, eval_source = make_sources(reader, data, mode, dtype, info.device, user_budget or default_budget_bytes(), readers,
-                                           batch_bytes, first_plan, buckets=buckets, derivs_used=derivs_used, workers=workers)
+                                           batch_bytes, first_plan, buckets=buckets, derivs_used=derivs_used, workers=workers,
+                                           dense_blocks=dense_blocks)
         source.check_budget(first_plan, "first epoch")
         eval_source.check_budget(eval_plan, "evaluation")
     except BaseException:
@@ -707,9 +717,16 @@ def smallest_stream_budget(live_bytes: float, train: "BlockSource", batch_bytes:
     return (LIVE_MARGIN * live_bytes + sum(stream_overheads(train, batch_bytes))) / (1 - ALLOCATOR_RESERVE)
 
 
+def stream_training_source(reader: StoreReader, data: RankData, dtype: torch.dtype, **options) -> BlockSource:
+    """``stream``'s training source (training and ``aenet-dist plan`` build it alike): whole blocks, read
+    as the plan first needs them; ``options`` go to :class:`BlockSource`."""
+    return BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, whole_blocks=True, **options)
+
+
 def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dtype, device: torch.device,
                  budget_bytes: float, readers: int, batch_bytes: float, first_plan: list[np.ndarray] | None = None,
-                 buckets: bool = False, derivs_used: np.ndarray | None = None, workers: BlockWorkers | None = None):
+                 buckets: bool = False, derivs_used: np.ndarray | None = None, workers: BlockWorkers | None = None,
+                 dense_blocks: bool = True):
     """(training source, evaluation source) of a cache mode; reads now what the mode keeps.
 
     ``stream`` splits ``budget_bytes`` between the batches in flight, the blocks being converted
@@ -723,18 +740,18 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
         check_finite(part, reader)
         if derivs_used is not None:
             part = without_derivatives(part, ~derivs_used[data.start : data.stop])
-        shard = shard_from_range(part, dtype, buckets=buckets)
+        shard = shard_from_range(part, dtype, dense_blocks=dense_blocks, buckets=buckets)
         del part  # the shard holds its own copies; free the numpy range before moving to the device
         source = ShardSource(shard.to(device))
         return source, source
     if mode != "stream":
         pin = mode == "pinned" and device.type == "cuda"
         source = BlockSource(reader, data, everything, dtype, resident=True, readers=readers, pin=pin, piece_bytes=RESIDENT_PIECE_BYTES,
-                             buckets=buckets, derivs_used=derivs_used, workers=workers)
+                             buckets=buckets, derivs_used=derivs_used, workers=workers, dense_blocks=dense_blocks)
         return source, source
     per_structure = structure_bytes(reader, dtype.itemsize)[data.start : data.stop]
-    train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=readers, buckets=buckets,
-                        derivs_used=derivs_used, workers=workers)
+    train = stream_training_source(reader, data, dtype, readers=readers, buckets=buckets, derivs_used=derivs_used, workers=workers,
+                                   dense_blocks=dense_blocks)
     queued, converting = stream_overheads(train, batch_bytes)
     test_bytes = float(per_structure[data.test_local].sum())
     avail = (1 - ALLOCATOR_RESERVE) * budget_bytes - queued - converting
@@ -755,7 +772,7 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
         return train, train
     test = BlockSource(reader, data, data.test_local, dtype, resident=test_resident, budget_bytes=left, readers=readers,
                        piece_bytes=RESIDENT_PIECE_BYTES if test_resident else 0.0, buckets=buckets, derivs_used=derivs_used,
-                       workers=workers)
+                       workers=workers, dense_blocks=dense_blocks)
     test.budget_total = budget_bytes
     log.info(
         "stream: budget %.2f GiB per rank: %.2f GiB for blocks read ahead, test set (%.2f GiB) %s",

@@ -47,7 +47,8 @@ def error_sums(batch: Batch, energy: torch.Tensor, forces: torch.Tensor | None) 
     atoms = batch.num_atoms.to(energy.dtype)
     per_atom = (energy - batch.energy) / atoms
     kw = {"dtype": energy.dtype, "device": energy.device}
-    count_e = torch.full((), float(per_atom.numel()), **kw)
+    # A batch padded to a shape bucket counts its real structures only (padded ones add 0 to the sum).
+    count_e = torch.full((), float(per_atom.numel()), **kw) if batch.structure_count is None else batch.structure_count.to(energy.dtype)
     sse_e = torch.dot(per_atom, per_atom)  # one kernel where product and sum are two
     if forces is None or batch.force_atoms is None:
         zero = torch.zeros((), **kw)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import psutil
 import torch
 
@@ -27,6 +26,7 @@ from .loader import (
     rank_data,
     steps_per_epoch,
     smallest_stream_budget,
+    stream_training_source,
     structure_bytes,
 )
 from .config import CACHE_MODES, DTYPES, DataConfig, RunConfig
@@ -53,7 +53,7 @@ def plan_rows(reader: StoreReader, ranks: int, itemsize: int, window_blocks: int
         local = per_structure[data.start : data.stop]
         shard = float(local.sum())
         # blocks being converted at once: by the worker processes (data.workers), else the reader threads
-        train = BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, readers=workers or readers)
+        train = stream_training_source(reader, data, dtype, readers=workers or readers)
         plan = epoch_plan(data, seed, 0, steps_per_epoch(data.num_train_global, batch_size), window_blocks)
         chunks, biggest_batch = eval_plan_and_batch_bytes(data, local, plan, batch_size)  # as training computes them
         live = float(train.live_bytes(plan).max(initial=0.0))

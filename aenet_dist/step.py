@@ -551,23 +551,35 @@ class LeanStep(torch.nn.Module):
         self._names = [name for name, _ in model.named_parameters()]
         self._force_view = {id(p): self.force_gradients.views[n] for n, p in model.named_parameters()}
         self.local_sums: Tensor | None = None  # (4,) this rank's error sums of the step
+        self.replay: Callable[[Batch], Tensor] | None = None  # local_step from CUDA graphs (aenet_dist.graphs)
 
     def force_gradient_of(self, param: Tensor) -> Tensor:
         """G_F of one parameter (a view into the flat buffer)."""
         return self._force_view[id(param)]
 
-    def forward(self, batch: Batch, force_weight: float) -> Tensor:
-        """A zero scalar whose ``backward()`` hands G_E to DDP; G_F and the error sums are kept for the hook."""
+    def local_step(self, batch: Batch, force_weight: float) -> Tensor:
+        """This rank's G_E and G_F, written into the two gradient buffers; returns its error sums (4,).
+
+        Reads nothing back to the host, so :class:`~aenet_dist.graphs.GraphedStep` can replay it.
+        """
         fwd = forward(self.model, batch, with_forces=force_weight > 0)
         sums = error_sums(batch, fwd.energy, fwd.forces)
-        self.local_sums = sums.detached()
-        unit = torch.ones(2, dtype=self.local_sums.dtype, device=self.local_sums.device)
+        local_sums = sums.detached()
+        unit = torch.ones(2, dtype=local_sums.dtype, device=local_sums.device)
         energy_adjoint, force_adjoint = adjoints(sums, unit)
         backward(self.model, fwd, batch, energy_adjoint, None, 0.0, self.gradients)
         if force_weight > 0:
             backward(self.model, fwd, batch, torch.zeros_like(energy_adjoint), force_adjoint, 0.0, self.force_gradients)
         else:
             self.force_gradients.flat.zero_()
+        return local_sums
+
+    def forward(self, batch: Batch, force_weight: float) -> Tensor:
+        """A zero scalar whose ``backward()`` hands G_E to DDP; G_F and the error sums are kept for the hook.
+
+        ``self.replay`` (set by the trainer for ``run.cuda_graphs``) runs :meth:`local_step` from CUDA graphs.
+        """
+        self.local_sums = self.replay(batch) if self.replay is not None else self.local_step(batch, force_weight)
         params = dict(self.model.named_parameters())
         return _HandOverGradients.apply([self.gradients.views[n] for n in self._names], *[params[n] for n in self._names])
 

@@ -32,6 +32,7 @@ from .batching import Batch
 from .block_loading import WorkerDied
 from .config import TrainConfig, load_train_config, save_resolved_config
 from .formats.train_in import read_train_in
+from .graphs import GraphedStep, use_cuda_graphs
 from .dist import DistInfo, FusedStepState, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
 from .files import lock_directory, remove_stale_temporaries, unlock
 from .cores import local_ranks, usable_cores
@@ -110,6 +111,11 @@ def make_scheduler(optimizer, config: TrainConfig):
     return None
 
 
+def _unchanged(sums: torch.Tensor) -> torch.Tensor:
+    """The reduction of one rank: its sums are the global ones."""
+    return sums
+
+
 # Settings a resumed run may change: they decide how long and on what it runs, not what it computes.
 RESUME_MAY_CHANGE = {
     ("run", "epochs"),
@@ -119,6 +125,7 @@ RESUME_MAY_CHANGE = {
     ("data", "workers"),
     ("data", "dense_buckets"),  # changes the results only by rounding
     ("run", "cpu_threads"),
+    ("run", "cuda_graphs"),  # changes the results only by rounding (the order of atomic adds)
     ("run", "log_every"),
     ("run", "collective_timeout_s"),
     ("run", "keep_last"),
@@ -146,7 +153,10 @@ class Trainer:
 
         t0 = time.perf_counter()
         # The data side (split, cache mode, memory budget, prefetch, sources) is decided in one place.
-        data = make_training_data(self.reader, config.data, config.run.batch_size, config.run.seed, self.dtype, info)
+        # CUDA graphs replay sparse derivative rows only (aenet_dist.graphs), so the shards are laid out so.
+        self.cuda_graphs = use_cuda_graphs(config.run.cuda_graphs, info.device)
+        data = make_training_data(self.reader, config.data, config.run.batch_size, config.run.seed, self.dtype, info,
+                                  dense_blocks=not self.cuda_graphs)
         self.data, self.cache_mode, self.prefetch, self.steps = data.rank_data, data.cache_mode, data.prefetch, data.steps
         self.eval_plan, self.source, self.eval_source = data.eval_plan, data.source, data.eval_source
         self.keep_eval_batches = data.keep_eval_batches
@@ -193,6 +203,20 @@ class Trainer:
             self.ddp = wrap_ddp(step_module, info, self.fused)
             if info.is_main:
                 log.info("gradients: DistributedDataParallel over %d ranks (%s), summed", info.world_size, tdist.get_backend())
+        self.graphed = self._graphed_step(step_module if info.distributed else None) if self.cuda_graphs else None
+
+    def _graphed_step(self, step_module: lean.LeanStep | None) -> GraphedStep:
+        """The step's local part replayed from CUDA graphs (``run.cuda_graphs``): the whole gradient on
+        one rank; under DDP this rank's G_E, G_F and error sums, before the step's one collective."""
+        alpha = self.config.loss.force_weight if self.train_forces else 0.0
+        strict = self.config.run.cuda_graphs == "on"
+        if step_module is not None:
+            step_module.replay = GraphedStep(lambda batch: step_module.local_step(batch, alpha),
+                                             [step_module.gradients.flat, step_module.force_gradients.flat], strict)
+            return step_module.replay
+        weight_decay = 2 * self.config.loss.l2
+        return GraphedStep(lambda batch: lean.compute_gradients(self.model, batch, alpha, self.loss_weights, weight_decay,
+                                                                _unchanged, self.grads), [self.grads.flat], strict)
 
     # ------------------------------------------------------------------ state
 
@@ -305,7 +329,10 @@ class Trainer:
                 self.stop_agreed = self.stop_requested
                 return sums
 
-            totals = lean.compute_gradients(self.model, batch, alpha, self.loss_weights, 2 * self.config.loss.l2, reduce, self.grads)
+            if self.graphed is not None:
+                totals = reduce(self.graphed(batch))
+            else:
+                totals = lean.compute_gradients(self.model, batch, alpha, self.loss_weights, 2 * self.config.loss.l2, reduce, self.grads)
             grad_probe = self.grads.flat.sum()
         else:
             self.optimizer.zero_grad(set_to_none=True)  # DDP fills .grad with the combined gradients
@@ -538,7 +565,7 @@ class Trainer:
                 self.scheduler.step(monitored)
         if self.scheduler is not None and not plateau:
             self.scheduler.step()
-        return {
+        metrics = {
             "epoch": self.epoch,
             "step": self.step,
             "train_rmse_energy_meV_atom": 1000 * train_e,
@@ -554,7 +581,11 @@ class Trainer:
             "data_seconds": data_seconds,
             "structures_per_second": self.data.num_train_global / max(train_seconds, 1e-9),
             "wall_seconds": time.perf_counter() - run_start,
-        }, improved
+        }
+        if self.graphed is not None:  # run.cuda_graphs: graphs captured so far, steps run without one
+            metrics["cuda_graphs"] = len(self.graphed.graphs)
+            metrics["eager_steps"] = self.graphed.eager_steps
+        return metrics, improved
 
     def _save_interrupted(self) -> None:
         """Checkpoint the exact position inside the epoch (rank 0), then stop every rank."""

@@ -14,6 +14,7 @@ import contextlib
 import io
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -32,7 +33,8 @@ from aenet_dist.train import main as train_main
 DEVICE = "cuda"
 
 
-def toml(store, run_dir, cache, epochs, batch=128, method="adamw", lr=1e-4, weight_decay=1e-3, schedule="none", dtype="float32"):
+def toml(store, run_dir, cache, epochs, batch=128, method="adamw", lr=1e-4, weight_decay=1e-3, schedule="none", dtype="float32",
+         cuda_graphs="auto"):
     return f"""
 [data]
 store = "{store}"
@@ -59,6 +61,7 @@ dtype = "{dtype}"
 device = "{DEVICE}"
 run_dir = "{run_dir}"
 checkpoint_every = 100000
+cuda_graphs = "{cuda_graphs}"
 """
 
 
@@ -220,19 +223,26 @@ def main() -> None:
     train_rows = reader.num_deriv_rows.sum() * 0.9  # 10 % test
     dG_bytes = float(train_rows * 3 * features * 4)
     results["dG_bytes_per_epoch_float32"] = dG_bytes
-    modes = (("gpu", 40), ("pinned", 15), ("stream", 15)) if DEVICE == "cuda" else (("memory", 5), ("stream", 5))
+    # (label, cache mode, epochs, run.cuda_graphs): the gpu cache with CUDA graphs (auto = on for a GPU) and without
+    modes = ((("gpu", "gpu", 40, "auto"), ("gpu_eager", "gpu", 40, "off"), ("pinned", "pinned", 15, "auto"), ("stream", "stream", 15, "auto"))
+             if DEVICE == "cuda" else (("memory", "memory", 5, "auto"), ("stream", "stream", 5, "auto")))
     if args.quick:
-        modes = tuple((m, 5) for m, _ in modes)
-    for cache, epochs in modes:
-        metrics = train(out, f"paper_{cache}", toml(store, out / "runs" / f"paper_{cache}", cache, epochs))
+        modes = tuple((label, m, 5, graphs) for label, m, _, graphs in modes)
+    steps = math.ceil(900 / 128)
+    for label, cache, epochs, graphs in modes:
+        metrics = train(out, f"paper_{label}", toml(store, out / "runs" / f"paper_{label}", cache, epochs, cuda_graphs=graphs))
         epoch_s = statistics.median(m["epoch_seconds"] for m in metrics[3:])
         train_s = statistics.median(m["train_seconds"] for m in metrics[3:])
-        results[f"{cache}_epoch_s"] = epoch_s
-        results[f"{cache}_train_s"] = train_s
-        results[f"{cache}_structures_per_s"] = 900 / train_s
+        results[f"{label}_epoch_s"] = epoch_s
+        results[f"{label}_train_s"] = train_s
+        results[f"{label}_ms_per_step"] = 1e3 * train_s / steps
+        results[f"{label}_structures_per_s"] = 900 / train_s
+        results[f"{label}_cuda_graphs"] = metrics[-1].get("cuda_graphs", 0)
+        results[f"{label}_eager_steps"] = metrics[-1].get("eager_steps", 0)
         # The force contraction reads dG once forward and once backward: the floor is 2 reads.
-        results[f"{cache}_dG_read_GBps"] = 2 * dG_bytes / train_s / 1e9
-        print(f"{cache}: epoch {epoch_s * 1e3:.1f} ms (train {train_s * 1e3:.1f} ms), {900 / train_s:.0f} structures/s")
+        results[f"{label}_dG_read_GBps"] = 2 * dG_bytes / train_s / 1e9
+        print(f"{label}: epoch {epoch_s * 1e3:.1f} ms (train {train_s * 1e3:.1f} ms, {1e3 * train_s / steps:.2f} ms/step), "
+              f"{900 / train_s:.0f} structures/s; CUDA graphs {results[f'{label}_cuda_graphs']}, eager steps {results[f'{label}_eager_steps']}")
     # bandwidth floor: 2 reads of dG at the device's copy bandwidth
     x = torch.empty(int(dG_bytes // 4), device=DEVICE)
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
@@ -244,7 +254,7 @@ def main() -> None:
     read_bw = 20 * dG_bytes / (time.perf_counter() - t)
     results["device_read_GBps"] = read_bw / 1e9
     results["floor_s_per_epoch"] = 2 * dG_bytes / read_bw
-    first = modes[0][0]
+    first = modes[0][0]  # the label of the first row
     results["train_over_floor"] = results[f"{first}_train_s"] / results["floor_s_per_epoch"]
     print(f"read bandwidth {read_bw / 1e9:.0f} GB/s; floor {results['floor_s_per_epoch'] * 1e3:.2f} ms/epoch; {first} mode at {results['train_over_floor']:.1f}x the floor")
 
@@ -260,7 +270,7 @@ def main() -> None:
     tta = train(
         out,
         "tta",
-        toml(store, out / "runs" / "tta", modes[0][0], args.tta_epochs, batch=32, method="adam", lr=5e-3, weight_decay=0.0, schedule="plateau"),
+        toml(store, out / "runs" / "tta", modes[0][1], args.tta_epochs, batch=32, method="adam", lr=5e-3, weight_decay=0.0, schedule="plateau"),
     )
     hit = next((m for m in tta if m["test_rmse_energy_meV_atom"] <= 7.8 and m["test_rmse_forces_eV_A"] <= 0.388), None)
     best = min(tta, key=lambda m: m["loss"])

@@ -147,6 +147,7 @@ def _sums(batch_energy, ref, num_atoms, forces, ref_forces, mask):
 
     b = B()
     b.energy, b.num_atoms, b.forces, b.force_atoms = ref, num_atoms, ref_forces, mask
+    b.structure_count = None  # every structure is real (no padding to a shape bucket)
     return error_sums(b, batch_energy, forces)
 
 
