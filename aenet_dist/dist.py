@@ -7,12 +7,19 @@ a timeout so a dead rank makes the others fail with a message instead of hanging
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import inspect
 import os
+import select
+import socket
+import tempfile
+import time
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 
@@ -119,6 +126,121 @@ def sum_gradients_hook(state, bucket):  # no annotations: DDP checks them, and t
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+def _host_identity() -> str:
+    """What tells this machine from another: its hostname and, where Linux has one, its boot id."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+class HostSum:
+    """Sums a flat CPU tensor over ranks that all run on one host, through shared memory.
+
+    gloo's all-reduce of a step's few hundred numbers took 0.4-2.5 ms between two ranks of a
+    2-vCPU VM (a median of 1.1 ms in a loop doing nothing else), where a pipe's round trip
+    takes 46 µs: its worker threads hand every message on, and each hand-over waits for the
+    scheduler. Here each rank writes its tensor into its slot of a shared array, tells every
+    other rank through a pipe (one byte: its rank and the step's parity), waits for theirs, and
+    sums the slots in rank order, so every rank computes the same bits (measured 45 µs a sum).
+
+    Two sets of slots alternate between steps: a rank can only start step k + 1 after every
+    rank has started step k, so it never overwrites slots another rank is still adding up.
+    Waiting gives up after ``timeout_s`` and stops at once when every other rank's end of the
+    pipe is closed (a rank died): no rank waits forever. The shared memory and the pipes'
+    names are removed as soon as every rank has them open, so nothing is left behind when a
+    rank is killed.
+    """
+
+    def __init__(self, info: DistInfo, capacity: int, timeout_s: float):
+        """``capacity``: the most elements a sum carries (of up to 8 bytes each)."""
+        self.rank, self.world, self.timeout_s = info.rank, info.world_size, timeout_s
+        self.capacity = capacity
+        directory, memory = None, None
+        if info.is_main:
+            directory = tempfile.mkdtemp(prefix="aenet_dist_sum_")
+            memory = shared_memory.SharedMemory(create=True, size=2 * self.world * capacity * 8)
+        directory, name = broadcast_object((directory, memory.name if memory else None), info)
+        self.memory = memory if memory is not None else shared_memory.SharedMemory(name=name)
+        inbox_path = os.path.join(directory, f"rank{self.rank}")
+        os.mkfifo(inbox_path, 0o600)
+        barrier(info)
+        self.inbox = os.open(inbox_path, os.O_RDONLY | os.O_NONBLOCK)  # opening for reading does not wait for writers
+        barrier(info)
+        self.peers = [os.open(os.path.join(directory, f"rank{p}"), os.O_WRONLY) for p in range(self.world) if p != self.rank]
+        barrier(info)
+        os.unlink(inbox_path)
+        if info.is_main:
+            self.memory.unlink()  # attached everywhere: the segment lives until the last rank closes it
+        barrier(info)
+        if info.is_main:
+            os.rmdir(directory)
+        self.poll = select.poll()
+        self.poll.register(self.inbox, select.POLLIN)
+        self.calls = 0
+        self.arrived = [0, 0]  # other ranks' notes received for each parity, not yet used
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of ``tensor`` (1-D, CPU, at most ``capacity`` elements), a new tensor."""
+        n = tensor.numel()
+        if n > self.capacity or tensor.dim() != 1 or tensor.device.type != "cpu":
+            raise ValueError(f"HostSum takes a 1-D CPU tensor of at most {self.capacity} elements, got {tuple(tensor.shape)} on {tensor.device}")
+        parity = self.calls % 2
+        self.calls += 1
+        dtype = tensor.numpy().dtype
+        slots = np.ndarray((2, self.world, self.capacity * 8 // dtype.itemsize), dtype=dtype, buffer=self.memory.buf)[parity]
+        slots[self.rank, :n] = tensor.numpy()
+        note = bytes([parity * 128 + self.rank])
+        try:
+            for fd in self.peers:
+                os.write(fd, note)
+        except BrokenPipeError:
+            raise RuntimeError(f"rank {self.rank}: another rank on this host closed its pipe during the step's gradient sum "
+                               "(a peer exited)") from None
+        self._wait_for(parity)
+        return torch.from_numpy(slots[:, :n].sum(axis=0))  # rank order: the same bits on every rank
+
+    def _wait_for(self, parity: int) -> None:
+        """Until every other rank has written its slots of ``parity`` (its note has come)."""
+        others = self.world - 1
+        deadline = time.monotonic() + self.timeout_s
+        while self.arrived[parity] < others:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.poll.poll(max(1, int(1000 * min(left, 1.0)))):
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"rank {self.rank}: timed out after {self.timeout_s:g} s waiting for the other ranks on this host "
+                        "in the step's gradient sum (a peer died or hangs)")
+                continue
+            notes = os.read(self.inbox, 4096)
+            if not notes:
+                raise RuntimeError(f"rank {self.rank}: the other ranks on this host closed their pipes during the step's "
+                                   "gradient sum (a peer exited)")
+            for note in notes:
+                self.arrived[note // 128] += 1
+        self.arrived[parity] -= others
+
+    def close(self) -> None:
+        for fd in [self.inbox, *self.peers]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.peers = []
+        with contextlib.suppress(Exception):
+            self.memory.close()
+
+
+def host_sum_for(info: DistInfo, capacity: int, timeout_s: float, enabled: bool = True) -> HostSum | None:
+    """A :class:`HostSum` when every rank trains on the CPU of this same host (decided together), else None."""
+    if not (enabled and info.distributed and info.device.type == "cpu" and hasattr(os, "mkfifo")):
+        return None
+    hosts = all_gather_objects(_host_identity(), info)
+    if len(set(hosts)) != 1:
+        return None
+    return HostSum(info, capacity, timeout_s)
+
+
 class FusedStepState:
     """What the one collective of a DDP step carries besides the bucket, and what it brings back.
 
@@ -133,6 +255,7 @@ class FusedStepState:
         self.stop_requested = False
         self.totals: torch.Tensor | None = None
         self.stop_agreed = False
+        self.host_sum: HostSum | None = None  # ranks on one host: the sum goes through shared memory, not gloo
 
 
 def fused_step_hook(state, bucket):  # no annotations: DDP checks them, and this module's are strings
@@ -148,19 +271,26 @@ def fused_step_hook(state, bucket):  # no annotations: DDP checks them, and this
     sums = state.step.local_sums
     flag = torch.full((1,), float(state.stop_requested), dtype=sums.dtype, device=sums.device)
     packed = torch.cat([grads_e, *[state.step.force_gradient_of(p).reshape(-1) for p in params], sums, flag])
+    if state.host_sum is not None:
+        done = torch.futures.Future()
+        try:
+            done.set_result(combine_sums(state, params, n, state.host_sum(packed)))
+        except RuntimeError as err:  # a peer gone or silent: backward() raises it, as with gloo
+            done.set_exception(err)
+        return done
     work = tdist.all_reduce(packed, op=tdist.ReduceOp.SUM, async_op=True)
+    return work.get_future().then(lambda fut: combine_sums(state, params, n, fut.value()[0]))
 
-    def combine(fut):
-        total = fut.value()[0]
-        state.totals = total[2 * n : 2 * n + 4]
-        state.stop_agreed = bool(total[-1] > 0)  # every rank sees the same sum, so all stop together
-        c = loss_coefficients(state.totals, state.loss_weights)
-        out = total[:n] * c[0] + total[n : 2 * n] * c[1]
-        if state.weight_decay:
-            out += state.weight_decay * torch.cat([p.detach().reshape(-1) for p in params])
-        return out
 
-    return work.get_future().then(combine)
+def combine_sums(state: FusedStepState, params, n: int, total: torch.Tensor) -> torch.Tensor:
+    """The step's gradient from the summed [G_E, G_F, error sums, stop flag] of :func:`fused_step_hook`."""
+    state.totals = total[2 * n : 2 * n + 4]
+    state.stop_agreed = bool(total[-1] > 0)  # every rank sees the same sum, so all stop together
+    c = loss_coefficients(state.totals, state.loss_weights)
+    out = total[:n] * c[0] + total[n : 2 * n] * c[1]
+    if state.weight_decay:
+        out += state.weight_decay * torch.cat([p.detach().reshape(-1) for p in params])
+    return out
 
 
 def wrap_ddp(module: torch.nn.Module, info: DistInfo, state: FusedStepState | None = None) -> torch.nn.parallel.DistributedDataParallel:

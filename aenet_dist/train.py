@@ -33,7 +33,7 @@ from .block_loading import WorkerDied
 from .config import TrainConfig, load_train_config, save_resolved_config
 from .formats.train_in import read_train_in
 from .graphs import GraphedStep, use_cuda_graphs
-from .dist import DistInfo, FusedStepState, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, wrap_ddp
+from .dist import DistInfo, FusedStepState, all_reduce_sum, barrier, broadcast_object, cleanup, host_sum_for, init_distributed, wrap_ddp
 from .files import lock_directory, remove_stale_temporaries, unlock
 from .cores import local_ranks, usable_cores
 from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_plan, make_training_data
@@ -126,6 +126,7 @@ RESUME_MAY_CHANGE = {
     ("data", "dense_buckets"),  # changes the results only by rounding
     ("run", "cpu_threads"),
     ("run", "cuda_graphs"),  # changes the results only by rounding (the order of atomic adds)
+    ("run", "shared_memory_sum"),  # how the ranks' sums travel (the same sum)
     ("run", "log_every"),
     ("run", "collective_timeout_s"),
     ("run", "keep_last"),
@@ -201,8 +202,14 @@ class Trainer:
             step_module = lean.LeanStep(self.model)
             self.fused = FusedStepState(step_module, self.loss_weights, 2 * config.loss.l2)
             self.ddp = wrap_ddp(step_module, info, self.fused)
+            # Every rank on the CPUs of one host: the step's one sum goes through shared memory, not gloo.
+            capacity = 2 * sum(p.numel() for p in self.model.parameters()) + 5  # [G_E, G_F, error sums, stop flag]
+            self.fused.host_sum = host_sum_for(info, capacity, config.run.collective_timeout_s, config.run.shared_memory_sum)
+            if self.fused.host_sum is not None:
+                weakref.finalize(self, self.fused.host_sum.close)
             if info.is_main:
-                log.info("gradients: DistributedDataParallel over %d ranks (%s), summed", info.world_size, tdist.get_backend())
+                log.info("gradients: DistributedDataParallel over %d ranks (%s), summed%s", info.world_size, tdist.get_backend(),
+                         " through shared memory (all ranks on this host's CPUs)" if self.fused.host_sum is not None else "")
         self.graphed = self._graphed_step(step_module if info.distributed else None) if self.cuda_graphs else None
 
     def _graphed_step(self, step_module: lean.LeanStep | None) -> GraphedStep:

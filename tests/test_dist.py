@@ -6,6 +6,8 @@ Training with 2 ranks, a killed rank and the collective timeout are in test_trai
 """
 
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +80,63 @@ def test_two_gloo_ranks_sum_gather_broadcast_and_sum_gradients(tmp_path):
         assert res["from_0"] == "from rank 0" and res["from_1"] == {"value": 7}
         # d/dw of Σ x·w is Σ x over rows; summed over ranks: (1 + 2)·Σ x0, where DDP's default would average.
         assert torch.equal(res["grad"], 3 * x0.sum(0, keepdim=True))
+
+
+def _host_sum_rank(rank: int, world: int, port: int, out_dir: str, leave_early: bool) -> None:
+    """One of ``world`` CPU ranks summing through shared memory; with ``leave_early`` the last rank
+    exits after joining, and the others record the error their next sum raises."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    info = dist.init_distributed("cpu", timeout_s=60)
+    host_sum = dist.host_sum_for(info, capacity=64, timeout_s=30)
+    results = []
+    try:
+        if leave_early and rank == world - 1:
+            host_sum.close()
+            return
+        generator = torch.Generator().manual_seed(rank)
+        for k in range(5):  # both sets of slots, both dtypes, sizes up to the capacity
+            dtype = torch.float32 if k % 2 else torch.float64
+            x = torch.randn(64 if k == 4 else 10 + k, generator=generator, dtype=dtype)
+            summed = host_sum(x)
+            gloo = x.clone()
+            dist.all_reduce_sum(gloo, info)
+            results.append((x, summed, gloo))
+    except RuntimeError as err:
+        results.append(str(err))
+    finally:
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+        host_sum.close()
+        if not leave_early:
+            dist.cleanup(info)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_on_one_host_sum_through_shared_memory(tmp_path, world):
+    mp.spawn(_host_sum_rank, args=(world, _free_port(), str(tmp_path), False), nprocs=world, join=True)
+    runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for k in range(5):
+        addends = [runs[r][k][0] for r in range(world)]
+        expected = addends[0].clone()
+        for a in addends[1:]:
+            expected += a  # rank order
+        for r in range(world):
+            summed, gloo = runs[r][k][1], runs[r][k][2]
+            assert summed.dtype == addends[0].dtype and torch.equal(summed, expected)  # the same bits on every rank
+            assert torch.allclose(summed, gloo, rtol=1e-6 if summed.dtype == torch.float32 else 1e-14)
+            if world == 2:
+                assert torch.equal(summed, gloo)  # two addends: gloo's sum bit for bit
+    assert not list(Path("/dev/shm").glob("*aenet_dist_sum*")) and not list(Path(tempfile.gettempdir()).glob("aenet_dist_sum_*"))
+
+
+@pytest.mark.dist
+def test_a_rank_that_exits_ends_the_shared_memory_sum_of_the_others(tmp_path):
+    import time
+
+    start = time.time()
+    mp.spawn(_host_sum_rank, args=(2, _free_port(), str(tmp_path), True), nprocs=2, join=True)
+    assert time.time() - start < 25  # not the 30 s timeout: the closed pipe says at once
+    (message,) = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert "on this host closed" in message and "peer exited" in message

@@ -226,7 +226,8 @@ def test_two_gloo_ranks_follow_the_one_rank_trajectory(emt, tmp_path):
     run_train([one, "data.num_shards=2"])
     result = run_train([two], ranks=2)
     assert "test RMSE energy" in result.stdout
-    assert "DistributedDataParallel over 2 ranks (gloo), summed" in result.stdout + result.stderr  # the lean step under DDP
+    # the lean step under DDP, its one sum a step through shared memory (both ranks on this host)
+    assert "DistributedDataParallel over 2 ranks (gloo), summed through shared memory" in result.stdout + result.stderr
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(m1) == len(m2) == 3
     for a, b in zip(m1, m2):
@@ -237,9 +238,11 @@ def test_two_gloo_ranks_follow_the_one_rank_trajectory(emt, tmp_path):
     for name in w1:
         assert torch.allclose(w1[name], w2[name], rtol=0, atol=1e-8), name
     assert m1[0]["loss"] != m1[-1]["loss"]
-    # Streaming through data worker processes on each rank: the same 2-rank run, bit for bit.
+    # Streaming through data worker processes on each rank, and summing through gloo instead of shared
+    # memory: the same 2-rank run, bit for bit (two addends sum alike in either order).
     streamed = write_toml(tmp_path / "streamed.toml", store, tmp_path / "streamed")
-    run_train([streamed, "data.cache=stream", "data.workers=1"], ranks=2)
+    result = run_train([streamed, "data.cache=stream", "data.workers=1", "run.shared_memory_sum=false"], ranks=2)
+    assert "through shared memory" not in result.stdout + result.stderr
     for a, b in zip(m2, metrics(tmp_path / "streamed"), strict=True):
         assert all(a[key] == b[key] for key in KEYS), (a, b)
 
