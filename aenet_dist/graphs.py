@@ -265,7 +265,8 @@ class GraphedStep:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: the gathering thread may pin host memory meanwhile; only this thread's calls must not sync
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 output = self.step(static)
             graph.replay()
             mismatch = _mismatch([output, *self.checked], [expected, *expected_checked])
