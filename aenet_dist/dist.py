@@ -13,17 +13,21 @@ import gc
 import inspect
 import os
 import select
+import shutil
 import socket
 import tempfile
 import time
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
+from .log import get_logger
 from .loss import loss_coefficients
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,13 +131,16 @@ def sum_gradients_hook(state, bucket):  # no annotations: DDP checks them, and t
 
 
 def _host_identity() -> str:
-    """What tells this machine from another: its hostname and, where Linux has one, its boot id."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
+    """What tells this machine, and its shared-memory and file-system view, from another: the
+    hostname, the boot id, and (Linux) this process's IPC and mount namespaces, since two
+    containers on one node may share a hostname but not ``/dev/shm`` or ``/tmp``."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/ipc", "/proc/self/ns/mnt"):
+        try:
+            parts.append(os.readlink(path) if "/ns/" in path else open(path, encoding="ascii").read().strip())
+        except OSError:
+            parts.append("")
+    return "/".join(parts)
 
 
 class HostSum:
@@ -143,42 +150,41 @@ class HostSum:
     2-vCPU VM (a median of 1.1 ms in a loop doing nothing else), where a pipe's round trip
     takes 46 µs: its worker threads hand every message on, and each hand-over waits for the
     scheduler. Here each rank writes its tensor into its slot of a shared array, tells every
-    other rank through a pipe (one byte: its rank and the step's parity), waits for theirs, and
-    sums the slots in rank order, so every rank computes the same bits (measured 45 µs a sum).
+    other rank through a pipe (one byte: the call's parity), waits for theirs, and sums the
+    slots in rank order, so every rank computes the same bits (measured 45 µs a sum).
 
-    Two sets of slots alternate between steps: a rank can only start step k + 1 after every
-    rank has started step k, so it never overwrites slots another rank is still adding up.
-    Waiting gives up after ``timeout_s`` and stops at once when every other rank's end of the
-    pipe is closed (a rank died): no rank waits forever. The shared memory and the pipes'
-    names are removed as soon as every rank has them open, so nothing is left behind when a
-    rank is killed.
+    Two sets of slots alternate between calls: a rank can only start call k + 2 after every
+    rank has finished adding up call k (it needs their notes of call k + 1), so it never
+    overwrites slots another rank is still reading. Waiting gives up after ``timeout_s``, and
+    at once when a rank exits (its end of this rank's pipe closes, or a pipe to it breaks): no
+    rank waits forever. The shared memory and the pipes' names are removed as soon as every
+    rank has them open, so nothing is left behind when a rank is killed. Use
+    :func:`host_sum_for`, which falls back to the process group when this cannot be set up.
     """
 
-    def __init__(self, info: DistInfo, capacity: int, timeout_s: float):
-        """``capacity``: the most elements a sum carries (of up to 8 bytes each)."""
-        self.rank, self.world, self.timeout_s = info.rank, info.world_size, timeout_s
-        self.capacity = capacity
-        directory, memory = None, None
-        if info.is_main:
-            directory = tempfile.mkdtemp(prefix="aenet_dist_sum_")
-            memory = shared_memory.SharedMemory(create=True, size=2 * self.world * capacity * 8)
-        directory, name = broadcast_object((directory, memory.name if memory else None), info)
-        self.memory = memory if memory is not None else shared_memory.SharedMemory(name=name)
-        inbox_path = os.path.join(directory, f"rank{self.rank}")
-        os.mkfifo(inbox_path, 0o600)
-        barrier(info)
-        self.inbox = os.open(inbox_path, os.O_RDONLY | os.O_NONBLOCK)  # opening for reading does not wait for writers
+    def __init__(self, info: DistInfo, capacity: int, timeout_s: float, directory: str, name: str, memory=None):
+        """Called on every rank by :func:`host_sum_for` after rank 0 made ``directory`` and the segment ``name``."""
+        self.rank, self.world, self.timeout_s, self.capacity = info.rank, info.world_size, timeout_s, capacity
+        self.inbox, self.peers, self.closed = -1, [], False
+        if memory is None:
+            memory = shared_memory.SharedMemory(name=name)
+            # Only rank 0, which made the segment, removes it; other ranks' resource trackers would
+            # try again at exit and warn.
+            with contextlib.suppress(Exception):
+                resource_tracker.unregister(memory._name, "shared_memory")
+        self.memory = memory
+        self.inbox_path = os.path.join(directory, f"rank{self.rank}")
+        os.mkfifo(self.inbox_path, 0o600)
+
+    def connect(self, info: DistInfo, directory: str) -> None:
+        """Open this rank's pipe for reading, then the others' for writing (every rank's exists by now)."""
+        self.inbox = os.open(self.inbox_path, os.O_RDONLY | os.O_NONBLOCK)  # opening for reading does not wait for writers
         barrier(info)
         self.peers = [os.open(os.path.join(directory, f"rank{p}"), os.O_WRONLY) for p in range(self.world) if p != self.rank]
-        barrier(info)
-        os.unlink(inbox_path)
-        if info.is_main:
-            self.memory.unlink()  # attached everywhere: the segment lives until the last rank closes it
-        barrier(info)
-        if info.is_main:
-            os.rmdir(directory)
         self.poll = select.poll()
         self.poll.register(self.inbox, select.POLLIN)
+        for fd in self.peers:  # a write end reports POLLERR once its reader is gone (that rank exited)
+            self.poll.register(fd, 0)
         self.calls = 0
         self.arrived = [0, 0]  # other ranks' notes received for each parity, not yet used
 
@@ -192,7 +198,7 @@ class HostSum:
         dtype = tensor.numpy().dtype
         slots = np.ndarray((2, self.world, self.capacity * 8 // dtype.itemsize), dtype=dtype, buffer=self.memory.buf)[parity]
         slots[self.rank, :n] = tensor.numpy()
-        note = bytes([parity * 128 + self.rank])
+        note = bytes([parity])
         try:
             for fd in self.peers:
                 os.write(fd, note)
@@ -208,37 +214,83 @@ class HostSum:
         deadline = time.monotonic() + self.timeout_s
         while self.arrived[parity] < others:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.poll.poll(max(1, int(1000 * min(left, 1.0)))):
-                if time.monotonic() >= deadline:
-                    raise RuntimeError(
-                        f"rank {self.rank}: timed out after {self.timeout_s:g} s waiting for the other ranks on this host "
-                        "in the step's gradient sum (a peer died or hangs)")
+            if left <= 0:
+                raise RuntimeError(
+                    f"rank {self.rank}: timed out after {self.timeout_s:g} s waiting for the other ranks on this host "
+                    "in the step's gradient sum (a peer died or hangs)")
+            events = self.poll.poll(max(1, int(1000 * min(left, 1.0))))
+            if any(fd != self.inbox and event & (select.POLLERR | select.POLLHUP) for fd, event in events):
+                raise RuntimeError(f"rank {self.rank}: another rank on this host closed its pipe during the step's gradient sum "
+                                   "(a peer exited)")
+            if not any(fd == self.inbox for fd, _ in events):
                 continue
             notes = os.read(self.inbox, 4096)
             if not notes:
                 raise RuntimeError(f"rank {self.rank}: the other ranks on this host closed their pipes during the step's "
                                    "gradient sum (a peer exited)")
             for note in notes:
-                self.arrived[note // 128] += 1
+                self.arrived[note] += 1
         self.arrived[parity] -= others
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for fd in [self.inbox, *self.peers]:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.peers = []
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.inbox, self.peers = -1, []
         with contextlib.suppress(Exception):
             self.memory.close()
 
 
 def host_sum_for(info: DistInfo, capacity: int, timeout_s: float, enabled: bool = True) -> HostSum | None:
-    """A :class:`HostSum` when every rank trains on the CPU of this same host (decided together), else None."""
+    """A :class:`HostSum` when every rank trains on the CPU of this same host (decided together), else None.
+
+    Every rank takes the same path through the set-up's collectives whatever fails on it; if the
+    segment or a pipe cannot be made anywhere, every rank frees what it made and uses the process group.
+    """
     if not (enabled and info.distributed and info.device.type == "cpu" and hasattr(os, "mkfifo")):
         return None
-    hosts = all_gather_objects(_host_identity(), info)
-    if len(set(hosts)) != 1:
+    if len(set(all_gather_objects(_host_identity(), info))) != 1:
         return None
-    return HostSum(info, capacity, timeout_s)
+    made, directory, name = None, None, None
+    if info.is_main:
+        try:
+            directory = tempfile.mkdtemp(prefix="aenet_dist_sum_")
+            made = shared_memory.SharedMemory(create=True, size=2 * info.world_size * capacity * 8)
+            name = made.name
+        except OSError as err:
+            log.info("the step's sum goes through gloo: no shared memory here (%s)", err)
+    directory, name = broadcast_object((directory, name), info)
+    host_sum, problem = None, None
+    if name is not None:
+        try:
+            host_sum = HostSum(info, capacity, timeout_s, directory, name, made)
+        except (OSError, ValueError) as err:
+            problem = f"rank {info.rank}: {err}"
+    problems = [p for p in all_gather_objects(problem, info) if p] if name is not None else ["no segment"]
+    if not problems:
+        host_sum.connect(info, directory)
+        barrier(info)  # every pipe is open at both ends: the names can go
+    if host_sum is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(host_sum.inbox_path)
+    barrier(info)
+    if info.is_main:
+        if made is not None:
+            with contextlib.suppress(OSError):
+                made.unlink()  # attached everywhere (or nowhere): the segment lives until the last rank closes it
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+    if problems:
+        if host_sum is not None:
+            host_sum.close()
+        if info.is_main and name is not None:
+            log.info("the step's sum goes through gloo: shared memory could not be set up (%s)", "; ".join(problems))
+        return None
+    return host_sum
 
 
 class FusedStepState:

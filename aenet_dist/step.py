@@ -552,6 +552,7 @@ class LeanStep(torch.nn.Module):
         self._force_view = {id(p): self.force_gradients.views[n] for n, p in model.named_parameters()}
         self.local_sums: Tensor | None = None  # (4,) this rank's error sums of the step
         self.replay: Callable[[Batch], Tensor] | None = None  # local_step from CUDA graphs (aenet_dist.graphs)
+        self.replay_force_weight = 0.0  # the force weight replay's local_step runs with
 
     def force_gradient_of(self, param: Tensor) -> Tensor:
         """G_F of one parameter (a view into the flat buffer)."""
@@ -579,7 +580,12 @@ class LeanStep(torch.nn.Module):
 
         ``self.replay`` (set by the trainer for ``run.cuda_graphs``) runs :meth:`local_step` from CUDA graphs.
         """
-        self.local_sums = self.replay(batch) if self.replay is not None else self.local_step(batch, force_weight)
+        if self.replay is not None:
+            if force_weight != self.replay_force_weight:
+                raise ValueError(f"the step was captured for force weight {self.replay_force_weight}, not {force_weight}")
+            self.local_sums = self.replay(batch)
+        else:
+            self.local_sums = self.local_step(batch, force_weight)
         params = dict(self.model.named_parameters())
         return _HandOverGradients.apply([self.gradients.views[n] for n in self._names], *[params[n] for n in self._names])
 

@@ -217,13 +217,21 @@ class Trainer:
         one rank; under DDP this rank's G_E, G_F and error sums, before the step's one collective."""
         alpha = self.config.loss.force_weight if self.train_forces else 0.0
         strict = self.config.run.cuda_graphs == "on"
+        groups = getattr(self.model, "lean_groups", {}).values()
+
+        def parameters_in_place() -> bool:  # the graphs read the parameters' stacks where they were at capture
+            return all(stacks.intact() for stacks in groups)
+
         if step_module is not None:
             step_module.replay = GraphedStep(lambda batch: step_module.local_step(batch, alpha),
-                                             [step_module.gradients.flat, step_module.force_gradients.flat], strict)
+                                             [step_module.gradients.flat, step_module.force_gradients.flat], strict,
+                                             still_valid=parameters_in_place)
+            step_module.replay_force_weight = alpha
             return step_module.replay
         weight_decay = 2 * self.config.loss.l2
         return GraphedStep(lambda batch: lean.compute_gradients(self.model, batch, alpha, self.loss_weights, weight_decay,
-                                                                _unchanged, self.grads), [self.grads.flat], strict)
+                                                                _unchanged, self.grads), [self.grads.flat], strict,
+                           still_valid=parameters_in_place)
 
     # ------------------------------------------------------------------ state
 

@@ -90,7 +90,7 @@ def _host_sum_rank(rank: int, world: int, port: int, out_dir: str, leave_early: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     info = dist.init_distributed("cpu", timeout_s=60)
     host_sum = dist.host_sum_for(info, capacity=64, timeout_s=30)
-    results = []
+    results = [host_sum.memory.name]
     try:
         if leave_early and rank == world - 1:
             host_sum.close()
@@ -116,7 +116,7 @@ def _host_sum_rank(rank: int, world: int, port: int, out_dir: str, leave_early: 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_on_one_host_sum_through_shared_memory(tmp_path, world):
     mp.spawn(_host_sum_rank, args=(world, _free_port(), str(tmp_path), False), nprocs=world, join=True)
-    runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)[1:] for r in range(world)]
     for k in range(5):
         addends = [runs[r][k][0] for r in range(world)]
         expected = addends[0].clone()
@@ -128,15 +128,20 @@ def test_ranks_on_one_host_sum_through_shared_memory(tmp_path, world):
             assert torch.allclose(summed, gloo, rtol=1e-6 if summed.dtype == torch.float32 else 1e-14)
             if world == 2:
                 assert torch.equal(summed, gloo)  # two addends: gloo's sum bit for bit
-    assert not list(Path("/dev/shm").glob("*aenet_dist_sum*")) and not list(Path(tempfile.gettempdir()).glob("aenet_dist_sum_*"))
+    segment = torch.load(tmp_path / "rank0.pt", weights_only=False)[0]
+    assert not (Path("/dev/shm") / segment).exists()  # removed once every rank had it open
+    assert not list(Path(tempfile.gettempdir()).glob("aenet_dist_sum_*"))  # and the pipes' directory
 
 
 @pytest.mark.dist
-def test_a_rank_that_exits_ends_the_shared_memory_sum_of_the_others(tmp_path):
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_rank_that_exits_ends_the_shared_memory_sum_of_the_others(tmp_path, world):
+    """Its pipes close or break: the others stop at once (with 3 ranks the third still holds each pipe open)."""
     import time
 
     start = time.time()
-    mp.spawn(_host_sum_rank, args=(2, _free_port(), str(tmp_path), True), nprocs=2, join=True)
-    assert time.time() - start < 25  # not the 30 s timeout: the closed pipe says at once
-    (message,) = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    assert "on this host closed" in message and "peer exited" in message
+    mp.spawn(_host_sum_rank, args=(world, _free_port(), str(tmp_path), True), nprocs=world, join=True)
+    assert time.time() - start < 25  # not the 30 s timeout
+    for rank in range(world - 1):
+        _, message = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert "on this host closed" in message and "peer exited" in message

@@ -13,7 +13,7 @@ import torch
 from aenet_dist import step as lean
 from aenet_dist.batching import bucket_size, gather_batch, shard_from_range
 from aenet_dist.config import RunConfig
-from aenet_dist.graphs import REUSE, GraphedStep, batch_counts, bucket_key, choose_bucket, fill_static, padded_batch, use_cuda_graphs
+from aenet_dist.graphs import REUSE, GraphedStep, _mismatch, batch_counts, bucket_key, choose_bucket, fill_static, padded_batch, use_cuda_graphs
 from aenet_dist.store import StoreReader
 from aenet_dist.train import build_model
 from helpers import featurized_emt
@@ -110,6 +110,43 @@ def test_batches_share_a_few_buckets_that_hold_them(sparse_shard):
     assert len(keys) <= len(exact) // 2, keys  # 60 batches, each of whose 8 counts differ from batch to batch
 
 
+def test_ddp_local_step_padded_equals_unpadded(sparse_shard, tmp_path):
+    """What a rank replays under DDP (G_E, G_F, its error sums) is unchanged by the padding."""
+    store, reader, shard = sparse_shard
+    model = _model(reader, store, tmp_path)
+    lean.share_group_storage(model)
+    step = lean.LeanStep(model)
+    batch = gather_batch(shard, torch.arange(5, 26, 2))
+    sums = step.local_step(batch, 0.3)
+    g_e, g_f = step.gradients.flat.clone(), step.force_gradients.flat.clone()
+    p_sums = step.local_step(padded_batch(batch), 0.3)
+    assert torch.allclose(p_sums, sums, rtol=1e-12, atol=0)
+    for padded, plain in ((step.gradients.flat, g_e), (step.force_gradients.flat, g_f)):
+        assert torch.allclose(padded, plain, rtol=0, atol=1e-12 * max(1.0, float(plain.abs().max())))
+
+
+def test_capture_check_compares_entry_by_entry():
+    """The check of a captured graph: each error sum to its own size, gradients to rounding."""
+    sums = torch.tensor([2e-4, 40.0, 3e-2, 900.0])
+    grads = torch.tensor([1.0, -2.0, 1e-9, 0.5])
+    assert _mismatch([sums * (1 + 1e-6), grads + 1e-7], [sums, grads]) == ""
+    assert "output 0" in _mismatch([sums * torch.tensor([1.1, 1, 1, 1]), grads], [sums, grads])  # a wrong sse_E, counts large
+    assert "output 1" in _mismatch([sums, grads * 1.01], [sums, grads])
+    assert "not finite" in _mismatch([sums, grads.clone().fill_(float("nan"))], [sums, grads])
+
+
+def test_buckets_of_other_elements_are_not_mixed(sparse_shard):
+    _, _, shard = sparse_shard
+    batch = gather_batch(shard, torch.arange(6))
+    key = bucket_key(batch)
+    other = type(key)(key.structures, key.atoms, key.rows, key.deriv_rows, tuple(reversed(key.elements)))
+    assert key.holds(batch_counts(batch)) and not other.holds(batch_counts(batch))
+    chosen = choose_bucket(batch, [other])  # a new bucket, not the other elements' one
+    assert chosen.elements == key.elements and chosen.holds(batch_counts(batch))
+    with pytest.raises(ValueError, match="does not fit a bucket"):
+        padded_batch(batch, other)
+
+
 def test_dense_blocks_are_refused(sparse_shard):
     store, reader, _ = sparse_shard
     dense = shard_from_range(reader.read_range(0, reader.num_structures), torch.float64)
@@ -152,9 +189,10 @@ def test_failed_capture_falls_back_to_eager_steps_or_stops(sparse_shard, tmp_pat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_cuda_graph_training_equals_eager(tmp_path, dtype):
-    """Two epochs with run.cuda_graphs on and off give the same losses (to atomic-add rounding)."""
+@pytest.mark.parametrize("dtype, cache", [("float64", "gpu"), ("float32", "gpu"), ("float32", "pinned")])
+def test_cuda_graph_training_equals_eager(tmp_path, dtype, cache):
+    """Three epochs with run.cuda_graphs on and off give the same losses (to atomic-add rounding); with
+    the pinned cache a gathering thread pins batches while graphs are captured."""
     import json
 
     from aenet_dist.dist import DistInfo
@@ -164,7 +202,7 @@ def test_cuda_graph_training_equals_eager(tmp_path, dtype):
     losses = {}
     for mode in ("off", "on"):
         config = config_for(store, tmp_path / mode, run={"epochs": 3, "batch_size": 8, "device": "cuda", "dtype": dtype,
-                                                          "cuda_graphs": mode}, data={"cache": "gpu"})
+                                                          "cuda_graphs": mode}, data={"cache": cache})
         trainer = Trainer(config, DistInfo(0, 1, 0, torch.device("cuda")))
         trainer.fit()
         if mode == "on":
