@@ -327,7 +327,7 @@ def _plain_layout(meta: dict) -> tuple | None:
             bool(meta.get("attributes", {}).get(ALL_CHUNKS_WRITTEN)), meta.get("fill_value") or 0)
 
 
-def _read_plain_array(directory: str | Path, cast_to=None, metas: dict | None = None) -> np.ndarray | None:
+def _read_plain_array(directory: str | Path, cast_to=None, metas: dict | None = None, xyz_major: bool = False) -> np.ndarray | None:
     """A whole array written by :func:`_write_array`, read from its chunk files directly.
 
     zarr-python 3.1 spends about 1 ms of event-loop and buffer bookkeeping per chunk, three
@@ -341,6 +341,11 @@ def _read_plain_array(directory: str | Path, cast_to=None, metas: dict | None = 
     float dtype) is cast chunk by chunk from one reused chunk buffer: no second full-size copy,
     no float64 array the size of the block when a float32 one is wanted (a stream epoch reads
     the whole store; the extra passes and page faults were half of its reading time).
+
+    ``xyz_major`` (a (P, F, 3) dG/dR array cast to another dtype): the result is a (P, F, 3) view of a
+    (P, 3, F) array, the layout training contracts, so the cast's one pass also transposes, and the
+    transposing copy a block's conversion made after it is gone (when no cast is asked for, the
+    chunks decode in place and the conversion transposes, one pass either way).
 
     ``metas`` caches each array's layout (:func:`_plain_layout`) by path: a complete store does not change,
     and re-reading 20-odd small metadata files per block every epoch cost as much as reading the
@@ -357,7 +362,12 @@ def _read_plain_array(directory: str | Path, cast_to=None, metas: dict | None = 
         return None
     names, shape, chunk, stored, every_chunk, fill = layout
     target = np.dtype(cast_to) if cast_to is not None and stored.kind == "f" else stored
-    out = np.empty(shape, dtype=target) if every_chunk else np.full(shape, fill, dtype=target)
+    if xyz_major and target != stored and len(shape) == 3 and shape[2] == 3:
+        out = np.empty((shape[0], 3, shape[1]), dtype=target).transpose(0, 2, 1)  # shape (P, F, 3), memory (P, 3, F)
+        if not every_chunk:
+            out[...] = fill
+    else:
+        out = np.empty(shape, dtype=target) if every_chunk else np.full(shape, fill, dtype=target)
     chunk_bytes = math.prod(chunk) * stored.itemsize
     tail = "/0" * (len(shape) - 1)
     scratch = None  # one chunk's bytes, for chunks that cannot decode in place
@@ -365,7 +375,7 @@ def _read_plain_array(directory: str | Path, cast_to=None, metas: dict | None = 
         path = f"{directory}/c/{k}{tail}"
         first = k * chunk[0]
         rows = min(chunk[0], shape[0] - first)
-        in_place = target == stored and rows == chunk[0]
+        in_place = target == stored and rows == chunk[0] and out.flags.c_contiguous
         if not in_place and scratch is None:
             scratch = np.empty(chunk_bytes, dtype=np.uint8)
         try:
@@ -482,7 +492,7 @@ def _read_arrays(directory: Path, names: list[str], cast: dict | None = None, me
     cast = cast or {}
     values = {}
     for name in names:
-        array = _read_plain_array(f"{directory}/{name}", cast.get(name), metas)
+        array = _read_plain_array(f"{directory}/{name}", cast.get(name), metas, xyz_major=name.endswith("/dG"))
         if array is not None:
             values[name] = array
     rest = [name for name in names if name not in values]
@@ -1129,6 +1139,13 @@ class StoreReader:
         return _trim(whole, start, stop)
 
 
+def _concatenated_rows(arrays: list[np.ndarray]) -> np.ndarray:
+    """``np.concatenate`` along rows, keeping the parts' memory layout (dG/dR read as (P, 3, F) under
+    (P, F, 3)): an empty part, contiguous either way, would make numpy fall back to C order."""
+    filled = [a for a in arrays if len(a)]
+    return np.concatenate(filled) if filled else arrays[0]
+
+
 def concat_ranges(parts: list[StructureRange], species: list[str]) -> StructureRange:
     """Concatenate consecutive ranges, shifting their local indices."""
     atom_shift = np.cumsum([0] + [len(p.species) for p in parts])
@@ -1140,7 +1157,7 @@ def concat_ranges(parts: list[StructureRange], species: list[str]) -> StructureR
             G=np.concatenate([p.elements[e].G for p in parts]),
             deriv_center=np.concatenate([p.elements[e].deriv_center + row_shift[k] for k, p in enumerate(parts)]),
             deriv_neighbor=np.concatenate([p.elements[e].deriv_neighbor + atom_shift[k] for k, p in enumerate(parts)]),
-            dG=np.concatenate([p.elements[e].dG for p in parts]),
+            dG=_concatenated_rows([p.elements[e].dG for p in parts]),
         )
     cat = lambda key: np.concatenate([getattr(p, key) for p in parts])  # noqa: E731
     return StructureRange(

@@ -122,6 +122,28 @@ def test_range_reads_across_blocks(store, start, stop):
         np.testing.assert_array_equal(p.atom[p.deriv_center], w.atom[w.deriv_center[rows]] - a0)
 
 
+def test_float32_reads_come_in_the_contraction_layout(store):
+    """A float64 store read as float32: dG/dR values as cast, laid out (P, 3, F) in memory under the
+    (P, F, 3) shape, so the training shard's sparse rows take that memory without another copy."""
+    import torch
+
+    from aenet_dist.batching import shard_from_range
+
+    reader = StoreReader(store)
+    exact = reader.read_range(0, reader.num_structures)
+    cast = reader.read_range(0, reader.num_structures, np.float32)
+    for element in reader.species:
+        dG = cast.elements[element].dG
+        assert dG.dtype == np.float32 and dG.shape == exact.elements[element].dG.shape
+        np.testing.assert_array_equal(dG, exact.elements[element].dG.astype(np.float32))
+        assert dG.transpose(0, 2, 1).flags.c_contiguous
+    one_block = reader.read_block(0, np.float32)
+    shard = shard_from_range(one_block, torch.float32, dense_blocks=False)
+    for element in reader.species:
+        if len(one_block.elements[element].dG):
+            assert np.shares_memory(shard.elements[element].dG.numpy(), one_block.elements[element].dG)
+
+
 @pytest.mark.mpi
 def test_two_mpi_ranks_give_identical_store(dataset, store, tmp_path):
     out = tmp_path / "mpi.zarr"
