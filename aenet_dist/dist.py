@@ -2,7 +2,9 @@
 
 One code path serves a plain process (world size 1, no process group) and torchrun
 (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set): gloo on CPU, nccl on CUDA. Collectives get
-a timeout so a dead rank makes the others fail with a message instead of hanging.
+a timeout so a dead rank makes the others fail with a message instead of hanging. The
+training step's one collective goes through shared memory instead (:class:`HostSum`) when
+every rank trains on the CPUs of one host, where gloo's latency was twenty times a pipe's.
 """
 
 from __future__ import annotations
