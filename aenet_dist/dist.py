@@ -259,12 +259,21 @@ def host_sum_for(info: DistInfo, capacity: int, timeout_s: float, enabled: bool 
         return None
     made, directory, name = None, None, None
     if info.is_main:
+        size = 2 * info.world_size * capacity * 8
         try:
+            # tmpfs hands out pages as they are first written: a segment larger than what /dev/shm has
+            # left (64 MiB in a default container) would kill a rank with SIGBUS mid-step, so check first.
+            shm = os.statvfs("/dev/shm")
+            if shm.f_bavail * shm.f_frsize < 2 * size:
+                raise OSError(f"/dev/shm has {shm.f_bavail * shm.f_frsize / 2**20:.0f} MiB free, the sum needs {size / 2**20:.0f} MiB")
             directory = tempfile.mkdtemp(prefix="aenet_dist_sum_")
-            made = shared_memory.SharedMemory(create=True, size=2 * info.world_size * capacity * 8)
+            made = shared_memory.SharedMemory(create=True, size=size)
             name = made.name
         except OSError as err:
-            log.info("the step's sum goes through gloo: no shared memory here (%s)", err)
+            log.info("the step's sum goes through gloo: no room in shared memory here (%s)", err)
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+                directory = None
     directory, name = broadcast_object((directory, name), info)
     host_sum, problem = None, None
     if name is not None:

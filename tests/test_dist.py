@@ -145,3 +145,26 @@ def test_a_rank_that_exits_ends_the_shared_memory_sum_of_the_others(tmp_path, wo
     for rank in range(world - 1):
         _, message = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert "on this host closed" in message and "peer exited" in message
+
+
+def _host_sum_without_room(rank: int, port: int, out_dir: str) -> None:
+    """A rank whose /dev/shm reports almost no free space (as in a default container)."""
+    import os
+    from types import SimpleNamespace
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    dist.os.statvfs = lambda path: SimpleNamespace(f_bavail=1, f_frsize=4096)
+    info = dist.init_distributed("cpu", timeout_s=60)
+    try:
+        torch.save(dist.host_sum_for(info, capacity=2**20, timeout_s=30) is None, f"{out_dir}/rank{rank}.pt")
+        dist.barrier(info)
+    finally:
+        dist.cleanup(info)
+
+
+@pytest.mark.dist
+def test_no_room_in_shared_memory_falls_back_to_the_process_group(tmp_path):
+    """A segment larger than /dev/shm has left would kill a rank with SIGBUS when written: every rank uses gloo instead."""
+    mp.spawn(_host_sum_without_room, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert all(torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert not list(Path(tempfile.gettempdir()).glob("aenet_dist_sum_*"))
