@@ -309,7 +309,8 @@ class GraphedStep:
                     torch.cuda.synchronize()
             if self.strict:
                 raise RuntimeError(f"run.cuda_graphs='on': capturing the step for a batch of shape {key} failed: {err}") from err
-            log.warning("run.cuda_graphs: capturing the step failed (%s); training goes on without CUDA graphs", err)
+            log.warning("run.cuda_graphs: capturing the step failed (%s); training goes on without CUDA graphs (its shards "
+                        "stay all-sparse this run; run.cuda_graphs='off' lays complete rows out as dense blocks)", err)
             self.enabled = False
             self.graphs.clear()
             return None
