@@ -4,10 +4,11 @@ On a GPU the lean step's ~150 operators are ~110 kernel launches of tiny kernels
 bound by launch latency, not by the GPU. A CUDA graph records the kernels of a step once and
 replays them with one launch, but only for fixed tensor shapes and fixed memory. So:
 
-* every batch is copied into the static tensors of its **shape bucket**: the structure count,
-  each element's atoms and derivative rows, and the atom count are each rounded up to a size
-  ladder (:func:`~aenet_dist.batching.bucket_size`, at most +12.5 % beyond 128), so an epoch of
-  shuffled batches needs a handful of graphs, not one per batch;
+* every batch is copied into the static tensors of a **shape bucket** that holds it: the
+  structure count, each element's descriptor and derivative rows, and the atom count. A new
+  bucket rounds a batch's counts (+5 %) up a size ladder (:func:`~aenet_dist.batching.bucket_size`);
+  later batches reuse the cheapest bucket that holds them at no more than 1.4x their own cost, or
+  widen the nearest one (:func:`choose_bucket`), so shuffled batches share a handful of graphs;
 * the padding adds exact zeros: padded structures have no atoms, a zero reference energy and
   one "atom" to divide by (their error is 0, and :attr:`Batch.structure_count` keeps them out of
   the RMSE's count); padded descriptor rows belong to the step's dummy structure, whose energy is
@@ -20,10 +21,10 @@ What is captured is the step's local part (forward, error sums, adjoints, backwa
 gradient buffer). The all-reduce (several ranks), gradient clipping and the fused optimizer
 stay outside: a fused optimizer is a few kernels, and a collective must not be replayed blind.
 
-Each graph is checked once, when it is captured: its replay must give the error sums and
-gradients of the eager step on the same batch. With ``auto`` a capture that fails or disagrees
-turns graphs off for the run (with a warning) and training goes on eagerly; with ``on`` it is
-an error.
+Each graph is checked once, when it is captured: its replay must give, entry by entry, the
+error sums and gradients of the eager step on the same batch unpadded. With ``auto`` a capture
+that fails or disagrees turns graphs off for the run (with a warning) and training goes on
+eagerly; with ``on`` it is an error.
 """
 
 from __future__ import annotations
