@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -139,7 +140,7 @@ def _host_identity() -> str:
     parts = [socket.gethostname()]
     for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/ipc", "/proc/self/ns/mnt"):
         try:
-            parts.append(os.readlink(path) if "/ns/" in path else open(path, encoding="ascii").read().strip())
+            parts.append(os.readlink(path) if "/ns/" in path else Path(path).read_text(encoding="ascii").strip())
         except OSError:
             parts.append("")
     return "/".join(parts)

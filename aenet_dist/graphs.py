@@ -131,41 +131,36 @@ def choose_bucket(batch: Batch, keys: list[BucketKey], slack: float = SLACK, reu
     return min(widened, key=BucketKey.cost) if widened else own
 
 
-def _padded_fields(batch: Batch, key: BucketKey) -> list[tuple[Tensor | None, tuple, int | float | bool, torch.dtype, torch.device]]:
-    """(real tensor or None, padded shape, padding value, dtype, device) of every static tensor, in a fixed order."""
+def _padded_fields(batch: Batch, key: BucketKey) -> list[tuple[Tensor | None, tuple, int | float | bool, torch.dtype]]:
+    """(real tensor or None, padded shape, padding value, dtype) of every static tensor, in a fixed order.
+
+    Of a padded batch of bucket ``key`` itself, the real tensors are its static tensors, in that order.
+    """
     if tuple(batch.G) != key.elements:
         raise ValueError(f"a batch of elements {tuple(batch.G)} does not fit a bucket of {key.elements}")
-    ref = next(iter(batch.G.values()))
     fields = [
-        (batch.structure_index, (key.structures,), -1, torch.int64, ref.device),
-        (batch.num_atoms, (key.structures,), 1, batch.num_atoms.dtype, ref.device),  # padded structures: divide 0 by 1
-        (batch.energy, (key.structures,), 0.0, batch.energy.dtype, ref.device),
+        (batch.structure_index, (key.structures,), -1, torch.int64),
+        (batch.num_atoms, (key.structures,), 1, batch.num_atoms.dtype),  # padded structures: divide 0 by 1
+        (batch.energy, (key.structures,), 0.0, batch.energy.dtype),
     ]
     for (element, G), rows in zip(batch.G.items(), key.rows):
-        fields.append((G, (rows, G.shape[1]), 0.0, G.dtype, ref.device))
+        fields.append((G, (rows, G.shape[1]), 0.0, G.dtype))
         # padded rows belong to the dummy structure (index = number of structures), whose energy is dropped
-        fields.append((batch.atom_structure[element], (rows,), key.structures, torch.int64, ref.device))
+        fields.append((batch.atom_structure[element], (rows,), key.structures, torch.int64))
     if key.atoms:
-        fields.append((batch.forces, (key.atoms, 3), 0.0, batch.forces.dtype, ref.device))
-        fields.append((batch.force_atoms, (key.atoms,), False, torch.bool, ref.device))
+        fields.append((batch.forces, (key.atoms, 3), 0.0, batch.forces.dtype))
+        fields.append((batch.force_atoms, (key.atoms,), False, torch.bool))
         for (element, G), deriv_rows in zip(batch.G.items(), key.deriv_rows):
             center, neighbor, dG = batch.deriv.get(element, (None, None, None))
             # padded derivative rows: zero dG/dR from row 0 to atom 0, exact zeros both ways
-            fields += [(center, (deriv_rows,), 0, torch.int64, ref.device), (neighbor, (deriv_rows,), 0, torch.int64, ref.device),
-                       (dG, (deriv_rows, 3, G.shape[1]), 0.0, G.dtype, ref.device)]
+            fields += [(center, (deriv_rows,), 0, torch.int64), (neighbor, (deriv_rows,), 0, torch.int64),
+                       (dG, (deriv_rows, 3, G.shape[1]), 0.0, G.dtype)]
     return fields
 
 
-def _static_tensors(static: Batch) -> list[Tensor]:
-    """The tensors of a padded batch in the order of :func:`_padded_fields`."""
-    tensors = [static.structure_index, static.num_atoms, static.energy]
-    for element, G in static.G.items():
-        tensors += [G, static.atom_structure[element]]
-    if static.forces is not None:
-        tensors += [static.forces, static.force_atoms]
-        for element in static.G:
-            tensors += list(static.deriv[element])
-    return tensors
+def _static_bytes(batch: Batch, key: BucketKey) -> int:
+    """Bytes of the static tensors of bucket ``key`` (for ``batch``'s dtypes)."""
+    return sum(math.prod(shape) * dtype.itemsize for _, shape, _, dtype in _padded_fields(batch, key))
 
 
 def fill_static(static: Batch, batch: Batch, key: BucketKey) -> None:
@@ -174,7 +169,8 @@ def fill_static(static: Batch, batch: Batch, key: BucketKey) -> None:
     Two operators per tensor at most, and no allocation: the padding is written every time, since
     the batch replayed before may have had more real rows.
     """
-    for target, (real, _, value, _, _) in zip(_static_tensors(static), _padded_fields(batch, key)):
+    targets = [target for target, *_ in _padded_fields(static, key)]
+    for target, (real, _, value, _) in zip(targets, _padded_fields(batch, key), strict=True):
         n = 0 if real is None else int(real.shape[0])
         if n:
             target[:n].copy_(real, non_blocking=True)
@@ -187,8 +183,8 @@ def padded_batch(batch: Batch, key: BucketKey | None = None) -> Batch:
     """A new batch of bucket ``key`` (default: the batch's own bucket) holding ``batch``; its step
     results equal ``batch``'s (the padding adds exact zeros, see the module docstring)."""
     key = bucket_key(batch) if key is None else key
-    fields = _padded_fields(batch, key)
-    empty = [torch.empty(shape, dtype=dtype, device=device) for _, shape, _, dtype, device in fields]
+    device = next(iter(batch.G.values())).device
+    empty = [torch.empty(shape, dtype=dtype, device=device) for _, shape, _, dtype in _padded_fields(batch, key)]
     it = iter(empty)
     structure_index, num_atoms, energy = next(it), next(it), next(it)
     G, atom_structure = {}, {}
@@ -272,7 +268,7 @@ class GraphedStep:
         """Whether one more graph fits: at most ``max_graphs``, and static copies within their share of the device."""
         if len(self.graphs) >= self.max_graphs:
             return False
-        added = sum(math.prod(shape) * dtype.itemsize for _, shape, _, dtype, _ in _padded_fields(batch, key))
+        added = _static_bytes(batch, key)
         try:
             total = torch.cuda.get_device_properties(self.checked[0].device).total_memory
         except (AssertionError, RuntimeError, ValueError):  # not a CUDA device: the capture will say so
@@ -317,7 +313,7 @@ class GraphedStep:
             return None
         entry = _Graph(graph, static, output)
         self.graphs[key] = entry
-        self.static_bytes += sum(t.numel() * t.element_size() for t in _static_tensors(static))
+        self.static_bytes += _static_bytes(static, key)
         log.info("run.cuda_graphs: captured the step for bucket %d (%s)", len(self.graphs), key)
         return entry
 

@@ -375,7 +375,7 @@ def _read_plain_array(directory: str | Path, cast_to=None, metas: dict | None = 
         path = f"{directory}/c/{k}{tail}"
         first = k * chunk[0]
         rows = min(chunk[0], shape[0] - first)
-        in_place = target == stored and rows == chunk[0] and out.flags.c_contiguous
+        in_place = target == stored and rows == chunk[0]  # (an xyz_major result is always cast, never in place)
         if not in_place and scratch is None:
             scratch = np.empty(chunk_bytes, dtype=np.uint8)
         try:
