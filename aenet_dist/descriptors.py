@@ -661,12 +661,12 @@ def pair_gradient(t: PairTables, row, env, r, vec, dE_dG: np.ndarray, terms) -> 
     # Angular, through the moments: λ_α(i) = ∂E/∂M_α(i) = Σ_n ∂E/∂A_n C_nα M_α, σ(i) = ∂E/∂(Σ_j w_j²) = −½ Σ_n ∂E/∂A_n.
     g_ang = dE_dG[:, nr:block]
     g_spin = dE_dG[:, block + nr :] if multi else None
-    lam = per_key((g_ang @ t.coeff) * m_plain, (g_spin @ t.coeff) * m_spin if multi else None, spin_env)  # (C*num_env, K)
+    lam = per_key(rowwise_matmul(g_ang, t.coeff) * m_plain, rowwise_matmul(g_spin, t.coeff) * m_spin if multi else None, spin_env)  # (C*num_env, K)
     sig_p = per_key(-0.5 * g_ang.sum(1, keepdims=True), -0.5 * g_spin.sum(1, keepdims=True) if multi else None,
                     spin_env * spin_env)[key_a, 0]
     # Per key, [λ, λ D_x, λ D_y, λ D_z] (one small GEMM over centers), then per pair one gather and one
     # batched dot with u^β: Σ_α λ_α u^α and ∇_u Σ_α λ_α u^α = Σ_α λ_α α_d u^(α−e_d).
-    lifted = (lam @ t.lift)[key_a].reshape(-1, 4, num_mono)  # shape (Pa, 4, K)
+    lifted = rowwise_matmul(lam, t.lift)[key_a].reshape(-1, 4, num_mono)  # shape (Pa, 4, K)
     dots = np.einsum("pck,pk->pc", lifted, mono)  # shape (Pa, 4)
     tangential = dots[:, 1:]
     # Euler: u · ∇_u Σ λ_α u^α = Σ λ_α |α| u^α, so ∂/∂R = [dw Σλu^α − (w/r)(u·∇)] u + (w/r) ∇ + self-sum term.

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import BEHLER_PARAMETERS, BehlerBasis, BehlerFunction, ChebyshevBasis, DescriptorSetup
+from .descriptors import rowwise_matmul
 from .formats.nn import NNFile
 
 # aenet ``ext/feedforward.f90`` (``ff_activate``, ``ff_change_activation``): code <-> name.
@@ -239,8 +240,10 @@ class ElementPotential:
         G is cast to ``dtype``; a G that is not (N, F) raises ValueError naming the element.
         """
         h = (self._inputs(G) - self.avg) * self.inv_std  # shape (N, F)
+        # rowwise_matmul: an atom's bits must not depend on how many atoms share the call (BLAS
+        # kernels for one or a few left-over rows round differently, e.g. OpenBLAS on AVX-512).
         for (W, b), act in zip(self.weights, self.activations):
-            h, _ = _activate(h @ W.T + b, act, slope=False)  # shape (N, n_out)
+            h, _ = _activate(rowwise_matmul(h, W.T) + b, act, slope=False)  # shape (N, n_out)
         return self._finish(h)
 
     def energies_and_gradient(self, G) -> tuple[np.ndarray, np.ndarray]:
@@ -254,14 +257,14 @@ class ElementPotential:
         h = (self._inputs(G) - self.avg) * self.inv_std  # shape (N, F)
         slopes = []
         for (W, b), act in zip(self.weights, self.activations):
-            h, slope = _activate(h @ W.T + b, act, slope=True)  # each (N, n_out); slope None for linear
+            h, slope = _activate(rowwise_matmul(h, W.T) + b, act, slope=True)  # each (N, n_out); slope None for linear
             slopes.append(slope)
         energy = self._finish(h)  # shape (N,)
         out = slopes[-1]
         delta = out / self.scale if out is not None else np.full((h.shape[0], 1), 1.0 / self.scale, dtype=self.dtype)
         for layer in range(len(self.weights) - 1, 0, -1):
-            delta = delta @ self.weights[layer][0]  # shape (N, n_in of layer) = (N, n_out of layer - 1)
+            delta = rowwise_matmul(delta, self.weights[layer][0])  # shape (N, n_in of layer) = (N, n_out of layer - 1)
             if slopes[layer - 1] is not None:
                 delta *= slopes[layer - 1]
-        grad = (delta @ self.weights[0][0]) * self.inv_std  # shape (N, F)
+        grad = rowwise_matmul(delta, self.weights[0][0]) * self.inv_std  # shape (N, F)
         return energy, grad

@@ -107,6 +107,19 @@ def test_matches_torch_mixed_deep_net(tmp_path):
     _check_against_torch(net, G, _written_nn(tmp_path, net))
 
 
+def test_rows_do_not_depend_on_how_many_share_the_call(tmp_path):
+    """An atom's energy and dE/dG are the same bits alone, in a pair or among many (a structure's
+    prediction must not depend on its batch: BLAS kernels for one or a few rows round differently)."""
+    net, G = _random_net((7, 5), ("tanh", "sigmoid"), "linear", seed=12)
+    pot = ElementPotential.from_nn(read_nn(_written_nn(tmp_path, net)))
+    G = np.concatenate([G] * 4)  # enough rows for whole GEMM blocks and a remainder
+    energy, grad = pot.energies_and_gradient(G)
+    for start, rows in [(0, 1), (3, 1), (5, 2), (1, 3), (2, 17), (0, len(G) - 1)]:
+        e, g = pot.energies_and_gradient(G[start : start + rows])
+        assert np.array_equal(e, energy[start : start + rows]) and np.array_equal(g, grad[start : start + rows]), (start, rows)
+        assert np.array_equal(pot.energies(G[start : start + rows]), e)
+
+
 def test_no_hidden_layer_and_edge_inputs(tmp_path):
     """A network with no hidden layer; no atoms; float32 input to a float64 potential; extreme G (no overflow)."""
     net, G = _random_net((), (), "twist", seed=5)
