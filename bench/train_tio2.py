@@ -274,6 +274,7 @@ def op_profile(dtype: str, buckets: str = "off") -> dict:
     records at the top level (what the step calls), and those of them that are not views
     (view, t, expand, ... launch no kernel on a GPU).
     """
+    import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -319,14 +320,35 @@ def op_profile(dtype: str, buckets: str = "off") -> dict:
     fwd_of = {id(b): f for b, f in zip(batches, forward)}
     outputs = {id(b): {el: torch.zeros_like(g) for el, g in b.G.items()} for b in batches}
     contract_s = timed(lambda b: (lean.contract(fwd_of[id(b)].dE_dG, b), lean.contract_transposed(adjoint[id(b)], b, outputs[id(b)])))
+    # The step's memory floor on this core: its dG/dR (dense blocks and sparse rows), copied once
+    # into the batch by the gathering and read twice by the two contractions. Timed here: a copy
+    # of the same arrays, and one matrix-vector product over each (the contraction's kernel alone).
+    derivs = [blk.D for b in batches for blocks in b.dense.values() for blk in blocks]
+    derivs += [d[2] for b in batches for d in b.deriv.values()]
+    deriv_bytes = sum(d.numel() * d.element_size() for d in derivs)
+    vectors = [np.ones(d.shape[-1], dtype=d.numpy().dtype) for d in derivs]  # numpy's products, as the step's on a CPU
+    best_copy = best_read = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for d in derivs:
+            d.clone()
+        best_copy = min(best_copy, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for d, v in zip(derivs, vectors):
+            np.matmul(d.numpy(), v)
+        best_read = min(best_read, time.perf_counter() - t0)
+    copy_s, read_s = best_copy / len(batches), best_read / len(batches)
     out = {"what": "operators_per_step", "dtype": dtype, "dense_buckets": buckets, "steps": len(batches), "threads": 1,
+           "deriv_mb_per_step": deriv_bytes / len(batches) / 1e6, "deriv_copy_ms": 1000 * copy_s, "deriv_read_ms": 1000 * read_s,
+           "deriv_floor_ms": 1000 * (copy_s + 2 * read_s),
            "aten_top_level_per_step": len(top) / len(batches),
            "aten_kernels_per_step": sum(1 for e in top if e.name not in views) / len(batches),
            "aten_all_events_per_step": all_aten / len(batches),
            "step_ms": 1000 * step_s, "contraction_ms": 1000 * contract_s, "contraction_share": contract_s / step_s}
     print(f"  operators per step ({dtype}, buckets {buckets}): {out['aten_top_level_per_step']:.0f} top-level aten "
           f"({out['aten_kernels_per_step']:.0f} not views, {out['aten_all_events_per_step']:.0f} events with nested); "
-          f"step {out['step_ms']:.2f} ms, force contraction {out['contraction_ms']:.2f} ms ({100 * out['contraction_share']:.0f} %)", file=sys.stderr)
+          f"step {out['step_ms']:.2f} ms, force contraction {out['contraction_ms']:.2f} ms ({100 * out['contraction_share']:.0f} %); "
+          f"dG/dR {out['deriv_mb_per_step']:.1f} MB a step, its copy + 2 reads {out['deriv_floor_ms']:.2f} ms", file=sys.stderr)
     return out
 
 
@@ -432,13 +454,19 @@ def report(info: dict, data: dict, runs: list[dict], peers: list[dict], profiles
         ]
     if profiles:
         lines += ["| dtype | data.dense_buckets | operators per step (top-level aten) | of them not views (kernels) | "
-                  "profiler events incl. nested | step (ms, 1 thread) | force contraction (ms) | share |", "|---|---|---|---|---|---|---|---|"]
+                  "profiler events incl. nested | step (ms, 1 thread) | force contraction (ms) | share | dG/dR per step (MB) | "
+                  "its copy + 2 reads (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for pr in profiles:
             lines.append(f"| {pr['dtype']} | {pr['dense_buckets']} | {pr['aten_top_level_per_step']:.0f} | {pr['aten_kernels_per_step']:.0f} | "
                          f"{pr['aten_all_events_per_step']:.0f} | {pr['step_ms']:.2f} | {pr['contraction_ms']:.2f} | "
-                         f"{100 * pr['contraction_share']:.0f} % |")
+                         f"{100 * pr['contraction_share']:.0f} % | {pr.get('deriv_mb_per_step', float('nan')):.1f} | "
+                         f"{pr.get('deriv_copy_ms', float('nan')):.2f} + 2 x {pr.get('deriv_read_ms', float('nan')):.2f} = "
+                         f"{pr.get('deriv_floor_ms', float('nan')):.2f} |")
         lines += ["", f"Operators: torch.profiler over the {profiles[0]['steps']} steps of one epoch (after one warm-up epoch), "
-                  "per step. Force contraction: `step.contract` and `step.contract_transposed` timed alone on the same batches.", ""]
+                  "per step. Force contraction: `step.contract` and `step.contract_transposed` timed alone on the same batches. "
+                  "Last columns, the step's memory floor on this core: the batch's dG/dR (dense blocks and sparse rows), which "
+                  "the gathering copies once and the two contractions read once each; timed alone as a `clone` of every array "
+                  "and one matrix-vector product over each (best of 5, after the step's own runs), per step.", ""]
     if tta is not None:
         settings = " ".join(s for s in tta["settings"] if not s.startswith("run.dtype")) or \
             "aenet-PyTorch's own: AdamW lr 1e-4, weight decay 1e-3, batch 128, no schedule"
