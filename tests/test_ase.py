@@ -112,3 +112,23 @@ def test_removed_device_option_is_refused_not_ignored(potentials):
         AenetCalculator(potentials, device="cuda")
     with pytest.raises(ValueError, match="float64 or float32"):
         AenetCalculator(potentials, dtype="cpu")
+
+
+def test_a_structure_gives_the_same_bits_alone_or_in_any_batch(potentials):
+    """Forces, atomic energies and stress of a structure do not depend on what shares its batch,
+    including elements with a single atom in it (BLAS kernels round a one-row product differently
+    on some CPUs, e.g. OpenBLAS's AVX-512 ones)."""
+    lone = alloy(1)
+    symbols = np.array(lone.get_chemical_symbols())
+    symbols[symbols == "Ni"] = "Cu"
+    symbols[0] = "Ni"  # one Ni atom
+    lone.set_chemical_symbols(symbols.tolist())
+    structures = [structure_from_atoms(a, f"s{k}") for k, a in enumerate([alloy(0), lone, alloy(2)[:7], alloy(3)])]
+    predictor = Predictor.from_potentials(potentials)
+    together = predictor.predict(structures, forces=True, stress=True)
+    for batch_structures, threads in [(1, 1), (2, 1), (3, 1), (1, 2)]:
+        apart = predictor.predict(structures, forces=True, stress=True, batch_structures=batch_structures, threads=threads)
+        for a, b in zip(together, apart):
+            assert a.energy == b.energy, (a.name, batch_structures)
+            assert np.array_equal(a.atomic_energies, b.atomic_energies) and np.array_equal(a.forces, b.forces), (a.name, batch_structures)
+            assert np.array_equal(a.stress, b.stress), (a.name, batch_structures)
