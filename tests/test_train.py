@@ -293,6 +293,19 @@ def test_bad_inputs_have_clear_messages(emt, tmp_path):
     assert species.returncode == 2 and "Xx" in species.stderr
 
 
+def test_switch_interval_setting(emt, tmp_path, monkeypatch):
+    """AENET_DIST_SWITCH_INTERVAL: a bad value is a clear error (exit 2); the command leaves the
+    interval of the process that called it as it found it."""
+    _, store = emt
+    monkeypatch.setenv("AENET_DIST_SWITCH_INTERVAL", "-1")
+    bad = run_train([write_toml(tmp_path / "b.toml", store, tmp_path / "b")], check=False)
+    assert bad.returncode == 2 and "AENET_DIST_SWITCH_INTERVAL must be a positive number of seconds, got '-1'" in bad.stderr
+    monkeypatch.setenv("AENET_DIST_SWITCH_INTERVAL", "0.002")
+    before = sys.getswitchinterval()
+    run_train([write_toml(tmp_path / "g.toml", store, tmp_path / "g"), "run.epochs=1"])
+    assert sys.getswitchinterval() == before
+
+
 def test_nan_reference_energy_is_named_by_featurize(emt, tmp_path):
     """A NaN energy is refused where it is read (file and line), before any store is written."""
     generate_in, _ = emt
