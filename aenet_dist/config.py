@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import math
 import os
 import re
 import sys
@@ -630,8 +631,9 @@ class RunConfig:
     run_dir: str = "runs/default"
     """Output directory (checkpoints, logs, resolved config.toml). In a TOML file a relative path is
     resolved against the file's directory."""
-    checkpoint_every: int = 1
-    """Save a checkpoint every this many epochs (and at the end)."""
+    checkpoint_every: int | None = None
+    """Save a checkpoint every this many epochs (and at the end). None (default): after the first
+    epoch that ends ``checkpoint_interval_s`` or more after the last checkpoint, and at the end."""
     keep_last: int = 2
     """Number of most recent checkpoints kept on disk, >= 1."""
     early_stop_patience: int | None = None
@@ -674,6 +676,12 @@ class RunConfig:
     angle_min_force: float = 0.1
     """eV/Å: atoms whose reference force is at most this are left out of the force-direction
     metric (test_force_angle_*_deg: angle between predicted and reference force)."""
+    checkpoint_interval_s: float = 60.0
+    """With ``checkpoint_every`` unset: the least time between checkpoints, in seconds (0 = every
+    epoch). ``best.pt`` is written with them: an improvement in between is kept in memory until
+    the next checkpoint, the end, or a stop (a signal checkpoints at once). A run killed outright
+    (kill -9, a lost node) resumes from a checkpoint at most this old. Writing one took ~7.5 ms on
+    a 2-vCPU box, 20 % of wall time on top of a 43 ms TiO2 epoch when written every epoch."""
 
     def __post_init__(self):
         _coerce_fields(self, "run")
@@ -688,8 +696,10 @@ class RunConfig:
             raise ValueError(f"run.seed must be >= 0, got {self.seed}")
         if not self.run_dir:
             raise ValueError("run.run_dir must not be empty")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"run.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"run.checkpoint_every must be >= 1 (or unset: every run.checkpoint_interval_s), got {self.checkpoint_every}")
+        if not self.checkpoint_interval_s >= 0 or not math.isfinite(self.checkpoint_interval_s):
+            raise ValueError(f"run.checkpoint_interval_s must be >= 0 seconds, got {self.checkpoint_interval_s}")
         if self.keep_last < 1:
             raise ValueError(f"run.keep_last must be >= 1, got {self.keep_last}")
         if self.eval_every < 1:

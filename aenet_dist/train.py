@@ -13,6 +13,7 @@ checkpoints (latest k and best) and a summary table at the end.
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import math
 import os
@@ -159,6 +160,8 @@ class Trainer:
             raise ValueError(f"model.networks names {unknown}, which the store {config.data.store} does not have (it has {self.reader.species})")
         self.run_dir = Path(config.run.run_dir)
         self.checkpointer = ckpt.Checkpointer(self.run_dir, config.run.keep_last)
+        self.last_checkpoint_time = time.monotonic()  # run.checkpoint_interval_s counts from here
+        self.pending_best: dict | None = None  # an improvement not yet in best.pt (run.checkpoint_interval_s)
 
         t0 = time.perf_counter()
         # The data side (split, cache mode, memory budget, prefetch, sources) is decided in one place.
@@ -483,11 +486,16 @@ class Trainer:
             self.report.warn_about_waiting(data_seconds, self.local_seconds, train_seconds)
             if info.is_main:
                 self.report.epoch_done(last, self.epoch - start_epoch, time.perf_counter() - run_start, due=stop_early or self.stop_agreed)
-                # Checkpoint on schedule, at the end, and before stopping; the best model whenever it improves.
-                if self.epoch % config.run.checkpoint_every == 0 or self.epoch == config.run.epochs or stop_early or self.stop_agreed:
+                # Checkpoint on schedule, at the end, and before stopping; the best model whenever it
+                # improves, or (on the time schedule) kept in memory until the next checkpoint.
+                if self._checkpoint_due() or self.epoch == config.run.epochs or stop_early or self.stop_agreed:
+                    self._write_pending_best(improved)
                     self.checkpointer.save(self.state_dict(), self.epoch, improved)
-                elif improved:
+                    self.last_checkpoint_time = time.monotonic()
+                elif improved and config.run.checkpoint_every is not None:
                     self.checkpointer.save_best(self.state_dict())
+                elif improved:
+                    self.pending_best = copy.deepcopy(self.state_dict())
             barrier(info)
             if self.stop_agreed and self.epoch < config.run.epochs:
                 raise Interrupted(f"stopped by a signal after epoch {self.epoch}; checkpoint written, rerun with --resume")
@@ -610,9 +618,24 @@ class Trainer:
             metrics["eager_steps"] = self.graphed.eager_steps
         return metrics, improved
 
+    def _checkpoint_due(self) -> bool:
+        """Whether the epoch just ended is a scheduled checkpoint: every ``run.checkpoint_every``
+        epochs, or (unset) the first epoch ``run.checkpoint_interval_s`` after the last checkpoint."""
+        run = self.config.run
+        if run.checkpoint_every is not None:
+            return self.epoch % run.checkpoint_every == 0
+        return time.monotonic() - self.last_checkpoint_time >= run.checkpoint_interval_s
+
+    def _write_pending_best(self, superseded: bool = False) -> None:
+        """Write the improvement kept in memory to best.pt, unless a newer best is about to be written."""
+        pending, self.pending_best = self.pending_best, None
+        if pending is not None and not superseded:
+            self.checkpointer.save_best(pending)
+
     def _save_interrupted(self) -> None:
         """Checkpoint the exact position inside the epoch (rank 0), then stop every rank."""
         if self.info.is_main:
+            self._write_pending_best()
             path = self.checkpointer.save(self.state_dict(), self.epoch, False, self.step_in_epoch)
             log.warning("signal received: stopped at epoch %d, step %d; checkpoint %s", self.epoch + 1, self.step_in_epoch, path)
         barrier(self.info)

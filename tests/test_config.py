@@ -56,7 +56,8 @@ def test_defaults_valid():
     assert cfg.optim == OptimConfig("adamw", 1e-4, 0.0, 0.9, (0.9, 0.999), None)
     assert cfg.schedule == ScheduleConfig("none", 100, 0.5, 10, 0.5, 0.0)
     assert cfg.loss == LossConfig(0.1, 0.0)
-    assert cfg.run == RunConfig(100, 128, "float32", "auto", 0, "runs/default", 1, 2, None, 0)
+    assert cfg.run == RunConfig(100, 128, "float32", "auto", 0, "runs/default", None, 2, None, 0)
+    assert cfg.run.checkpoint_interval_s == 60.0
     assert cfg.model.network_for("Ti") == NetworkConfig((5, 5), ("tanh", "tanh"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0  # type: ignore[misc]
@@ -316,7 +317,8 @@ def test_dump_toml_round_trip(tmp_path):
         assert back == cfg, text
     header = dump_toml(configs[0]).splitlines()[:2]
     assert header == ["# aenet_dist training configuration",
-                      "# unset (TOML has no null): data.num_shards, data.memory_budget_gb, data.readers, run.early_stop_patience"]
+                      "# unset (TOML has no null): data.num_shards, data.memory_budget_gb, data.readers, run.checkpoint_every, "
+                      "run.early_stop_patience"]
 
 
 def test_save_resolved_config(tmp_path):

@@ -306,6 +306,29 @@ def test_switch_interval_setting(emt, tmp_path, monkeypatch):
     assert sys.getswitchinterval() == before
 
 
+def test_checkpoints_on_the_time_schedule(emt, tmp_path):
+    """checkpoint_every unset: a checkpoint once run.checkpoint_interval_s has passed (0: every epoch),
+    and at the end; best.pt, kept in memory in between, is the best epoch's state."""
+    _, store = emt
+    rare = write_train_toml(tmp_path / "r.toml", store, tmp_path / "r", epochs=6, extra="keep_last = 4\ncheckpoint_interval_s = 3600")
+    run_train([rare, "optim.lr=1.0"])  # a rate this high makes the last epoch worse than an earlier one
+    ckpts = sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("checkpoint_*.pt"))
+    assert ckpts == ["checkpoint_000006.pt"]  # only the end: the hour never passed
+    history = metrics(tmp_path / "r")
+    best_epoch = min(history, key=lambda m: m["loss"])["epoch"]
+    assert best_epoch < 6  # so best.pt is an improvement that waited in memory
+    best = load_checkpoint(tmp_path / "r" / "checkpoints" / "best.pt")
+    assert best["epoch"] == best_epoch and best["best_loss"] == min(m["loss"] for m in history)
+    last = load_checkpoint(tmp_path / "r" / "checkpoints" / "checkpoint_000006.pt")
+    assert any(not torch.equal(w, last["model"][k]) for k, w in best["model"].items())  # that epoch's weights, not the last
+    every = write_train_toml(tmp_path / "e.toml", store, tmp_path / "e", epochs=3, extra="keep_last = 4\ncheckpoint_interval_s = 0")
+    run_train([every])
+    assert sorted(p.name for p in (tmp_path / "e" / "checkpoints").glob("checkpoint_*.pt")) == [
+        "checkpoint_000001.pt", "checkpoint_000002.pt", "checkpoint_000003.pt"]
+    bad = run_train([every, "run.checkpoint_interval_s=-1"], check=False)
+    assert bad.returncode == 2 and "run.checkpoint_interval_s must be >= 0 seconds" in bad.stderr
+
+
 def test_nan_reference_energy_is_named_by_featurize(emt, tmp_path):
     """A NaN energy is refused where it is read (file and line), before any store is written."""
     generate_in, _ = emt
