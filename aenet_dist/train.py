@@ -457,6 +457,11 @@ class Trainer:
                 return self._fit()
         finally:
             self._drop_next_epoch_batches()
+            if self.info.is_main and self.pending_best is not None:  # the run failed: keep its best epoch
+                try:
+                    self._write_pending_best()
+                except OSError as err:
+                    log.warning("could not write best.pt: %s", err)
 
     def _fit(self) -> dict:
         config, info = self.config, self.info

@@ -361,6 +361,30 @@ def test_nan_loss_stops_with_epoch_step_and_structures(emt, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_failing_run_still_writes_its_best_epoch(emt, tmp_path):
+    """On the time schedule an improvement waits in memory; a run that then fails (a NaN here,
+    injected into the weights before epoch 4) writes it to best.pt on the way out."""
+    _, store = emt
+    trainer = Trainer(config_for(store, tmp_path / "run", run={"epochs": 6, "checkpoint_interval_s": 3600.0}),
+                      DistInfo(0, 1, 0, torch.device("cpu")))
+    train_epoch = trainer._train_epoch
+
+    def poisoned_at_epoch_4():
+        if trainer.epoch == 3:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+        return train_epoch()
+
+    trainer._train_epoch = poisoned_at_epoch_4
+    with pytest.raises(TrainingError, match="at epoch 4"):
+        trainer.fit()
+    trainer.close()
+    assert not list((tmp_path / "run" / "checkpoints").glob("checkpoint_*.pt"))  # none was due
+    history = metrics(tmp_path / "run")
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["epoch"] == min(history, key=lambda m: m["loss"])["epoch"] <= 3
+
+
 def _wait_for_epoch(run_dir: Path, epoch: int, proc, timeout: float = 120.0) -> None:
     import time
 
