@@ -139,6 +139,8 @@ RESUME_MAY_CHANGE = {
     ("run", "log_every"),
     ("run", "collective_timeout_s"),
     ("run", "keep_last"),
+    ("run", "checkpoint_every"),  # how often files are written (older checkpoints recorded 1, then the default)
+    ("run", "checkpoint_interval_s"),
     ("run", "run_dir"),  # a run directory moved (or mounted elsewhere) resumes from its new place
     ("run", "angle_min_force"),  # a metric's threshold
     ("run", "print_every"),

@@ -56,8 +56,9 @@ def test_defaults_valid():
     assert cfg.optim == OptimConfig("adamw", 1e-4, 0.0, 0.9, (0.9, 0.999), None)
     assert cfg.schedule == ScheduleConfig("none", 100, 0.5, 10, 0.5, 0.0)
     assert cfg.loss == LossConfig(0.1, 0.0)
-    assert cfg.run == RunConfig(100, 128, "float32", "auto", 0, "runs/default", None, 2, None, 0)
-    assert cfg.run.checkpoint_interval_s == 60.0
+    assert cfg.run == RunConfig(epochs=100, batch_size=128, dtype="float32", device="auto", seed=0, run_dir="runs/default",
+                                checkpoint_every=None, checkpoint_interval_s=60.0, keep_last=2, early_stop_patience=None,
+                                log_every=0)
     assert cfg.model.network_for("Ti") == NetworkConfig((5, 5), ("tanh", "tanh"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0  # type: ignore[misc]

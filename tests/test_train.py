@@ -325,6 +325,10 @@ def test_checkpoints_on_the_time_schedule(emt, tmp_path):
     run_train([every])
     assert sorted(p.name for p in (tmp_path / "e" / "checkpoints").glob("checkpoint_*.pt")) == [
         "checkpoint_000001.pt", "checkpoint_000002.pt", "checkpoint_000003.pt"]
+    # the cadence decides only how often files are written: a resumed run may change it (a checkpoint
+    # of an older version recorded checkpoint_every = 1 and no interval)
+    run_train([every, "run.epochs=4", "run.checkpoint_every=1", "run.checkpoint_interval_s=30", "--resume"])
+    assert [m["epoch"] for m in metrics(tmp_path / "e")] == [1, 2, 3, 4]
     bad = run_train([every, "run.checkpoint_interval_s=-1"], check=False)
     assert bad.returncode == 2 and "run.checkpoint_interval_s must be >= 0 seconds" in bad.stderr
 
