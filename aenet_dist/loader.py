@@ -60,6 +60,7 @@ from .log import get_logger
 from .store import StoreReader, without_derivatives
 
 log = get_logger(__name__)
+FIXED_ORDER_STREAM = 0xF1CED  # third seed word of fixed_batch_order, apart from epoch_plan's shard ids
 KEEP_EVAL_SHARE = 0.25  # largest share of a memory-cached shard whose gathered test batches are kept
 CACHE_SAFETY = 1.3  # tensors, indices and allocator slack over the raw payload
 DEVICE_MARGIN_BYTES = 2 * 2**30  # left free on a GPU for activations and the CUDA context
@@ -253,6 +254,15 @@ def epoch_plan(data: RankData, seed: int, epoch: int, steps: int, window_blocks:
         parts_per_shard.append(split_steps(np.concatenate(order), data.with_rows, steps))
     # A step is a set: sorted, so that every cache mode gathers its rows in the same order.
     return [np.sort(np.concatenate([parts[k] for parts in parts_per_shard])) for k in range(steps)]
+
+
+def fixed_batch_order(seed: int, epoch: int, steps: int) -> np.ndarray:
+    """``data.batches='fixed'``: the order in which epoch ``epoch`` (0-based) takes the kept batches
+    (those of :func:`epoch_plan` for epoch 0): as formed in the first epoch, then a seeded
+    permutation each epoch, the same on every rank (a step is a global batch)."""
+    if epoch == 0:
+        return np.arange(steps)
+    return np.random.default_rng([seed, epoch, FIXED_ORDER_STREAM]).permutation(steps)
 
 
 def eval_chunks(indices: np.ndarray, batch_size: int, sizes: np.ndarray | None = None, max_bytes: float = math.inf) -> list[np.ndarray]:
@@ -588,6 +598,7 @@ class TrainingData:
     eval_source: "BlockSource | ShardSource"  # evaluation batches
     workers: BlockWorkers | None = None  # data.workers processes, if any
     keep_eval_batches: bool = False  # gather the evaluation batches once and keep them (see KEEP_EVAL_SHARE)
+    fixed_batches: bool = False  # data.batches='fixed': the trainer gathers the first epoch's batches once and keeps them
 
     def close(self) -> None:
         """Stop the worker processes (the sources cannot read blocks afterwards)."""
@@ -618,7 +629,14 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
     # every core: the thread gathers while its rank waits in the step's all-reduce (2 ranks on 2
     # cores, memory cache: synthetic 5000 0.98-1.08 against 1.07-1.19 s/epoch gathering inline;
     # TiO2 no different, 90-118 against 91-113 ms).
-    prefetch = mode != "gpu"
+    fixed = config.batches == "fixed"
+    if fixed and mode == "stream":
+        raise ValueError(
+            f"data.batches='fixed' keeps every training batch in memory, and data.cache={config.cache!r} streams "
+            f"({reason}); use data.batches='reshuffle' to stream, or a cache that holds the shard (memory, pinned, gpu)"
+        )
+    # Kept batches (data.batches='fixed') are never gathered during training: no thread.
+    prefetch = mode != "gpu" and not fixed
     if info.is_main:
         log.info("data.cache=%s -> %s (%s)", config.cache, mode, reason)
         stored = reader.attrs.get("deriv_dtype", "float64")
@@ -655,9 +673,13 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
     elif info.is_main and mode == "stream":
         log.info("stream: %d reader thread(s) per rank (data.readers%s)", readers, "" if config.readers else ", auto")
     try:
-        source, eval_source = make_sources(reader, data, mode, dtype, info.device, user_budget or default_budget_bytes(), readers,
-                                           batch_bytes, first_plan, buckets=buckets, derivs_used=derivs_used, workers=workers,
-                                           dense_blocks=dense_blocks)
+        options = dict(buckets=buckets, derivs_used=derivs_used, workers=workers, dense_blocks=dense_blocks)
+        if fixed:
+            source, eval_source = read_once_sources(reader, data, dtype, readers, first_plan, eval_plan, pin=mode == "pinned" and info.device.type == "cuda",
+                                                    **options)
+        else:
+            source, eval_source = make_sources(reader, data, mode, dtype, info.device, user_budget or default_budget_bytes(), readers,
+                                               batch_bytes, first_plan, **options)
         source.check_budget(first_plan, "first epoch")
         eval_source.check_budget(eval_plan, "evaluation")
     except BaseException:
@@ -668,8 +690,8 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
     # cost a copy of the test rows (at most KEEP_EVAL_SHARE of the shard) instead of a gather, a thread
     # and ~3.5 ms an epoch (TiO2: a tenth of an epoch).
     test_bytes = float(local_bytes[data.test_local].sum())
-    keep_eval = mode == "memory" and test_bytes <= KEEP_EVAL_SHARE * float(local_bytes.sum())
-    return TrainingData(data, mode, prefetch, steps, eval_plan, source, eval_source, workers, keep_eval)
+    keep_eval = fixed or (mode == "memory" and test_bytes <= KEEP_EVAL_SHARE * float(local_bytes.sum()))
+    return TrainingData(data, mode, prefetch, steps, eval_plan, source, eval_source, workers, keep_eval, fixed)
 
 
 def reader_threads(requested: int | None, mode: str) -> int:
@@ -721,6 +743,24 @@ def stream_training_source(reader: StoreReader, data: RankData, dtype: torch.dty
     (Holding each block's test structures too, to save the copy that leaves them out, was measured
     slower: synthetic 5000, 2.91 / 3.42 s against 2.79 / 3.23 s an epoch, interleaved.)"""
     return BlockSource(reader, data, np.flatnonzero(data.train_local), dtype, resident=False, **options)
+
+
+def read_once_sources(reader: StoreReader, data: RankData, dtype: torch.dtype, readers: int, first_plan: list[np.ndarray],
+                      eval_plan: list[np.ndarray], **options) -> tuple[BlockSource, BlockSource]:
+    """(training, evaluation) sources of ``data.batches='fixed'``: each reads every block it needs
+    once, for the first epoch's batches and the test batches, which the trainer keeps. Neither keeps
+    a block past its last use, so the data are held once, as batches (a resident cache beside them
+    would hold them twice). Read-ahead is bounded by twice the blocks a step needs at once."""
+
+    def bounded(source: BlockSource, plan: list[np.ndarray]) -> BlockSource:
+        source.budget_bytes = 2 * LIVE_MARGIN * float(source.live_bytes(plan).max(initial=0.0))
+        return source
+
+    train = bounded(stream_training_source(reader, data, dtype, readers=readers, **options), first_plan)
+    if len(data.test_local) == 0:
+        return train, train
+    test = bounded(BlockSource(reader, data, data.test_local, dtype, resident=False, readers=readers, **options), eval_plan)
+    return train, test
 
 
 def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dtype, device: torch.device,

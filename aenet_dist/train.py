@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import inspect
 import math
 import os
@@ -37,7 +38,7 @@ from .graphs import GraphedStep, use_cuda_graphs
 from .dist import DistInfo, FusedStepState, all_reduce_sum, barrier, broadcast_object, cleanup, host_sum_for, init_distributed, wrap_ddp
 from .files import lock_directory, remove_stale_temporaries, unlock
 from .cores import local_ranks, usable_cores
-from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_plan, make_training_data
+from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_plan, fixed_batch_order, make_training_data
 from .log import get_logger, setup_logging
 from .report import RunReport
 from . import step as lean
@@ -176,6 +177,9 @@ class Trainer:
         self.keep_eval_batches = data.keep_eval_batches
         self.eval_batches: list | None = None  # kept after the first evaluation when keep_eval_batches
         self._close_data = weakref.finalize(self, data.close)  # data.workers processes end with the trainer at the latest
+        # data.batches='fixed': the first epoch's batches, gathered once (on the training device for
+        # the gpu cache) and taken in a new order each epoch (fixed_batch_order).
+        self.kept_batches: list[Batch] | None = self._gather_kept_batches() if data.fixed_batches else None
         self.report = RunReport(config.run, info, self.run_dir, self.steps, self.prefetch)
         self.load_seconds = time.perf_counter() - t0
 
@@ -281,12 +285,15 @@ class Trainer:
             )
         old, new = state.get("config", {}), self.config.to_dict()
         # A resumed run may be given more epochs and moved to other hardware (cache mode, memory,
-        # threads, timeouts: none changes the result); everything else must match.
+        # threads, timeouts: none changes the result); everything else must match. A setting that
+        # the checkpoint's version did not have yet had its default's effect.
+        defaults = {section: {f.name: f.default for f in dataclasses.fields(getattr(self.config, section))} for section in new}
         differ = [
             f"{section}.{key}"
             for section in new
             for key in new[section]
-            if (section, key) not in RESUME_MAY_CHANGE and old.get(section, {}).get(key) != new[section][key]
+            if (section, key) not in RESUME_MAY_CHANGE
+            and old.get(section, {}).get(key, defaults[section].get(key)) != new[section][key]
         ]
         if differ:
             raise ValueError(f"{path}: configuration differs from the checkpoint's in {differ}; use --finetune to start from its weights")
@@ -333,9 +340,18 @@ class Trainer:
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor, self.info)
 
+    def _gather_kept_batches(self) -> list[Batch]:
+        """The batches of the first epoch's plan (``data.batches='fixed'``), gathered now, in this thread."""
+        config = self.config
+        plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
+        batches = self.source.iterate(plan, config.loss.force_weight > 0)
+        return [batch if self.cache_mode != "gpu" else batch.to(self.info.device) for batch in batches]
+
     def _batches(self, source, plan: list[np.ndarray], with_forces: bool):
         """Batches of ``plan`` on the training device; gathered ahead in a thread unless on-device."""
         if not self.prefetch:  # gathered in this thread (on the device for the gpu cache)
+            if self.kept_batches is not None and self.info.device.type != "cpu":  # the host sources of data.batches='fixed'
+                return _OnDevice(source.iterate(plan, with_forces), self.info.device)
             return source.iterate(plan, with_forces)
         prefetcher = Prefetcher(source, plan, with_forces, depth=STREAM_PREFETCH_DEPTH if self.cache_mode == "stream" else PREFETCH_DEPTH)
         return _PrefetchedBatches(prefetcher, self.info.device)
@@ -518,24 +534,27 @@ class Trainer:
         On an agreed stop request the position inside the epoch is checkpointed (:meth:`_save_interrupted`).
         """
         config, info = self.config, self.info
-        plan = epoch_plan(self.data, config.run.seed, self.epoch, self.steps, config.data.shuffle_window_blocks)
         self.local_seconds = 0.0
         totals = self.partial_totals.to(info.device).clone()
         data_seconds = 0.0
-        self.source.check_budget(plan[self.step_in_epoch :], f"epoch {self.epoch + 1}", first_step=self.step_in_epoch, strict=False)
         with_forces = config.loss.force_weight > 0
         ahead = self.next_epoch_batches
-        if ahead is not None and ahead[0] == self.epoch and self.step_in_epoch == 0:
+        if self.kept_batches is not None:
+            order = fixed_batch_order(config.run.seed, self.epoch, self.steps)
+            batches = _OnDevice(iter([self.kept_batches[k] for k in order[self.step_in_epoch :]]), info.device)
+        elif ahead is not None and ahead[0] == self.epoch and self.step_in_epoch == 0:
             self.next_epoch_batches, batches = None, ahead[1]
         else:
+            plan = epoch_plan(self.data, config.run.seed, self.epoch, self.steps, config.data.shuffle_window_blocks)
+            self.source.check_budget(plan[self.step_in_epoch :], f"epoch {self.epoch + 1}", first_step=self.step_in_epoch, strict=False)
             self._drop_next_epoch_batches()
             batches = self._batches(self.source, plan[self.step_in_epoch :], with_forces)
         try:
-            for k in range(self.step_in_epoch, len(plan)):
+            for k in range(self.step_in_epoch, self.steps):
                 t0 = time.perf_counter()
                 batch = next(batches)  # waits only if the prefetch thread is behind
                 data_seconds += time.perf_counter() - t0
-                if k == len(plan) - 1:
+                if k == self.steps - 1:
                     self._gather_next_epoch_ahead(with_forces)
                 step_totals = self.train_step(batch)
                 totals += step_totals
@@ -544,8 +563,8 @@ class Trainer:
                     self._check_steps()  # on every rank: the probe is global, so all stop together
                 if config.run.log_every and self.step % config.run.log_every == 0 and info.is_main:
                     e, f = self._metrics(step_totals)
-                    log.info("epoch %d step %d/%d | batch E %.2f meV/atom F %.4f eV/Å", self.epoch + 1, k + 1, len(plan), 1000 * e, f)
-                if self.stop_agreed and self.step_in_epoch < len(plan):
+                    log.info("epoch %d step %d/%d | batch E %.2f meV/atom F %.4f eV/Å", self.epoch + 1, k + 1, self.steps, 1000 * e, f)
+                if self.stop_agreed and self.step_in_epoch < self.steps:
                     self._check_steps()
                     self.partial_totals = totals.detach().cpu()
                     self._save_interrupted()
@@ -680,6 +699,24 @@ class _PrefetchedBatches:
 
     def close(self) -> None:
         self.prefetcher.close()
+
+
+class _OnDevice:
+    """Batches (kept, or gathered in the training thread from host memory) moved to the training
+    device as they are taken; ``close`` closes what they come from."""
+
+    def __init__(self, batches, device: torch.device):
+        self.batches, self.device = batches, device
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self.batches)
+        return batch if self.device.type == "cpu" or batch.num_atoms.device == self.device else batch.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        getattr(self.batches, "close", lambda: None)()
 
 
 def summary_table(last: dict, trainer: Trainer, wall: float) -> str:

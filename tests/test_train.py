@@ -402,10 +402,11 @@ def _wait_for_epoch(run_dir: Path, epoch: int, proc, timeout: float = 120.0) -> 
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_signal_mid_epoch_then_resume_equals_uninterrupted(emt, tmp_path, ranks):
+@pytest.mark.parametrize("ranks, batches", [(1, "reshuffle"), (2, "reshuffle"), (2, "fixed")])
+def test_signal_mid_epoch_then_resume_equals_uninterrupted(emt, tmp_path, ranks, batches):
     """SIGUSR1 to one rank: all ranks finish the step, rank 0 checkpoints the position inside
-    the epoch, the job exits 75, and --resume ends with the uninterrupted run's metrics and weights."""
+    the epoch, the job exits 75, and --resume ends with the uninterrupted run's metrics and weights
+    (with data.batches=fixed too: the kept batches, taken from the step where the epoch stopped)."""
     import signal
 
     import psutil
@@ -414,7 +415,7 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(emt, tmp_path, ranks)
     extra = "checkpoint_every = 1"
     full = write_toml(tmp_path / "full.toml", store, tmp_path / "full", extra)
     part = write_toml(tmp_path / "part.toml", store, tmp_path / "part", extra)
-    common = ["run.batch_size=4", "run.epochs=3"]
+    common = ["run.batch_size=4", "run.epochs=3", f"data.batches={batches}"]
     if ranks == 1:
         run_train([full, *common])
         cmd = [sys.executable, "-m", "aenet_dist.train", str(part), *common]
@@ -825,3 +826,80 @@ def test_eval_every_evaluates_on_schedule_and_at_the_end(emt, tmp_path):
     assert plateau.scheduler.last_epoch == 3
     with pytest.raises(ValueError, match="run.eval_every must be >= 1"):
         config_for(store, tmp_path / "bad", run={"eval_every": 0})
+
+
+def _steps_taken(trainer: Trainer) -> list[tuple[int, tuple[int, ...]]]:
+    """Records (epoch, structure indices) of every step ``trainer`` takes from now on."""
+    taken = []
+    original = trainer.train_step
+
+    def recording(batch):
+        taken.append((trainer.epoch, tuple(batch.structure_index.tolist())))
+        return original(batch)
+
+    trainer.train_step = recording
+    return taken
+
+
+def test_fixed_batches_are_formed_once_and_taken_in_a_new_order_each_epoch(emt, tmp_path):
+    """data.batches=fixed: the first epoch is the reshuffling run's first epoch, bit for bit; every
+    later epoch takes the same batches (the first epoch's structure sets) in another seeded order,
+    gathered once: no block stays in the sources, no gathering thread runs."""
+    _, store = emt
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    fixed = Trainer(config_for(store, tmp_path / "fixed", data={"batches": "fixed"}, run={"epochs": 4, "batch_size": 4}), info)
+    drawn = Trainer(config_for(store, tmp_path / "drawn", run={"epochs": 4, "batch_size": 4}), info)
+    assert len(fixed.kept_batches) == fixed.steps >= 4 and not fixed.prefetch
+    assert not fixed.source.resident and not fixed.eval_source.resident  # blocks were read once, for the kept batches
+    taken, taken_drawn = _steps_taken(fixed), _steps_taken(drawn)
+    fixed.fit()
+    drawn.fit()
+    assert not _gathering_threads()
+    by_epoch = [[index for e, index in taken if e == epoch] for epoch in range(4)]
+    first = [tuple(p.tolist()) for p in epoch_plan(fixed.data, 0, 0, fixed.steps, fixed.config.data.shuffle_window_blocks)]
+    assert by_epoch[0] == first == [index for e, index in taken_drawn if e == 0]
+    for later in by_epoch[1:]:
+        assert sorted(later) == sorted(first)
+    assert len({tuple(order) for order in by_epoch}) == 4  # four orders
+    assert [index for e, index in taken_drawn if e == 1] != by_epoch[1]  # reshuffling draws other batches
+    m_fixed, m_drawn = metrics(tmp_path / "fixed"), metrics(tmp_path / "drawn")
+    assert all(m_fixed[0][key] == m_drawn[0][key] for key in KEYS)
+    assert m_fixed[-1]["loss"] != m_drawn[-1]["loss"]
+    # a second run is the same run
+    again = Trainer(config_for(store, tmp_path / "again", data={"batches": "fixed"}, run={"epochs": 4, "batch_size": 4}), info)
+    again.fit()
+    assert [m["loss"] for m in metrics(tmp_path / "again")] == [m["loss"] for m in m_fixed]
+
+
+def test_fixed_batches_on_two_ranks_equal_one_rank_and_refuse_to_stream(emt, tmp_path):
+    """data.batches=fixed on 2 gloo ranks follows the 1-rank run of the same shards; streaming
+    (which exists not to hold the data) is refused with the reason, before any training."""
+    _, store = emt
+    one = write_toml(tmp_path / "one.toml", store, tmp_path / "one")
+    two = write_toml(tmp_path / "two.toml", store, tmp_path / "two")
+    run_train([one, "data.num_shards=2", "data.batches=fixed"])
+    run_train([two, "data.batches=fixed"], ranks=2)
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-8, abs=1e-10), key
+    refused = run_train([one, "data.batches=fixed", "data.cache=stream", "run.run_dir=" + str(tmp_path / "s")], check=False)
+    assert refused.returncode == 2 and "data.batches='fixed'" in refused.stderr and "reshuffle" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    refused = run_train([one, "data.batches=sometimes", "run.run_dir=" + str(tmp_path / "s")], check=False)
+    assert refused.returncode == 2 and "data.batches must be one of" in refused.stderr
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_setting_existed(emt, tmp_path):
+    """A checkpoint whose config lacks a key that a later version added (data.batches) resumes when
+    the key has its default (the effect the older version had), and is refused otherwise."""
+    _, store = emt
+    cfg = write_toml(tmp_path / "r.toml", store, tmp_path / "r", "checkpoint_every = 1")
+    run_train([cfg, "run.epochs=1"])
+    latest = sorted((tmp_path / "r" / "checkpoints").glob("checkpoint_*.pt"))[-1]
+    state = load_checkpoint(latest)
+    del state["config"]["data"]["batches"]
+    torch.save(state, latest)
+    run_train([cfg, "run.epochs=2", "--resume"])
+    assert [m["epoch"] for m in metrics(tmp_path / "r")] == [1, 2]
+    refused = run_train([cfg, "run.epochs=3", "--resume", "data.batches=fixed"], check=False)
+    assert refused.returncode == 2 and "data.batches" in refused.stderr
