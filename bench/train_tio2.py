@@ -1,6 +1,6 @@
 """Benchmark of ``aenet_dist.train`` on the aenet-PyTorch paper's TiO2 example, against aenet-PyTorch.
 
-    .venv/bin/python bench/train_tio2.py [--epochs 12] [--ranks 1 2] [--dtypes float32 float64]
+    .venv/bin/python bench/train_tio2.py [--epochs 12] [--ranks 1 2] [--dtypes float32 float64] [--batches reshuffle fixed]
                                          [--no-one-thread] [--skip-tta] [--tta-max-epochs N] [--tta-max-seconds S]
                                          [--tta-threads N] [--keep DIR] [--no-save]
 
@@ -222,18 +222,20 @@ def launch(config: Path, ranks: int, overrides: list[str], name: str, stop=None,
     }
 
 
-def throughput(config: Path, dtype: str, ranks: int, epochs: int, num_train_fallback: int, threads: int | None = None) -> dict:
-    name = f"throughput_{dtype}_{ranks}r" + (f"_{threads}t" if threads else "")
-    label = f"{ranks} rank(s)" + (f", OMP_NUM_THREADS={threads}" if threads else "")
+def throughput(config: Path, dtype: str, ranks: int, epochs: int, num_train_fallback: int, threads: int | None = None,
+               batches: str = "reshuffle") -> dict:
+    name = f"throughput_{dtype}_{ranks}r_{batches}" + (f"_{threads}t" if threads else "")
+    label = f"{ranks} rank(s), data.batches={batches}" + (f", OMP_NUM_THREADS={threads}" if threads else "")
     print(f"throughput: {dtype}, {label}, {epochs} epochs ...", file=sys.stderr)
-    r = launch(config, ranks, [f"run.dtype={dtype}", f"run.epochs={epochs}", f"run.checkpoint_every={epochs}"], name, threads=threads)
+    r = launch(config, ranks, [f"run.dtype={dtype}", f"run.epochs={epochs}", f"run.checkpoint_every={epochs}", f"data.batches={batches}"],
+               name, threads=threads)
     ms = r["metrics"]
     timed = ms[2:] if len(ms) >= 3 else ms
     epoch_s = statistics.median(m["epoch_seconds"] for m in timed)
     train_s = statistics.median(m["train_seconds"] for m in timed)
     num_train = r["num_train"] or num_train_fallback
     out = {
-        "what": "throughput", "dtype": dtype, "ranks": ranks, "omp_num_threads": threads, "epochs": len(ms),
+        "what": "throughput", "dtype": dtype, "ranks": ranks, "omp_num_threads": threads, "batches": batches, "epochs": len(ms),
         "epochs_timed": f"{timed[0]['epoch']}..{timed[-1]['epoch']}",
         "epoch_s_median": epoch_s, "epoch_s_min": min(m["epoch_seconds"] for m in timed),
         "epoch_s_max": max(m["epoch_seconds"] for m in timed), "train_s_median": train_s,
@@ -420,26 +422,26 @@ def report(info: dict, data: dict, runs: list[dict], peers: list[dict], profiles
             f"**aenet-PyTorch ran in this invocation, {len(peers)} time(s), alternating with ours** (`shared/peers/aenet_pytorch_train.sh`, "
             "its own trainer built from its source, float64, torch's default threads); ratios are per pair, then the median.",
             "",
-            "| program | dtype | ranks | epoch (s), median | per run (s) | structures/s | speed-up vs aenet-PyTorch, median (per pair) | "
+            "| program | dtype | ranks | data.batches | epoch (s), median | per run (s) | structures/s | speed-up vs aenet-PyTorch, median (per pair) | "
             "peak RSS, sum of ranks (MB) | memory / aenet-PyTorch's | load avg |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         peer_epoch = statistics.median(p["epoch_s"] for p in peers)
         peer_mem = statistics.median(p["peak_rss_bytes"] for p in peers)
         num_train = runs[0]["num_train"] if runs else 900
         lines.append(
-            f"| aenet-PyTorch | float64 | 1 | {peer_epoch:.3f} | {_join(p['epoch_s'] for p in peers)} | {num_train / peer_epoch:.0f} | 1x | "
+            f"| aenet-PyTorch | float64 | 1 | formed once, fixed order | {peer_epoch:.3f} | {_join(p['epoch_s'] for p in peers)} | {num_train / peer_epoch:.0f} | 1x | "
             f"{peer_mem / 2**20:.0f} | 1 | {_join((p['loadavg_end'] for p in peers), 2)} |"
         )
         configs = {}
         for r in runs:
-            configs.setdefault((r["dtype"], r["ranks"], r["omp_num_threads"]), []).append(r)
-        for (dtype, ranks, threads), rs in configs.items():
+            configs.setdefault((r["dtype"], r["ranks"], r["omp_num_threads"], r.get("batches", "reshuffle")), []).append(r)
+        for (dtype, ranks, threads, batches), rs in configs.items():
             ratios = [p["epoch_s"] / r["epoch_s_median"] for p, r in zip(peers, rs)]
             epoch_s = statistics.median(r["epoch_s_median"] for r in rs)
             mem = statistics.median(r["peak_rss_sum_mb"] for r in rs)
             lines.append(
-                f"| aenet_dist | {dtype} | {ranks}{' (OMP_NUM_THREADS=1)' if threads == 1 else ''} | {epoch_s:.3f} | "
+                f"| aenet_dist | {dtype} | {ranks}{' (OMP_NUM_THREADS=1)' if threads == 1 else ''} | {batches} | {epoch_s:.3f} | "
                 f"{_join(r['epoch_s_median'] for r in rs)} | {num_train / epoch_s:.0f} | "
                 f"**{statistics.median(ratios):.1f}x** ({_join(ratios, 1)}) | {mem:.0f} | "
                 f"{mem * 2**20 / peer_mem:.2f} | {_join((r['loadavg_end'] for r in rs), 2)} |"
@@ -449,7 +451,9 @@ def report(info: dict, data: dict, runs: list[dict], peers: list[dict], profiles
             f"Targets (issue 9): ≥ 10x aenet-PyTorch's epoch (float32), ≥ 5x (float64), ≤ 1/4 of its memory. structures/s = {num_train} "
             "training structures / median `epoch_seconds` (which includes the test-set evaluation, as aenet-PyTorch's epoch does). "
             "aenet-PyTorch's figures are its own report (`Time needed for training` / epochs, `Maximum CPU memory`). Ours: psutil "
-            "every 0.1 s, sum of ranks' RSS. Threads: `run.cpu_threads` (default 1 per rank) unless the row says OMP_NUM_THREADS=1.",
+            "every 0.1 s, sum of ranks' RSS. Threads: `run.cpu_threads` (default 1 per rank) unless the row says OMP_NUM_THREADS=1. "
+            "data.batches: `reshuffle` (our default) draws new batches every epoch; `fixed` forms them once and takes them in a "
+            "new order each epoch. aenet-PyTorch forms its batches once and keeps even their order, so `fixed` is the like-for-like row.",
             "",
         ]
     if profiles:
@@ -468,8 +472,9 @@ def report(info: dict, data: dict, runs: list[dict], peers: list[dict], profiles
                   "the gathering copies once and the two contractions read once each; timed alone as a `clone` of every array "
                   "and one matrix-vector product over each (best of 5, after the step's own runs), per step.", ""]
     if tta is not None:
-        settings = " ".join(s for s in tta["settings"] if not s.startswith("run.dtype")) or \
+        settings = " ".join(s for s in tta["settings"] if not s.startswith(("run.dtype", "data.batches"))) or \
             "aenet-PyTorch's own: AdamW lr 1e-4, weight decay 1e-3, batch 128, no schedule"
+        settings += "; " + next((s for s in tta["settings"] if s.startswith("data.batches")), "data.batches=reshuffle")
         e2e = f"{tta['end_to_end_s']:.0f} s" if tta["end_to_end_s"] is not None else "–"
         verdict = (f"**reached at epoch {tta['epoch']}: {tta['wall_seconds']:.1f} s** of training loop (`wall_seconds`; "
                    f"{e2e} end to end with start-up and data loading), {tta['speedup_vs_paper']:.0f}x faster than the paper's "
@@ -494,7 +499,11 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=12, help="epochs per throughput run (default 12; median over 3..end)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts (default 1 2)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    parser.add_argument("--batches", nargs="+", default=["reshuffle", "fixed"], choices=["reshuffle", "fixed"],
+                        help="data.batches settings of the throughput runs (default both)")
     parser.add_argument("--skip-tta", action="store_true", help="no time-to-accuracy run")
+    parser.add_argument("--tta-batches", default="reshuffle", choices=["reshuffle", "fixed"],
+                        help="data.batches of the time-to-accuracy run (default reshuffle; aenet-PyTorch's batches are fixed)")
     parser.add_argument("--tta-paper-settings", action="store_true",
                         help="time to accuracy with aenet-PyTorch's own settings (AdamW 1e-4, batch 128) instead of ours")
     parser.add_argument("--skip-throughput", action="store_true", help="no throughput runs and no peer (e.g. only a time-to-accuracy run)")
@@ -534,13 +543,14 @@ def main() -> int:
             peers.append(peer_run(args.peer_epochs))
             for dtype in args.dtypes:
                 for ranks in args.ranks:
-                    runs.append(throughput(config, dtype, ranks, args.epochs, num_train))
-                    if ranks == 1 and not args.no_one_thread:
-                        runs.append(throughput(config, dtype, ranks, args.epochs, num_train, threads=1))
+                    for batches in args.batches:
+                        runs.append(throughput(config, dtype, ranks, args.epochs, num_train, batches=batches))
+                        if ranks == 1 and not args.no_one_thread:
+                            runs.append(throughput(config, dtype, ranks, args.epochs, num_train, threads=1, batches=batches))
         profiles = [] if args.skip_throughput else [op_profile(dtype, b) for dtype in args.dtypes for b in ("off", "on")]
         tta_threads = None if args.tta_threads == 0 else args.tta_threads
         tta = None if args.skip_tta else time_to_accuracy(config, args.tta_max_epochs, args.tta_max_seconds, tta_threads,
-                                                          TTA_PAPER if args.tta_paper_settings else TTA)
+                                                          [*(TTA_PAPER if args.tta_paper_settings else TTA), f"data.batches={args.tta_batches}"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
