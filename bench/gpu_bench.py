@@ -34,12 +34,13 @@ DEVICE = "cuda"
 
 
 def toml(store, run_dir, cache, epochs, batch=128, method="adamw", lr=1e-4, weight_decay=1e-3, schedule="none", dtype="float32",
-         cuda_graphs="auto"):
+         cuda_graphs="auto", batches="reshuffle"):
     return f"""
 [data]
 store = "{store}"
 test_percent = 10
 cache = "{cache}"
+batches = "{batches}"
 [model]
 hidden = [5, 5]
 activations = ["tanh", "tanh"]
@@ -223,14 +224,20 @@ def main() -> None:
     train_rows = reader.num_deriv_rows.sum() * 0.9  # 10 % test
     dG_bytes = float(train_rows * 3 * features * 4)
     results["dG_bytes_per_epoch_float32"] = dG_bytes
-    # (label, cache mode, epochs, run.cuda_graphs): the gpu cache with CUDA graphs (auto = on for a GPU) and without
-    modes = ((("gpu", "gpu", 40, "auto"), ("gpu_eager", "gpu", 40, "off"), ("pinned", "pinned", 15, "auto"), ("stream", "stream", 15, "auto"))
-             if DEVICE == "cuda" else (("memory", "memory", 5, "auto"), ("stream", "stream", 5, "auto")))
+    # (label, cache mode, epochs, run.cuda_graphs, data.batches): the gpu cache with CUDA graphs (auto = on for a
+    # GPU) and without; with batches formed once and kept on the device (fixed: nothing is gathered in training)
+    modes = ((("gpu", "gpu", 40, "auto", "reshuffle"), ("gpu_eager", "gpu", 40, "off", "reshuffle"),
+              ("gpu_fixed", "gpu", 40, "auto", "fixed"), ("gpu_fixed_eager", "gpu", 40, "off", "fixed"),
+              ("pinned", "pinned", 15, "auto", "reshuffle"), ("pinned_fixed", "pinned", 15, "auto", "fixed"),
+              ("stream", "stream", 15, "auto", "reshuffle"))
+             if DEVICE == "cuda" else (("memory", "memory", 5, "auto", "reshuffle"), ("memory_fixed", "memory", 5, "auto", "fixed"),
+                                       ("stream", "stream", 5, "auto", "reshuffle")))
     if args.quick:
-        modes = tuple((label, m, 5, graphs) for label, m, _, graphs in modes)
+        modes = tuple((label, m, 5, graphs, batches) for label, m, _, graphs, batches in modes)
     steps = math.ceil(900 / 128)
-    for label, cache, epochs, graphs in modes:
-        metrics = train(out, f"paper_{label}", toml(store, out / "runs" / f"paper_{label}", cache, epochs, cuda_graphs=graphs))
+    for label, cache, epochs, graphs, batches in modes:
+        metrics = train(out, f"paper_{label}", toml(store, out / "runs" / f"paper_{label}", cache, epochs, cuda_graphs=graphs,
+                                                     batches=batches))
         epoch_s = statistics.median(m["epoch_seconds"] for m in metrics[3:])
         train_s = statistics.median(m["train_seconds"] for m in metrics[3:])
         results[f"{label}_epoch_s"] = epoch_s
