@@ -437,7 +437,10 @@ class DataConfig:
     forms its batches once). With ``fixed`` nothing is gathered during training: no gathering
     thread shares the cores or the interpreter with the steps (TiO2, one CPU core: 25-30 % shorter
     epochs), and on a GPU the batches stay on the device. The kept batches replace the cache (the
-    data are held once), so it needs ``data.cache`` memory, pinned or gpu, not stream."""
+    data are held once). With ``stream`` they are kept on disk instead: written once to
+    ``run_dir/kept_batches/`` (one file per rank, as large as the rank's training data in
+    ``run.dtype``; removed at the end), and each epoch reads them back in its order, with no
+    decompression, conversion or gathering (aenet-PyTorch's ``memory_mode = disk``)."""
     force_percent: float = 100.0
     """Percentage of the training set's force structures (those the store has derivatives for)
     whose forces enter the loss: a seeded subset, nested (the 10 % subset lies inside the 20 % one),

@@ -599,6 +599,7 @@ class TrainingData:
     workers: BlockWorkers | None = None  # data.workers processes, if any
     keep_eval_batches: bool = False  # gather the evaluation batches once and keep them (see KEEP_EVAL_SHARE)
     fixed_batches: bool = False  # data.batches='fixed': the trainer gathers the first epoch's batches once and keeps them
+                                 # (in memory, or with stream in a file it reads back each epoch)
 
     def close(self) -> None:
         """Stop the worker processes (the sources cannot read blocks afterwards)."""
@@ -630,13 +631,9 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
     # cores, memory cache: synthetic 5000 0.98-1.08 against 1.07-1.19 s/epoch gathering inline;
     # TiO2 no different, 90-118 against 91-113 ms).
     fixed = config.batches == "fixed"
-    if fixed and mode == "stream":
-        raise ValueError(
-            f"data.batches='fixed' keeps every training batch in memory, and data.cache={config.cache!r} streams "
-            f"({reason}); use data.batches='reshuffle' to stream, or a cache that holds the shard (memory, pinned, gpu)"
-        )
-    # Kept batches (data.batches='fixed') are never gathered during training: no thread.
-    prefetch = mode != "gpu" and not fixed
+    # Batches kept in memory (data.batches='fixed' with a resident cache) are never gathered during
+    # training: no thread. Kept on disk (with stream), a thread reads the coming ones back.
+    prefetch = mode != "gpu" and not (fixed and mode != "stream")
     if info.is_main:
         log.info("data.cache=%s -> %s (%s)", config.cache, mode, reason)
         stored = reader.attrs.get("deriv_dtype", "float64")
@@ -674,7 +671,7 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
         log.info("stream: %d reader thread(s) per rank (data.readers%s)", readers, "" if config.readers else ", auto")
     try:
         options = dict(buckets=buckets, derivs_used=derivs_used, workers=workers, dense_blocks=dense_blocks)
-        if fixed:
+        if fixed and mode != "stream":
             source, eval_source = read_once_sources(reader, data, dtype, readers, first_plan, eval_plan, pin=mode == "pinned" and info.device.type == "cuda",
                                                     **options)
         else:
@@ -690,7 +687,7 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
     # cost a copy of the test rows (at most KEEP_EVAL_SHARE of the shard) instead of a gather, a thread
     # and ~3.5 ms an epoch (TiO2: a tenth of an epoch).
     test_bytes = float(local_bytes[data.test_local].sum())
-    keep_eval = fixed or (mode == "memory" and test_bytes <= KEEP_EVAL_SHARE * float(local_bytes.sum()))
+    keep_eval = (fixed and mode != "stream") or (mode == "memory" and test_bytes <= KEEP_EVAL_SHARE * float(local_bytes.sum()))
     return TrainingData(data, mode, prefetch, steps, eval_plan, source, eval_source, workers, keep_eval, fixed)
 
 

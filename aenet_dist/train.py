@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ import torch.distributed as tdist
 from . import checkpoint as ckpt
 from .allocator import keep_freed_memory
 from .batching import Batch
+from .batch_file import BatchFile, BatchFileWriter
 from .block_loading import WorkerDied
 from .config import TrainConfig, load_train_config, save_resolved_config
 from .formats.train_in import read_train_in
@@ -179,7 +181,13 @@ class Trainer:
         self._close_data = weakref.finalize(self, data.close)  # data.workers processes end with the trainer at the latest
         # data.batches='fixed': the first epoch's batches, gathered once (on the training device for
         # the gpu cache) and taken in a new order each epoch (fixed_batch_order).
-        self.kept_batches: list[Batch] | None = self._gather_kept_batches() if data.fixed_batches else None
+        self.kept_batches: list[Batch] | None = None
+        self.kept_file: BatchFile | None = None  # with stream: the batches kept on disk instead
+        if data.fixed_batches and self.cache_mode == "stream":
+            self.kept_file = self._write_kept_batches()
+            self._remove_kept_file = weakref.finalize(self, _remove_file, self.kept_file.path)
+        elif data.fixed_batches:
+            self.kept_batches = self._gather_kept_batches()
         self.report = RunReport(config.run, info, self.run_dir, self.steps, self.prefetch)
         self.load_seconds = time.perf_counter() - t0
 
@@ -347,6 +355,28 @@ class Trainer:
         batches = self.source.iterate(plan, config.loss.force_weight > 0)
         return [batch if self.cache_mode != "gpu" else batch.to(self.info.device) for batch in batches]
 
+    def _write_kept_batches(self) -> BatchFile:
+        """``data.batches='fixed'`` with ``stream``: the first epoch's batches, streamed from the store
+        once and written to this rank's file in the run directory (removed when the trainer closes)."""
+        config, t0 = self.config, time.perf_counter()
+        plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
+        path = self.run_dir / "kept_batches" / f"rank{self.info.rank:05d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        need, free = float(self.source.block_bytes.sum()), shutil.disk_usage(path.parent).free
+        if need * 1.05 > free:  # the batches are the rank's training data, plus headers and alignment
+            raise ValueError(f"data.batches='fixed' with stream keeps this rank's batches on disk in {path.parent}: about "
+                             f"{need / 1e9:.2f} GB, and {free / 1e9:.2f} GB are free there; free space, set run.run_dir "
+                             "elsewhere, or use data.batches='reshuffle'")
+        with BatchFileWriter(path) as writer:
+            for batch in self.source.iterate(plan, config.loss.force_weight > 0):
+                writer.append(batch)
+            written = writer.bytes
+            writer.finish()
+        if self.info.is_main:
+            log.info("data.batches=fixed with stream: %d batches (%.2f GB) written to %s in %.1f s; each epoch reads them back",
+                     len(plan), written / 1e9, path, time.perf_counter() - t0)
+        return BatchFile(path)
+
     def _batches(self, source, plan: list[np.ndarray], with_forces: bool):
         """Batches of ``plan`` on the training device; gathered ahead in a thread unless on-device."""
         if not self.prefetch:  # gathered in this thread (on the device for the gpu cache)
@@ -462,8 +492,11 @@ class Trainer:
         return (1 - alpha) * rmse_e + (alpha * rmse_f if not math.isnan(rmse_f) else 0.0)
 
     def close(self) -> None:
-        """Stop the data worker processes (``data.workers``); the trainer cannot train afterwards."""
+        """Stop the data worker processes (``data.workers``) and remove the kept-batch file, if any;
+        the trainer cannot train afterwards."""
         self._close_data()
+        if self.kept_file is not None:
+            self._remove_kept_file()
 
     def fit(self) -> dict:
         """Train until ``run.epochs`` (or an early stop, or a signal); returns the last epoch's metrics.
@@ -542,6 +575,9 @@ class Trainer:
         if self.kept_batches is not None:
             order = fixed_batch_order(config.run.seed, self.epoch, self.steps)
             batches = _OnDevice(iter([self.kept_batches[k] for k in order[self.step_in_epoch :]]), info.device)
+        elif self.kept_file is not None:  # read back in a thread, as stream reads blocks
+            order = fixed_batch_order(config.run.seed, self.epoch, self.steps)
+            batches = self._batches(self.kept_file, list(order[self.step_in_epoch :]), with_forces)
         elif ahead is not None and ahead[0] == self.epoch and self.step_in_epoch == 0:
             self.next_epoch_batches, batches = None, ahead[1]
         else:
@@ -699,6 +735,15 @@ class _PrefetchedBatches:
 
     def close(self) -> None:
         self.prefetcher.close()
+
+
+def _remove_file(path: Path) -> None:
+    """Remove a file the run made for itself (and its directory once empty)."""
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:  # other ranks' files are still there
+        pass
 
 
 class _OnDevice:

@@ -82,6 +82,8 @@ RUNS = [
     ("memory", 2, ["data.cache=memory"]),
     ("stream", 2, ["data.cache=stream"]),
 ]
+# The same with data.batches = fixed (batches formed once; with stream kept on disk and read back each epoch).
+FIXED_RUNS = [(f"{label} fixed", ranks, [*overrides, "data.batches=fixed"]) for label, ranks, overrides in RUNS]
 MEMORY_FRACTION = 0.75  # memory-cache runs are skipped when plan's host memory exceeds this share of what is available
 
 
@@ -285,7 +287,8 @@ def report(info: dict, stores: list[dict], runs: list[dict], unfit: list[dict], 
     for r in runs:
         if r["cache"] == "stream" and r["ranks"] == 1:
             d = by_size[r["size"]]
-            mem = next((m for m in one_rank["memory"] if m["size"] == r["size"]), None)
+            mem = next((m for m in runs if m["cache"] == "memory" and m["ranks"] == 1 and m["size"] == r["size"]
+                        and ("data.batches=fixed" in m["overrides"]) == ("data.batches=fixed" in r["overrides"])), None)
             budget = next((float(o.split("=")[1]) for o in r["overrides"] if o.startswith("data.memory_budget_gb=")), None)
             within = ""
             if budget is not None:
@@ -298,7 +301,7 @@ def report(info: dict, stores: list[dict], runs: list[dict], unfit: list[dict], 
                          + f"; epoch {r['epoch_s_median']:.2f} s" + (f" vs {mem['epoch_s_median']:.2f} s in memory" if mem else "") + within + ".")
     for r in runs:
         if r["ranks"] > 1:
-            single = next((m for m in one_rank.get(r["label"], []) if m["size"] == r["size"]), None)
+            single = next((m for m in runs if m["label"] == r["label"] and m["ranks"] == 1 and m["size"] == r["size"]), None)
             if single:
                 lines.append(f"- {r['size']}, {r['label']}: 2 ranks {r['epoch_s_median']:.2f} s/epoch vs 1 rank {single['epoch_s_median']:.2f} s "
                              f"(speed-up {single['epoch_s_median'] / r['epoch_s_median']:.2f}x on 2 shared cores); peak RSS sum "
@@ -324,6 +327,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per training run (default 3; median over 2..end)")
     parser.add_argument("--allow-large", action="store_true", help=f"run sizes above {LARGE} (hours on 2 cores)")
     parser.add_argument("--keep", type=Path, help="keep run directories and logs here (default: a temporary directory, removed)")
+    parser.add_argument("--batches", nargs="+", default=["reshuffle", "fixed"], choices=["reshuffle", "fixed"],
+                        help="data.batches of the training runs (default both: every run with each)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md / results.jsonl")
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
@@ -351,12 +356,14 @@ def main() -> int:
             data["generate_wall_s"] = gen["generate_wall_s"]
             stores.append(data)
             config = write_config(runs_dir, data["store"])
-            for label, ranks, overrides in RUNS:
+            chosen = (RUNS if "reshuffle" in args.batches else []) + (FIXED_RUNS if "fixed" in args.batches else [])
+            for label, ranks, overrides in chosen:
                 if any(o.startswith("data.memory_budget_gb=") for o in overrides) and data["stream_min_budget_bytes"] > STREAM_BUDGET_GB * 2**30:
                     budget = round(1.05 * data["stream_min_budget_bytes"] / 2**30, 2)  # the plan's smallest, plus 5 %
-                    label, overrides = f"stream {budget} GiB", ["data.cache=stream", f"data.memory_budget_gb={budget}"]
+                    label = label.replace(f"{STREAM_BUDGET_GB} GiB", f"{budget} GiB")
+                    overrides = [o for o in overrides if not o.startswith("data.memory_budget_gb=")] + [f"data.memory_budget_gb={budget}"]
                 need = data["host_memory_ranks"][ranks]
-                if label == "memory" and need > MEMORY_FRACTION * psutil.virtual_memory().available:
+                if label.startswith("memory") and need > MEMORY_FRACTION * psutil.virtual_memory().available:
                     log(f"[{n}] train {label}, {ranks} rank(s): skipped, plan says {need / 2**30:.1f} GiB of host memory")
                     unfit.append({"size": n, "label": label, "ranks": ranks, "need_bytes": need})
                     continue

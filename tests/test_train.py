@@ -402,7 +402,7 @@ def _wait_for_epoch(run_dir: Path, epoch: int, proc, timeout: float = 120.0) -> 
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("ranks, batches", [(1, "reshuffle"), (2, "reshuffle"), (2, "fixed")])
+@pytest.mark.parametrize("ranks, batches", [(1, "reshuffle"), (2, "reshuffle"), (2, "fixed"), (1, "fixed stream")])
 def test_signal_mid_epoch_then_resume_equals_uninterrupted(emt, tmp_path, ranks, batches):
     """SIGUSR1 to one rank: all ranks finish the step, rank 0 checkpoints the position inside
     the epoch, the job exits 75, and --resume ends with the uninterrupted run's metrics and weights
@@ -415,7 +415,8 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(emt, tmp_path, ranks,
     extra = "checkpoint_every = 1"
     full = write_toml(tmp_path / "full.toml", store, tmp_path / "full", extra)
     part = write_toml(tmp_path / "part.toml", store, tmp_path / "part", extra)
-    common = ["run.batch_size=4", "run.epochs=3", f"data.batches={batches}"]
+    batches, _, cache = batches.partition(" ")
+    common = ["run.batch_size=4", "run.epochs=3", f"data.batches={batches}"] + ([f"data.cache={cache}"] if cache else [])
     if ranks == 1:
         run_train([full, *common])
         cmd = [sys.executable, "-m", "aenet_dist.train", str(part), *common]
@@ -871,20 +872,24 @@ def test_fixed_batches_are_formed_once_and_taken_in_a_new_order_each_epoch(emt, 
     assert [m["loss"] for m in metrics(tmp_path / "again")] == [m["loss"] for m in m_fixed]
 
 
-def test_fixed_batches_on_two_ranks_equal_one_rank_and_refuse_to_stream(emt, tmp_path):
-    """data.batches=fixed on 2 gloo ranks follows the 1-rank run of the same shards; streaming
-    (which exists not to hold the data) is refused with the reason, before any training."""
+def test_fixed_batches_on_two_ranks_equal_one_rank_and_stream_from_disk(emt, tmp_path):
+    """data.batches=fixed on 2 gloo ranks follows the 1-rank run of the same shards, with the batches
+    kept in memory or, with stream, on disk (each rank's file, read back every epoch, then removed):
+    the same run bit for bit."""
     _, store = emt
     one = write_toml(tmp_path / "one.toml", store, tmp_path / "one")
     two = write_toml(tmp_path / "two.toml", store, tmp_path / "two")
+    disk = write_toml(tmp_path / "disk.toml", store, tmp_path / "disk")
     run_train([one, "data.num_shards=2", "data.batches=fixed"])
     run_train([two, "data.batches=fixed"], ranks=2)
+    result = run_train([disk, "data.batches=fixed", "data.cache=stream", "data.memory_budget_gb=0.5"], ranks=2)
+    assert "written to" in result.stdout + result.stderr
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
         for key in KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-8, abs=1e-10), key
-    refused = run_train([one, "data.batches=fixed", "data.cache=stream", "run.run_dir=" + str(tmp_path / "s")], check=False)
-    assert refused.returncode == 2 and "data.batches='fixed'" in refused.stderr and "reshuffle" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    for a, b in zip(metrics(tmp_path / "two"), metrics(tmp_path / "disk"), strict=True):
+        assert all(a[key] == b[key] for key in KEYS), (a, b)
+    assert not (tmp_path / "disk" / "kept_batches").exists()
     refused = run_train([one, "data.batches=sometimes", "run.run_dir=" + str(tmp_path / "s")], check=False)
     assert refused.returncode == 2 and "data.batches must be one of" in refused.stderr
 
