@@ -215,6 +215,10 @@ class BatchFile:
                     and offset + nbytes <= data_len):
                 raise BatchFileError(f"{where}: array {key!r} ({nbytes} bytes at {offset}) does not fit its shape or the batch")
             arrays[key] = torch.from_numpy(data[offset : offset + nbytes].view(_DTYPES[dtype]).reshape(shape))
+        if "structure_index" in arrays:
+            # The trainer keeps each step's structure indices until the epoch's check (to name them if
+            # a step fails): a view would keep the whole batch's memory alive with them.
+            arrays["structure_index"] = arrays["structure_index"].clone()
         return _rebuild(arrays, where)
 
     def iterate(self, order, with_forces: bool = True):

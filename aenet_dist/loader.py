@@ -676,7 +676,7 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
                                                     **options)
         else:
             source, eval_source = make_sources(reader, data, mode, dtype, info.device, user_budget or default_budget_bytes(), readers,
-                                               batch_bytes, first_plan, **options)
+                                               batch_bytes, first_plan, test_read_once=fixed, **options)
         source.check_budget(first_plan, "first epoch")
         eval_source.check_budget(eval_plan, "evaluation")
     except BaseException:
@@ -763,8 +763,11 @@ def read_once_sources(reader: StoreReader, data: RankData, dtype: torch.dtype, r
 def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dtype, device: torch.device,
                  budget_bytes: float, readers: int, batch_bytes: float, first_plan: list[np.ndarray] | None = None,
                  buckets: bool = False, derivs_used: np.ndarray | None = None, workers: BlockWorkers | None = None,
-                 dense_blocks: bool = True):
+                 dense_blocks: bool = True, test_read_once: bool = False):
     """(training source, evaluation source) of a cache mode; reads now what the mode keeps.
+
+    ``test_read_once``: ``stream`` never keeps the test set (its batches are kept on disk instead,
+    ``data.batches='fixed'``).
 
     ``stream`` splits ``budget_bytes`` between the batches in flight, the blocks being converted
     by the readers, the test set (kept resident when it takes at most half of what is left and
@@ -795,7 +798,7 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     # Keep the test set only where the blocks the first epoch needs at once (+10 % for later
     # epochs' plans) still fit beside it.
     blocks_needed = LIVE_MARGIN * float(train.live_bytes(first_plan).max(initial=0.0)) if first_plan else 0.0
-    test_resident = len(data.test_local) > 0 and test_bytes <= 0.5 * avail and test_bytes + blocks_needed <= avail
+    test_resident = len(data.test_local) > 0 and test_bytes <= 0.5 * avail and test_bytes + blocks_needed <= avail and not test_read_once
     left = avail - (test_bytes if test_resident else 0.0)
     if left <= 0:
         raise ValueError(
@@ -814,7 +817,7 @@ def make_sources(reader: StoreReader, data: RankData, mode: str, dtype: torch.dt
     log.info(
         "stream: budget %.2f GiB per rank: %.2f GiB for blocks read ahead, test set (%.2f GiB) %s",
         budget_bytes / 2**30, left / 2**30, test_bytes / 2**30,
-        "kept in memory" if test_resident else
+        "kept in memory" if test_resident else "read once, its batches kept on disk (data.batches=fixed)" if test_read_once else
         "streamed too: each evaluation reads the store's blocks again (run.eval_every N evaluates every N epochs)",
     )
     return train, test

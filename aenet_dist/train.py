@@ -362,7 +362,8 @@ class Trainer:
         plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
         path = self.run_dir / "kept_batches" / f"rank{self.info.rank:05d}.bin"
         path.parent.mkdir(parents=True, exist_ok=True)
-        need, free = float(self.source.block_bytes.sum()), shutil.disk_usage(path.parent).free
+        sources = [self.source] + ([self.eval_source] if self.eval_source is not self.source else [])
+        need, free = sum(float(source.block_bytes.sum()) for source in sources), shutil.disk_usage(path.parent).free
         if need * 1.05 > free:  # the batches are the rank's training data, plus headers and alignment
             raise ValueError(f"data.batches='fixed' with stream keeps this rank's batches on disk in {path.parent}: about "
                              f"{need / 1e9:.2f} GB, and {free / 1e9:.2f} GB are free there; free space, set run.run_dir "
@@ -370,11 +371,15 @@ class Trainer:
         with BatchFileWriter(path) as writer:
             for batch in self.source.iterate(plan, config.loss.force_weight > 0):
                 writer.append(batch)
+            # then the test batches (batches steps.. of the file): each evaluation reads them back too
+            if self.data.num_test_global:
+                for batch in self.eval_source.iterate(self.eval_plan, True):
+                    writer.append(batch)
             written = writer.bytes
             writer.finish()
         if self.info.is_main:
-            log.info("data.batches=fixed with stream: %d batches (%.2f GB) written to %s in %.1f s; each epoch reads them back",
-                     len(plan), written / 1e9, path, time.perf_counter() - t0)
+            log.info("data.batches=fixed with stream: %d training and %d test batches (%.2f GB) written to %s in %.1f s; "
+                     "each epoch reads them back", len(plan), len(self.eval_plan), written / 1e9, path, time.perf_counter() - t0)
         return BatchFile(path)
 
     def _batches(self, source, plan: list[np.ndarray], with_forces: bool):
@@ -463,6 +468,8 @@ class Trainer:
         kept = None  # the batches of this evaluation, when they are to be kept
         if self.eval_batches is not None:
             batches = iter(self.eval_batches)  # kept: no thread to stop
+        elif self.kept_file is not None:  # on disk after the training batches
+            batches = self._batches(self.kept_file, list(range(self.steps, self.steps + len(self.eval_plan))), with_forces)
         else:
             batches = self._batches(self.eval_source, self.eval_plan, with_forces)
             kept = [] if self.keep_eval_batches else None

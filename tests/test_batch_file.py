@@ -61,6 +61,10 @@ def test_batches_read_back_bit_for_bit_in_any_order(batches, tmp_path):
         # the step's numpy views are made where the batch is put together
         assert all(b.host is not None for blocks in batch.dense.values() for b in blocks)
         assert set(batch.deriv_host) == set(batch.deriv)
+        # the structure indices, which the trainer keeps until the epoch's check, do not hold the
+        # batch's memory (one read buffer per batch: a view would keep all of it alive)
+        assert batch.structure_index.untyped_storage().nbytes() == batch.structure_index.numel() * 8
+        assert batch.G[next(iter(batch.G))].untyped_storage().nbytes() > batch.G[next(iter(batch.G))].nbytes
 
 
 def test_a_failed_writer_leaves_no_file(batches, tmp_path):
