@@ -441,6 +441,10 @@ class DataConfig:
     ``run_dir/kept_batches/`` (one file per rank, as large as the rank's training data in
     ``run.dtype``; removed at the end), and each epoch reads them back in its order, with no
     decompression, conversion or gathering (aenet-PyTorch's ``memory_mode = disk``)."""
+    batch_dir: str | None = None
+    """Where ``data.batches='fixed'`` with ``stream`` keeps its batch files (one per rank, removed
+    at the end): None = ``run_dir/kept_batches``. On a cluster, node-local scratch (``$TMPDIR``,
+    NVMe) is faster than a shared file system; ``$VARIABLES`` and ``~`` are expanded."""
     force_percent: float = 100.0
     """Percentage of the training set's force structures (those the store has derivatives for)
     whose forces enter the loss: a seeded subset, nested (the 10 % subset lies inside the 20 % one),

@@ -136,6 +136,7 @@ RESUME_MAY_CHANGE = {
     ("data", "readers"),
     ("data", "workers"),
     ("data", "dense_buckets"),  # changes the results only by rounding
+    ("data", "batch_dir"),  # where kept batches are written (rewritten at every start)
     ("run", "cpu_threads"),
     ("run", "cuda_graphs"),  # changes the results only by rounding (the order of atomic adds)
     ("run", "shared_memory_sum"),  # how the ranks' sums travel (the same sum)
@@ -360,7 +361,9 @@ class Trainer:
         once and written to this rank's file in the run directory (removed when the trainer closes)."""
         config, t0 = self.config, time.perf_counter()
         plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
-        path = self.run_dir / "kept_batches" / f"rank{self.info.rank:05d}.bin"
+        where = config.data.batch_dir
+        folder = Path(os.path.expandvars(os.path.expanduser(where))) if where else self.run_dir / "kept_batches"
+        path = folder / f"rank{self.info.rank:05d}.bin"
         path.parent.mkdir(parents=True, exist_ok=True)
         sources = [self.source] + ([self.eval_source] if self.eval_source is not self.source else [])
         need, free = sum(float(source.block_bytes.sum()) for source in sources), shutil.disk_usage(path.parent).free

@@ -882,8 +882,10 @@ def test_fixed_batches_on_two_ranks_equal_one_rank_and_stream_from_disk(emt, tmp
     disk = write_toml(tmp_path / "disk.toml", store, tmp_path / "disk")
     run_train([one, "data.num_shards=2", "data.batches=fixed"])
     run_train([two, "data.batches=fixed"], ranks=2)
-    result = run_train([disk, "data.batches=fixed", "data.cache=stream", "data.memory_budget_gb=0.5"], ranks=2)
-    assert "written to" in result.stdout + result.stderr
+    scratch = tmp_path / "scratch"  # data.batch_dir: node-local scratch on a cluster
+    result = run_train([disk, "data.batches=fixed", "data.cache=stream", "data.memory_budget_gb=0.5", f"data.batch_dir={scratch}"], ranks=2)
+    assert f"written to {scratch}" in result.stdout + result.stderr
+    assert not scratch.exists()
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
         for key in KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-8, abs=1e-10), key
