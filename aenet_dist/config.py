@@ -444,7 +444,8 @@ class DataConfig:
     batch_dir: str | None = None
     """Where ``data.batches='fixed'`` with ``stream`` keeps its batch files (one per rank, removed
     at the end): None = ``run_dir/kept_batches``. On a cluster, node-local scratch (``$TMPDIR``,
-    NVMe) is faster than a shared file system; ``$VARIABLES`` and ``~`` are expanded."""
+    NVMe) is faster than a shared file system; ``$VARIABLES`` and ``~`` are expanded, and in a TOML
+    file a relative path is resolved against the file's directory."""
     force_percent: float = 100.0
     """Percentage of the training set's force structures (those the store has derivatives for)
     whose forces enter the loss: a seeded subset, nested (the 10 % subset lies inside the 20 % one),
@@ -841,14 +842,15 @@ class TrainConfig:
 # --------------------------------------------------------------------------- TOML load / dump
 
 
-_PATH_KEYS = (("data", "store"), ("run", "run_dir"))
+_PATH_KEYS = (("data", "store"), ("data", "batch_dir"), ("run", "run_dir"))
 
 
 def _resolve_path(value, base: str):
-    """``value`` made absolute against ``base`` (``~`` expanded); URLs and non-strings unchanged."""
+    """``value`` made absolute against ``base`` (``~`` and ``$VARIABLES`` expanded: a job's ``$TMPDIR``);
+    URLs and non-strings unchanged."""
     if not isinstance(value, str) or not value or "://" in value:
         return value
-    value = os.path.expanduser(value)
+    value = os.path.expandvars(os.path.expanduser(value))
     return value if os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
 
 

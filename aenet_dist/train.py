@@ -362,7 +362,7 @@ class Trainer:
         config, t0 = self.config, time.perf_counter()
         plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
         where = config.data.batch_dir
-        folder = Path(os.path.expandvars(os.path.expanduser(where))) if where else self.run_dir / "kept_batches"
+        folder = Path(where) if where else self.run_dir / "kept_batches"  # (expanded and resolved by the config)
         path = folder / f"rank{self.info.rank:05d}.bin"
         path.parent.mkdir(parents=True, exist_ok=True)
         sources = [self.source] + ([self.eval_source] if self.eval_source is not self.source else [])

@@ -208,6 +208,12 @@ def test_relative_paths(tmp_path, monkeypatch):
     assert cfg.run.run_dir == os.path.join(os.path.expanduser("~"), "runs", "x")
     toml.write_text('[data]\nstore = "s3://bucket/tio2.zarr"\n')
     assert load_train_config(toml).data.store == "s3://bucket/tio2.zarr"
+    # data.batch_dir: relative to the file, a job's $TMPDIR expanded
+    monkeypatch.setenv("JOB_SCRATCH", str(tmp_path / "scratch"))
+    toml.write_text('[data]\nstore = "a.zarr"\nbatch_dir = "$JOB_SCRATCH/kept"\n')
+    assert load_train_config(toml).data.batch_dir == str(tmp_path / "scratch" / "kept")
+    toml.write_text('[data]\nstore = "a.zarr"\nbatch_dir = "kept"\n')
+    assert load_train_config(toml).data.batch_dir == str(sub / "kept")
     # paths typed as overrides are relative to the current directory
     work = tmp_path / "work"
     work.mkdir()
@@ -318,7 +324,7 @@ def test_dump_toml_round_trip(tmp_path):
         assert back == cfg, text
     header = dump_toml(configs[0]).splitlines()[:2]
     assert header == ["# aenet_dist training configuration",
-                      "# unset (TOML has no null): data.num_shards, data.memory_budget_gb, data.readers, run.checkpoint_every, "
+                      "# unset (TOML has no null): data.num_shards, data.memory_budget_gb, data.readers, data.batch_dir, run.checkpoint_every, "
                       "run.early_stop_patience"]
 
 
