@@ -12,15 +12,21 @@ File layout (all integers little-endian uint64; every array 64-byte aligned)::
     per batch: header length, header (JSON: [key, dtype, shape, offset, nbytes] of each array), arrays
     index (JSON: [start, header length, data length] of each batch), index length, MAGIC
 
-The file is written under a temporary name and renamed when complete, so a killed writer leaves
-no file that looks whole. The reader checks every length and bound against the file before it
-trusts it, and refuses a dtype or key it does not know.
+Training writes the file **anonymously**: its name is removed as soon as it is created, and the
+open handle is kept for reading (``os.preadv``, safe from several threads). No other run can open
+or overwrite it, and the kernel frees its space when the process ends however it ends (a crash,
+SIGKILL, the out-of-memory killer): nothing is left to clean up. A named file (``anonymous=False``)
+is written under a temporary name and renamed when complete, so a killed writer leaves no file that
+looks whole. The reader checks every length and bound against the file before it trusts it, and
+refuses a dtype or key it does not know.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import uuid
 import struct
 from pathlib import Path
 
@@ -87,16 +93,27 @@ def _rebuild(arrays: dict[str, torch.Tensor], where: str) -> Batch:
 
 
 class BatchFileWriter:
-    """Writes batches one after another; :meth:`finish` makes the file whole (renamed into place).
+    """Writes batches one after another; :meth:`finish` makes the file whole and returns it as a
+    :class:`BatchFile`.
 
+    ``path``: for a named file, its name (written as ``.NAME.partial``, renamed by :meth:`finish`);
+    with ``anonymous=True``, the folder to write in (a unique name, removed at once).
     Use as a context manager: leaving it by an exception removes the partial file.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = self.path.with_name(f".{self.path.name}.partial")
-        self.file = open(self.partial, "wb")
+    def __init__(self, path: str | os.PathLike, anonymous: bool = False):
+        self.anonymous = anonymous
+        if anonymous:
+            folder = Path(path)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = self.partial = folder / f".aenet_dist_batches.{os.getpid()}.{uuid.uuid4().hex}"
+        else:
+            self.path = Path(path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self.file = open(self.partial, "w+b")
+        if anonymous:
+            os.unlink(self.partial)  # the open handle keeps the data; the kernel frees it with the process
         self.file.write(MAGIC)
         self.index: list[list[int]] = []
         self.bytes = 0
@@ -121,18 +138,21 @@ class BatchFileWriter:
     def _pad(self) -> None:
         self.file.write(b"\0" * (-self.file.tell() % ALIGN))
 
-    def finish(self) -> Path:
+    def finish(self) -> "BatchFile":
         index = json.dumps(self.index).encode()
         self.file.write(index + _U64.pack(len(index)) + MAGIC)
         self.file.flush()
+        if self.anonymous:
+            return BatchFile(self.file, name=f"the batch file {self.path} (unnamed)")
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.partial, self.path)
-        return self.path
+        return BatchFile(self.path)
 
     def abandon(self) -> None:
         self.file.close()
-        self.partial.unlink(missing_ok=True)
+        if not self.anonymous:
+            self.partial.unlink(missing_ok=True)
 
     def __enter__(self) -> "BatchFileWriter":
         return self
@@ -149,19 +169,22 @@ class BatchFile:
     :class:`~aenet_dist.loader.Prefetcher` reads the coming batches in a thread.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        size = self.path.stat().st_size
+    def __init__(self, path, name: str | None = None):
+        """``path``: a file's name, or an open binary file (kept open for reading: an anonymous file)."""
+        if isinstance(path, (str, os.PathLike)):
+            self.file = open(path, "rb", buffering=0)
+            self.path = Path(path)
+        else:
+            self.file, self.path = path, name or getattr(path, "name", "batch file")
+        self.fd = self.file.fileno()
+        size = os.fstat(self.fd).st_size
         tail = len(MAGIC) + _U64.size
-        with open(self.path, "rb") as f:
-            if size < len(MAGIC) + tail or f.read(len(MAGIC)) != MAGIC:
-                raise BatchFileError(f"{self.path}: not a kept-batch file (no {MAGIC!r} at its start, or too short)")
-            f.seek(size - tail)
-            (index_len,), magic = _U64.unpack(f.read(_U64.size)), f.read(len(MAGIC))
-            if magic != MAGIC or index_len > min(_MAX_JSON, size - len(MAGIC) - tail):
-                raise BatchFileError(f"{self.path}: incomplete (its end marker or index length is wrong)")
-            f.seek(size - tail - index_len)
-            self.index = self._parse(f.read(index_len), "index")
+        if size < len(MAGIC) + tail or self._read(0, len(MAGIC)) != MAGIC:
+            raise BatchFileError(f"{self.path}: not a kept-batch file (no {MAGIC!r} at its start, or too short)")
+        (index_len,), magic = _U64.unpack(self._read(size - tail, _U64.size)), self._read(size - len(MAGIC), len(MAGIC))
+        if magic != MAGIC or index_len > min(_MAX_JSON, size - len(MAGIC) - tail):
+            raise BatchFileError(f"{self.path}: incomplete (its end marker or index length is wrong)")
+        self.index = self._parse(self._read(size - tail - index_len, index_len), "index")
         body_end = size - tail - index_len
         if not isinstance(self.index, list):
             raise BatchFileError(f"{self.path}: its index is not a list of batches")
@@ -172,6 +195,22 @@ class BatchFile:
             if start < len(MAGIC) or header_len > _MAX_JSON or _data_start(start, header_len) + data_len > body_end:
                 raise BatchFileError(f"{self.path}: batch {k} lies outside the file (start {start}, {data_len} bytes)")
 
+    def _read(self, offset: int, count: int, into=None) -> bytes | None:
+        """``count`` bytes at ``offset`` (into ``into``, a writable buffer, if given): ``os.preadv``
+        needs no shared file position, so threads may read at once."""
+        buffer = memoryview(bytearray(count) if into is None else into)
+        done = 0
+        while done < count:  # a single read may return less (large reads, signals)
+            got = os.preadv(self.fd, [buffer[done:]], offset + done)
+            if not got:
+                raise BatchFileError(f"{self.path}: ends at byte {offset + done}, inside data its index names")
+            done += got
+        return bytes(buffer) if into is None else None
+
+    def close(self) -> None:
+        """Close the file (an anonymous one is gone then)."""
+        self.file.close()
+
     def _parse(self, raw: bytes, what: str):
         try:
             return json.loads(raw.decode())
@@ -181,37 +220,24 @@ class BatchFile:
     def __len__(self) -> int:
         return len(self.index)
 
-    def read(self, k: int, f=None) -> Batch:
+    def read(self, k: int) -> Batch:
         """Batch ``k``: one read of its arrays into fresh memory, then tensor views of it."""
         start, header_len, data_len = self.index[k]
         where = f"{self.path} batch {k}"
-        own = f is None
-        f = open(self.path, "rb") if own else f
-        try:
-            f.seek(start)
-            if _U64.unpack(f.read(_U64.size))[0] != header_len:
-                raise BatchFileError(f"{where}: header length differs from the index")
-            entries = self._parse(f.read(header_len), f"batch {k} header")
-            f.seek(_data_start(start, header_len))
-            data = np.empty(data_len, dtype=np.uint8)
-            view, done = memoryview(data), 0
-            while done < data_len:  # a single read may return less (large reads, signals)
-                got = f.readinto(view[done:])
-                if not got:
-                    raise BatchFileError(f"{where}: file ends inside the batch")
-                done += got
-        finally:
-            if own:
-                f.close()
+        if _U64.unpack(self._read(start, _U64.size))[0] != header_len:
+            raise BatchFileError(f"{where}: header length differs from the index")
+        entries = self._parse(self._read(start + _U64.size, header_len), f"batch {k} header")
+        data = np.empty(data_len, dtype=np.uint8)
+        self._read(_data_start(start, header_len), data_len, into=data)
         arrays = {}
         for entry in entries if isinstance(entries, list) else [None]:
-            if not (isinstance(entry, list) and len(entry) == 5):
+            if not (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str)):
                 raise BatchFileError(f"{where}: header entry {entry!r} is not [key, dtype, shape, offset, bytes]")
             key, dtype, shape, offset, nbytes = entry
             if dtype not in _DTYPES or not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
                 raise BatchFileError(f"{where}: array {key!r} has an unknown dtype or shape ({dtype}, {shape})")
             itemsize = np.dtype(_DTYPES[dtype]).itemsize
-            if not (isinstance(offset, int) and offset >= 0 and nbytes == itemsize * int(np.prod(shape, dtype=np.int64))
+            if not (isinstance(offset, int) and offset >= 0 and nbytes == itemsize * math.prod(shape)
                     and offset + nbytes <= data_len):
                 raise BatchFileError(f"{where}: array {key!r} ({nbytes} bytes at {offset}) does not fit its shape or the batch")
             arrays[key] = torch.from_numpy(data[offset : offset + nbytes].view(_DTYPES[dtype]).reshape(shape))
@@ -223,6 +249,5 @@ class BatchFile:
 
     def iterate(self, order, with_forces: bool = True):
         """The batches ``order`` names, in that order (``with_forces``: as written; the file holds what was kept)."""
-        with open(self.path, "rb", buffering=0) as f:
-            for k in order:
-                yield self.read(int(k), f)
+        for k in order:
+            yield self.read(int(k))

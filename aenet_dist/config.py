@@ -466,6 +466,8 @@ class DataConfig:
             raise ValueError(f"data.force_percent must be in [0, 100], got {self.force_percent}")
         _check_choice(self.cache, CACHE_MODES, "data.cache")
         _check_choice(self.batches, ("reshuffle", "fixed"), "data.batches")
+        if self.batch_dir is not None and "$" in self.batch_dir:  # expanded where the config is read
+            raise ValueError(f"data.batch_dir={self.batch_dir!r} names an environment variable that is not set")
         if self.num_shards is not None and self.num_shards < 1:
             raise ValueError(f"data.num_shards must be >= 1 (or unset = world size), got {self.num_shards}")
         if self.shuffle_window_blocks < 1:

@@ -181,16 +181,12 @@ class Trainer:
         self.eval_batches: list | None = None  # kept after the first evaluation when keep_eval_batches
         self._close_data = weakref.finalize(self, data.close)  # data.workers processes end with the trainer at the latest
         # data.batches='fixed': the first epoch's batches, gathered once (on the training device for
-        # the gpu cache) and taken in a new order each epoch (fixed_batch_order).
+        # the gpu cache) and taken in a new order each epoch (fixed_batch_order); gathered below,
+        # once a checkpoint to resume from has been accepted.
         self.kept_batches: list[Batch] | None = None
         self.kept_file: BatchFile | None = None  # with stream: the batches kept on disk instead
-        if data.fixed_batches and self.cache_mode == "stream":
-            self.kept_file = self._write_kept_batches()
-            self._remove_kept_file = weakref.finalize(self, _remove_file, self.kept_file.path)
-        elif data.fixed_batches:
-            self.kept_batches = self._gather_kept_batches()
         self.report = RunReport(config.run, info, self.run_dir, self.steps, self.prefetch)
-        self.load_seconds = time.perf_counter() - t0
+        load_seconds = time.perf_counter() - t0
 
         torch.manual_seed(config.run.seed)  # same initial weights on every rank
         self.model = model_from_facts(self.store_facts, config.model.network_for, self.dtype).to(info.device)
@@ -224,6 +220,13 @@ class Trainer:
         resumed = self._resume(starting_from=finetune) if resume else False
         if finetune and not resumed:
             self._load_weights(finetune)
+        t0 = time.perf_counter()
+        if data.fixed_batches and self.cache_mode == "stream":
+            self.kept_file = self._write_kept_batches()
+            weakref.finalize(self, self.kept_file.close)
+        elif data.fixed_batches:
+            self.kept_batches = self._gather_kept_batches()
+        self.load_seconds = load_seconds + time.perf_counter() - t0
         if info.distributed:
             step_module = lean.LeanStep(self.model)
             self.fused = FusedStepState(step_module, self.loss_weights, 2 * config.loss.l2)
@@ -357,39 +360,39 @@ class Trainer:
         return [batch if self.cache_mode != "gpu" else batch.to(self.info.device) for batch in batches]
 
     def _write_kept_batches(self) -> BatchFile:
-        """``data.batches='fixed'`` with ``stream``: the first epoch's batches, streamed from the store
-        once and written to this rank's file in the run directory (removed when the trainer closes)."""
+        """``data.batches='fixed'`` with ``stream``: the first epoch's batches, then the test batches,
+        streamed from the store once and written to an unnamed file of this rank in ``data.batch_dir``
+        (default: the run directory). Unnamed: no other run can touch it, and its space is freed when
+        the process ends, however it ends."""
         config, t0 = self.config, time.perf_counter()
         plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
-        where = config.data.batch_dir
-        folder = Path(where) if where else self.run_dir / "kept_batches"  # (expanded and resolved by the config)
-        path = folder / f"rank{self.info.rank:05d}.bin"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(config.data.batch_dir or self.run_dir)  # (expanded and resolved by the config)
+        folder.mkdir(parents=True, exist_ok=True)
         sources = [self.source] + ([self.eval_source] if self.eval_source is not self.source else [])
-        need, free = sum(float(source.block_bytes.sum()) for source in sources), shutil.disk_usage(path.parent).free
-        if need * 1.05 > free:  # the batches are the rank's training data, plus headers and alignment
-            raise ValueError(f"data.batches='fixed' with stream keeps this rank's batches on disk in {path.parent}: about "
-                             f"{need / 1e9:.2f} GB, and {free / 1e9:.2f} GB are free there; free space, set run.run_dir "
-                             "elsewhere, or use data.batches='reshuffle'")
-        with BatchFileWriter(path) as writer:
+        need, free = sum(float(source.block_bytes.sum()) for source in sources), shutil.disk_usage(folder).free
+        sharing = local_ranks()  # this node's ranks write beside each other (their shares are balanced)
+        if need * 1.05 * sharing > free:  # the rank's data, plus headers and alignment
+            raise ValueError(f"data.batches='fixed' with stream keeps each rank's batches on disk in {folder} (data.batch_dir): "
+                             f"about {need / 1e9:.2f} GB for each of this node's {sharing} rank(s), and {free / 1e9:.2f} GB are "
+                             "free there; free space, point data.batch_dir elsewhere, or use data.batches='reshuffle'")
+        with BatchFileWriter(folder, anonymous=True) as writer:
             for batch in self.source.iterate(plan, config.loss.force_weight > 0):
                 writer.append(batch)
             # then the test batches (batches steps.. of the file): each evaluation reads them back too
-            if self.data.num_test_global:
-                for batch in self.eval_source.iterate(self.eval_plan, True):
-                    writer.append(batch)
+            for batch in self.eval_source.iterate(self.eval_plan, True) if self.data.num_test_global else ():
+                writer.append(batch)
             written = writer.bytes
-            writer.finish()
+            kept = writer.finish()
+        if len(kept) != self.steps + (len(self.eval_plan) if self.data.num_test_global else 0):  # evaluate() relies on the layout
+            raise RuntimeError(f"internal: {len(kept)} kept batches written for {self.steps} steps and {len(self.eval_plan)} test batches")
         if self.info.is_main:
-            log.info("data.batches=fixed with stream: %d training and %d test batches (%.2f GB) written to %s in %.1f s; "
-                     "each epoch reads them back", len(plan), len(self.eval_plan), written / 1e9, path, time.perf_counter() - t0)
-        return BatchFile(path)
+            log.info("data.batches=fixed with stream: %d training and %d test batches (%.2f GB) written to an unnamed file in %s "
+                     "in %.1f s; each epoch reads them back", len(plan), len(self.eval_plan), written / 1e9, folder, time.perf_counter() - t0)
+        return kept
 
     def _batches(self, source, plan: list[np.ndarray], with_forces: bool):
         """Batches of ``plan`` on the training device; gathered ahead in a thread unless on-device."""
-        if not self.prefetch:  # gathered in this thread (on the device for the gpu cache)
-            if self.kept_batches is not None and self.info.device.type != "cpu":  # the host sources of data.batches='fixed'
-                return _OnDevice(source.iterate(plan, with_forces), self.info.device)
+        if not self.prefetch:  # gathered in this thread (on the device for the gpu cache; data.batches='fixed': on the host)
             return source.iterate(plan, with_forces)
         prefetcher = Prefetcher(source, plan, with_forces, depth=STREAM_PREFETCH_DEPTH if self.cache_mode == "stream" else PREFETCH_DEPTH)
         return _PrefetchedBatches(prefetcher, self.info.device)
@@ -476,10 +479,16 @@ class Trainer:
         else:
             batches = self._batches(self.eval_source, self.eval_plan, with_forces)
             kept = [] if self.keep_eval_batches else None
+        # Kept test batches stay where the cache keeps its data: on the device for gpu, on the host
+        # otherwise (pinned exists for data that does not fit on the device), moved for each use.
+        keep_on_device = self.cache_mode == "gpu"
         try:
-            for batch in batches:
+            for kept_batch in batches:
+                batch = kept_batch
+                if self.info.device.type != "cpu" and batch.num_atoms.device != self.info.device:
+                    batch = batch.to(self.info.device, non_blocking=True)
                 if kept is not None:
-                    kept.append(batch)
+                    kept.append(batch if keep_on_device else kept_batch)
                 fwd = lean.forward(self.model, batch, with_forces=with_forces, for_training=False)
                 totals[:4] += error_sums(batch, fwd.energy, fwd.forces).detached()
                 if batch.force_atoms is not None:
@@ -502,11 +511,11 @@ class Trainer:
         return (1 - alpha) * rmse_e + (alpha * rmse_f if not math.isnan(rmse_f) else 0.0)
 
     def close(self) -> None:
-        """Stop the data worker processes (``data.workers``) and remove the kept-batch file, if any;
-        the trainer cannot train afterwards."""
+        """Stop the data worker processes (``data.workers``) and close the kept-batch file (unnamed:
+        its space is freed), if any; the trainer cannot train afterwards."""
         self._close_data()
         if self.kept_file is not None:
-            self._remove_kept_file()
+            self.kept_file.close()
 
     def fit(self) -> dict:
         """Train until ``run.epochs`` (or an early stop, or a signal); returns the last epoch's metrics.
@@ -745,15 +754,6 @@ class _PrefetchedBatches:
 
     def close(self) -> None:
         self.prefetcher.close()
-
-
-def _remove_file(path: Path) -> None:
-    """Remove a file the run made for itself (and its directory once empty)."""
-    path.unlink(missing_ok=True)
-    try:
-        path.parent.rmdir()
-    except OSError:  # other ranks' files are still there
-        pass
 
 
 class _OnDevice:

@@ -52,6 +52,15 @@ def test_batches_read_back_bit_for_bit_in_any_order(batches, tmp_path):
         writer.finish()
     assert not list(tmp_path.glob(".*partial"))
     kept = BatchFile(path)
+    # as training writes it: no name at all from the start, read through the open handle
+    with BatchFileWriter(tmp_path / "scratch", anonymous=True) as writer:
+        for batch in batches:
+            writer.append(batch)
+        assert list((tmp_path / "scratch").iterdir()) == []
+        unnamed = writer.finish()
+    for k in range(len(batches)):
+        assert all(torch.equal(a, b) for a, b in zip(_fields(unnamed.read(k)).values(), _fields(kept.read(k)).values()))
+    unnamed.close()
     assert len(kept) == len(batches)
     for k, batch in zip([2, 0, 1, 0], kept.iterate([2, 0, 1, 0])):
         want, got = _fields(batches[k]), _fields(batch)

@@ -214,6 +214,11 @@ def test_relative_paths(tmp_path, monkeypatch):
     assert load_train_config(toml).data.batch_dir == str(tmp_path / "scratch" / "kept")
     toml.write_text('[data]\nstore = "a.zarr"\nbatch_dir = "kept"\n')
     assert load_train_config(toml).data.batch_dir == str(sub / "kept")
+    monkeypatch.delenv("JOB_SCRATCH")
+    toml.write_text('[data]\nstore = "a.zarr"\nbatch_dir = "$JOB_SCRATCH/kept"\n')
+    with pytest.raises(ValueError, match="environment variable that is not set"):
+        load_train_config(toml)
+    toml.write_text('[data]\nstore = "s3://bucket/tio2.zarr"\n')
     # paths typed as overrides are relative to the current directory
     work = tmp_path / "work"
     work.mkdir()
