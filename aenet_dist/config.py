@@ -435,17 +435,19 @@ class DataConfig:
     permutation); ``fixed`` groups them once (the first epoch's batches), gathers those once and
     keeps them, and each later epoch takes them in a new seeded order, as aenet-PyTorch does (it
     forms its batches once). With ``fixed`` nothing is gathered during training: no gathering
-    thread shares the cores or the interpreter with the steps (TiO2, one CPU core: 25-30 % shorter
+    thread shares the cores or the interpreter with the steps (TiO2, one CPU core: 21-28 % shorter
     epochs), and on a GPU the batches stay on the device. The kept batches replace the cache (the
-    data are held once). With ``stream`` they are kept on disk instead: written once to
-    ``run_dir/kept_batches/`` (one file per rank, as large as the rank's training data in
-    ``run.dtype``; removed at the end), and each epoch reads them back in its order, with no
-    decompression, conversion or gathering (aenet-PyTorch's ``memory_mode = disk``)."""
+    data are held once). With ``stream`` they are kept on disk instead: written once to an
+    unnamed file per rank in ``data.batch_dir`` (as large as the rank's training and test data
+    in ``run.dtype``; its space is freed when the process ends, however it ends), and each epoch
+    reads them back in its order, with no decompression, conversion or gathering (aenet-PyTorch's
+    ``memory_mode = disk``)."""
     batch_dir: str | None = None
-    """Where ``data.batches='fixed'`` with ``stream`` keeps its batch files (one per rank, removed
-    at the end): None = ``run_dir/kept_batches``. On a cluster, node-local scratch (``$TMPDIR``,
-    NVMe) is faster than a shared file system; ``$VARIABLES`` and ``~`` are expanded, and in a TOML
-    file a relative path is resolved against the file's directory."""
+    """Where ``data.batches='fixed'`` with ``stream`` writes its batch files (unnamed, one per rank:
+    nothing appears in the folder, but its file system's free space shrinks): None = the run
+    directory. On a cluster, node-local scratch (``$TMPDIR``, NVMe) is faster than a shared file
+    system; ``$VARIABLES`` and ``~`` are expanded, and in a TOML file a relative path is resolved
+    against the file's directory."""
     force_percent: float = 100.0
     """Percentage of the training set's force structures (those the store has derivatives for)
     whose forces enter the loss: a seeded subset, nested (the 10 % subset lies inside the 20 % one),
