@@ -122,7 +122,7 @@ def test_an_array_larger_than_its_batch_is_refused(batches, tmp_path):
     old = f'["energy", "float32", {shape}'.encode()
     assert old in raw
     assert shape[0] < 9
-    path.write_bytes(raw.replace(old, f'["energy", "float32", [9]'.encode(), 1))  # same length: the header still parses
+    path.write_bytes(raw.replace(old, '["energy", "float32", [9]'.encode(), 1))  # same length: the header still parses
     with pytest.raises(BatchFileError, match="does not fit"):
         BatchFile(path).read(0)
 
