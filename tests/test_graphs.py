@@ -189,10 +189,13 @@ def test_failed_capture_falls_back_to_eager_steps_or_stops(sparse_shard, tmp_pat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype, cache", [("float64", "gpu"), ("float32", "gpu"), ("float32", "pinned")])
-def test_cuda_graph_training_equals_eager(tmp_path, dtype, cache):
+@pytest.mark.parametrize("dtype, cache, batches", [("float64", "gpu", "reshuffle"), ("float32", "gpu", "reshuffle"),
+                                                   ("float32", "pinned", "reshuffle"), ("float64", "gpu", "fixed"),
+                                                   ("float32", "pinned", "fixed"), ("float64", "stream", "fixed")])
+def test_cuda_graph_training_equals_eager(tmp_path, dtype, cache, batches):
     """Three epochs with run.cuda_graphs on and off give the same losses (to atomic-add rounding); with
-    the pinned cache a gathering thread pins batches while graphs are captured."""
+    the pinned cache a gathering thread pins batches while graphs are captured. data.batches=fixed:
+    batches kept on the device (gpu), page-locked on the host (pinned) or on disk (stream)."""
     import json
 
     from aenet_dist.dist import DistInfo
@@ -202,7 +205,7 @@ def test_cuda_graph_training_equals_eager(tmp_path, dtype, cache):
     losses = {}
     for mode in ("off", "on"):
         config = config_for(store, tmp_path / mode, run={"epochs": 3, "batch_size": 8, "device": "cuda", "dtype": dtype,
-                                                          "cuda_graphs": mode}, data={"cache": cache})
+                                                          "cuda_graphs": mode}, data={"cache": cache, "batches": batches})
         trainer = Trainer(config, DistInfo(0, 1, 0, torch.device("cuda")))
         trainer.fit()
         if mode == "on":
