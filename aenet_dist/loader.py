@@ -637,7 +637,10 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
     if info.is_main:
         log.info("data.cache=%s -> %s (%s)", config.cache, mode, reason)
         stored = reader.attrs.get("deriv_dtype", "float64")
-        if mode == "stream" and dtype == torch.float32 and stored == "float64":
+        if mode == "stream" and not fixed:
+            log.info("stream decodes and converts the store's blocks again every epoch; data.batches=fixed does it once and "
+                     "keeps the batches on disk (45,000 synthetic structures on 2 cores: 6.2 against 39.9 s an epoch)")
+        if mode == "stream" and dtype == torch.float32 and stored == "float64" and not fixed:
             log.info("stream reads the store's float64 dG/dR every epoch: a store featurized with --deriv-dtype float32 "
                      "trains float32 bit for bit the same and is half as much to read and decode")
         if dtype == torch.float64 and stored == "float32":
