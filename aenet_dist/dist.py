@@ -320,6 +320,19 @@ class FusedStepState:
         self.totals: torch.Tensor | None = None
         self.stop_agreed = False
         self.host_sum: HostSum | None = None  # ranks on one host: the sum goes through shared memory, not gloo
+        self._views: dict = {}  # bucket -> (its parameters' G_F views, their flat views), listed once
+
+    def bucket_views(self, params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(G_F, parameter) flat views of a bucket's parameters, made the first time the bucket holds
+        these parameters in this order (DDP rebuilds its buckets after the first step, so the key is
+        the parameters, not the bucket's index); both are updated in place, so the views stay valid."""
+        key = tuple(map(id, params))
+        views = self._views.get(key)
+        if views is None:
+            # view, not reshape: a copy would go stale (view raises where it cannot share the memory)
+            views = ([self.step.force_gradient_of(p).view(-1) for p in params], [p.detach().view(-1) for p in params])
+            self._views[key] = views
+        return views
 
 
 def fused_step_hook(state, bucket):  # no annotations: DDP checks them, and this module's are strings
@@ -334,26 +347,28 @@ def fused_step_hook(state, bucket):  # no annotations: DDP checks them, and this
     n = grads_e.numel()
     sums = state.step.local_sums
     flag = torch.full((1,), float(state.stop_requested), dtype=sums.dtype, device=sums.device)
-    packed = torch.cat([grads_e, *[state.step.force_gradient_of(p).reshape(-1) for p in params], sums, flag])
+    force_views, param_views = state.bucket_views(params)
+    packed = torch.cat([grads_e, *force_views, sums, flag])
     if state.host_sum is not None:
         done = torch.futures.Future()
         try:
-            done.set_result(combine_sums(state, params, n, state.host_sum(packed)))
+            done.set_result(combine_sums(state, param_views, n, state.host_sum(packed)))
         except RuntimeError as err:  # a peer gone or silent: backward() raises it, as with gloo
             done.set_exception(err)
         return done
     work = tdist.all_reduce(packed, op=tdist.ReduceOp.SUM, async_op=True)
-    return work.get_future().then(lambda fut: combine_sums(state, params, n, fut.value()[0]))
+    return work.get_future().then(lambda fut: combine_sums(state, param_views, n, fut.value()[0]))
 
 
-def combine_sums(state: FusedStepState, params, n: int, total: torch.Tensor) -> torch.Tensor:
-    """The step's gradient from the summed [G_E, G_F, error sums, stop flag] of :func:`fused_step_hook`."""
+def combine_sums(state: FusedStepState, param_views: list[torch.Tensor], n: int, total: torch.Tensor) -> torch.Tensor:
+    """The step's gradient from the summed [G_E, G_F, error sums, stop flag] of :func:`fused_step_hook`
+    (``param_views``: the bucket's parameters, flat)."""
     state.totals = total[2 * n : 2 * n + 4]
     state.stop_agreed = bool(total[-1] > 0)  # every rank sees the same sum, so all stop together
     c = loss_coefficients(state.totals, state.loss_weights)
     out = total[:n] * c[0] + total[n : 2 * n] * c[1]
     if state.weight_decay:
-        out += state.weight_decay * torch.cat([p.detach().reshape(-1) for p in params])
+        out += state.weight_decay * torch.cat(param_views)
     return out
 
 

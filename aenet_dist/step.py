@@ -550,6 +550,10 @@ class LeanStep(torch.nn.Module):
         self.force_gradients = GradientBuffer(model, attach=False)  # G_F: added to the bucket by the hook
         self._names = [name for name, _ in model.named_parameters()]
         self._force_view = {id(p): self.force_gradients.views[n] for n, p in model.named_parameters()}
+        # What forward hands to autograd each step, listed once (named_parameters walks the modules:
+        # ~60 Python calls a step). Parameters are updated in place, so the lists stay valid.
+        self._params = [p for _, p in model.named_parameters()]
+        self._grad_views = [self.gradients.views[n] for n in self._names]
         self.local_sums: Tensor | None = None  # (4,) this rank's error sums of the step
         self.replay: Callable[[Batch], Tensor] | None = None  # local_step from CUDA graphs (aenet_dist.graphs)
         self.replay_force_weight = 0.0  # the force weight replay's local_step runs with
@@ -586,8 +590,7 @@ class LeanStep(torch.nn.Module):
             self.local_sums = self.replay(batch)
         else:
             self.local_sums = self.local_step(batch, force_weight)
-        params = dict(self.model.named_parameters())
-        return _HandOverGradients.apply([self.gradients.views[n] for n in self._names], *[params[n] for n in self._names])
+        return _HandOverGradients.apply(self._grad_views, *self._params)
 
 
 def compute_gradients(model: AtomicModel, batch: Batch, force_weight: float, loss_weights: Tensor, weight_decay: float,
