@@ -353,11 +353,16 @@ class Trainer:
         return all_reduce_sum(tensor, self.info)
 
     def _gather_kept_batches(self) -> list[Batch]:
-        """The batches of the first epoch's plan (``data.batches='fixed'``), gathered now, in this thread."""
+        """The batches of the first epoch's plan (``data.batches='fixed'``), gathered now, in this
+        thread; the test batches too (:attr:`eval_batches`), so that every read of the store happens
+        here, at the start, and none in the first evaluation."""
         config = self.config
         plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
-        batches = self.source.iterate(plan, config.loss.force_weight > 0)
-        return [batch if self.cache_mode != "gpu" else batch.to(self.info.device) for batch in batches]
+        place = (lambda batch: batch.to(self.info.device)) if self.cache_mode == "gpu" else (lambda batch: batch)
+        kept = [place(batch) for batch in self.source.iterate(plan, config.loss.force_weight > 0)]
+        if self.data.num_test_global:  # kept where evaluate() keeps them: on the device for gpu, else on the host
+            self.eval_batches = [place(batch) for batch in self.eval_source.iterate(self.eval_plan, True)]
+        return kept
 
     def _write_kept_batches(self) -> BatchFile:
         """``data.batches='fixed'`` with ``stream``: the first epoch's batches, then the test batches,
