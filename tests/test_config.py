@@ -349,14 +349,15 @@ def test_save_resolved_config(tmp_path):
 
 def test_read_train_in(config_warnings):
     cfg = read_train_in(DATA / "train.in")
-    assert cfg.data == DataConfig(store="tio2.zarr", test_percent=10.0, split_seed=3, cache="gpu")
-    assert cfg.run.epochs == 250 and cfg.run.batch_size == 128 and cfg.run.seed == 7
+    # batches formed once, as aenet-PyTorch forms them
+    assert cfg.data == DataConfig(store="tio2.zarr", test_percent=10.0, split_seed=3, cache="gpu", batches="fixed")
+    assert cfg.run.epochs == 250 and cfg.run.batch_size == 128 and cfg.run.seed == 7 and cfg.run.eval_every == 1
     assert cfg.optim.method == "adamw" and cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 1e-3
     assert cfg.loss.force_weight == 0.1 and cfg.loss.l2 == 0.0
     assert cfg.model.networks == {"Ti": {"hidden": (5, 5), "activations": ("tanh", "tanh")},
                                   "O": {"hidden": (5, 5), "activations": ("tanh", "tanh")}}
     assert cfg.model.network_for("Ti") == NetworkConfig((5, 5), ("tanh", "tanh"))
-    # SAVE_ENERGIES is known but unsupported; ITERWRITE 1 is what we do anyway
+    # SAVE_ENERGIES is known but unsupported
     messages = [r.getMessage() for r in config_warnings]
     assert len(messages) == 1 and "SAVE_ENERGIES" in messages[0] and "train.in:19" in messages[0]
 
@@ -366,6 +367,7 @@ def test_read_train_in_variants(tmp_path, config_warnings):
     tin.write_text(
         "trainingset ../refdata.zarr   ! inline comment\n"
         "iterations 10\n"
+        "iterwrite 5\n"                 # the test set every 5th epoch
         "method adam lr=1d-3\n"         # parameters on the keyword's line, Fortran exponent
         "maxenergy 0.5\n"
         "networks\n"
@@ -375,6 +377,7 @@ def test_read_train_in_variants(tmp_path, config_warnings):
     )
     cfg = read_train_in(tin)
     assert cfg.data.store == "../refdata.zarr" and cfg.data.test_percent == 10.0 and cfg.data.cache == "auto"
+    assert cfg.run.eval_every == 5 and cfg.data.batches == "fixed"
     assert cfg.optim.method == "adam" and cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 0.0
     assert cfg.loss.force_weight == 0.0  # no FORCES: energies only, as in aenet-PyTorch
     assert cfg.model.network_for("Ti") == NetworkConfig((4,), ("twist",))

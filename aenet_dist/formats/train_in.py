@@ -20,10 +20,9 @@ from .text import content_lines, fortran_real, read_lines
 
 _log = get_logger(__name__)
 
-_TIN_MAPPED = ("trainingset", "testpercent", "iterations", "batchsize", "npseed", "phseed",
+_TIN_MAPPED = ("trainingset", "testpercent", "iterations", "iterwrite", "batchsize", "npseed", "phseed",
                "regularization", "memory_mode", "forces", "method", "networks")
 _TIN_IGNORED = {  # known keyword -> why it does not change our config
-    "iterwrite": "errors are logged every epoch",
     "mode": "only MODE train exists here",
     "maxenergy": "all structures of the store are used",
     "maxforces": "all structures of the store are used",
@@ -41,6 +40,7 @@ _TIN_KEYWORDS = (*_TIN_MAPPED, *_TIN_IGNORED)
 _TIN_NUMBERS = {
     "testpercent": ("data.test_percent", float),
     "iterations": ("run.epochs", int),
+    "iterwrite": ("run.eval_every", int),
     "batchsize": ("run.batch_size", int),
     "npseed": ("data.split_seed", int),
     "phseed": ("run.seed", int),
@@ -101,12 +101,14 @@ def parse_train_in(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, 
     """The config sections that aenet-PyTorch's ``train.in`` sets, and the line that set each key.
 
     Mapping: TRAININGSET -> data.store (kept as written: pass the Zarr store there), TESTPERCENT ->
-    data.test_percent, ITERATIONS -> run.epochs, BATCHSIZE -> run.batch_size, NPSEED (the split's
+    data.test_percent, ITERATIONS -> run.epochs, ITERWRITE (how often aenet-PyTorch evaluates the
+    test set) -> run.eval_every, BATCHSIZE -> run.batch_size, NPSEED (the split's
     numpy seed) -> data.split_seed, PHSEED (torch seed) -> run.seed, METHOD ``method=X lr=Y`` ->
     optim.method / optim.lr, REGULARIZATION -> optim.weight_decay, FORCES ``alpha=A`` ->
     loss.force_weight (0 when FORCES is absent: energies only, as aenet-PyTorch), MEMORY_MODE
-    cpu/gpu/disk -> data.cache memory/gpu/stream, NETWORKS -> model.networks. Other aenet-PyTorch
-    keywords (ITERWRITE, MAXENERGY, SAVE_ENERGIES, ...) are logged as warnings and ignored.
+    cpu/gpu/disk -> data.cache memory/gpu/stream, NETWORKS -> model.networks; and data.batches =
+    fixed, since aenet-PyTorch forms its batches once (an override may say reshuffle). Other
+    aenet-PyTorch keywords (MAXENERGY, SAVE_ENERGIES, ...) are logged as warnings and ignored.
 
     Returns:
         ``(raw, origins)``: the nested sections, as :func:`aenet_dist.config.build_train_config`
@@ -213,11 +215,12 @@ def parse_train_in(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, 
             raw["model"]["networks"] = networks
         else:
             value = " ".join(args).lower()
-            if (kw, value) not in (("iterwrite", "1"), ("mode", "train")):  # these match what we do
+            if (kw, value) != ("mode", "train"):  # this one matches what we do
                 _log.warning("%s: %s is not supported by aenet_dist and is ignored (%s)", where, kw.upper(), _TIN_IGNORED[kw])
 
     if "trainingset" not in seen:
         raise ValueError(f"{path}: TRAININGSET is missing (give the Zarr store written by 'aenet-dist featurize')")
     if "forces" not in seen:
         raw["loss"]["force_weight"] = 0.0  # aenet-PyTorch fits energies only without FORCES
+    put("data.batches", "fixed", f"{path} (aenet-PyTorch forms its batches once)")
     return raw, origins
