@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 import struct
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +129,7 @@ class BatchFileWriter:
         self.file.write(_U64.pack(len(header)) + header)
         self._pad()
         data_start = self.file.tell()
-        for (key, a), entry in zip(arrays, entries):
+        for _, a in arrays:
             self.file.write(memoryview(a.reshape(-1)).cast("B"))
             self._pad()
         self.index.append([start, len(header), self.file.tell() - data_start])

@@ -703,6 +703,7 @@ class RunConfig:
     angle_min_force: float = 0.1
     """eV/Å: atoms whose reference force is at most this are left out of the force-direction
     metric (test_force_angle_*_deg: angle between predicted and reference force)."""
+
     def __post_init__(self):
         _coerce_fields(self, "run")
         if self.epochs < 1:

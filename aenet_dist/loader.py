@@ -690,7 +690,7 @@ def make_training_data(reader: StoreReader, config, batch_size: int, seed: int, 
     # cost a copy of the test rows (at most KEEP_EVAL_SHARE of the shard) instead of a gather, a thread
     # and ~3.5 ms an epoch (TiO2: a tenth of an epoch).
     test_bytes = float(local_bytes[data.test_local].sum())
-    keep_eval = (fixed and mode != "stream") or (mode == "memory" and test_bytes <= KEEP_EVAL_SHARE * float(local_bytes.sum()))
+    keep_eval = mode == "memory" and test_bytes <= KEEP_EVAL_SHARE * float(local_bytes.sum())  # (fixed: kept from the start)
     return TrainingData(data, mode, prefetch, steps, eval_plan, source, eval_source, workers, keep_eval, fixed)
 
 

@@ -400,7 +400,7 @@ class Trainer:
         if not self.prefetch:  # gathered in this thread (on the device for the gpu cache; data.batches='fixed': on the host)
             return source.iterate(plan, with_forces)
         prefetcher = Prefetcher(source, plan, with_forces, depth=STREAM_PREFETCH_DEPTH if self.cache_mode == "stream" else PREFETCH_DEPTH)
-        return _PrefetchedBatches(prefetcher, self.info.device)
+        return _OnDevice(prefetcher, self.info.device)
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on this rank's part of the global batch. Returns the global sums (4,).
@@ -484,16 +484,12 @@ class Trainer:
         else:
             batches = self._batches(self.eval_source, self.eval_plan, with_forces)
             kept = [] if self.keep_eval_batches else None
-        # Kept test batches stay where the cache keeps its data: on the device for gpu, on the host
-        # otherwise (pinned exists for data that does not fit on the device), moved for each use.
-        keep_on_device = self.cache_mode == "gpu"
+        # Test batches kept on the host (data.batches='fixed' with memory or pinned: pinned exists for
+        # data that does not fit on the device) are moved for each evaluation.
         try:
-            for kept_batch in batches:
-                batch = kept_batch
-                if self.info.device.type != "cpu" and batch.num_atoms.device != self.info.device:
-                    batch = batch.to(self.info.device, non_blocking=True)
+            for batch in _OnDevice(batches, self.info.device):
                 if kept is not None:
-                    kept.append(batch if keep_on_device else kept_batch)
+                    kept.append(batch)
                 fwd = lean.forward(self.model, batch, with_forces=with_forces, for_training=False)
                 totals[:4] += error_sums(batch, fwd.energy, fwd.forces).detached()
                 if batch.force_atoms is not None:
@@ -596,12 +592,12 @@ class Trainer:
         data_seconds = 0.0
         with_forces = config.loss.force_weight > 0
         ahead = self.next_epoch_batches
-        if self.kept_batches is not None:
-            order = fixed_batch_order(config.run.seed, self.epoch, self.steps)
-            batches = _OnDevice(iter([self.kept_batches[k] for k in order[self.step_in_epoch :]]), info.device)
-        elif self.kept_file is not None:  # read back in a thread, as stream reads blocks
-            order = fixed_batch_order(config.run.seed, self.epoch, self.steps)
-            batches = self._batches(self.kept_file, list(order[self.step_in_epoch :]), with_forces)
+        if self.kept_batches is not None or self.kept_file is not None:  # data.batches='fixed'
+            order = fixed_batch_order(config.run.seed, self.epoch, self.steps)[self.step_in_epoch :]
+            if self.kept_batches is not None:
+                batches = _OnDevice(iter([self.kept_batches[k] for k in order]), info.device)
+            else:  # on disk: read back in a thread, as stream reads blocks
+                batches = self._batches(self.kept_file, list(order), with_forces)
         elif ahead is not None and ahead[0] == self.epoch and self.step_in_epoch == 0:
             self.next_epoch_batches, batches = None, ahead[1]
         else:
@@ -739,31 +735,13 @@ class Trainer:
                 print("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
 
 
-class _PrefetchedBatches:
-    """A :class:`Prefetcher`'s batches moved to the training device; ``close`` stops its thread.
+class _OnDevice:
+    """Batches (a :class:`Prefetcher`'s, kept ones, or ones gathered in this thread) moved to the
+    training device as they are taken; ``close`` closes what they come from (stops a prefetch thread).
 
     Not a generator: closing a generator that never started runs none of its code, and batches
     gathered ahead for an epoch that never comes are closed before their first one is taken.
     """
-
-    def __init__(self, prefetcher: Prefetcher, device: torch.device):
-        self.prefetcher, self.device = prefetcher, device
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        batch = next(self.prefetcher)
-        # A CPU batch stays as it is: moving it to the CPU is some forty no-op calls in the training thread.
-        return batch if self.device.type == "cpu" else batch.to(self.device, non_blocking=True)
-
-    def close(self) -> None:
-        self.prefetcher.close()
-
-
-class _OnDevice:
-    """Batches (kept, or gathered in the training thread from host memory) moved to the training
-    device as they are taken; ``close`` closes what they come from."""
 
     def __init__(self, batches, device: torch.device):
         self.batches, self.device = batches, device
@@ -773,6 +751,7 @@ class _OnDevice:
 
     def __next__(self) -> Batch:
         batch = next(self.batches)
+        # A CPU batch, or one already there, stays as it is: moving it is some forty no-op calls.
         return batch if self.device.type == "cpu" or batch.num_atoms.device == self.device else batch.to(self.device, non_blocking=True)
 
     def close(self) -> None:
