@@ -66,6 +66,8 @@ def _arrays(batch: Batch) -> list[tuple[str, torch.Tensor]]:
         items += [("forces", batch.forces), ("force_atoms", batch.force_atoms)]
     if batch.structure_count is not None:
         items.append(("structure_count", batch.structure_count))
+    if batch.force_rows is not None:
+        items += [(f"force_rows/{e}", torch.tensor(n, dtype=torch.int64)) for e, n in batch.force_rows.items()]
     return items
 
 
@@ -83,8 +85,14 @@ def _rebuild(arrays: dict[str, torch.Tensor], where: str) -> Batch:
                 batch.dense.setdefault(part[1], {}).setdefault(int(part[2]), {})[part[3]] = t
             elif key in ("forces", "force_atoms", "structure_count"):
                 setattr(batch, key, t)
+            elif part[0] == "force_rows" and len(part) == 2 and t.dim() == 0 and t.dtype == torch.int64:
+                batch.force_rows = batch.force_rows or {}
+                batch.force_rows[part[1]] = int(t)
             else:
                 raise KeyError(key)
+        for e, n in (batch.force_rows or {}).items():
+            if not 0 <= n <= batch.G[e].shape[0]:
+                raise ValueError(f"force_rows/{e} = {n} for {batch.G[e].shape[0]} rows")
         batch.deriv = {e: (d["center"], d["atom"], d["dG"]) for e, d in batch.deriv.items()}
         batch.dense = {e: [DenseBlock(b[k]["rows"], b[k]["atoms"], b[k]["D"]) for k in range(len(b))] for e, b in batch.dense.items()}
     except (KeyError, ValueError) as err:
@@ -119,7 +127,8 @@ class BatchFileWriter:
         self.bytes = 0
 
     def append(self, batch: Batch) -> None:
-        arrays = [(key, np.ascontiguousarray(t.detach().cpu().numpy())) for key, t in _arrays(batch)]
+        # (ascontiguousarray makes a 0-d array 1-d: the reshape keeps its shape)
+        arrays = [(key, np.ascontiguousarray(t.detach().cpu().numpy()).reshape(t.shape)) for key, t in _arrays(batch)]
         entries, offset = [], 0
         for key, a in arrays:
             entries.append([key, a.dtype.name, list(a.shape), offset, a.nbytes])

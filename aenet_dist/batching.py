@@ -5,7 +5,8 @@ every per-structure quantity is addressed through offsets (CSR style), so buildi
 from a list of structure indices is a handful of vectorized gathers:
 
 * per element, the descriptor rows of all batch atoms of that element are one contiguous
-  tensor, so each element's network is called once per batch;
+  tensor, so each element's network is called once per batch; the rows of structures with
+  derivative rows come first, so the force work runs on a leading slice (:attr:`Batch.force_rows`);
 * the sparse derivative rows keep their (center row, moved atom) indices, remapped to
   batch-local numbering, so forces are one sparse contraction per element;
 * structures whose rows for an element form the complete (centers x atoms) grid — every
@@ -329,6 +330,15 @@ class Batch:
     # 0-d int64: the real structures of a batch padded to a shape bucket (aenet_dist.graphs), whose
     # padded structures must not count in the energy RMSE; None: every structure is real.
     structure_count: torch.Tensor | None = None
+    # element -> how many leading rows of G[element] belong to structures with derivative rows: a
+    # batch gathered with forces lays out each element's rows with those first, so every derivative
+    # row's center is one of them and the step's force work (dE/dG, its adjoint, the tangent pass)
+    # runs on these rows only (a quarter of them for the paper's TiO2 settings). None: no such layout.
+    force_rows: dict[str, int] | None = None
+    # What the step derives from the batch alone (padded, centered rows), kept for the next step that
+    # uses the batch: only for batches whose tensors never change (kept by data.batches='fixed'),
+    # enabled by setting it to {}; None: nothing is kept.
+    step_cache: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def total_atoms(self) -> int:
@@ -357,6 +367,7 @@ class Batch:
             deriv_host={e: self.deriv_host[e] for e, rows in self.deriv.items()  # kept where dG did not move
                         if e in self.deriv_host and moved[e][2] is rows[2]},
             structure_count=None if self.structure_count is None else move(self.structure_count),
+            force_rows=self.force_rows,
         )
 
 
@@ -393,16 +404,23 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
     num_atoms = shard.num_atoms[index]
     batch_atom_start = torch.cumsum(num_atoms, 0) - num_atoms
     atoms = ranges(shard.atom_offset[index], num_atoms)  # shard atom index of each batch atom
-    G, atom_structure, deriv, dense, deferred = {}, {}, {}, {}, {}
+    G, atom_structure, deriv, dense, deferred, force_rows = {}, {}, {}, {}, {}, {}
     positions = torch.arange(index.numel(), device=device)
+    # Each element's rows: those of the structures with derivative rows first, then the others, each
+    # part in batch order (see Batch.force_rows); without forces, in batch order.
+    layout = torch.argsort((~shard.has_derivs[index]).to(torch.uint8), stable=True) if with_forces else positions
+    num_with_rows = int(shard.has_derivs[index].sum()) if with_forces else 0
     for element, el in shard.elements.items():
         counts = el.row_offset[index + 1] - el.row_offset[index]
-        rows = ranges(el.row_offset[index], counts)
+        placed = counts[layout]
+        rows = ranges(el.row_offset[index[layout]], placed)
         G[element] = torch.index_select(el.G, 0, rows)  # row copies (faster than advanced indexing)
-        atom_structure[element] = torch.repeat_interleave(positions, counts, output_size=rows.numel())
+        atom_structure[element] = torch.repeat_interleave(layout, placed, output_size=rows.numel())
         if not with_forces:
             continue
-        batch_row_start = torch.cumsum(counts, 0) - counts
+        force_rows[element] = int(placed[:num_with_rows].sum())
+        batch_row_start = torch.empty_like(counts)
+        batch_row_start[layout] = torch.cumsum(placed, 0) - placed  # where each structure's rows begin
         blocks = _dense_blocks(el, index, batch_row_start, batch_atom_start, defer_dense) if el.dense else []
         if blocks:  # like ``deriv``: only elements with rows in this batch
             dense[element] = blocks
@@ -422,6 +440,7 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
     batch = Batch(shard.store_index[index], num_atoms, shard.energy[index], G, atom_structure, deriv, dense)
     batch.deriv_source = deferred
     if with_forces:
+        batch.force_rows = force_rows
         batch.forces = torch.index_select(shard.forces, 0, atoms)
         batch.force_atoms = torch.repeat_interleave(shard.has_derivs[index], num_atoms, output_size=atoms.numel())
     return batch if defer_dense else index_derivatives(batch)
@@ -465,10 +484,18 @@ def merge_batches(parts: list[Batch]) -> Batch:
     atom_shift = np.cumsum([0] + [p.total_atoms for p in parts])
     cat = torch.cat
     G, atom_structure, deriv, dense = {}, {}, {}, {}
+    laid_out = all(p.force_rows is not None for p in parts)
     for element in first.G:
-        row_shift = np.cumsum([0] + [int(p.G[element].shape[0]) for p in parts])
-        G[element] = cat([p.G[element] for p in parts])
-        atom_structure[element] = cat([p.atom_structure[element] + int(structure_shift[k]) for k, p in enumerate(parts)])
+        if laid_out:  # the parts' leading rows (those with derivative rows) first, then the rest of each
+            split = [int(p.force_rows[element]) for p in parts]
+            pieces = [(p, slice(0, n)) for p, n in zip(parts, split)] + [(p, slice(n, None)) for p, n in zip(parts, split)]
+            row_shift = np.cumsum([0] + split)  # derivative rows are leading rows: they move by the leading rows before them
+        else:
+            pieces = [(p, slice(None)) for p in parts]
+            row_shift = np.cumsum([0] + [int(p.G[element].shape[0]) for p in parts])
+        shift_of = {id(p): int(structure_shift[k]) for k, p in enumerate(parts)}
+        G[element] = cat([p.G[element][rows] for p, rows in pieces])
+        atom_structure[element] = cat([p.atom_structure[element][rows] + shift_of[id(p)] for p, rows in pieces])
         with_rows = [(k, p.deriv[element]) for k, p in enumerate(parts) if element in p.deriv]
         if with_rows:
             deriv[element] = (
@@ -498,6 +525,8 @@ def merge_batches(parts: list[Batch]) -> Batch:
     if first.forces is not None:
         batch.forces = cat([p.forces for p in parts])
         batch.force_atoms = cat([p.force_atoms for p in parts])
+    if laid_out:
+        batch.force_rows = {element: sum(p.force_rows[element] for p in parts) for element in first.G}
     return index_derivatives(batch)
 
 

@@ -25,7 +25,7 @@ from .potential import (_ALIASES, _MTANH_A, _MTANH_B, _TWIST_C, ACTIVATION_NAMES
                         activation_code, activation_name)
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_NAMES", "STD_EPS", "activation_code", "activation_name", "activate",
-           "activate_with_derivatives", "NetworkConfig", "ElementNet", "AtomicModel", "model_from_facts",
+           "activate_with_derivatives", "leading", "NetworkConfig", "ElementNet", "AtomicModel", "model_from_facts",
            "forces_from_dEdG"]
 
 
@@ -56,11 +56,19 @@ def _constant(value: float, like: Tensor) -> Tensor:
     return constant
 
 
-def activate_with_derivatives(x: Tensor, name: str, second: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def leading(x: Tensor | None, rows: int | None) -> Tensor | None:
+    """The first ``rows`` entries of ``x`` along its last axis (all of it for None, with no operator;
+    None for None: a constant derivative)."""
+    return x if x is None or rows is None or rows == x.shape[-1] else x[..., :rows]
+
+
+def activate_with_derivatives(x: Tensor, name: str, second: bool = True,
+                              rows: int | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(σ(x), σ'(x), σ''(x)) of aenet activation ``name``, each one or two fused operators.
 
     ``None`` stands for a constant derivative (linear: σ' = 1, σ'' = 0), so callers skip
-    the multiplication. ``second=False`` leaves σ'' out (None) when no force term needs it.
+    the multiplication. ``second=False`` leaves σ'' out (None) when no force term needs it;
+    ``rows`` computes σ'' of the first ``rows`` entries along the last axis only.
     The forms follow from σ(x) written through t = tanh(·) or s = sigmoid(·):
     tanh: σ' = 1 − t², σ'' = −2 t σ'; sigmoid: σ' = s(1 − s), σ'' = σ'(1 − 2s);
     mtanh (a tanh(b x)): σ' = a b (1 − t²), σ'' = −2 b t σ'; twist adds c x to mtanh, so σ' gains c.
@@ -72,14 +80,15 @@ def activate_with_derivatives(x: Tensor, name: str, second: bool = True) -> tupl
         t = torch.tanh(x if b == 1.0 else b * x)
         y = t if name == "tanh" else (a * t if name == "mtanh" else a * t + _TWIST_C * x)  # as activate(), bitwise
         slope = torch.addcmul(_constant(a * b, x), t, t, value=-a * b)  # a b (1 − t²)
-        curvature = torch.mul(t, slope).mul_(-2.0 * b) if second else None
+        curvature = torch.mul(leading(t, rows), leading(slope, rows)).mul_(-2.0 * b) if second else None
         if name == "twist":
             slope = slope.add_(_TWIST_C)
         return y, slope, curvature
     if name == "sigmoid":
         s = torch.sigmoid(x)
         slope = torch.addcmul(s, s, s, value=-1.0)  # s (1 − s)
-        curvature = torch.addcmul(slope, slope, s, value=-2.0) if second else None  # σ'(1 − 2s)
+        lead = leading(slope, rows)
+        curvature = torch.addcmul(lead, lead, leading(s, rows), value=-2.0) if second else None  # σ'(1 − 2s)
         return s, slope, curvature
     raise ValueError(f"unknown activation {name!r}")
 

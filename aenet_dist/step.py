@@ -48,7 +48,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .batching import Batch, contraction_index, derivative_elements
 from .loss import adjoints, error_sums, loss_coefficients
-from .model import AtomicModel, ElementNet, activate_with_derivatives
+from .model import AtomicModel, ElementNet, activate_with_derivatives, leading
 
 
 @dataclass
@@ -64,7 +64,8 @@ class GroupPass:
     curvatures: list[Tensor | None]  # σ″(z_l)ᵀ; None: linear or not needed
     inv_std: Tensor  # (E, 1, F)
     inv_scale: Tensor  # (E, 1, 1) 1/scale of E = NN/scale + shift
-    dE_dG: Tensor | None  # (E, M, F) eV, when forces are asked for
+    dE_dG: Tensor | None  # (E, K, F) eV of the first K rows (those with derivative rows), when forces are asked for
+    force_rows: int = 0  # K: the force work's leading rows (slopes and tangents (E, n, K)); curvatures are (E, n, K)
 
 
 @dataclass
@@ -73,7 +74,7 @@ class StepForward:
 
     energy: Tensor  # (B,) cohesive structure energies, eV
     forces: Tensor | None  # (A, 3) eV/Å, None when forces were not asked for
-    dE_dG: dict[str, Tensor]  # element -> (N, F) eV: views into the groups' dE_dG
+    dE_dG: dict[str, Tensor]  # element -> (K_el, F) eV of its leading rows (Batch.force_rows): views into the groups' dE_dG
     groups: list[GroupPass]
 
 
@@ -211,13 +212,10 @@ def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: b
                 continue
             stacks = group_tensors(model, members)
             avg, inv_std, inv_scale = stacks.buffers["avg"], stacks.buffers["inv_std"], stacks.buffers["scale"].reciprocal()
-            centered = _centered_rows(batch, members, avg)  # shape (E, M, F)
-            if len(members) == 1:
-                atom_structure = batch.atom_structure[members[0]].unsqueeze(0)
-            else:
-                atom_structure = pad_sequence([batch.atom_structure[el] for el in members], batch_first=True,
-                                              padding_value=num_structures)
-            second = for_training and any(el in with_rows for el in members)
+            centered, atom_structure = _group_rows(batch, members, avg)  # shapes (E, M, F), (E, M)
+            # The force work (dE/dG, σ″, and in backward the tangent pass) runs on the leading rows only.
+            force_rows = max(_force_rows(batch, el) for el in members) if any(el in with_rows for el in members) else 0
+            second = for_training and force_rows > 0
             # x = (G − avg) ⊙ inv_std enters only through x W_1ᵀ, so inv_std is folded into W_1 (an (E, n_1, F)
             # product) instead of scaling every row; avg is still subtracted from the rows, where it is exact.
             first = stacks.weights[0] * inv_std
@@ -230,48 +228,69 @@ def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: b
                 if k:
                     inputs.append(h)
                 z = torch.baddbmm(stacks.biases[k].transpose(1, 2), first if k == 0 else stacks.weights[k], h)
-                h, slope, curvature = activate_with_derivatives(z, act, second)
+                h, slope, curvature = activate_with_derivatives(z, act, second, rows=force_rows)
                 slopes.append(slope)
                 curvatures.append(curvature)
             atomic = torch.addcmul(stacks.buffers["shift"], h, inv_scale)  # shape (E, 1, M): E_i − E_atom, eV
             energy.index_add_(0, atom_structure.view(-1), atomic.view(-1))
-            p = GroupPass(members, stacks.weights, atom_structure, inputs, first, slopes, curvatures, inv_std, inv_scale, None)
-            if any(el in with_rows for el in members):
-                p.dE_dG = _input_gradient(p, num_rows)
+            p = GroupPass(members, stacks.weights, atom_structure, inputs, first, slopes, curvatures, inv_std, inv_scale, None,
+                          force_rows)
+            if force_rows:
+                p.dE_dG = _input_gradient(p)
                 for e, el in enumerate(members):
-                    dE_dG[el] = p.dE_dG[e, : batch.G[el].shape[0]]
+                    dE_dG[el] = p.dE_dG[e, : _force_rows(batch, el)]
             passes.append(p)
         forces = contract(dE_dG, batch) if with_forces else None
         return StepForward(energy[:num_structures], forces, dE_dG, passes)
 
 
-def _centered_rows(batch: Batch, members: tuple[str, ...], avg: Tensor) -> Tensor:
-    """G − avg of the group's elements, (E, M, F): each element's rows, then padding rows up to M
-    (the most rows of any of them).
+def _force_rows(batch: Batch, element: str) -> int:
+    """How many leading rows of ``element`` the force work needs (:attr:`Batch.force_rows`; all without that layout)."""
+    return batch.G[element].shape[0] if batch.force_rows is None else batch.force_rows.get(element, 0)
+
+
+def _group_rows(batch: Batch, members: tuple[str, ...], avg: Tensor) -> tuple[Tensor, Tensor]:
+    """G − avg of the group's elements, (E, M, F), and the batch structure of each row, (E, M): each
+    element's rows, then padding rows up to M (the most rows of any of them).
 
     The padding rows hold −avg: finite, and they get zero adjoints and tangents, so they add exact
     zeros to every gradient (two operators for the group, where a copy per element took a dozen).
+    Their structure is the dummy one after the batch's. With :attr:`Batch.step_cache` both are made
+    once per batch (and per avg: the key holds its version, so a changed buffer makes them anew).
     """
+    cache = batch.step_cache
+    key = (members, avg.data_ptr(), avg._version)
+    if cache is not None and key in cache:
+        return cache[key]
     if len(members) == 1:
-        return torch.sub(batch.G[members[0]], avg[0]).unsqueeze(0)
-    return pad_sequence([batch.G[el] for el in members], batch_first=True).sub_(avg)
+        rows = (torch.sub(batch.G[members[0]], avg[0]).unsqueeze(0), batch.atom_structure[members[0]].unsqueeze(0))
+    else:
+        rows = (pad_sequence([batch.G[el] for el in members], batch_first=True).sub_(avg),
+                pad_sequence([batch.atom_structure[el] for el in members], batch_first=True,
+                             padding_value=batch.num_atoms.numel()))
+    if cache is not None:
+        cache.clear()  # a stale entry (an older avg) would only hold memory
+        cache[key] = rows
+    return rows
 
 
-def _input_gradient(p: GroupPass, num_rows: int) -> Tensor:
-    """dE_i/dG_i (E, M, F), eV per descriptor unit: the chain of Wᵀ·diag(σ′) products.
+def _input_gradient(p: GroupPass) -> Tensor:
+    """dE_i/dG_i (E, K, F) of the leading K rows, eV per descriptor unit: the chain of Wᵀ·diag(σ′) products.
 
-    The last product is with W_1 ⊙ (inv_std/scale), an (E, n_1, F) tensor, so no (E, M, F) row
+    The last product is with W_1 ⊙ (inv_std/scale), an (E, n_1, F) tensor, so no (E, K, F) row
     scaling follows it.
     """
-    delta = None  # adjointᵀ of the current layer's output (E, n_out, 1 or M); None: all ones
+    num_rows = p.force_rows
+    delta = None  # adjointᵀ of the current layer's output (E, n_out, 1 or K); None: all ones
     for l in range(len(p.weights) - 1, 0, -1):
-        slope = p.slopes[l]
+        slope = leading(p.slopes[l], num_rows)
         if slope is not None:
             delta = slope if delta is None else delta * slope
         weight_t = p.weights[l].transpose(1, 2)
         delta = weight_t if delta is None else torch.bmm(weight_t, delta)  # shape (E, n_in, 1 or M)
     if p.slopes[0] is not None:
-        delta = p.slopes[0] if delta is None else delta * p.slopes[0]
+        slope = leading(p.slopes[0], num_rows)
+        delta = slope if delta is None else delta * slope
     first = p.weights[0] * (p.inv_std * p.inv_scale)
     if delta is None:  # a single linear layer
         return first.expand(-1, num_rows, -1)
@@ -337,12 +356,19 @@ def _products(batch: Batch, element: str, x: tuple[Tensor, np.ndarray | None], o
 
     ``x`` and ``out`` are :func:`_buffer` pairs. Forward: x (rows, F) of dE/dG, out (atoms, 3).
     Transposed: x (atoms, 3), out (rows, F). The sparse rows take the first P rows of both.
+
+    The transposed products read the derivative rows in the reverse order of the forward ones: the
+    rows the forward pass read last are the likeliest still in cache (each piece writes its own
+    rows of ``out``, so the order changes no bit). Measured on TiO2, float32, one core: a step took
+    0.3 ms (8 %) less.
     """
     deriv = batch.deriv.get(element)
-    num_sparse = 0
+    num_sparse = 0 if deriv is None else deriv[2].shape[0]
+    blocks = batch.dense.get(element)
+    if blocks and transposed:
+        _dense_products(blocks, *(_flat_tail(pair, num_sparse) for pair in (x, out)), transposed)
     if deriv is not None:
         dG = deriv[2]  # (P, 3, F)
-        num_sparse = dG.shape[0]
         if x[1] is not None:
             dG_host = batch.deriv_host.get(element)
             np.einsum("pcf,pc->pf" if transposed else "pcf,pf->pc", dG.numpy() if dG_host is None else dG_host,
@@ -353,8 +379,7 @@ def _products(batch: Batch, element: str, x: tuple[Tensor, np.ndarray | None], o
             ys.addcmul_(dG[:, 1], xs[:, 1:2]).addcmul_(dG[:, 2], xs[:, 2:3])
         else:
             torch.bmm(dG, x[0][:num_sparse].unsqueeze(-1), out=out[0][:num_sparse].unsqueeze(-1))
-    blocks = batch.dense.get(element)
-    if blocks:
+    if blocks and not transposed:
         _dense_products(blocks, *(_flat_tail(pair, num_sparse) for pair in (x, out)), transposed)
 
 
@@ -370,7 +395,9 @@ def _dense_products(blocks, x, out, transposed: bool) -> None:
     another: x (S, K) and out (S, R) per block with D (S, R, K), or x (S, R) and out (S, K) when transposed.
     """
     axes = (1, 2) if transposed else (2, 1)
-    pieces = zip(blocks, _pieces(x, blocks, axes[0]), _pieces(out, blocks, axes[1]))
+    pieces = list(zip(blocks, _pieces(x, blocks, axes[0]), _pieces(out, blocks, axes[1])))
+    if transposed:  # the reverse of the forward pass's order (see _products)
+        pieces.reverse()
     if isinstance(x, np.ndarray):
         for block, xs, ys in pieces:
             D = block.host if block.host is not None else block.D.numpy()
@@ -410,7 +437,7 @@ def contract_transposed(force_adjoint: Tensor, batch: Batch, out: dict[str, Tens
     ``out`` holds zeroed (N, F) tensors (views into a group's padded rows are fine).
     """
     negated = force_adjoint.neg()  # so that index_add_ runs without its slow alpha (see contract)
-    for element in derivative_elements(batch):
+    for element in reversed(derivative_elements(batch)):  # the reverse of contract's order (see _products)
         u = out[element]
         rows, atoms = _contract_index(batch, element)
         contrib = _buffer(negated, rows.numel(), u.shape[1])
@@ -433,7 +460,7 @@ def backward(model: AtomicModel, fwd: StepForward, batch: Batch, energy_adjoint:
         # Adjoint of each group's dE/dG (E, M, F), where the group has derivative rows and a force term.
         dE_dG_adjoints = [None if force_adjoint is None or p.dE_dG is None else p.dE_dG.new_zeros(p.dE_dG.shape) for p in fwd.groups]
         if force_adjoint is not None:
-            U = {el: u[e, : batch.G[el].shape[0]]
+            U = {el: u[e, : _force_rows(batch, el)]
                  for p, u in zip(fwd.groups, dE_dG_adjoints) if u is not None for e, el in enumerate(p.elements)}
             contract_transposed(force_adjoint, batch, U)
         done = set()
@@ -454,30 +481,33 @@ def _group_backward(p: GroupPass, out_adjoint: Tensor, u: Tensor | None, weight_
                     grads: list[tuple[Tensor, Tensor]]) -> None:
     """Reverse pass of one group for the objective Σ out_adjoint·h_L + Σ v·∂E/∂x, v = u ⊙ inv_std (see module doc).
 
-    Feature-major like the forward pass: adjoints and tangents are (E, n, M). The first layer works on
-    unscaled rows: ż_1ᵀ = (W_1 ⊙ inv_std) uᵀ, and ∂L/∂W_1 = (ā_1ᵀ (G − avg) + ȧ_1ᵀ u) ⊙ inv_std, one
-    (E, n_1, F) scaling.
+    Feature-major like the forward pass: adjoints are (E, n, M), tangents and their adjoints (E, n, K),
+    the leading K rows (``p.force_rows``): v is zero on the others, so their tangents are too. The first
+    layer works on unscaled rows: ż_1ᵀ = (W_1 ⊙ inv_std) uᵀ, and ∂L/∂W_1 = (ā_1ᵀ (G − avg) + ȧ_1ᵀ u) ⊙ inv_std,
+    one (E, n_1, F) scaling.
     """
     num_layers = len(p.weights)
+    num_rows = p.force_rows
     tangents = None  # (ḣ_{l−1}, ż_l) of each layer (ḣ_0 = u, row-major), only with a force term
     if u is not None:
+        slopes = [leading(slope, num_rows) for slope in p.slopes]  # on the leading rows
         tangents = []
         hdot = u
         for l in range(num_layers):
             zdot = torch.bmm(p.first, u.transpose(1, 2)) if l == 0 else torch.bmm(p.weights[l], hdot)
             tangents.append((hdot, zdot))
-            slope = p.slopes[l]
-            hdot = zdot if slope is None else zdot * slope
-    # Adjoints of z_L and ż_L; the tangent's seed is 1/scale because E = h_L/scale + shift.
+            hdot = zdot if slopes[l] is None else zdot * slopes[l]
+    # Adjoints of z_L and ż_L; the tangent's seed is 1/scale because E = h_L/scale + shift. A σ″ term
+    # adds to the leading rows of ā only; ā is a fresh tensor wherever there is one (σ″ implies σ′).
     a = out_adjoint
     adot = None
     slope, curvature = p.slopes[-1], p.curvatures[-1]
     if slope is not None:
         a = a * slope
     if tangents is not None:
-        adot = p.inv_scale.expand(-1, 1, out_adjoint.shape[2]) if slope is None else slope * p.inv_scale
+        adot = p.inv_scale.expand(-1, 1, num_rows) if slope is None else slopes[-1] * p.inv_scale
         if curvature is not None:
-            a = torch.addcmul(a, curvature * tangents[-1][1], p.inv_scale)
+            leading(a, num_rows).addcmul_(curvature * tangents[-1][1], p.inv_scale)
     for l in range(num_layers - 1, -1, -1):
         weight = p.weights[l]
         dW, db = grads[l]
@@ -501,14 +531,13 @@ def _group_backward(p: GroupPass, out_adjoint: Tensor, u: Tensor | None, weight_
         weight_t = weight.transpose(1, 2)
         a_in = torch.bmm(weight_t, a)  # adjointᵀ of h_{l−1}
         slope, curvature = p.slopes[l - 1], p.curvatures[l - 1]
+        a = a_in if slope is None else a_in * slope
         if adot is None:
-            a = a_in if slope is None else a_in * slope
             continue
         adot_in = torch.bmm(weight_t, adot)
-        a = a_in if slope is None else a_in * slope
         if curvature is not None:
-            a = torch.addcmul(a, adot_in, curvature * tangents[l - 1][1])
-        adot = adot_in if slope is None else adot_in * slope
+            leading(a, num_rows).addcmul_(adot_in, curvature * tangents[l - 1][1])
+        adot = adot_in if slope is None else adot_in * slopes[l - 1]
 
 
 class _HandOverGradients(torch.autograd.Function):

@@ -359,9 +359,9 @@ class Trainer:
         config = self.config
         plan = epoch_plan(self.data, config.run.seed, 0, self.steps, config.data.shuffle_window_blocks)
         place = (lambda batch: batch.to(self.info.device)) if self.cache_mode == "gpu" else (lambda batch: batch)
-        kept = [place(batch) for batch in self.source.iterate(plan, config.loss.force_weight > 0)]
+        kept = [_kept(place(batch)) for batch in self.source.iterate(plan, config.loss.force_weight > 0)]
         if self.data.num_test_global:  # kept where evaluate() keeps them: on the device for gpu, else on the host
-            self.eval_batches = [place(batch) for batch in self.eval_source.iterate(self.eval_plan, True)]
+            self.eval_batches = [_kept(place(batch)) for batch in self.eval_source.iterate(self.eval_plan, True)]
         return kept
 
     def _write_kept_batches(self) -> BatchFile:
@@ -489,7 +489,7 @@ class Trainer:
         try:
             for batch in _OnDevice(batches, self.info.device):
                 if kept is not None:
-                    kept.append(batch)
+                    kept.append(_kept(batch))
                 fwd = lean.forward(self.model, batch, with_forces=with_forces, for_training=False)
                 totals[:4] += error_sums(batch, fwd.energy, fwd.forces).detached()
                 if batch.force_atoms is not None:
@@ -733,6 +733,13 @@ class Trainer:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             if self.info.is_main:
                 print("Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+
+
+def _kept(batch: Batch) -> Batch:
+    """``batch``, marked as kept for later epochs: the step may keep what it derives from it (its
+    padded rows, :attr:`Batch.step_cache`; TiO2, float32: 0.1-0.25 ms of a 3.4 ms step)."""
+    batch.step_cache = {}
+    return batch
 
 
 class _OnDevice:

@@ -41,6 +41,7 @@ def _fields(batch):
         items.update({f"ci{e}r": rows, f"ci{e}a": atoms})
     if batch.forces is not None:
         items.update(forces=batch.forces, force_atoms=batch.force_atoms)
+    items.update({f"fr{e}": torch.tensor(n) for e, n in (batch.force_rows or {}).items()})
     return items
 
 

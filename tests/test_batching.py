@@ -29,9 +29,11 @@ def data(tmp_path_factory):
     return reader.read_range(0, reader.num_structures)
 
 
-def _expected(data, index, keep_derivs=None):
+def _expected(data, index, keep_derivs=None, with_forces=True):
     """What a batch of store structures ``index`` must hold, built from the store's rows with numpy:
-    (G, atom_structure, derivative tensor) per element, and the per-structure/atom fields."""
+    (G, atom_structure, derivative tensor, leading rows with derivatives) per element, and the
+    per-structure/atom fields. With forces, each element's rows of structures with derivatives come
+    first, then the others, each part in the order asked."""
     index = np.asarray(index)
     keep = data.has_derivs.astype(bool) if keep_derivs is None else keep_derivs
     atom_offset = np.r_[0, np.cumsum(data.num_atoms)]
@@ -43,15 +45,17 @@ def _expected(data, index, keep_derivs=None):
            "force_atoms": np.repeat(keep[index], data.num_atoms[index]), "elements": {}}
     for element, rows in data.elements.items():
         row_structure = structure_of_atom[rows.atom]
-        order = [np.flatnonzero(row_structure == s) for s in index]
+        layout = sorted(range(len(index)), key=lambda k: not keep[index[k]]) if with_forces else range(len(index))
+        order = [np.flatnonzero(row_structure == index[k]) for k in layout]
         taken = np.concatenate(order)
+        leading = sum(len(o) for k, o in zip(layout, order) if keep[index[k]])
         row_map = np.full(len(rows.atom), -1)
         row_map[taken] = np.arange(len(taken))
         full = np.zeros((len(taken), len(batch_atoms), 3, rows.G.shape[1]))
         use = (row_map[rows.deriv_center] >= 0) & keep[row_structure[rows.deriv_center]]
         np.add.at(full, (row_map[rows.deriv_center[use]], atom_map[rows.deriv_neighbor[use]]), rows.dG[use].transpose(0, 2, 1))
-        position = np.concatenate([np.full(len(o), k) for k, o in enumerate(order)])
-        out["elements"][element] = (rows.G[taken], position, full)
+        position = np.concatenate([np.full(len(o), k) for k, o in zip(layout, order)])
+        out["elements"][element] = (rows.G[taken], position, full, leading)
     return out
 
 
@@ -70,15 +74,17 @@ def _derivatives(batch, element, num_features):
 
 
 def _check(batch, data, index, keep_derivs=None, with_forces=True):
-    want = _expected(data, index, keep_derivs)
+    want = _expected(data, index, keep_derivs, with_forces)
     assert torch.equal(batch.structure_index, torch.as_tensor(index, dtype=torch.int64))
     assert torch.equal(batch.num_atoms, torch.from_numpy(data.num_atoms[index]).long())
     assert torch.equal(batch.energy, torch.from_numpy(want["energy"]))
-    for element, (G, position, full) in want["elements"].items():
+    for element, (G, position, full, leading) in want["elements"].items():
         assert torch.equal(batch.G[element], torch.from_numpy(G).to(F64)), element
         assert torch.equal(batch.atom_structure[element], torch.from_numpy(position)), element
         if with_forces:
             assert torch.equal(_derivatives(batch, element, G.shape[1]), torch.from_numpy(full).to(F64)), element
+            assert batch.force_rows[element] == leading, element
+    assert (batch.force_rows is None) == (not with_forces)
     if with_forces:
         assert torch.equal(batch.forces, torch.from_numpy(want["forces"]))
         assert torch.equal(batch.force_atoms, torch.from_numpy(want["force_atoms"]))

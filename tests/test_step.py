@@ -103,6 +103,7 @@ def test_lean_step_equals_autograd(shards, tmp_path, activation, depth):
     for shard in (dense, sparse):
         batch = gather_batch(shard, index)
         assert (shard is dense) == bool(batch.dense) and batch.deriv  # dense blocks beside sparse rows, then rows only
+        assert all(0 < batch.force_rows[el] < batch.G[el].shape[0] for el in batch.G)  # the force work on leading rows
         _compare(model, batch, 0.3, l2=1e-3)
 
 
@@ -273,3 +274,37 @@ def test_shared_group_storage_changes_nothing_and_follows_updates(shards, tmp_pa
     with torch.no_grad():
         next(iter(plain.nets.values())).layers[0].weight.mul_(2)
     assert torch.equal(_lean(plain, batch, 0.3, 0.0)[1], _lean(shared, batch, 0.3, 0.0)[1])
+
+
+def test_force_work_on_leading_rows_and_kept_rows_change_nothing(shards, tmp_path):
+    """The force work on the leading rows (Batch.force_rows) gives what it gives on every row (1e-12),
+    and a batch that keeps its padded rows (Batch.step_cache) gives the same bits step after step,
+    making them anew when the model's avg changes (load_state_dict writes it in place)."""
+    store, reader, dense, _ = shards
+    model = _model(reader, store, tmp_path, [5, 4], ["tanh", "sigmoid"])
+    lean.share_group_storage(model)
+    batch = gather_batch(dense, torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 20, 11]))
+    assert all(batch.force_rows[el] < batch.G[el].shape[0] for el in batch.G)
+    leading = _lean(model, batch, 0.3, 1e-3)
+    batch.force_rows = None  # the same rows, the force work on all of them
+    everywhere = _lean(model, batch, 0.3, 1e-3)
+    for a, b in zip(leading, everywhere):
+        for k in (a if isinstance(a, dict) else [None]):
+            x, y = (a[k], b[k]) if k is not None else (a, b)
+            assert torch.allclose(x, y, rtol=0, atol=1e-12 * max(1.0, float(y.abs().max())))
+    batch = gather_batch(dense, torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 20, 11]))
+    plain = _lean(model, batch, 0.3, 1e-3)
+    batch.step_cache = {}
+    for _ in range(2):
+        kept = _lean(model, batch, 0.3, 1e-3)
+        assert len(batch.step_cache) == 1
+        assert torch.equal(kept[0], plain[0]) and torch.equal(kept[1], plain[1])
+        assert all(torch.equal(kept[3][k], plain[3][k]) for k in plain[3])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in state:
+        if name.endswith(".avg"):
+            state[name] += 0.5
+    model.load_state_dict(state)
+    changed = _lean(model, batch, 0.3, 1e-3)
+    batch.step_cache = None
+    assert torch.equal(changed[0], _lean(model, batch, 0.3, 1e-3)[0]) and not torch.equal(changed[0], plain[0])
