@@ -308,8 +308,9 @@ def host_sum_for(info: DistInfo, capacity: int, timeout_s: float, enabled: bool 
 class FusedStepState:
     """What the one collective of a DDP step carries besides the bucket, and what it brings back.
 
-    Set before each step: ``stop_requested`` (this rank's). Read after ``backward()``: ``totals``
-    (the global error sums (4,)) and ``stop_agreed`` (some rank asked to stop).
+    Set before each step: ``stop_requested`` (this rank's) and ``grad_probe`` = None. Read after
+    ``backward()``: ``totals`` (the global error sums (4,)), ``stop_agreed`` (some rank asked to
+    stop) and ``grad_probe`` (the sum of every combined gradient: finite exactly when they all are).
     """
 
     def __init__(self, step, loss_weights: torch.Tensor, weight_decay: float):
@@ -319,6 +320,9 @@ class FusedStepState:
         self.stop_requested = False
         self.totals: torch.Tensor | None = None
         self.stop_agreed = False
+        # The buckets' sums, summed: the step's probe of its gradients for the NaN check, one operator
+        # per bucket where a norm of every parameter's .grad took five (0.05 ms of a 2-rank TiO2 step).
+        self.grad_probe: torch.Tensor | None = None
         self.host_sum: HostSum | None = None  # ranks on one host: the sum goes through shared memory, not gloo
         self._views: dict = {}  # bucket -> (its parameters' G_F views, their flat views), listed once
 
@@ -369,6 +373,8 @@ def combine_sums(state: FusedStepState, param_views: list[torch.Tensor], n: int,
     out = total[:n] * c[0] + total[n : 2 * n] * c[1]
     if state.weight_decay:
         out += state.weight_decay * torch.cat(param_views)
+    probe = out.sum()
+    state.grad_probe = probe if state.grad_probe is None else state.grad_probe + probe
     return out
 
 

@@ -426,12 +426,11 @@ class Trainer:
             grad_probe = self.grads.flat.sum()
         else:
             self.optimizer.zero_grad(set_to_none=True)  # DDP fills .grad with the combined gradients
-            self.fused.stop_requested = self.stop_requested
+            self.fused.stop_requested, self.fused.grad_probe = self.stop_requested, None
             handle = self.ddp(batch, alpha)
             self.local_seconds += time.perf_counter() - t0  # this rank's own work before the step's one collective
             handle.backward()  # the collective: [G_E, G_F, error sums, stop flag] summed, then combined
-            totals, self.stop_agreed = self.fused.totals, self.fused.stop_agreed
-            grad_probe = torch.stack(torch._foreach_norm([p.grad for p in self.model.parameters()])).sum()
+            totals, self.stop_agreed, grad_probe = self.fused.totals, self.fused.stop_agreed, self.fused.grad_probe
         if self.config.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
         check = torch.cat([totals, (grad_probe + totals.sum()).view(1)])
