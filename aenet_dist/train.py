@@ -203,7 +203,8 @@ class Trainer:
         self.loss_weights = torch.tensor([1.0 - alpha, alpha], dtype=self.dtype, device=info.device)
         self.train_forces = alpha > 0 and config.data.force_percent > 0
         self.step_records: list = []  # this epoch's steps: (step number in epoch, structure indices)
-        self.step_checks = torch.zeros(self.steps, 5, dtype=self.dtype, device=info.device)  # per step: 4 totals, finiteness probe
+        # per step: 4 global totals, their finiteness probe, and (several ranks) this rank's own error sums' sum
+        self.step_checks = torch.zeros(self.steps, 6, dtype=self.dtype, device=info.device)
         self.epoch = 0  # completed epochs
         self.step = 0  # optimizer steps in total
         self.step_in_epoch = 0  # steps of epoch self.epoch + 1 already taken (mid-epoch resume)
@@ -433,7 +434,10 @@ class Trainer:
             totals, self.stop_agreed, grad_probe = self.fused.totals, self.fused.stop_agreed, self.fused.grad_probe
         if self.config.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
-        check = torch.cat([totals, (grad_probe + totals.sum()).view(1)])
+        probes = [totals, (grad_probe + totals.sum()).view(1)]
+        if self.ddp is not None:  # whether this rank's own structures gave the non-finite value, for the message
+            probes.append(self.ddp.module.local_sums.sum().view(1))
+        check = torch.cat(probes)
         if self.skip_on_device:
             nonfinite = torch.isfinite(check[4]).logical_not_()
             self.optimizer.found_inf = nonfinite.float()  # read by the fused optimizers: skip, on the device
@@ -442,7 +446,7 @@ class Trainer:
             self.optimizer.step()
         if len(self.step_records) == self.step_checks.shape[0]:  # only when steps are taken outside fit()
             self.step_checks = torch.cat([self.step_checks, torch.zeros_like(self.step_checks)])
-        self.step_checks[len(self.step_records)].copy_(check)
+        self.step_checks[len(self.step_records), : check.numel()].copy_(check)
         self.step_records.append((self.step_in_epoch, batch.structure_index))
         self.step += 1
         return totals
@@ -463,9 +467,13 @@ class Trainer:
         involved = [names[i] for i in index.tolist()[:10]]
         loss = float(loss_of_totals(checks[k, :4].double(), self.config.loss.force_weight))
         what = f"loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
+        whose = f"structures on rank {self.info.rank} include {involved}"
+        if self.ddp is not None and math.isfinite(float(checks[k, 5])):
+            whose = (f"rank {self.info.rank}'s own structures of the step gave finite errors (another rank names its "
+                     f"structures); they include {involved}")
         raise TrainingError(
-            f"{what} at epoch {self.epoch + 1}, step {step_in_epoch + 1}; "
-            f"structures on rank {self.info.rank} include {involved}. The step was not taken and no checkpoint was written for this epoch."
+            f"{what} at epoch {self.epoch + 1}, step {step_in_epoch + 1}; {whose}. "
+            "The step was not taken and no checkpoint was written for this epoch."
         )
 
     @torch.no_grad()

@@ -53,15 +53,17 @@ def featurized_emt(base: Path, num_structures: int, seed: int, force_percent: fl
 FAULTS = Path(__file__).resolve().parent / "faults"
 
 
-def fault_env(base: dict | None = None, step_delay: float = 0.0, block_delay: float = 0.0) -> dict:
+def fault_env(base: dict | None = None, step_delay: float = 0.0, block_delay: float = 0.0, nan_at: tuple[int, int] | None = None) -> dict:
     """An environment for subprocesses with tests/faults/sitecustomize.py injecting delays
-    (seconds before each training step / after each featurize block)."""
+    (seconds before each training step / after each featurize block), or a NaN into the batch of
+    one (rank, step)."""
     import os
 
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAULTS), env.get("PYTHONPATH", "")) if p)
     env["AENET_DIST_FAULT_STEP_DELAY"] = str(step_delay)
     env["AENET_DIST_FAULT_BLOCK_DELAY"] = str(block_delay)
+    env["AENET_DIST_FAULT_NAN"] = "" if nan_at is None else f"{nan_at[0]}:{nan_at[1]}"
     return env
 
 

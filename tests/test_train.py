@@ -2,6 +2,7 @@
 exact resume, and the bad-input messages."""
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -547,7 +548,7 @@ def test_nan_in_one_structure_skips_the_step_and_names_it(emt, tmp_path):
     bad = gather_batch(shard, torch.tensor([4, 5, 6]))
     element = next(el for el, g in bad.G.items() if g.shape[0])
     bad.G[element] = bad.G[element].clone()
-    bad.G[element][0, 0] = float("nan")  # the first row belongs to structure 4
+    bad.G[element][0, 0] = float("nan")  # a row of one of its structures
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.step_in_epoch = 1
     trainer.train_step(bad)
@@ -909,3 +910,17 @@ def test_resume_accepts_a_checkpoint_from_before_a_setting_existed(emt, tmp_path
     assert [m["epoch"] for m in metrics(tmp_path / "r")] == [1, 2]
     refused = run_train([cfg, "run.epochs=3", "--resume", "data.batches=fixed"], check=False)
     assert refused.returncode == 2 and "data.batches" in refused.stderr
+
+
+def test_nan_on_one_of_two_ranks_stops_both_naming_its_structures(emt, tmp_path):
+    """A NaN in one descriptor of rank 1's second batch: the step is taken on neither rank, both stop
+    at the epoch's check (no checkpoint), rank 1 names its structures, rank 0 says its own were finite."""
+    _, store = emt
+    config = write_toml(tmp_path / "nan.toml", store, tmp_path / "run", "checkpoint_every = 1")
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "aenet_dist.train", str(config),
+           "run.batch_size=4", "run.epochs=2", "data.batches=fixed"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=fault_env(nan_at=(1, 1)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert re.search(r"loss is nan at epoch 1, step 2; structures on rank 1 include \['xsf/", proc.stderr), proc.stderr[-3000:]
+    assert "loss is nan at epoch 1, step 2; rank 0's own structures of the step gave finite errors" in proc.stderr
+    assert not list((tmp_path / "run" / "checkpoints").glob("checkpoint_*.pt"))

@@ -7,7 +7,9 @@ product carries no test hooks:
 * ``AENET_DIST_FAULT_STEP_DELAY=s``: sleep ``s`` seconds before every training step (room to
   send a signal mid-epoch);
 * ``AENET_DIST_FAULT_BLOCK_DELAY=s``: sleep ``s`` seconds after featurize writes each block
-  (room to kill a run mid-way).
+  (room to kill a run mid-way);
+* ``AENET_DIST_FAULT_NAN=rank:step``: on that rank, the training step with that number (from 0)
+  gets a NaN in one descriptor of its batch (a copy: kept batches stay clean).
 
 ``python -m aenet_dist.train`` runs the ``main`` of the imported module (not of ``__main__``),
 so the patched class is the one that runs.
@@ -21,16 +23,26 @@ import time
 
 _STEP_DELAY = float(os.environ.get("AENET_DIST_FAULT_STEP_DELAY", "0") or 0)
 _BLOCK_DELAY = float(os.environ.get("AENET_DIST_FAULT_BLOCK_DELAY", "0") or 0)
+_NAN = tuple(int(v) for v in os.environ["AENET_DIST_FAULT_NAN"].split(":")) if os.environ.get("AENET_DIST_FAULT_NAN") else None
 
 
 def _patch_train(module) -> None:
     train_step = module.Trainer.train_step
 
-    def slow_train_step(self, batch):
+    def faulty_train_step(self, batch):
         time.sleep(_STEP_DELAY)
+        if _NAN == (self.info.rank, self.step):
+            import copy
+
+            batch = copy.copy(batch)
+            batch.G = dict(batch.G)
+            element = next(el for el, g in batch.G.items() if g.shape[0])
+            batch.G[element] = batch.G[element].clone()
+            batch.G[element][0, 0] = float("nan")
+            batch.step_cache = None
         return train_step(self, batch)
 
-    module.Trainer.train_step = slow_train_step
+    module.Trainer.train_step = faulty_train_step
 
 
 def _patch_store(module) -> None:
@@ -43,7 +55,7 @@ def _patch_store(module) -> None:
     module.write_block = slow_write_block
 
 
-_PATCHES = {name: patch for name, patch, delay in (("aenet_dist.train", _patch_train, _STEP_DELAY),
+_PATCHES = {name: patch for name, patch, delay in (("aenet_dist.train", _patch_train, _STEP_DELAY or _NAN),
                                                    ("aenet_dist.store", _patch_store, _BLOCK_DELAY)) if delay}
 
 
