@@ -9,10 +9,11 @@ from a list of structure indices is a handful of vectorized gathers:
   derivative rows come first, so the force work runs on a leading slice (:attr:`Batch.force_rows`);
 * the sparse derivative rows keep their (center row, moved atom) indices, remapped to
   batch-local numbering, so forces are one sparse contraction per element;
-* structures whose rows for an element form the complete (centers x atoms) grid — every
-  structure whose cell is smaller than about twice the cutoff, i.e. most DFT data — are held
-  as dense blocks D (3n, n_el·F) grouped by size, so their forces are one batched matmul
-  per size group with no row gathers or scatters (:class:`DenseGroup`).
+* structures whose rows form the complete (atoms x atoms) grid — every structure whose cell
+  is smaller than about twice the cutoff, i.e. most DFT data — or most of it (:data:`DENSE_FILL`,
+  the missing pairs as zeros) are held per element as dense blocks D (3n, n_el·F) grouped by
+  size, so their forces are one batched matmul per size group with no row gathers or scatters
+  (:class:`DenseGroup`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class ElementShard:
 
 @dataclass
 class DenseGroup:
-    """Structures with the same (n_el centers, n atoms) whose derivative rows are complete.
+    """Structures with the same (n_el centers, n atoms) whose derivative rows fill (most of) the grid
+    (:func:`dense_layout`; a missing row is zero in D).
 
     ``D[s, 3a + x, F i + f] = ∂G_i,f/∂R_a,x``, so the force contribution of this element is
     F_s = −D_s · vec(dE/dG_s): one batched matrix-vector product for the whole group.
@@ -87,6 +89,19 @@ def bucket_size(n: int) -> int:
     while size < n:
         size = -(-size * 9 // 64) * 8  # beyond the table: +12.5 %, rounded up to a multiple of 8
     return size
+
+
+# A structure's derivative rows become dense blocks when they fill at least this share of its
+# (atoms x atoms) grid, the missing pairs (beyond the cutoff) held as zeros. Measured on TiO2 (one
+# core, float32): a sparse row costs 2.2x a dense-block row, so a block wins from about 46 % full;
+# at 75 % it holds at most 1.33x the bytes of the rows it replaces.
+DENSE_FILL = 0.75
+
+
+def dense_layout(num_atoms: np.ndarray, num_deriv_rows: np.ndarray) -> np.ndarray:
+    """(S,) bool: which structures hold their derivative rows as dense blocks (see DENSE_FILL)."""
+    grid = num_atoms.astype(np.int64) ** 2
+    return (num_deriv_rows > 0) & (num_deriv_rows >= DENSE_FILL * grid)
 
 
 @dataclass
@@ -147,6 +162,10 @@ def shard_from_range(
     num_structures = len(data.num_atoms)
     atom_offset = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(num_atoms, 0)])
     structure_of_atom = np.repeat(np.arange(num_structures), data.num_atoms)
+    data_atom_start = np.r_[0, np.cumsum(data.num_atoms)]
+    all_rows = sum(np.bincount(structure_of_atom[rows.atom[rows.deriv_center]], minlength=num_structures)
+                   for rows in data.elements.values())
+    dense_structure = dense_layout(data.num_atoms, all_rows) & dense_blocks
     elements = {}
     for element, rows in data.elements.items():
         row_structure = structure_of_atom[rows.atom]
@@ -155,12 +174,13 @@ def shard_from_range(
         assert np.all(np.diff(row_structure) >= 0) and np.all(np.diff(deriv_structure) >= 0)
         centers = np.bincount(row_structure, minlength=num_structures)
         deriv_rows = np.bincount(deriv_structure, minlength=num_structures)
-        dense = (centers > 0) & (deriv_rows == centers * data.num_atoms) & dense_blocks
+        dense = (centers > 0) & dense_structure
         # The layout copies below are numpy's: its strided copies ran 2x (permuted dense blocks)
         # to 6x (the (P, F, 3) -> (P, 3, F) transposition) faster than torch's on a CPU core,
         # and they are most of a stream epoch's conversion work.
         stored = rows.dG.astype(numpy_dtype(dtype), copy=False)  # (P, F, 3) as stored
         deriv_start = np.r_[0, np.cumsum(deriv_rows)]
+        row_start = np.r_[0, np.cumsum(centers)]  # first row of each structure (this element's)
         group_of = np.full(num_structures, -1, dtype=np.int64)
         slot_of = np.zeros(num_structures, dtype=np.int64)
         groups = []
@@ -175,19 +195,30 @@ def shard_from_range(
                 in_group |= dense & (centers == c) & (data.num_atoms == m)
             members = np.flatnonzero(in_group)
             padded = buckets and (len(sizes) > 1 or sizes[0] != (n_el, n))
-            block = (torch.zeros if padded else torch.empty)(len(members), 3 * n, n_el * num_features, dtype=dtype)
+            incomplete = bool(np.any(deriv_rows[members] < centers[members] * data.num_atoms[members]))
+            block = (torch.zeros if padded or incomplete else torch.empty)(len(members), 3 * n, n_el * num_features, dtype=dtype)
             # D[s, (a, x), (i, f)] = dG of row (s, i, a), component x, feature f: one gather of each
             # structure's rows as stored, then one permuted copy into place (a block is most of a
             # stream epoch's conversion work, so no intermediate copies).
             place = block.numpy().reshape(len(members), n, 3, n_el, num_features)  # a view of block
             for c, m in sizes:  # each exact size into the corner of the (padded) block
                 which = np.flatnonzero((centers[members] == c) & (data.num_atoms[members] == m))
-                take = ranges(torch.from_numpy(deriv_start[members[which]]), torch.full((len(which),), c * m, dtype=torch.int64))
-                exact = stored[take.numpy()].reshape(len(which), c, m, num_features, 3).transpose(0, 2, 4, 1, 3)  # (s, a, x, i, f)
-                if padded:
-                    place[which, :m, :, :c] = exact
-                else:  # one size: every member, in order
-                    np.copyto(place, exact)
+                complete = deriv_rows[members[which]] == c * m
+                if complete.all():
+                    take = ranges(torch.from_numpy(deriv_start[members[which]]), torch.full((len(which),), c * m, dtype=torch.int64))
+                    exact = stored[take.numpy()].reshape(len(which), c, m, num_features, 3).transpose(0, 2, 4, 1, 3)  # (s, a, x, i, f)
+                    if padded:
+                        place[which, :m, :, :c] = exact
+                    else:  # one size: every member, in order
+                        np.copyto(place, exact)
+                    continue
+                # Some rows missing (atom pairs beyond the cutoff): each row into its place, the rest stays zero.
+                take = ranges(torch.from_numpy(deriv_start[members[which]]), torch.from_numpy(deriv_rows[members[which]])).numpy()
+                slot = np.repeat(which, deriv_rows[members[which]])
+                structure = members[slot]
+                center = rows.deriv_center[take] - row_start[structure]
+                atom = rows.deriv_neighbor[take] - data_atom_start[structure]
+                place[slot, atom, :, center, :] = stored[take].transpose(0, 2, 1)  # (rows, x, f)
             groups.append(DenseGroup(n_el, n, block,
                                      torch.from_numpy(centers[members]) if padded else None,
                                      torch.from_numpy(data.num_atoms[members].astype(np.int64)) if padded else None))

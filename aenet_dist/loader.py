@@ -53,7 +53,7 @@ import numpy as np
 import psutil
 import torch
 
-from .batching import Batch, ShardData, gather_batch, merge_batches, merge_shards, numpy_dtype, shard_from_range
+from .batching import Batch, ShardData, dense_layout, gather_batch, merge_batches, merge_shards, numpy_dtype, shard_from_range
 from .block_loading import BlockTask, BlockWorkers, check_finite, load_block
 from .cores import local_ranks, usable_cores
 from .log import get_logger
@@ -122,14 +122,15 @@ ATOM_COST, SPARSE_ROW_COST = 2.7, 2.2
 def structure_costs(reader: StoreReader) -> np.ndarray:
     """Relative training work per structure, in dense-block derivative rows (see ATOM_COST).
 
-    A structure whose derivative rows form the complete (atoms x atoms) grid becomes dense blocks;
-    the others' rows stay sparse, and a sparse row costs twice a dense one (it is gathered and
-    scattered, and read by a slower product). The former model (atoms + 3x the rows, all alike)
+    A structure whose derivative rows fill (most of) the (atoms x atoms) grid becomes dense blocks
+    (:func:`~aenet_dist.batching.dense_layout`), which cost their whole grid; the others' rows stay
+    sparse, and a sparse row costs twice a dense one (it is gathered and scattered, and read by a
+    slower product). The former model (atoms + 3x the rows, all alike)
     gave TiO2's rank with the sparse rows 19 % more work than the other; every step waited for it.
     """
     atoms = reader.num_atoms.astype(np.float64)
     rows = reader.num_deriv_rows.astype(np.float64)
-    return ATOM_COST * atoms + np.where(rows == atoms * atoms, 1.0, SPARSE_ROW_COST) * rows
+    return ATOM_COST * atoms + np.where(dense_layout(reader.num_atoms, reader.num_deriv_rows), atoms * atoms, SPARSE_ROW_COST * rows)
 
 
 def structure_bytes(reader: StoreReader, itemsize: int) -> np.ndarray:
@@ -137,7 +138,10 @@ def structure_bytes(reader: StoreReader, itemsize: int) -> np.ndarray:
     features = max(reader.attrs["num_features"].values())
     per_atom = features * itemsize + 4 * itemsize + 3 * 8
     per_row = 3 * features * itemsize + 2 * 8
-    return reader.num_atoms * per_atom + reader.num_deriv_rows * per_row
+    # Dense blocks hold the whole grid, missing pairs included (batching.dense_layout).
+    held_rows = np.where(dense_layout(reader.num_atoms, reader.num_deriv_rows), reader.num_atoms.astype(np.int64) ** 2,
+                         reader.num_deriv_rows)
+    return reader.num_atoms * per_atom + held_rows * per_row
 
 
 def balanced_cuts(costs: np.ndarray, parts: int) -> np.ndarray:

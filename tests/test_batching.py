@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from aenet_dist import batching
 from aenet_dist.batching import gather_batch, merge_batches, ranges, shard_from_range
 from aenet_dist.store import StoreReader, without_derivatives
 from helpers import featurized_emt
@@ -102,12 +103,22 @@ def test_ranges_concatenates_aranges():
     assert ranges(torch.tensor([4]), torch.tensor([0])).numel() == 0
 
 
-@pytest.mark.parametrize("layout", ["dense", "sparse", "buckets"])
-def test_gather_batch_equals_the_store_rows_in_the_order_asked(data, layout):
+@pytest.mark.parametrize("layout", ["dense", "complete grids dense", "sparse", "buckets"])
+def test_gather_batch_equals_the_store_rows_in_the_order_asked(data, layout, monkeypatch):
+    """Every layout gives the store's rows: dense blocks (structure 2 misses 2 of its 729 atom pairs: a
+    block with zeros), dense blocks for complete grids only (structure 2's rows sparse), all rows
+    sparse, and dense blocks padded to size buckets."""
+    if layout == "complete grids dense":
+        monkeypatch.setattr(batching, "DENSE_FILL", 1.0)
     shard = shard_from_range(data, F64, dense_blocks=layout != "sparse", buckets=layout == "buckets")
-    if layout != "sparse":
-        assert any(el.dense for el in shard.elements.values()) and any(el.deriv_center.numel() for el in shard.elements.values()), \
-            "the store must have dense and sparse structures"
+    structure_of_atom = np.repeat(np.arange(len(data.num_atoms)), data.num_atoms)
+    rows_of_2 = sum(np.count_nonzero(structure_of_atom[el.atom[el.deriv_center]] == 2) for el in data.elements.values())
+    assert (rows_of_2, data.num_atoms[2]) == (727, 27)
+    with_sparse_rows = any(el.deriv_center.numel() for el in shard.elements.values())
+    if layout == "complete grids dense":
+        assert any(el.dense for el in shard.elements.values()) and with_sparse_rows, "the store must have dense and sparse structures"
+    elif layout != "sparse":
+        assert not with_sparse_rows and all(el.dense_group[2] >= 0 for el in shard.elements.values() if el.row_offset[3] > el.row_offset[2])
     if layout == "buckets":
         assert any(g.centers is not None for el in shard.elements.values() for g in el.dense), "some dense group must be padded"
     for index in _subsets(len(data.num_atoms), seed=0):

@@ -99,10 +99,11 @@ def test_lean_step_equals_autograd(shards, tmp_path, activation, depth):
     store, reader, dense, sparse = shards
     hidden = [5, 4, 3][:depth]
     model = _model(reader, store, tmp_path, hidden, [activation] * depth, seed=depth)
-    index = torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 20, 11])
+    index = torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 2, 11])
     for shard in (dense, sparse):
         batch = gather_batch(shard, index)
-        assert (shard is dense) == bool(batch.dense) and batch.deriv  # dense blocks beside sparse rows, then rows only
+        # dense blocks (structure 22 misses 11 % of its atom pairs: zeros) beside sparse rows (structure 2: 68 %), then rows only
+        assert (shard is dense) == bool(batch.dense) and batch.deriv
         assert all(0 < batch.force_rows[el] < batch.G[el].shape[0] for el in batch.G)  # the force work on leading rows
         _compare(model, batch, 0.3, l2=1e-3)
 
@@ -114,7 +115,7 @@ def test_torch_products_equal_autograd_too(shards, tmp_path, monkeypatch, bucket
     shard = shard_from_range(reader.read_range(0, reader.num_structures), torch.float64, buckets=buckets)
     model = _model(reader, store, tmp_path, [5, 4], ["tanh", "twist"], seed=5)
     monkeypatch.setattr(lean, "HOST_PRODUCTS", False)
-    index = torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 20, 11])
+    index = torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 2, 11])
     for source in (shard, sparse):
         _compare(model, gather_batch(source, index), 0.3, l2=1e-3)
 
@@ -123,7 +124,7 @@ def test_several_torch_threads_use_torch_products(shards, tmp_path):
     """With run.cpu_threads > 1 the products are torch's (threaded); they equal numpy's to rounding."""
     store, reader, dense, sparse = shards
     model = _model(reader, store, tmp_path, [5, 4], ["tanh", "sigmoid"], seed=6)
-    index = torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 20, 11])
+    index = torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 2, 11])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -283,7 +284,7 @@ def test_force_work_on_leading_rows_and_kept_rows_change_nothing(shards, tmp_pat
     store, reader, dense, _ = shards
     model = _model(reader, store, tmp_path, [5, 4], ["tanh", "sigmoid"])
     lean.share_group_storage(model)
-    batch = gather_batch(dense, torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 20, 11]))
+    batch = gather_batch(dense, torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 2, 11]))
     assert all(batch.force_rows[el] < batch.G[el].shape[0] for el in batch.G)
     leading = _lean(model, batch, 0.3, 1e-3)
     batch.force_rows = None  # the same rows, the force work on all of them
@@ -292,7 +293,7 @@ def test_force_work_on_leading_rows_and_kept_rows_change_nothing(shards, tmp_pat
         for k in (a if isinstance(a, dict) else [None]):
             x, y = (a[k], b[k]) if k is not None else (a, b)
             assert torch.allclose(x, y, rtol=0, atol=1e-12 * max(1.0, float(y.abs().max())))
-    batch = gather_batch(dense, torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 20, 11]))
+    batch = gather_batch(dense, torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 2, 11]))
     plain = _lean(model, batch, 0.3, 1e-3)
     batch.step_cache = {}
     for _ in range(2):
