@@ -44,20 +44,37 @@ def error_sums(batch: Batch, energy: torch.Tensor, forces: torch.Tensor | None) 
     No value is read back to the host (a device sync): a batch whose structures have no
     derivatives gives zero force sums through the mask.
     """
-    atoms = batch.num_atoms.to(energy.dtype)
+    atoms, count_e, zero, mask, count_f = _batch_constants(batch, energy)
     per_atom = (energy - batch.energy) / atoms
-    kw = {"dtype": energy.dtype, "device": energy.device}
-    # A batch padded to a shape bucket counts its real structures only (padded ones add 0 to the sum).
-    count_e = torch.full((), float(per_atom.numel()), **kw) if batch.structure_count is None else batch.structure_count.to(energy.dtype)
     sse_e = torch.dot(per_atom, per_atom)  # one kernel where product and sum are two
-    if forces is None or batch.force_atoms is None:
-        zero = torch.zeros((), **kw)
+    if forces is None or mask is None:
         return ErrorSums(sse_e, count_e, zero, zero, per_atom, None, atoms)
-    mask = batch.force_atoms.unsqueeze(-1)  # shape (A, 1)
-    diff = torch.where(mask, forces - batch.forces, 0.0)  # where, not a product: a non-finite reference must not leak
-    count_f = torch.sum(mask, dtype=energy.dtype) * 3
+    diff = torch.where(mask, forces - batch.forces, zero)  # where, not a product: a non-finite reference must not leak
     flat = diff.view(-1)
     return ErrorSums(sse_e, count_e, torch.dot(flat, flat), count_f, per_atom, diff, atoms)
+
+
+def _batch_constants(batch: Batch, like: torch.Tensor) -> tuple:
+    """What :func:`error_sums` needs of the batch alone, in ``like``'s dtype: atoms per structure (B,),
+    the structure count, a zero, the force mask (A, 1) and the force component count (no mask: None,
+    zero). Made once per batch where it keeps what the step derives from it (:attr:`Batch.step_cache`)."""
+    cache = batch.step_cache
+    key = ("loss constants", like.dtype, like.device)
+    if cache is not None and key in cache:
+        return cache[key]
+    kw = {"dtype": like.dtype, "device": like.device}
+    atoms = batch.num_atoms.to(like.dtype)
+    # A batch padded to a shape bucket counts its real structures only (padded ones add 0 to the sum).
+    count_e = torch.full((), float(atoms.numel()), **kw) if batch.structure_count is None else batch.structure_count.to(like.dtype)
+    zero = torch.zeros((), **kw)
+    mask, count_f = None, zero
+    if batch.force_atoms is not None:
+        mask = batch.force_atoms.unsqueeze(-1)  # shape (A, 1)
+        count_f = torch.sum(mask, dtype=like.dtype) * 3
+    constants = (atoms, count_e, zero, mask, count_f)
+    if cache is not None:
+        cache[key] = constants
+    return constants
 
 
 def loss_coefficients(totals: torch.Tensor, force_weight: float | torch.Tensor) -> torch.Tensor:

@@ -269,7 +269,8 @@ def _group_rows(batch: Batch, members: tuple[str, ...], avg: Tensor) -> tuple[Te
                 pad_sequence([batch.atom_structure[el] for el in members], batch_first=True,
                              padding_value=batch.num_atoms.numel()))
     if cache is not None:
-        cache.clear()  # a stale entry (an older avg) would only hold memory
+        for stale in [k for k in cache if k[0] == members]:  # an older avg's rows would only hold memory
+            del cache[stale]
         cache[key] = rows
     return rows
 
@@ -342,9 +343,23 @@ def _buffer(like: Tensor, rows: int, width: int) -> tuple[Tensor, np.ndarray | N
     return torch.from_numpy(host), host
 
 
-def _gathered(values: Tensor, index: Tensor) -> tuple[Tensor, np.ndarray | None]:
+def _kept_buffer(batch: Batch, key: tuple, like: Tensor, rows: int, width: int) -> tuple[Tensor, np.ndarray | None]:
+    """A :func:`_buffer` pair for one use within a step, made once per batch where the batch keeps
+    what the step derives from it (:attr:`Batch.step_cache`): the contractions' four buffers a step
+    and element then cost nothing (each new one is an allocation and a ``from_numpy``)."""
+    cache = batch.step_cache
+    if cache is None:
+        return _buffer(like, rows, width)
+    pair = cache.get(key)
+    if pair is None or pair[0].dtype != like.dtype or pair[0].device != like.device or pair[0].shape != (rows, width) \
+            or (pair[1] is None) == _on_host(like):
+        pair = cache[key] = _buffer(like, rows, width)
+    return pair
+
+
+def _gathered(batch: Batch, key: tuple, values: Tensor, index: Tensor) -> tuple[Tensor, np.ndarray | None]:
     """values[index] (a :func:`_buffer` pair): the rows a contraction reads, written once into its buffer."""
-    rows = _buffer(values, index.numel(), values.shape[1])
+    rows = _kept_buffer(batch, key, values, index.numel(), values.shape[1])
     torch.index_select(values, 0, index, out=rows[0])
     return rows
 
@@ -425,8 +440,8 @@ def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
     forces = torch.zeros(batch.total_atoms, 3, dtype=ref.dtype, device=ref.device)
     for element in derivative_elements(batch):
         rows, atoms = _contract_index(batch, element)
-        contrib = _buffer(ref, atoms.numel(), 3)
-        _products(batch, element, _gathered(dE_dG[element], rows), contrib, transposed=False)
+        contrib = _kept_buffer(batch, ("forces", element), ref, atoms.numel(), 3)
+        _products(batch, element, _gathered(batch, ("dE_dG rows", element), dE_dG[element], rows), contrib, transposed=False)
         forces.index_add_(0, atoms, contrib[0])
     return forces.neg_()
 
@@ -440,8 +455,8 @@ def contract_transposed(force_adjoint: Tensor, batch: Batch, out: dict[str, Tens
     for element in reversed(derivative_elements(batch)):  # the reverse of contract's order (see _products)
         u = out[element]
         rows, atoms = _contract_index(batch, element)
-        contrib = _buffer(negated, rows.numel(), u.shape[1])
-        _products(batch, element, _gathered(negated, atoms), contrib, transposed=True)
+        contrib = _kept_buffer(batch, ("dE_dG adjoint rows", element), negated, rows.numel(), u.shape[1])
+        _products(batch, element, _gathered(batch, ("force adjoint rows", element), negated, atoms), contrib, transposed=True)
         u.index_add_(0, rows, contrib[0])
 
 

@@ -149,6 +149,7 @@ def _sums(batch_energy, ref, num_atoms, forces, ref_forces, mask):
     b = B()
     b.energy, b.num_atoms, b.forces, b.force_atoms = ref, num_atoms, ref_forces, mask
     b.structure_count = None  # every structure is real (no padding to a shape bucket)
+    b.step_cache = None  # nothing kept between steps
     return error_sums(b, batch_energy, forces)
 
 
