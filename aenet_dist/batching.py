@@ -440,7 +440,10 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
     # Each element's rows: those of the structures with derivative rows first, then the others, each
     # part in batch order (see Batch.force_rows); without forces, in batch order.
     layout = torch.argsort((~shard.has_derivs[index]).to(torch.uint8), stable=True) if with_forces else positions
-    num_with_rows = int(shard.has_derivs[index].sum()) if with_forces else 0
+    if with_forces:  # every element's count of leading rows, in one read of the device
+        with_rows = shard.has_derivs[index]
+        leading = [(el.row_offset[index + 1] - el.row_offset[index])[with_rows].sum() for el in shard.elements.values()]
+        force_rows = dict(zip(shard.elements, torch.stack(leading).tolist() if leading else []))
     for element, el in shard.elements.items():
         counts = el.row_offset[index + 1] - el.row_offset[index]
         placed = counts[layout]
@@ -449,7 +452,6 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
         atom_structure[element] = torch.repeat_interleave(layout, placed, output_size=rows.numel())
         if not with_forces:
             continue
-        force_rows[element] = int(placed[:num_with_rows].sum())
         batch_row_start = torch.empty_like(counts)
         batch_row_start[layout] = torch.cumsum(placed, 0) - placed  # where each structure's rows begin
         blocks = _dense_blocks(el, index, batch_row_start, batch_atom_start, defer_dense) if el.dense else []
@@ -516,6 +518,7 @@ def merge_batches(parts: list[Batch]) -> Batch:
     cat = torch.cat
     G, atom_structure, deriv, dense = {}, {}, {}, {}
     laid_out = all(p.force_rows is not None for p in parts)
+    shift_of = {id(p): int(structure_shift[k]) for k, p in enumerate(parts)}  # structure numbering of each part
     for element in first.G:
         if laid_out:  # the parts' leading rows (those with derivative rows) first, then the rest of each
             split = [int(p.force_rows[element]) for p in parts]
@@ -524,7 +527,6 @@ def merge_batches(parts: list[Batch]) -> Batch:
         else:
             pieces = [(p, slice(None)) for p in parts]
             row_shift = np.cumsum([0] + [int(p.G[element].shape[0]) for p in parts])
-        shift_of = {id(p): int(structure_shift[k]) for k, p in enumerate(parts)}
         G[element] = cat([p.G[element][rows] for p, rows in pieces])
         atom_structure[element] = cat([p.atom_structure[element][rows] + shift_of[id(p)] for p, rows in pieces])
         with_rows = [(k, p.deriv[element]) for k, p in enumerate(parts) if element in p.deriv]

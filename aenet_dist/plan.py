@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     print("data.memory_budget_gb stream accepts (with 2x the test set more, the test set is kept in memory: +" + f"{2 * max(r['test_bytes'] for r in rows) / GiB:.3f} GiB);")
     print("'dev other' = device memory for pinned/memory/stream (a few batches in flight plus a margin).")
     print("data.batches=fixed keeps the batches instead of the cache: in memory as much as 'shard GiB' (the data held once, "
-          "and the descriptors, a few % of it, once more as the step's padded rows); "
+          "and the descriptors, a few % of it, once more as the step's padded rows and buffers); "
           f"with stream on disk (data.batch_dir, default the run directory), up to {max(r['shard_bytes'] for r in rows) / GiB:.3f} GiB per rank, read "
           "back each epoch instead of the store.")
     if failing:  # a script (or a job template) can tell from the exit code that the run would not start

@@ -65,7 +65,7 @@ class GroupPass:
     inv_std: Tensor  # (E, 1, F)
     inv_scale: Tensor  # (E, 1, 1) 1/scale of E = NN/scale + shift
     dE_dG: Tensor | None  # (E, K, F) eV of the first K rows (those with derivative rows), when forces are asked for
-    force_rows: int = 0  # K: the force work's leading rows (slopes and tangents (E, n, K)); curvatures are (E, n, K)
+    force_rows: int = 0  # K: the force work's leading rows; curvatures are (E, n, K) (slopes (E, n, M), cut in backward)
 
 
 @dataclass
@@ -212,7 +212,7 @@ def forward(model: AtomicModel, batch: Batch, with_forces: bool, for_training: b
                 continue
             stacks = group_tensors(model, members)
             avg, inv_std, inv_scale = stacks.buffers["avg"], stacks.buffers["inv_std"], stacks.buffers["scale"].reciprocal()
-            centered, atom_structure = _group_rows(batch, members, avg)  # shapes (E, M, F), (E, M)
+            centered, atom_structure = _group_rows(batch, members, avg, keep=bool(stacks.views))  # shapes (E, M, F), (E, M)
             # The force work (dE/dG, σ″, and in backward the tangent pass) runs on the leading rows only.
             force_rows = max(_force_rows(batch, el) for el in members) if any(el in with_rows for el in members) else 0
             second = for_training and force_rows > 0
@@ -249,19 +249,23 @@ def _force_rows(batch: Batch, element: str) -> int:
     return batch.G[element].shape[0] if batch.force_rows is None else batch.force_rows.get(element, 0)
 
 
-def _group_rows(batch: Batch, members: tuple[str, ...], avg: Tensor) -> tuple[Tensor, Tensor]:
+def _group_rows(batch: Batch, members: tuple[str, ...], avg: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
     """G − avg of the group's elements, (E, M, F), and the batch structure of each row, (E, M): each
     element's rows, then padding rows up to M (the most rows of any of them).
 
     The padding rows hold −avg: finite, and they get zero adjoints and tangents, so they add exact
     zeros to every gradient (two operators for the group, where a copy per element took a dozen).
-    Their structure is the dummy one after the batch's. With :attr:`Batch.step_cache` both are made
-    once per batch (and per avg: the key holds its version, so a changed buffer makes them anew).
+    Their structure is the dummy one after the batch's. With :attr:`Batch.step_cache` and ``keep``
+    (``avg`` is the model's own stacked buffer, not a copy made for this step) both are made once per
+    batch: the entry holds the tensors it was made from and their versions, so a changed ``avg`` or
+    ``G`` (in place or replaced) makes them anew.
     """
-    cache = batch.step_cache
-    key = (members, avg.data_ptr(), avg._version)
-    if cache is not None and key in cache:
-        return cache[key]
+    cache = batch.step_cache if keep else None
+    sources = (avg, *(batch.G[el] for el in members))
+    versions = tuple(t._version for t in sources)
+    entry = cache.get(("group rows", members)) if cache is not None else None
+    if entry is not None and all(a is b for a, b in zip(entry[0], sources)) and entry[1] == versions:
+        return entry[2]
     if len(members) == 1:
         rows = (torch.sub(batch.G[members[0]], avg[0]).unsqueeze(0), batch.atom_structure[members[0]].unsqueeze(0))
     else:
@@ -269,9 +273,7 @@ def _group_rows(batch: Batch, members: tuple[str, ...], avg: Tensor) -> tuple[Te
                 pad_sequence([batch.atom_structure[el] for el in members], batch_first=True,
                              padding_value=batch.num_atoms.numel()))
     if cache is not None:
-        for stale in [k for k in cache if k[0] == members]:  # an older avg's rows would only hold memory
-            del cache[stale]
-        cache[key] = rows
+        cache[("group rows", members)] = (sources, versions, rows)
     return rows
 
 
@@ -288,14 +290,14 @@ def _input_gradient(p: GroupPass) -> Tensor:
         if slope is not None:
             delta = slope if delta is None else delta * slope
         weight_t = p.weights[l].transpose(1, 2)
-        delta = weight_t if delta is None else torch.bmm(weight_t, delta)  # shape (E, n_in, 1 or M)
+        delta = weight_t if delta is None else torch.bmm(weight_t, delta)  # shape (E, n_in, 1 or K)
     if p.slopes[0] is not None:
         slope = leading(p.slopes[0], num_rows)
         delta = slope if delta is None else delta * slope
     first = p.weights[0] * (p.inv_std * p.inv_scale)
     if delta is None:  # a single linear layer
         return first.expand(-1, num_rows, -1)
-    return torch.bmm(delta.transpose(1, 2), first).expand(-1, num_rows, -1)  # shape (E, M, F)
+    return torch.bmm(delta.transpose(1, 2), first).expand(-1, num_rows, -1)  # shape (E, K, F)
 
 
 def _contract_index(batch: Batch, element: str) -> tuple[Tensor, Tensor]:
@@ -343,17 +345,29 @@ def _buffer(like: Tensor, rows: int, width: int) -> tuple[Tensor, np.ndarray | N
     return torch.from_numpy(host), host
 
 
+# A contraction buffer is kept with its batch only while it is this small a share of the element's
+# derivative data: true of dense blocks (their buffers hold a row per center, not per atom pair, ~1-2 %),
+# not of sparse rows (a third of their dG/dR), which would grow a kept batch by up to 70 %.
+KEPT_BUFFER_SHARE = 0.05
+
+
 def _kept_buffer(batch: Batch, key: tuple, like: Tensor, rows: int, width: int) -> tuple[Tensor, np.ndarray | None]:
     """A :func:`_buffer` pair for one use within a step, made once per batch where the batch keeps
-    what the step derives from it (:attr:`Batch.step_cache`): the contractions' four buffers a step
-    and element then cost nothing (each new one is an allocation and a ``from_numpy``)."""
+    what the step derives from it (:attr:`Batch.step_cache`) and the buffer is small beside the
+    element's derivative data (KEPT_BUFFER_SHARE): a new buffer is an allocation and a ``from_numpy``."""
     cache = batch.step_cache
     if cache is None:
         return _buffer(like, rows, width)
     pair = cache.get(key)
     if pair is None or pair[0].dtype != like.dtype or pair[0].device != like.device or pair[0].shape != (rows, width) \
             or (pair[1] is None) == _on_host(like):
-        pair = cache[key] = _buffer(like, rows, width)
+        pair = _buffer(like, rows, width)
+        element = key[1]
+        data = sum(b.D.numel() for b in batch.dense.get(element, []) if b.D is not None)
+        if element in batch.deriv and batch.deriv[element][2] is not None:
+            data += batch.deriv[element][2].numel()
+        if rows * width <= KEPT_BUFFER_SHARE * data:
+            cache[key] = pair
     return pair
 
 
@@ -472,7 +486,7 @@ def backward(model: AtomicModel, fwd: StepForward, batch: Batch, energy_adjoint:
     """
     with torch.no_grad():
         adjoint_of_structure = tnf.pad(energy_adjoint, (0, 1))  # the dummy structure of padded rows: 0
-        # Adjoint of each group's dE/dG (E, M, F), where the group has derivative rows and a force term.
+        # Adjoint of each group's dE/dG (E, K, F), where the group has derivative rows and a force term.
         dE_dG_adjoints = [None if force_adjoint is None or p.dE_dG is None else p.dE_dG.new_zeros(p.dE_dG.shape) for p in fwd.groups]
         if force_adjoint is not None:
             U = {el: u[e, : _force_rows(batch, el)]

@@ -468,7 +468,9 @@ class Trainer:
         loss = float(loss_of_totals(checks[k, :4].double(), self.config.loss.force_weight))
         what = f"loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
         whose = f"structures on rank {self.info.rank} include {involved}"
-        if self.ddp is not None and math.isfinite(float(checks[k, 5])):
+        # With a non-finite loss the ranks whose own error sums are finite are not where it came from; a
+        # non-finite gradient with a finite loss cannot be traced to a rank's sums, so every rank names its own.
+        if self.ddp is not None and not math.isfinite(loss) and math.isfinite(float(checks[k, 5])):
             whose = (f"rank {self.info.rank}'s own structures of the step gave finite errors (another rank names its "
                      f"structures); they include {involved}")
         raise TrainingError(

@@ -298,7 +298,7 @@ def test_force_work_on_leading_rows_and_kept_rows_change_nothing(shards, tmp_pat
     batch.step_cache = {}
     for _ in range(2):
         kept = _lean(model, batch, 0.3, 1e-3)
-        assert sum(isinstance(key[0], tuple) for key in batch.step_cache) == 1  # one group's rows (and the buffers)
+        assert sum(key[0] == "group rows" for key in batch.step_cache) == 1  # one group's rows (and small buffers)
         assert torch.equal(kept[0], plain[0]) and torch.equal(kept[1], plain[1])
         assert all(torch.equal(kept[3][k], plain[3][k]) for k in plain[3])
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -307,6 +307,37 @@ def test_force_work_on_leading_rows_and_kept_rows_change_nothing(shards, tmp_pat
             state[name] += 0.5
     model.load_state_dict(state)
     changed = _lean(model, batch, 0.3, 1e-3)
-    assert sum(isinstance(key[0], tuple) for key in batch.step_cache) == 1  # the older avg's rows are gone
+    assert sum(key[0] == "group rows" for key in batch.step_cache) == 1  # made anew in place of the older avg's
     batch.step_cache = None
     assert torch.equal(changed[0], _lean(model, batch, 0.3, 1e-3)[0]) and not torch.equal(changed[0], plain[0])
+
+
+def test_kept_rows_follow_an_unshared_model_and_a_changed_batch(shards, tmp_path):
+    """A model whose stacks are made anew each step (no share_group_storage) keeps nothing, so an avg
+    changed in place is seen; a replaced G is seen too; sparse rows keep no contraction buffers
+    (they would be a third of the batch's dG/dR), dense blocks keep theirs."""
+    store, reader, dense, sparse = shards
+    index = torch.tensor([3, 17, 1, 8, 22, 5, 14, 0, 2, 11])
+    model = _model(reader, store, tmp_path, [5, 4], ["tanh", "tanh"])
+    batch = gather_batch(dense, index)
+    batch.step_cache = {}
+    first = _lean(model, batch, 0.3, 0.0)[0]
+    with torch.no_grad():
+        next(iter(model.nets.values())).avg.add_(0.25)
+    fresh = gather_batch(dense, index)
+    assert torch.equal(_lean(model, batch, 0.3, 0.0)[0], _lean(model, fresh, 0.3, 0.0)[0])
+    assert not torch.equal(first, _lean(model, fresh, 0.3, 0.0)[0])
+    lean.share_group_storage(model)
+    kept = _lean(model, batch, 0.3, 0.0)[0]
+    element = next(el for el, g in batch.G.items() if g.shape[0])
+    batch.G = {**batch.G, element: batch.G[element] * 1.01}  # replaced, not changed in place
+    fresh.G = {**fresh.G, element: fresh.G[element] * 1.01}
+    assert torch.equal(_lean(model, batch, 0.3, 0.0)[0], _lean(model, fresh, 0.3, 0.0)[0])
+    assert not torch.equal(kept, _lean(model, fresh, 0.3, 0.0)[0])
+    assert any(key[0] == "forces" for key in batch.step_cache)  # dense: small buffers kept
+    rows_only = gather_batch(sparse, index)
+    rows_only.step_cache = {}
+    _lean(model, rows_only, 0.3, 0.0)
+    _lean(model, rows_only, 0.3, 0.0)
+    kept_keys = {key[0] for key in rows_only.step_cache}
+    assert "dE_dG rows" not in kept_keys and "dE_dG adjoint rows" not in kept_keys and "group rows" in kept_keys
