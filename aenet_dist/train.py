@@ -152,6 +152,9 @@ RESUME_MAY_CHANGE = {
 }
 
 
+PROBE, OWN_SUMS = 4, 5  # columns of Trainer.step_checks after the 4 global totals
+
+
 class Trainer:
     """Owns the data, model, optimizer and checkpoints of one run on one rank."""
 
@@ -203,8 +206,9 @@ class Trainer:
         self.loss_weights = torch.tensor([1.0 - alpha, alpha], dtype=self.dtype, device=info.device)
         self.train_forces = alpha > 0 and config.data.force_percent > 0
         self.step_records: list = []  # this epoch's steps: (step number in epoch, structure indices)
-        # per step: 4 global totals, their finiteness probe, and (several ranks) this rank's own error sums' sum
-        self.step_checks = torch.zeros(self.steps, 6, dtype=self.dtype, device=info.device)
+        # per step: 4 global totals, then PROBE (finite iff the totals and every gradient are) and, with
+        # several ranks, OWN_SUMS (this rank's own error sums, summed)
+        self.step_checks = torch.zeros(self.steps, OWN_SUMS + 1, dtype=self.dtype, device=info.device)
         self.epoch = 0  # completed epochs
         self.step = 0  # optimizer steps in total
         self.step_in_epoch = 0  # steps of epoch self.epoch + 1 already taken (mid-epoch resume)
@@ -439,10 +443,10 @@ class Trainer:
             probes.append(self.ddp.module.local_sums.sum().view(1))
         check = torch.cat(probes)
         if self.skip_on_device:
-            nonfinite = torch.isfinite(check[4]).logical_not_()
+            nonfinite = torch.isfinite(check[PROBE]).logical_not_()
             self.optimizer.found_inf = nonfinite.float()  # read by the fused optimizers: skip, on the device
             self.optimizer.step()
-        elif bool(torch.isfinite(check[4])):  # optimizers without a fused kernel: one host read per step
+        elif bool(torch.isfinite(check[PROBE])):  # optimizers without a fused kernel: one host read per step
             self.optimizer.step()
         if len(self.step_records) == self.step_checks.shape[0]:  # only when steps are taken outside fit()
             self.step_checks = torch.cat([self.step_checks, torch.zeros_like(self.step_checks)])
@@ -458,7 +462,7 @@ class Trainer:
         records = self.step_records
         checks = self.step_checks[: len(records)].cpu()
         self.step_records = []
-        bad = torch.nonzero(~torch.isfinite(checks[:, 4])).flatten()
+        bad = torch.nonzero(~torch.isfinite(checks[:, PROBE])).flatten()
         if bad.numel() == 0:
             return
         k = int(bad[0])
@@ -470,7 +474,7 @@ class Trainer:
         whose = f"structures on rank {self.info.rank} include {involved}"
         # With a non-finite loss the ranks whose own error sums are finite are not where it came from; a
         # non-finite gradient with a finite loss cannot be traced to a rank's sums, so every rank names its own.
-        if self.ddp is not None and not math.isfinite(loss) and math.isfinite(float(checks[k, 5])):
+        if self.ddp is not None and not math.isfinite(loss) and math.isfinite(float(checks[k, OWN_SUMS])):
             whose = (f"rank {self.info.rank}'s own structures of the step gave finite errors (another rank names its "
                      f"structures); they include {involved}")
         raise TrainingError(
