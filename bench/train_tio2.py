@@ -297,28 +297,27 @@ def op_profile(dtype: str, buckets: str = "off") -> dict:
     trainer = Trainer(TrainConfig.from_dict(settings), DistInfo(0, 1, 0, torch.device("cpu")))
     plan = epoch_plan(trainer.data, 0, 0, trainer.steps, trainer.config.data.shuffle_window_blocks)
     batches = list(trainer.source.iterate(plan, True))
-    for batch in batches:  # warm-up
-        trainer.train_step(batch)
-    trainer._check_steps()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    def profiled_epoch():
+        """(top-level aten events, all aten events) of one epoch of steps, after one warm-up epoch."""
         for batch in batches:
             trainer.train_step(batch)
-    trainer._check_steps()
-    top = [e for e in prof.events() if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+        trainer._check_steps()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in batches:
+                trainer.train_step(batch)
+        trainer._check_steps()
+        events = [e for e in prof.events() if e.name.startswith("aten::")]
+        return [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")], events
+
+    top, events = profiled_epoch()
     views = {"aten::view", "aten::t", "aten::transpose", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select",
              "aten::slice", "aten::as_strided", "aten::detach", "aten::permute", "aten::reshape", "aten::alias"}
-    all_aten = sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    all_aten = len(events)
     # The same batches kept, as data.batches = fixed keeps them: the step keeps what it derives from
     # each (padded rows, small buffers, loss constants) for the next epoch.
     for batch in batches:
         batch.step_cache = {}
-        trainer.train_step(batch)
-    trainer._check_steps()
-    with profile(activities=[ProfilerActivity.CPU]) as prof_kept:
-        for batch in batches:
-            trainer.train_step(batch)
-    trainer._check_steps()
-    top_kept = [e for e in prof_kept.events() if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    top_kept, _ = profiled_epoch()
     for batch in batches:
         batch.step_cache = None
     # Seconds: the whole step against the two contractions alone, over the same batches, repeated.
