@@ -394,8 +394,9 @@ def _products(batch: Batch, element: str, x: tuple[Tensor, np.ndarray | None], o
     deriv = batch.deriv.get(element)
     num_sparse = 0 if deriv is None else deriv[2].shape[0]
     blocks = batch.dense.get(element)
-    if blocks and transposed:
-        _dense_products(blocks, *(_flat_tail(pair, num_sparse) for pair in (x, out)), transposed)
+    dense = _dense_pieces(batch, element, blocks, x, out, num_sparse, transposed) if blocks else None
+    if dense and transposed:
+        _dense_products(dense, transposed)
     if deriv is not None:
         dG = deriv[2]  # (P, 3, F)
         if x[1] is not None:
@@ -408,8 +409,8 @@ def _products(batch: Batch, element: str, x: tuple[Tensor, np.ndarray | None], o
             ys.addcmul_(dG[:, 1], xs[:, 1:2]).addcmul_(dG[:, 2], xs[:, 2:3])
         else:
             torch.bmm(dG, x[0][:num_sparse].unsqueeze(-1), out=out[0][:num_sparse].unsqueeze(-1))
-    if blocks and not transposed:
-        _dense_products(blocks, *(_flat_tail(pair, num_sparse) for pair in (x, out)), transposed)
+    if dense and not transposed:
+        _dense_products(dense, transposed)
 
 
 def _flat_tail(pair: tuple[Tensor, np.ndarray | None], start: int):
@@ -417,27 +418,48 @@ def _flat_tail(pair: tuple[Tensor, np.ndarray | None], start: int):
     return pair[1][start:].reshape(-1) if pair[1] is not None else pair[0][start:].reshape(-1)
 
 
-def _dense_products(blocks, x, out, transposed: bool) -> None:
-    """For each block and each of its matrices s: out_s = D_s x_s, or D_sᵀ x_s when ``transposed``.
+def _dense_pieces(batch: Batch, element: str, blocks, x: tuple, out: tuple, start: int, transposed: bool) -> list:
+    """Per dense block, in the order the products run: (D, its x piece, its out piece), viewed for the
+    product (numpy on the host, else tensors), from rows ``start:`` of the :func:`_buffer` pairs.
 
-    ``x`` and ``out`` are flat (numpy arrays on the host, else tensors), the blocks' pieces one after
-    another: x (S, K) and out (S, R) per block with D (S, R, K), or x (S, R) and out (S, K) when transposed.
+    Per block and matrix s: out_s = D_s x_s, or D_sᵀ x_s when ``transposed``; x (S, K) and out (S, R)
+    per block with D (S, R, K), or x (S, R) and out (S, K) when transposed. Where the batch keeps its
+    buffers (:func:`_kept_buffer`) the pieces are kept with them: some sixty µs of slicing a step.
     """
+    cache = batch.step_cache
+    key = ("dense pieces", element, transposed)
+    entry = cache.get(key) if cache is not None else None
+    if entry is not None and entry[0] is x and entry[1] is out:
+        return entry[2]
+    flat_x, flat_out = (_flat_tail(pair, start) for pair in (x, out))
     axes = (1, 2) if transposed else (2, 1)
-    pieces = list(zip(blocks, _pieces(x, blocks, axes[0]), _pieces(out, blocks, axes[1])))
+    host = isinstance(flat_x, np.ndarray)
+    pieces = []
+    for block, xs, ys in zip(blocks, _pieces(flat_x, blocks, axes[0]), _pieces(flat_out, blocks, axes[1])):
+        if host:
+            D = block.host if block.host is not None else block.D.numpy()
+            pieces.append((D, xs[:, None, :], ys[:, None, :]) if transposed else (D, xs[:, :, None], ys[:, :, None]))
+        else:  # (D x)ᵀ = xᵀ Dᵀ: row vector times matrix
+            pieces.append((block.D if transposed else block.D.transpose(1, 2), xs.unsqueeze(1), ys.unsqueeze(1)))
     if transposed:  # the reverse of the forward pass's order (see _products)
         pieces.reverse()
-    if isinstance(x, np.ndarray):
-        for block, xs, ys in pieces:
-            D = block.host if block.host is not None else block.D.numpy()
+    kept = ("force adjoint rows", "dE_dG adjoint rows") if transposed else ("dE_dG rows", "forces")
+    if cache is not None and cache.get((kept[0], element)) is x and cache.get((kept[1], element)) is out:
+        cache[key] = (x, out, pieces)  # only with buffers the batch keeps: the pieces are views of them
+    return pieces
+
+
+def _dense_products(pieces: list, transposed: bool) -> None:
+    """The products of :func:`_dense_pieces`: numpy's stacked matmul on the host, else torch's bmm."""
+    if isinstance(pieces[0][1], np.ndarray):
+        for D, xs, ys in pieces:
             if transposed:
-                np.matmul(xs[:, None, :], D, out=ys[:, None, :])
+                np.matmul(xs, D, out=ys)
             else:
-                np.matmul(D, xs[:, :, None], out=ys[:, :, None])
+                np.matmul(D, xs, out=ys)
         return
-    for block, xs, ys in pieces:
-        # (D x)ᵀ = xᵀ Dᵀ: row vector times matrix
-        torch.bmm(xs.unsqueeze(1), block.D if transposed else block.D.transpose(1, 2), out=ys.unsqueeze(1))
+    for D_t, xs, ys in pieces:
+        torch.bmm(xs, D_t, out=ys)
 
 
 def contract(dE_dG: dict[str, Tensor], batch: Batch) -> Tensor:
