@@ -162,18 +162,17 @@ def shard_from_range(
     num_structures = len(data.num_atoms)
     atom_offset = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(num_atoms, 0)])
     structure_of_atom = np.repeat(np.arange(num_structures), data.num_atoms)
-    data_atom_start = np.r_[0, np.cumsum(data.num_atoms)]
-    all_rows = sum(np.bincount(structure_of_atom[rows.atom[rows.deriv_center]], minlength=num_structures)
-                   for rows in data.elements.values())
-    dense_structure = dense_layout(data.num_atoms, all_rows) & dense_blocks
+    row_structure_of = {element: structure_of_atom[rows.atom] for element, rows in data.elements.items()}
+    deriv_structure_of = {element: row_structure_of[element][rows.deriv_center] for element, rows in data.elements.items()}
+    deriv_rows_of = {element: np.bincount(d, minlength=num_structures) for element, d in deriv_structure_of.items()}
+    dense_structure = dense_layout(data.num_atoms, sum(deriv_rows_of.values())) & dense_blocks
     elements = {}
     for element, rows in data.elements.items():
-        row_structure = structure_of_atom[rows.atom]
-        deriv_structure = row_structure[rows.deriv_center]
+        row_structure, deriv_structure = row_structure_of[element], deriv_structure_of[element]
         # Rows are in atom order and derivative rows in (center, atom) order, so both are grouped by structure.
         assert np.all(np.diff(row_structure) >= 0) and np.all(np.diff(deriv_structure) >= 0)
         centers = np.bincount(row_structure, minlength=num_structures)
-        deriv_rows = np.bincount(deriv_structure, minlength=num_structures)
+        deriv_rows = deriv_rows_of[element]
         dense = (centers > 0) & dense_structure
         # The layout copies below are numpy's: its strided copies ran 2x (permuted dense blocks)
         # to 6x (the (P, F, 3) -> (P, 3, F) transposition) faster than torch's on a CPU core,
@@ -217,7 +216,7 @@ def shard_from_range(
                 slot = np.repeat(which, deriv_rows[members[which]])
                 structure = members[slot]
                 center = rows.deriv_center[take] - row_start[structure]
-                atom = rows.deriv_neighbor[take] - data_atom_start[structure]
+                atom = rows.deriv_neighbor[take] - atom_offset.numpy()[structure]
                 place[slot, atom, :, center, :] = stored[take].transpose(0, 2, 1)  # (rows, x, f)
             groups.append(DenseGroup(n_el, n, block,
                                      torch.from_numpy(centers[members]) if padded else None,
@@ -440,12 +439,13 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
     # Each element's rows: those of the structures with derivative rows first, then the others, each
     # part in batch order (see Batch.force_rows); without forces, in batch order.
     layout = torch.argsort((~shard.has_derivs[index]).to(torch.uint8), stable=True) if with_forces else positions
+    rows_of = {element: el.row_offset[index + 1] - el.row_offset[index] for element, el in shard.elements.items()}
     if with_forces:  # every element's count of leading rows, in one read of the device
         with_rows = shard.has_derivs[index]
-        leading = [(el.row_offset[index + 1] - el.row_offset[index])[with_rows].sum() for el in shard.elements.values()]
-        force_rows = dict(zip(shard.elements, torch.stack(leading).tolist() if leading else []))
+        leading = [counts[with_rows].sum() for counts in rows_of.values()]
+        force_rows = dict(zip(rows_of, torch.stack(leading).tolist() if leading else []))
     for element, el in shard.elements.items():
-        counts = el.row_offset[index + 1] - el.row_offset[index]
+        counts = rows_of[element]
         placed = counts[layout]
         rows = ranges(el.row_offset[index[layout]], placed)
         G[element] = torch.index_select(el.G, 0, rows)  # row copies (faster than advanced indexing)
@@ -518,17 +518,16 @@ def merge_batches(parts: list[Batch]) -> Batch:
     cat = torch.cat
     G, atom_structure, deriv, dense = {}, {}, {}, {}
     laid_out = all(p.force_rows is not None for p in parts)
-    shift_of = {id(p): int(structure_shift[k]) for k, p in enumerate(parts)}  # structure numbering of each part
     for element in first.G:
         if laid_out:  # the parts' leading rows (those with derivative rows) first, then the rest of each
             split = [int(p.force_rows[element]) for p in parts]
-            pieces = [(p, slice(0, n)) for p, n in zip(parts, split)] + [(p, slice(n, None)) for p, n in zip(parts, split)]
+            pieces = [(k, slice(0, n)) for k, n in enumerate(split)] + [(k, slice(n, None)) for k, n in enumerate(split)]
             row_shift = np.cumsum([0] + split)  # derivative rows are leading rows: they move by the leading rows before them
         else:
-            pieces = [(p, slice(None)) for p in parts]
+            pieces = [(k, slice(None)) for k in range(len(parts))]
             row_shift = np.cumsum([0] + [int(p.G[element].shape[0]) for p in parts])
-        G[element] = cat([p.G[element][rows] for p, rows in pieces])
-        atom_structure[element] = cat([p.atom_structure[element][rows] + shift_of[id(p)] for p, rows in pieces])
+        G[element] = cat([parts[k].G[element][rows] for k, rows in pieces])
+        atom_structure[element] = cat([parts[k].atom_structure[element][rows] + int(structure_shift[k]) for k, rows in pieces])
         with_rows = [(k, p.deriv[element]) for k, p in enumerate(parts) if element in p.deriv]
         if with_rows:
             deriv[element] = (

@@ -356,7 +356,7 @@ def _kept_buffer(batch: Batch, key: tuple, like: Tensor, rows: int, width: int) 
     what the step derives from it (:attr:`Batch.step_cache`) and the buffer is small beside the
     element's derivative data (KEPT_BUFFER_SHARE): a new buffer is an allocation and a ``from_numpy``."""
     cache = batch.step_cache
-    if cache is None:
+    if cache is None or ("not kept", *key) in cache:
         return _buffer(like, rows, width)
     pair = cache.get(key)
     if pair is None or pair[0].dtype != like.dtype or pair[0].device != like.device or pair[0].shape != (rows, width) \
@@ -368,6 +368,8 @@ def _kept_buffer(batch: Batch, key: tuple, like: Tensor, rows: int, width: int) 
             data += batch.deriv[element][2].numel()
         if rows * width <= KEPT_BUFFER_SHARE * data:
             cache[key] = pair
+        else:  # decided once: a buffer too large to keep is not weighed again every step
+            cache[("not kept", *key)] = True
     return pair
 
 
