@@ -110,14 +110,25 @@ def weights_mismatch(ours: dict, theirs: dict) -> str | None:
 
 
 def rng_state() -> dict:
-    """Torch CPU (and CUDA) generator states."""
+    """Torch's CPU generator state, and the CUDA generator's of this process's current device if it uses CUDA.
+
+    One device's, not every visible device's: a run resumed where a rank sees fewer GPUs (another
+    node, ``CUDA_VISIBLE_DEVICES``) would otherwise fail, and asking a process that trains on the
+    CPU would start a CUDA context on a GPU node.
+    """
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    if isinstance(cuda, (list, tuple)):  # written by earlier versions: one state per device rank 0 saw
+        device = torch.cuda.current_device()
+        cuda = cuda[device] if device < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)

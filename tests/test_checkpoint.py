@@ -148,3 +148,29 @@ def test_rng_state_survives_save_and_load(tmp_path):
     ckpt.set_rng_state(ckpt.load(path)["rng"])
     again = (torch.rand(7), torch.randn(3, dtype=torch.float64), torch.randperm(20))
     assert all(torch.equal(a, b) for a, b in zip(expected, again))
+
+
+def test_a_cpu_run_keeps_no_cuda_state_and_resumes_from_older_cuda_states(tmp_path):
+    """A process that never used CUDA saves no CUDA state (asking would start a context on a GPU node),
+    and a state written by an earlier version (one per device rank 0 saw) still loads."""
+    assert "cuda" not in ckpt.rng_state() or torch.cuda.is_initialized()
+    older = {"torch": torch.get_rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8}
+    path = tmp_path / "older.pt"
+    ckpt.atomic_save({"rng": older}, path)
+    ckpt.set_rng_state(ckpt.load(path)["rng"])  # no CUDA in use here: only the CPU state is set
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rng_state_is_this_devices_and_older_states_for_more_devices_load(tmp_path):
+    torch.zeros(1, device="cuda")  # CUDA in use
+    torch.cuda.manual_seed(5)
+    state = ckpt.rng_state()
+    assert isinstance(state["cuda"], torch.Tensor)
+    expected = torch.rand(4, device="cuda")
+    ckpt.set_rng_state(state)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+    # an older checkpoint's list, from a node with more GPUs than this process sees
+    older = dict(state, cuda=[state["cuda"]] * (torch.cuda.device_count() + 3))
+    ckpt.set_rng_state(older)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)

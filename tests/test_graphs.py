@@ -13,7 +13,7 @@ import torch
 from aenet_dist import step as lean
 from aenet_dist.batching import bucket_size, gather_batch, shard_from_range
 from aenet_dist.config import RunConfig
-from aenet_dist.graphs import REUSE, GraphedStep, _mismatch, batch_counts, bucket_key, choose_bucket, fill_static, padded_batch, use_cuda_graphs
+from aenet_dist.graphs import REUSE, GraphedStep, _mismatch, batch_counts, bucket_key, choose_bucket, fill_static, padded_batch, probe_batch, use_cuda_graphs
 from aenet_dist.store import StoreReader
 from aenet_dist.train import build_model
 from helpers import featurized_emt
@@ -123,6 +123,30 @@ def test_ddp_local_step_padded_equals_unpadded(sparse_shard, tmp_path):
     assert torch.allclose(p_sums, sums, rtol=1e-12, atol=0)
     for padded, plain in ((step.gradients.flat, g_e), (step.force_gradients.flat, g_f)):
         assert torch.allclose(padded, plain, rtol=0, atol=1e-12 * max(1.0, float(plain.abs().max())))
+
+
+def test_the_capture_check_probe_has_no_references_to_cancel(sparse_shard, tmp_path):
+    """The capture check runs the step on the batch's probe: zero references, so its energy errors are the
+    predictions (well above rounding however well the model fits); the batch itself is left as it was."""
+    store, reader, shard = sparse_shard
+    model = _model(reader, store, tmp_path)
+    batch = gather_batch(shard, torch.arange(4, 20))
+    batch.step_cache = {}
+    energy, forces = batch.energy.clone(), batch.forces.clone()
+    probe = probe_batch(batch)
+    assert torch.all(probe.energy == 0) and torch.all(probe.forces == 0) and probe.step_cache is None
+    assert probe.G is batch.G and probe.deriv is batch.deriv  # the same structures, nothing copied
+    totals, _, predicted, predicted_forces = _step(model, probe)
+    per_atom = predicted / batch.num_atoms
+    mask = batch.force_atoms[:, None]
+    assert torch.allclose(totals[0], (per_atom**2).sum(), rtol=1e-12)
+    assert torch.allclose(totals[2], (torch.where(mask, predicted_forces, 0.0) ** 2).sum(), rtol=1e-12)
+    assert torch.equal(batch.energy, energy) and torch.equal(batch.forces, forces) and batch.step_cache == {}
+    # padded and refilled, the probe gives the unpadded probe's step (what the check compares)
+    key = bucket_key(batch)
+    static = padded_batch(batch, key)
+    fill_static(static, probe, key)
+    assert not _mismatch(list(_step(model, static)[:2]), list(_step(model, probe)[:2]))
 
 
 def test_capture_check_compares_entry_by_entry():
