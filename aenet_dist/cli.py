@@ -13,6 +13,7 @@ loads the training, prediction or plotting code, and ``aenet-dist --help`` loads
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import importlib
 import logging
@@ -35,6 +36,20 @@ COMMANDS: dict[str, str] = {  # command (module aenet_dist.<command>) -> one-lin
 # Bad input: a wrong value, a missing, unreadable or unwritable file. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)
 USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
+# What to do after a Ctrl-C, per command (train handles its own: it checkpoints first).
+INTERRUPTED_HINTS = {"featurize": "rerun the same command to resume (finished blocks are kept)"}
+# What to do about an OSError that reached the handler without a message of ours, by errno.
+OS_ERROR_ADVICE = {
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "remove it or choose another path",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EISDIR: "give a file, not a directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; check the path",
+    errno.ENOSPC: "free space or choose another file system",
+    errno.EROFS: "choose a writable file system",
+}
 
 
 def build_parser(command: ModuleType | None = None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
@@ -49,7 +64,7 @@ def build_parser(command: ModuleType | None = None) -> tuple[argparse.ArgumentPa
         prog="aenet-dist", usage="aenet-dist <command> [args]",
         description="Featurize, train, export and run aenet neural-network interatomic potentials.\n\ncommands:\n" + table,
         epilog="Run `aenet-dist <command> --help` for a command's options.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = parser.add_subparsers(prog="aenet-dist", metavar="<command>", required=True, help=argparse.SUPPRESS)
     chosen = None
     for name, help_text in COMMANDS.items():
@@ -57,9 +72,31 @@ def build_parser(command: ModuleType | None = None) -> tuple[argparse.ArgumentPa
             sub.add_parser(name)
             continue
         chosen = sub.add_parser(name, description=command.DESCRIPTION, epilog=command.EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
         command.add_arguments(chosen)
+        _no_abbreviations(chosen)
     return parser, chosen
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Refuse abbreviated options (``--resum`` for ``--resume``) in ``parser`` and the subparsers a
+    command module added to it (datasets emt|synth): an abbreviation that is unique today becomes
+    ambiguous, or silently another option, when an option is added."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _no_abbreviations(subparser)
+
+
+def describe_os_error(err: OSError) -> str:
+    """An OSError as one sentence with the path and what to do, not Python's ``[Errno 2] ...: 'x'``."""
+    if not err.strerror:
+        return str(err)
+    where = f"{err.filename}: " if err.filename is not None else ""
+    also = f" (and {err.filename2})" if err.filename2 is not None else ""
+    advice = OS_ERROR_ADVICE.get(err.errno)
+    return f"{where}{err.strerror[:1].lower()}{err.strerror[1:]}{also}" + (f"; {advice}" if advice else "")
 
 
 def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -67,19 +104,37 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     try:
         return int(run(args) or 0)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {describe_os_error(err) if isinstance(err, OSError) else err}", file=sys.stderr)
         return USER_ERROR_EXIT
 
 
+def _is_main_rank() -> bool:
+    """Not a rank other than 0 of an MPI job (featurize under mpiexec): a Ctrl-C reaches every rank,
+    and one line says it."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is None or not mpi.Is_initialized() or mpi.COMM_WORLD.rank == 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``aenet-dist <command> [args]``; the exit code of the command (argparse exits 2 on a bad command line)."""
+    """``aenet-dist <command> [args]``; the exit code of the command (argparse exits 2 on a bad command line,
+    130 after a Ctrl-C)."""
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (a command that must clean up catches it first)
+        if _is_main_rank():
+            hint = INTERRUPTED_HINTS.get(argv[0] if argv else "")
+            print(f"interrupted{f'; {hint}' if hint else ''}", file=sys.stderr)
+        return INTERRUPTED_EXIT
+
+
+def _main(argv: list[str]) -> int:
     module = importlib.import_module(f"aenet_dist.{argv[0]}") if argv and argv[0] in COMMANDS else None
     parser, chosen = build_parser(module)
     if module is None or chosen is None:
-        if not argv:
-            parser.print_help()
-            return 0
+        if not argv:  # no command: the overview, as for a bad command line (exit 2, so that a script notices)
+            parser.print_help(sys.stderr)
+            return 2
         parser.parse_args(argv)  # exits: 0 for --help; 2 naming the commands for an unknown one
         parser.print_usage(sys.stderr)  # only for odd input such as `aenet-dist -- featurize`
         return 2

@@ -265,6 +265,9 @@ class FeaturizeConfig:
             raise ValueError(f"{where}: FILES lists no structures")
 
 
+COMPRESSION_LEVELS = {"zstd": (1, 22), "lz4": (1, 9)}  # zstd's levels; Blosc's clevel (0 would store uncompressed)
+
+
 @dataclass(frozen=True)
 class StoreOptions:
     """How featurize writes the Zarr store."""
@@ -287,6 +290,11 @@ class StoreOptions:
             raise ValueError(f"chunk_bytes must be at least 65536, got {self.chunk_bytes}")
         if self.deriv_dtype not in ("float32", "float64"):
             raise ValueError(f"deriv_dtype must be 'float32' or 'float64', got {self.deriv_dtype!r}")
+        # The codecs clamp a level out of range (zstd to 22) without a word: refuse it instead.
+        low, high = COMPRESSION_LEVELS.get(self.compressor, (self.compressor_level, self.compressor_level))
+        if not isinstance(self.compressor_level, int) or not low <= self.compressor_level <= high:
+            raise ValueError(f"compression level (--compression-level) of {self.compressor} must be an integer in "
+                             f"[{low}, {high}], got {self.compressor_level!r}")
 
 
 # =========================================================================== training
@@ -752,12 +760,30 @@ def _known_keys() -> tuple[str, ...]:
     return (*TRAIN_SECTIONS, *(f"{s}.{f.name}" for s, cls in TRAIN_SECTIONS.items() for f in fields(cls)))
 
 
+# Names other tools give to a key of ours (a PyTorch user writes learning_rate, a scheduler's
+# "type"); difflib cannot see these, so they are suggested by name.
+_KEY_SYNONYMS = {"learning_rate": ("lr",), "type": ("kind", "method"), "name": ("kind", "method"),
+                 "optimizer": ("method",), "scheduler": ("kind",), "max_epochs": ("epochs",)}
+
+
 def _unknown_key(dotted: str) -> str:
-    """'unknown key ...' message with a suggestion: the same field in another section, else the closest key."""
+    """'unknown key ...' message with a suggestion: the same field in another section, else the
+    closest field of its section (or a synonym's), else that section's keys; the closest key for
+    an unknown section."""
     leaf = dotted.rsplit(".", 1)[-1]
     same_leaf = [k for k in _known_keys() if "." in k and k.rsplit(".", 1)[-1] == leaf]
-    hint = f" (did you mean {same_leaf[0]!r}?)" if same_leaf else did_you_mean(dotted, _known_keys())
-    return f"unknown key {dotted!r}{hint}"
+    if same_leaf:
+        return f"unknown key {dotted!r} (did you mean {same_leaf[0]!r}?)"
+    section = dotted.split(".", 1)[0]
+    if dotted.count(".") == 1 and section in TRAIN_SECTIONS:
+        names = [f.name for f in fields(TRAIN_SECTIONS[section])]
+        same_case = [n for n in names if n.lower() == leaf.lower()]
+        close = same_case or [n for n in _KEY_SYNONYMS.get(leaf.lower(), ()) if n in names] \
+            or difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)  # the leaves: the shared "section." would match anything
+        if close:
+            return f"unknown key {dotted!r} (did you mean {f'{section}.{close[0]}'!r}?)"
+        return f"unknown key {dotted!r}; [{section}] has the keys {', '.join(names)}"
+    return f"unknown key {dotted!r}{did_you_mean(dotted, _known_keys())}"
 
 
 def _check_keys(raw: Mapping) -> None:
@@ -1005,6 +1031,12 @@ def load_train_config(path: str | os.PathLike, overrides: Iterable[str] = ()) ->
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"configuration file {path} does not exist; check the path (a train.toml, or aenet-PyTorch's train.in)") from None
+    except IsADirectoryError:
+        raise ValueError(f"configuration file {path} is a directory; give the train.toml in it") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; a configuration is a train.toml (TOML text)") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: invalid TOML: {e}") from None
     base = str(path.resolve().parent)

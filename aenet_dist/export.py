@@ -175,7 +175,14 @@ def load_run_model(checkpoint_path: str | os.PathLike, store: str | os.PathLike 
     from .config import TrainConfig
 
     checkpoint_path = Path(checkpoint_path)
-    state = ckpt.load(checkpoint_path)
+    try:
+        state = ckpt.load(checkpoint_path)
+    except ValueError:
+        if not checkpoint_path.is_file():  # a directory, a path gone meanwhile: the reason as it is
+            raise
+        # torch's reason for a file ("[Errno 22] Invalid argument", a miniz error) does not help the user
+        raise ValueError(f"{checkpoint_path}: not a readable aenet_dist checkpoint: the file ({checkpoint_path.stat().st_size} "
+                         f"bytes) is truncated or damaged, or not a checkpoint; {_other_checkpoints(checkpoint_path)}") from None
     if "config" not in state or "model" not in state:
         raise ValueError(f"{checkpoint_path}: not an aenet_dist training checkpoint (no 'config'/'model')")
     config = TrainConfig.from_dict(state["config"], source=str(checkpoint_path))
@@ -209,6 +216,26 @@ def load_run_model(checkpoint_path: str | os.PathLike, store: str | os.PathLike 
     return model.eval(), facts, config
 
 
+def _other_checkpoints(path: Path) -> str:
+    """What to try instead of the unreadable checkpoint ``path``: the run's other checkpoints, as ``--checkpoint`` values."""
+    from .checkpoint import Checkpointer
+
+    if path.parent.name != "checkpoints":
+        return "give another checkpoint with --checkpoint (best, latest or a path)"
+    checkpoints = Checkpointer(path.parent.parent)
+    best = path.parent / "best.pt"
+    others = [p for p in reversed(checkpoints.all()) if p != path and p.stat().st_size]
+    choices = []
+    if path.name == "best.pt" and others:
+        choices.append(f"--checkpoint latest ({others[0].name})")
+    elif path.name != "best.pt" and best.exists() and best.stat().st_size:
+        choices.append("--checkpoint best")
+    choices += [f"--checkpoint {p}" for p in others[1 if path.name == "best.pt" else 0:][:2]]
+    if not choices:
+        return f"the run has no other checkpoint in {path.parent}"
+    return "try another checkpoint of the run: " + ", or ".join(choices)
+
+
 def train_set_info(facts: dict) -> TrainSetInfo:
     """The ``.nn`` training-set records of a store's facts: types, E_atom, sizes, cohesive energy per atom range."""
     energy = facts["energy_per_atom"]
@@ -238,6 +265,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
     """
     from .config import DescriptorSetup as _Setup
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # before the work, and not as "[Errno 17] File exists"
+        raise ValueError(f"--out {out_dir}: exists and is not a directory; give a directory for the .nn files "
+                         "(it is created if missing)")
     path = resolve_checkpoint(run_dir, checkpoint)
     model, facts, _ = load_run_model(path, store)
     untrained = [el for el in facts["species"] if int(facts["stats"][el]["count"]) == 0]
@@ -245,7 +276,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
         raise ValueError(f"{facts['store_path']}: no atoms of {', '.join(untrained)} in the store, so its network was never trained "
                          "and a .nn file for it would be random weights; featurize structures with it, or leave it out of TYPES")
     info = train_set_info(facts)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {el: nn_from_element_net(model.nets[el], _Setup.from_dict(facts["setups"][el]), info) for el in facts["species"]}
     written = []

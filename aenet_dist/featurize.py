@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compression-level", type=int, default=1, help="zstd level / Blosc clevel (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verify", action="store_true",
-                        help="read back every chunk of an existing store (checksums, lengths, missing files) and redo damaged blocks")
+                        help="read back every chunk and metadata file of an existing store (checksums, lengths, missing files) "
+                             "and redo damaged blocks and a damaged structure table")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,11 @@ directories and stores.
 
 A lock is ``fcntl.flock`` on a lock file (``.lock`` inside a run directory, ``.<name>.lock``
 beside a store), which holds the owner's PID and host. The kernel releases it when the process ends, however it ends (kill -9 included),
-so a stale lock file never blocks a later run.
+so a stale lock file never blocks a later run. A run directory's ``.lock`` stays (it is inside the
+run's own directory); a store's lock file beside the store is removed by featurize on the way out,
+while still held. Removing a lock file lets a process that opened it just before lock the removed
+file while another locks a new one (two holders), so :func:`lock_file` checks that the file it
+locked is still the one at the path, and tries again when it is not.
 """
 
 from __future__ import annotations
@@ -43,14 +47,22 @@ def lock_file(path: str | os.PathLike, what: str) -> int:
     """Take the exclusive lock of the file ``path`` (created if missing) for ``what``; see :func:`lock_directory`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise DirectoryInUse(f"{what} is in use by {holder} (lock {path}); wait for that run to end "
+                                 "or choose another one") from None
+        try:  # the file locked must still be the one at ``path``: remove_unused_directory deletes it
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise DirectoryInUse(f"{what} is in use by {holder} (lock {path}); wait for that run to end "
-                             "or choose another one") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
     return fd
@@ -60,6 +72,45 @@ def unlock(fd: int | None) -> None:
     """Release a lock taken with :func:`lock_directory` (None: nothing to do)."""
     if fd is not None:
         os.close(fd)
+
+
+def first_missing(directory: str | os.PathLike) -> Path | None:
+    """The outermost of ``directory`` and its parents that does not exist (what creating it creates), or None."""
+    missing = None
+    for candidate in (Path(directory).absolute(), *Path(directory).absolute().parents):
+        if candidate.exists() or candidate.is_symlink():
+            break
+        missing = candidate
+    return missing
+
+
+def remove_unused_directory(directory: str | os.PathLike, created: Path | None, fd: int | None,
+                            disposable: tuple[str, ...] = (LOCK_NAME,)) -> bool:
+    """Remove ``directory``, which this process created (from ``created`` down, see :func:`first_missing`)
+    and locks (``fd``), if it holds nothing but the files named in ``disposable``; then the parents
+    it created, while empty. Call it before :func:`unlock`. Returns whether ``directory`` was removed.
+
+    A failed start must not leave an empty run directory behind (``runs/x/`` with only ``.lock``),
+    but a directory that existed before, or one that holds anything else (a checkpoint, metrics),
+    is the user's and stays.
+    """
+    directory = Path(directory).absolute()
+    if created is None or fd is None or not directory.is_dir() or not (directory == created or created in directory.parents):
+        return False
+    try:
+        if any(entry.name not in disposable for entry in directory.iterdir()):
+            return False
+        for name in disposable:
+            with contextlib.suppress(FileNotFoundError):
+                (directory / name).unlink()
+        directory.rmdir()
+        for parent in directory.parents:
+            if parent != created and created not in parent.parents:
+                break
+            parent.rmdir()  # OSError (not empty) ends the climb: something else is in it now
+    except OSError:
+        pass
+    return not directory.exists()
 
 
 def _current_umask() -> int:

@@ -601,8 +601,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stress", action="store_true", help="compute the stress of periodic structures (eV/Å³)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--out", metavar="FILE", help="write the text report here instead of stdout")
-    parser.add_argument("--quiet", action="store_true", help="no text report (with --json)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
+    parser.add_argument("--quiet", action="store_true", help="no text report on stdout (needs --json or --out)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64",
+                        help="precision of the descriptors and networks: float64 (default; agrees with aenet to rounding) or float32")
     parser.add_argument("--batch-structures", type=int, default=256, help="structures per batch (default 256)")
     parser.add_argument("--threads", type=int, default=None,
                         help=f"structure files read and predicted side by side, by forked worker processes (threads where the "
@@ -631,6 +632,9 @@ def run(args: argparse.Namespace) -> int:
     """Predict as ``args`` say: the text report (stdout or ``--out``) and ``--json``."""
     setup_logging(0)
     start = time.perf_counter()
+    if args.quiet and not (args.json or args.out):
+        raise ValueError("--quiet leaves out the text report on stdout, and without --json FILE or --out FILE nothing "
+                         "would be written; add one of them, or leave out --quiet")
     for option, target in (("--out", args.out), ("--json", args.json)):
         _check_writable(option, target)  # before the computation, not after it
     forces, atomic_energies = args.forces, False
@@ -659,12 +663,10 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_potentials(potentials, dtype=args.dtype)
     results = predict_files(predictor, paths, [str(n) for n in names], threads, forces=forces, stress=args.stress,
                             batch_structures=args.batch_structures)
-    if not args.quiet:
-        text = format_aenet(results, forces, atomic_energies)
-        if args.out:
-            atomic_write(args.out, text)
-        else:
-            sys.stdout.write(text)
+    if args.out:  # asked for by name: --quiet only silences stdout
+        atomic_write(args.out, format_aenet(results, forces, atomic_energies))
+    elif not args.quiet:
+        sys.stdout.write(format_aenet(results, forces, atomic_energies))
     if args.json:
         write_json(args.json, results)
     atoms = sum(p.num_atoms for p in results)

@@ -26,6 +26,28 @@ WAIT_FLOOR_S = 0.05  # per step: waiting less than this on average is not worth 
 WARN_EVERY = 10  # a recurring warning is repeated every this many epochs it recurs
 
 
+def metrics_line(metrics: dict) -> str:
+    """One line of metrics.jsonl: strict JSON, a value that is not a number (no forces, no test on
+    this epoch: NaN in the run) written as null (json.dumps would write NaN, which JSON has not)."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()},
+                      allow_nan=False)
+
+
+def parse_metrics_line(line: str) -> dict:
+    """A line of metrics.jsonl as the run had it: null back to NaN (older files hold NaN itself)."""
+    return {k: math.nan if v is None else v for k, v in json.loads(line).items()}
+
+
+def _forces_text(rmse: float, digits: int = 4) -> str:
+    """A force RMSE for a log line; a run without forces (NaN) says so rather than print nan, which
+    reads like the NaN-loss failure."""
+    return f"F {rmse:.{digits}f} eV/Å" if math.isfinite(rmse) else "F – (no forces)"
+
+
+def _angle_text(median: float, p90: float) -> str:
+    return f", angle {median:.1f}° (p90 {p90:.1f}°)" if math.isfinite(median) else ""
+
+
 def format_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -79,7 +101,7 @@ class RunReport:
             return {}
         keep = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
         atomic_write(self.metrics_path, "".join(line + "\n" for line in keep))
-        return json.loads(keep[-1]) if keep else {}
+        return parse_metrics_line(keep[-1]) if keep else {}
 
     def epoch_done(self, last: dict, epochs_done: int, seconds: float, due: bool) -> None:
         """Rank 0: the metrics line in metrics.jsonl (and TensorBoard), the progress bar, and every
@@ -91,7 +113,7 @@ class RunReport:
         """
         epoch = last["epoch"]
         with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(last) + "\n")
+            fh.write(metrics_line(last) + "\n")
         if self.tensorboard is not None:
             for key, value in last.items():
                 if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -100,17 +122,17 @@ class RunReport:
         tested = math.isfinite(test_e) or math.isfinite(test_f)  # not on epochs between evaluations (run.eval_every)
         if self.progress is not None:
             if tested:
-                self.progress.set_postfix_str(f"test E {test_e:.2f} meV/atom F {test_f:.3f} eV/Å", refresh=False)
+                self.progress.set_postfix_str(f"test E {test_e:.2f} meV/atom {_forces_text(test_f, 3)}", refresh=False)
             self.progress.update(1)
         every = self.run.print_every or max(1, self.run.epochs // PRINTED_LINES)
         if not (due or epoch % every == 0 or epochs_done == 1 or epoch == self.run.epochs):
             return
         eta = seconds / epochs_done * (self.run.epochs - epoch)
-        test = (f"test E {test_e:.2f} meV/atom F {test_f:.4f} eV/Å, angle {last['test_force_angle_median_deg']:.1f}° "
-                f"(p90 {last['test_force_angle_p90_deg']:.1f}°)") if tested else "test -"
+        test = (f"test E {test_e:.2f} meV/atom {_forces_text(test_f)}"
+                f"{_angle_text(last['test_force_angle_median_deg'], last['test_force_angle_p90_deg'])}") if tested else "test -"
         log.info(
-            "epoch %d/%d | train E %.2f meV/atom F %.4f eV/Å | %s | lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
-            epoch, self.run.epochs, last["train_rmse_energy_meV_atom"], last["train_rmse_forces_eV_A"], test,
+            "epoch %d/%d | train E %.2f meV/atom %s | %s | lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
+            epoch, self.run.epochs, last["train_rmse_energy_meV_atom"], _forces_text(last["train_rmse_forces_eV_A"]), test,
             last["lr"], last["structures_per_second"], last["data_seconds"], last["train_seconds"], format_time(eta),
         )
 

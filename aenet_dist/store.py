@@ -107,7 +107,19 @@ def world_comm():
 
 
 class RankFailed(ValueError):
-    """A phase failed on some rank; every rank raises this, so none waits in a later collective."""
+    """A phase failed on some rank; every rank raises this, so none waits in a later collective.
+
+    ``bad_input``: some rank failed with :class:`BadInput` (a rerun of the same inputs fails again).
+    """
+
+    def __init__(self, message: str, bad_input: bool = False):
+        super().__init__(message)
+        self.bad_input = bad_input
+
+
+class BadInput(ValueError):
+    """A structure that cannot be featurized (atoms closer than RMIN, no forces): a property of the inputs,
+    unlike a failure to read or write, so a store of these inputs can never be finished."""
 
 
 def wait_for_all(comm, poll_s: float = 0.002) -> None:
@@ -133,22 +145,23 @@ def together(comm, what: str, fn):
     rank's message on every rank. Anything else is a bug: the rank it happened on re-raises it
     (a traceback), the others raise :class:`RankFailed` naming that rank.
     """
-    result, error, own = None, None, None
+    result, error, own, bad_input = None, None, None, False
     try:
         result = fn()
     except (ValueError, OSError) as err:
-        error = str(err)
+        error, bad_input = str(err), isinstance(err, BadInput)
     except BaseException as err:  # noqa: BLE001 - reported to the other ranks, then re-raised here
         error, own = f"internal error ({type(err).__name__}: {err})", err
     wait_for_all(comm)
-    errors = comm.allgather(error)
-    failed = [(rank, message) for rank, message in enumerate(errors) if message]
+    errors = comm.allgather((error, bad_input))
+    failed = [(rank, message) for rank, (message, _) in enumerate(errors) if message]
     if not failed:
         return result
     if own is not None:
         raise own
     rank, message = failed[0]
-    raise RankFailed(message if comm.size == 1 else f"{message} (rank {rank} of {comm.size}, {what})")
+    raise RankFailed(message if comm.size == 1 else f"{message} (rank {rank} of {comm.size}, {what})",
+                     bad_input=any(bad for _, bad in errors))
 
 
 # ------------------------------------------------------------------ planning
@@ -299,10 +312,11 @@ def _block_dir(root: Path, b: int) -> Path:
 
 
 # Per-structure and per-atom arrays of a block read for training (pbc and cell are not needed).
-_PLAIN_DTYPES = {"bool", "int8", "int32", "int64", "float32", "float64"}
+_PLAIN_DTYPES = {"bool", "int8", "uint8", "int32", "int64", "float32", "float64"}  # (uint8: the structure names)
 _ZSTD = numcodecs.Zstd()
 _BLOSC = numcodecs.Blosc()
 _BLOCK_ARRAYS = ("num_atoms", "energy", "cohesive_energy", "has_derivs", "species", "pos", "forces")
+_ELEMENT_ARRAYS = ("atom", "G", "deriv_center", "deriv_neighbor", "dG")  # per element of a block
 
 
 def _plain_layout(meta: dict) -> tuple | None:
@@ -325,6 +339,22 @@ def _plain_layout(meta: dict) -> tuple | None:
         return None
     return ([c.get("name") for c in codecs], shape, chunk, np.dtype(meta["data_type"]).newbyteorder("<"),
             bool(meta.get("attributes", {}).get(ALL_CHUNKS_WRITTEN)), meta.get("fill_value") or 0)
+
+
+def _array_meta(directory: str | Path) -> dict:
+    """An array's parsed ``zarr.json``; a missing, unreadable or garbled one is a ValueError naming the file
+    (json's own message gave no file, and a missing one went to train's handler of disk errors)."""
+    path = f"{directory}/zarr.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: array metadata file is missing; {_DAMAGED}") from None
+    except (ValueError, UnicodeDecodeError) as err:  # (json.JSONDecodeError is a ValueError)
+        raise ValueError(f"{path}: damaged array metadata ({err}); {_DAMAGED}") from None
+    if not isinstance(meta, dict) or meta.get("node_type") != "array" or meta.get("zarr_format") != 3:
+        raise ValueError(f"{path}: not the metadata of a Zarr v3 array; {_DAMAGED}")
+    return meta
 
 
 def _read_plain_array(directory: str | Path, cast_to=None, metas: dict | None = None, xyz_major: bool = False) -> np.ndarray | None:
@@ -354,8 +384,11 @@ def _read_plain_array(directory: str | Path, cast_to=None, metas: dict | None = 
     directory = str(directory)  # paths as strings: a stream epoch builds ~4 per chunk, and pathlib's cost showed
     layout = metas.get(directory, False) if metas is not None else False
     if layout is False:
-        with open(f"{directory}/zarr.json", encoding="utf-8") as f:
-            layout = _plain_layout(json.load(f))
+        meta = _array_meta(directory)
+        try:
+            layout = _plain_layout(meta)
+        except (AttributeError, TypeError, KeyError, ValueError) as err:  # valid JSON, but fields of the wrong kind
+            raise ValueError(f"{directory}/zarr.json: damaged array metadata ({type(err).__name__}: {err}); {_DAMAGED}") from None
         if metas is not None:
             metas[directory] = layout
     if layout is None:
@@ -391,7 +424,7 @@ def _read_plain_array(directory: str | Path, cast_to=None, metas: dict | None = 
 
 
 _CRC32C_RESIDUE = 0x48674BC7  # CRC-32C of any message followed by its CRC-32C (little-endian)
-_DAMAGED = "the store is damaged: `aenet-dist featurize --verify` with the same inputs redoes the damaged blocks"
+_DAMAGED = "the store is damaged: `aenet-dist featurize <generate.in> --out <store> --verify` with the same inputs repairs it"
 _ZSTD_MAGIC = 0xFD2FB528
 
 
@@ -507,11 +540,19 @@ def _read_arrays(directory: Path, names: list[str], cast: dict | None = None, me
 async def _read_arrays_with_zarr(directory: Path, names: list[str]) -> list[tuple[str, np.ndarray]]:
     import zarr.api.asynchronous
 
-    group = await zarr.api.asynchronous.open_group(store=zarr.storage.LocalStore(directory, read_only=True), mode="r")
+    # zarr's errors name no file ("Required key 'node_type' is missing ..."): each becomes one naming the array.
+    zarr_errors = (ValueError, KeyError, TypeError, RuntimeError, OSError)
+    try:
+        group = await zarr.api.asynchronous.open_group(store=zarr.storage.LocalStore(directory, read_only=True), mode="r")
+    except zarr_errors as err:
+        raise ValueError(f"{directory}/zarr.json: cannot be read as a Zarr group ({type(err).__name__}: {err}); {_DAMAGED}") from None
 
     async def read(name: str) -> tuple[str, np.ndarray]:
-        array = await group.getitem(name)
-        return name, np.asarray(await array.getitem(...))
+        try:
+            array = await group.getitem(name)
+            return name, np.asarray(await array.getitem(...))
+        except zarr_errors as err:
+            raise ValueError(f"{directory}/{name}: cannot be read ({type(err).__name__}: {err}); {_DAMAGED}") from None
 
     return await asyncio.gather(*(read(name) for name in names))
 
@@ -521,10 +562,7 @@ def compute_block(
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Featurize one block: the arrays of its group (keyed by path inside the group) and its attributes."""
     for s in structures:
-        if s.forces is None and config.forces:
-            raise ValueError(f"{s.name}: no forces, but FORCES is set in {config.source}")
-        if s.forces is not None and s.forces.shape != s.pos.shape:
-            raise ValueError(f"{s.name}: {len(s.forces)} force rows for {s.num_atoms} atoms")
+        _check_forces(s, config)
     species_index, features = featurize(structures, config.setups, config.species, with_derivs)
     num_atoms = np.array([s.num_atoms for s in structures], dtype=np.int32)
     energy = np.array([s.energy for s in structures], dtype=np.float64)
@@ -644,37 +682,55 @@ def write_block(root: Path, b: int, arrays: dict[str, np.ndarray], attrs: dict, 
     final = _block_dir(root, b)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if all(_is_plain(data) for data in arrays.values()):
-        _write_plain_group(tmp, attrs)
-        for path in {path.rpartition("/")[0] for path in arrays} - {""}:
-            _write_plain_group(tmp / path, {})
-        for path, data in arrays.items():
-            _write_plain_array(tmp / path, data, level, compressor=compressor)
-    else:
-        import zarr
+    try:
+        if all(_is_plain(data) for data in arrays.values()):
+            _write_plain_group(tmp, attrs)
+            for path in {path.rpartition("/")[0] for path in arrays} - {""}:
+                _write_plain_group(tmp / path, {})
+            for path, data in arrays.items():
+                _write_plain_array(tmp / path, data, level, compressor=compressor)
+        else:
+            import zarr
 
-        group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-        for path, data in arrays.items():
-            parent, _, name = path.rpartition("/")
-            _write_array(group.require_group(parent) if parent else group, name, data, level, compressor=compressor)
-        group.attrs.update(attrs)
-    # The rename is the completion marker: a block directory either is complete or absent.
-    os.replace(tmp, final)
+            group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+            for path, data in arrays.items():
+                parent, _, name = path.rpartition("/")
+                _write_array(group.require_group(parent) if parent else group, name, data, level, compressor=compressor)
+            group.attrs.update(attrs)
+        # The rename is the completion marker: a block directory either is complete or absent.
+        if final.exists():  # one that lost its zarr.json (damage): counted as missing, so redone; rename cannot replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:  # a full disk, Ctrl-C: no half-written directory left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def _scan(paths: list[str], cache: dict[str, list[Structure]]) -> tuple[list[StructureInfo], dict[str, str]]:
+def _scan(paths: list[str], cache: dict[str, list[Structure]], config: FeaturizeConfig) -> tuple[list[StructureInfo], dict[str, str]]:
     """Atom counts and volumes of every structure in ``paths``, and each file's content digest.
 
     Keeps what it read in ``cache``. The digest (BLAKE2b of the bytes) goes into the store's
     fingerprint: an input edited in place, even to the same size, makes a different store.
+    What can be checked here is (an element not in TYPES, missing forces): before the store is
+    created, not after hours of blocks.
     """
     infos, digests = [], {}
     for p in paths:
         with open(p, "rb") as fh:
             digests[p] = hashlib.blake2b(fh.read(), digest_size=16).hexdigest()
-        cache[p] = read_structures(p)
+        cache[p] = read_structures(p, config.species)
+        for s in cache[p]:
+            _check_forces(s, config)
         infos.extend(_info(cache[p], p))
     return infos, digests
+
+
+def _check_forces(s: Structure, config: FeaturizeConfig) -> None:
+    """Refuse a structure without forces when FORCES is set, or with forces for other atoms."""
+    if s.forces is None and config.forces:
+        raise ValueError(f"{s.name}: no forces, but FORCES is set in {config.source}")
+    if s.forces is not None and s.forces.shape != s.pos.shape:
+        raise ValueError(f"{s.name}: {len(s.forces)} force rows for {s.num_atoms} atoms")
 
 
 def _read_range(infos: list[StructureInfo], start: int, stop: int, cache: dict[str, list[Structure]]) -> list[Structure]:
@@ -697,8 +753,10 @@ def featurize_to_store(
 
     Resumable: blocks already present are skipped; the root metadata is completed last. A
     block whose directory has gone is featurized again, also in a complete store; ``verify``
-    decodes every chunk (checksums, lengths, missing chunk files) and redoes damaged blocks.
-    Raises ValueError if ``out`` holds a store made from different inputs.
+    decodes every chunk and metadata file (checksums, lengths, missing files) and redoes damaged
+    blocks and a damaged structure table. Raises ValueError if ``out`` holds a store made from
+    different inputs (one that holds no completed block is replaced). When featurizing fails, a
+    store this run created is removed if nothing in it can serve a rerun (see :func:`_remove_unfinished`).
     """
     comm = world_comm()
     rank, size = comm.rank, comm.size
@@ -715,26 +773,35 @@ def featurize_to_store(
 
     # 2. Plan blocks from estimated bytes; assign them to ranks by cost.
     bounds, owned = _plan_blocks(config, options, infos, force_mask, size, rank)
-    num_blocks = len(bounds) - 1
     fp = fingerprint(config, names, [digest_of[f] for f in config.files], force_mask, options)
 
     # 3. Lock the store and create (or validate) the root group; rank 0 only, every rank learns how it went.
     with contextlib.ExitStack() as held:  # rank 0 holds the store's lock until this function returns
 
-        def claim() -> None:
+        def claim() -> tuple[bool, bool] | None:
             if rank == 0:
                 # Beside the store, not in it: the store's files stay exactly what featurize writes.
-                held.callback(unlock, lock_file(root.parent / f".{root.name}.lock", f"store {root}"))
-                _init_root(root, config, fp, bounds, options, len(infos))
+                held.callback(_unlock_store, *_lock_store(root))
+                was_empty_dir = root.is_dir() and not any(root.iterdir())
+                return _init_root(root, config, fp, bounds, options, len(infos)), was_empty_dir
+            return None
 
-        together(comm, "opening the store", claim)
-        missing = _blocks_to_write(comm, root, num_blocks, owned, verify)
-        if _is_complete(root) and not missing:
+        # (rank 0: whether this run created the store, and whether its directory was there, empty, before)
+        created = together(comm, "opening the store", claim)
+        missing = _blocks_to_write(comm, root, bounds, owned, verify, list(config.species))
+        complete = _is_complete(root)
+        table_damaged = False
+        if verify and complete:  # an incomplete store gets its structure table from consolidation anyway
+            table_damaged = comm.bcast(together(comm, "verifying the structure table",
+                                                lambda: rank == 0 and not _table_is_intact(root, len(infos))))
+        if complete and not missing and not table_damaged:
             if rank == 0:
                 log.info("%s is already complete (same inputs)%s; nothing to do", root, ", every chunk intact" if verify else "")
             return root
-        if _is_complete(root) and rank == 0:
+        if complete and rank == 0 and missing:
             log.warning("%s: %d block(s) missing or damaged (%s); featurizing them again", root, len(missing), ", ".join(map(str, missing[:10])))
+        if complete and rank == 0 and table_damaged:
+            log.warning("%s: the structure table is damaged; writing it again from the blocks", root)
 
         # 4. Featurize the blocks this rank owns that are not yet complete.
         todo = [b for b in owned if b in missing]
@@ -752,6 +819,13 @@ def featurize_to_store(
         try:  # (also the barrier before consolidation)
             together(comm, "featurizing its blocks",
                      lambda: _featurize_blocks(root, todo, bounds, infos, cache, force_mask, config, options, bar))
+        except BaseException as err:
+            # Every rank has left its blocks when together raises (its allgather), except on an interrupt
+            # that lands in the allgather itself: with other ranks, only RankFailed lets rank 0 clean up.
+            if created and (size == 1 or isinstance(err, RankFailed)):
+                _remove_unfinished(root, created_now=created[0], keep_directory=created[1],
+                                   unusable=getattr(err, "bad_input", False))
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -763,6 +837,48 @@ def featurize_to_store(
         return root
 
 
+def _lock_store(root: Path) -> tuple[int, Path]:
+    """Take the store's lock, ``.<name>.lock`` beside it: (descriptor, path) for :func:`_unlock_store`.
+
+    :func:`_unlock_store` removes the file (a user saw it left beside the store after every run),
+    while still holding the lock; :func:`~aenet_dist.files.lock_file` checks that the file it locked
+    is still the one at the path and tries again if not, so two runs never both hold it.
+    """
+    path = root.parent / f".{root.name}.lock"
+    return lock_file(path, f"store {root}"), path
+
+
+def _unlock_store(fd: int, path: Path) -> None:
+    """Remove the lock file of :func:`_lock_store`, then release the lock (in this order: see there)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    unlock(fd)
+
+
+def _remove_unfinished(root: Path, created_now: bool, keep_directory: bool, unusable: bool) -> None:
+    """After featurizing failed: remove the store this run created if it holds no completed block, or
+    if a structure cannot be featurized (``unusable``: no rerun of these inputs can finish it).
+
+    Left behind, it would make the rerun with corrected inputs refuse it as made from different
+    inputs. A store with completed blocks that a rerun of the same inputs can finish (a full disk,
+    a lost file server), or that an earlier run made, stays; the log says so, and what to do.
+    """
+    done = sum((block / "zarr.json").exists() for block in (root / "blocks").glob("b*"))
+    if not created_now or (done and not unusable):
+        if done:
+            log.warning("%s: kept, with %d completed block(s), for a rerun of the same inputs to finish; after changing "
+                        "the inputs, remove it first (it would be refused as made from different inputs)", root, done)
+        return  # (holding no block, a rerun with other inputs replaces it: _init_root)
+    # Only this run's blocks (it created the store), and temporary directories of writers that have ended.
+    shutil.rmtree(root / "blocks", ignore_errors=True)
+    (root / "zarr.json").unlink(missing_ok=True)
+    if not keep_directory:
+        with contextlib.suppress(OSError):
+            root.rmdir()
+    log.info("%s: removed (%s)", root, f"{done} completed block(s), of inputs that cannot be featurized" if done
+             else "it held no completed block")
+
+
 def _scan_all(comm, config: FeaturizeConfig, cache: dict[str, list[Structure]]) -> tuple[list[StructureInfo], list[str], dict[str, str]]:
     """(every structure's info in FILES order, its name, file -> content digest), scanned by all ranks.
 
@@ -770,7 +886,7 @@ def _scan_all(comm, config: FeaturizeConfig, cache: dict[str, list[Structure]]) 
     ``cache``) are mostly those it featurizes; a file with several frames names them ``file@k``.
     """
     files, rank, size = list(config.files), comm.rank, comm.size
-    mine = together(comm, "reading the structure files", lambda: _scan(files[len(files) * rank // size : len(files) * (rank + 1) // size], cache))
+    mine = together(comm, "reading the structure files", lambda: _scan(files[len(files) * rank // size : len(files) * (rank + 1) // size], cache, config))
     per_file: dict[str, list[StructureInfo]] = {}
     digest_of: dict[str, str] = {}
     for part, digests in comm.allgather(mine):
@@ -796,11 +912,12 @@ def _plan_blocks(config: FeaturizeConfig, options: StoreOptions, infos: list[Str
     return bounds, assign_blocks(block_costs, size)[rank]
 
 
-def _blocks_to_write(comm, root: Path, num_blocks: int, owned: list[int], verify: bool) -> list[int]:
+def _blocks_to_write(comm, root: Path, bounds: np.ndarray, owned: list[int], verify: bool, species: list[str]) -> list[int]:
     """Blocks without their metadata and, with ``verify``, damaged ones (removed by their owner), on every rank."""
-    missing = [b for b in range(num_blocks) if not (_block_dir(root, b) / "zarr.json").exists()]
+    missing = [b for b in range(len(bounds) - 1) if not (_block_dir(root, b) / "zarr.json").exists()]
     if verify:
-        damaged = together(comm, "verifying the store", lambda: [b for b in owned if b not in missing and not _block_is_intact(root, b)])
+        damaged = together(comm, "verifying the store",
+                           lambda: [b for b in owned if b not in missing and not _block_is_intact(root, b, species, bounds)])
         for b in damaged:  # each rank removes only the blocks it owns (and will redo)
             log.warning("%s: block %d is damaged; featurizing it again", root, b)
             shutil.rmtree(_block_dir(root, b))
@@ -814,18 +931,29 @@ def _featurize_blocks(root: Path, todo: list[int], bounds: np.ndarray, infos: li
     for b in todo:
         first, stop = int(bounds[b]), int(bounds[b + 1])
         structures = _read_range(infos, first, stop, cache)
-        arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options)
+        try:
+            arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options)
+        except ValueError as err:  # (its reading and writing are not in here: a lost file server is no BadInput)
+            raise BadInput(str(err)) from None
         write_block(root, b, arrays, attrs, options.compressor_level, options.compressor)
         if bar is not None:
             bar.update(stop - first)
 
 
-def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray, options: StoreOptions, num_structures: int) -> None:
+def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray, options: StoreOptions, num_structures: int) -> bool:
+    """Create the store's root group, or check that the one there is of the same inputs; True if this call wrote it.
+
+    A store of other inputs that holds no completed block (its featurize failed or was killed before
+    finishing one) is replaced: there is nothing in it to keep. Rank 0 calls this holding the store's
+    lock and before any rank of this run writes a block (``together``'s allgather follows), so the
+    temporary block directories it removes are those of killed writers, never of a live one.
+    """
     if (root / "zarr.json").exists():
         attrs = store_attrs(root)
         if attrs.get("format") != FORMAT:
             raise ValueError(f"{root}: exists and is not an aenet_dist store; choose another --out")
-        if attrs.get("fingerprint") != fp:
+        fresh = attrs.get("fingerprint") != fp
+        if fresh and not _holds_nothing(root, attrs):
             older = "" if attrs.get("fingerprint_of") == FINGERPRINT_OF else (
                 " (or by an older aenet_dist, whose fingerprint covered file sizes, not contents, and whose chunks carry "
                 "no checksums: featurize it again)")
@@ -833,53 +961,108 @@ def _init_root(root: Path, config: FeaturizeConfig, fp: str, bounds: np.ndarray,
                 f"{root}: exists but was made from different inputs{older} (fingerprint {attrs.get('fingerprint', '?')[:12]} "
                 f"!= {fp[:12]}); remove it or choose another --out"
             )
-        return
-    if root.exists() and any(root.iterdir()):
-        raise ValueError(f"{root}: exists, is not empty and is not a Zarr store; choose another --out")
-    _write_root_attrs(
-        root,
-        {
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "species": list(config.species),
-            "atomic_energies": {k: float(config.atomic_energies[k]) for k in config.species},
-            "setups": {k: config.setups[k].to_dict() for k in config.species},
-            "num_features": {k: config.setups[k].num_features for k in config.species},
-            "fingerprint": fp,
-            "fingerprint_of": FINGERPRINT_OF,
-            "block_first": bounds.tolist(),
-            "num_structures": num_structures,
-            "deriv_dtype": options.deriv_dtype,
-            "complete": False,
-        },
-    )
+        if fresh:
+            log.warning("%s: holds no completed block of its inputs (fingerprint %s); starting it again with these inputs",
+                        root, str(attrs.get("fingerprint", "?"))[:12])
+    else:
+        fresh = True
+        if root.exists() and any(root.iterdir()):
+            raise ValueError(f"{root}: exists, is not empty and is not a Zarr store; choose another --out")
+    if fresh:
+        _write_root_attrs(
+            root,
+            {
+                "format": FORMAT,
+                "schema_version": SCHEMA_VERSION,
+                "species": list(config.species),
+                "atomic_energies": {k: float(config.atomic_energies[k]) for k in config.species},
+                "setups": {k: config.setups[k].to_dict() for k in config.species},
+                "num_features": {k: config.setups[k].num_features for k in config.species},
+                "fingerprint": fp,
+                "fingerprint_of": FINGERPRINT_OF,
+                "block_first": bounds.tolist(),
+                "num_structures": num_structures,
+                "deriv_dtype": options.deriv_dtype,
+                "complete": False,
+            },
+        )
     (root / "blocks").mkdir(exist_ok=True)
-    for stale in (root / "blocks").glob(".*.tmp-*"):
+    for stale in (root / "blocks").glob(".*.tmp-*"):  # write_block's, of a killed rank (kill -9, a lost node)
         shutil.rmtree(stale, ignore_errors=True)
+    return fresh
 
 
-def _block_is_intact(root: Path, b: int) -> bool:
-    """Every array of block ``b`` decodes (frame checksums, lengths, no missing chunk file)."""
+def _holds_nothing(root: Path, attrs: dict) -> bool:
+    """Whether the store at ``root`` is only what :func:`_init_root` writes: incomplete, no completed block, nothing else."""
+    return (not attrs.get("complete") and {p.name for p in root.iterdir()} <= {"zarr.json", "blocks"}
+            and not any((root / "blocks").glob("b*")))
+
+
+def _block_is_intact(root: Path, b: int, species: list[str], bounds: np.ndarray) -> bool:
+    """Block ``b`` is whole: its group metadata parse, every array featurize writes decodes (frame
+    checksums, lengths, no missing chunk or metadata file) and their sizes agree with each other."""
     directory = _block_dir(root, b)
     try:
-        names = [str(p.parent.relative_to(directory)) for p in directory.rglob("zarr.json") if p.parent != directory
-                 and json.loads(p.read_text()).get("node_type") == "array"]
-        _read_arrays(directory, names)
+        attrs = store_attrs(directory, _DAMAGED)
+        for e in species:
+            store_attrs(directory / e, _DAMAGED)
+        # The list of what should be there, not what is: an array whose metadata has gone is damage too.
+        names = list(_BLOCK_ARRAYS) + ["pbc", "cell"] + [f"{e}/{name}" for e in species for name in _ELEMENT_ARRAYS]
+        values = _read_arrays(directory, names)
+        n = int(bounds[b + 1] - bounds[b])
+        _check_block_sizes(directory, values, species, n)
+        counts = [(attrs["first_structure"], int(bounds[b])), (attrs["num_structures"], n), (attrs["num_atoms"], len(values["pos"]))]
+        for e in species:
+            stats = attrs["partial_stats"][e]
+            counts += [(stats["count"], len(values[f"{e}/G"])), (stats["deriv_rows"], len(values[f"{e}/dG"]))]
+        if any(stored != found for stored, found in counts):
+            raise ValueError(f"{directory / 'zarr.json'}: the block's attributes disagree with its arrays; {_DAMAGED}")
+    except (KeyError, TypeError) as err:  # attributes missing or of the wrong kind
+        log.warning("%s: damaged block attributes (%s: %s)", directory / "zarr.json", type(err).__name__, err)
+        return False
     except (ValueError, OSError, RuntimeError) as err:
         log.warning("%s", err)
         return False
     return True
 
 
-def store_attrs(root: str | os.PathLike) -> dict:
-    """The root group attributes of the store at ``root``, read from its zarr.json (ValueError naming the file if damaged)."""
+def _check_block_sizes(directory: Path, values: dict[str, np.ndarray], species: list[str], n: int) -> None:
+    """Refuse a block of ``n`` structures whose arrays (those in ``values``) disagree in length: an
+    edited shape in a zarr.json reads without a checksum error, and went on as wrong data."""
+    a = int(values["num_atoms"].sum())
+    expected = {name: n for name in ("num_atoms", "energy", "cohesive_energy", "pbc", "cell", "has_derivs")}
+    expected |= {name: a for name in ("species", "pos", "forces")}
+    for e in species:
+        expected[f"{e}/G"] = len(values[f"{e}/atom"])
+        expected[f"{e}/deriv_neighbor"] = expected[f"{e}/dG"] = len(values[f"{e}/deriv_center"])
+    wrong = [name for name, rows in expected.items() if name in values and len(values[name]) != rows]
+    if wrong:
+        raise ValueError(f"{directory}/{wrong[0]}: {len(values[wrong[0]])} rows where the block has {expected[wrong[0]]}; {_DAMAGED}")
+
+
+def _table_is_intact(root: Path, num_structures: int) -> bool:
+    """The root's ``structures/`` table decodes, every array has its length and the atom offsets add up."""
+    try:
+        store_attrs(root / "structures", _DAMAGED)
+        table = _read_structure_table(root, num_structures)
+        if not np.array_equal(table["atom_offset"], np.r_[0, np.cumsum(table["num_atoms"], dtype=np.int64)]):
+            raise ValueError(f"{root / 'structures' / 'atom_offset'}: does not add up the atom counts; {_DAMAGED}")
+    except (ValueError, OSError, RuntimeError) as err:
+        log.warning("%s", err)
+        return False
+    return True
+
+
+def store_attrs(root: str | os.PathLike, advice: str = "remove the store or choose another --out") -> dict:
+    """The group attributes of the store (or one of its groups) at ``root``, read from its zarr.json
+    (ValueError naming the file, followed by ``advice``, if it is damaged)."""
     path = Path(root) / "zarr.json"
     try:
         meta = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: damaged store metadata ({err}); remove the store or choose another --out") from None
+        raise ValueError(f"{path}: damaged store metadata ({err}); {advice}") from None
     if not isinstance(meta, dict) or meta.get("node_type") != "group" or not isinstance(meta.get("attributes", {}), dict):
-        raise ValueError(f"{path}: not the metadata of a Zarr group; remove it or choose another --out")
+        raise ValueError(f"{path}: not the metadata of a Zarr group; {advice}")
     return dict(meta.get("attributes", {}))
 
 
@@ -896,6 +1079,8 @@ def _is_complete(root: Path) -> bool:
 def consolidate(root: Path, names: list[str]) -> None:
     """Merge per-block tables and statistics into the root; sets ``complete`` last."""
     attrs = store_attrs(root)
+    if attrs.get("complete"):  # redoing blocks or the table of a complete store: killed while at it, it must not pass as complete
+        _write_root_attrs(root, attrs | {"complete": False})
     bounds = np.array(attrs["block_first"])
     species = attrs["species"]
     parts: dict[str, list] = {k: [] for k in ("num_atoms", "energy", "cohesive_energy", "has_derivs")}
@@ -909,7 +1094,7 @@ def consolidate(root: Path, names: list[str]) -> None:
         for key in parts:
             parts[key].append(block[key])
         rows_per_structure.append(_block_deriv_rows(block, species))
-        partial_stats = store_attrs(block_dir)["partial_stats"]
+        partial_stats = store_attrs(block_dir, _DAMAGED)["partial_stats"]
         for e in species:
             sums[e] = _add_partial_stats(sums[e], partial_stats[e])
     table = {k: np.concatenate(v) for k, v in parts.items()}
@@ -977,8 +1162,7 @@ def _write_structure_table(root: Path, table: dict[str, np.ndarray], num_atoms: 
     """(Re)write the root's ``structures/`` arrays: per-structure sizes, energies, block and names."""
     name_bytes = [n.encode() for n in names]
     sgroup = root / "structures"
-    if not (sgroup / "zarr.json").exists():
-        _write_plain_group(sgroup, {})
+    _write_plain_group(sgroup, {})  # (also when it is there: --verify found it damaged)
     level = 1
     for key, data in {
         "num_atoms": num_atoms,
@@ -993,6 +1177,23 @@ def _write_structure_table(root: Path, table: dict[str, np.ndarray], num_atoms: 
     }.items():
         shutil.rmtree(sgroup / key, ignore_errors=True)
         _write_plain_array(sgroup / key, data, level)
+
+
+_TABLE_ARRAYS = ("num_atoms", "atom_offset", "energy", "cohesive_energy", "has_derivs", "block", "num_deriv_rows",
+                 "name_bytes", "name_offset")
+
+
+def _read_structure_table(root: Path, num_structures: int, names: tuple[str, ...] = _TABLE_ARRAYS) -> dict[str, np.ndarray]:
+    """Arrays of the root's ``structures/`` table, each checked for its length (ValueError naming the damaged one)."""
+    values = _read_arrays(root / "structures", list(names))
+    lengths = {"atom_offset": num_structures + 1, "name_offset": num_structures + 1}
+    if "name_bytes" in values and "name_offset" in values:
+        lengths["name_bytes"] = int(values["name_offset"][-1]) if len(values["name_offset"]) else -1
+    for name, array in values.items():
+        if array.ndim != 1 or len(array) != lengths.get(name, num_structures):
+            raise ValueError(f"{root / 'structures' / name}: shape {array.shape} does not fit the store's {num_structures} "
+                             f"structures; {_DAMAGED}")
+    return values
 
 
 # ------------------------------------------------------------------ reading
@@ -1049,13 +1250,15 @@ class StoreReader:
         self.species: list[str] = list(self.attrs["species"])
         self.block_first = np.array(self.attrs["block_first"], dtype=np.int64)
         self._metas: dict = {}  # parsed zarr.json of the block arrays read so far (a complete store does not change)
-        s = self.group["structures"]
-        self.num_atoms = s["num_atoms"][...].astype(np.int64)
-        self.atom_offset = s["atom_offset"][...].astype(np.int64)
-        self.has_derivs = s["has_derivs"][...]
-        self.num_deriv_rows = s["num_deriv_rows"][...].astype(np.int64)
-        self.cohesive_energy = s["cohesive_energy"][...]
-        self.energy = s["energy"][...]
+        # Read like the blocks (not through zarr): a damaged chunk or metadata file is an error naming it.
+        table = _read_structure_table(self.path, self.num_structures, ("num_atoms", "atom_offset", "has_derivs",
+                                                                        "num_deriv_rows", "cohesive_energy", "energy"))
+        self.num_atoms = table["num_atoms"].astype(np.int64)
+        self.atom_offset = table["atom_offset"].astype(np.int64)
+        self.has_derivs = table["has_derivs"]
+        self.num_deriv_rows = table["num_deriv_rows"].astype(np.int64)
+        self.cohesive_energy = table["cohesive_energy"]
+        self.energy = table["energy"]
 
     @property
     def num_structures(self) -> int:
@@ -1078,9 +1281,9 @@ class StoreReader:
         return facts
 
     def names(self) -> list[str]:
-        s = self.group["structures"]
-        raw = s["name_bytes"][...].tobytes()
-        off = s["name_offset"][...]
+        table = _read_structure_table(self.path, self.num_structures, ("name_bytes", "name_offset"))
+        raw = table["name_bytes"].tobytes()
+        off = table["name_offset"]
         return [raw[a:b].decode() for a, b in zip(off[:-1], off[1:])]
 
     def read_block(self, b: int, feature_dtype=None) -> StructureRange:
@@ -1096,6 +1299,7 @@ class StoreReader:
                              "with the same inputs to redo it")
         cast = {} if feature_dtype is None else {f"{e}/{name}": feature_dtype for e in self.species for name in ("G", "dG")}
         values = _read_arrays(directory, self._block_array_names, cast, self._metas)
+        _check_block_sizes(directory, values, self.species, int(self.block_first[b + 1] - self.block_first[b]))
         elements = {}
         for e in self.species:
             elements[e] = ElementRows(
@@ -1121,8 +1325,7 @@ class StoreReader:
 
     @property
     def _block_array_names(self) -> list[str]:
-        per_element = ("atom", "G", "deriv_center", "deriv_neighbor", "dG")
-        return list(_BLOCK_ARRAYS) + [f"{e}/{name}" for e in self.species for name in per_element]
+        return list(_BLOCK_ARRAYS) + [f"{e}/{name}" for e in self.species for name in _ELEMENT_ARRAYS]
 
     def read_range(self, start: int, stop: int, feature_dtype=None) -> StructureRange:
         """Structures [start, stop): reads the blocks that overlap, then trims and re-indexes.

@@ -69,11 +69,12 @@ def _parse_floats(tokens: list[str], path: Path, line_no: int, what: str, limit:
     return values
 
 
-def read_xsf(path: str | os.PathLike) -> Structure:
+def read_xsf(path: str | os.PathLike, species: tuple[str, ...] | None = None) -> Structure:
     """Read one aenet XSF file (periodic ``CRYSTAL``/``PRIMVEC``/``PRIMCOORD`` or isolated ``ATOMS``).
 
     The total energy comes from the ``# total energy = E eV`` comment, forces from
-    columns 5-7 of the coordinate lines.
+    columns 5-7 of the coordinate lines. ``species`` (generate.in's TYPES), if given, refuses
+    any other element, naming its line: found while reading, not when featurizing.
 
     Raises:
         ValueError: naming the file and line for any malformed or missing content.
@@ -84,6 +85,9 @@ def read_xsf(path: str | os.PathLike) -> Structure:
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: cannot read file: {err}") from None
     parts = _read_xsf_blocks(path, text.splitlines())
+    if species is not None and not set(parts.species) <= set(species):
+        k = next(k for k, symbol in enumerate(parts.species) if symbol not in species)
+        raise ValueError(f"{path}:{parts.atom_lines[k]}: species {parts.species[k]!r} not in TYPES {list(species)}")
     species, cell, pbc, energy = parts.species, parts.cell, parts.pbc, parts.energy
     if not species:
         raise ValueError(f"{path}: no atoms (expected a PRIMCOORD or ATOMS section)")
@@ -117,6 +121,7 @@ class _XsfBlocks:
     pbc: bool | None = None  # CRYSTAL -> True; ATOMS alone -> False
     species: list[str] = field(default_factory=list)
     coords: list[list[float]] = field(default_factory=list)  # per atom: x y z [fx fy fz]
+    atom_lines: list[int] = field(default_factory=list)  # per atom: its line number (from 1)
 
 
 def _read_xsf_blocks(path: Path, lines: list[str]) -> _XsfBlocks:
@@ -143,10 +148,10 @@ def _read_xsf_blocks(path: Path, lines: list[str]) -> _XsfBlocks:
         elif keyword in ("CONVVEC",):
             i += 4  # conventional cell: not used by aenet
         elif keyword == "PRIMCOORD":
-            i = _read_primcoord(path, lines, i, out.species, out.coords)
+            i = _read_primcoord(path, lines, i, out)
         elif keyword == "ATOMS":
             out.pbc = False if out.pbc is None else out.pbc
-            i = _read_atom_lines(lines, i + 1, None, path, out.species, out.coords)
+            i = _read_atom_lines(lines, i + 1, None, path, out)
         else:
             raise ValueError(f"{path}:{i + 1}: unexpected line {stripped!r}")
     return out
@@ -181,7 +186,7 @@ def _read_primvec(path: Path, lines: list[str], i: int) -> tuple[np.ndarray, int
     return np.array(rows, dtype=np.float64), i + 1
 
 
-def _read_primcoord(path: Path, lines: list[str], i: int, species: list[str], coords: list[list[float]]) -> int:
+def _read_primcoord(path: Path, lines: list[str], i: int, out: _XsfBlocks) -> int:
     """Read ``PRIMCOORD`` at line index ``i``, its atom count and atom lines (appended); return the next index."""
     i = _next_content(lines, i + 1)
     if i >= len(lines):
@@ -191,13 +196,11 @@ def _read_primcoord(path: Path, lines: list[str], i: int, species: list[str], co
         count = int(tokens[0])
     except (ValueError, IndexError):
         raise ValueError(f"{path}:{i + 1}: expected the atom count after PRIMCOORD, got {lines[i].strip()!r}") from None
-    return _read_atom_lines(lines, i + 1, count, path, species, coords)
+    return _read_atom_lines(lines, i + 1, count, path, out)
 
 
-def _read_atom_lines(
-    lines: list[str], start: int, count: int | None, path: Path, species: list[str], coords: list[list[float]]
-) -> int:
-    """Read atom lines ``symbol x y z [fx fy fz]``; ``count`` None reads until a non-atom line."""
+def _read_atom_lines(lines: list[str], start: int, count: int | None, path: Path, out: _XsfBlocks) -> int:
+    """Read atom lines ``symbol x y z [fx fy fz]`` into ``out``; ``count`` None reads until a non-atom line."""
     i = start
     width = None
     read = 0
@@ -228,14 +231,15 @@ def _read_atom_lines(
             if not 0 < int(symbol) < len(chemical_symbols):
                 raise ValueError(f"{path}:{i + 1}: atomic number {symbol} out of range")
             symbol = chemical_symbols[int(symbol)]
-        species.append(symbol)
+        out.species.append(symbol)
         fields.append(tokens[1:])
         line_numbers.append(i + 1)
         read += 1
         i += 1
     if count is not None and read != count:
         raise ValueError(f"{path}:{start}: PRIMCOORD announces {count} atoms but {read} atom lines follow")
-    coords.extend(_parse_rows(fields, line_numbers, path, "coordinates/forces"))
+    out.coords.extend(_parse_rows(fields, line_numbers, path, "coordinates/forces"))
+    out.atom_lines.extend(line_numbers)
     return i
 
 
@@ -271,16 +275,22 @@ def write_xsf(path: str | os.PathLike, structure: Structure) -> None:
     atomic_write(path, "\n".join(out) + "\n")
 
 
-def read_structures(path: str | os.PathLike) -> list[Structure]:
+def read_structures(path: str | os.PathLike, species: tuple[str, ...] | None = None) -> list[Structure]:
     """Read all structures from a file: XSF through :func:`read_xsf`, anything else through ASE.
 
     Non-XSF files must carry energies and forces (e.g. extended XYZ written with a
     calculator attached, or with ``energy=`` in the comment line and a ``forces`` column).
+    ``species``, if given, refuses atoms of any other element (see :func:`read_xsf`).
     """
     path = Path(path)
     if path.suffix.lower() == ".xsf":
-        return [read_xsf(path)]
-    return [from_ase(atoms, f"{path}@{k}") for k, atoms in enumerate(_ase_read_all(path))]
+        return [read_xsf(path, species)]
+    structures = [from_ase(atoms, f"{path}@{k}") for k, atoms in enumerate(_ase_read_all(path))]
+    for s in structures if species is not None else ():
+        if not set(s.species) <= set(species):
+            k = next(k for k, symbol in enumerate(s.species) if symbol not in species)
+            raise ValueError(f"{s.name}: atom {k + 1}: species {s.species[k]!r} not in TYPES {list(species)}")
+    return structures
 
 
 def _ase_read_all(path: Path):

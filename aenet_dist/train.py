@@ -38,7 +38,7 @@ from .config import TrainConfig, load_train_config, save_resolved_config
 from .formats.train_in import read_train_in
 from .graphs import GraphedStep, use_cuda_graphs
 from .dist import DistInfo, FusedStepState, all_reduce_sum, barrier, broadcast_object, cleanup, host_sum_for, init_distributed, wrap_ddp
-from .files import lock_directory, remove_stale_temporaries, unlock
+from .files import LOCK_NAME, first_missing, lock_directory, remove_stale_temporaries, remove_unused_directory, unlock
 from .cores import local_ranks, usable_cores
 from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_plan, fixed_batch_order, make_training_data
 from .log import get_logger, setup_logging
@@ -53,6 +53,10 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun with --resume
+# On a GPU, ranks look at the step's stop flag (a signal asked some rank to stop) every this many steps:
+# reading it waits for the collective, and the CPU could not queue the next steps meanwhile.
+# 16 steps are milliseconds; a preemption grace period is seconds.
+STOP_POLL_STEPS = 16
 # The interpreter's thread switch interval in training (Python's default is 5 ms). Each of the step's
 # operators releases the interpreter lock; the gathering (or reading) thread takes it and the training
 # thread waits for it back, up to the switch interval if that thread is still busy in Python.
@@ -435,7 +439,12 @@ class Trainer:
             handle = self.ddp(batch, alpha)
             self.local_seconds += time.perf_counter() - t0  # this rank's own work before the step's one collective
             handle.backward()  # the collective: [G_E, G_F, error sums, stop flag] summed, then combined
-            totals, self.stop_agreed, grad_probe = self.fused.totals, self.fused.stop_agreed, self.fused.grad_probe
+            totals, grad_probe = self.fused.totals, self.fused.grad_probe
+            # Reading the flag waits for the step's collective, which on a GPU (nccl) is still running:
+            # there, only every STOP_POLL_STEPS steps and at an epoch's last step. Every rank reads the
+            # same steps' flags (a requesting rank keeps raising it), so all stop after the same step.
+            if self.info.device.type == "cpu" or (self.step + 1) % STOP_POLL_STEPS == 0 or self.step_in_epoch + 1 >= self.steps:
+                self.stop_agreed = bool(self.fused.stop_flag > 0)
         if self.config.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad_norm)
         probes = [totals, (grad_probe + totals.sum()).view(1)]
@@ -498,11 +507,14 @@ class Trainer:
             batches = self._batches(self.eval_source, self.eval_plan, with_forces)
             kept = [] if self.keep_eval_batches else None
         # Test batches kept on the host (data.batches='fixed' with memory or pinned: pinned exists for
-        # data that does not fit on the device) are moved for each evaluation.
+        # data that does not fit on the device) are moved for each evaluation. Batches kept here are
+        # kept where they were gathered: on the host for memory and pinned, whose data the device
+        # was not meant to hold (the gpu cache gathers on the device).
         try:
-            for batch in _OnDevice(batches, self.info.device):
+            for gathered in batches:
                 if kept is not None:
-                    kept.append(_kept(batch))
+                    kept.append(_kept(gathered))
+                batch = _on_device(gathered, self.info.device)
                 fwd = lean.forward(self.model, batch, with_forces=with_forces, for_training=False)
                 totals[:4] += error_sums(batch, fwd.energy, fwd.forces).detached()
                 if batch.force_atoms is not None:
@@ -632,7 +644,8 @@ class Trainer:
                     self._check_steps()  # on every rank: the probe is global, so all stop together
                 if config.run.log_every and self.step % config.run.log_every == 0 and info.is_main:
                     e, f = self._metrics(step_totals)
-                    log.info("epoch %d step %d/%d | batch E %.2f meV/atom F %.4f eV/Å", self.epoch + 1, k + 1, self.steps, 1000 * e, f)
+                    log.info("epoch %d step %d/%d | batch E %.2f meV/atom F %s", self.epoch + 1, k + 1, self.steps, 1000 * e,
+                             f"{f:.4f} eV/Å" if math.isfinite(f) else "– (no forces)")
                 if self.stop_agreed and self.step_in_epoch < self.steps:
                     self._check_steps()
                     self.partial_totals = totals.detach().cpu()
@@ -770,12 +783,21 @@ class _OnDevice:
         return self
 
     def __next__(self) -> Batch:
-        batch = next(self.batches)
-        # A CPU batch, or one already there, stays as it is: moving it is some forty no-op calls.
-        return batch if self.device.type == "cpu" or batch.num_atoms.device == self.device else batch.to(self.device, non_blocking=True)
+        return _on_device(next(self.batches), self.device)
 
     def close(self) -> None:
         getattr(self.batches, "close", lambda: None)()
+
+
+def _on_device(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` on ``device``; a CPU batch, or one already there, stays as it is (moving it is some
+    forty no-op calls)."""
+    return batch if device.type == "cpu" or batch.num_atoms.device == device else batch.to(device, non_blocking=True)
+
+
+def _force_rmse(rmse: float) -> str:
+    """A force RMSE for the summary; a run without forces says so instead of printing nan."""
+    return f"{rmse:.4f} eV/Å" if math.isfinite(rmse) else "– (no forces)"
 
 
 def summary_table(last: dict, trainer: Trainer, wall: float) -> str:
@@ -783,9 +805,9 @@ def summary_table(last: dict, trainer: Trainer, wall: float) -> str:
         ("epochs", f"{last.get('epoch', trainer.epoch)}"),
         ("best epoch (test loss)", f"{trainer.best_epoch}"),
         ("train RMSE energy", f"{last.get('train_rmse_energy_meV_atom', float('nan')):.2f} meV/atom"),
-        ("train RMSE forces", f"{last.get('train_rmse_forces_eV_A', float('nan')):.4f} eV/Å"),
+        ("train RMSE forces", _force_rmse(last.get('train_rmse_forces_eV_A', float('nan')))),
         ("test RMSE energy", f"{last.get('test_rmse_energy_meV_atom', float('nan')):.2f} meV/atom"),
-        ("test RMSE forces", f"{last.get('test_rmse_forces_eV_A', float('nan')):.4f} eV/Å"),
+        ("test RMSE forces", _force_rmse(last.get('test_rmse_forces_eV_A', float('nan')))),
         ("ranks", f"{trainer.info.world_size} ({trainer.info.device}, {trainer.config.run.dtype})"),
         ("wall time", f"{wall:.1f} s"),
         ("run directory", str(trainer.run_dir)),
@@ -839,7 +861,8 @@ def _claim_run_dir(run_dir: Path, resume: bool, info: DistInfo) -> tuple[str | N
 
     A new run (no ``--resume``) into a directory that holds checkpoints or metrics would prune
     and overwrite them, so it is refused; so is a directory another training holds. Every rank
-    learns the verdict, so none goes on to wait for rank 0 in a collective.
+    learns the verdict, so none goes on to wait for rank 0 in a collective. The lock is returned
+    even with a verdict: :func:`run` removes a directory this start created before it unlocks.
     """
     problem, lock = None, None
     if info.is_main:
@@ -859,9 +882,6 @@ def _claim_run_dir(run_dir: Path, resume: bool, info: DistInfo) -> tuple[str | N
         except (ValueError, OSError) as err:  # DirectoryInUse is a ValueError
             problem = str(err)
     problem = broadcast_object(problem, info)
-    if problem and lock is not None:
-        unlock(lock)
-        lock = None
     return problem, lock
 
 
@@ -905,11 +925,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(config.run.cpu_threads or max(1, usable_cores() // local_ranks()))
     start = time.perf_counter()
     previous_handlers = {}
-    lock, trainer = None, None
+    lock, trainer, finished = None, None, False
+    run_dir = Path(config.run.run_dir)
+    created = first_missing(run_dir) if info.is_main else None  # removed again if this start fails before using it
     previous_interval = sys.getswitchinterval()
     sys.setswitchinterval(interval)
     try:
-        problem, lock = _claim_run_dir(Path(config.run.run_dir), args.resume, info)
+        problem, lock = _claim_run_dir(run_dir, args.resume, info)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
@@ -920,20 +942,26 @@ def run(args: argparse.Namespace) -> int:
         last = trainer.fit()
         if info.is_main:
             print(summary_table(last, trainer, time.perf_counter() - start))
+        finished = True
         return 0
     except Interrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print(f"interrupted: stopped at once by a second Ctrl-C; rerun with --resume to continue from the last checkpoint "
-              f"in {config.run.run_dir}/checkpoints", file=sys.stderr)
+        # The first Ctrl-C of a started run only asks it to stop (request_stop); before that (loading
+        # data, resuming) Ctrl-C still stops at once, and nothing was trained yet.
+        if trainer is not None and trainer.stop_requested:
+            print(f"interrupted: stopped at once by a second Ctrl-C; {_how_to_continue(config.run.run_dir)}", file=sys.stderr)
+        else:
+            print("interrupted: Ctrl-C while the run was starting (loading data), before its first step; rerun the same "
+                  "command to start it again", file=sys.stderr)
         return 130
     except (ValueError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # disk full, a directory that became read-only, a store on a lost mount
         print(f"error: {err.filename or ''}{': ' if err.filename else ''}{err.strerror or err}; nothing half-written was kept. "
-              f"When it is fixed, rerun with --resume to continue from the last checkpoint in {config.run.run_dir}/checkpoints",
+              f"When it is fixed, {_how_to_continue(config.run.run_dir)}",
               file=sys.stderr)
         return 1
     except WorkerDied as err:
@@ -943,12 +971,15 @@ def run(args: argparse.Namespace) -> int:
         if not info.distributed or not (isinstance(err, tdist.DistError) or _is_peer_failure(err)):
             raise
         # A peer died, hangs, or its connection broke: say so instead of a bare backend trace.
-        print(
-            f"error: rank {info.rank}: a collective with the other ranks failed ({str(err).strip().splitlines()[0][:300]}). "
-            f"Another rank has probably died or stopped responding for run.collective_timeout_s={config.run.collective_timeout_s:g} s; "
-            f"see its log, then rerun with --resume to continue from the last checkpoint in {config.run.run_dir}/checkpoints",
-            file=sys.stderr,
-        )
+        text = str(err).strip().splitlines()[0][:300]
+        if "exited" in text or "closed" in text or "reset by peer" in text:
+            cause = "another rank has exited"
+        elif "timed out" in text.lower() or "timeout" in text.lower():
+            cause = f"another rank stopped responding for run.collective_timeout_s={config.run.collective_timeout_s:g} s"
+        else:
+            cause = "another rank has probably died or stopped responding"
+        print(f"error: rank {info.rank}: a collective with the other ranks failed ({text}): {cause}; see its log, then "
+              f"{_how_to_continue(config.run.run_dir)}", file=sys.stderr)
         return 1
     finally:
         if trainer is not None:
@@ -957,8 +988,17 @@ def run(args: argparse.Namespace) -> int:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
         sys.setswitchinterval(previous_interval)
+        if not finished:  # a failed start leaves no run directory holding only its lock (and config.toml)
+            remove_unused_directory(run_dir, created, lock, (LOCK_NAME, "config.toml"))
         unlock(lock)
         cleanup(info)
+
+
+def _how_to_continue(run_dir) -> str:
+    """What to rerun after a failure: ``--resume`` where a checkpoint was written, else the same command."""
+    if any(Path(run_dir, "checkpoints").glob("checkpoint_*.pt")):
+        return f"rerun with --resume to continue from the last checkpoint in {run_dir}/checkpoints"
+    return f"no checkpoint was written yet ({run_dir}/checkpoints), so rerun the same command to start again"
 
 
 def main(argv: list[str] | None = None) -> int:

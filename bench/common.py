@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -189,13 +190,14 @@ class TreeMemory:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The JSON lines of a run's metrics file (a line still being written is left out)."""
+    """The JSON lines of a run's metrics file (a line still being written is left out); null (no
+    forces, no test on that epoch) read as NaN, as the run had it."""
     if not path.exists():
         return []
     out = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            out.append({k: math.nan if v is None else v for k, v in json.loads(line).items()})
         except json.JSONDecodeError:
             break
     return out

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aenet_dist.report import parse_metrics_line
 from aenet_dist.store import StoreReader
 from aenet_dist.train import main as train_main
 
@@ -115,7 +116,7 @@ def train(out: Path, name: str, text: str) -> list[dict]:
     print(err.getvalue()[-1500:])
     assert code == 0, err.getvalue()
     run_dir = out / "runs" / name
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [parse_metrics_line(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def read_bandwidth(nbytes: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -77,7 +78,14 @@ def run_in_process(main, args) -> subprocess.CompletedProcess:
 
 
 def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl, strictly parsed (NaN is not JSON), with null (no forces, no test) as NaN: the same
+    object each time, so that lists of records compare equal."""
+    return [{k: math.nan if v is None else v for k, v in json.loads(line, parse_constant=_not_json).items()}
+            for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _not_json(name: str):
+    raise ValueError(f"metrics.jsonl holds {name}, which is not JSON")
 
 
 def predict(model, batch, with_forces: bool, create_graph: bool):

@@ -16,6 +16,7 @@ from aenet_dist.config import (
     OptimConfig,
     RunConfig,
     ScheduleConfig,
+    StoreOptions,
     TrainConfig,
     dump_toml,
     load_train_config,
@@ -166,6 +167,12 @@ def test_to_dict_from_dict_round_trip():
     (_cfg(model={"networks": {"Ti": {"activation": ["tanh"]}}}),
      r"train.toml: unknown key 'model.networks.Ti.activation' \(did you mean 'model.networks.Ti.activations'\?\)"),
     (_cfg(zzz=1), r"train.toml: unknown key 'zzz'$"),
+    # names other tools use: suggested by name (difflib sees nothing close)
+    (_cfg(optim={"learning_rate": 1}), r"train.toml: unknown key 'optim.learning_rate' \(did you mean 'optim.lr'\?\)$"),
+    (_cfg(schedule={"type": "cosine"}), r"train.toml: unknown key 'schedule.type' \(did you mean 'schedule.kind'\?\)$"),
+    (_cfg(optim={"type": "adam"}), r"train.toml: unknown key 'optim.type' \(did you mean 'optim.method'\?\)$"),
+    # nothing close: the section's keys (not a match on the shared "optim." prefix)
+    (_cfg(optim={"zzzz": 1}), r"train.toml: unknown key 'optim.zzzz'; \[optim\] has the keys method, lr, weight_decay, "),
     ({"data": {}}, "train.toml: missing required key 'data.store'"),
     ({}, "train.toml: missing required key 'data.store'"),
     (_cfg(optim=3), "train.toml: optim must be a table, got int 3"),
@@ -456,3 +463,25 @@ def test_errors_blame_the_line_or_the_override(tmp_path):
     assert read_train_in(tin, ["run.batch_size=4"]).run.batch_size == 4  # an override replaces the bad value
     with pytest.raises(ValueError, match=r"^override 'model.networks.Ti.hidden=\[8\]': model.networks.Ti.activations has 2"):
         read_train_in(tin, ["run.batch_size=4", "model.networks.Ti.hidden=[8]"])
+
+
+def test_missing_or_unreadable_config_file_is_one_sentence(tmp_path):
+    """Not Python's "[Errno 2] No such file or directory: 'nofile.toml'": the file and what to do."""
+    with pytest.raises(ValueError, match=rf"^configuration file {tmp_path / 'nofile.toml'} does not exist; check the path"):
+        load_train_config(tmp_path / "nofile.toml")
+    with pytest.raises(ValueError, match=rf"^configuration file {tmp_path} is a directory"):
+        load_train_config(tmp_path)
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'binary.toml'}: not a text file"):
+        load_train_config(tmp_path / "binary.toml")
+
+
+@pytest.mark.parametrize("compressor, good, bad", [("zstd", (1, 22), (0, 23, 99, -1)), ("lz4", (1, 9), (0, 10))])
+def test_compression_level_out_of_the_codecs_range_is_refused(compressor, good, bad):
+    """The codecs clamp a level out of range without a word (zstd 99 is 22)."""
+    for level in good:
+        assert StoreOptions(compressor=compressor, compressor_level=level).compressor_level == level
+    for level in bad:
+        with pytest.raises(ValueError, match=rf"compression level \(--compression-level\) of {compressor} must be an integer "
+                                             rf"in \[{good[0]}, {good[1]}\], got {level}"):
+            StoreOptions(compressor=compressor, compressor_level=level)

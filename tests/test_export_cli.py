@@ -7,6 +7,7 @@ test_ase.py and test_plot.py; they only read it.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -139,4 +140,38 @@ def test_export_errors_are_clear(emt_run, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert export_main([str(run_dir), "--out", str(tmp_path / "o"), "--checkpoint", str(bad)]) == 2
-    assert "bad.pt: not a readable aenet_dist checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bad.pt: not a readable aenet_dist checkpoint" in err
+    assert "give another checkpoint with --checkpoint (best, latest or a path)" in err  # not in a run's checkpoints/
+
+
+def test_truncated_checkpoint_names_the_file_and_the_other_checkpoints(emt_run, tmp_path, capsys):
+    """A best.pt cut short gave "not a readable aenet_dist checkpoint: [Errno 22] Invalid argument": now
+    the file, that it is truncated or damaged, and the run's other checkpoint to use instead."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(emt_run["run_dir"], run_dir)
+    best = run_dir / "checkpoints" / "best.pt"
+    latest = max((run_dir / "checkpoints").glob("checkpoint_*.pt"))
+    full = best.read_bytes()
+    best.write_bytes(full[:-100])  # the end of the zip (its directory) is gone: torch says [Errno 22]
+    assert export_main([str(run_dir), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {best}: not a readable aenet_dist checkpoint: the file ({len(full) - 100} bytes) is "
+                          "truncated or damaged"), err
+    assert f"try another checkpoint of the run: --checkpoint latest ({latest.name})" in err
+    assert "Errno" not in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert export_main([str(run_dir), "--out", str(tmp_path / "o"), "--checkpoint", "latest"]) == 0  # the advice works
+    best.write_bytes(full)
+    latest.write_bytes(b"")
+    assert export_main([str(run_dir), "--out", str(tmp_path / "o"), "--checkpoint", "latest"]) == 2
+    assert "try another checkpoint of the run: --checkpoint best" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_one_message(emt_run, tmp_path, capsys):
+    """export --out an existing file gave "[Errno 17] File exists"; refused before any work, the file unchanged."""
+    target = tmp_path / "afile"
+    target.write_text("mine\n")
+    assert export_main([str(emt_run["run_dir"]), "--out", str(target)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {target}: exists and is not a directory; give a directory for the "
+                                       ".nn files (it is created if missing)\n")
+    assert target.read_text() == "mine\n"

@@ -392,3 +392,17 @@ def test_generate_no_files(tmp_path):
     gen = _make_inputs(tmp_path, GOOD.replace("FILES\n2\na.xsf\nb.xsf\n", "FILES\n0\n"))
     with pytest.raises(ValueError, match=_where(gen, 14) + " FILES lists no structures"):
         read_generate_input(gen)
+
+
+@pytest.mark.parametrize("edit, line, keyword, meant", [
+    (("SETUPS\n", "SETUP\n"), 7, "SETUP", "SETUPS"),  # read as more TYPES entries: "TYPES announces 2 species but 5 follow"
+    (("FILES\n2", "FILE\n2"), 14, "FILE", "FILES"),  # read as more SETUPS entries
+    (("FILES\n2\na.xsf\nb.xsf\n", "FILES\n2\na.xsf\nb.xsf\nFORCESPERCNT 5\n"), 18, "FORCESPERCNT", "FORCESPERCENT"),
+])
+def test_generate_misspelled_keyword_inside_a_block_is_named(tmp_path, edit, line, keyword, meant):
+    """A misspelled keyword right after a block is named where it is, not reported as the block's
+    wrong count or a malformed entry lines away."""
+    old, new = edit
+    gen = _make_inputs(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ValueError, match=rf"^{_where(gen, line)} unknown keyword '{keyword}'; did you mean {meant}\?$"):
+        read_generate_input(gen)

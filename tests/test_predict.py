@@ -225,6 +225,19 @@ def test_cli_with_predict_in(ref, tmp_path, capsys):
     assert "--threads must be >= 1" in capsys.readouterr().err
 
 
+def test_quiet_without_an_output_file_is_refused(ref, tmp_path, capsys):
+    """--quiet without --json or --out computed everything and wrote nothing; --quiet --out wrote
+    nothing either. Now the first is refused before any work, and --out is always written."""
+    path = _predict_in(tmp_path, [str(n) for n in ref["file_names"][:2]])
+    assert predict_main([str(path), "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ("error: --quiet leaves out the text report on stdout, and without --json FILE "
+                                                   "or --out FILE nothing would be written; add one of them, or leave out --quiet\n")
+    report = tmp_path / "report.txt"
+    assert predict_main([str(path), "--quiet", "--out", str(report)]) == 0
+    assert capsys.readouterr().out == "" and report.read_text().count("Total energy               :") == 2
+
+
 def test_cli_worker_processes_give_the_same_bits(ref, tmp_path):
     """In a process without torch, --threads 2 forks worker processes: the JSON equals --threads 1's
     bit for bit, in file order; a broken file in the middle is named, without a traceback."""
@@ -243,7 +256,8 @@ def test_cli_worker_processes_give_the_same_bits(ref, tmp_path):
     bad = job / "xsf" / "bad.xsf"
     bad.write_text("# total energy = -1.0 eV\nCRYSTAL\nPRIMVEC\n1 0 0\n")
     files = [str(job / "xsf" / n) for n in names[:4]] + [str(bad)] + [str(job / "xsf" / n) for n in names[4:]]
-    done = subprocess.run([sys.executable, "-m", "aenet_dist.predict", "--potentials", str(job / "pots"), *files, "--threads", "2", "--quiet"],
+    done = subprocess.run([sys.executable, "-m", "aenet_dist.predict", "--potentials", str(job / "pots"), *files, "--threads", "2", "--quiet",
+                           "--json", "bad.json"],
                           cwd=job, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"error: {bad}: PRIMVEC needs 3 lattice vectors" in done.stderr
@@ -257,7 +271,7 @@ def test_killed_worker_process_is_a_clear_error(ref, tmp_path):
             "def killed(chunk):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
             "predict._predict_chunk = killed\n"
             "sys.exit(predict.main(sys.argv[1:]))\n")
-    done = subprocess.run([sys.executable, "-c", code, str(path), "--threads", "2", "--quiet"],
+    done = subprocess.run([sys.executable, "-c", code, str(path), "--threads", "2", "--quiet", "--json", "out.json"],
                           cwd=path.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "error: a predict worker process ended abruptly" in done.stderr

@@ -477,9 +477,13 @@ def test_killed_rank_stops_the_others_and_resume_recovers(emt, tmp_path):
     proc, workers = _two_ranks_past_epoch_one(cfg, tmp_path / "k", common, step_delay=0.25)
     workers[-1].send_signal(signal.SIGKILL)
     start = time.time()
-    proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert time.time() - start < 120, "the surviving rank must not hang"
+    # the survivor says what happened in one sentence, not a cast error or a timeout that did not occur
+    said = [line for line in err.splitlines() if "a collective with the other ranks failed" in line]
+    assert said and "another rank has exited" in said[0] and "--resume" in said[0], err[-3000:]
+    assert "Unable to cast" not in err and "collective_timeout_s" not in said[0]
     run_train([cfg, *common, "--resume"], ranks=2)
     assert [m["epoch"] for m in metrics(tmp_path / "k")] == [1, 2, 3]
 

@@ -41,12 +41,28 @@ _GEN_KEYWORDS = ("output", "types", "setups", "files", "forces", "forcespercent"
 _DEFAULT_FORCE_PERCENT = 1.0  # aenet-PyTorch's pyo_forces_percent default
 
 
-def _block(lines: list[str], start: int) -> list[tuple[int, str]]:
-    """Content lines from index ``start`` up to (excluding) the next generate.in keyword line."""
+def _unknown_keyword(path: Path, line_no: int, word: str) -> ValueError:
+    """The error for ``word``, not a keyword, where one is expected (or looks like one), with the likely one."""
+    close = difflib.get_close_matches(word.lower(), _GEN_KEYWORDS, n=1)
+    hint = f"; did you mean {close[0].upper()}?" if close else f" (known: {', '.join(k.upper() for k in _GEN_KEYWORDS)})"
+    return ValueError(f"{path}:{line_no}: unknown keyword {word!r}{hint}")
+
+
+def _block(lines: list[str], start: int, path: Path) -> list[tuple[int, str]]:
+    """Content lines from index ``start`` up to (excluding) the next generate.in keyword line.
+
+    A line that starts with a misspelled keyword (SETUP for SETUPS) is an error: taken as an entry
+    of the block it would be reported as a wrong count or entry, lines away from the typo. Entries
+    start with an element symbol (at most 3 letters) or a file name (a dot, a slash), so a word of
+    4 letters or more that is close to a keyword is one.
+    """
     block = []
     for i, text in content_lines(lines, start):
-        if text.split()[0].lower() in _GEN_KEYWORDS:
+        word = text.split()[0]
+        if word.lower() in _GEN_KEYWORDS:
             break
+        if len(word) >= 4 and word.isalpha() and difflib.get_close_matches(word.lower(), _GEN_KEYWORDS, n=1, cutoff=0.8):
+            raise _unknown_keyword(path, i + 1, word)
         block.append((i, text))
     return block
 
@@ -54,7 +70,7 @@ def _block(lines: list[str], start: int) -> list[tuple[int, str]]:
 def _counted_block(lines: list[str], i: int, path: Path, keyword: str, what: str) -> tuple[list[tuple[int, str]], int]:
     """Read the count line after ``keyword`` (at line index ``i``) and the entries that follow it."""
     line_no = i + 1
-    block = _block(lines, i + 1)
+    block = _block(lines, i + 1, path)
     if not block:
         raise ValueError(f"{path}:{line_no}: {keyword} must be followed by the number of {what}")
     count_idx, count_text = block[0]
@@ -142,9 +158,7 @@ def _read_sections(path: Path, lines: list[str]) -> _Sections:
         if keyword not in _GEN_KEYWORDS:
             # An unknown keyword may be a misspelled one that changes the result (FORCEPERCENT):
             # aenet's own files contain none, so stop and name the likely one.
-            close = difflib.get_close_matches(keyword, _GEN_KEYWORDS, n=1)
-            hint = f"; did you mean {close[0].upper()}?" if close else f" (known: {', '.join(k.upper() for k in _GEN_KEYWORDS)})"
-            raise ValueError(f"{path}:{line_no}: unknown keyword {tokens[0]!r}{hint}")
+            raise _unknown_keyword(path, line_no, tokens[0])
         if keyword in out.seen:
             raise ValueError(f"{path}:{line_no}: {keyword.upper()} given twice (first on line {out.seen[keyword]})")
         out.seen[keyword] = line_no
@@ -175,7 +189,7 @@ def _read_sections(path: Path, lines: list[str]) -> _Sections:
                 out.energies[symbol] = to_float(parts[1], path, idx + 1, f"the atomic energy of {symbol}")
                 out.species.append(symbol)
         elif keyword == "setups":
-            entries = _block(lines, line_no)
+            entries = _block(lines, line_no, path)
             if not entries:
                 raise ValueError(f"{path}:{line_no}: SETUPS must be followed by '<symbol> <setup file>' lines")
             for idx, entry in entries:
