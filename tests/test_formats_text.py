@@ -243,7 +243,7 @@ def test_setup_unknown_symmfunc_type_refused(tmp_path):
 
 def test_setup_missing_file(tmp_path):
     stp = tmp_path / "nope.stp"
-    with pytest.raises(ValueError, match=_where(stp) + ": cannot read setup file"):
+    with pytest.raises(ValueError, match=_where(stp) + r": no such file \(setup file\); check the path"):
         read_setup(stp)
 
 
@@ -370,8 +370,14 @@ def test_generate_bad_symmfunc_setup_names_both_files(tmp_path):
 
 def test_generate_unreadable(tmp_path):
     gen = tmp_path / "missing.in"
-    with pytest.raises(ValueError, match=_where(gen) + ": cannot read generate.in"):
+    with pytest.raises(ValueError, match=_where(gen) + r": no such file \(generate.in\); check the path"):
         read_generate_input(gen)
+    with pytest.raises(ValueError, match=_where(tmp_path) + ": is a directory, not generate.in"):
+        read_generate_input(tmp_path)
+    binary = tmp_path / "binary.in"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ValueError, match=_where(binary) + ": not a text file, so not generate.in"):
+        read_generate_input(binary)
 
 
 def test_write_generate_input_needs_all_stp_names(tmp_path):

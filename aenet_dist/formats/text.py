@@ -15,8 +15,14 @@ def read_lines(path: Path, what: str) -> list[str]:
     """Lines of an input file; a missing or unreadable file is a ValueError naming it and ``what``."""
     try:
         return path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot read {what}: {err}") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file ({what}); check the path") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not {what}; give the file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file, so not {what}") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read {what}: {err.strerror or err}") from None
 
 
 def strip_comment(line: str) -> str:
