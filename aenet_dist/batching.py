@@ -27,12 +27,13 @@ from .allocator import release_freed_memory
 from .store import StructureRange
 
 
-def ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def ranges(starts: torch.Tensor, lengths: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Concatenation of arange(start, start + length) for each pair, without a Python loop.
 
+    ``total``: the sum of ``lengths`` where the caller knows it (on a GPU, summing reads the device).
     Example: starts [5, 0], lengths [2, 3] -> [5, 6, 0, 1, 2].
     """
-    total = int(lengths.sum())
+    total = int(lengths.sum()) if total is None else total
     if total == 0:
         return torch.zeros(0, dtype=torch.int64, device=starts.device)
     group_start = torch.cumsum(lengths, 0) - lengths  # position of each range in the output
@@ -105,6 +106,23 @@ def dense_layout(num_atoms: np.ndarray, num_deriv_rows: np.ndarray) -> np.ndarra
 
 
 @dataclass
+class ShardCounts:
+    """Host (numpy) copies of a shard's per-structure counts and offsets.
+
+    :func:`gather_batch` takes every size it needs from here (how many atoms, rows and derivative
+    rows a batch has, which dense groups it touches), never from the shard's tensors: on a GPU each
+    such read waits for the device to finish its queued work, and a gather made dozens of them, so
+    the CPU could not queue the next step while the GPU ran this one. On the CPU they are views.
+    """
+
+    num_atoms: np.ndarray  # (S,)
+    has_derivs: np.ndarray  # (S,) bool
+    row_offset: dict[str, np.ndarray]  # element -> (S+1,)
+    deriv_offset: dict[str, np.ndarray]  # element -> (S+1,)
+    dense_group: dict[str, np.ndarray]  # element -> (S,)
+
+
+@dataclass
 class ShardData:
     """A contiguous range of structures as tensors, ready for batch gathering."""
 
@@ -115,10 +133,20 @@ class ShardData:
     has_derivs: torch.Tensor  # (S,) bool
     forces: torch.Tensor  # (A, 3) eV/Å
     elements: dict[str, ElementShard]
+    host: ShardCounts | None = field(default=None, repr=False, compare=False)  # see counts()
 
     @property
     def num_structures(self) -> int:
         return int(self.num_atoms.numel())
+
+    def counts(self) -> ShardCounts:
+        """The shard's :class:`ShardCounts` (made once; a shard moved by :meth:`to` takes its source's)."""
+        if self.host is None:
+            host = lambda t: t.numpy() if t.device.type == "cpu" else t.cpu().numpy()  # noqa: E731
+            els = self.elements.items()
+            self.host = ShardCounts(host(self.num_atoms), host(self.has_derivs), {e: host(el.row_offset) for e, el in els},
+                                    {e: host(el.deriv_offset) for e, el in els}, {e: host(el.dense_group) for e, el in els})
+        return self.host
 
     def to(self, device, non_blocking: bool = False) -> "ShardData":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
@@ -136,6 +164,7 @@ class ShardData:
             move(self.has_derivs),
             move(self.forces),
             elements,
+            host=self.counts(),  # read here, where the tensors are (on the host, before a move to the device)
         )
 
 
@@ -422,46 +451,58 @@ class DenseBlock:
 def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True, defer_dense: bool = False) -> Batch:
     """The batch of shard structures ``index`` (any order, no repeats), species-grouped.
 
+    Every size comes from the host (:meth:`ShardData.counts`), so on a GPU the gather only queues
+    work: it never waits for the device.
+
     Args:
         shard: the rank's shard.
-        index: (B,) int64 shard-local structure indices, on the shard's device.
+        index: (B,) int64 shard-local structure indices, best on the host (a GPU shard's gather then
+            sends them over without waiting).
         with_forces: gather derivative rows and reference forces.
         defer_dense: leave the dense blocks' D and the sparse rows' dG unread for :func:`merge_batches`
             (see :class:`DenseBlock` and :attr:`Batch.deriv_source`).
     """
     device = shard.num_atoms.device
-    index = index.to(device)
+    on_host = device.type == "cpu"
+    counts = shard.counts()
+    picked = index.numpy() if index.device.type == "cpu" else index.cpu().numpy()
+    index = _sent(index, device)
     num_atoms = shard.num_atoms[index]
     batch_atom_start = torch.cumsum(num_atoms, 0) - num_atoms
-    atoms = ranges(shard.atom_offset[index], num_atoms)  # shard atom index of each batch atom
+    atoms = ranges(shard.atom_offset[index], num_atoms, int(counts.num_atoms[picked].sum()))  # shard atom of each batch atom
     G, atom_structure, deriv, dense, deferred, force_rows = {}, {}, {}, {}, {}, {}
     positions = torch.arange(index.numel(), device=device)
     # Each element's rows: those of the structures with derivative rows first, then the others, each
     # part in batch order (see Batch.force_rows); without forces, in batch order.
     layout = torch.argsort((~shard.has_derivs[index]).to(torch.uint8), stable=True) if with_forces else positions
-    rows_of = {element: el.row_offset[index + 1] - el.row_offset[index] for element, el in shard.elements.items()}
-    if with_forces:  # every element's count of leading rows, in one read of the device
-        with_rows = shard.has_derivs[index]
-        leading = [counts[with_rows].sum() for counts in rows_of.values()]
-        force_rows = dict(zip(rows_of, torch.stack(leading).tolist() if leading else []))
+    with_rows = counts.has_derivs[picked]
     for element, el in shard.elements.items():
-        counts = rows_of[element]
-        placed = counts[layout]
-        rows = ranges(el.row_offset[index[layout]], placed)
+        offsets = counts.row_offset[element]
+        row_counts = offsets[picked + 1] - offsets[picked]
+        if with_forces:
+            force_rows[element] = int(row_counts[with_rows].sum())
+        # on the CPU the host counts are the tensors' own memory: no second subtraction
+        rows_of = torch.from_numpy(row_counts) if on_host else el.row_offset[index + 1] - el.row_offset[index]
+        placed = rows_of[layout]
+        rows = ranges(el.row_offset[index[layout]], placed, int(row_counts.sum()))
         G[element] = torch.index_select(el.G, 0, rows)  # row copies (faster than advanced indexing)
         atom_structure[element] = torch.repeat_interleave(layout, placed, output_size=rows.numel())
         if not with_forces:
             continue
-        batch_row_start = torch.empty_like(counts)
+        batch_row_start = torch.empty_like(rows_of)
         batch_row_start[layout] = torch.cumsum(placed, 0) - placed  # where each structure's rows begin
-        blocks = _dense_blocks(el, index, batch_row_start, batch_atom_start, defer_dense) if el.dense else []
+        groups = counts.dense_group[element][picked]
+        blocks = _dense_blocks(el, index, groups, batch_row_start, batch_atom_start, defer_dense) if el.dense else []
         if blocks:  # like ``deriv``: only elements with rows in this batch
             dense[element] = blocks
-        deriv_counts = el.deriv_offset[index + 1] - el.deriv_offset[index]
-        if int(deriv_counts.sum()) == 0:
+        starts = counts.deriv_offset[element]
+        deriv_row_counts = starts[picked + 1] - starts[picked]
+        num_deriv_rows = int(deriv_row_counts.sum())
+        if num_deriv_rows == 0:
             continue
-        deriv_rows = ranges(el.deriv_offset[index], deriv_counts)
-        owner = torch.repeat_interleave(positions, deriv_counts, output_size=deriv_rows.numel())
+        deriv_counts = torch.from_numpy(deriv_row_counts) if on_host else el.deriv_offset[index + 1] - el.deriv_offset[index]
+        deriv_rows = ranges(el.deriv_offset[index], deriv_counts, num_deriv_rows)
+        owner = torch.repeat_interleave(positions, deriv_counts, output_size=num_deriv_rows)
         # Shard-local -> batch-local: shift by where each structure starts in the batch.
         center = el.deriv_center[deriv_rows] - el.row_offset[index][owner] + batch_row_start[owner]
         neighbor = el.deriv_neighbor[deriv_rows] - shard.atom_offset[index][owner] + batch_atom_start[owner]
@@ -479,13 +520,27 @@ def gather_batch(shard: ShardData, index: torch.Tensor, with_forces: bool = True
     return batch if defer_dense else index_derivatives(batch)
 
 
-def _dense_blocks(el: ElementShard, index: torch.Tensor, batch_row_start: torch.Tensor, batch_atom_start: torch.Tensor,
-                  defer: bool = False) -> list[DenseBlock]:
-    """The dense size groups present among batch structures ``index`` (a loop over size classes)."""
-    group = el.dense_group[index]
+def _sent(values: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host values on ``device``: through page-locked memory and without waiting, for a GPU (a plain
+    copy from pageable memory waits for the device's queued work); as they are on the host."""
+    values = torch.from_numpy(values) if isinstance(values, np.ndarray) else values
+    if device.type == "cuda" and values.device.type == "cpu":
+        values = values.pin_memory()
+    return values.to(device, non_blocking=True)  # (no copy where they already are)
+
+
+def _dense_blocks(el: ElementShard, index: torch.Tensor, groups: np.ndarray, batch_row_start: torch.Tensor,
+                  batch_atom_start: torch.Tensor, defer: bool = False) -> list[DenseBlock]:
+    """The dense size groups present among batch structures ``index`` (a loop over size classes);
+    ``groups``: each batch structure's dense group (-1: sparse), on the host."""
     blocks = []
-    for g in torch.unique(group[group >= 0]).tolist():
-        members = torch.nonzero(group == g).flatten()  # batch positions
+    in_groups = np.flatnonzero(groups >= 0)
+    by_group = in_groups[np.argsort(groups[in_groups], kind="stable")]  # batch positions, group by group
+    present, first = np.unique(groups[by_group], return_index=True)
+    positions = _sent(by_group, index.device)  # one copy for every group
+    ends = [*first[1:].tolist(), len(by_group)]
+    for g, start, end in zip(present.tolist(), first.tolist(), ends):
+        members = positions[start:end]  # batch positions of group g, in batch order
         dense = el.dense[g]
         slots = el.dense_slot[index[members]]
         center_pos = torch.arange(dense.num_centers, device=index.device)

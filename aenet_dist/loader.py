@@ -351,7 +351,8 @@ class ShardSource:
 
     def iterate(self, plan: list[np.ndarray], with_forces: bool):
         for local_index in plan:
-            yield gather_batch(self.shard, torch.from_numpy(local_index).to(self.shard.num_atoms.device), with_forces=with_forces)
+            # the index from the host: a GPU shard's gather sends it over without waiting for the device
+            yield gather_batch(self.shard, torch.from_numpy(local_index), with_forces=with_forces)
 
 
 class BlockSource:

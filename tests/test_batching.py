@@ -125,6 +125,27 @@ def test_gather_batch_equals_the_store_rows_in_the_order_asked(data, layout, mon
         _check(gather_batch(shard, torch.from_numpy(index)), data, index)
 
 
+@pytest.mark.parametrize("layout", ["dense", "sparse", "buckets"])
+def test_a_shard_on_a_device_is_gathered_without_reading_the_device(data, layout):
+    """Every size the gather needs comes from the host (ShardData.counts): on a GPU a read of the device
+    waits for its queued work. A shard on the ``meta`` device has no values to read (any read raises,
+    as one on a GPU would wait), and gathers batches of the shapes the CPU shard gives."""
+    shard = shard_from_range(data, F64, dense_blocks=layout != "sparse", buckets=layout == "buckets")
+    elsewhere = shard.to("meta")
+
+    def shapes(batch):
+        tensors = [batch.num_atoms, batch.forces, batch.force_atoms, *batch.G.values(), *batch.atom_structure.values()]
+        tensors += [t for rows in batch.deriv.values() for t in rows] + [t for rows in batch.contract_index.values() for t in rows]
+        tensors += [t for blocks in batch.dense.values() for b in blocks for t in (b.rows, b.atoms, b.D)]
+        return [tuple(t.shape) for t in tensors]
+
+    for index in _subsets(len(data.num_atoms), seed=1):
+        here, there = gather_batch(shard, torch.from_numpy(index)), gather_batch(elsewhere, torch.from_numpy(index))
+        assert there.G[next(iter(there.G))].device.type == "meta"
+        assert shapes(there) == shapes(here) and there.force_rows == here.force_rows
+        assert not gather_batch(elsewhere, torch.from_numpy(index), with_forces=False).deriv
+
+
 def test_without_forces_only_descriptors_are_gathered(data):
     shard = shard_from_range(data, F64)
     index = _subsets(len(data.num_atoms), seed=1)[0]
