@@ -341,3 +341,39 @@ def test_kept_rows_follow_an_unshared_model_and_a_changed_batch(shards, tmp_path
     _lean(model, rows_only, 0.3, 0.0)
     kept_keys = {key[0] for key in rows_only.step_cache}
     assert "dE_dG rows" not in kept_keys and "dE_dG adjoint rows" not in kept_keys and "group rows" in kept_keys
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_the_device_path_runs_on_the_meta_device_without_host_reads(shards, tmp_path, dense):
+    """What a GPU runs, run on PyTorch's ``meta`` device, which has no values: a read back to the host
+    (.item(), bool(), .tolist(), nonzero: a wait for a GPU) raises, and so does mixing in a CPU tensor.
+    The gather from a shard on the device, the step on a gathered and on a kept batch (twice: the
+    second reads what it kept), DDP's local step, the evaluation and a batch padded for a CUDA graph."""
+    from aenet_dist.graphs import bucket_key, fill_static, padded_batch, probe_batch
+    from aenet_dist.train import _kept
+
+    store, reader, dense_shard, sparse_shard = shards
+    meta = torch.device("meta")
+    model = _model(reader, store, tmp_path, [6, 5], ["tanh", "twist"]).to(meta)
+    lean.share_group_storage(model)
+    grads = lean.GradientBuffer(model)
+    weights = torch.tensor([0.7, 0.3], dtype=torch.float64, device=meta)
+    shard = (dense_shard if dense else sparse_shard).to(meta)
+    batch = gather_batch(shard, torch.arange(3, 20))
+    assert bool(batch.dense) == dense
+    sums = lean.compute_gradients(model, batch, 0.3, weights, 1e-3, lambda t: t, grads)
+    assert sums.device == meta and sums.shape == (4,)
+    kept = _kept(gather_batch(shard, torch.arange(0, 12)))
+    for _ in range(2):
+        lean.compute_gradients(model, kept, 0.3, weights, 1e-3, lambda t: t, grads)
+    cached = [t for entry in kept.step_cache.values() for t in (entry if isinstance(entry, (tuple, list)) else [entry])
+              if isinstance(t, torch.Tensor)]
+    assert cached and all(t.device == meta for t in cached)
+    assert lean.LeanStep(model).local_step(batch, 0.3).shape == (4,)
+    fwd = lean.forward(model, batch, with_forces=True, for_training=False)
+    assert error_sums(batch, fwd.energy, fwd.forces).detached().device == meta
+    if not dense:  # CUDA graphs take all-sparse shards
+        key = bucket_key(batch)
+        static = padded_batch(batch, key)
+        lean.compute_gradients(model, static, 0.3, weights, 1e-3, lambda t: t, grads)
+        fill_static(static, probe_batch(batch), key)
