@@ -220,6 +220,7 @@ class Trainer:
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
         self.stop_agreed = False  # some rank asked to stop (known to all after each step)
         self.local_seconds = 0.0  # forward time this epoch, before any collective (straggler check)
+        self.step_events: list = []  # on a GPU: (start, end) CUDA events of this epoch's steps' own work
         self.next_epoch_batches = None  # (epoch, batches) gathered ahead during the end of the epoch before
         self.best_loss = math.inf
         self.best_epoch = -1
@@ -420,11 +421,11 @@ class Trainer:
         :meth:`_check_steps` stops the run with its epoch, step and structures.
         """
         alpha = self.config.loss.force_weight if self.train_forces else 0.0  # (the loss weights keep 1 − α on energies)
-        t0 = time.perf_counter()
+        started = self._local_start()
 
         if self.ddp is None:  # one rank: the sums are already global; no collective, no read of a device value
             def reduce(sums: torch.Tensor) -> torch.Tensor:
-                self.local_seconds += time.perf_counter() - t0
+                self._local_done(started)
                 self.stop_agreed = self.stop_requested
                 return sums
 
@@ -437,7 +438,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)  # DDP fills .grad with the combined gradients
             self.fused.stop_requested, self.fused.grad_probe = self.stop_requested, None
             handle = self.ddp(batch, alpha)
-            self.local_seconds += time.perf_counter() - t0  # this rank's own work before the step's one collective
+            self._local_done(started)  # this rank's own work before the step's one collective
             handle.backward()  # the collective: [G_E, G_F, error sums, stop flag] summed, then combined
             totals, grad_probe = self.fused.totals, self.fused.grad_probe
             # Reading the flag waits for the step's collective, which on a GPU (nccl) is still running:
@@ -463,6 +464,34 @@ class Trainer:
         self.step_records.append((self.step_in_epoch, batch.structure_index))
         self.step += 1
         return totals
+
+    def _local_start(self):
+        """Where this step's own work starts, for the straggler check: the host clock on the CPU; on a
+        GPU an event in the stream, since the host only queues the kernels (its clock would time the
+        launches, not the work)."""
+        if self.info.device.type != "cuda":
+            return time.perf_counter()
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def _local_done(self, started) -> None:
+        """This step's own work ends (before any collective): add it to :attr:`local_seconds` (on a GPU
+        once the epoch is over, see :meth:`_local_seconds_of_epoch`)."""
+        if isinstance(started, float):
+            self.local_seconds += time.perf_counter() - started
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.step_events.append((started, end))
+
+    def _local_seconds_of_epoch(self) -> float:
+        """This epoch's own work in seconds; on a GPU the events' times, read once the last has happened."""
+        if self.step_events:
+            self.step_events[-1][1].synchronize()
+            self.local_seconds += sum(start.elapsed_time(end) for start, end in self.step_events) / 1000.0
+            self.step_events = []
+        return self.local_seconds
 
     def _check_steps(self) -> None:
         """Stop if a step of this epoch had a non-finite loss or gradient (one host read per call)."""
@@ -584,7 +613,7 @@ class Trainer:
             train_seconds = time.perf_counter() - epoch_start
             last, improved = self._end_epoch(totals, epoch_start, train_seconds, data_seconds, run_start)
             stop_early = config.run.early_stop_patience is not None and self.bad_epochs >= config.run.early_stop_patience
-            self.report.warn_about_waiting(data_seconds, self.local_seconds, train_seconds)
+            self.report.warn_about_waiting(data_seconds, self._local_seconds_of_epoch(), train_seconds)
             if info.is_main:
                 self.report.epoch_done(last, self.epoch - start_epoch, time.perf_counter() - run_start, due=stop_early or self.stop_agreed)
                 # Checkpoint on schedule, at the end, and before stopping; the best model whenever it
@@ -612,7 +641,7 @@ class Trainer:
         On an agreed stop request the position inside the epoch is checkpointed (:meth:`_save_interrupted`).
         """
         config, info = self.config, self.info
-        self.local_seconds = 0.0
+        self.local_seconds, self.step_events = 0.0, []
         totals = self.partial_totals.to(info.device).clone()
         data_seconds = 0.0
         with_forces = config.loss.force_weight > 0
