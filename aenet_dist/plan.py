@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
         )
     print("GiB throughout, data only (Python, torch and the model add ~0.25 GiB per rank). 'stream min' = the smallest")
     print("data.memory_budget_gb stream accepts (with 2x the test set more, the test set is kept in memory: +" + f"{2 * max(r['test_bytes'] for r in rows) / GiB:.3f} GiB);")
+    print("'host mem/pinned' = the shard with a margin, plus the readers' buffers while it loads (each reader 2 pieces of "
+          f"{RESIDENT_PIECE_BYTES / 2**20:.0f} MiB: the floor for a small shard).")
     print("'dev other' = device memory for pinned/memory/stream (a few batches in flight plus a margin).")
     print("data.batches=fixed keeps the batches instead of the cache: in memory as much as 'shard GiB' (the data held once, "
           "and the descriptors, a few % of it, once more as the step's padded rows and buffers); "

@@ -605,6 +605,9 @@ class Trainer:
                 self.steps,
                 self.load_seconds,
             )
+            if config.run.batch_size > self.data.num_train_global:
+                log.warning("run.batch_size=%d is more than the %d training structures: every step takes all of them "
+                            "(one step an epoch)", config.run.batch_size, self.data.num_train_global)
         start_epoch = self.epoch
         run_start = time.perf_counter()
         while self.epoch < config.run.epochs:
@@ -774,9 +777,12 @@ class Trainer:
         if self.info.is_main:
             self._write_pending_best()
             path = self.checkpointer.save(self.state_dict(), self.epoch, False, self.step_in_epoch)
-            log.warning("signal received: stopped at epoch %d, step %d; checkpoint %s", self.epoch + 1, self.step_in_epoch, path)
+            # (the file is named by the epochs complete and the step: checkpoint_EEEEEE.SSSSSS.pt)
+            log.warning("signal received: stopped after step %d of epoch %d (%d epochs complete); checkpoint %s",
+                        self.step_in_epoch, self.epoch + 1, self.epoch, path)
         barrier(self.info)
-        raise Interrupted(f"stopped by a signal at epoch {self.epoch + 1}, step {self.step_in_epoch}; checkpoint written, rerun with --resume")
+        raise Interrupted(f"stopped by a signal after step {self.step_in_epoch} of epoch {self.epoch + 1}; checkpoint written, "
+                          "rerun with --resume")
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Signal handler: finish the current step everywhere, checkpoint, exit for requeue.

@@ -540,6 +540,23 @@ def test_epoch_log_warns_when_a_rank_waits_for_data(emt, tmp_path, caplog):
         logger.removeHandler(caplog.handler)
 
 
+def test_a_batch_larger_than_the_training_set_is_said(emt, tmp_path, caplog):
+    import logging
+
+    _, store = emt
+    trainer = Trainer(config_for(store, tmp_path / "b", run={"batch_size": 100000, "epochs": 1}), DistInfo(0, 1, 0, torch.device("cpu")))
+    logger = logging.getLogger("aenet_dist")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="aenet_dist"):
+            trainer.fit()
+    finally:
+        logger.removeHandler(caplog.handler)
+        trainer.close()
+    assert trainer.steps == 1
+    assert f"run.batch_size=100000 is more than the {trainer.data.num_train_global} training structures" in caplog.text
+
+
 def test_nan_in_one_structure_skips_the_step_and_names_it(emt, tmp_path):
     """A non-finite value in one structure's descriptors: that step is not taken, and the check
     (once per epoch or log line, not a host sync per step) names the epoch, step and structure."""
