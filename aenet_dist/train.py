@@ -606,7 +606,7 @@ class Trainer:
                 self.load_seconds,
             )
             if config.run.batch_size > self.data.num_train_global:
-                log.warning("run.batch_size=%d is more than the %d training structures: every step takes all of them "
+                log.info("run.batch_size=%d is more than the %d training structures: every step takes all of them "
                             "(one step an epoch)", config.run.batch_size, self.data.num_train_global)
         start_epoch = self.epoch
         run_start = time.perf_counter()

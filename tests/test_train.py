@@ -548,7 +548,7 @@ def test_a_batch_larger_than_the_training_set_is_said(emt, tmp_path, caplog):
     logger = logging.getLogger("aenet_dist")
     logger.addHandler(caplog.handler)
     try:
-        with caplog.at_level(logging.WARNING, logger="aenet_dist"):
+        with caplog.at_level(logging.INFO, logger="aenet_dist"):
             trainer.fit()
     finally:
         logger.removeHandler(caplog.handler)
