@@ -77,7 +77,8 @@ def unlock(fd: int | None) -> None:
 def first_missing(directory: str | os.PathLike) -> Path | None:
     """The outermost of ``directory`` and its parents that does not exist (what creating it creates), or None."""
     missing = None
-    for candidate in (Path(directory).absolute(), *Path(directory).absolute().parents):
+    real = Path(os.path.realpath(directory))  # "a/missing/../b" is a/b, which may well exist
+    for candidate in (real, *real.parents):
         if candidate.exists() or candidate.is_symlink():
             break
         missing = candidate
@@ -94,7 +95,7 @@ def remove_unused_directory(directory: str | os.PathLike, created: Path | None, 
     but a directory that existed before, or one that holds anything else (a checkpoint, metrics),
     is the user's and stays.
     """
-    directory = Path(directory).absolute()
+    directory = Path(os.path.realpath(directory))  # as first_missing saw it
     if created is None or fd is None or not directory.is_dir() or not (directory == created or created in directory.parents):
         return False
     try:

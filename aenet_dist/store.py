@@ -699,6 +699,9 @@ def write_block(root: Path, b: int, arrays: dict[str, np.ndarray], attrs: dict, 
             group.attrs.update(attrs)
         # The rename is the completion marker: a block directory either is complete or absent.
         if final.exists():  # one that lost its zarr.json (damage): counted as missing, so redone; rename cannot replace it
+            if (final / "zarr.json").exists():  # complete: written meanwhile by another process, which must not lose it
+                raise ValueError(f"{final}: was completed by another process while this one computed it; two featurize "
+                                 "runs must not write one store (this run stops, the block stays as written)")
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:  # a full disk, Ctrl-C: no half-written directory left behind
@@ -782,13 +785,14 @@ def featurize_to_store(
             if rank == 0:
                 # Beside the store, not in it: the store's files stay exactly what featurize writes.
                 held.callback(_unlock_store, *_lock_store(root))
-                was_empty_dir = root.is_dir() and not any(root.iterdir())
-                return _init_root(root, config, fp, bounds, options, len(infos)), was_empty_dir
+                # a directory that was there (empty, or a replaced store's) is the user's: kept if this run fails
+                was_there = root.exists()
+                return _init_root(root, config, fp, bounds, options, len(infos)), was_there
             return None
 
-        # (rank 0: whether this run created the store, and whether its directory was there, empty, before)
+        # (rank 0: whether this run created the store, and whether its directory was there before)
         created = together(comm, "opening the store", claim)
-        missing = _blocks_to_write(comm, root, bounds, owned, verify, list(config.species))
+        missing = _blocks_to_write(comm, root, bounds, owned, verify, list(config.species), fp)
         complete = _is_complete(root)
         table_damaged = False
         if verify and complete:  # an incomplete store gets its structure table from consolidation anyway
@@ -818,7 +822,7 @@ def featurize_to_store(
             bar = tqdm(total=total, unit="struct", desc=f"featurize (rank 0 of {size})", smoothing=0.1)
         try:  # (also the barrier before consolidation)
             together(comm, "featurizing its blocks",
-                     lambda: _featurize_blocks(root, todo, bounds, infos, cache, force_mask, config, options, bar))
+                     lambda: _featurize_blocks(root, todo, bounds, infos, cache, force_mask, config, options, bar, fp))
         except BaseException as err:
             # Every rank has left its blocks when together raises (its allgather), except on an interrupt
             # that lands in the allgather itself: with other ranks, only RankFailed lets rank 0 clean up.
@@ -844,7 +848,9 @@ def _lock_store(root: Path) -> tuple[int, Path]:
     while still holding the lock; :func:`~aenet_dist.files.lock_file` checks that the file it locked
     is still the one at the path and tries again if not, so two runs never both hold it.
     """
-    path = root.parent / f".{root.name}.lock"
+    # The store's real path: two runs reaching one store by other paths (a symlink, ..) take one lock.
+    real = Path(os.path.realpath(root))
+    path = real.parent / f".{real.name}.lock"
     return lock_file(path, f"store {root}"), path
 
 
@@ -912,9 +918,19 @@ def _plan_blocks(config: FeaturizeConfig, options: StoreOptions, infos: list[Str
     return bounds, assign_blocks(block_costs, size)[rank]
 
 
-def _blocks_to_write(comm, root: Path, bounds: np.ndarray, owned: list[int], verify: bool, species: list[str]) -> list[int]:
-    """Blocks without their metadata and, with ``verify``, damaged ones (removed by their owner), on every rank."""
+def _blocks_to_write(comm, root: Path, bounds: np.ndarray, owned: list[int], verify: bool, species: list[str], fp: str) -> list[int]:
+    """Blocks without their metadata, blocks of other inputs and, with ``verify``, damaged ones (those
+    two removed by their owner), on every rank."""
     missing = [b for b in range(len(bounds) - 1) if not (_block_dir(root, b) / "zarr.json").exists()]
+    # A block records the fingerprint of the inputs it was made from: one written by a process of an
+    # earlier run (a rank left running after its run failed) into a store since restarted with other
+    # inputs is redone, not taken for this run's. (Blocks of older versions record none: kept.)
+    foreign = [b for b in range(len(bounds) - 1) if b not in missing and _block_fingerprint(root, b) not in (None, fp)]
+    for b in foreign:
+        if b in owned:
+            log.warning("%s: block %d was made from other inputs; featurizing it again", root, b)
+            shutil.rmtree(_block_dir(root, b))
+    missing = sorted(set(missing) | set(foreign))
     if verify:
         damaged = together(comm, "verifying the store",
                            lambda: [b for b in owned if b not in missing and not _block_is_intact(root, b, species, bounds)])
@@ -925,8 +941,17 @@ def _blocks_to_write(comm, root: Path, bounds: np.ndarray, owned: list[int], ver
     return missing
 
 
+def _block_fingerprint(root: Path, b: int) -> str | None:
+    """The inputs' fingerprint block ``b`` records (None: none recorded, or metadata that does not parse,
+    which ``--verify`` repairs)."""
+    try:
+        return json.loads((_block_dir(root, b) / "zarr.json").read_text()).get("attributes", {}).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _featurize_blocks(root: Path, todo: list[int], bounds: np.ndarray, infos: list[StructureInfo], cache, force_mask: np.ndarray,
-                      config: FeaturizeConfig, options: StoreOptions, bar) -> None:
+                      config: FeaturizeConfig, options: StoreOptions, bar, fp: str) -> None:
     """Compute and write the blocks ``todo`` in order (computing and compressing share the rank's core: one after the other)."""
     for b in todo:
         first, stop = int(bounds[b]), int(bounds[b + 1])
@@ -935,7 +960,7 @@ def _featurize_blocks(root: Path, todo: list[int], bounds: np.ndarray, infos: li
             arrays, attrs = compute_block(structures, first, force_mask[first:stop], config, options)
         except ValueError as err:  # (its reading and writing are not in here: a lost file server is no BadInput)
             raise BadInput(str(err)) from None
-        write_block(root, b, arrays, attrs, options.compressor_level, options.compressor)
+        write_block(root, b, arrays, {**attrs, "fingerprint": fp}, options.compressor_level, options.compressor)
         if bar is not None:
             bar.update(stop - first)
 

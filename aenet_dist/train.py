@@ -405,12 +405,13 @@ class Trainer:
                      "in %.1f s; each epoch reads them back", len(plan), len(self.eval_plan), written / 1e9, folder, time.perf_counter() - t0)
         return kept
 
-    def _batches(self, source, plan: list[np.ndarray], with_forces: bool):
-        """Batches of ``plan`` on the training device; gathered ahead in a thread unless on-device."""
+    def _batches(self, source, plan: list[np.ndarray], with_forces: bool, moved: bool = True):
+        """Batches of ``plan`` on the training device (``moved=False``: where they were gathered, the
+        caller moves them); gathered ahead in a thread unless on-device."""
         if not self.prefetch:  # gathered in this thread (on the device for the gpu cache; data.batches='fixed': on the host)
             return source.iterate(plan, with_forces)
         prefetcher = Prefetcher(source, plan, with_forces, depth=STREAM_PREFETCH_DEPTH if self.cache_mode == "stream" else PREFETCH_DEPTH)
-        return _OnDevice(prefetcher, self.info.device)
+        return _OnDevice(prefetcher, self.info.device) if moved else prefetcher
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on this rank's part of the global batch. Returns the global sums (4,).
@@ -533,8 +534,9 @@ class Trainer:
         elif self.kept_file is not None:  # on disk after the training batches
             batches = self._batches(self.kept_file, list(range(self.steps, self.steps + len(self.eval_plan))), with_forces)
         else:
-            batches = self._batches(self.eval_source, self.eval_plan, with_forces)
             kept = [] if self.keep_eval_batches else None
+            # kept batches are kept as gathered (on the host for memory), and moved below for each use
+            batches = self._batches(self.eval_source, self.eval_plan, with_forces, moved=kept is None)
         # Test batches kept on the host (data.batches='fixed' with memory or pinned: pinned exists for
         # data that does not fit on the device) are moved for each evaluation. Batches kept here are
         # kept where they were gathered: on the host for memory and pinned, whose data the device

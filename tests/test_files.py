@@ -4,6 +4,7 @@ exclusive when a lock file is removed under a process that is about to take it."
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from aenet_dist.files import LOCK_NAME, DirectoryInUse, first_missing, lock_dire
 def test_remove_unused_directory_removes_only_what_this_start_created(tmp_path):
     run_dir = tmp_path / "runs" / "a"
     created = first_missing(run_dir)
-    assert created == tmp_path / "runs"
+    assert created == Path(os.path.realpath(tmp_path)) / "runs"
     fd = lock_directory(run_dir, "run directory")
     (run_dir / "config.toml").write_text("# resolved\n")
     assert remove_unused_directory(run_dir, created, fd, (LOCK_NAME, "config.toml"))
@@ -40,6 +41,20 @@ def test_remove_unused_directory_removes_only_what_this_start_created(tmp_path):
     assert remove_unused_directory(other, created, fd)
     unlock(fd)
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["sibling"]
+
+
+def test_a_run_directory_reached_through_a_missing_folder_and_dotdot_is_not_taken_for_new(tmp_path):
+    """``runs/missing/../a`` is ``runs/a``: if that exists with the user's files, a failed start removes nothing."""
+    existing = tmp_path / "runs" / "a"
+    existing.mkdir(parents=True)
+    (existing / "config.toml").write_text("# the user's\n")
+    through = tmp_path / "runs" / "missing" / ".." / "a"
+    created = first_missing(through)
+    assert created is None
+    fd = lock_directory(existing, "run directory")
+    assert not remove_unused_directory(through, created, fd, (LOCK_NAME, "config.toml"))
+    unlock(fd)
+    assert (existing / "config.toml").read_text() == "# the user's\n"
 
 
 def test_lock_taken_on_a_removed_lock_file_is_taken_again(tmp_path, monkeypatch):

@@ -314,3 +314,74 @@ def test_temporary_block_directories_are_left_to_the_run_holding_the_store(intac
         result = _featurize(generate_in, out)
     assert result.returncode == 2 and "in use by PID 777 on host node7" in result.stderr
     assert live.is_dir()
+
+
+def test_one_store_reached_by_two_paths_has_one_lock(intact, tmp_path):
+    """The lock is taken on the store's real path: a run through a symlink and one through the
+    directory itself cannot both write it (they would mix two inputs' blocks)."""
+    from aenet_dist.files import DirectoryInUse
+    from aenet_dist.store import _lock_store, _unlock_store
+
+    real = tmp_path / "data" / "s.zarr"
+    real.mkdir(parents=True)
+    link = tmp_path / "link.zarr"
+    link.symlink_to(real)
+    held = _lock_store(real)
+    try:
+        with pytest.raises(DirectoryInUse, match="in use by PID"):
+            _lock_store(link)
+        with pytest.raises(DirectoryInUse):
+            _lock_store(tmp_path / "data" / ".." / "link.zarr")
+    finally:
+        _unlock_store(*held)
+    _unlock_store(*_lock_store(link))  # free again: taken and given back
+
+
+def test_a_completed_block_is_never_replaced_by_another_writer(intact, tmp_path):
+    """write_block finding the block completed meanwhile (another process wrote it) stops, and the
+    block stays as that process wrote it."""
+    from aenet_dist.store import write_block
+
+    out = tmp_path / "s.zarr"
+    shutil.copytree(intact[1], out)
+    block = out / "blocks" / "b000001"
+    before = _tree(block)
+    arrays = {"Cu/G": __import__("numpy").zeros((2, 3))}
+    with pytest.raises(ValueError, match="was completed by another process while this one computed it"):
+        write_block(out, 1, arrays, {}, level=1)
+    assert _tree(block) == before and not list((out / "blocks").glob(".*tmp*"))
+
+
+def test_a_block_of_other_inputs_is_redone(intact, tmp_path):
+    """A block records the fingerprint of its inputs: one left by a writer of other inputs (a rank of
+    an earlier, failed run) is featurized again, not taken for this run's; the store ends as made
+    in one go."""
+    out = tmp_path / "s.zarr"
+    shutil.copytree(intact[1], out)
+    meta_path = out / "blocks" / "b000002" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["attributes"]["fingerprint"] == json.loads((out / "zarr.json").read_text())["attributes"]["fingerprint"]
+    meta["attributes"]["fingerprint"] = "f" * 64
+    meta_path.write_text(json.dumps(meta))
+    result = _featurize(intact[0], out)
+    assert result.returncode == 0, result.stderr
+    assert "block 2 was made from other inputs; featurizing it again" in result.stderr
+    assert _tree(out) == _tree(intact[1])
+
+
+def test_a_replaced_store_keeps_its_directory_when_the_new_run_fails(intact, tmp_path):
+    """A directory that was there before the run (here a block-less store of other inputs, replaced)
+    is the user's: a run that then fails on its input removes what it wrote, not the directory."""
+    generate_in, xsf = _copy_inputs(intact[0], tmp_path)
+    out = tmp_path / "s.zarr"
+    _killed_mid_run(generate_in, out)
+    for block in (out / "blocks").glob("b*"):
+        shutil.rmtree(block)
+    lines = xsf[0].read_text().splitlines()
+    a, b = _atom_line(lines, 0), _atom_line(lines, 1)
+    first = lines[a].split()  # two atoms closer than RMIN: found while featurizing, after the store is opened
+    lines[b] = " ".join([lines[b].split()[0], str(float(first[1]) + 0.05), *first[2:4]] + lines[b].split()[4:])
+    xsf[0].write_text("\n".join(lines) + "\n")
+    result = _featurize(generate_in, out)
+    assert result.returncode == 2 and "closer than RMIN" in result.stderr and "holds no completed block" in result.stderr
+    assert out.is_dir() and not any(out.iterdir())  # what it wrote is gone, the directory stays
