@@ -14,7 +14,7 @@ if [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/device.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_graphs.py tests/test_step.py 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_graphs.py tests/test_step.py tests/test_checkpoint.py 2>&1 | tee "$OUT/gpu_tests.log"
 # runs and stores stay in /tmp: only a few files come back from $OUT
 timeout 420 bash bench/gpu.sh "$ROOT/.gpu_data/tio2" /tmp/gpu_bench --skip-tta 2>&1 | tee "$OUT/gpu_bench.log"
 cp /tmp/gpu_bench/gpu_results.json "$OUT/" 2>/dev/null || true
