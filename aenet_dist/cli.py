@@ -13,7 +13,6 @@ loads the training, prediction or plotting code, and ``aenet-dist --help`` loads
 from __future__ import annotations
 
 import argparse
-import errno
 import gc
 import importlib
 import logging
@@ -39,17 +38,6 @@ USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 # What to do after a Ctrl-C, per command (train handles its own: it checkpoints first).
 INTERRUPTED_HINTS = {"featurize": "rerun the same command to resume (finished blocks are kept)"}
-# What to do about an OSError that reached the handler without a message of ours, by errno.
-OS_ERROR_ADVICE = {
-    errno.ENOENT: "check the path",
-    errno.EEXIST: "remove it or choose another path",
-    errno.EACCES: "check its permissions or choose another path",
-    errno.EPERM: "check its permissions or choose another path",
-    errno.EISDIR: "give a file, not a directory",
-    errno.ENOTDIR: "a part of the path is a file, not a directory; check the path",
-    errno.ENOSPC: "free space or choose another file system",
-    errno.EROFS: "choose a writable file system",
-}
 
 
 def build_parser(command: ModuleType | None = None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
@@ -89,28 +77,22 @@ def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
                 _no_abbreviations(subparser)
 
 
-def describe_os_error(err: OSError) -> str:
-    """An OSError as one sentence with the path and what to do, not Python's ``[Errno 2] ...: 'x'``."""
-    if not err.strerror:
-        return str(err)
-    where = f"{err.filename}: " if err.filename is not None else ""
-    also = f" (and {err.filename2})" if err.filename2 is not None else ""
-    advice = OS_ERROR_ADVICE.get(err.errno)
-    return f"{where}{err.strerror[:1].lower()}{err.strerror[1:]}{also}" + (f"; {advice}" if advice else "")
-
-
 def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """``run(args)``'s exit code; a user error becomes one line ``error: <message>`` on stderr and exit code 2."""
     try:
         return int(run(args) or 0)
     except USER_ERRORS as err:
+        from .files import describe_os_error  # (here: `aenet-dist --help` imports nothing but this module)
+
         print(f"error: {describe_os_error(err) if isinstance(err, OSError) else err}", file=sys.stderr)
         return USER_ERROR_EXIT
 
 
 def _is_main_rank() -> bool:
-    """Not a rank other than 0 of an MPI job (featurize under mpiexec): a Ctrl-C reaches every rank,
-    and one line says it."""
+    """Not a rank other than 0 of an MPI job (featurize under mpiexec) or of torchrun (``RANK``): a
+    Ctrl-C reaches every rank, and one line says it."""
+    if os.environ.get("RANK", "0") != "0":
+        return False
     mpi = sys.modules.get("mpi4py.MPI")
     return mpi is None or not mpi.Is_initialized() or mpi.COMM_WORLD.rank == 0
 

@@ -265,7 +265,8 @@ class FeaturizeConfig:
             raise ValueError(f"{where}: FILES lists no structures")
 
 
-COMPRESSION_LEVELS = {"zstd": (1, 22), "lz4": (1, 9)}  # zstd's levels; Blosc's clevel (0 would store uncompressed)
+# zstd's levels (negative: faster, 0: its default 3; ZSTD_minCLevel is -131072); Blosc's clevel (0 would store uncompressed)
+COMPRESSION_LEVELS = {"zstd": (-131072, 22), "lz4": (1, 9)}
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compressor", choices=("zstd", "lz4", "none"), default="zstd",
                         help="codec of the store's chunks: zstd (default, smallest), lz4 or none (larger, faster to read "
                              "when training streams the store); every chunk carries a checksum")
-    parser.add_argument("--compression-level", type=int, default=1, help="zstd level / Blosc clevel (default 1)")
+    parser.add_argument("--compression-level", type=int, default=1, help="zstd level (-131072 to 22; negative: faster, larger) / Blosc clevel (1 to 9); default 1")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verify", action="store_true",
                         help="read back every chunk and metadata file of an existing store (checksums, lengths, missing files) "

@@ -13,6 +13,7 @@ locked is still the one at the path, and tries again when it is not.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -112,6 +113,29 @@ def remove_unused_directory(directory: str | os.PathLike, created: Path | None, 
     except OSError:
         pass
     return not directory.exists()
+
+
+# What to do about an OSError that reached the handler without a message of ours, by errno.
+OS_ERROR_ADVICE = {
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "remove it or choose another path",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EISDIR: "give a file, not a directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; check the path",
+    errno.ENOSPC: "free space or choose another file system",
+    errno.EROFS: "choose a writable file system",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """An OSError as one sentence with the path and what to do, not Python's ``[Errno 2] ...: 'x'``."""
+    if not err.strerror:
+        return str(err)
+    where = f"{err.filename}: " if err.filename is not None else ""
+    also = f" (and {err.filename2})" if err.filename2 is not None else ""
+    advice = OS_ERROR_ADVICE.get(err.errno)
+    return f"{where}{err.strerror[:1].lower()}{err.strerror[1:]}{also}" + (f"; {advice}" if advice else "")
 
 
 def _current_umask() -> int:

@@ -99,9 +99,11 @@ class RunReport:
         rewrites the rest); returns the last kept line (the report of a resumed, finished run)."""
         if not self.metrics_path.exists():
             return {}
-        keep = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
-        atomic_write(self.metrics_path, "".join(line + "\n" for line in keep))
-        return parse_metrics_line(keep[-1]) if keep else {}
+        rows = [parse_metrics_line(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        keep = [row for row in rows if row["epoch"] <= epoch]
+        # written again as this version writes them: lines of an older version (bare NaN) become strict JSON
+        atomic_write(self.metrics_path, "".join(metrics_line(row) + "\n" for row in keep))
+        return keep[-1] if keep else {}
 
     def epoch_done(self, last: dict, epochs_done: int, seconds: float, due: bool) -> None:
         """Rank 0: the metrics line in metrics.jsonl (and TensorBoard), the progress bar, and every

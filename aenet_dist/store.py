@@ -67,7 +67,7 @@ import numpy as np
 
 from .config import FeaturizeConfig, StoreOptions
 from .descriptors import featurize
-from .files import atomic_write, lock_file, unlock
+from .files import atomic_write, describe_os_error, lock_file, unlock
 from .log import get_logger
 from .symmetry_functions import aenet_numbering_problems
 from .structures import Structure, read_structures
@@ -149,7 +149,7 @@ def together(comm, what: str, fn):
     try:
         result = fn()
     except (ValueError, OSError) as err:
-        error, bad_input = str(err), isinstance(err, BadInput)
+        error, bad_input = (describe_os_error(err) if isinstance(err, OSError) else str(err)), isinstance(err, BadInput)
     except BaseException as err:  # noqa: BLE001 - reported to the other ranks, then re-raised here
         error, own = f"internal error ({type(err).__name__}: {err})", err
     wait_for_all(comm)

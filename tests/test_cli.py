@@ -284,5 +284,17 @@ def test_compression_level_out_of_range_is_refused(tmp_path, capsys):
 
     generate_in = generate_emt_dataset(tmp_path / "emt", num_structures=2, seed=2, force_percent=0.0)
     assert cli.main(["featurize", str(generate_in), "--out", str(tmp_path / "s.zarr"), "--compression-level", "99", "--no-progress"]) == 2
-    assert "must be an integer in [1, 22], got 99" in capsys.readouterr().err
+    assert "must be an integer in [-131072, 22], got 99" in capsys.readouterr().err
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_featurize_system_errors_are_sentences(tmp_path, capsys):
+    """An OSError inside featurize (here: --out below a file) reaches the user as the path and what to
+    do, not Python's '[Errno 17] File exists: ...' (featurize reports errors from every rank)."""
+    from aenet_dist.datasets import generate_emt_dataset
+
+    generate_in = generate_emt_dataset(tmp_path / "emt", num_structures=2, seed=2, force_percent=0.0)
+    (tmp_path / "afile").write_text("not a folder\n")
+    assert cli.main(["featurize", str(generate_in), "--out", str(tmp_path / "afile" / "s.zarr"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "[Errno" not in err and f"{tmp_path / 'afile'}: file exists; remove it or choose another path" in err

@@ -476,12 +476,13 @@ def test_missing_or_unreadable_config_file_is_one_sentence(tmp_path):
         load_train_config(tmp_path / "binary.toml")
 
 
-@pytest.mark.parametrize("compressor, good, bad", [("zstd", (1, 22), (0, 23, 99, -1)), ("lz4", (1, 9), (0, 10))])
-def test_compression_level_out_of_the_codecs_range_is_refused(compressor, good, bad):
-    """The codecs clamp a level out of range without a word (zstd 99 is 22)."""
+@pytest.mark.parametrize("compressor, limits, good, bad", [("zstd", (-131072, 22), (-5, 0, 1, 22), (23, 99, -131073)),
+                                                             ("lz4", (1, 9), (1, 9), (0, 10))])
+def test_compression_level_out_of_the_codecs_range_is_refused(compressor, limits, good, bad):
+    """The codecs clamp a level out of range without a word (zstd 99 is 22); zstd's fast negative levels and 0 are its own."""
     for level in good:
         assert StoreOptions(compressor=compressor, compressor_level=level).compressor_level == level
     for level in bad:
         with pytest.raises(ValueError, match=rf"compression level \(--compression-level\) of {compressor} must be an integer "
-                                             rf"in \[{good[0]}, {good[1]}\], got {level}"):
+                                             rf"in \[{limits[0]}, {limits[1]}\], got {level}"):
             StoreOptions(compressor=compressor, compressor_level=level)

@@ -400,6 +400,17 @@ def test_generate_no_files(tmp_path):
         read_generate_input(gen)
 
 
+def test_generate_read_as_aenet_reads_it(tmp_path):
+    """What aenet's reader accepts: file names that are any word (``file``, ``setup``), text after a
+    species' energy (aenet's example: ``Ti -1626.66972707  | eV``), whole-line ``%`` comments."""
+    for name in ("file", "setup", "Type"):
+        (tmp_path / name).write_text("dummy\n")
+    text = GOOD.replace("FILES\n2\na.xsf\nb.xsf\n", "FILES\n3\nfile\nsetup\nType\n").replace("O  -432.5  ! eV", "O  -432.5  | eV")
+    gen = _make_inputs(tmp_path, "% a comment line, as aenet allows\n" + text)
+    config = read_generate_input(gen)
+    assert [Path(f).name for f in config.files] == ["file", "setup", "Type"] and config.atomic_energies["O"] == -432.5
+
+
 @pytest.mark.parametrize("edit, line, keyword, meant", [
     (("SETUPS\n", "SETUP\n"), 7, "SETUP", "SETUPS"),  # read as more TYPES entries: "TYPES announces 2 species but 5 follow"
     (("FILES\n2", "FILE\n2"), 14, "FILE", "FILES"),  # read as more SETUPS entries

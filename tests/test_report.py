@@ -77,3 +77,16 @@ def test_run_without_forces_writes_strict_json_and_plots(no_forces_store, tmp_pa
     plotted = run_in_process(cli.main, ["plot", tmp_path / "run", "--no-parity", "--out", tmp_path / "plots"])
     assert plotted.returncode == 0, plotted.stderr
     assert (tmp_path / "plots" / "learning_curves.png").stat().st_size > 0
+
+
+def test_a_resumed_run_rewrites_an_older_versions_nan_lines_as_strict_json(tmp_path):
+    """metrics.jsonl of an older version has bare NaN: a resumed run's file must be strict JSON throughout."""
+    older = [json.dumps(_epoch(k, math.nan, 10.0 + k, math.nan, math.nan)) for k in (1, 2, 3)]
+    assert "NaN" in older[0]
+    (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in older))
+    report = RunReport(RunConfig(epochs=4), DistInfo(0, 1, 0, torch.device("cpu")), tmp_path, steps=2, prefetch=False)
+    last = report.start(2)
+    assert last["epoch"] == 2 and math.isnan(last["train_rmse_forces_eV_A"])
+    report.epoch_done(_epoch(3, math.nan, 9.0, math.nan, math.nan), 1, 0.1, due=False)
+    rows = [_strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all(r["train_rmse_forces_eV_A"] is None for r in rows)

@@ -48,29 +48,37 @@ def _unknown_keyword(path: Path, line_no: int, word: str) -> ValueError:
     return ValueError(f"{path}:{line_no}: unknown keyword {word!r}{hint}")
 
 
-def _block(lines: list[str], start: int, path: Path) -> list[tuple[int, str]]:
+def _block(lines: list[str], start: int, path: Path, symbols: bool = True) -> list[tuple[int, str]]:
     """Content lines from index ``start`` up to (excluding) the next generate.in keyword line.
 
-    A line that starts with a misspelled keyword (SETUP for SETUPS) is an error: taken as an entry
-    of the block it would be reported as a wrong count or entry, lines away from the typo. Entries
-    start with an element symbol (at most 3 letters) or a file name (a dot, a slash), so a word of
-    4 letters or more that is close to a keyword is one.
+    ``symbols``: the entries start with an element symbol (TYPES, SETUPS). There a line that starts
+    with a misspelled keyword (SETUP for SETUPS) is an error: taken as an entry of the block it
+    would be reported as a wrong count or entry, lines away from the typo; a symbol has at most 3
+    letters, so a word of 4 letters or more that is close to a keyword is one. (FILES entries are
+    file names, which may be any word: ``file``, ``setup``.)
     """
     block = []
     for i, text in content_lines(lines, start):
         word = text.split()[0]
         if word.lower() in _GEN_KEYWORDS:
             break
-        if len(word) >= 4 and word.isalpha() and difflib.get_close_matches(word.lower(), _GEN_KEYWORDS, n=1, cutoff=0.8):
+        if symbols and _looks_like_keyword(word):
             raise _unknown_keyword(path, i + 1, word)
         block.append((i, text))
     return block
 
 
-def _counted_block(lines: list[str], i: int, path: Path, keyword: str, what: str) -> tuple[list[tuple[int, str]], int]:
-    """Read the count line after ``keyword`` (at line index ``i``) and the entries that follow it."""
+def _looks_like_keyword(word: str) -> bool:
+    """A word of 4 letters or more, close to a keyword (FORCESPERCNT, SETUP)."""
+    return len(word) >= 4 and word.isalpha() and bool(difflib.get_close_matches(word.lower(), _GEN_KEYWORDS, n=1, cutoff=0.8))
+
+
+def _counted_block(lines: list[str], i: int, path: Path, keyword: str, what: str,
+                   symbols: bool = True) -> tuple[list[tuple[int, str]], int]:
+    """Read the count line after ``keyword`` (at line index ``i``) and the entries that follow it
+    (``symbols``: see :func:`_block`)."""
     line_no = i + 1
-    block = _block(lines, i + 1, path)
+    block = _block(lines, i + 1, path, symbols)
     if not block:
         raise ValueError(f"{path}:{line_no}: {keyword} must be followed by the number of {what}")
     count_idx, count_text = block[0]
@@ -78,6 +86,10 @@ def _counted_block(lines: list[str], i: int, path: Path, keyword: str, what: str
         raise ValueError(f"{path}:{count_idx + 1}: expected the number of {what} after {keyword}, got {count_text!r}")
     count = to_int(count_text, path, count_idx + 1, f"the number of {what}")
     entries = block[1:]
+    if len(entries) > count and not symbols and _looks_like_keyword(entries[count][1].split()[0]):
+        # the counted entries (file names: any word) are done, and what follows looks like a misspelled keyword
+        idx, text = entries[count]
+        raise _unknown_keyword(path, idx + 1, text.split()[0])
     if len(entries) != count:
         last = f" (lines {entries[0][0] + 1}-{entries[-1][0] + 1})" if entries else ""
         raise ValueError(f"{path}:{count_idx + 1}: {keyword} announces {count} {what} but {len(entries)} follow{last}")
@@ -181,7 +193,7 @@ def _read_sections(path: Path, lines: list[str]) -> _Sections:
             entries, i = _counted_block(lines, line_no - 1, path, "TYPES", "species")
             for idx, entry in entries:
                 parts = entry.split()
-                if len(parts) != 2:
+                if len(parts) < 2:  # (aenet reads the two list-directed: text after them, '| eV', is ignored)
                     raise ValueError(f"{path}:{idx + 1}: expected '<symbol> <atomic energy in eV>', got {entry!r}")
                 symbol = parts[0]
                 if symbol in out.energies:
@@ -199,7 +211,7 @@ def _read_sections(path: Path, lines: list[str]) -> _Sections:
                 out.setup_entries.append((idx + 1, parts[0], parts[1]))
             i = entries[-1][0] + 1
         else:  # files
-            entries, i = _counted_block(lines, line_no - 1, path, "FILES", "files")
+            entries, i = _counted_block(lines, line_no - 1, path, "FILES", "files", symbols=False)
             out.file_entries = [(idx + 1, entry) for idx, entry in entries]
     for keyword in ("types", "setups", "files"):
         if keyword not in out.seen:

@@ -36,10 +36,13 @@ def strip_comment(line: str) -> str:
 
 
 def content_lines(lines: list[str], start: int = 0):
-    """Yield ``(index, text)`` of non-empty lines from ``start`` on, comments removed (index 0-based)."""
+    """Yield ``(index, text)`` of non-empty lines from ``start`` on, comments removed (index 0-based).
+
+    A line starting with ``%`` is a comment too, as aenet's reader (``aeio_readline``) has it.
+    """
     for i in range(start, len(lines)):
         text = strip_comment(lines[i])
-        if text:
+        if text and not text.startswith("%"):
             yield i, text
 
 
