@@ -25,6 +25,15 @@ import time
 import weakref
 from pathlib import Path
 
+if __name__ == "__main__":  # `python -m aenet_dist.train` (torchrun): loading torch below takes a second or
+    # more, and a Ctrl-C meanwhile printed an import traceback on every rank; one line instead
+    def _interrupted_while_loading(signum, frame):
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted while starting; nothing was trained", file=sys.stderr)
+        sys.exit(130)
+
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
 import numpy as np
 import torch
 import torch.distributed as tdist
@@ -1050,4 +1059,5 @@ if __name__ == "__main__":
     from aenet_dist.cli import exit_process
     from aenet_dist.train import main as _main
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is the command's again
     exit_process(_main())

@@ -279,6 +279,20 @@ def test_one_ctrl_c_while_train_loads_its_data(no_forces_store, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_ctrl_c_while_train_imports_torch_is_one_line(no_forces_store, tmp_path):
+    """`python -m aenet_dist.train` (what torchrun runs) spends its first second loading torch; a Ctrl-C
+    then printed an import traceback (on every rank). Now one line and exit 130, whenever it comes."""
+    config = write_train_toml(tmp_path / "t.toml", no_forces_store, tmp_path / "runs" / "r", epochs=1)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.Popen([sys.executable, "-m", "aenet_dist.train", str(config)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # (the interpreter is up; torch is loading, on this machine)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted"), err
+
+
 def test_compression_level_out_of_range_is_refused(tmp_path, capsys):
     from aenet_dist.datasets import generate_emt_dataset
 
