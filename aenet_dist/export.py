@@ -178,7 +178,10 @@ def load_run_model(checkpoint_path: str | os.PathLike, store: str | os.PathLike 
     try:
         state = ckpt.load(checkpoint_path)
     except ValueError:
-        if not checkpoint_path.is_file():  # a directory, a path gone meanwhile: the reason as it is
+        if checkpoint_path.is_dir():
+            raise ValueError(f"{checkpoint_path}: is a directory, not a checkpoint file; give a file such as "
+                             f"{checkpoint_path / 'checkpoints' / 'best.pt'}") from None
+        if not checkpoint_path.is_file():  # a path gone meanwhile: the reason as it is
             raise
         # torch's reason for a file ("[Errno 22] Invalid argument", a miniz error) does not help the user
         raise ValueError(f"{checkpoint_path}: not a readable aenet_dist checkpoint: the file ({checkpoint_path.stat().st_size} "

@@ -165,6 +165,10 @@ def test_truncated_checkpoint_names_the_file_and_the_other_checkpoints(emt_run, 
     latest.write_bytes(b"")
     assert export_main([str(run_dir), "--out", str(tmp_path / "o"), "--checkpoint", "latest"]) == 2
     assert "try another checkpoint of the run: --checkpoint best" in capsys.readouterr().err
+    # a directory given as the checkpoint: said so, not "[Errno 21] Is a directory"
+    assert export_main([str(run_dir), "--out", str(tmp_path / "o"), "--checkpoint", str(run_dir / "checkpoints")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'checkpoints'}: is a directory, not a checkpoint file" in err and "Errno" not in err
 
 
 def test_out_that_is_a_file_is_one_message(emt_run, tmp_path, capsys):
