@@ -38,10 +38,10 @@ def parse_metrics_line(line: str) -> dict:
     return {k: math.nan if v is None else v for k, v in json.loads(line).items()}
 
 
-def _forces_text(rmse: float, digits: int = 4) -> str:
-    """A force RMSE for a log line; a run without forces (NaN) says so rather than print nan, which
-    reads like the NaN-loss failure."""
-    return f"F {rmse:.{digits}f} eV/Å" if math.isfinite(rmse) else "F – (no forces)"
+def force_rmse_text(rmse: float, digits: int = 4) -> str:
+    """A force RMSE as the user reads it; a run without forces (NaN) says so rather than print nan,
+    which reads like the NaN-loss failure."""
+    return f"{rmse:.{digits}f} eV/Å" if math.isfinite(rmse) else "– (no forces)"
 
 
 def _angle_text(median: float, p90: float) -> str:
@@ -124,17 +124,17 @@ class RunReport:
         tested = math.isfinite(test_e) or math.isfinite(test_f)  # not on epochs between evaluations (run.eval_every)
         if self.progress is not None:
             if tested:
-                self.progress.set_postfix_str(f"test E {test_e:.2f} meV/atom {_forces_text(test_f, 3)}", refresh=False)
+                self.progress.set_postfix_str(f"test E {test_e:.2f} meV/atom F {force_rmse_text(test_f, 3)}", refresh=False)
             self.progress.update(1)
         every = self.run.print_every or max(1, self.run.epochs // PRINTED_LINES)
         if not (due or epoch % every == 0 or epochs_done == 1 or epoch == self.run.epochs):
             return
         eta = seconds / epochs_done * (self.run.epochs - epoch)
-        test = (f"test E {test_e:.2f} meV/atom {_forces_text(test_f)}"
+        test = (f"test E {test_e:.2f} meV/atom F {force_rmse_text(test_f)}"
                 f"{_angle_text(last['test_force_angle_median_deg'], last['test_force_angle_p90_deg'])}") if tested else "test -"
         log.info(
-            "epoch %d/%d | train E %.2f meV/atom %s | %s | lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
-            epoch, self.run.epochs, last["train_rmse_energy_meV_atom"], _forces_text(last["train_rmse_forces_eV_A"]), test,
+            "epoch %d/%d | train E %.2f meV/atom F %s | %s | lr %.2e | %.0f struct/s | data %.2fs of %.2fs | ETA %s",
+            epoch, self.run.epochs, last["train_rmse_energy_meV_atom"], force_rmse_text(last["train_rmse_forces_eV_A"]), test,
             last["lr"], last["structures_per_second"], last["data_seconds"], last["train_seconds"], format_time(eta),
         )
 

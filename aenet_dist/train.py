@@ -51,7 +51,7 @@ from .files import LOCK_NAME, first_missing, lock_directory, remove_stale_tempor
 from .cores import local_ranks, usable_cores
 from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_plan, fixed_batch_order, make_training_data
 from .log import get_logger, setup_logging
-from .report import RunReport
+from .report import RunReport, force_rmse_text
 from . import step as lean
 from .loss import ANGLE_BINS, error_sums, force_angle_histogram, histogram_quantile, loss_of_totals
 from .model import AtomicModel, model_from_facts
@@ -618,7 +618,7 @@ class Trainer:
             )
             if config.run.batch_size > self.data.num_train_global:
                 log.info("run.batch_size=%d is more than the %d training structures: every step takes all of them "
-                            "(one step an epoch)", config.run.batch_size, self.data.num_train_global)
+                         "(one step an epoch)", config.run.batch_size, self.data.num_train_global)
         start_epoch = self.epoch
         run_start = time.perf_counter()
         while self.epoch < config.run.epochs:
@@ -688,7 +688,7 @@ class Trainer:
                 if config.run.log_every and self.step % config.run.log_every == 0 and info.is_main:
                     e, f = self._metrics(step_totals)
                     log.info("epoch %d step %d/%d | batch E %.2f meV/atom F %s", self.epoch + 1, k + 1, self.steps, 1000 * e,
-                             f"{f:.4f} eV/Å" if math.isfinite(f) else "– (no forces)")
+                             force_rmse_text(f))
                 if self.stop_agreed and self.step_in_epoch < self.steps:
                     self._check_steps()
                     self.partial_totals = totals.detach().cpu()
@@ -841,19 +841,14 @@ def _on_device(batch: Batch, device: torch.device) -> Batch:
     return batch if device.type == "cpu" or batch.num_atoms.device == device else batch.to(device, non_blocking=True)
 
 
-def _force_rmse(rmse: float) -> str:
-    """A force RMSE for the summary; a run without forces says so instead of printing nan."""
-    return f"{rmse:.4f} eV/Å" if math.isfinite(rmse) else "– (no forces)"
-
-
 def summary_table(last: dict, trainer: Trainer, wall: float) -> str:
     rows = [
         ("epochs", f"{last.get('epoch', trainer.epoch)}"),
         ("best epoch (test loss)", f"{trainer.best_epoch}"),
         ("train RMSE energy", f"{last.get('train_rmse_energy_meV_atom', float('nan')):.2f} meV/atom"),
-        ("train RMSE forces", _force_rmse(last.get('train_rmse_forces_eV_A', float('nan')))),
+        ("train RMSE forces", force_rmse_text(last.get('train_rmse_forces_eV_A', float('nan')))),
         ("test RMSE energy", f"{last.get('test_rmse_energy_meV_atom', float('nan')):.2f} meV/atom"),
-        ("test RMSE forces", _force_rmse(last.get('test_rmse_forces_eV_A', float('nan')))),
+        ("test RMSE forces", force_rmse_text(last.get('test_rmse_forces_eV_A', float('nan')))),
         ("ranks", f"{trainer.info.world_size} ({trainer.info.device}, {trainer.config.run.dtype})"),
         ("wall time", f"{wall:.1f} s"),
         ("run directory", str(trainer.run_dir)),
