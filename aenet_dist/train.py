@@ -47,7 +47,7 @@ from .config import TrainConfig, load_train_config, save_resolved_config
 from .formats.train_in import read_train_in
 from .graphs import GraphedStep, use_cuda_graphs
 from .dist import DistInfo, FusedStepState, all_reduce_sum, barrier, broadcast_object, cleanup, host_sum_for, init_distributed, wrap_ddp
-from .files import LOCK_NAME, first_missing, lock_directory, remove_stale_temporaries, remove_unused_directory, unlock
+from .files import LOCK_NAME, describe_os_error, first_missing, lock_directory, remove_stale_temporaries, remove_unused_directory, unlock
 from .cores import local_ranks, usable_cores
 from .loader import PREFETCH_DEPTH, STREAM_PREFETCH_DEPTH, Prefetcher, epoch_plan, fixed_batch_order, make_training_data
 from .log import get_logger, setup_logging
@@ -1001,7 +1001,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # disk full, a directory that became read-only, a store on a lost mount
-        print(f"error: {err.filename or ''}{': ' if err.filename else ''}{err.strerror or err}; nothing half-written was kept. "
+        print(f"error: {describe_os_error(err)}; nothing half-written was kept. "
               f"When it is fixed, {_how_to_continue(config.run.run_dir)}",
               file=sys.stderr)
         return 1
@@ -1037,7 +1037,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _how_to_continue(run_dir) -> str:
     """What to rerun after a failure: ``--resume`` where a checkpoint was written, else the same command."""
-    if any(Path(run_dir, "checkpoints").glob("checkpoint_*.pt")):
+    if ckpt.Checkpointer(run_dir).latest() is not None:
         return f"rerun with --resume to continue from the last checkpoint in {run_dir}/checkpoints"
     return f"no checkpoint was written yet ({run_dir}/checkpoints), so rerun the same command to start again"
 
