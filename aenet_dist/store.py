@@ -341,6 +341,11 @@ def _plain_layout(meta: dict) -> tuple | None:
             bool(meta.get("attributes", {}).get(ALL_CHUNKS_WRITTEN)), meta.get("fill_value") or 0)
 
 
+def _block_array_names(species: list[str]) -> list[str]:
+    """The arrays of a block that training reads (pbc and cell are not needed), by path in the block."""
+    return list(_BLOCK_ARRAYS) + [f"{e}/{name}" for e in species for name in _ELEMENT_ARRAYS]
+
+
 def _array_meta(directory: str | Path) -> dict:
     """An array's parsed ``zarr.json``; a missing, unreadable or garbled one is a ValueError naming the file
     (json's own message gave no file, and a missing one went to train's handler of disk errors)."""
@@ -925,7 +930,9 @@ def _blocks_to_write(comm, root: Path, bounds: np.ndarray, owned: list[int], ver
     # A block records the fingerprint of the inputs it was made from: one written by a process of an
     # earlier run (a rank left running after its run failed) into a store since restarted with other
     # inputs is redone, not taken for this run's. (Blocks of older versions record none: kept.)
-    foreign = [b for b in range(len(bounds) - 1) if b not in missing and _block_fingerprint(root, b) not in (None, fp)]
+    # (read on rank 0, told to the others: one read of each block's metadata, not one per rank)
+    foreign = comm.bcast([b for b in range(len(bounds) - 1) if b not in missing and _block_fingerprint(root, b) not in (None, fp)]
+                         if comm.rank == 0 else None)
     for b in foreign:
         if b in owned:
             log.warning("%s: block %d was made from other inputs; featurizing it again", root, b)
@@ -945,8 +952,8 @@ def _block_fingerprint(root: Path, b: int) -> str | None:
     """The inputs' fingerprint block ``b`` records (None: none recorded, or metadata that does not parse,
     which ``--verify`` repairs)."""
     try:
-        return json.loads((_block_dir(root, b) / "zarr.json").read_text()).get("attributes", {}).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
+        return store_attrs(_block_dir(root, b)).get("fingerprint")
+    except (OSError, ValueError):
         return None
 
 
@@ -1032,7 +1039,7 @@ def _block_is_intact(root: Path, b: int, species: list[str], bounds: np.ndarray)
         for e in species:
             store_attrs(directory / e, _DAMAGED)
         # The list of what should be there, not what is: an array whose metadata has gone is damage too.
-        names = list(_BLOCK_ARRAYS) + ["pbc", "cell"] + [f"{e}/{name}" for e in species for name in _ELEMENT_ARRAYS]
+        names = _block_array_names(species) + ["pbc", "cell"]
         values = _read_arrays(directory, names)
         n = int(bounds[b + 1] - bounds[b])
         _check_block_sizes(directory, values, species, n)
@@ -1350,7 +1357,7 @@ class StoreReader:
 
     @property
     def _block_array_names(self) -> list[str]:
-        return list(_BLOCK_ARRAYS) + [f"{e}/{name}" for e in self.species for name in _ELEMENT_ARRAYS]
+        return _block_array_names(self.species)
 
     def read_range(self, start: int, stop: int, feature_dtype=None) -> StructureRange:
         """Structures [start, stop): reads the blocks that overlap, then trims and re-indexes.
